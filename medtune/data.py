@@ -1,0 +1,197 @@
+"""A hospital's records: read from CSV, JSONL or Parquet, checked row by row, split, tokenized, batched.
+
+Rows are numbered from 1 for the first record (the CSV header is not a row). Every problem is
+raised as a DataError naming the file, the row and what is wrong; nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from medtune.config import DataConfig
+from medtune.errors import DataError
+
+SUPPORTED_SUFFIXES = (".csv", ".jsonl", ".parquet")
+
+
+@dataclass(frozen=True)
+class Record:
+    text: str
+    label: int
+
+
+def _decode_utf8(path: Path, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        bad = raw[error.start : error.start + 1].hex()
+        raise DataError(
+            f"{path} line {line}: not valid UTF-8 (byte 0x{bad} at offset {error.start}); "
+            "save the file as UTF-8"
+        ) from None
+
+
+def _csv_rows(path: Path, text: str) -> tuple[list[str], Iterator[tuple[int, dict]]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    columns = reader.fieldnames or []
+
+    def rows() -> Iterator[tuple[int, dict]]:
+        try:
+            for number, row in enumerate(reader, start=1):
+                if None in row:
+                    raise DataError(f"{path} row {number}: has more fields than the header's {len(columns)}")
+                yield number, row
+        except csv.Error as error:
+            raise DataError(f"{path} row {reader.line_num}: malformed CSV ({error})") from None
+
+    return list(columns), rows()
+
+
+def _jsonl_rows(path: Path, text: str) -> tuple[list[str], Iterator[tuple[int, dict]]]:
+    parsed: list[tuple[int, dict]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path} row {number}: not valid JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path} row {number}: expected a JSON object, got {type(obj).__name__}")
+        parsed.append((number, obj))
+    columns = sorted({key for _, obj in parsed for key in obj})
+    return columns, iter(parsed)
+
+
+def _parquet_rows(path: Path) -> tuple[list[str], Iterator[tuple[int, dict]]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as error:  # pyarrow raises several unrelated types for corrupt files
+        raise DataError(f"{path}: cannot read as Parquet ({error})") from None
+    return list(table.column_names), ((i, row) for i, row in enumerate(table.to_pylist(), start=1))
+
+
+def _read_rows(path: Path) -> tuple[list[str], Iterator[tuple[int, dict]]]:
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise DataError(f"{path}: unsupported file type '{suffix}'; use one of {list(SUPPORTED_SUFFIXES)}")
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    if suffix == ".parquet":
+        return _parquet_rows(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"{path}: cannot read file ({error.strerror})") from None
+    if not raw.strip():
+        raise DataError(f"{path}: file is empty")
+    text = _decode_utf8(path, raw)
+    return _csv_rows(path, text) if suffix == ".csv" else _jsonl_rows(path, text)
+
+
+def read_records(path: str | Path, config: DataConfig) -> list[Record]:
+    """Every record of one file, with labels mapped to the federation's label list."""
+    path = Path(path)
+    columns, rows = _read_rows(path)
+    for role, column in (("text", config.text_column), ("label", config.label_column)):
+        if column not in columns:
+            raise DataError(
+                f"{path}: missing {role} column '{column}' (columns found: {columns}); "
+                f"set data.{role}_column to the right name"
+            )
+    label_index = {label: i for i, label in enumerate(config.labels)}
+    records: list[Record] = []
+    for number, row in rows:
+        text = row.get(config.text_column)
+        label = row.get(config.label_column)
+        if text is None or not str(text).strip():
+            raise DataError(f"{path} row {number}: text in column '{config.text_column}' is empty")
+        label_text = "" if label is None else _label_to_str(label)
+        if label_text not in label_index:
+            raise DataError(
+                f"{path} row {number}: label '{label_text}' is not in the federation's label list "
+                f"{list(config.labels)}"
+            )
+        records.append(Record(text=str(text), label=label_index[label_text]))
+    if not records:
+        raise DataError(f"{path}: has a header but no records")
+    return records
+
+
+def _label_to_str(label: object) -> str:
+    """Labels compare as text: 3, 3.0 and '3' from CSV, JSON or Parquet all mean label '3'."""
+    if isinstance(label, float) and label.is_integer():
+        return str(int(label))
+    return str(label).strip()
+
+
+def train_test_split(records: Sequence[Record], test_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """Deterministic split by seed; records with identical text always land on the same side.
+
+    Grouping by text keeps a duplicated note (or an abstract listed once per label) from leaking
+    from the test split into training.
+    """
+    groups: dict[str, list[Record]] = {}
+    for record in records:
+        key = hashlib.sha1(record.text.encode()).hexdigest()
+        groups.setdefault(key, []).append(record)
+    keys = sorted(groups)
+    order = np.random.default_rng(seed).permutation(len(keys))
+    target = max(1, round(test_fraction * len(records)))
+    train: list[Record] = []
+    test: list[Record] = []
+    for position in order:
+        group = groups[keys[position]]
+        (test if len(test) < target else train).extend(group)
+    if not train or not test:
+        raise DataError(
+            f"cannot split {len(records)} records into non-empty train and test sets "
+            f"(test_fraction={test_fraction}); a hospital needs more records"
+        )
+    return train, test
+
+
+class TokenizedRecords(Dataset):
+    """Records tokenized once, truncated to max_length, kept unpadded until batching."""
+
+    def __init__(self, records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
+        encoded = tokenizer([r.text for r in records], truncation=True, max_length=max_length)
+        self.input_ids = [torch.tensor(ids, dtype=torch.long) for ids in encoded["input_ids"]]
+        self.labels = torch.tensor([r.label for r in records], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.input_ids[index], self.labels[index]
+
+
+class PadToLongest:
+    """Collate: pad a batch to its own longest text, not to max_length."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, batch: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        longest = max(ids.shape[0] for ids, _ in batch)
+        input_ids = torch.full((len(batch), longest), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        for row, (ids, _) in enumerate(batch):
+            input_ids[row, : ids.shape[0]] = ids
+            attention_mask[row, : ids.shape[0]] = 1
+        labels = torch.stack([label for _, label in batch])
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

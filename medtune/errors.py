@@ -1,0 +1,29 @@
+"""Project exceptions: every failure a user can act on is one of these, with a message naming the place."""
+
+
+class MedTuneError(Exception):
+    """Base class for errors MedTune reports to the user without a traceback."""
+
+
+class ConfigError(MedTuneError):
+    """A configuration value is missing, out of range or inconsistent."""
+
+
+class DataError(MedTuneError):
+    """A hospital's records file cannot be used; the message names file, row and problem."""
+
+
+class PrivacyBudgetError(MedTuneError):
+    """Training would take a hospital past its (epsilon, delta) target."""
+
+
+class LedgerError(MedTuneError):
+    """A privacy ledger file is missing fields, corrupted or belongs to another configuration."""
+
+
+class StateError(MedTuneError):
+    """Arrays offered as the exchanged state do not match its names, shapes or dtypes."""
+
+
+class CheckpointError(MedTuneError):
+    """A checkpoint directory is incomplete, corrupted or made for another backbone."""

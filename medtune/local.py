@@ -1,0 +1,100 @@
+"""One hospital on its own: read its file, split, train with DP, evaluate, save checkpoint and ledger.
+
+This is the path a record takes inside one site, with nothing federated: CSV row -> Record ->
+tokens -> prompt + frozen backbone -> loss -> clipped, noised step (ledger) -> exchanged state.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medtune.backbone import Backbone, load_backbone, weights_hash
+from medtune.checkpoint import Checkpoint, save_checkpoint
+from medtune.config import DataConfig, ModelConfig, PrivacyConfig, TrainConfig, config_to_dict
+from medtune.data import Record, TokenizedRecords, train_test_split
+from medtune.errors import LedgerError
+from medtune.files import atomic_write_json
+from medtune.metrics import Evaluation, evaluate
+from medtune.model import PromptClassifier
+from medtune.privacy import PrivacyLedger
+from medtune.train import SamplingPlan, TrainResult, new_ledger, resolve_device, train_local
+
+
+@dataclass
+class LocalRun:
+    result: TrainResult
+    evaluation: Evaluation
+    ledger: PrivacyLedger
+    model: PromptClassifier
+
+
+def load_or_create_ledger(
+    path: Path | None, privacy: PrivacyConfig, num_records: int, train: TrainConfig, rounds: int
+) -> PrivacyLedger:
+    """The ledger stored at `path` if there is one (it must match this run), else a fresh one."""
+    if path is not None and path.exists():
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise LedgerError(f"{path}: unreadable privacy ledger ({error}); refusing to start a fresh one") from None
+        ledger = PrivacyLedger.from_state_dict(state, source=str(path))
+        ledger.matches(privacy, SamplingPlan.for_records(num_records, train.batch_size).sample_rate)
+        return ledger
+    return new_ledger(privacy, num_records, train, rounds)
+
+
+def run_local(
+    records: list[Record],
+    data: DataConfig,
+    model_config: ModelConfig,
+    privacy: PrivacyConfig,
+    train: TrainConfig,
+    backbone: Backbone | None = None,
+    ledger_path: Path | None = None,
+    progress: bool = True,
+) -> LocalRun:
+    """Split by seed, train on the train part, evaluate on the test part."""
+    backbone = backbone or load_backbone(model_config.backbone, model_config.num_layers)
+    train_records, test_records = train_test_split(records, data.test_fraction, train.seed)
+    train_set = TokenizedRecords(train_records, backbone.tokenizer, model_config.max_length)
+    test_set = TokenizedRecords(test_records, backbone.tokenizer, model_config.max_length)
+    ledger = load_or_create_ledger(ledger_path, privacy, len(train_set), train, rounds=1)
+    model = PromptClassifier(backbone, model_config, len(data.labels), seed=train.seed)
+    pad = backbone.tokenizer.pad_token_id
+    result = train_local(model, train_set, ledger, train, pad, seed=train.seed, progress=progress)
+    if ledger_path is not None:
+        atomic_write_json(ledger_path, ledger.state_dict())
+    evaluation = evaluate(model, test_set, data.labels, pad, resolve_device(train.device))
+    return LocalRun(result=result, evaluation=evaluation, ledger=ledger, model=model)
+
+
+def save_local_run(run: LocalRun, out: Path, backbone: Backbone, configs: dict[str, Any]) -> None:
+    """checkpoint/ (exchanged state + meta), ledger.json and metrics.json under `out`."""
+    save_checkpoint(
+        out / "checkpoint",
+        Checkpoint(
+            arrays=run.model.exchanged_state(),
+            labels=tuple(configs["data"]["labels"]),
+            model=run.model.config,
+            backbone_name=backbone.name,
+            backbone_hash=weights_hash(backbone.encoder),
+            extra={"config": configs},
+        ),
+    )
+    atomic_write_json(out / "ledger.json", run.ledger.state_dict())
+    atomic_write_json(
+        out / "metrics.json",
+        {"train": run.result.__dict__, "test": run.evaluation.to_dict(), "config": configs},
+    )
+
+
+def all_configs(data: DataConfig, model: ModelConfig, privacy: PrivacyConfig, train: TrainConfig) -> dict[str, Any]:
+    return {
+        "data": config_to_dict(data),
+        "model": config_to_dict(model),
+        "privacy": config_to_dict(privacy),
+        "train": config_to_dict(train),
+    }

@@ -1,0 +1,85 @@
+"""Evaluation of a prompt classifier: loss, accuracy, macro-F1 and per-class counts."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from medtune.data import PadToLongest, TokenizedRecords
+from medtune.model import PromptClassifier
+
+
+@dataclass(frozen=True)
+class ClassCounts:
+    label: str
+    support: int
+    predicted: int
+    correct: int
+
+    @property
+    def f1(self) -> float:
+        denominator = self.support + self.predicted
+        return 0.0 if denominator == 0 else 2.0 * self.correct / denominator
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    loss: float
+    accuracy: float
+    macro_f1: float
+    examples: int
+    per_class: tuple[ClassCounts, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def summarize(labels: np.ndarray, predictions: np.ndarray, loss: float, label_names: tuple[str, ...]) -> Evaluation:
+    """Metrics from true and predicted label indices. Macro-F1 averages over labels present in
+    either the truth or the predictions, so a hospital without a label is not penalised for it."""
+    per_class = tuple(
+        ClassCounts(
+            label=name,
+            support=int(np.sum(labels == i)),
+            predicted=int(np.sum(predictions == i)),
+            correct=int(np.sum((labels == i) & (predictions == i))),
+        )
+        for i, name in enumerate(label_names)
+    )
+    present = [c for c in per_class if c.support or c.predicted]
+    return Evaluation(
+        loss=float(loss),
+        accuracy=float(np.mean(labels == predictions)) if len(labels) else 0.0,
+        macro_f1=float(np.mean([c.f1 for c in present])) if present else 0.0,
+        examples=int(len(labels)),
+        per_class=per_class,
+    )
+
+
+@torch.no_grad()
+def predict_logits(
+    model: PromptClassifier, dataset: TokenizedRecords, pad_token_id: int, device: torch.device, batch_size: int = 64
+) -> torch.Tensor:
+    model.to(device).eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=PadToLongest(pad_token_id))
+    chunks = [
+        model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu() for batch in loader
+    ]
+    return torch.cat(chunks) if chunks else torch.empty(0, len(model.head.bias))
+
+
+def evaluate(
+    model: PromptClassifier,
+    dataset: TokenizedRecords,
+    label_names: tuple[str, ...],
+    pad_token_id: int,
+    device: torch.device,
+) -> Evaluation:
+    logits = predict_logits(model, dataset, pad_token_id, device)
+    loss = F.cross_entropy(logits, dataset.labels).item() if len(dataset) else 0.0
+    return summarize(dataset.labels.numpy(), logits.argmax(dim=1).numpy(), loss, label_names)

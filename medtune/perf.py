@@ -1,0 +1,94 @@
+"""Throughput benchmark: training samples/s with and without DP, and inference samples/s.
+
+Texts are synthetic notes joined until they fill max_length, so every batch is full length and
+the figures compare like with like. Timings follow one warm-up step; the ratio DP/non-DP comes
+from the same run on the same machine.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from medtune.backbone import load_backbone
+from medtune.config import ModelConfig, PrivacyConfig, TrainConfig
+from medtune.data import Record, TokenizedRecords
+from medtune.files import atomic_write_json
+from medtune.metrics import predict_logits
+from medtune.model import PromptClassifier
+from medtune.synth import LABELS, SynthConfig, generate_hospitals
+from medtune.train import new_ledger, resolve_device, train_local
+
+
+def _long_records(count: int) -> list[Record]:
+    notes = [text for text, _ in generate_hospitals(SynthConfig(hospitals=1, mean_records=max(40, 4 * count)))[0]]
+    return [Record(text=" ".join(notes[4 * i : 4 * i + 4]), label=i % len(LABELS)) for i in range(count)]
+
+
+def _train_rate(model: PromptClassifier, dataset: TokenizedRecords, warmup: TokenizedRecords, epsilon: float,
+                batch_size: int, pad: int) -> float:
+    train = TrainConfig(epochs=1, batch_size=batch_size, learning_rate=1e-3)
+    privacy = PrivacyConfig(epsilon=epsilon)
+    train_local(model, warmup, new_ledger(privacy, len(warmup), train, 1), train, pad, seed=0, progress=False)
+    ledger = new_ledger(privacy, len(dataset), train, 1)
+    start = time.perf_counter()
+    result = train_local(model, dataset, ledger, train, pad, seed=0, progress=False)
+    return result.examples / (time.perf_counter() - start)
+
+
+def _inference_rate(model: PromptClassifier, dataset: TokenizedRecords, pad: int) -> float:
+    device = resolve_device("auto")
+    predict_logits(model, dataset, pad, device)
+    start = time.perf_counter()
+    predict_logits(model, dataset, pad, device)
+    return len(dataset) / (time.perf_counter() - start)
+
+
+def run_perf(layers: list[int], max_lengths: list[int], batch_size: int, steps: int, out: Path | None) -> list[dict]:
+    device = resolve_device("auto")
+    rows = []
+    records = _long_records(batch_size * steps)
+    for depth in layers:
+        backbone = load_backbone(None, depth)
+        for max_length in max_lengths:
+            config = ModelConfig(num_layers=depth, max_length=max_length)
+            model = PromptClassifier(backbone, config, len(LABELS), seed=0)
+            dataset = TokenizedRecords(records, backbone.tokenizer, max_length)
+            warmup = TokenizedRecords(records[:batch_size], backbone.tokenizer, max_length)
+            pad = backbone.tokenizer.pad_token_id
+            plain = _train_rate(model, dataset, warmup, math.inf, batch_size, pad)
+            private = _train_rate(model, dataset, warmup, 8.0, batch_size, pad)
+            rows.append(
+                {
+                    "layers": depth,
+                    "max_length": max_length,
+                    "batch_size": batch_size,
+                    "device": str(device),
+                    "threads": torch.get_num_threads(),
+                    "train_samples_per_s": plain,
+                    "train_dp_samples_per_s": private,
+                    "dp_over_plain": private / plain,
+                    "inference_samples_per_s": _inference_rate(model, dataset, pad),
+                }
+            )
+    table = Table(title=f"MedTune throughput ({device}, {torch.get_num_threads()} threads, batch {batch_size})")
+    for column in ("layers", "max len", "train/s", "train DP/s", "DP/plain", "inference/s"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(
+            str(row["layers"]),
+            str(row["max_length"]),
+            f"{row['train_samples_per_s']:.1f}",
+            f"{row['train_dp_samples_per_s']:.1f}",
+            f"{row['dp_over_plain']:.2f}",
+            f"{row['inference_samples_per_s']:.1f}",
+        )
+    Console().print(table)
+    if out is not None:
+        atomic_write_json(out, rows)
+    return rows

@@ -1,0 +1,149 @@
+"""Local training of prompt and head, with Opacus DP-SGD when the hospital's budget is finite.
+
+The loop is written out: Poisson-sampled batch -> forward -> mean cross-entropy -> backward
+(Opacus hooks keep per-sample gradients of prompt and head) -> optimizer.step() (clip each
+record's gradient to max_grad_norm, add Gaussian noise, record the step in the ledger).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from medtune.config import PrivacyConfig, TrainConfig
+from medtune.data import PadToLongest, TokenizedRecords
+from medtune.errors import PrivacyBudgetError
+from medtune.model import PromptClassifier
+from medtune.privacy import PrivacyLedger
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """How DP-SGD samples one hospital's training set: one step per expected batch."""
+
+    steps_per_epoch: int
+    sample_rate: float
+
+    @classmethod
+    def for_records(cls, num_records: int, batch_size: int) -> "SamplingPlan":
+        steps = max(1, math.ceil(num_records / batch_size))
+        return cls(steps_per_epoch=steps, sample_rate=1.0 / steps)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float
+    steps: int
+    examples: int
+    epsilon: float
+    delta: float
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' takes CUDA when present and the CPU otherwise."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def new_ledger(privacy: PrivacyConfig, num_records: int, train: TrainConfig, rounds: int) -> PrivacyLedger:
+    """A fresh ledger whose noise is derived for the hospital's whole participation."""
+    plan = SamplingPlan.for_records(num_records, train.batch_size)
+    return PrivacyLedger(privacy, plan.sample_rate, planned_steps=rounds * train.epochs * plan.steps_per_epoch)
+
+
+def _batch_loss(model: PromptClassifier, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    labels = batch["labels"].to(device)
+    logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+    # Mean over the records actually sampled; an empty Poisson batch gives a zero loss (still a DP step).
+    return F.cross_entropy(logits, labels, reduction="sum") / max(1, labels.shape[0])
+
+
+def train_local(
+    model: PromptClassifier,
+    dataset: TokenizedRecords,
+    ledger: PrivacyLedger,
+    train: TrainConfig,
+    pad_token_id: int,
+    seed: int,
+    progress: bool = True,
+) -> TrainResult:
+    """Train prompt and head for `train.epochs` epochs; refuse if that would pass the privacy target."""
+    device = resolve_device(train.device)
+    seed_everything(seed)
+    plan = SamplingPlan.for_records(len(dataset), train.batch_size)
+    total_steps = train.epochs * plan.steps_per_epoch
+    privacy = ledger.config
+    if privacy.is_private and not math.isclose(plan.sample_rate, ledger.sample_rate, rel_tol=1e-9):
+        raise PrivacyBudgetError(
+            f"this hospital's ledger was planned for sampling rate {ledger.sample_rate:.6f} but its training set "
+            f"now gives {plan.sample_rate:.6f}; its records or batch size changed mid-federation"
+        )
+    ledger.check_can_spend(total_steps)
+
+    model.to(device).train()
+    loader = DataLoader(
+        dataset,
+        batch_size=train.batch_size,
+        shuffle=True,
+        collate_fn=PadToLongest(pad_token_id),
+        generator=torch.Generator().manual_seed(seed),
+    )
+    optimizer: torch.optim.Optimizer = torch.optim.Adam(model.trainable_parameters(), lr=train.learning_rate)
+    hooks = None
+    if privacy.is_private:
+        engine = PrivacyEngine(accountant=privacy.accountant)
+        engine.accountant = ledger.accountant  # every step lands in the hospital's own ledger
+        noise = torch.Generator(device=device).manual_seed(seed)
+        hooks, optimizer, loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=ledger.noise_multiplier,
+            max_grad_norm=privacy.max_grad_norm,
+            poisson_sampling=True,
+            wrap_model=False,
+            noise_generator=noise,
+        )
+    total_loss, examples = 0.0, 0
+    try:
+        with tqdm(total=total_steps, desc="local training", unit="step", disable=not progress, leave=False) as bar:
+            for _ in range(train.epochs):
+                for batch in loader:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = _batch_loss(model, batch, device)
+                    loss.backward()
+                    optimizer.step()
+                    size = int(batch["labels"].shape[0])
+                    total_loss += float(loss.detach()) * size
+                    examples += size
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+    finally:
+        if hooks is not None:
+            hooks.cleanup()
+        for parameter in model.trainable_parameters():
+            parameter.grad = None
+    if not privacy.is_private:
+        ledger.record_non_private_steps(total_steps)
+    return TrainResult(
+        loss=total_loss / max(1, examples),
+        steps=total_steps,
+        examples=len(dataset),
+        epsilon=ledger.epsilon,
+        delta=privacy.delta,
+    )

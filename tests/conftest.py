@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny randomly initialised BERT saved as a local checkpoint directory.
+
+It uses the embedded MiniLM's tokenizer files (local, no download) and a 2-layer, 32-wide
+encoder built from a config, so unit tests run in seconds and exercise the real loading path.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from medtune.backbone import embedded_backbone_path
+from medtune.cli import quiet_libraries
+
+quiet_libraries()
+torch.set_num_threads(2)
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=160,
+    )
+    BertModel(config).save_pretrained(directory)
+    source = Path(embedded_backbone_path())
+    for name in TOKENIZER_FILES:
+        if (source / name).exists():
+            shutil.copy(source / name, directory / name)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tiny_backbone_dir: Path):
+    from medtune.backbone import load_backbone
+
+    return load_backbone(str(tiny_backbone_dir))

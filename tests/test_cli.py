@@ -1,0 +1,37 @@
+"""The command line: bad input is one clear line and exit status 2; synth writes hospitals."""
+
+from __future__ import annotations
+
+import csv
+
+from medtune.cli import main
+from medtune.synth import LABELS
+
+
+def test_synth_writes_one_csv_per_hospital_with_skewed_sizes(tmp_path, capsys):
+    assert main(["data", "synth", "--hospitals", "4", "--records", "100", "--out", str(tmp_path)]) == 0
+    files = sorted(tmp_path.glob("hospital_*.csv"))
+    assert [f.name for f in files] == [f"hospital_{i}.csv" for i in range(1, 5)]
+    sizes = []
+    for path in files:
+        with path.open(encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        assert rows and all(r["label"] in LABELS and r["text"].strip() for r in rows)
+        sizes.append(len(rows))
+    assert len(set(sizes)) > 1
+
+
+def test_train_on_a_bad_file_prints_one_clear_error(tmp_path, capsys, tiny_backbone_dir):
+    bad = tmp_path / "notes.csv"
+    bad.write_text("text,label\nchest pain,cardiology\nheadache,cardio\n", encoding="utf-8")
+    status = main(["train", "--data", str(bad), "--backbone", str(tiny_backbone_dir), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.startswith("error: ") and "notes.csv row 2: label 'cardio' is not in the federation's label list" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run" / "ledger.json").exists()
+
+
+def test_bad_config_value_is_named(tmp_path, capsys):
+    assert main(["train", "--epsilon", "-1", "--out", str(tmp_path)]) == 2
+    assert "privacy.epsilon must be positive" in capsys.readouterr().err

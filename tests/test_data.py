@@ -1,0 +1,100 @@
+"""Reading a hospital's records: every bad input gets its own message naming file, row and problem."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from medtune.config import DataConfig
+from medtune.data import PadToLongest, Record, TokenizedRecords, read_records, train_test_split
+from medtune.errors import DataError
+
+CONFIG = DataConfig(labels=("cardiology", "neurology"))
+
+
+def _csv(tmp_path: Path, body: str, name: str = "notes.csv") -> Path:
+    path = tmp_path / name
+    path.write_text(body, encoding="utf-8")
+    return path
+
+
+def test_reads_csv_jsonl_and_parquet_with_configured_columns(tmp_path):
+    config = DataConfig(labels=("1", "2"), text_column="note", label_column="dx")
+    csv_path = _csv(tmp_path, 'note,dx\n"CP, radiating",1\nfacial droop,2\n')
+    jsonl_path = tmp_path / "notes.jsonl"
+    jsonl_path.write_text(json.dumps({"note": "CP", "dx": 1}) + "\n\n" + json.dumps({"note": "droop", "dx": "2"}) + "\n")
+    parquet_path = tmp_path / "notes.parquet"
+    pq.write_table(pa.table({"note": ["CP", "droop"], "dx": [1, 2]}), parquet_path)
+    assert read_records(csv_path, config) == [Record("CP, radiating", 0), Record("facial droop", 1)]
+    assert read_records(jsonl_path, config) == [Record("CP", 0), Record("droop", 1)]
+    assert read_records(parquet_path, config) == [Record("CP", 0), Record("droop", 1)]
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("text,label\nchest pain,cardiology\nheadache,cardio\n",
+         "notes.csv row 2: label 'cardio' is not in the federation's label list ['cardiology', 'neurology']"),
+        ("note,label\nchest pain,cardiology\n",
+         "notes.csv: missing text column 'text' (columns found: ['note', 'label'])"),
+        ("text,diagnosis\nchest pain,cardiology\n", "notes.csv: missing label column 'label'"),
+        ("", "notes.csv: file is empty"),
+        ("text,label\n", "notes.csv: has a header but no records"),
+        ("text,label\nchest pain,cardiology\n  ,neurology\n", "notes.csv row 2: text in column 'text' is empty"),
+        ("text,label\nchest pain,cardiology,extra\n", "notes.csv row 1: has more fields than the header's 2"),
+    ],
+)
+def test_each_bad_csv_gets_its_specific_error(tmp_path, body, message):
+    path = _csv(tmp_path, body)
+    with pytest.raises(DataError) as error:
+        read_records(path, CONFIG)
+    assert message in str(error.value)
+
+
+def test_non_utf8_bytes_name_the_line(tmp_path):
+    path = tmp_path / "notes.csv"
+    path.write_bytes(b"text,label\nchest pain,cardiology\ncaf\xe9 au lait spots,neurology\n")
+    with pytest.raises(DataError, match=r"notes.csv line 3: not valid UTF-8 \(byte 0xe9"):
+        read_records(path, CONFIG)
+
+
+def test_unreadable_files_are_named(tmp_path):
+    with pytest.raises(DataError, match="missing.csv: file not found"):
+        read_records(tmp_path / "missing.csv", CONFIG)
+    with pytest.raises(DataError, match="notes.txt: unsupported file type '.txt'"):
+        read_records(_csv(tmp_path, "x", name="notes.txt"), CONFIG)
+    broken = tmp_path / "notes.parquet"
+    broken.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(DataError, match="notes.parquet: cannot read as Parquet"):
+        read_records(broken, CONFIG)
+    bad_json = tmp_path / "notes.jsonl"
+    bad_json.write_text('{"text": "CP", "label": "cardiology"}\n{"text": "HA", \n')
+    with pytest.raises(DataError, match="notes.jsonl row 2: not valid JSON"):
+        read_records(bad_json, CONFIG)
+
+
+def test_split_is_deterministic_and_keeps_duplicate_texts_together():
+    records = [Record(f"note {i}", i % 2) for i in range(50)] + [Record("note 7", 1), Record("note 8", 0)]
+    train_a, test_a = train_test_split(records, 0.2, seed=3)
+    train_b, test_b = train_test_split(records, 0.2, seed=3)
+    assert (train_a, test_a) == (train_b, test_b)
+    assert train_test_split(records, 0.2, seed=4)[1] != test_a
+    assert len(test_a) in (10, 11, 12) and len(train_a) + len(test_a) == len(records)
+    train_texts, test_texts = {r.text for r in train_a}, {r.text for r in test_a}
+    assert not train_texts & test_texts
+
+
+def test_batches_pad_to_the_longest_text_and_truncate_to_max_length(tiny_backbone):
+    tokenizer = tiny_backbone.tokenizer
+    records = [Record("short", 0), Record("a somewhat longer clinical note", 1), Record("word " * 200, 0)]
+    dataset = TokenizedRecords(records, tokenizer, max_length=16)
+    assert len(dataset[2][0]) == 16
+    batch = PadToLongest(tokenizer.pad_token_id)([dataset[0], dataset[1]])
+    longest = len(dataset[1][0])
+    assert batch["input_ids"].shape == (2, longest) and longest < 16
+    assert batch["attention_mask"][0].sum() == len(dataset[0][0])
+    assert batch["input_ids"][0, -1] == tokenizer.pad_token_id

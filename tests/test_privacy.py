@@ -1,0 +1,85 @@
+"""Privacy accounting: the ledger agrees with Opacus, derived noise never overspends, state survives restarts."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from opacus.accountants import create_accountant
+
+from medtune.config import PrivacyConfig
+from medtune.errors import LedgerError, PrivacyBudgetError
+from medtune.privacy import PrivacyLedger
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_epsilon_after_k_steps_equals_opacus_accountant(accountant):
+    ledger = PrivacyLedger(PrivacyConfig(epsilon=3.0, delta=1e-5, accountant=accountant), 0.05, planned_steps=200)
+    for _ in range(120):
+        ledger.accountant.step(noise_multiplier=ledger.noise_multiplier, sample_rate=0.05)
+    reference = create_accountant(mechanism=accountant)
+    reference.history = [(ledger.noise_multiplier, 0.05, 120)]
+    assert ledger.steps == 120
+    assert ledger.epsilon == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-12)
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+@pytest.mark.parametrize("target", [1.0, 8.0])
+def test_derived_noise_spends_at_most_the_target_over_the_planned_steps(accountant, target):
+    ledger = PrivacyLedger(PrivacyConfig(epsilon=target, accountant=accountant), 1 / 20, planned_steps=60)
+    fresh = create_accountant(mechanism=accountant)
+    fresh.history = [(ledger.noise_multiplier, 1 / 20, 60)]
+    spent = fresh.get_epsilon(delta=1e-5)
+    assert spent <= target
+    assert spent > 0.9 * target  # not wastefully noisy either
+    assert ledger.epsilon_after(60) == pytest.approx(spent, rel=1e-12)
+
+
+def test_training_past_the_target_is_refused_with_a_clear_message():
+    ledger = PrivacyLedger(PrivacyConfig(epsilon=2.0), 0.1, planned_steps=30)
+    ledger.check_can_spend(30)
+    for _ in range(30):
+        ledger.accountant.step(noise_multiplier=ledger.noise_multiplier, sample_rate=0.1)
+    assert ledger.exhausted and ledger.epsilon <= 2.0
+    with pytest.raises(PrivacyBudgetError, match=r"would spend epsilon=\d+\.\d+, past this hospital's target epsilon=2.0"):
+        ledger.check_can_spend(10)
+
+
+def test_too_small_an_epsilon_is_refused_up_front():
+    with pytest.raises(PrivacyBudgetError, match="too small"):
+        PrivacyLedger(PrivacyConfig(epsilon=1e-4, accountant="rdp"), 1.0, planned_steps=1000)
+
+
+def test_ledger_state_is_plain_json_and_restores_exactly():
+    ledger = PrivacyLedger(PrivacyConfig(epsilon=4.0), 0.05, planned_steps=100)
+    for _ in range(40):
+        ledger.accountant.step(noise_multiplier=ledger.noise_multiplier, sample_rate=0.05)
+    restored = PrivacyLedger.from_state_dict(json.loads(json.dumps(ledger.state_dict())))
+    assert restored.steps == 40 and restored.planned_steps == 100
+    assert restored.noise_multiplier == ledger.noise_multiplier
+    assert restored.epsilon == ledger.epsilon
+
+
+def test_a_corrupted_or_foreign_ledger_is_an_error_not_a_fresh_start():
+    state = PrivacyLedger(PrivacyConfig(epsilon=4.0), 0.05, planned_steps=100).state_dict()
+    with pytest.raises(LedgerError, match="not a MedTune privacy ledger"):
+        PrivacyLedger.from_state_dict({"history": []}, source="site/ledger.json")
+    del state["noise_multiplier"]
+    with pytest.raises(LedgerError, match="site/ledger.json: corrupted ledger"):
+        PrivacyLedger.from_state_dict(state, source="site/ledger.json")
+
+
+def test_a_ledger_cannot_be_reused_under_another_target():
+    ledger = PrivacyLedger(PrivacyConfig(epsilon=4.0), 0.05, planned_steps=100)
+    with pytest.raises(LedgerError, match="cannot be restarted or changed"):
+        ledger.matches(PrivacyConfig(epsilon=8.0), 0.05)
+
+
+def test_infinite_epsilon_is_the_non_private_baseline():
+    ledger = PrivacyLedger(PrivacyConfig(epsilon=math.inf), 0.05, planned_steps=100)
+    assert ledger.noise_multiplier == 0.0 and ledger.epsilon == 0.0
+    ledger.check_can_spend(10_000)
+    ledger.record_non_private_steps(5)
+    assert ledger.epsilon == math.inf and ledger.steps == 5
+    assert json.loads(json.dumps(ledger.state_dict()))["epsilon_spent"] is None

@@ -1,0 +1,66 @@
+"""Local training learns: clearly above chance with and without DP, reproducibly, on the synthetic notes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from medtune.config import DataConfig, ModelConfig, PrivacyConfig, TrainConfig
+from medtune.data import Record
+from medtune.local import run_local
+from medtune.synth import LABELS
+
+DATA = DataConfig(labels=LABELS)
+MODEL = ModelConfig(prompt_length=4, max_length=48)
+
+
+KEYWORDS = {
+    "cardiology": ["troponin", "ecg", "murmur"],
+    "pulmonology": ["wheezing", "inhaler", "spirometry"],
+    "gastroenterology": ["melena", "lipase", "endoscopy"],
+    "neurology": ["aphasia", "seizure", "droop"],
+    "infectious_disease": ["cultures", "antibiotics", "sepsis"],
+}
+FILLER = ["patient", "presents", "with", "pain", "fatigue", "today", "history", "of", "admitted", "stable"]
+
+
+def _records(seed: int = 0, count: int = 2000) -> list[Record]:
+    """Easy notes (one service keyword among filler words): tests the training loop, not the task."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(count):
+        label = i % len(LABELS)
+        words = list(rng.choice(FILLER, size=6)) + [str(rng.choice(KEYWORDS[LABELS[label]]))]
+        rng.shuffle(words)
+        records.append(Record(" ".join(words), label))
+    return records
+
+
+def _majority_rate(run) -> float:
+    return max(c.support for c in run.evaluation.per_class) / run.evaluation.examples
+
+
+@pytest.mark.parametrize("epsilon", [math.inf, 8.0])
+def test_tiny_bert_learns_clearly_above_chance(tiny_backbone, epsilon):
+    train = TrainConfig(epochs=4, batch_size=64, learning_rate=5e-2)
+    run = run_local(_records(), DATA, MODEL, PrivacyConfig(epsilon=epsilon), train, backbone=tiny_backbone, progress=False)
+    print(f"epsilon={epsilon}: accuracy {run.evaluation.accuracy:.3f}, macro-F1 {run.evaluation.macro_f1:.3f}, "
+          f"majority {_majority_rate(run):.3f}, spent {run.ledger.epsilon}")
+    assert run.evaluation.accuracy > _majority_rate(run) + 0.3
+    assert run.evaluation.macro_f1 > 0.5  # chance on 5 balanced labels is about 0.2
+    if math.isfinite(epsilon):
+        assert 0 < run.ledger.epsilon <= epsilon
+        assert run.ledger.exhausted
+
+
+def test_same_seed_same_result(tiny_backbone):
+    train = TrainConfig(epochs=1, batch_size=32, seed=5)
+    runs = [
+        run_local(_records()[:200], DATA, MODEL, PrivacyConfig(epsilon=3.0), train, backbone=tiny_backbone, progress=False)
+        for _ in range(2)
+    ]
+    for name, array in runs[0].model.exchanged_state().items():
+        np.testing.assert_array_equal(array, runs[1].model.exchanged_state()[name])
+    assert runs[0].evaluation == runs[1].evaluation

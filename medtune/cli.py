@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--batch-size", type=int, default=16)
     perf.add_argument("--steps", type=int, default=8, help="timed training steps per setting")
     perf.add_argument("--out", type=Path, help="also write the table as JSON here")
+    difficulty = bench.add_parser("difficulty", help="synthetic data: pooled vs smallest hospital alone")
+    difficulty.add_argument("--hospitals", type=int, default=3)
+    _add_model_flags(difficulty)
+    _add_train_flags(difficulty)
     return parser
 
 
@@ -153,6 +157,15 @@ def _cmd_perf(args: argparse.Namespace) -> None:
     )
 
 
+def _cmd_difficulty(args: argparse.Namespace) -> None:
+    from medtune.difficulty import run_difficulty
+    from medtune.synth import SynthConfig
+
+    train = config_from_dict(TrainConfig, _given(args, TRAIN_FLAGS))
+    model = config_from_dict(ModelConfig, _given(args, MODEL_FLAGS))
+    run_difficulty(SynthConfig(hospitals=args.hospitals, seed=train.seed), model, train)
+
+
 def quiet_libraries() -> None:
     """Silence library chatter that says nothing to a MedTune user (documented in the README)."""
     from transformers.utils import logging as hf_logging
@@ -171,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         ("data", "synth"): _cmd_synth,
         ("train", None): _cmd_train,
         ("benchmark", "perf"): _cmd_perf,
+        ("benchmark", "difficulty"): _cmd_difficulty,
     }
     key = (args.command, getattr(args, "data_command", None) or getattr(args, "bench_command", None))
     try:

@@ -73,6 +73,16 @@ def _batch_loss(model: PromptClassifier, batch: dict[str, torch.Tensor], device:
     return F.cross_entropy(logits, labels, reduction="sum") / max(1, labels.shape[0])
 
 
+def _noise_only_step(model: PromptClassifier, device: torch.device) -> torch.Tensor:
+    """An empty Poisson batch is still a DP step: zero per-sample gradients, then clip (nothing) and noise.
+
+    The encoder cannot run on zero records, so the empty per-sample gradients are set directly.
+    """
+    for parameter in model.trainable_parameters():
+        parameter.grad_sample = torch.zeros((0, *parameter.shape), device=device, dtype=parameter.dtype)
+    return torch.zeros((), device=device)
+
+
 def train_local(
     model: PromptClassifier,
     dataset: TokenizedRecords,
@@ -125,10 +135,13 @@ def train_local(
             for _ in range(train.epochs):
                 for batch in loader:
                     optimizer.zero_grad(set_to_none=True)
-                    loss = _batch_loss(model, batch, device)
-                    loss.backward()
-                    optimizer.step()
                     size = int(batch["labels"].shape[0])
+                    if size == 0:
+                        loss = _noise_only_step(model, device)
+                    else:
+                        loss = _batch_loss(model, batch, device)
+                        loss.backward()
+                    optimizer.step()
                     total_loss += float(loss.detach()) * size
                     examples += size
                     bar.update(1)

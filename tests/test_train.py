@@ -64,3 +64,21 @@ def test_same_seed_same_result(tiny_backbone):
     for name, array in runs[0].model.exchanged_state().items():
         np.testing.assert_array_equal(array, runs[1].model.exchanged_state()[name])
     assert runs[0].evaluation == runs[1].evaluation
+
+
+def test_empty_poisson_batches_are_still_counted_noisy_steps(tiny_backbone):
+    """With an expected batch of 1 among 20 records, about a third of Poisson batches are empty."""
+    from medtune.data import TokenizedRecords
+    from medtune.model import PromptClassifier
+    from medtune.train import new_ledger, train_local
+
+    model = PromptClassifier(tiny_backbone, MODEL, len(LABELS), seed=0)
+    dataset = TokenizedRecords(_records(count=20), tiny_backbone.tokenizer, 48)
+    train = TrainConfig(epochs=3, batch_size=1)
+    ledger = new_ledger(PrivacyConfig(epsilon=20.0), len(dataset), train, rounds=1)
+    before = model.exchanged_state()
+    result = train_local(model, dataset, ledger, train, tiny_backbone.tokenizer.pad_token_id, seed=0, progress=False)
+    assert result.steps == ledger.steps == 60
+    assert ledger.exhausted and 0 < ledger.epsilon <= 20.0
+    assert all(np.all(np.isfinite(a)) for a in model.exchanged_state().values())
+    assert not np.array_equal(before["prompt"], model.exchanged_state()["prompt"])

@@ -61,7 +61,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
-    group.add_argument("--data", type=Path, help="records file (.csv, .jsonl, .parquet); default: synthetic hospital 1")
+    group.add_argument("--data", type=Path, help="records file (.csv, .jsonl, .parquet); default: one synthetic hospital of 1,500 notes")
     group.add_argument("--labels", help="comma-separated federation label list (default: the synthetic labels)")
     group.add_argument("--text-column")
     group.add_argument("--label-column")
@@ -129,7 +129,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     model = config_from_dict(ModelConfig, _given(args, MODEL_FLAGS))
     privacy = config_from_dict(PrivacyConfig, _given(args, PRIVACY_FLAGS))
     train = config_from_dict(TrainConfig, _given(args, TRAIN_FLAGS))
-    path = args.data or write_hospitals(SynthConfig(seed=train.seed), args.out / "synthetic")[0]
+    default_hospital = SynthConfig(hospitals=1, mean_records=1500, dirichlet_alpha=100.0, seed=train.seed)
+    path = args.data or write_hospitals(default_hospital, args.out / "synthetic")[0]
     records = read_records(path, data)
     backbone = load_backbone(model.backbone, model.num_layers)
     ledger_path = args.ledger or args.out / "ledger.json"

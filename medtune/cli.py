@@ -89,6 +89,30 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--ledger", type=Path, help="privacy ledger file to continue (default: OUT/ledger.json)")
     train.add_argument("--out", type=Path, default=Path("runs/local"))
 
+    simulate = commands.add_parser(
+        "simulate",
+        help="run a federation of simulated hospitals (Flower Simulation Engine)",
+        description="Same run as `flwr run .`: defaults from pyproject.toml's [tool.flwr.app.config], "
+        "then the scenario file, then these flags and --run-config.",
+    )
+    simulate.add_argument("--scenario", default="default", help="name in simulations/scenarios/ or a TOML path")
+    simulate.add_argument("--rounds", type=int)
+    simulate.add_argument("--epsilon", type=float, help="each hospital's target epsilon (inf: no DP)")
+    simulate.add_argument("--seed", type=int)
+    simulate.add_argument("--out", type=Path, help="output directory (results.json, checkpoints/, sites/)")
+    simulate.add_argument("--resume", type=Path, help="continue from a checkpoint dir, or the latest under OUT")
+    simulate.add_argument("--until-round", type=int, help="stop after this round (resume later)")
+    simulate.add_argument("--run-config", default="", help="more overrides, as for flwr: 'key=value key2=value2'")
+    simulate.add_argument("--cpus-per-hospital", type=float, default=1.0, help="Ray CPUs per simulated hospital")
+
+    predict = commands.add_parser("predict", help="classify texts with a saved checkpoint")
+    predict.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory (or a run's out dir)")
+    source = predict.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", action="append", help="a text to classify (repeatable)")
+    source.add_argument("--input", type=Path, help="records file (.csv, .jsonl, .parquet) with a text column")
+    predict.add_argument("--text-column", default="text")
+    predict.add_argument("--backbone", help="backbone directory, if not the one named in the checkpoint")
+
     bench = commands.add_parser("benchmark", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     perf = bench.add_parser("perf", help="training and inference throughput, with and without DP")
     perf.add_argument("--layers", default="6,2", help="comma-separated backbone depths")
@@ -167,6 +191,31 @@ def _cmd_difficulty(args: argparse.Namespace) -> None:
     run_difficulty(SynthConfig(hospitals=args.hospitals, seed=train.seed), model, train)
 
 
+def _cmd_simulate(args: argparse.Namespace) -> None:
+    from medtune.settings import parse_overrides
+    from medtune.simulate import simulate
+
+    overrides = parse_overrides(args.run_config)
+    flags = {"rounds": args.rounds, "epsilon": args.epsilon, "seed": args.seed, "until-round": args.until_round}
+    overrides.update({key: value for key, value in flags.items() if value is not None})
+    if args.out is not None:
+        overrides["out"] = str(args.out)
+    if args.resume is not None:
+        overrides["resume"] = str(args.resume)
+        overrides.setdefault("out", str(args.resume if (args.resume / "checkpoints").is_dir() else args.resume.parents[1]))
+    results = simulate(args.scenario, overrides, cpus_per_hospital=args.cpus_per_hospital)
+    print(f"wrote {results} and {results.parent / 'checkpoints'}")
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from medtune.data import read_texts
+    from medtune.predict import predict_texts
+
+    texts = args.text or read_texts(args.input, args.text_column)
+    for prediction in predict_texts(args.checkpoint, texts, backbone=args.backbone):
+        print(prediction.format())
+
+
 def quiet_libraries() -> None:
     """Silence library chatter that says nothing to a MedTune user (documented in the README)."""
     from transformers.utils import logging as hf_logging
@@ -184,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {
         ("data", "synth"): _cmd_synth,
         ("train", None): _cmd_train,
+        ("simulate", None): _cmd_simulate,
+        ("predict", None): _cmd_predict,
         ("benchmark", "perf"): _cmd_perf,
         ("benchmark", "difficulty"): _cmd_difficulty,
     }

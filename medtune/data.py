@@ -132,6 +132,23 @@ def read_records(path: str | Path, config: DataConfig) -> list[Record]:
     return records
 
 
+def read_texts(path: str | Path, text_column: str) -> list[str]:
+    """Just the texts of a file, for prediction: no label column needed."""
+    path = Path(path)
+    columns, rows = _read_rows(path)
+    if text_column not in columns:
+        raise DataError(f"{path}: missing text column '{text_column}' (columns found: {columns})")
+    texts = []
+    for number, row in rows:
+        text = row.get(text_column)
+        if text is None or not str(text).strip():
+            raise DataError(f"{path} row {number}: text in column '{text_column}' is empty")
+        texts.append(str(text))
+    if not texts:
+        raise DataError(f"{path}: has a header but no records")
+    return texts
+
+
 def _label_to_str(label: object) -> str:
     """Labels compare as text: 3, 3.0 and '3' from CSV, JSON or Parquet all mean label '3'."""
     if isinstance(label, float) and label.is_integer():

@@ -96,7 +96,8 @@ class PromptClassifier(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [self.prompt.embedding, self.head.weight, self.head.bias]
 
-    def _exchanged_tensors(self) -> "OrderedDict[str, torch.Tensor]":
+    def exchanged_tensors(self) -> "OrderedDict[str, torch.Tensor]":
+        """The live trainable tensors under their exchanged-state names."""
         return OrderedDict(
             [(PROMPT, self.prompt.embedding), (HEAD_WEIGHT, self.head.weight), (HEAD_BIAS, self.head.bias)]
         )
@@ -105,12 +106,12 @@ class PromptClassifier(nn.Module):
         """The prompt and head as float32 numpy arrays: everything a hospital may send."""
         return OrderedDict(
             (name, tensor.detach().to("cpu", torch.float32).numpy().copy())
-            for name, tensor in self._exchanged_tensors().items()
+            for name, tensor in self.exchanged_tensors().items()
         )
 
     def load_exchanged_state(self, arrays: dict[str, np.ndarray], source: str = "state") -> None:
         """Overwrite prompt and head with checked arrays; nothing else can be loaded this way."""
         checked = self.spec.check(arrays, source)
         with torch.no_grad():
-            for name, tensor in self._exchanged_tensors().items():
+            for name, tensor in self.exchanged_tensors().items():
                 tensor.copy_(torch.from_numpy(checked[name]).to(tensor.device, tensor.dtype))

@@ -47,6 +47,26 @@ class TrainResult:
     delta: float
 
 
+@dataclass(frozen=True)
+class ProximalPull:
+    """FedProx's proximal term, applied as a decoupled pull towards the round's global state.
+
+    After each optimizer step every trainable tensor moves by lr * mu * (global - local). The pull
+    depends only on the global state, never on a record, so under DP it is post-processing: it
+    costs no privacy and needs no per-sample gradient (a term added to the loss would be dropped
+    by Opacus, which only uses per-sample gradients).
+    """
+
+    mu: float
+    anchor: dict[str, np.ndarray]
+
+    def apply(self, model: PromptClassifier, learning_rate: float) -> None:
+        with torch.no_grad():
+            for name, tensor in model.exchanged_tensors().items():
+                target = torch.from_numpy(self.anchor[name]).to(tensor.device, tensor.dtype)
+                tensor.sub_(learning_rate * self.mu * (tensor - target))
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' takes CUDA when present and the CPU otherwise."""
     if name == "auto":
@@ -91,6 +111,7 @@ def train_local(
     pad_token_id: int,
     seed: int,
     progress: bool = True,
+    proximal: ProximalPull | None = None,
 ) -> TrainResult:
     """Train prompt and head for `train.epochs` epochs; refuse if that would pass the privacy target."""
     device = resolve_device(train.device)
@@ -142,6 +163,8 @@ def train_local(
                         loss = _batch_loss(model, batch, device)
                         loss.backward()
                     optimizer.step()
+                    if proximal is not None:
+                        proximal.apply(model, train.learning_rate)
                     total_loss += float(loss.detach()) * size
                     examples += size
                     bar.update(1)

@@ -1,0 +1,1 @@
+"""MedTune's Flower ClientApp: one hospital."""

@@ -1,0 +1,74 @@
+"""Which records a simulated hospital holds: its synthetic notes, or its share of one user file.
+
+In simulation every hospital is a partition of the scenario's data source. The synthetic source
+generates each hospital with its own writing style, size and label mix. A user file is split
+into hospitals with flwr-datasets' Dirichlet partitioner over the label, so `dirichlet-alpha`
+means the same thing for both sources. Every node derives its partition from the seed alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from medtune.data import Record, read_records
+from medtune.errors import ConfigError, DataError
+from medtune.settings import RunSettings
+from medtune.synth import generate_hospitals
+
+
+@dataclass(frozen=True)
+class HospitalData:
+    name: str
+    records: list[Record]
+
+
+def hospital_name(partition_id: int) -> str:
+    return f"hospital_{partition_id + 1}"
+
+
+def simulated_hospital(settings: RunSettings, partition_id: int) -> HospitalData:
+    """The records of simulated hospital `partition_id` (0-based) of the scenario."""
+    count = settings.source.hospitals
+    if not 0 <= partition_id < count:
+        raise ConfigError(
+            f"partition {partition_id} does not exist: the scenario has {count} hospitals; "
+            f"run the simulation with num-supernodes = hospitals = {count}"
+        )
+    if settings.source.is_synthetic:
+        label_index = {label: i for i, label in enumerate(settings.data.labels)}
+        notes = generate_hospitals(settings.source.synth_config(settings.seed))[partition_id]
+        unknown = sorted({label for _, label in notes} - set(label_index))
+        if unknown:
+            raise ConfigError(f"the synthetic notes use labels {unknown} missing from the run's label list")
+        records = [Record(text=text, label=label_index[label]) for text, label in notes]
+    else:
+        records = partition_file(Path(settings.source.source), settings, partition_id)
+    return HospitalData(name=hospital_name(partition_id), records=records)
+
+
+def partition_file(path: Path, settings: RunSettings, partition_id: int) -> list[Record]:
+    """One hospital's share of a user file, by a seeded Dirichlet split over the labels."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    records = read_records(path, settings.data)
+    count = settings.source.hospitals
+    minimum = max(2, min(10, len(records) // (2 * count)))
+    partitioner = DirichletPartitioner(
+        num_partitions=count,
+        partition_by="label",
+        alpha=settings.source.dirichlet_alpha,
+        min_partition_size=minimum,
+        self_balancing=False,
+        seed=settings.seed,
+    )
+    partitioner.dataset = Dataset.from_dict({"row": list(range(len(records))), "label": [r.label for r in records]})
+    try:
+        rows = partitioner.load_partition(partition_id)["row"]
+    except ValueError as error:
+        raise DataError(
+            f"{path}: cannot split {len(records)} records into {count} hospitals with dirichlet-alpha="
+            f"{settings.source.dirichlet_alpha} ({error}); use fewer hospitals or a larger alpha"
+        ) from None
+    return [records[row] for row in rows]

@@ -1,0 +1,130 @@
+"""A federated run's record: per round, global and per-hospital metrics, epsilon and bytes.
+
+`results.json` is rewritten atomically after every round, so an interrupted run keeps every
+finished round, and a resumed run continues the same file. The per-round table printed to the
+console is rendered from the same record.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from medtune.errors import CheckpointError
+from medtune.files import atomic_write_json
+
+RESULTS_FILE = "results.json"
+
+
+@dataclass
+class HospitalRound:
+    """One hospital in one round, as the server saw it."""
+
+    name: str
+    status: str  # trained | stopped (budget spent) | failed
+    examples: int = 0
+    train_loss: float | None = None
+    epsilon: float | None = None
+    delta: float | None = None
+    steps: int = 0
+    test_examples: int = 0
+    accuracy: float | None = None
+    macro_f1: float | None = None
+    bytes_down: int = 0
+    bytes_up: int = 0
+    received: dict[str, Any] = field(default_factory=dict)  # array names -> shape and dtype
+    reason: str = ""
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    aggregated: bool
+    accuracy: float | None
+    macro_f1: float | None
+    loss: float | None
+    worst_accuracy: float | None
+    wall_seconds: float
+    hospitals: list[HospitalRound]
+
+
+def _json_number(value: Any) -> Any:
+    """JSON has no infinity: epsilon = inf (no DP) is written as the string "inf"."""
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    if isinstance(value, dict):
+        return {k: _json_number(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_number(v) for v in value]
+    return value
+
+
+@dataclass
+class RunResults:
+    config: dict[str, Any]
+    rounds: list[RoundRecord] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
+
+    def save(self, out: Path) -> Path:
+        path = out / RESULTS_FILE
+        atomic_write_json(path, _json_number(asdict(self)))
+        return path
+
+    @classmethod
+    def load(cls, out: Path, up_to_round: int) -> "RunResults":
+        """The record of a run being resumed, cut back to the checkpoint's round."""
+        path = out / RESULTS_FILE
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            rounds = [
+                RoundRecord(**{**r, "hospitals": [HospitalRound(**h) for h in r["hospitals"]]})
+                for r in raw["rounds"]
+                if r["round"] <= up_to_round
+            ]
+            return cls(config=raw["config"], rounds=rounds, events=list(raw.get("events", [])))
+        except FileNotFoundError:
+            return cls(config={})
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{path}: corrupted run results ({type(error).__name__}: {error})") from None
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return f"{value:.{digits}f}"
+
+
+def round_table(record: RoundRecord, rounds: int) -> Table:
+    """The compact per-round table: global metrics in the title, one row per hospital."""
+    title = (
+        f"round {record.round}/{rounds}: accuracy {_fmt(record.accuracy)}  macro-F1 {_fmt(record.macro_f1)}  "
+        f"worst hospital {_fmt(record.worst_accuracy)}  ({record.wall_seconds:.1f} s"
+        f"{'' if record.aggregated else ', not aggregated: too few trained replies'})"
+    )
+    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+    for column in ("hospital", "status", "train n", "epsilon", "test acc", "test F1", "sent", "received"):
+        table.add_column(column, justify="left" if column in ("hospital", "status") else "right")
+    for h in record.hospitals:
+        table.add_row(
+            h.name,
+            h.status,
+            str(h.examples),
+            _fmt(h.epsilon, 2),
+            _fmt(h.accuracy),
+            _fmt(h.macro_f1),
+            f"{h.bytes_down / 1024:.1f} KiB",
+            f"{h.bytes_up / 1024:.1f} KiB",
+        )
+    return table
+
+
+def print_round(record: RoundRecord, rounds: int, console: Console | None = None) -> None:
+    (console or Console()).print(round_table(record, rounds))

@@ -1,0 +1,234 @@
+"""A federated run's settings, read from Flower's flat run config.
+
+The defaults live in one place, `[tool.flwr.app.config]` of pyproject.toml. A scenario file
+(simulations/scenarios/*.toml) overrides some of them, and `--run-config` or `medtune simulate`
+flags override again. This module turns the resulting flat key/value dict into the validated
+config objects the core uses, naming any key or value it cannot use.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medtune.config import DataConfig, ModelConfig, PrivacyConfig, TrainConfig
+from medtune.errors import ConfigError
+from medtune.synth import LABELS, SynthConfig
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+SYNTHETIC = "synthetic"
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+SCENARIO_DIR = PROJECT_DIR / "simulations" / "scenarios"
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Rounds and how the server combines the hospitals' prompts and heads."""
+
+    rounds: int
+    strategy: str
+    proximal_mu: float
+    server_learning_rate: float
+    min_hospitals: int
+    round_timeout: float
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ConfigError(f"rounds must be at least 1, got {self.rounds}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
+        if self.proximal_mu < 0 or self.server_learning_rate <= 0:
+            raise ConfigError("proximal-mu must be >= 0 and server-learning-rate > 0")
+        if self.min_hospitals < 1:
+            raise ConfigError(f"min-hospitals must be at least 1, got {self.min_hospitals}")
+        if self.round_timeout <= 0:
+            raise ConfigError(f"round-timeout must be positive seconds, got {self.round_timeout}")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """Where simulated hospitals' records come from: the synthetic generator or one user file."""
+
+    source: str
+    hospitals: int
+    records_per_hospital: int
+    dirichlet_alpha: float
+
+    @property
+    def is_synthetic(self) -> bool:
+        return self.source == SYNTHETIC
+
+    def synth_config(self, seed: int) -> SynthConfig:
+        return SynthConfig(
+            hospitals=self.hospitals,
+            mean_records=self.records_per_hospital,
+            dirichlet_alpha=self.dirichlet_alpha,
+            seed=seed,
+        )
+
+    def __post_init__(self) -> None:
+        if self.hospitals < 1:
+            raise ConfigError(f"hospitals must be at least 1, got {self.hospitals}")
+        if self.dirichlet_alpha <= 0:
+            raise ConfigError(f"dirichlet-alpha must be positive, got {self.dirichlet_alpha}")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    scenario: str
+    seed: int
+    out: Path
+    resume: Path | None
+    until_round: int
+    federation: FederationConfig
+    source: SourceConfig
+    data: DataConfig
+    model: ModelConfig
+    privacy: PrivacyConfig
+    train: TrainConfig
+    run_config: dict[str, Any]
+
+    @property
+    def last_round(self) -> int:
+        """The last round this invocation runs: `until-round` when set, else all rounds."""
+        return min(self.until_round, self.federation.rounds) if self.until_round else self.federation.rounds
+
+
+def _take(config: dict[str, Any], key: str, kind: type) -> Any:
+    if key not in config:
+        raise ConfigError(f"run config has no '{key}'; it must be set in [tool.flwr.app.config]")
+    value = config[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+        raise ConfigError(f"run config '{key}' must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def settings_from_run_config(config: dict[str, Any]) -> RunSettings:
+    """Validated settings from Flower's flat run config; a wrong key or value names itself."""
+    labels_text = _take(config, "labels", str)
+    labels = tuple(label.strip() for label in labels_text.split(",") if label.strip()) or LABELS
+    layers = _take(config, "num-layers", int)
+    epsilon = _take(config, "epsilon", float)
+    resume = _take(config, "resume", str)
+    return RunSettings(
+        scenario=_take(config, "scenario", str),
+        seed=_take(config, "seed", int),
+        out=Path(_take(config, "out", str)),
+        resume=Path(resume) if resume else None,
+        until_round=_take(config, "until-round", int),
+        federation=FederationConfig(
+            rounds=_take(config, "rounds", int),
+            strategy=_take(config, "strategy", str),
+            proximal_mu=_take(config, "proximal-mu", float),
+            server_learning_rate=_take(config, "server-learning-rate", float),
+            min_hospitals=_take(config, "min-hospitals", int),
+            round_timeout=_take(config, "round-timeout", float),
+        ),
+        source=SourceConfig(
+            source=_take(config, "data-source", str),
+            hospitals=_take(config, "hospitals", int),
+            records_per_hospital=_take(config, "records-per-hospital", int),
+            dirichlet_alpha=_take(config, "dirichlet-alpha", float),
+        ),
+        data=DataConfig(
+            labels=labels,
+            text_column=_take(config, "text-column", str),
+            label_column=_take(config, "label-column", str),
+            test_fraction=_take(config, "test-fraction", float),
+        ),
+        model=ModelConfig(
+            backbone=_take(config, "backbone", str) or None,
+            num_layers=layers or None,
+            prompt_length=_take(config, "prompt-length", int),
+            prompt_init=_take(config, "prompt-init", str),
+            max_length=_take(config, "max-length", int),
+        ),
+        privacy=PrivacyConfig(
+            epsilon=math.inf if math.isinf(epsilon) else epsilon,
+            delta=_take(config, "delta", float),
+            max_grad_norm=_take(config, "max-grad-norm", float),
+            accountant=_take(config, "accountant", str),
+        ),
+        train=TrainConfig(
+            epochs=_take(config, "local-epochs", int),
+            batch_size=_take(config, "batch-size", int),
+            learning_rate=_take(config, "learning-rate", float),
+            seed=_take(config, "seed", int),
+            device=_take(config, "device", str),
+        ),
+        run_config=dict(config),
+    )
+
+
+def project_defaults() -> dict[str, Any]:
+    """`[tool.flwr.app.config]` of MedTune's pyproject.toml: the run defaults."""
+    path = PROJECT_DIR / "pyproject.toml"
+    if not path.is_file():
+        raise ConfigError(
+            f"{path}: missing; federated runs need MedTune's project directory (install with `pip install -e .`)"
+        )
+    with path.open("rb") as handle:
+        return dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
+
+
+def scenario_path(name_or_path: str) -> Path:
+    """A scenario by name (simulations/scenarios/<name>.toml) or by path."""
+    candidate = Path(name_or_path)
+    if candidate.suffix == ".toml" or candidate.exists():
+        path = candidate
+    else:
+        path = SCENARIO_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        known = sorted(p.stem for p in SCENARIO_DIR.glob("*.toml"))
+        raise ConfigError(f"scenario {name_or_path!r} not found ({path}); shipped scenarios: {known}")
+    return path
+
+
+def read_scenario(name_or_path: str) -> dict[str, Any]:
+    """A scenario file's overrides; every key must be a run-config key."""
+    path = scenario_path(name_or_path)
+    try:
+        with path.open("rb") as handle:
+            values = tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise ConfigError(f"{path}: not a readable TOML scenario ({error})") from None
+    check_keys(values, source=str(path))
+    return values
+
+
+def check_keys(overrides: dict[str, Any], source: str) -> None:
+    defaults = project_defaults()
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ConfigError(f"{source}: unknown run-config key(s) {unknown}; known keys: {sorted(defaults)}")
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """`key=value key2=value2` exactly as `flwr run --run-config` reads it."""
+    import click
+    from flwr.common.config import parse_config_args
+
+    if not text.strip():
+        return {}
+    try:
+        return dict(parse_config_args([text]))
+    except (click.ClickException, ValueError) as error:
+        message = error.format_message() if isinstance(error, click.ClickException) else str(error)
+        raise ConfigError(f"--run-config {text!r}: {message}") from None
+
+
+def resolve_run_config(scenario: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Defaults, then the scenario file, then explicit overrides: what `flwr run` would fuse."""
+    check_keys(overrides, source="overrides")
+    config = project_defaults()
+    if scenario:
+        config.update(read_scenario(scenario))
+    config.update(overrides)
+    return config

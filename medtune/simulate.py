@@ -1,0 +1,99 @@
+"""`medtune simulate`: the same federation `flwr run .` starts, on Flower's Simulation Engine, in-process.
+
+It fuses the run config exactly as Flower does (pyproject defaults, then the scenario, then
+overrides) and hands the app directory to Flower's simulation runtime, which loads
+`server.app:app` and `client.app:app` from pyproject.toml and gives every simulated SuperNode
+its `partition-id`. Nothing is installed, nothing is downloaded, and no SuperLink is left
+running afterwards: the whole federation lives and ends inside this process (Ray workers
+included).
+
+Flower 1.41 offers no public in-process entry point that takes a run config, so this calls the
+simulation runtime's `_run_simulation`, the function `flwr run`'s simulation process calls.
+The flwr version is pinned (<1.42) in pyproject.toml for that reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from medtune.errors import MedTuneError
+from medtune.results import RESULTS_FILE
+from medtune.settings import PROJECT_DIR, resolve_run_config, settings_from_run_config
+
+
+def simulation_backend(num_cpus_per_hospital: float) -> dict[str, Any]:
+    """Ray resources per simulated hospital; torch inside each worker uses that many threads."""
+    return {
+        "client_resources": {"num_cpus": num_cpus_per_hospital, "num_gpus": 0.0},
+        "init_args": {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": True},
+    }
+
+
+def simulate(scenario: str | None, overrides: dict[str, Any], cpus_per_hospital: float = 1.0) -> Path:
+    """Run a scenario to completion; returns the path of results.json."""
+    from flwr.app import Context, RecordDict
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.telemetry import EventType
+
+    config = resolve_run_config(scenario, overrides)
+    # Server and simulated hospitals must agree on one absolute out directory (Ray workers have
+    # their own working directory); the resume path is made absolute for the same reason.
+    config["out"] = str(Path(str(config["out"])).resolve())
+    if config.get("resume"):
+        config["resume"] = str(Path(str(config["resume"])).resolve())
+    settings = settings_from_run_config(config)
+    settings.out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ["OMP_NUM_THREADS"] = str(max(1, int(cpus_per_hospital)))
+
+    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.override_config = config
+    run.federation_id = NOOP_FEDERATION_ID
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
+    components = _components()
+    context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=config)
+    try:
+        _run_simulation(
+            num_supernodes=settings.source.hospitals,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            server_app_attr=components["serverapp"],
+            client_app_attr=components["clientapp"],
+            backend_name="ray",
+            backend_config=simulation_backend(cpus_per_hospital),
+            server_app_context=context,
+            app_dir=str(PROJECT_DIR),
+            run=run,
+            is_app=True,
+        )
+    except MedTuneError:
+        raise
+    except RuntimeError as error:
+        cause = error.__cause__
+        if isinstance(cause, MedTuneError):
+            raise cause from None
+        raise
+    results = settings.out / RESULTS_FILE
+    if not results.is_file():
+        raise MedTuneError(f"the simulation ended without writing {results}; see the log above")
+    return results
+
+
+def _components() -> dict[str, str]:
+    import tomllib
+
+    with (PROJECT_DIR / "pyproject.toml").open("rb") as handle:
+        return dict(tomllib.load(handle)["tool"]["flwr"]["app"]["components"])
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -1,0 +1,101 @@
+"""One hospital's side of a federation, free of Flower: train a round, evaluate the global state.
+
+The ClientApp is a thin shell around this. A round goes: global prompt and head in -> check the
+privacy ledger can afford the round -> DP training on the local train split -> ledger written
+to the site's disk -> the new prompt and head out. The ledger is a file at the site (in
+simulation, `<out>/sites/<hospital>/ledger.json`), so neither a restart nor a resumed run can
+ever reset a hospital's epsilon.
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medtune.backbone import Backbone, load_backbone
+from medtune.data import Record, TokenizedRecords, train_test_split
+from medtune.errors import PrivacyBudgetError
+from medtune.files import atomic_write_json
+from medtune.local import load_or_create_ledger
+from medtune.metrics import Evaluation, evaluate
+from medtune.model import PromptClassifier
+from medtune.privacy import PrivacyLedger
+from medtune.settings import RunSettings
+from medtune.train import ProximalPull, SamplingPlan, TrainResult, resolve_device, train_local
+
+
+@functools.lru_cache(maxsize=2)
+def cached_backbone(path: str | None, num_layers: int | None) -> Backbone:
+    """Load a backbone once per process: a simulated node trains many rounds in one worker."""
+    return load_backbone(path, num_layers)
+
+
+def round_seed(seed: int, server_round: int, hospital: str) -> int:
+    """Each hospital's randomness for a round, fixed by the run seed alone (resumable runs match)."""
+    return int(np.random.SeedSequence([seed, server_round, zlib.crc32(hospital.encode())]).generate_state(1)[0])
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What a hospital did in a round: trained (arrays and result) or stopped (budget spent)."""
+
+    arrays: dict[str, np.ndarray] | None
+    result: TrainResult | None
+    ledger: PrivacyLedger
+    stop_reason: str = ""
+
+    @property
+    def trained(self) -> bool:
+        return self.arrays is not None
+
+
+class Site:
+    """A hospital's records, split, tokenized and tied to its ledger file."""
+
+    def __init__(self, name: str, records: list[Record], settings: RunSettings, ledger_path: Path) -> None:
+        self.name = name
+        self.settings = settings
+        self.ledger_path = ledger_path
+        self.backbone = cached_backbone(settings.model.backbone, settings.model.num_layers)
+        train_records, test_records = train_test_split(records, settings.data.test_fraction, settings.seed)
+        tokenizer, max_length = self.backbone.tokenizer, settings.model.max_length
+        self.train_set = TokenizedRecords(train_records, tokenizer, max_length)
+        self.test_set = TokenizedRecords(test_records, tokenizer, max_length)
+        self.pad = self.backbone.tokenizer.pad_token_id
+
+    def _model(self, arrays: dict[str, np.ndarray]) -> PromptClassifier:
+        model = PromptClassifier(self.backbone, self.settings.model, len(self.settings.data.labels), self.settings.seed)
+        model.load_exchanged_state(arrays, source=f"global state sent to {self.name}")
+        return model
+
+    def ledger(self) -> PrivacyLedger:
+        settings = self.settings
+        return load_or_create_ledger(
+            self.ledger_path, settings.privacy, len(self.train_set), settings.train, settings.federation.rounds
+        )
+
+    def train_round(self, arrays: dict[str, np.ndarray], server_round: int, proximal_mu: float) -> RoundOutcome:
+        """Train on the global state, unless this round would take epsilon past the target."""
+        ledger = self.ledger()
+        train = self.settings.train
+        steps = train.epochs * SamplingPlan.for_records(len(self.train_set), train.batch_size).steps_per_epoch
+        try:
+            ledger.check_can_spend(steps)
+        except PrivacyBudgetError as error:
+            return RoundOutcome(arrays=None, result=None, ledger=ledger, stop_reason=str(error))
+        model = self._model(arrays)
+        proximal = ProximalPull(proximal_mu, dict(arrays)) if proximal_mu > 0 else None
+        seed = round_seed(self.settings.seed, server_round, self.name)
+        result = train_local(model, self.train_set, ledger, train, self.pad, seed=seed, progress=False, proximal=proximal)
+        # The ledger reaches the site's disk before the update can leave the site.
+        atomic_write_json(self.ledger_path, ledger.state_dict())
+        return RoundOutcome(arrays=dict(model.exchanged_state()), result=result, ledger=ledger)
+
+    def evaluate(self, arrays: dict[str, np.ndarray]) -> Evaluation:
+        """The global state on this hospital's held-out test split."""
+        model = self._model(arrays)
+        return evaluate(model, self.test_set, self.settings.data.labels, self.pad, resolve_device(self.settings.train.device))

@@ -1,0 +1,98 @@
+"""What crosses the wire between a hospital and the server, in Flower records. One definition.
+
+Server -> hospital (train and evaluate): `arrays` (the global exchanged state) and `config`.
+Hospital -> server after training: `arrays` (its new prompt and head, nothing else), `metrics`
+(num-examples, train-loss, epsilon, delta, steps) and `hospital` (its name and status).
+Hospital -> server after evaluation: `metrics` (test counts per class, loss) and `hospital`.
+A hospital whose budget is spent replies `status = "stopped"` and no arrays.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from medtune.metrics import Evaluation, from_counts
+from medtune.site import RoundOutcome
+
+ARRAYS = "arrays"
+METRICS = "metrics"
+HOSPITAL = "hospital"
+TRAINED, STOPPED, FAILED = "trained", "stopped", "failed"
+
+
+def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(array)) for name, array in arrays.items()})
+
+
+def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def _finite(value: float) -> float:
+    """MetricRecords carry numbers; epsilon = inf (no DP) travels as -1 and comes back as inf."""
+    return -1.0 if math.isinf(value) else float(value)
+
+
+def epsilon_from_wire(value: float) -> float:
+    return math.inf if value < 0 else float(value)
+
+
+def train_reply(outcome: RoundOutcome, hospital: str) -> RecordDict:
+    ledger = outcome.ledger
+    content = RecordDict()
+    metrics = {
+        "num-examples": 0,
+        "train-loss": 0.0,
+        "epsilon": _finite(ledger.epsilon),
+        "delta": float(ledger.config.delta),
+        "steps": int(ledger.steps),
+    }
+    if outcome.trained:
+        assert outcome.result is not None and outcome.arrays is not None
+        content[ARRAYS] = to_record(outcome.arrays)
+        metrics.update({"num-examples": int(outcome.result.examples), "train-loss": float(outcome.result.loss)})
+    content[METRICS] = MetricRecord(metrics)
+    status = TRAINED if outcome.trained else STOPPED
+    content[HOSPITAL] = ConfigRecord({"name": hospital, "status": status, "reason": outcome.stop_reason})
+    return content
+
+
+def evaluate_reply(evaluation: Evaluation, hospital: str) -> RecordDict:
+    return RecordDict(
+        {
+            METRICS: MetricRecord(
+                {
+                    "num-examples": int(evaluation.examples),
+                    "loss": float(evaluation.loss),
+                    "support": [c.support for c in evaluation.per_class],
+                    "predicted": [c.predicted for c in evaluation.per_class],
+                    "correct": [c.correct for c in evaluation.per_class],
+                }
+            ),
+            HOSPITAL: ConfigRecord({"name": hospital, "status": "evaluated", "reason": ""}),
+        }
+    )
+
+
+def evaluation_from_reply(message: Message, labels: tuple[str, ...]) -> Evaluation:
+    metrics = message.content[METRICS]
+    return from_counts(
+        labels,
+        support=list(metrics["support"]),
+        predicted=list(metrics["predicted"]),
+        correct=list(metrics["correct"]),
+        loss=float(metrics["loss"]),
+    )
+
+
+def hospital_of(message: Message) -> tuple[str, str, str]:
+    """(name, status, reason) of a reply; replies without a name are named by their node."""
+    if message.has_error():
+        return f"node {message.metadata.src_node_id}", FAILED, message.error.reason
+    info = message.content.config_records.get(HOSPITAL)
+    if info is None:
+        return f"node {message.metadata.src_node_id}", FAILED, "reply carries no hospital record"
+    return str(info["name"]), str(info["status"]), str(info["reason"])

@@ -1,0 +1,1 @@
+"""MedTune's Flower ServerApp: the coordinator that aggregates prompts and heads."""

@@ -1,0 +1,16 @@
+"""The coordinator's Flower ServerApp: read the run config, run the federation."""
+
+from __future__ import annotations
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from medtune.settings import settings_from_run_config
+from server.federation import run_federation
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_federation(grid, settings_from_run_config(dict(context.run_config)))

@@ -1,0 +1,1 @@
+"""Scenarios (TOML run configs) and the runners that read them."""

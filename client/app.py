@@ -11,9 +11,11 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from medtune.logs import quiet_libraries
 from medtune.site_source import site_for
 from medtune.wire import ARRAYS, evaluate_reply, from_record, train_reply
 
+quiet_libraries()
 app = ClientApp()
 
 

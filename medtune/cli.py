@@ -6,14 +6,13 @@ Every MedTuneError is printed as one line, `error: ...`, with exit status 2: no 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
 from medtune.config import DataConfig, ModelConfig, PrivacyConfig, TrainConfig, config_from_dict
 from medtune.errors import MedTuneError
+from medtune.logs import quiet_libraries
 
 
 def _given(args: argparse.Namespace, mapping: dict[str, str]) -> dict[str, Any]:
@@ -214,17 +213,6 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     texts = args.text or read_texts(args.input, args.text_column)
     for prediction in predict_texts(args.checkpoint, texts, backbone=args.backbone):
         print(prediction.format())
-
-
-def quiet_libraries() -> None:
-    """Silence library chatter that says nothing to a MedTune user (documented in the README)."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    for message in ("Secure RNG turned off", "Full backward hook is firing", "Optimal order is the largest alpha"):
-        warnings.filterwarnings("ignore", message=message)
-    logging.getLogger("opacus").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

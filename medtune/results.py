@@ -109,9 +109,9 @@ def round_table(record: RoundRecord, rounds: int) -> Table:
         f"worst hospital {_fmt(record.worst_accuracy)}  ({record.wall_seconds:.1f} s"
         f"{'' if record.aggregated else ', not aggregated: too few trained replies'})"
     )
-    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
-    for column in ("hospital", "status", "train n", "epsilon", "test acc", "test F1", "sent", "received"):
-        table.add_column(column, justify="left" if column in ("hospital", "status") else "right")
+    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False, box=None)
+    for column in ("hospital", "status", "n", "epsilon", "acc", "F1", "KiB down", "KiB up"):
+        table.add_column(column, justify="left" if column in ("hospital", "status") else "right", no_wrap=True)
     for h in record.hospitals:
         table.add_row(
             h.name,
@@ -120,8 +120,8 @@ def round_table(record: RoundRecord, rounds: int) -> Table:
             _fmt(h.epsilon, 2),
             _fmt(h.accuracy),
             _fmt(h.macro_f1),
-            f"{h.bytes_down / 1024:.1f} KiB",
-            f"{h.bytes_up / 1024:.1f} KiB",
+            f"{h.bytes_down / 1024:.1f}",
+            f"{h.bytes_up / 1024:.1f}",
         )
     return table
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from medtune.logs import quiet_libraries
 from medtune.settings import settings_from_run_config
 from server.federation import run_federation
 
+quiet_libraries()
 app = ServerApp()
 
 

@@ -14,7 +14,7 @@ import torch
 from transformers import BertConfig, BertModel
 
 from medtune.backbone import embedded_backbone_path
-from medtune.cli import quiet_libraries
+from medtune.logs import quiet_libraries
 
 quiet_libraries()
 torch.set_num_threads(2)

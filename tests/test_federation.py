@@ -1,0 +1,128 @@
+"""A real Flower simulation of 3 hospitals with a tiny backbone: what crosses the wire, epsilon
+across rounds, the aggregate, resume, and a spent budget."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from opacus.accountants import create_accountant
+from safetensors.numpy import load_file
+
+from medtune.checkpoint import load_checkpoint
+from medtune.simulate import simulate
+from medtune.state import ExchangedStateSpec
+
+HOSPITALS = ("hospital_1", "hospital_2", "hospital_3")
+
+
+def tiny_run(backbone: Path, out: Path, **extra: object) -> dict[str, object]:
+    return {
+        "backbone": str(backbone),
+        "num-layers": 0,
+        "prompt-length": 4,
+        "max-length": 32,
+        "hospitals": 3,
+        "records-per-hospital": 60,
+        "local-epochs": 1,
+        "batch-size": 16,
+        "learning-rate": 0.05,
+        "epsilon": 8.0,
+        "rounds": 2,
+        "keep-updates": True,
+        "round-timeout": 300.0,
+        "out": str(out),
+        **extra,
+    }
+
+
+def results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def ledger(out: Path, hospital: str) -> dict:
+    return json.loads((out / "sites" / hospital / "ledger.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def two_rounds(tiny_backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("federation")
+    simulate("default", tiny_run(tiny_backbone_dir, out))
+    return out
+
+
+def test_only_exchanged_state_crosses_the_wire(two_rounds: Path) -> None:
+    spec = ExchangedStateSpec(prompt_length=4, hidden_size=32, num_labels=5)
+    expected = {name: {"shape": list(shape), "dtype": "float32"} for name, shape in spec.shapes.items()}
+    record = results(two_rounds)
+    assert [r["round"] for r in record["rounds"]] == [1, 2]
+    for round_record in record["rounds"]:
+        assert sorted(h["name"] for h in round_record["hospitals"]) == list(HOSPITALS)
+        for hospital in round_record["hospitals"]:
+            assert hospital["status"] == "trained"
+            assert hospital["received"] == expected  # no backbone tensor, no text, no per-record gradient
+            # The arrays' bytes plus Flower's per-array header, nothing more.
+            assert spec.num_bytes() <= hospital["bytes_up"] < spec.num_bytes() + 3 * 200
+    for update in (two_rounds / "updates" / "round_001").glob("*.safetensors"):
+        arrays = load_file(str(update))
+        assert {name: list(a.shape) for name, a in arrays.items()} == {n: e["shape"] for n, e in expected.items()}
+
+
+def test_aggregate_is_the_example_weighted_mean_of_the_replies(two_rounds: Path) -> None:
+    for server_round in (1, 2):
+        hospitals = results(two_rounds)["rounds"][server_round - 1]["hospitals"]
+        weights = {h["name"]: h["examples"] for h in hospitals}
+        total = sum(weights.values())
+        updates = {
+            name: load_file(str(two_rounds / "updates" / f"round_{server_round:03d}" / f"{name}.safetensors"))
+            for name in HOSPITALS
+        }
+        aggregate = load_checkpoint(two_rounds / "checkpoints" / f"round_{server_round:03d}").arrays
+        for array_name, array in aggregate.items():
+            expected = sum(updates[h][array_name] * (weights[h] / total) for h in HOSPITALS)
+            np.testing.assert_allclose(array, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_epsilon_grows_and_equals_one_accountant_over_all_steps(two_rounds: Path) -> None:
+    rounds = results(two_rounds)["rounds"]
+    for name in HOSPITALS:
+        seen = [next(h for h in r["hospitals"] if h["name"] == name) for r in rounds]
+        assert 0 < seen[0]["epsilon"] < seen[1]["epsilon"] <= 8.0
+        assert seen[1]["steps"] == 2 * seen[0]["steps"]
+        state = ledger(two_rounds, name)
+        assert state["steps"] == seen[1]["steps"]
+        for round_seen in seen:  # one fresh accountant fed every step so far gives the reported epsilon
+            accountant = create_accountant("prv")
+            accountant.history = [(state["noise_multiplier"], state["sample_rate"], round_seen["steps"])]
+            assert math.isclose(round_seen["epsilon"], accountant.get_epsilon(delta=1e-5), rel_tol=1e-9)
+
+
+def test_resume_matches_an_uninterrupted_run_and_a_spent_budget_stops(
+    tiny_backbone_dir: Path, tmp_path: Path
+) -> None:
+    interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
+    simulate("default", tiny_run(tiny_backbone_dir, interrupted, rounds=3, **{"until-round": 2}))
+    assert [r["round"] for r in results(interrupted)["rounds"]] == [1, 2]
+    simulate("default", tiny_run(tiny_backbone_dir, interrupted, rounds=3, resume=str(interrupted)))
+    simulate("default", tiny_run(tiny_backbone_dir, straight, rounds=3))
+
+    resumed = load_checkpoint(interrupted / "checkpoints" / "round_003").arrays
+    uninterrupted = load_checkpoint(straight / "checkpoints" / "round_003").arrays
+    for name in resumed:
+        np.testing.assert_allclose(resumed[name], uninterrupted[name], rtol=0, atol=1e-6)
+    for name in HOSPITALS:
+        assert ledger(interrupted, name)["history"] == ledger(straight, name)["history"]
+
+    # The ledgers were planned for 3 rounds: a 4th round would pass epsilon=8, so every hospital stops.
+    before = {name: ledger(straight, name) for name in HOSPITALS}
+    simulate("default", tiny_run(tiny_backbone_dir, straight, rounds=4, resume=str(straight)))
+    record = results(straight)
+    assert [r["round"] for r in record["rounds"]] == [1, 2, 3]
+    assert any("every hospital's privacy budget is spent" in event for event in record["events"])
+    assert sum("stopped training: privacy budget spent" in event for event in record["events"]) == 3
+    for name in HOSPITALS:
+        assert ledger(straight, name) == before[name]
+        assert ledger(straight, name)["epsilon_spent"] <= 8.0

@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--batch-size", type=int, default=16)
     perf.add_argument("--steps", type=int, default=8, help="timed training steps per setting")
     perf.add_argument("--out", type=Path, help="also write the table as JSON here")
+    baselines = bench.add_parser("baselines", help="local-only and pooled references for a scenario")
+    baselines.add_argument("--scenario", default="default")
+    baselines.add_argument("--run-config", default="", help="overrides, as for flwr: 'key=value key2=value2'")
+    baselines.add_argument("--out", type=Path, help="also write the figures as JSON here")
     difficulty = bench.add_parser("difficulty", help="synthetic data: pooled vs smallest hospital alone")
     difficulty.add_argument("--hospitals", type=int, default=3)
     _add_model_flags(difficulty)
@@ -181,6 +185,22 @@ def _cmd_perf(args: argparse.Namespace) -> None:
     )
 
 
+def _cmd_baselines(args: argparse.Namespace) -> None:
+    from medtune.baselines import local_only, pooled
+    from medtune.files import atomic_write_json
+    from medtune.settings import parse_overrides, resolve_run_config, settings_from_run_config
+
+    settings = settings_from_run_config(resolve_run_config(args.scenario, parse_overrides(args.run_config)))
+    figures = [local_only(settings), pooled(settings)]
+    for result in figures:
+        print(
+            f"{result.name:32s} accuracy {result.pooled.accuracy:.3f}  macro-F1 {result.pooled.macro_f1:.3f}  "
+            f"mean hospital {result.mean_hospital_accuracy:.3f}"
+        )
+    if args.out:
+        atomic_write_json(args.out, {"config": settings.run_config, "baselines": [r.to_dict() for r in figures]})
+
+
 def _cmd_difficulty(args: argparse.Namespace) -> None:
     from medtune.difficulty import run_difficulty
     from medtune.synth import SynthConfig
@@ -225,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         ("predict", None): _cmd_predict,
         ("benchmark", "perf"): _cmd_perf,
         ("benchmark", "difficulty"): _cmd_difficulty,
+        ("benchmark", "baselines"): _cmd_baselines,
     }
     key = (args.command, getattr(args, "data_command", None) or getattr(args, "bench_command", None))
     try:

@@ -14,7 +14,6 @@ The flwr version is pinned (<1.42) in pyproject.toml for that reason.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -53,6 +52,7 @@ def simulate(scenario: str | None, overrides: dict[str, Any], cpus_per_hospital:
     settings = settings_from_run_config(config)
     settings.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ["OMP_NUM_THREADS"] = str(max(1, int(cpus_per_hospital)))
 
     run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
@@ -94,6 +94,3 @@ def _components() -> dict[str, str]:
     with (PROJECT_DIR / "pyproject.toml").open("rb") as handle:
         return dict(tomllib.load(handle)["tool"]["flwr"]["app"]["components"])
 
-
-def load_results(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))

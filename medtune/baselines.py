@@ -1,0 +1,102 @@
+"""The references a federated run is judged against, on the same hospitals, splits and seed.
+
+- local only: each hospital trains alone on its own train split, with the same privacy target
+  and the same number of passes over its data as in the federation (rounds x local epochs),
+  and is tested on its own test split;
+- pooled: one non-private model on every hospital's train split together (what centralising
+  the data would give), tested on every hospital's test split.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+from medtune.backbone import Backbone, load_backbone
+from medtune.data import Record, TokenizedRecords, train_test_split
+from medtune.hospitals import simulated_hospital
+from medtune.metrics import Evaluation, evaluate, pool
+from medtune.model import PromptClassifier
+from medtune.settings import RunSettings
+from medtune.site import round_seed
+from medtune.train import new_ledger, resolve_device, train_local
+
+
+@dataclass(frozen=True)
+class Split:
+    name: str
+    train: list[Record]
+    test: list[Record]
+
+
+@dataclass(frozen=True)
+class BaselineResult:
+    name: str
+    pooled: Evaluation  # over every hospital's test split together
+    per_hospital: dict[str, Evaluation]
+
+    @property
+    def mean_hospital_accuracy(self) -> float:
+        return sum(e.accuracy for e in self.per_hospital.values()) / len(self.per_hospital)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "accuracy": self.pooled.accuracy,
+            "macro_f1": self.pooled.macro_f1,
+            "mean_hospital_accuracy": self.mean_hospital_accuracy,
+            "worst_hospital_accuracy": min(e.accuracy for e in self.per_hospital.values()),
+            "per_hospital": {name: {"accuracy": e.accuracy, "macro_f1": e.macro_f1} for name, e in self.per_hospital.items()},
+        }
+
+
+def splits(settings: RunSettings) -> list[Split]:
+    """Every simulated hospital's train/test split, exactly as its Site makes it."""
+    result = []
+    for partition in range(settings.source.hospitals):
+        hospital = simulated_hospital(settings, partition)
+        train, test = train_test_split(hospital.records, settings.data.test_fraction, settings.seed)
+        result.append(Split(hospital.name, train, test))
+    return result
+
+
+def _fit(
+    settings: RunSettings, backbone: Backbone, train: list[Record], epsilon: float, name: str
+) -> PromptClassifier:
+    """Train from the run's initial prompt and head for rounds x local epochs, at `epsilon`."""
+    model = PromptClassifier(backbone, settings.model, len(settings.data.labels), seed=settings.seed)
+    dataset = TokenizedRecords(train, backbone.tokenizer, settings.model.max_length)
+    privacy = replace(settings.privacy, epsilon=epsilon)
+    config = replace(settings.train, epochs=settings.train.epochs * settings.federation.rounds)
+    ledger = new_ledger(privacy, len(dataset), config, rounds=1)
+    seed = round_seed(settings.seed, 0, name)
+    train_local(model, dataset, ledger, config, backbone.tokenizer.pad_token_id, seed=seed, progress=False)
+    return model
+
+
+def _test(settings: RunSettings, backbone: Backbone, model: PromptClassifier, split: Split) -> Evaluation:
+    dataset = TokenizedRecords(split.test, backbone.tokenizer, settings.model.max_length)
+    device = resolve_device(settings.train.device)
+    return evaluate(model, dataset, settings.data.labels, backbone.tokenizer.pad_token_id, device)
+
+
+def local_only(settings: RunSettings, epsilon: float | None = None) -> BaselineResult:
+    """Each hospital alone; `epsilon` defaults to the run's target."""
+    epsilon = settings.privacy.epsilon if epsilon is None else epsilon
+    backbone = load_backbone(settings.model.backbone, settings.model.num_layers)
+    per_hospital = {}
+    for split in splits(settings):
+        model = _fit(settings, backbone, split.train, epsilon, split.name)
+        per_hospital[split.name] = _test(settings, backbone, model, split)
+    label = "local only" + ("" if math.isinf(epsilon) else f" (DP, epsilon={epsilon:g})")
+    return BaselineResult(label, pool(list(per_hospital.values())), per_hospital)
+
+
+def pooled(settings: RunSettings) -> BaselineResult:
+    """All records in one place, no DP: the ceiling federation tries to reach."""
+    backbone = load_backbone(settings.model.backbone, settings.model.num_layers)
+    all_splits = splits(settings)
+    model = _fit(settings, backbone, [r for s in all_splits for r in s.train], math.inf, "pooled")
+    per_hospital = {split.name: _test(settings, backbone, model, split) for split in all_splits}
+    return BaselineResult("pooled (no DP)", pool(list(per_hospital.values())), per_hospital)

@@ -126,3 +126,16 @@ def test_resume_matches_an_uninterrupted_run_and_a_spent_budget_stops(
     for name in HOSPITALS:
         assert ledger(straight, name) == before[name]
         assert ledger(straight, name)["epsilon_spent"] <= 8.0
+
+
+def test_predict_uses_only_the_checkpoint_and_backbone(two_rounds: Path, tiny_backbone_dir: Path) -> None:
+    from medtune.errors import CheckpointError
+    from medtune.predict import predict_texts
+
+    predictions = predict_texts(two_rounds, ["fever and productive cough", "sudden weakness of the left arm"])
+    assert len(predictions) == 2
+    for prediction in predictions:
+        assert math.isclose(sum(prediction.probabilities.values()), 1.0, rel_tol=1e-5)
+        assert prediction.label == max(prediction.probabilities, key=prediction.probabilities.get)
+    with pytest.raises(CheckpointError, match="different weights hash"):
+        predict_texts(two_rounds, ["chest pain"], backbone=None)  # the embedded MiniLM is not this backbone

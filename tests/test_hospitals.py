@@ -1,0 +1,37 @@
+"""Simulated hospitals: a user file is split into disjoint, seeded hospital partitions."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from medtune.errors import ConfigError
+from medtune.hospitals import simulated_hospital
+from medtune.settings import resolve_run_config, settings_from_run_config
+from medtune.synth import LABELS
+
+
+def test_user_file_is_partitioned_disjointly_and_reproducibly(tmp_path: Path) -> None:
+    path = tmp_path / "notes.csv"
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        for i in range(300):
+            writer.writerow([f"note number {i}", LABELS[i % len(LABELS)]])
+    settings = settings_from_run_config(
+        resolve_run_config(None, {"data-source": str(path), "hospitals": 3, "dirichlet-alpha": 0.5})
+    )
+    parts = [simulated_hospital(settings, i).records for i in range(3)]
+    texts = [{r.text for r in part} for part in parts]
+    assert sum(len(t) for t in texts) == 300 and set.union(*texts) == {f"note number {i}" for i in range(300)}
+    assert all(len(part) >= 10 for part in parts)
+    assert simulated_hospital(settings, 1).records == parts[1]
+    with pytest.raises(ConfigError, match="partition 3 does not exist"):
+        simulated_hospital(settings, 3)
+
+
+def test_unknown_run_config_key_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"unknown run-config key\(s\) \['epsilonn'\]"):
+        resolve_run_config(None, {"epsilonn": 3.0})

@@ -80,3 +80,16 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
     except (KeyError, ValueError) as error:
         raise CheckpointError(f"{state_path}: not a MedTune exchanged state ({error})") from None
     return checkpoint
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory itself, a local run's `checkpoint/`, or the newest `checkpoints/round_NNN/`."""
+    path = Path(path)
+    if (path / META_FILE).is_file():
+        return path
+    if (path / "checkpoint" / META_FILE).is_file():
+        return path / "checkpoint"
+    rounds = sorted((path / "checkpoints").glob("round_*"))
+    if not rounds:
+        raise CheckpointError(f"{path}: no checkpoint here (expected meta.json, checkpoint/ or checkpoints/round_NNN/)")
+    return rounds[-1]

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from medtune.backbone import load_backbone, weights_hash
-from medtune.checkpoint import load_checkpoint
+from medtune.checkpoint import find_checkpoint, load_checkpoint
 from medtune.data import Record, TokenizedRecords
 from medtune.errors import CheckpointError
 from medtune.metrics import predict_logits
@@ -31,18 +31,6 @@ class Prediction:
         shown = "  ".join(f"{label}={p:.3f}" for label, p in ranked)
         preview = self.text if len(self.text) <= 60 else self.text[:57] + "..."
         return f"{self.label}\t{shown}\t{preview}"
-
-
-def find_checkpoint(path: Path) -> Path:
-    """A checkpoint directory, or the newest one under a run's out directory."""
-    if (path / "meta.json").is_file():
-        return path
-    rounds = sorted((path / "checkpoints").glob("round_*"))
-    if (path / "checkpoint" / "meta.json").is_file():
-        return path / "checkpoint"
-    if not rounds:
-        raise CheckpointError(f"{path}: no checkpoint here (expected meta.json, checkpoint/ or checkpoints/round_NNN/)")
-    return rounds[-1]
 
 
 def predict_texts(checkpoint_path: Path, texts: list[str], backbone: str | None = None) -> list[Prediction]:

@@ -18,7 +18,7 @@ from rich.console import Console
 from safetensors.numpy import save as save_safetensors
 
 from medtune.backbone import Backbone, load_backbone, weights_hash
-from medtune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from medtune.checkpoint import Checkpoint, find_checkpoint, load_checkpoint, save_checkpoint
 from medtune.errors import CheckpointError, ConfigError, StateError
 from medtune.files import atomic_write_bytes
 from medtune.metrics import Evaluation, pool
@@ -47,16 +47,6 @@ def checkpoint_dir(out: Path, server_round: int) -> Path:
     return out / "checkpoints" / f"round_{server_round:03d}"
 
 
-def latest_checkpoint(path: Path) -> Path:
-    """`path` itself if it is a checkpoint, else the newest round under `path/checkpoints`."""
-    if (path / "meta.json").is_file():
-        return path
-    rounds = sorted((path / "checkpoints").glob("round_*"))
-    if not rounds:
-        raise CheckpointError(f"{path}: no checkpoint to resume from (expected {path}/checkpoints/round_NNN)")
-    return rounds[-1]
-
-
 class Federation:
     """One run of the federation, from the seed or from a checkpoint."""
 
@@ -78,7 +68,7 @@ class Federation:
         if settings.resume is None:
             model = PromptClassifier(self.backbone, settings.model, len(settings.data.labels), seed=settings.seed)
             return dict(model.exchanged_state()), 1
-        path = latest_checkpoint(settings.resume)
+        path = find_checkpoint(settings.resume)
         if settings.out.resolve() not in path.resolve().parents:
             raise ConfigError(
                 f"resume checkpoint {path} is not under this run's out directory {settings.out}; a resumed run "

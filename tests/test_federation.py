@@ -129,6 +129,7 @@ def test_resume_matches_an_uninterrupted_run_and_a_spent_budget_stops(
 
 
 def test_predict_uses_only_the_checkpoint_and_backbone(two_rounds: Path, tiny_backbone_dir: Path) -> None:
+    from medtune.backbone import embedded_backbone_path
     from medtune.errors import CheckpointError
     from medtune.predict import predict_texts
 
@@ -138,4 +139,4 @@ def test_predict_uses_only_the_checkpoint_and_backbone(two_rounds: Path, tiny_ba
         assert math.isclose(sum(prediction.probabilities.values()), 1.0, rel_tol=1e-5)
         assert prediction.label == max(prediction.probabilities, key=prediction.probabilities.get)
     with pytest.raises(CheckpointError, match="different weights hash"):
-        predict_texts(two_rounds, ["chest pain"], backbone=None)  # the embedded MiniLM is not this backbone
+        predict_texts(two_rounds, ["chest pain"], backbone=embedded_backbone_path())  # not the training backbone

@@ -35,6 +35,7 @@ class BaselineResult:
     name: str
     pooled: Evaluation  # over every hospital's test split together
     per_hospital: dict[str, Evaluation]
+    epsilon_spent: dict[str, float]  # per trained model (inf without DP)
 
     @property
     def mean_hospital_accuracy(self) -> float:
@@ -63,16 +64,19 @@ def splits(settings: RunSettings) -> list[Split]:
 
 def _fit(
     settings: RunSettings, backbone: Backbone, train: list[Record], epsilon: float, name: str
-) -> PromptClassifier:
-    """Train from the run's initial prompt and head for rounds x local epochs, at `epsilon`."""
+) -> tuple[PromptClassifier, float]:
+    """Train from the run's initial prompt and head for rounds x local epochs, at `epsilon`.
+
+    Returns the model and the epsilon its ledger actually spent.
+    """
     model = PromptClassifier(backbone, settings.model, len(settings.data.labels), seed=settings.seed)
     dataset = TokenizedRecords(train, backbone.tokenizer, settings.model.max_length)
     privacy = replace(settings.privacy, epsilon=epsilon)
     config = replace(settings.train, epochs=settings.train.epochs * settings.federation.rounds)
     ledger = new_ledger(privacy, len(dataset), config, rounds=1)
     seed = round_seed(settings.seed, 0, name)
-    train_local(model, dataset, ledger, config, backbone.tokenizer.pad_token_id, seed=seed, progress=False)
-    return model
+    result = train_local(model, dataset, ledger, config, backbone.tokenizer.pad_token_id, seed=seed, progress=False)
+    return model, result.epsilon
 
 
 def _test(settings: RunSettings, backbone: Backbone, model: PromptClassifier, split: Split) -> Evaluation:
@@ -85,18 +89,18 @@ def local_only(settings: RunSettings, epsilon: float | None = None) -> BaselineR
     """Each hospital alone; `epsilon` defaults to the run's target."""
     epsilon = settings.privacy.epsilon if epsilon is None else epsilon
     backbone = load_backbone(settings.model.backbone, settings.model.num_layers)
-    per_hospital = {}
+    per_hospital, spent = {}, {}
     for split in splits(settings):
-        model = _fit(settings, backbone, split.train, epsilon, split.name)
+        model, spent[split.name] = _fit(settings, backbone, split.train, epsilon, split.name)
         per_hospital[split.name] = _test(settings, backbone, model, split)
     label = "local only" + ("" if math.isinf(epsilon) else f" (DP, epsilon={epsilon:g})")
-    return BaselineResult(label, pool(list(per_hospital.values())), per_hospital)
+    return BaselineResult(label, pool(list(per_hospital.values())), per_hospital, spent)
 
 
 def pooled(settings: RunSettings) -> BaselineResult:
     """All records in one place, no DP: the ceiling federation tries to reach."""
     backbone = load_backbone(settings.model.backbone, settings.model.num_layers)
     all_splits = splits(settings)
-    model = _fit(settings, backbone, [r for s in all_splits for r in s.train], math.inf, "pooled")
+    model, _ = _fit(settings, backbone, [r for s in all_splits for r in s.train], math.inf, "pooled")
     per_hospital = {split.name: _test(settings, backbone, model, split) for split in all_splits}
-    return BaselineResult("pooled (no DP)", pool(list(per_hospital.values())), per_hospital)
+    return BaselineResult("pooled (no DP)", pool(list(per_hospital.values())), per_hospital, {"pooled": math.inf})

@@ -1,0 +1,230 @@
+"""`medtune benchmark sweep`: what privacy costs, as a grid of runs on the same hospitals and splits.
+
+A sweep file (`simulations/benchmarks/<name>.toml`) names a scenario, the privacy axis, the seeds,
+run-config overrides for every cell, and optional axes (any run-config key with a list of values,
+such as `hospitals`, `dirichlet-alpha`, `prompt-length` or `num-layers`). For every combination of
+axes and every seed it runs, on identical hospitals and splits:
+
+- federated: the real Flower simulation (`medtune simulate`) at every epsilon, and without DP;
+- local: each hospital alone, at every epsilon and without DP (same passes over its data);
+- pooled: every hospital's records in one place, without DP (the ceiling).
+
+Each finished run is written to `cells/<id>.json` at once, so an interrupted sweep resumes and
+skips finished runs. The summary (mean and std over seeds) lands in results.csv, results.json,
+report.md and accuracy_vs_epsilon.png.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+import shutil
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medtune.errors import ConfigError
+from medtune.files import atomic_write_json, read_json
+from medtune.settings import PROJECT_DIR, check_keys, resolve_run_config, settings_from_run_config
+
+SWEEP_DIR = PROJECT_DIR / "simulations" / "benchmarks"
+METHODS = ("federated", "local", "pooled")
+SWEEP_KEYS = {"name", "scenario", "epsilons", "seeds", "run-config", "axes"}
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """One benchmark grid. `run_config` applies to every cell; `axes` multiply the grid."""
+
+    name: str
+    scenario: str
+    epsilons: tuple[float, ...]
+    seeds: tuple[int, ...]
+    run_config: dict[str, Any]
+    axes: dict[str, tuple[Any, ...]]
+
+    def __post_init__(self) -> None:
+        finite = [e for e in self.epsilons if math.isfinite(e)]
+        if not finite or any(e <= 0 for e in finite):
+            raise ConfigError(f"sweep '{self.name}': epsilons must hold at least one positive finite value, got {self.epsilons}")
+        if not self.seeds:
+            raise ConfigError(f"sweep '{self.name}': seeds must not be empty")
+        for key, values in self.axes.items():
+            if not values:
+                raise ConfigError(f"sweep '{self.name}': axis '{key}' has no values")
+        clashes = sorted({"epsilon", "seed", "out", "resume"} & (set(self.run_config) | set(self.axes)))
+        if clashes:
+            raise ConfigError(f"sweep '{self.name}': {clashes} are set by the sweep itself; remove them")
+        check_keys({**self.run_config, **self.axes}, source=f"sweep '{self.name}'")
+
+    @property
+    def privacy_axis(self) -> tuple[float, ...]:
+        """The epsilons to run, always with the non-private reference (inf) last."""
+        return tuple(sorted({e for e in self.epsilons if math.isfinite(e)})) + (math.inf,)
+
+
+def parse_epsilon(value: Any) -> float:
+    """Epsilons in TOML or on the command line: numbers, or "inf" for no DP."""
+    try:
+        epsilon = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"epsilon {value!r} is not a number (use inf for no DP)") from None
+    if math.isnan(epsilon) or epsilon <= 0:
+        raise ConfigError(f"epsilon must be positive (or inf), got {value!r}")
+    return epsilon
+
+
+def sweep_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix == ".toml":
+        if not path.is_file():
+            raise ConfigError(f"sweep file {path} does not exist")
+        return path
+    candidate = SWEEP_DIR / f"{name_or_path}.toml"
+    if not candidate.is_file():
+        known = sorted(p.stem for p in SWEEP_DIR.glob("*.toml"))
+        raise ConfigError(f"no sweep named '{name_or_path}'; shipped sweeps: {known}, or give a .toml path")
+    return candidate
+
+
+def read_sweep(name_or_path: str) -> SweepConfig:
+    path = sweep_path(name_or_path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not valid TOML ({error})") from None
+    unknown = sorted(set(raw) - SWEEP_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; a sweep file has {sorted(SWEEP_KEYS)}")
+    axes = raw.get("axes", {})
+    if not all(isinstance(v, list) for v in axes.values()):
+        raise ConfigError(f"{path}: every entry of [axes] must be a list of values")
+    return SweepConfig(
+        name=str(raw.get("name", path.stem)),
+        scenario=str(raw.get("scenario", "default")),
+        epsilons=tuple(parse_epsilon(e) for e in raw.get("epsilons", [1.0, 3.0, 8.0, "inf"])),
+        seeds=tuple(int(s) for s in raw.get("seeds", [0, 1, 2])),
+        run_config=dict(raw.get("run-config", {})),
+        axes={key: tuple(values) for key, values in axes.items()},
+    )
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid: a method at one epsilon, one seed and one point on the optional axes."""
+
+    method: str
+    epsilon: float
+    seed: int
+    axes: tuple[tuple[str, Any], ...]
+
+    @property
+    def id(self) -> str:
+        parts = [self.method, f"eps-{'inf' if math.isinf(self.epsilon) else f'{self.epsilon:g}'}"]
+        parts += [f"{key}-{value}" for key, value in self.axes]
+        parts.append(f"seed-{self.seed}")
+        return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "_".join(parts))
+
+    def overrides(self, sweep: SweepConfig) -> dict[str, Any]:
+        return {**sweep.run_config, **dict(self.axes), "seed": self.seed, "epsilon": self.epsilon}
+
+
+def plan_cells(sweep: SweepConfig) -> list[Cell]:
+    """Every run, seeds innermost-last so a partial sweep already covers every setting once."""
+    keys = sorted(sweep.axes)
+    cells = []
+    for seed in sweep.seeds:
+        for values in itertools.product(*(sweep.axes[k] for k in keys)):
+            axes = tuple(zip(keys, values, strict=True))
+            cells.append(Cell("pooled", math.inf, seed, axes))
+            for method in ("local", "federated"):
+                cells += [Cell(method, epsilon, seed, axes) for epsilon in sweep.privacy_axis]
+    return cells
+
+
+def _federated(cell: Cell, sweep: SweepConfig, runs: Path) -> dict[str, Any]:
+    from medtune.simulate import simulate
+
+    out = runs / cell.id
+    shutil.rmtree(out, ignore_errors=True)  # a cell interrupted mid-run starts over, ledgers included
+    results = read_json(simulate(sweep.scenario, {**cell.overrides(sweep), "out": str(out)}))
+    rounds = [r for r in results["rounds"] if r["accuracy"] is not None]
+    if not rounds:
+        raise ConfigError(f"federated run {cell.id} finished no evaluated round; see {out}/results.json")
+    last = rounds[-1]
+    hospital_rounds = [h for r in results["rounds"] for h in r["hospitals"]]
+    accuracies = [h["accuracy"] for h in last["hospitals"] if h["accuracy"] is not None]
+    epsilons: dict[str, float] = {}
+    for record in hospital_rounds:
+        if record["epsilon"] is not None:
+            epsilons[record["name"]] = float(record["epsilon"])
+    communicated = sum(h["bytes_up"] + h["bytes_down"] for h in hospital_rounds)
+    return {
+        "accuracy": last["accuracy"],
+        "macro_f1": last["macro_f1"],
+        "worst_hospital_accuracy": min(accuracies),
+        "mean_hospital_accuracy": sum(accuracies) / len(accuracies),
+        "epsilon_spent": max(epsilons.values()) if epsilons else math.inf,
+        "epsilon_per_hospital": epsilons,
+        "rounds": len(results["rounds"]),
+        "bytes_total": communicated,
+        "bytes_per_hospital_round": communicated / max(1, len(hospital_rounds)),
+    }
+
+
+def _baseline(cell: Cell, sweep: SweepConfig) -> dict[str, Any]:
+    from medtune.baselines import local_only, pooled
+
+    settings = settings_from_run_config(resolve_run_config(sweep.scenario, cell.overrides(sweep)))
+    result = pooled(settings) if cell.method == "pooled" else local_only(settings, cell.epsilon)
+    row = result.to_dict()
+    return {
+        "accuracy": row["accuracy"],
+        "macro_f1": row["macro_f1"],
+        "worst_hospital_accuracy": row["worst_hospital_accuracy"],
+        "mean_hospital_accuracy": row["mean_hospital_accuracy"],
+        "epsilon_spent": max(result.epsilon_spent.values()),
+        "epsilon_per_hospital": result.epsilon_spent,
+        "rounds": 0,
+        "bytes_total": 0,
+        "bytes_per_hospital_round": 0,
+    }
+
+
+def run_cell(cell: Cell, sweep: SweepConfig, out: Path) -> dict[str, Any]:
+    """Run one cell and write `cells/<id>.json` atomically: a finished cell is never run twice."""
+    started = time.monotonic()
+    metrics = _federated(cell, sweep, out / "runs") if cell.method == "federated" else _baseline(cell, sweep)
+    row = {
+        "cell": cell.id,
+        "method": cell.method,
+        "epsilon": "inf" if math.isinf(cell.epsilon) else cell.epsilon,
+        "seed": cell.seed,
+        **dict(cell.axes),
+        **metrics,
+        "wall_seconds": time.monotonic() - started,
+    }
+    row["epsilon_spent"] = "inf" if math.isinf(row["epsilon_spent"]) else row["epsilon_spent"]
+    atomic_write_json(out / "cells" / f"{cell.id}.json", row)
+    return row
+
+
+def run_sweep(sweep: SweepConfig, out: Path, progress: bool = True) -> list[dict[str, Any]]:
+    """Run every unfinished cell of the grid, then write the summary files."""
+    from tqdm.auto import tqdm
+
+    from medtune.sweep_report import write_report
+
+    cells = plan_cells(sweep)
+    rows = []
+    with tqdm(total=len(cells), desc=f"sweep {sweep.name}", unit="run", disable=not progress) as bar:
+        for cell in cells:
+            done = out / "cells" / f"{cell.id}.json"
+            bar.set_postfix_str(cell.id)
+            rows.append(read_json(done) if done.is_file() else run_cell(cell, sweep, out))
+            bar.update(1)
+    write_report(sweep, rows, out)
+    return rows

@@ -1,0 +1,88 @@
+"""A tiny benchmark grid (tiny backbone, epsilon 8 and no DP, one seed) through the real runners:
+the output files, their columns, and that a rerun skips finished cells."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from medtune import sweep as sweep_module
+from medtune.errors import ConfigError
+from medtune.sweep import SweepConfig, plan_cells, run_sweep
+
+
+def tiny_sweep(backbone: Path) -> SweepConfig:
+    return SweepConfig(
+        name="tiny",
+        scenario="default",
+        epsilons=(8.0,),
+        seeds=(0,),
+        run_config={
+            "backbone": str(backbone),
+            "num-layers": 0,
+            "prompt-length": 4,
+            "max-length": 32,
+            "records-per-hospital": 40,
+            "hospitals": 2,
+            "local-epochs": 1,
+            "rounds": 2,
+            "batch-size": 16,
+            "learning-rate": 0.05,
+        },
+        axes={},
+    )
+
+
+def test_grid_has_every_baseline_on_the_same_seeds(tiny_backbone_dir: Path) -> None:
+    sweep = SweepConfig(**{**tiny_sweep(tiny_backbone_dir).__dict__, "seeds": (0, 1), "axes": {"hospitals": (2, 3)}})
+    cells = plan_cells(sweep)
+    kinds = {(c.method, c.epsilon) for c in cells}
+    assert kinds == {("pooled", math.inf), ("local", 8.0), ("local", math.inf), ("federated", 8.0), ("federated", math.inf)}
+    assert len(cells) == 2 * 2 * 5 and len({c.id for c in cells}) == len(cells)
+
+
+def test_sweep_writes_results_report_and_plot_and_resumes(
+    tiny_backbone_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sweep = tiny_sweep(tiny_backbone_dir)
+    rows = run_sweep(sweep, tmp_path, progress=False)
+    assert len(rows) == 5
+
+    summary = pd.read_csv(tmp_path / "results.csv")
+    for column in ("method", "epsilon", "seeds", "accuracy_mean", "accuracy_std", "macro_f1_mean",
+                   "worst_hospital_accuracy_mean", "epsilon_spent_mean", "rounds_mean", "wall_seconds_mean",
+                   "bytes_per_hospital_round_mean", "bytes_total_mean"):
+        assert column in summary.columns, column
+    by_cell = {(row.method, float(row.epsilon)): row for row in summary.itertuples()}
+    assert set(by_cell) == {("pooled", math.inf), ("local", 8.0), ("local", math.inf), ("federated", 8.0),
+                            ("federated", math.inf)}
+    for row in summary.itertuples():
+        assert 0.0 <= row.accuracy_mean <= 1.0
+    assert 0 < by_cell[("federated", 8.0)].epsilon_spent_mean <= 8.0
+    assert 0 < by_cell[("local", 8.0)].epsilon_spent_mean <= 8.0
+    assert by_cell[("federated", 8.0)].rounds_mean == 2
+    assert by_cell[("federated", 8.0)].bytes_per_hospital_round_mean > 0
+    assert by_cell[("local", 8.0)].bytes_total_mean == 0  # nothing leaves a hospital that trains alone
+
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert len(record["runs"]) == 5 and len(record["summary"]) == 5
+    report = (tmp_path / "report.md").read_text()
+    assert "accuracy_vs_epsilon.png" in report and "| federated | 8 |" in report
+    assert (tmp_path / "accuracy_vs_epsilon.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def must_not_run(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a finished cell ran again")
+
+    monkeypatch.setattr(sweep_module, "run_cell", must_not_run)
+    assert run_sweep(sweep, tmp_path, progress=False) == rows
+
+
+def test_a_sweep_file_with_a_bad_epsilon_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('epsilons = [1.0, "lots"]\n')
+    with pytest.raises(ConfigError, match="epsilon 'lots' is not a number"):
+        sweep_module.read_sweep(str(path))

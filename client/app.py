@@ -4,6 +4,11 @@ Simulation and deployment share this code. Only where the records and the ledger
 differs (medtune.site_source): a simulated hospital takes its partition of the scenario's data and
 keeps its ledger under the run's out directory; a deployed hospital reads its own file and
 ledger path from the SuperNode's node config.
+
+A hospital that cannot take part (its data file is refused, its ledger is corrupted, its node
+config is incomplete) replies `failed` with the error's message instead of raising: the server
+records the reason and the federation goes on with the others. The site is built again next
+round, so a hospital that fixes its file rejoins without a restart.
 """
 
 from __future__ import annotations
@@ -11,28 +16,46 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from medtune.errors import MedTuneError
+from medtune.hospitals import hospital_name
 from medtune.logs import quiet_libraries
-from medtune.site_source import site_for
-from medtune.wire import ARRAYS, evaluate_reply, from_record, train_reply
+from medtune.site_source import PARTITION_ID, site_for
+from medtune.wire import ARRAYS, evaluate_reply, failed_reply, from_record, train_reply
 
 quiet_libraries()
 app = ClientApp()
 
 
+def hospital_label(context: Context) -> str:
+    """This node's hospital name, known even when its site cannot be built."""
+    node_config = context.node_config
+    if node_config.get("hospital"):
+        return str(node_config["hospital"])
+    if PARTITION_ID in node_config:
+        return hospital_name(int(node_config[PARTITION_ID]))
+    return f"node {context.node_id}"
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    site = site_for(context)
-    config = message.content["config"]
-    outcome = site.train_round(
-        from_record(message.content[ARRAYS]),
-        server_round=int(config["server-round"]),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
-    )
+    try:
+        site = site_for(context)
+        config = message.content["config"]
+        outcome = site.train_round(
+            from_record(message.content[ARRAYS]),
+            server_round=int(config["server-round"]),
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
+        )
+    except MedTuneError as error:
+        return Message(failed_reply(hospital_label(context), str(error)), reply_to=message)
     return Message(train_reply(outcome, site.name), reply_to=message)
 
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
-    site = site_for(context)
-    evaluation = site.evaluate(from_record(message.content[ARRAYS]))
+    try:
+        site = site_for(context)
+        evaluation = site.evaluate(from_record(message.content[ARRAYS]))
+    except MedTuneError as error:
+        return Message(failed_reply(hospital_label(context), str(error)), reply_to=message)
     return Message(evaluate_reply(evaluation, site.name), reply_to=message)

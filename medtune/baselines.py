@@ -36,6 +36,9 @@ class BaselineResult:
     pooled: Evaluation  # over every hospital's test split together
     per_hospital: dict[str, Evaluation]
     epsilon_spent: dict[str, float]  # per trained model (inf without DP)
+    # Each trained model on every hospital's test split, pooled: how well a hospital's model serves
+    # the federation's whole patient mix, not only its own (skewed) one. Equals `pooled` for one model.
+    everyone: Evaluation
 
     @property
     def mean_hospital_accuracy(self) -> float:
@@ -48,6 +51,8 @@ class BaselineResult:
             "macro_f1": self.pooled.macro_f1,
             "mean_hospital_accuracy": self.mean_hospital_accuracy,
             "worst_hospital_accuracy": min(e.accuracy for e in self.per_hospital.values()),
+            "accuracy_on_all_hospitals": self.everyone.accuracy,
+            "macro_f1_on_all_hospitals": self.everyone.macro_f1,
             "per_hospital": {name: {"accuracy": e.accuracy, "macro_f1": e.macro_f1} for name, e in self.per_hospital.items()},
         }
 
@@ -89,12 +94,15 @@ def local_only(settings: RunSettings, epsilon: float | None = None) -> BaselineR
     """Each hospital alone; `epsilon` defaults to the run's target."""
     epsilon = settings.privacy.epsilon if epsilon is None else epsilon
     backbone = load_backbone(settings.model.backbone, settings.model.num_layers)
-    per_hospital, spent = {}, {}
-    for split in splits(settings):
+    per_hospital, spent, everyone = {}, {}, []
+    all_splits = splits(settings)
+    for split in all_splits:
         model, spent[split.name] = _fit(settings, backbone, split.train, epsilon, split.name)
-        per_hospital[split.name] = _test(settings, backbone, model, split)
+        on_each = {other.name: _test(settings, backbone, model, other) for other in all_splits}
+        per_hospital[split.name] = on_each[split.name]
+        everyone += on_each.values()
     label = "local only" + ("" if math.isinf(epsilon) else f" (DP, epsilon={epsilon:g})")
-    return BaselineResult(label, pool(list(per_hospital.values())), per_hospital, spent)
+    return BaselineResult(label, pool(list(per_hospital.values())), per_hospital, spent, pool(everyone))
 
 
 def pooled(settings: RunSettings) -> BaselineResult:
@@ -103,4 +111,5 @@ def pooled(settings: RunSettings) -> BaselineResult:
     all_splits = splits(settings)
     model, _ = _fit(settings, backbone, [r for s in all_splits for r in s.train], math.inf, "pooled")
     per_hospital = {split.name: _test(settings, backbone, model, split) for split in all_splits}
-    return BaselineResult("pooled (no DP)", pool(list(per_hospital.values())), per_hospital, {"pooled": math.inf})
+    together = pool(list(per_hospital.values()))
+    return BaselineResult("pooled (no DP)", together, per_hospital, {"pooled": math.inf}, together)

@@ -2,7 +2,8 @@
 
 A checkpoint directory holds `state.safetensors` (prompt, head.weight, head.bias) and
 `meta.json` (labels, model config, backbone name and weights hash, and whatever the writer adds,
-such as the round). Both are written atomically.
+such as the round). Each file is written atomically, meta.json last: a directory without it is a
+checkpoint whose writer was interrupted, and is never picked to resume from.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
 from medtune.config import ModelConfig, config_from_dict, config_to_dict
-from medtune.errors import CheckpointError
+from medtune.errors import CheckpointError, StateError
 from medtune.files import atomic_write_bytes, atomic_write_json
 from medtune.state import ExchangedStateSpec
 
@@ -77,19 +78,19 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
     checkpoint = Checkpoint(arrays, labels, model, backbone_name, backbone_hash, meta)
     try:
         checkpoint.arrays = dict(checkpoint.spec.check(arrays, source=str(state_path)))
-    except (KeyError, ValueError) as error:
+    except (KeyError, ValueError, StateError) as error:
         raise CheckpointError(f"{state_path}: not a MedTune exchanged state ({error})") from None
     return checkpoint
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory itself, a local run's `checkpoint/`, or the newest `checkpoints/round_NNN/`."""
+    """A checkpoint directory itself, a local run's `checkpoint/`, or the newest complete `checkpoints/round_NNN/`."""
     path = Path(path)
     if (path / META_FILE).is_file():
         return path
     if (path / "checkpoint" / META_FILE).is_file():
         return path / "checkpoint"
-    rounds = sorted((path / "checkpoints").glob("round_*"))
+    rounds = sorted(round_dir for round_dir in (path / "checkpoints").glob("round_*") if (round_dir / META_FILE).is_file())
     if not rounds:
         raise CheckpointError(f"{path}: no checkpoint here (expected meta.json, checkpoint/ or checkpoints/round_NNN/)")
     return rounds[-1]

@@ -80,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--out", type=Path, default=Path("data/synthetic"))
 
+    certs = commands.add_parser("certs", help="deployment: TLS certificates and SuperNode keys").add_subparsers(
+        dest="certs_command", required=True
+    )
+    server_certs = certs.add_parser("server", help="consortium CA (kept if present) and a SuperLink TLS certificate")
+    server_certs.add_argument("--host", action="append", required=True, help="SuperLink DNS name or IP (repeatable)")
+    server_certs.add_argument("--out", type=Path, default=Path("certificates"))
+    node_keys = certs.add_parser("node", help="a hospital's SuperNode authentication key pair (EC P-384, OpenSSH)")
+    node_keys.add_argument("--hospital", required=True, help="the hospital's name; names the key files")
+    node_keys.add_argument("--out", type=Path, default=Path("keys"))
+
     train = commands.add_parser("train", help="train one hospital alone, with DP, and evaluate it")
     _add_data_flags(train)
     _add_model_flags(train)
@@ -123,6 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
     baselines.add_argument("--scenario", default="default")
     baselines.add_argument("--run-config", default="", help="overrides, as for flwr: 'key=value key2=value2'")
     baselines.add_argument("--out", type=Path, help="also write the figures as JSON here")
+    sweep = bench.add_parser(
+        "sweep",
+        help="privacy/accuracy grid: federated and local at each epsilon, without DP, and pooled",
+        description="Runs every cell of a sweep file (simulations/benchmarks/<name>.toml) over its seeds and "
+        "writes results.csv, results.json, report.md and accuracy_vs_epsilon.png. Finished runs are kept in "
+        "OUT/cells/, so an interrupted sweep resumes where it stopped.",
+    )
+    sweep.add_argument("--sweep", default="synthetic", help="name in simulations/benchmarks/ or a TOML path")
+    sweep.add_argument("--epsilons", help="comma-separated epsilons, e.g. 1,3,8,inf (default: the sweep file's)")
+    sweep.add_argument("--seeds", help="comma-separated seeds (default: the sweep file's)")
+    sweep.add_argument("--run-config", default="", help="more overrides for every run: 'key=value key2=value2'")
+    sweep.add_argument("--out", type=Path, help="output directory (default: runs/benchmark/<sweep name>)")
     difficulty = bench.add_parser("difficulty", help="synthetic data: pooled vs smallest hospital alone")
     difficulty.add_argument("--hospitals", type=int, default=3)
     _add_model_flags(difficulty)
@@ -143,6 +165,23 @@ def _cmd_synth(args: argparse.Namespace) -> None:
     for path in write_hospitals(config, args.out):
         print(path)
     print(f"labels: {','.join(LABELS)}")
+
+
+def _cmd_server_certs(args: argparse.Namespace) -> None:
+    from medtune.certs import make_server_certificates
+
+    files = make_server_certificates(args.out, args.host)
+    print(f"CA certificate (give to every site and `flwr` user): {files.ca_cert}")
+    print(f"CA key (keep offline at the coordinator): {files.ca_key}")
+    print(f"SuperLink certificate and key: {files.server_cert}, {files.server_key}")
+
+
+def _cmd_node_keys(args: argparse.Namespace) -> None:
+    from medtune.certs import make_node_keys
+
+    keys = make_node_keys(args.out, args.hospital)
+    print(f"private key (stays at the site, --auth-supernode-private-key): {keys.private_key}")
+    print(f"public key (send to the coordinator for `flwr supernode register`): {keys.public_key}")
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -194,11 +233,30 @@ def _cmd_baselines(args: argparse.Namespace) -> None:
     figures = [local_only(settings), pooled(settings)]
     for result in figures:
         print(
-            f"{result.name:32s} accuracy {result.pooled.accuracy:.3f}  macro-F1 {result.pooled.macro_f1:.3f}  "
-            f"mean hospital {result.mean_hospital_accuracy:.3f}"
+            f"{result.name:32s} own test splits: accuracy {result.pooled.accuracy:.3f}  macro-F1 "
+            f"{result.pooled.macro_f1:.3f}  mean hospital {result.mean_hospital_accuracy:.3f} | every hospital's "
+            f"test split: accuracy {result.everyone.accuracy:.3f}  macro-F1 {result.everyone.macro_f1:.3f}"
         )
     if args.out:
         atomic_write_json(args.out, {"config": settings.run_config, "baselines": [r.to_dict() for r in figures]})
+
+
+def _cmd_sweep(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from medtune.settings import parse_overrides
+    from medtune.sweep import parse_epsilon, read_sweep, run_sweep
+
+    sweep = read_sweep(args.sweep)
+    changes: dict[str, Any] = {"run_config": {**sweep.run_config, **parse_overrides(args.run_config)}}
+    if args.epsilons:
+        changes["epsilons"] = tuple(parse_epsilon(e) for e in args.epsilons.split(","))
+    if args.seeds:
+        changes["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+    sweep = replace(sweep, **changes)
+    out = args.out or Path("runs/benchmark") / sweep.name
+    run_sweep(sweep, out)
+    print(f"wrote {out}/results.csv, results.json, report.md and accuracy_vs_epsilon.png")
 
 
 def _cmd_difficulty(args: argparse.Namespace) -> None:
@@ -240,14 +298,18 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     handlers = {
         ("data", "synth"): _cmd_synth,
+        ("certs", "server"): _cmd_server_certs,
+        ("certs", "node"): _cmd_node_keys,
         ("train", None): _cmd_train,
         ("simulate", None): _cmd_simulate,
         ("predict", None): _cmd_predict,
         ("benchmark", "perf"): _cmd_perf,
         ("benchmark", "difficulty"): _cmd_difficulty,
         ("benchmark", "baselines"): _cmd_baselines,
+        ("benchmark", "sweep"): _cmd_sweep,
     }
-    key = (args.command, getattr(args, "data_command", None) or getattr(args, "bench_command", None))
+    groups = ("data_command", "bench_command", "certs_command")
+    key = (args.command, next((getattr(args, group) for group in groups if hasattr(args, group)), None))
     try:
         handlers[key](args)
     except MedTuneError as error:

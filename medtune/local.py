@@ -87,7 +87,7 @@ def save_local_run(run: LocalRun, out: Path, backbone: Backbone, configs: dict[s
     atomic_write_json(out / "ledger.json", run.ledger.state_dict())
     atomic_write_json(
         out / "metrics.json",
-        {"train": run.result.__dict__, "test": run.evaluation.to_dict(), "config": configs},
+        {"train": run.result.metrics(), "test": run.evaluation.to_dict(), "config": configs},
     )
 
 

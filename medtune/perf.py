@@ -1,8 +1,12 @@
-"""Throughput benchmark: training samples/s with and without DP, and inference samples/s.
+"""Throughput benchmark: training samples/s with and without DP, inference samples/s, achieved
+FLOP/s against the machine's own matmul FLOP/s, and bytes per hospital per round.
 
 Texts are synthetic notes joined until they fill max_length, so every batch is full length and
 the figures compare like with like. Timings follow one warm-up step; the ratio DP/non-DP comes
-from the same run on the same machine.
+from the same run on the same machine. FLOPs per training sample are counted by torch's
+FlopCounterMode over one forward and backward pass (matmuls and attention; the frozen backbone
+still back-propagates to the prompt, so backward is most of a full one). The machine's peak is a
+float32 matmul timed on the same device, so "achieved / peak" says how well the step uses it.
 """
 
 from __future__ import annotations
@@ -15,9 +19,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from medtune.backbone import load_backbone
+from medtune.backbone import count_parameters, load_backbone
 from medtune.config import ModelConfig, PrivacyConfig, TrainConfig
-from medtune.data import Record, TokenizedRecords
+from medtune.data import PadToLongest, Record, TokenizedRecords
 from medtune.files import atomic_write_json
 from medtune.metrics import predict_logits
 from medtune.model import PromptClassifier
@@ -49,8 +53,41 @@ def _inference_rate(model: PromptClassifier, dataset: TokenizedRecords, pad: int
     return len(dataset) / (time.perf_counter() - start)
 
 
+def matmul_flops_per_s(device: torch.device, size: int = 1024, repeats: int = 20) -> float:
+    """The machine's practical float32 peak: a square matmul, timed after a warm-up."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    torch.matmul(a, b)
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.matmul(a, b)
+    _synchronize(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_flops_per_sample(model: PromptClassifier, dataset: TokenizedRecords, batch_size: int, pad: int) -> float:
+    """FLOPs of one forward + backward pass per record, counted by torch (no DP bookkeeping)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = next(model.parameters()).device
+    batch = PadToLongest(pad)([dataset[i] for i in range(min(batch_size, len(dataset)))])
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        torch.nn.functional.cross_entropy(logits, batch["labels"].to(device)).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / batch["labels"].shape[0]
+
+
 def run_perf(layers: list[int], max_lengths: list[int], batch_size: int, steps: int, out: Path | None) -> list[dict]:
     device = resolve_device("auto")
+    peak = matmul_flops_per_s(device)
     rows = []
     records = _long_records(batch_size * steps)
     for depth in layers:
@@ -63,6 +100,9 @@ def run_perf(layers: list[int], max_lengths: list[int], batch_size: int, steps: 
             pad = backbone.tokenizer.pad_token_id
             plain = _train_rate(model, dataset, warmup, math.inf, batch_size, pad)
             private = _train_rate(model, dataset, warmup, 8.0, batch_size, pad)
+            flops = train_flops_per_sample(model.to(device), dataset, batch_size, pad)
+            exchanged = model.spec.num_bytes()
+            full = 4 * (count_parameters(backbone.encoder) + sum(p.numel() for p in model.head.parameters()))
             rows.append(
                 {
                     "layers": depth,
@@ -74,10 +114,18 @@ def run_perf(layers: list[int], max_lengths: list[int], batch_size: int, steps: 
                     "train_dp_samples_per_s": private,
                     "dp_over_plain": private / plain,
                     "inference_samples_per_s": _inference_rate(model, dataset, pad),
+                    "train_gflop_per_sample": flops / 1e9,
+                    "achieved_gflop_per_s": flops * plain / 1e9,
+                    "matmul_peak_gflop_per_s": peak / 1e9,
+                    "achieved_over_peak": flops * plain / peak,
+                    "bytes_up_per_round": exchanged,
+                    "full_finetune_bytes_up_per_round": full,
                 }
             )
     table = Table(title=f"MedTune throughput ({device}, {torch.get_num_threads()} threads, batch {batch_size})")
-    for column in ("layers", "max len", "train/s", "train DP/s", "DP/plain", "inference/s"):
+    columns = ("layers", "max len", "train/s", "train DP/s", "DP/plain", "inference/s", "GFLOP/s (of peak)",
+               "KiB up/round", "full FT MiB/round")
+    for column in columns:
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(
@@ -87,6 +135,9 @@ def run_perf(layers: list[int], max_lengths: list[int], batch_size: int, steps: 
             f"{row['train_dp_samples_per_s']:.1f}",
             f"{row['dp_over_plain']:.2f}",
             f"{row['inference_samples_per_s']:.1f}",
+            f"{row['achieved_gflop_per_s']:.1f} ({row['achieved_over_peak']:.0%} of {row['matmul_peak_gflop_per_s']:.0f})",
+            f"{row['bytes_up_per_round'] / 1024:.1f}",
+            f"{row['full_finetune_bytes_up_per_round'] / 2**20:.1f}",
         )
     Console().print(table)
     if out is not None:

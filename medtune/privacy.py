@@ -17,7 +17,7 @@ from opacus.accountants.accountant import IAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from medtune.config import PrivacyConfig
-from medtune.errors import LedgerError, PrivacyBudgetError
+from medtune.errors import ConfigError, LedgerError, PrivacyBudgetError
 
 LEDGER_FORMAT = "medtune-privacy-ledger/1"
 
@@ -141,8 +141,20 @@ class PrivacyLedger:
             ledger.non_private_steps = int(state["non_private_steps"])
             ledger.accountant = create_accountant(mechanism=config.accountant)
             ledger.accountant.history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
-        except (KeyError, TypeError, ValueError) as error:
+            recorded_steps = int(state["steps"])
+        except (KeyError, TypeError, ValueError, ConfigError) as error:
             raise LedgerError(f"{source}: corrupted ledger ({type(error).__name__}: {error})") from None
+        negative_steps = ledger.non_private_steps < 0 or any(steps < 0 for _, _, steps in ledger.accountant.history)
+        if not 0.0 < ledger.sample_rate <= 1.0 or ledger.planned_steps < 1 or ledger.noise_multiplier < 0 or negative_steps:
+            raise LedgerError(
+                f"{source}: corrupted ledger (sample rate {ledger.sample_rate}, planned steps {ledger.planned_steps}, "
+                f"noise multiplier {ledger.noise_multiplier} or a step count is out of range)"
+            )
+        if recorded_steps != ledger.steps:
+            raise LedgerError(
+                f"{source}: corrupted ledger (its history adds up to {ledger.steps} steps but it records "
+                f"{recorded_steps}); refusing to count this hospital's spending from it"
+            )
         return ledger
 
     def matches(self, config: PrivacyConfig, sample_rate: float) -> None:

@@ -27,7 +27,7 @@ class HospitalRound:
     """One hospital in one round, as the server saw it."""
 
     name: str
-    status: str  # trained | stopped (budget spent) | failed
+    status: str  # trained | stopped (budget spent) | failed (the hospital's reason) | rejected (the server's reason)
     examples: int = 0
     train_loss: float | None = None
     epsilon: float | None = None
@@ -40,6 +40,7 @@ class HospitalRound:
     bytes_up: int = 0
     received: dict[str, Any] = field(default_factory=dict)  # array names -> shape and dtype
     reason: str = ""
+    update_norm: float | None = None  # L2 distance of an accepted update from the global state it was trained on
 
 
 @dataclass
@@ -107,7 +108,7 @@ def round_table(record: RoundRecord, rounds: int) -> Table:
     title = (
         f"round {record.round}/{rounds}: accuracy {_fmt(record.accuracy)}  macro-F1 {_fmt(record.macro_f1)}  "
         f"worst hospital {_fmt(record.worst_accuracy)}  ({record.wall_seconds:.1f} s"
-        f"{'' if record.aggregated else ', not aggregated: too few trained replies'})"
+        f"{'' if record.aggregated else ', not aggregated: too few valid updates'})"
     )
     table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False, box=None)
     for column in ("hospital", "status", "n", "epsilon", "acc", "F1", "KiB down", "KiB up"):

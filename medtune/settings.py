@@ -18,7 +18,7 @@ from medtune.config import DataConfig, ModelConfig, PrivacyConfig, TrainConfig
 from medtune.errors import ConfigError
 from medtune.synth import LABELS, SynthConfig
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean")
 SYNTHETIC = "synthetic"
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 SCENARIO_DIR = PROJECT_DIR / "simulations" / "scenarios"
@@ -34,6 +34,9 @@ class FederationConfig:
     server_learning_rate: float
     min_hospitals: int
     round_timeout: float
+    trim_fraction: float
+    max_update_norm: float
+    max_examples: int
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -46,6 +49,12 @@ class FederationConfig:
             raise ConfigError(f"min-hospitals must be at least 1, got {self.min_hospitals}")
         if self.round_timeout <= 0:
             raise ConfigError(f"round-timeout must be positive seconds, got {self.round_timeout}")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"trim-fraction must be in [0, 0.5) (cut from each tail), got {self.trim_fraction}")
+        if not self.max_update_norm > 0:
+            raise ConfigError(f"max-update-norm must be positive (inf = no bound), got {self.max_update_norm}")
+        if self.max_examples < 1:
+            raise ConfigError(f"max-examples must be at least 1, got {self.max_examples}")
 
 
 @dataclass(frozen=True)
@@ -130,6 +139,9 @@ def settings_from_run_config(config: dict[str, Any]) -> RunSettings:
             server_learning_rate=_take(config, "server-learning-rate", float),
             min_hospitals=_take(config, "min-hospitals", int),
             round_timeout=_take(config, "round-timeout", float),
+            trim_fraction=_take(config, "trim-fraction", float),
+            max_update_norm=_take(config, "max-update-norm", float),
+            max_examples=_take(config, "max-examples", int),
         ),
         source=SourceConfig(
             source=_take(config, "data-source", str),

@@ -15,11 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
 from medtune.backbone import Backbone, load_backbone
 from medtune.data import Record, TokenizedRecords, train_test_split
-from medtune.errors import PrivacyBudgetError
-from medtune.files import atomic_write_json
+from medtune.errors import LedgerError, PrivacyBudgetError
+from medtune.files import atomic_write_bytes, atomic_write_json
 from medtune.local import load_or_create_ledger
 from medtune.metrics import Evaluation, evaluate
 from medtune.model import PromptClassifier
@@ -66,6 +70,19 @@ class Site:
         self.train_set = TokenizedRecords(train_records, tokenizer, max_length)
         self.test_set = TokenizedRecords(test_records, tokenizer, max_length)
         self.pad = self.backbone.tokenizer.pad_token_id
+        # The local optimizer's moments live beside the ledger and, like it, never leave the site.
+        self.optimizer_path = ledger_path.with_name(f"{ledger_path.stem}.optimizer.safetensors")
+
+    def _optimizer_state(self) -> dict[str, torch.Tensor] | None:
+        if not self.optimizer_path.is_file():
+            return None
+        try:
+            return load_tensors(self.optimizer_path.read_bytes())
+        except (OSError, SafetensorError) as error:
+            raise LedgerError(
+                f"{self.optimizer_path}: the local optimizer state is damaged ({error}); delete it to restart "
+                "Adam's moments (the privacy ledger is separate and unaffected)"
+            ) from None
 
     def _model(self, arrays: dict[str, np.ndarray]) -> PromptClassifier:
         model = PromptClassifier(self.backbone, self.settings.model, len(self.settings.data.labels), self.settings.seed)
@@ -90,9 +107,13 @@ class Site:
         model = self._model(arrays)
         proximal = ProximalPull(proximal_mu, dict(arrays)) if proximal_mu > 0 else None
         seed = round_seed(self.settings.seed, server_round, self.name)
-        result = train_local(model, self.train_set, ledger, train, self.pad, seed=seed, progress=False, proximal=proximal)
+        result = train_local(
+            model, self.train_set, ledger, train, self.pad, seed=seed, progress=False, proximal=proximal,
+            optimizer_state=self._optimizer_state(),
+        )
         # The ledger reaches the site's disk before the update can leave the site.
         atomic_write_json(self.ledger_path, ledger.state_dict())
+        atomic_write_bytes(self.optimizer_path, save_tensors(result.optimizer_state))
         return RoundOutcome(arrays=dict(model.exchanged_state()), result=result, ledger=ledger)
 
     def evaluate(self, arrays: dict[str, np.ndarray]) -> Evaluation:

@@ -4,11 +4,15 @@ Simulation: Flower gives each node `partition-id`; the hospital is that partitio
 scenario's data source and its ledger lives at `<out>/sites/<hospital>/ledger.json`.
 Deployment: the SuperNode's node config names the hospital and its files:
 `hospital`, `data-path`, `ledger-path`, and optionally `text-column` / `label-column`.
+The paths must be absolute: a relative ledger path would follow the working directory of
+whichever process runs the ClientApp, so a SuperNode restarted from elsewhere would start a
+fresh ledger and reset the hospital's epsilon.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,8 @@ from medtune.site import Site
 
 PARTITION_ID = "partition-id"
 DEPLOYMENT_KEYS = ("hospital", "data-path", "ledger-path")
+# The name travels to the coordinator, which names files after it (out/updates/<round>/<hospital>.safetensors).
+HOSPITAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 _sites: dict[str, Site] = {}
 
@@ -38,14 +44,27 @@ def _deployed_site(settings: RunSettings, node_config: dict[str, Any]) -> Site:
             f"this SuperNode's node config lacks {missing}; start it with "
             "--node-config 'hospital=\"<name>\" data-path=\"<records file>\" ledger-path=\"<ledger.json>\"'"
         )
+    hospital = str(node_config["hospital"])
+    if not HOSPITAL_NAME.fullmatch(hospital):
+        raise ConfigError(
+            f"node config hospital={hospital!r}: use 1-64 letters, digits, '.', '-' or '_', "
+            "starting with a letter or digit"
+        )
+    paths = {key: Path(str(node_config[key])).expanduser() for key in ("data-path", "ledger-path")}
+    relative = [f"{key}={str(path)!r}" for key, path in paths.items() if not path.is_absolute()]
+    if relative:
+        raise ConfigError(
+            f"hospital {hospital}: node config {', '.join(relative)} must be absolute, so that a SuperNode "
+            "restarted from another directory still finds the same records and privacy ledger"
+        )
     data = settings.data
     columns = {
         "text_column": str(node_config.get("text-column") or data.text_column),
         "label_column": str(node_config.get("label-column") or data.label_column),
     }
     data = replace(data, **columns)
-    records = read_records(Path(str(node_config["data-path"])), data)
-    return Site(str(node_config["hospital"]), records, replace(settings, data=data), Path(str(node_config["ledger-path"])))
+    records = read_records(paths["data-path"], data)
+    return Site(hospital, records, replace(settings, data=data), paths["ledger-path"])
 
 
 def site_for(context: Context) -> Site:

@@ -167,6 +167,7 @@ def _federated(cell: Cell, sweep: SweepConfig, runs: Path) -> dict[str, Any]:
         "macro_f1": last["macro_f1"],
         "worst_hospital_accuracy": min(accuracies),
         "mean_hospital_accuracy": sum(accuracies) / len(accuracies),
+        "accuracy_on_all_hospitals": last["accuracy"],  # one global model: its own-test score is everyone's
         "epsilon_spent": max(epsilons.values()) if epsilons else math.inf,
         "epsilon_per_hospital": epsilons,
         "rounds": len(results["rounds"]),
@@ -186,6 +187,7 @@ def _baseline(cell: Cell, sweep: SweepConfig) -> dict[str, Any]:
         "macro_f1": row["macro_f1"],
         "worst_hospital_accuracy": row["worst_hospital_accuracy"],
         "mean_hospital_accuracy": row["mean_hospital_accuracy"],
+        "accuracy_on_all_hospitals": row["accuracy_on_all_hospitals"],
         "epsilon_spent": max(result.epsilon_spent.values()),
         "epsilon_per_hospital": result.epsilon_spent,
         "rounds": 0,

@@ -45,6 +45,29 @@ class TrainResult:
     examples: int
     epsilon: float
     delta: float
+    optimizer_state: dict[str, torch.Tensor]  # Adam's moments after the last step (see train_local)
+
+    def metrics(self) -> dict[str, float]:
+        """The figures worth reporting (the optimizer state stays at the site, unreported)."""
+        return {"loss": self.loss, "steps": self.steps, "examples": self.examples, "epsilon": self.epsilon,
+                "delta": self.delta}
+
+
+def flat_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Adam's per-parameter state as flat named tensors ("<param index>.<name>"), for safetensors."""
+    return {
+        f"{index}.{name}": value.detach().cpu().clone()
+        for index, state in optimizer.state_dict()["state"].items()
+        for name, value in state.items()
+    }
+
+
+def load_flat_optimizer_state(optimizer: torch.optim.Optimizer, flat: dict[str, torch.Tensor]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
 @dataclass(frozen=True)
@@ -112,8 +135,15 @@ def train_local(
     seed: int,
     progress: bool = True,
     proximal: ProximalPull | None = None,
+    optimizer_state: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
-    """Train prompt and head for `train.epochs` epochs; refuse if that would pass the privacy target."""
+    """Train prompt and head for `train.epochs` epochs; refuse if that would pass the privacy target.
+
+    `optimizer_state` continues Adam's moments from the hospital's previous round. Under DP they
+    are built only from clipped, noised gradients (post-processing: no privacy cost), and they
+    never leave the site. Without them every round would restart Adam, whose first steps are
+    sign-like (each moves every coordinate by the full learning rate, mostly along DP noise).
+    """
     device = resolve_device(train.device)
     seed_everything(seed)
     plan = SamplingPlan.for_records(len(dataset), train.batch_size)
@@ -134,7 +164,10 @@ def train_local(
         collate_fn=PadToLongest(pad_token_id),
         generator=torch.Generator().manual_seed(seed),
     )
-    optimizer: torch.optim.Optimizer = torch.optim.Adam(model.trainable_parameters(), lr=train.learning_rate)
+    adam = torch.optim.Adam(model.trainable_parameters(), lr=train.learning_rate)
+    if optimizer_state:
+        load_flat_optimizer_state(adam, optimizer_state)
+    optimizer: torch.optim.Optimizer = adam
     hooks = None
     if privacy.is_private:
         engine = PrivacyEngine(accountant=privacy.accountant)
@@ -182,4 +215,5 @@ def train_local(
         examples=len(dataset),
         epsilon=ledger.epsilon,
         delta=privacy.delta,
+        optimizer_state=flat_optimizer_state(adam),
     )

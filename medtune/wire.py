@@ -4,7 +4,9 @@ Server -> hospital (train and evaluate): `arrays` (the global exchanged state) a
 Hospital -> server after training: `arrays` (its new prompt and head, nothing else), `metrics`
 (num-examples, train-loss, epsilon, delta, steps) and `hospital` (its name and status).
 Hospital -> server after evaluation: `metrics` (test counts per class, loss) and `hospital`.
-A hospital whose budget is spent replies `status = "stopped"` and no arrays.
+A hospital whose budget is spent replies `status = "stopped"` and no arrays; one that cannot take
+part (unreadable data file, corrupted ledger, bad node config) replies `status = "failed"`, the
+reason and nothing else. `rejected` is the server's verdict on a reply that failed its checks.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from medtune.site import RoundOutcome
 ARRAYS = "arrays"
 METRICS = "metrics"
 HOSPITAL = "hospital"
-TRAINED, STOPPED, FAILED = "trained", "stopped", "failed"
+TRAINED, STOPPED, FAILED, REJECTED = "trained", "stopped", "failed", "rejected"
+TRAIN_METRICS = ("num-examples", "train-loss", "epsilon", "delta", "steps")  # exactly what train_reply sends
 
 
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -60,6 +63,11 @@ def train_reply(outcome: RoundOutcome, hospital: str) -> RecordDict:
     return content
 
 
+def failed_reply(hospital: str, reason: str) -> RecordDict:
+    """A hospital that cannot take part this round says why, and sends nothing else."""
+    return RecordDict({HOSPITAL: ConfigRecord({"name": hospital, "status": FAILED, "reason": reason})})
+
+
 def evaluate_reply(evaluation: Evaluation, hospital: str) -> RecordDict:
     return RecordDict(
         {
@@ -90,9 +98,10 @@ def evaluation_from_reply(message: Message, labels: tuple[str, ...]) -> Evaluati
 
 def hospital_of(message: Message) -> tuple[str, str, str]:
     """(name, status, reason) of a reply; replies without a name are named by their node."""
+    node = f"node {message.metadata.src_node_id}"
     if message.has_error():
-        return f"node {message.metadata.src_node_id}", FAILED, message.error.reason
+        return node, FAILED, message.error.reason
     info = message.content.config_records.get(HOSPITAL)
     if info is None:
-        return f"node {message.metadata.src_node_id}", FAILED, "reply carries no hospital record"
-    return str(info["name"]), str(info["status"]), str(info["reason"])
+        return node, FAILED, "reply carries no hospital record"
+    return str(info.get("name", node)), str(info.get("status", FAILED)), str(info.get("reason", ""))

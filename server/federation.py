@@ -1,8 +1,10 @@
 """The round loop: send the global prompt and head, check and aggregate the replies, evaluate, save.
 
-Written out rather than hidden in `Strategy.start`, because each round must also: keep only
-replies that are exactly the exchanged state, drop hospitals whose budget is spent, record what
-crossed the wire, checkpoint, and stop early once no hospital can train any more.
+Written out rather than hidden in `Strategy.start`, because each round must also: reject replies
+that fail the update checks (server.validation) and record why, record hospitals that failed
+(bad data file, corrupted ledger) and go on with the others, drop hospitals whose budget is spent,
+keep the global state when too few updates are valid, record what crossed the wire, checkpoint,
+and stop early once no hospital can train any more.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from rich.console import Console
 from safetensors.numpy import save as save_safetensors
 
 from medtune.backbone import Backbone, load_backbone, weights_hash
-from medtune.checkpoint import Checkpoint, find_checkpoint, load_checkpoint, save_checkpoint
+from medtune.checkpoint import META_FILE, Checkpoint, find_checkpoint, load_checkpoint, save_checkpoint
 from medtune.errors import CheckpointError, ConfigError, StateError
 from medtune.files import atomic_write_bytes
 from medtune.metrics import Evaluation, pool
@@ -28,19 +30,20 @@ from medtune.settings import RunSettings
 from medtune.state import ExchangedStateSpec
 from medtune.wire import (
     ARRAYS,
+    FAILED,
     METRICS,
+    REJECTED,
     STOPPED,
     TRAINED,
     epsilon_from_wire,
     evaluation_from_reply,
-    from_record,
     hospital_of,
     to_record,
 )
-from server.strategy import build_strategy, restore_strategy_state, strategy_state
+from server.strategy import aggregate, build_strategy, restore_strategy_state, save_strategy_state, trimming_note
+from server.validation import CheckedUpdate, check_train_reply
 
 log = logging.getLogger("medtune.server")
-STRATEGY_FILE = "strategy.safetensors"
 
 
 def checkpoint_dir(out: Path, server_round: int) -> Path:
@@ -62,6 +65,9 @@ class Federation:
         self.stopped: set[int] = set()
         self.results = RunResults(config=settings.run_config)
         self.arrays, self.first_round = self._initial_state()
+        note = trimming_note(settings.federation, settings.source.hospitals)
+        if note:
+            self._event(note)
 
     def _initial_state(self) -> tuple[dict[str, np.ndarray], int]:
         settings = self.settings
@@ -75,18 +81,17 @@ class Federation:
                 "must write where the original did, so each hospital's privacy ledger continues"
             )
         checkpoint = load_checkpoint(path)
+        try:
+            done = int(checkpoint.extra["round"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path / META_FILE}: corrupted metadata (no round number)") from None
         if checkpoint.backbone_hash != self.backbone_hash or checkpoint.labels != settings.data.labels:
             raise CheckpointError(
                 f"{path}: made with backbone {checkpoint.backbone_name} (hash {checkpoint.backbone_hash[:12]}) and "
                 f"labels {list(checkpoint.labels)}; this run has hash {self.backbone_hash[:12]} and labels "
                 f"{list(settings.data.labels)}"
             )
-        done = int(checkpoint.extra["round"])
-        strategy_file = path / STRATEGY_FILE
-        if strategy_file.is_file():
-            from safetensors.numpy import load_file
-
-            restore_strategy_state(self.strategy, load_file(str(strategy_file)))
+        restore_strategy_state(self.strategy, path)
         self.results = RunResults.load(settings.out, up_to_round=done)
         self.results.config = settings.run_config
         self._event(f"resumed from {path} after round {done}")
@@ -113,7 +118,7 @@ class Federation:
         for server_round in range(self.first_round, settings.last_round + 1):
             started = time.monotonic()
             hospitals, aggregated = self._train_round(server_round)
-            if not any(h.status == TRAINED for h in hospitals) and hospitals:
+            if hospitals and all(h.status == STOPPED for h in hospitals):
                 self._event(f"round {server_round}: every hospital's privacy budget is spent; stopping the run")
                 break
             global_eval = self._evaluate_round(server_round, hospitals)
@@ -143,68 +148,76 @@ class Federation:
         ]
         replies = list(self.grid.send_and_receive(messages, timeout=federation.round_timeout))
         hospitals: list[HospitalRound] = []
-        trained: list[Message] = []
+        accepted: list[CheckedUpdate] = []
         for reply in replies:
             name, status, reason = hospital_of(reply)
             record = HospitalRound(name=name, status=status, reason=reason, bytes_down=sent.count_bytes())
-            if not reply.has_error():
-                self._read_train_metrics(reply, record)
-                if status == TRAINED:
-                    try:
-                        self._check_update(reply, record)
-                        trained.append(reply)
-                    except StateError as error:
-                        record.status, record.reason = "rejected", str(error)
-                elif status == STOPPED:
-                    self.stopped.add(reply.metadata.src_node_id)
-                    self._event(f"round {server_round}: {name} stopped training: privacy budget spent ({reason})")
+            update = self._read_train_reply(server_round, reply, record)
+            if update is not None:
+                accepted.append(update)
             hospitals.append(record)
         missing = len(messages) - len(replies)
         if missing:
             self._event(f"round {server_round}: {missing} hospital(s) did not reply within {federation.round_timeout} s")
-        aggregated = len(trained) >= federation.min_hospitals
+        aggregated = len(accepted) >= federation.min_hospitals
         if aggregated:
-            new_arrays, _ = self.strategy.aggregate_train(server_round, trained)
-            self.arrays = dict(self.spec.check(from_record(new_arrays), source=f"round {server_round} aggregate"))
-        elif trained:
+            new_arrays = aggregate(self.strategy, server_round, accepted)
+            self.arrays = dict(self.spec.check(new_arrays, source=f"round {server_round} aggregate"))
+        elif not all(h.status == STOPPED for h in hospitals):
             self._event(
-                f"round {server_round}: only {len(trained)} trained replies (< min-hospitals "
-                f"{federation.min_hospitals}); keeping the previous global state"
+                f"round {server_round}: {len(accepted)} valid update(s), fewer than min-hospitals="
+                f"{federation.min_hospitals}; round skipped, the global state is kept"
             )
         if self.settings.run_config.get("keep-updates"):
-            self._keep_updates(server_round, trained)
+            self._keep_updates(server_round, accepted)
         return sorted(hospitals, key=lambda h: h.name), aggregated
+
+    def _read_train_reply(self, server_round: int, reply: Message, record: HospitalRound) -> CheckedUpdate | None:
+        """Fill in `record` from one training reply; return its update only if every check passes."""
+        name, status = record.name, record.status
+        if status == FAILED:
+            self._event(f"round {server_round}: {name} failed: {record.reason}")
+            return None
+        self._read_train_metrics(reply, record)
+        if status == STOPPED:
+            self.stopped.add(reply.metadata.src_node_id)
+            self._event(f"round {server_round}: {name} stopped training: privacy budget spent ({record.reason})")
+            return None
+        arrays = reply.content.array_records.get(ARRAYS)
+        if arrays is not None:
+            record.received = {key: {"shape": list(a.shape), "dtype": str(a.dtype)} for key, a in arrays.items()}
+            record.bytes_up = arrays.count_bytes()
+        try:
+            if status != TRAINED:
+                raise StateError(f"reply from {name} has status {status!r}, expected one of {[TRAINED, STOPPED, FAILED]}")
+            update = check_train_reply(reply, name, self.spec, self.arrays, self.settings.federation)
+        except StateError as error:
+            record.status, record.reason = REJECTED, str(error)
+            self._event(f"round {server_round}: rejected the update from {name}: {error}")
+            return None
+        record.update_norm = update.norm
+        return update
 
     @staticmethod
     def _read_train_metrics(reply: Message, record: HospitalRound) -> None:
+        """What the hospital reports, for the record; only numbers are kept (the checks judge them)."""
         metrics = reply.content.metric_records.get(METRICS)
         if metrics is None:
             return
-        record.examples = int(metrics.get("num-examples", 0))
-        record.train_loss = float(metrics.get("train-loss", 0.0))
-        record.epsilon = epsilon_from_wire(float(metrics.get("epsilon", 0.0)))
-        record.delta = float(metrics.get("delta", 0.0))
-        record.steps = int(metrics.get("steps", 0))
+        try:
+            record.examples = int(metrics.get("num-examples", 0))
+            record.train_loss = float(metrics.get("train-loss", 0.0))
+            record.epsilon = epsilon_from_wire(float(metrics.get("epsilon", 0.0)))
+            record.delta = float(metrics.get("delta", 0.0))
+            record.steps = int(metrics.get("steps", 0))
+        except (TypeError, ValueError, OverflowError):
+            pass  # a malformed value: the update checks reject a trained reply and say why
 
-    def _check_update(self, reply: Message, record: HospitalRound) -> None:
-        """Only the exchanged state may come back: exact names, shapes, dtype, finite values."""
-        content = reply.content
-        if set(content.array_records) != {ARRAYS}:
-            raise StateError(f"reply holds array records {sorted(content.array_records)}, expected ['{ARRAYS}']")
-        record.received = {
-            name: {"shape": list(array.shape), "dtype": str(array.dtype)} for name, array in content[ARRAYS].items()
-        }
-        record.bytes_up = content[ARRAYS].count_bytes()
-        self.spec.check(from_record(content[ARRAYS]), source=f"update from {record.name}")
-        if record.examples <= 0:
-            raise StateError(f"update from {record.name} claims {record.examples} training examples")
-
-    def _keep_updates(self, server_round: int, trained: list[Message]) -> None:
-        """Each received update as safetensors, for audit: exactly what left each hospital."""
+    def _keep_updates(self, server_round: int, accepted: list[CheckedUpdate]) -> None:
+        """Each accepted update as safetensors, for audit: exactly what left each hospital."""
         folder = self.settings.out / "updates" / f"round_{server_round:03d}"
-        for reply in trained:
-            name = hospital_of(reply)[0]
-            atomic_write_bytes(folder / f"{name}.safetensors", save_safetensors(from_record(reply.content[ARRAYS])))
+        for update in accepted:
+            atomic_write_bytes(folder / f"{update.hospital}.safetensors", save_safetensors(dict(update.arrays)))
 
     def _evaluate_round(self, server_round: int, hospitals: list[HospitalRound]) -> Evaluation | None:
         sent = to_record(self.arrays)
@@ -213,13 +226,17 @@ class Federation:
         by_name = {h.name: h for h in hospitals}
         evaluations = []
         for reply in replies:
-            name, _, reason = hospital_of(reply)
+            name, status, reason = hospital_of(reply)
             record = by_name.setdefault(name, HospitalRound(name=name, status="evaluated"))
             record.bytes_down += sent.count_bytes()
-            if reply.has_error():
+            if status == FAILED:
                 record.reason = record.reason or reason
                 continue
-            evaluation = evaluation_from_reply(reply, self.settings.data.labels)
+            try:
+                evaluation = evaluation_from_reply(reply, self.settings.data.labels)
+            except (KeyError, TypeError, ValueError) as error:
+                record.reason = record.reason or f"unreadable evaluation reply ({type(error).__name__}: {error})"
+                continue
             record.test_examples = evaluation.examples
             record.accuracy, record.macro_f1 = evaluation.accuracy, evaluation.macro_f1
             evaluations.append(evaluation)
@@ -229,6 +246,7 @@ class Federation:
     def _save(self, server_round: int) -> None:
         settings = self.settings
         directory = checkpoint_dir(settings.out, server_round)
+        save_strategy_state(self.strategy, directory)  # before the checkpoint's meta.json marks it complete
         save_checkpoint(
             directory,
             Checkpoint(
@@ -240,9 +258,6 @@ class Federation:
                 extra={"round": server_round, "rounds": settings.federation.rounds, "config": settings.run_config},
             ),
         )
-        moments = strategy_state(self.strategy)
-        if moments:
-            atomic_write_bytes(directory / STRATEGY_FILE, save_safetensors(moments))
         self.results.save(settings.out)
 
 

@@ -1,0 +1,496 @@
+"""Hostile replies, bad data at a site, corrupted ledgers and checkpoints: the federation refuses
+what is wrong, says where, and goes on with the others.
+
+server/federation.py is driven in-process through a fake Grid whose nodes are functions from a
+Flower Message to a reply: either crafted replies (fast, exact) or the real ClientApp handlers on
+real per-hospital files and ledgers. The real Simulation Engine is exercised in test_federation.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from safetensors.numpy import load_file
+
+import client.app as client_app
+from medtune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from medtune.errors import CheckpointError, ConfigError, LedgerError
+from medtune.metrics import from_counts
+from medtune.results import RunResults
+from medtune.settings import resolve_run_config, settings_from_run_config
+from medtune.synth import LABELS, SynthConfig, write_hospitals
+from medtune.wire import ARRAYS, FAILED, HOSPITAL, METRICS, evaluate_reply, from_record, to_record
+from server.federation import Federation, checkpoint_dir
+
+Node = Callable[[Message], Message]
+Arrays = dict[str, np.ndarray]
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower stamps every Message with the running task's identity; the runtimes set it, here we do."""
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+
+
+class FakeGrid:
+    """The two Grid calls the round loop makes, answered in-process by one function per node."""
+
+    def __init__(self, nodes: dict[int, Node]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.nodes)
+
+    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
+        return [self.nodes[m.metadata.dst_node_id](m) for m in messages]
+
+
+def run_config(backbone: Path, out: Path, hospitals: int, **extra: Any) -> dict[str, Any]:
+    return resolve_run_config(
+        None,
+        {
+            "backbone": str(backbone),
+            "num-layers": 0,
+            "prompt-length": 4,
+            "max-length": 32,
+            "hospitals": hospitals,
+            "local-epochs": 1,
+            "batch-size": 16,
+            "learning-rate": 0.05,
+            "rounds": 1,
+            "round-timeout": 5.0,
+            "out": str(out),
+            **extra,
+        },
+    )
+
+
+def federate(grid: FakeGrid, config: dict[str, Any]) -> dict[str, Any]:
+    Federation(grid, settings_from_run_config(config)).run()  # type: ignore[arg-type]
+    return json.loads((Path(config["out"]) / "results.json").read_text())
+
+
+def hospitals_of(results: dict[str, Any], server_round: int) -> dict[str, dict[str, Any]]:
+    return {h["name"]: h for h in results["rounds"][server_round - 1]["hospitals"]}
+
+
+# --- crafted replies ----------------------------------------------------------------------------
+
+Tamper = Callable[[Arrays, dict[str, Any]], None]
+
+
+def honest(arrays: Arrays, metrics: dict[str, Any]) -> None:
+    """Leave the reply as an honest hospital sends it."""
+
+
+class CraftedHospital:
+    """Replies with the global state plus a small seeded step, or a tampered version of it."""
+
+    def __init__(self, name: str, examples: int, tamper: Tamper = honest, step: float = 0.01) -> None:
+        self.name, self.examples, self.tamper, self.step = name, examples, tamper, step
+        self.sent: dict[int, Arrays] = {}  # round -> the arrays this hospital sent
+
+    def __call__(self, message: Message) -> Message:
+        if message.metadata.message_type == MessageType.EVALUATE:
+            evaluation = from_counts(LABELS, [2] * 5, [2] * 5, [1] * 5, loss=1.0)
+            return Message(evaluate_reply(evaluation, self.name), reply_to=message)
+        server_round = int(message.content["config"]["server-round"])
+        rng = np.random.default_rng([int(self.name[-1]), server_round])
+        arrays = {
+            k: (v + self.step * rng.standard_normal(v.shape)).astype(np.float32)
+            for k, v in from_record(message.content[ARRAYS]).items()
+        }
+        metrics: dict[str, Any] = {"num-examples": self.examples, "train-loss": 1.0, "epsilon": 1.0, "delta": 1e-5, "steps": 3}
+        self.tamper(arrays, metrics)
+        self.sent[server_round] = arrays
+        content = RecordDict(
+            {
+                ARRAYS: to_record(arrays),
+                METRICS: MetricRecord(metrics),
+                HOSPITAL: ConfigRecord({"name": self.name, "status": "trained", "reason": ""}),
+            }
+        )
+        return Message(content, reply_to=message)
+
+
+def _rename(arrays: Arrays, metrics: dict[str, Any]) -> None:
+    arrays["head.bias_"] = arrays.pop("head.bias")
+
+
+def _extra_array(arrays: Arrays, metrics: dict[str, Any]) -> None:
+    arrays["embeddings.word_embeddings.weight"] = np.zeros((8, 32), np.float32)
+
+
+def _shape(arrays: Arrays, metrics: dict[str, Any]) -> None:
+    arrays["prompt"] = arrays["prompt"][:-1]
+
+
+def _dtype(arrays: Arrays, metrics: dict[str, Any]) -> None:
+    arrays["head.weight"] = arrays["head.weight"].astype(np.float64)
+
+
+def _nan(arrays: Arrays, metrics: dict[str, Any]) -> None:
+    arrays["prompt"][0, 0] = np.nan
+
+
+def _inf(arrays: Arrays, metrics: dict[str, Any]) -> None:
+    arrays["head.weight"][1, 2] = np.inf
+
+
+def _huge(arrays: Arrays, metrics: dict[str, Any]) -> None:
+    arrays["prompt"] += np.float32(1e3)
+
+
+def _examples(value: Any) -> Tamper:
+    def tamper(arrays: Arrays, metrics: dict[str, Any]) -> None:
+        metrics["num-examples"] = value
+
+    return tamper
+
+
+def _extra_metric(arrays: Arrays, metrics: dict[str, Any]) -> None:
+    metrics["per-record-loss"] = [0.1, 0.2]
+
+
+HOSTILE = {
+    "wrong name": (_rename, "missing ['head.bias'], unexpected ['head.bias_']"),
+    "extra array": (_extra_array, "unexpected ['embeddings.word_embeddings.weight']"),
+    "wrong shape": (_shape, "'prompt' has shape (3, 32), expected (4, 32)"),
+    "wrong dtype": (_dtype, "'head.weight' has dtype float64, expected float32"),
+    "NaN": (_nan, "'prompt' contains NaN or infinite values"),
+    "Inf": (_inf, "'head.weight' contains NaN or infinite values"),
+    "huge norm": (_huge, "more than max-update-norm=100"),
+    "negative example count": (_examples(-5), "claims -5 training examples"),
+    "zero example count": (_examples(0), "claims 0 training examples"),
+    "implausible example count": (_examples(10**9), "claims 1000000000 training examples"),
+    "fractional example count": (_examples(12.5), "num-examples must be a whole number, got 12.5"),
+    "extra metric": (_extra_metric, "metrics must be exactly"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_a_hostile_reply_is_rejected_and_the_others_are_aggregated(
+    case: str, tiny_backbone_dir: Path, tmp_path: Path
+) -> None:
+    tamper, reason = HOSTILE[case]
+    good = {1: CraftedHospital("hospital_1", 100), 2: CraftedHospital("hospital_2", 300)}
+    grid = FakeGrid({**good, 3: CraftedHospital("hospital_3", 200, tamper)})
+    results = federate(grid, run_config(tiny_backbone_dir, tmp_path, hospitals=3))
+
+    seen = hospitals_of(results, 1)
+    assert seen["hospital_3"]["status"] == "rejected"
+    assert "update from hospital_3" in seen["hospital_3"]["reason"] and reason in seen["hospital_3"]["reason"]
+    assert any(e.startswith("round 1: rejected the update from hospital_3") for e in results["events"])
+    assert [seen[f"hospital_{i}"]["status"] for i in (1, 2)] == ["trained", "trained"]
+    assert results["rounds"][0]["aggregated"] is True
+    aggregate = load_checkpoint(checkpoint_dir(tmp_path, 1)).arrays
+    for name, array in aggregate.items():  # the example-weighted mean of the two honest updates alone
+        expected = 0.25 * good[1].sent[1][name] + 0.75 * good[2].sent[1][name]
+        np.testing.assert_allclose(array, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_a_reply_with_a_path_for_a_name_is_rejected(tiny_backbone_dir: Path, tmp_path: Path) -> None:
+    nodes = {1: CraftedHospital("hospital_1", 100), 2: CraftedHospital("hospital_2", 100)}
+    nodes[3] = CraftedHospital("../../hospital_3", 100)  # would be kept as out/updates/round_001/../../hospital_3
+    config = run_config(tiny_backbone_dir, tmp_path / "run", hospitals=3, **{"keep-updates": True})
+    results = federate(FakeGrid(nodes), config)
+    assert "not a valid hospital name" in hospitals_of(results, 1)["../../hospital_3"]["reason"]
+    assert sorted(p.name for p in (tmp_path / "run" / "updates" / "round_001").iterdir()) == [
+        "hospital_1.safetensors",
+        "hospital_2.safetensors",
+    ]
+    assert not (tmp_path / "run" / "hospital_3.safetensors").exists()
+
+
+def test_too_few_valid_updates_skip_the_round_and_keep_the_global_state(tiny_backbone_dir: Path, tmp_path: Path) -> None:
+    hostile = CraftedHospital("hospital_2", 100, _nan)
+    grid = FakeGrid({1: CraftedHospital("hospital_1", 100), 2: hostile, 3: CraftedHospital("hospital_3", 100, _huge)})
+    config = run_config(tiny_backbone_dir, tmp_path, hospitals=3, rounds=2)
+    initial = Federation(grid, settings_from_run_config(config)).arrays  # type: ignore[arg-type]
+    results = federate(grid, config)
+
+    assert [r["aggregated"] for r in results["rounds"]] == [False, False]  # min-hospitals = 2, one valid update
+    assert "round 1: 1 valid update(s), fewer than min-hospitals=2; round skipped, the global state is kept" in results["events"]
+    for server_round in (1, 2):  # the run went on, and the global state stayed the seed's
+        kept = load_checkpoint(checkpoint_dir(tmp_path, server_round)).arrays
+        for name, array in initial.items():
+            np.testing.assert_array_equal(kept[name], array)
+        assert hospitals_of(results, server_round)["hospital_1"]["status"] == "trained"
+
+
+# --- robust aggregation ---------------------------------------------------------------------------
+
+
+def _outlier(arrays: Arrays, metrics: dict[str, Any]) -> None:
+    """Far from the others but within max-update-norm: the case robust aggregation is for."""
+    for array in arrays.values():
+        array += np.float32(2.0)
+
+
+@pytest.mark.parametrize(("strategy", "combine"), [("fedmedian", np.median), ("trimmed-mean", None)])
+def test_robust_strategies_aggregate_only_the_checked_updates_unweighted(
+    strategy: str, combine: Any, tiny_backbone_dir: Path, tmp_path: Path
+) -> None:
+    nodes = {i: CraftedHospital(f"hospital_{i}", 100 * i) for i in (1, 2, 3)}
+    nodes[4] = CraftedHospital("hospital_4", 10**6, _outlier)  # also claims the most examples
+    nodes[5] = CraftedHospital("hospital_5", 100, _nan)  # rejected before any strategy sees it
+    config = run_config(
+        tiny_backbone_dir, tmp_path, hospitals=5, strategy=strategy, **{"trim-fraction": 0.25, "keep-updates": True}
+    )
+    results = federate(FakeGrid(nodes), config)
+
+    assert hospitals_of(results, 1)["hospital_5"]["status"] == "rejected"
+    assert hospitals_of(results, 1)["hospital_4"]["update_norm"] > 30  # accepted: robustness is the strategy's job
+    sent = [nodes[i].sent[1] for i in (1, 2, 3, 4)]
+    aggregate = load_checkpoint(checkpoint_dir(tmp_path, 1)).arrays
+    for name, array in aggregate.items():
+        stacked = np.stack([s[name] for s in sent])
+        if combine is None:  # cut one of four per tail, per coordinate; examples do not weigh
+            expected = np.sort(stacked, axis=0)[1:3].mean(axis=0)
+        else:
+            expected = combine(stacked, axis=0)
+        np.testing.assert_allclose(array, expected, rtol=1e-6, atol=1e-7)
+        assert np.all(np.abs(array - np.stack([s[name] for s in sent[:3]]).mean(axis=0)) < 0.05)  # outlier ignored
+    for i in (1, 2, 3, 4):  # the strategy consumed its own copies: what each hospital sent is kept intact
+        kept = load_file(str(tmp_path / "updates" / "round_001" / f"hospital_{i}.safetensors"))
+        for name, array in nodes[i].sent[1].items():
+            np.testing.assert_array_equal(kept[name], array)
+
+
+def test_trimmed_mean_says_when_it_cuts_nothing(tiny_backbone_dir: Path, tmp_path: Path) -> None:
+    nodes = {i: CraftedHospital(f"hospital_{i}", 100) for i in (1, 2, 3)}
+    results = federate(FakeGrid(nodes), run_config(tiny_backbone_dir, tmp_path, hospitals=3, strategy="trimmed-mean"))
+    assert any("trim-fraction 0.2 cuts nothing from 3 hospitals" in e for e in results["events"])
+
+
+@pytest.mark.parametrize("strategy", ["fedmedian", "trimmed-mean", "fedadam"])
+def test_resume_matches_an_uninterrupted_run(strategy: str, tiny_backbone_dir: Path, tmp_path: Path) -> None:
+    def grid() -> FakeGrid:
+        return FakeGrid({i: CraftedHospital(f"hospital_{i}", 100 * i, step=0.05) for i in (1, 2, 3)})
+
+    interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
+    common = {"rounds": 3, "strategy": strategy}
+    federate(grid(), run_config(tiny_backbone_dir, interrupted, hospitals=3, **common, **{"until-round": 2}))
+    federate(grid(), run_config(tiny_backbone_dir, interrupted, hospitals=3, **common, resume=str(interrupted)))
+    federate(grid(), run_config(tiny_backbone_dir, straight, hospitals=3, **common))
+    resumed = load_checkpoint(checkpoint_dir(interrupted, 3)).arrays
+    for name, array in load_checkpoint(checkpoint_dir(straight, 3)).arrays.items():
+        np.testing.assert_array_equal(resumed[name], array)
+
+
+# --- real ClientApp on per-hospital files ---------------------------------------------------------
+
+
+class RealHospital:
+    """The real ClientApp handlers, as a deployed SuperNode runs them (its own file and ledger)."""
+
+    def __init__(self, node_id: int, node_config: dict[str, str], config: dict[str, Any]) -> None:
+        self.context = Context(run_id=1, node_id=node_id, node_config=node_config, state=RecordDict(), run_config=config)
+
+    def __call__(self, message: Message) -> Message:
+        handler = client_app.train if message.metadata.message_type == MessageType.TRAIN else client_app.evaluate
+        return handler(message, self.context)
+
+
+def site_files(tmp_path: Path) -> list[Path]:
+    return write_hospitals(SynthConfig(hospitals=3, mean_records=60, seed=0), tmp_path / "data")
+
+
+def real_grid(files: list[Path], tmp_path: Path, config: dict[str, Any]) -> FakeGrid:
+    return FakeGrid(
+        {
+            i: RealHospital(
+                i,
+                {"hospital": f"hospital_{i}", "data-path": str(path), "ledger-path": str(ledger_path(tmp_path, i))},
+                config,
+            )
+            for i, path in enumerate(files, start=1)
+        }
+    )
+
+
+def ledger_path(tmp_path: Path, number: int) -> Path:
+    return tmp_path / "sites" / f"hospital_{number}" / "ledger.json"
+
+
+def test_a_hospital_with_a_bad_data_file_fails_each_round_while_the_others_finish(
+    tiny_backbone_dir: Path, tmp_path: Path
+) -> None:
+    files = site_files(tmp_path)
+    with files[2].open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    rows[5][1] = "cardio"  # row 5: a label the federation does not have
+    with files[2].open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows(rows)
+    config = run_config(tiny_backbone_dir, tmp_path / "run", hospitals=3, rounds=2)
+    results = federate(real_grid(files, tmp_path, config), config)
+
+    for server_round in (1, 2):
+        seen = hospitals_of(results, server_round)
+        assert seen["hospital_3"]["status"] == FAILED
+        assert f"{files[2]} row 5: label 'cardio' is not in the federation's label list" in seen["hospital_3"]["reason"]
+        assert [seen[f"hospital_{i}"]["status"] for i in (1, 2)] == ["trained", "trained"]
+        assert seen["hospital_1"]["accuracy"] is not None and seen["hospital_3"]["accuracy"] is None
+        assert results["rounds"][server_round - 1]["aggregated"] is True
+        assert any(e.startswith(f"round {server_round}: hospital_3 failed: {files[2]} row 5") for e in results["events"])
+    assert not ledger_path(tmp_path, 3).exists()  # nothing was trained on the bad file, nothing spent
+    assert json.loads(ledger_path(tmp_path, 1).read_text())["steps"] == hospitals_of(results, 2)["hospital_1"]["steps"]
+
+
+def _missing_column(path: Path) -> None:
+    path.write_text(path.read_text(encoding="utf-8").replace("text,label", "note,label", 1), encoding="utf-8")
+
+
+def _empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def _not_utf8(path: Path) -> None:
+    raw = path.read_bytes()
+    path.write_bytes(raw[:30] + b"\xff" + raw[31:])
+
+
+def _empty_texts(path: Path) -> None:
+    path.write_text("text,label\n," + "cardiology\n" + ",neurology\n", encoding="utf-8")
+
+
+BAD_FILES = {
+    "missing column": (_missing_column, ": missing text column 'text'"),
+    "empty file": (_empty, ": file is empty"),
+    "non-UTF-8": (_not_utf8, "line 2: not valid UTF-8 (byte 0xff at offset 30)"),
+    "empty texts": (_empty_texts, "row 1: text in column 'text' is empty"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_each_data_error_becomes_a_failed_reply_naming_the_problem(case: str, tiny_backbone_dir: Path, tmp_path: Path) -> None:
+    spoil, problem = BAD_FILES[case]
+    path = site_files(tmp_path)[0]
+    spoil(path)
+    config = run_config(tiny_backbone_dir, tmp_path / "run", hospitals=1)
+    hospital = real_grid([path], tmp_path, config).nodes[1]
+    for message_type in (MessageType.TRAIN, MessageType.EVALUATE):
+        content = RecordDict({ARRAYS: to_record({}), "config": ConfigRecord({"server-round": 1})})
+        reply = hospital(Message(content, dst_node_id=1, message_type=message_type))
+        info = reply.content[HOSPITAL]
+        assert (info["name"], info["status"]) == ("hospital_1", FAILED)
+        assert str(path) in info["reason"] and problem in info["reason"]
+        assert not reply.content.array_records and not reply.content.metric_records
+    assert not ledger_path(tmp_path, 1).exists()
+
+
+def test_a_corrupted_ledger_makes_its_hospital_fail_never_restart_at_zero(tiny_backbone_dir: Path, tmp_path: Path) -> None:
+    files = site_files(tmp_path)
+    config = run_config(tiny_backbone_dir, tmp_path / "run", hospitals=3, rounds=2, **{"until-round": 1})
+    federate(real_grid(files, tmp_path, config), config)
+    damaged = ledger_path(tmp_path, 2)
+    garbled = damaged.read_bytes()[: len(damaged.read_bytes()) // 2]  # a torn write from an older tool
+    damaged.write_bytes(garbled)
+
+    config = {**config, "until-round": 0, "resume": str(tmp_path / "run")}
+    results = federate(real_grid(files, tmp_path, config), config)
+    seen = hospitals_of(results, 2)
+    assert seen["hospital_2"]["status"] == FAILED
+    assert f"{damaged}: unreadable privacy ledger" in seen["hospital_2"]["reason"]
+    assert "refusing to start a fresh one" in seen["hospital_2"]["reason"]
+    assert damaged.read_bytes() == garbled  # left as found, for a person to inspect
+    assert [seen[f"hospital_{i}"]["status"] for i in (1, 3)] == ["trained", "trained"]
+    assert results["rounds"][1]["aggregated"] is True
+
+
+def test_a_ledger_whose_history_was_cut_is_refused(tmp_path: Path) -> None:
+    from medtune.config import PrivacyConfig, TrainConfig
+    from medtune.local import load_or_create_ledger
+    from medtune.privacy import PrivacyLedger
+
+    privacy = PrivacyConfig(epsilon=8.0, accountant="rdp")
+    ledger = PrivacyLedger(privacy, sample_rate=0.25, planned_steps=8)
+    for _ in range(4):
+        ledger.accountant.step(noise_multiplier=ledger.noise_multiplier, sample_rate=0.25)
+    state = ledger.state_dict()
+    state["history"] = []  # valid JSON, but the spending it recorded is gone
+    path = tmp_path / "ledger.json"
+    path.write_text(json.dumps(state))
+    with pytest.raises(LedgerError, match=f"{re.escape(str(path))}: corrupted ledger .* adds up to 0 steps but it records 4"):
+        load_or_create_ledger(path, privacy, 40, TrainConfig(batch_size=10), rounds=2)
+
+
+# --- corrupted checkpoints ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def interrupted_run(tiny_backbone_dir: Path, tmp_path: Path) -> dict[str, Any]:
+    """A fedadam run stopped after round 1 (so it has strategy moments), and its resume config."""
+    config = run_config(tiny_backbone_dir, tmp_path, hospitals=3, rounds=2, strategy="fedadam", **{"until-round": 1})
+    federate(FakeGrid({i: CraftedHospital(f"hospital_{i}", 100) for i in (1, 2, 3)}), config)
+    return {**config, "until-round": 0, "resume": str(tmp_path)}
+
+
+@pytest.mark.parametrize("damaged", ["state.safetensors", "meta.json", "strategy.safetensors"])
+def test_a_corrupted_checkpoint_stops_the_resume_naming_the_file(damaged: str, interrupted_run: dict[str, Any]) -> None:
+    path = checkpoint_dir(Path(interrupted_run["out"]), 1) / damaged
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(path))}: corrupted"):
+        Federation(FakeGrid({}), settings_from_run_config(interrupted_run))  # type: ignore[arg-type]
+
+
+def test_an_interrupted_checkpoint_write_resumes_from_the_last_complete_round(interrupted_run: dict[str, Any]) -> None:
+    out = Path(interrupted_run["out"])
+    half_written = checkpoint_dir(out, 2)  # a crash after state.safetensors, before meta.json
+    half_written.mkdir(parents=True)
+    (half_written / "state.safetensors").write_bytes((checkpoint_dir(out, 1) / "state.safetensors").read_bytes())
+    federation = Federation(FakeGrid({}), settings_from_run_config(interrupted_run))  # type: ignore[arg-type]
+    assert federation.first_round == 2
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_whole(
+    interrupted_run: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = checkpoint_dir(Path(interrupted_run["out"]), 1)
+    before = load_checkpoint(directory)
+
+    def crash(descriptor: int) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    changed = {name: array + 1 for name, array in before.arrays.items()}
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(directory, Checkpoint(changed, before.labels, before.model, "x", "y", before.extra))
+    monkeypatch.undo()
+    after = load_checkpoint(directory)
+    for name, array in before.arrays.items():
+        np.testing.assert_array_equal(after.arrays[name], array)
+    assert sorted(p.name for p in directory.iterdir()) == ["meta.json", "state.safetensors", "strategy.safetensors"]
+
+
+def test_corrupted_results_stop_the_resume(interrupted_run: dict[str, Any]) -> None:
+    path = Path(interrupted_run["out"]) / "results.json"
+    path.write_text(path.read_text()[:50])
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(path))}: corrupted run results"):
+        RunResults.load(Path(interrupted_run["out"]), up_to_round=1)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("trim-fraction", 0.5, "trim-fraction must be in \\[0, 0.5\\)"),
+        ("max-update-norm", 0.0, "max-update-norm must be positive"),
+        ("max-examples", 0, "max-examples must be at least 1"),
+        ("strategy", "krum", "strategy must be one of"),
+    ],
+)
+def test_robustness_settings_are_validated(key: str, value: Any, message: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=message):
+        settings_from_run_config(resolve_run_config(None, {key: value, "out": str(tmp_path)}))

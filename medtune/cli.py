@@ -122,6 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--text-column", default="text")
     predict.add_argument("--backbone", help="backbone directory, if not the one named in the checkpoint")
 
+    audit = commands.add_parser(
+        "audit",
+        help="membership-inference attack (loss threshold) on a simulated run's global prompt and head",
+        description="Members are the hospital's training records, non-members its held-out test records. "
+        "Prints the attack's AUC (0.5 = chance) and its true-positive rate at 1% false positives.",
+    )
+    audit.add_argument("--run", type=Path, required=True, help="a `medtune simulate` out directory or checkpoint")
+    audit.add_argument("--hospital", default="hospital_1", help="the target hospital")
+    audit.add_argument("--out", type=Path, help="also write the result as JSON here")
+
     bench = commands.add_parser("benchmark", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     perf = bench.add_parser("perf", help="training and inference throughput, with and without DP")
     perf.add_argument("--layers", default="6,2", help="comma-separated backbone depths")
@@ -259,6 +269,20 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
     print(f"wrote {out}/results.csv, results.json, report.md and accuracy_vs_epsilon.png")
 
 
+def _cmd_audit(args: argparse.Namespace) -> None:
+    from medtune.audit import audit_run
+    from medtune.files import atomic_write_json
+
+    result = audit_run(args.run, args.hospital)
+    print(
+        f"{args.hospital}: {result.members} members, {result.non_members} non-members; mean loss "
+        f"{result.member_loss:.3f} vs {result.non_member_loss:.3f}\n"
+        f"loss-threshold attack AUC {result.auc:.3f} (0.5 = chance), TPR at 1% FPR {result.tpr_at_1pct_fpr:.3f}"
+    )
+    if args.out:
+        atomic_write_json(args.out, result.to_dict())
+
+
 def _cmd_difficulty(args: argparse.Namespace) -> None:
     from medtune.difficulty import run_difficulty
     from medtune.synth import SynthConfig
@@ -307,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         ("benchmark", "difficulty"): _cmd_difficulty,
         ("benchmark", "baselines"): _cmd_baselines,
         ("benchmark", "sweep"): _cmd_sweep,
+        ("audit", None): _cmd_audit,
     }
     groups = ("data_command", "bench_command", "certs_command")
     key = (args.command, next((getattr(args, group) for group in groups if hasattr(args, group)), None))

@@ -71,6 +71,21 @@ def test_only_exchanged_state_crosses_the_wire(two_rounds: Path) -> None:
         assert {name: list(a.shape) for name, a in arrays.items()} == {n: e["shape"] for n, e in expected.items()}
 
 
+def test_local_adam_moments_stay_at_the_site_and_carry_across_rounds(two_rounds: Path) -> None:
+    """Adam's moments (post-processing of DP gradients) persist beside the ledger; they never travel."""
+    spec = ExchangedStateSpec(prompt_length=4, hidden_size=32, num_labels=5)
+    for name in HOSPITALS:
+        moments = load_file(str(two_rounds / "sites" / name / "ledger.optimizer.safetensors"))
+        shapes = list(spec.shapes.values())
+        for index, shape in enumerate(shapes):  # one entry per trainable tensor, in exchanged-state order
+            assert moments[f"{index}.exp_avg"].shape == shape and moments[f"{index}.exp_avg_sq"].shape == shape
+            # Adam's step counter continued over both rounds instead of restarting each round.
+            assert float(moments[f"{index}.step"]) == ledger(two_rounds, name)["steps"]
+    for round_record in results(two_rounds)["rounds"]:
+        for hospital in round_record["hospitals"]:
+            assert not any("exp_avg" in array for array in hospital["received"])
+
+
 def test_aggregate_is_the_example_weighted_mean_of_the_replies(two_rounds: Path) -> None:
     for server_round in (1, 2):
         hospitals = results(two_rounds)["rounds"][server_round - 1]["hospitals"]

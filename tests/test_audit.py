@@ -1,0 +1,61 @@
+"""Membership inference on a tiny model: an overfit non-private model leaks, DP at epsilon 1 does not."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from medtune.audit import attack_auc, audit_model, tpr_at_fpr
+from medtune.config import ModelConfig, PrivacyConfig, TrainConfig
+from medtune.data import Record, TokenizedRecords
+from medtune.model import PromptClassifier
+from medtune.train import new_ledger, train_local
+
+WORDS = "fever cough rash pain nausea chest abdomen headache swelling fracture wound murmur glucose".split()
+
+
+def _notes(count: int, seed: int) -> list[Record]:
+    """Distinct notes with random labels: only memorising them lowers their loss."""
+    rng = random.Random(seed)
+    return [Record(" ".join(rng.choices(WORDS, k=12)), rng.randrange(5)) for _ in range(count)]
+
+
+def test_attack_scores_behave_at_the_extremes() -> None:
+    assert attack_auc(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 1.0
+    assert attack_auc(np.array([1.0, 2.0]), np.array([1.0, 2.0])) == 0.5
+    non_members = np.linspace(0, 1, 200)
+    assert tpr_at_fpr(np.array([2.0, 0.5]), non_members) == 0.5  # only the score above every non-member's top 1%
+
+
+@pytest.fixture(scope="module")
+def audited(tiny_backbone):
+    torch.manual_seed(0)
+    members, non_members = _notes(64, seed=1), _notes(64, seed=2)
+    config = ModelConfig(num_layers=None, prompt_length=4, max_length=24)
+    tokenizer, pad = tiny_backbone.tokenizer, tiny_backbone.tokenizer.pad_token_id
+    member_set = TokenizedRecords(members, tokenizer, config.max_length)
+    non_member_set = TokenizedRecords(non_members, tokenizer, config.max_length)
+    train = TrainConfig(epochs=60, batch_size=16, learning_rate=0.05, device="cpu")
+    results = {}
+    for epsilon in (math.inf, 1.0):
+        model = PromptClassifier(tiny_backbone, config, num_labels=5, seed=0)
+        ledger = new_ledger(PrivacyConfig(epsilon=epsilon), len(member_set), train, rounds=1)
+        train_local(model, member_set, ledger, train, pad, seed=0, progress=False)
+        results[epsilon] = audit_model(model, member_set, non_member_set, pad, torch.device("cpu"))
+    return results
+
+
+def test_an_overfit_model_without_dp_leaks_membership(audited) -> None:
+    leaky = audited[math.inf]
+    assert leaky.member_loss < leaky.non_member_loss
+    assert leaky.auc > 0.7
+
+
+def test_dp_at_epsilon_one_brings_the_attack_near_chance(audited) -> None:
+    private = audited[1.0]
+    assert abs(private.auc - 0.5) < 0.1
+    assert private.auc < audited[math.inf].auc - 0.15

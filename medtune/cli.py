@@ -255,14 +255,14 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
     from medtune.settings import parse_overrides
-    from medtune.sweep import parse_epsilon, read_sweep, run_sweep
+    from medtune.sweep import parse_epsilon, parse_seed, read_sweep, run_sweep
 
     sweep = read_sweep(args.sweep)
     changes: dict[str, Any] = {"run_config": {**sweep.run_config, **parse_overrides(args.run_config)}}
     if args.epsilons:
         changes["epsilons"] = tuple(parse_epsilon(e) for e in args.epsilons.split(","))
     if args.seeds:
-        changes["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+        changes["seeds"] = tuple(parse_seed(s) for s in args.seeds.split(","))
     sweep = replace(sweep, **changes)
     out = args.out or Path("runs/benchmark") / sweep.name
     run_sweep(sweep, out)

@@ -190,17 +190,19 @@ def project_defaults() -> dict[str, Any]:
         return dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
 
 
+def named_toml(name_or_path: str, folder: Path, kind: str) -> Path:
+    """A shipped TOML file by name (`folder/<name>.toml`) or a user's file by path."""
+    candidate = Path(name_or_path)
+    path = candidate if candidate.suffix == ".toml" or candidate.exists() else folder / f"{name_or_path}.toml"
+    if not path.is_file():
+        known = sorted(p.stem for p in folder.glob("*.toml"))
+        raise ConfigError(f"{kind} {name_or_path!r} not found ({path}); shipped {kind}s: {known}")
+    return path
+
+
 def scenario_path(name_or_path: str) -> Path:
     """A scenario by name (simulations/scenarios/<name>.toml) or by path."""
-    candidate = Path(name_or_path)
-    if candidate.suffix == ".toml" or candidate.exists():
-        path = candidate
-    else:
-        path = SCENARIO_DIR / f"{name_or_path}.toml"
-    if not path.is_file():
-        known = sorted(p.stem for p in SCENARIO_DIR.glob("*.toml"))
-        raise ConfigError(f"scenario {name_or_path!r} not found ({path}); shipped scenarios: {known}")
-    return path
+    return named_toml(name_or_path, SCENARIO_DIR, "scenario")
 
 
 def read_scenario(name_or_path: str) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from typing import Any
 
 from medtune.errors import ConfigError
 from medtune.files import atomic_write_json, read_json
-from medtune.settings import PROJECT_DIR, check_keys, resolve_run_config, settings_from_run_config
+from medtune.settings import PROJECT_DIR, check_keys, named_toml, resolve_run_config, settings_from_run_config
 
 SWEEP_DIR = PROJECT_DIR / "simulations" / "benchmarks"
 METHODS = ("federated", "local", "pooled")
@@ -77,21 +77,16 @@ def parse_epsilon(value: Any) -> float:
     return epsilon
 
 
-def sweep_path(name_or_path: str) -> Path:
-    path = Path(name_or_path)
-    if path.suffix == ".toml":
-        if not path.is_file():
-            raise ConfigError(f"sweep file {path} does not exist")
-        return path
-    candidate = SWEEP_DIR / f"{name_or_path}.toml"
-    if not candidate.is_file():
-        known = sorted(p.stem for p in SWEEP_DIR.glob("*.toml"))
-        raise ConfigError(f"no sweep named '{name_or_path}'; shipped sweeps: {known}, or give a .toml path")
-    return candidate
+def parse_seed(value: Any) -> int:
+    """Seeds in TOML or on the command line: whole numbers."""
+    try:
+        return int(str(value))
+    except ValueError:
+        raise ConfigError(f"seed {value!r} is not a whole number") from None
 
 
 def read_sweep(name_or_path: str) -> SweepConfig:
-    path = sweep_path(name_or_path)
+    path = named_toml(name_or_path, SWEEP_DIR, "sweep")
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
@@ -106,7 +101,7 @@ def read_sweep(name_or_path: str) -> SweepConfig:
         name=str(raw.get("name", path.stem)),
         scenario=str(raw.get("scenario", "default")),
         epsilons=tuple(parse_epsilon(e) for e in raw.get("epsilons", [1.0, 3.0, 8.0, "inf"])),
-        seeds=tuple(int(s) for s in raw.get("seeds", [0, 1, 2])),
+        seeds=tuple(parse_seed(s) for s in raw.get("seeds", [0, 1, 2])),
         run_config=dict(raw.get("run-config", {})),
         axes={key: tuple(values) for key, values in axes.items()},
     )

@@ -8,6 +8,7 @@ have no epsilon, so they are drawn as horizontal reference lines with their std 
 from __future__ import annotations
 
 import math
+import os
 import platform
 from datetime import date
 from pathlib import Path
@@ -116,8 +117,6 @@ def _markdown_table(summary: pd.DataFrame, axes: list[str]) -> str:
 
 
 def _machine() -> str:
-    import os
-
     import torch
 
     return (

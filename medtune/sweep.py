@@ -33,6 +33,7 @@ from medtune.settings import PROJECT_DIR, check_keys, named_toml, resolve_run_co
 SWEEP_DIR = PROJECT_DIR / "simulations" / "benchmarks"
 METHODS = ("federated", "local", "pooled")
 SWEEP_KEYS = {"name", "scenario", "epsilons", "seeds", "run-config", "axes"}
+GRID_FILE = "grid.json"  # what every cell in an output directory was run with
 
 
 @dataclass(frozen=True)
@@ -209,12 +210,32 @@ def run_cell(cell: Cell, sweep: SweepConfig, out: Path) -> dict[str, Any]:
     return row
 
 
+def check_same_grid(sweep: SweepConfig, out: Path) -> None:
+    """Refuse to resume into cells run with another scenario, run config or axes.
+
+    Cell ids name only method, epsilon, seed and axis values, so without this check a sweep edited
+    between runs would silently mix old and new cells in one table. More epsilons or seeds are fine.
+    """
+    identity = {"scenario": sweep.scenario, "run-config": sweep.run_config, "axes": {k: list(v) for k, v in sweep.axes.items()}}
+    path = out / GRID_FILE
+    if not path.is_file():
+        atomic_write_json(path, identity)
+        return
+    recorded = read_json(path)
+    if recorded != identity:
+        raise ConfigError(
+            f"{out} holds cells of another sweep grid ({path}: {recorded}); this sweep is {identity}. "
+            "Give another --out, or delete that directory to start over"
+        )
+
+
 def run_sweep(sweep: SweepConfig, out: Path, progress: bool = True) -> list[dict[str, Any]]:
     """Run every unfinished cell of the grid, then write the summary files."""
     from tqdm.auto import tqdm
 
     from medtune.sweep_report import write_report
 
+    check_same_grid(sweep, out)
     cells = plan_cells(sweep)
     rows = []
     with tqdm(total=len(cells), desc=f"sweep {sweep.name}", unit="run", disable=not progress) as bar:

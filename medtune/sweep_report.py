@@ -1,8 +1,10 @@
 """A sweep's summary: mean and std over seeds per cell, as CSV, JSON, a Markdown report and a plot.
 
-The plot puts accuracy against epsilon on a log axis for the DP runs (federated and local, with
-error bars of one std over seeds); the non-private runs (pooled, federated and local without DP)
-have no epsilon, so they are drawn as horizontal reference lines with their std as a band.
+The plot puts accuracy (top) and macro-F1 (bottom) against epsilon on a log axis for the DP runs
+(federated, and local on its own hospital's test split and, for accuracy, on every hospital's; error
+bars of one std over seeds); the
+non-private runs (pooled, federated and local without DP) have no epsilon, so they are drawn as
+horizontal reference lines with their std as a band.
 """
 
 from __future__ import annotations
@@ -32,6 +34,22 @@ METRICS = (
 )
 REFERENCE_STYLE = {"pooled": ("black", "--"), "federated": ("tab:blue", ":"), "local": ("tab:orange", ":")}
 PLOT_FILE = "accuracy_vs_epsilon.png"
+METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1"}
+# One plot row per metric; in each, the DP series as (method, metric column, colour, marker, legend
+# suffix). Accuracy alone flatters a model that predicts a hospital's majority class, so macro-F1 gets
+# its own row. A local model's accuracy is drawn twice: on its own hospital's test split, and on every
+# hospital's test split (what a shared model is for).
+PLOT_ROWS = {
+    "accuracy": (
+        ("federated", "accuracy", "tab:blue", "o", ""),
+        ("local", "accuracy", "tab:orange", "o", ", own test"),
+        ("local", "accuracy_on_all_hospitals", "tab:orange", "s", ", every hospital's test"),
+    ),
+    "macro_f1": (
+        ("federated", "macro_f1", "tab:blue", "o", ""),
+        ("local", "macro_f1", "tab:orange", "o", ", own test"),
+    ),
+}
 
 
 def summarise(rows: list[dict[str, Any]], axes: list[str]) -> pd.DataFrame:
@@ -58,28 +76,37 @@ def _plot(summary: pd.DataFrame, axes: list[str], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = list(summary.groupby(axes)) if axes else [((), summary)]
-    figure, subplots = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False, sharey=True)
-    for subplot, (key, panel) in zip(subplots[0], panels, strict=True):
-        private = panel[panel["epsilon"].map(math.isfinite)]
-        for method, colour in (("federated", "tab:blue"), ("local", "tab:orange")):
-            points = private[private["method"] == method].sort_values("epsilon")
-            if len(points):
-                subplot.errorbar(
-                    points["epsilon"], points["accuracy_mean"], yerr=points["accuracy_std"].fillna(0.0),
-                    marker="o", capsize=4, color=colour, label=_label(method, 1.0),
-                )
-        for row in panel[panel["epsilon"].map(math.isinf)].itertuples():
-            colour, style = REFERENCE_STYLE[row.method]
-            std = 0.0 if math.isnan(row.accuracy_std) else row.accuracy_std
-            subplot.axhline(row.accuracy_mean, color=colour, linestyle=style, label=_label(row.method, math.inf))
-            subplot.axhspan(row.accuracy_mean - std, row.accuracy_mean + std, color=colour, alpha=0.08)
-        subplot.set_xscale("log")
-        subplot.set_xlabel("epsilon per hospital (log scale)")
-        key = key if isinstance(key, tuple) else (key,)
-        subplot.set_title(", ".join(f"{a}={v}" for a, v in zip(axes, key, strict=True)) or "accuracy vs privacy")
-        subplot.grid(True, which="both", alpha=0.3)
-    subplots[0][0].set_ylabel("global test accuracy (mean ± std over seeds)")
-    subplots[0][-1].legend(loc="lower right", fontsize="small")
+    figure, grid = plt.subplots(
+        len(PLOT_ROWS), len(panels), figsize=(5.5 * len(panels), 4.2 * len(PLOT_ROWS)), squeeze=False, sharey="row"
+    )
+    for subplots, (row_metric, series) in zip(grid, PLOT_ROWS.items(), strict=True):
+        for subplot, (key, panel) in zip(subplots, panels, strict=True):
+            private = panel[panel["epsilon"].map(math.isfinite)]
+            for method, metric, colour, marker, suffix in series:
+                points = private[private["method"] == method].sort_values("epsilon")
+                if len(points):
+                    subplot.errorbar(
+                        points["epsilon"], points[f"{metric}_mean"], yerr=points[f"{metric}_std"].fillna(0.0),
+                        marker=marker, capsize=4, color=colour, label=_label(method, 1.0) + suffix,
+                        linestyle="-" if metric == row_metric else "--",
+                    )
+            for row in panel[panel["epsilon"].map(math.isinf)].itertuples():
+                colour, style = REFERENCE_STYLE[row.method]
+                mean, std = getattr(row, f"{row_metric}_mean"), getattr(row, f"{row_metric}_std")
+                std = 0.0 if math.isnan(std) else std
+                subplot.axhline(mean, color=colour, linestyle=style, label=_label(row.method, math.inf))
+                subplot.axhspan(mean - std, mean + std, color=colour, alpha=0.08)
+            subplot.set_xscale("log")
+            epsilons = sorted(private["epsilon"].unique())
+            subplot.set_xticks(epsilons, [f"{e:g}" for e in epsilons])  # the swept values, not 10^k
+            subplot.minorticks_off()
+            subplot.set_xlabel("epsilon per hospital (log scale)")
+            key = key if isinstance(key, tuple) else (key,)
+            title = ", ".join(f"{a}={v}" for a, v in zip(axes, key, strict=True))
+            subplot.set_title(title or f"{METRIC_NAMES[row_metric]} vs privacy")
+            subplot.grid(True, which="both", alpha=0.3)
+        subplots[0].set_ylabel(f"test {METRIC_NAMES[row_metric]} (mean ± std over seeds)")
+        subplots[-1].legend(loc="lower right", fontsize="small")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)

@@ -80,6 +80,11 @@ def test_sweep_writes_results_report_and_plot_and_resumes(
     monkeypatch.setattr(sweep_module, "run_cell", must_not_run)
     assert run_sweep(sweep, tmp_path, progress=False) == rows
 
+    # Cells of an edited grid must not be mixed with these: the same output directory is refused.
+    edited = SweepConfig(**{**sweep.__dict__, "run_config": {**sweep.run_config, "learning-rate": 0.01}})
+    with pytest.raises(ConfigError, match="another sweep grid"):
+        run_sweep(edited, tmp_path, progress=False)
+
 
 def test_a_sweep_file_with_a_bad_epsilon_is_named(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"

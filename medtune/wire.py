@@ -96,12 +96,11 @@ def evaluation_from_reply(message: Message, labels: tuple[str, ...]) -> Evaluati
     )
 
 
-def hospital_of(message: Message) -> tuple[str, str, str]:
-    """(name, status, reason) of a reply; replies without a name are named by their node."""
-    node = f"node {message.metadata.src_node_id}"
+def hospital_of(message: Message, unnamed: str) -> tuple[str, str, str]:
+    """(name, status, reason) of a reply; a reply that names no hospital (an error) is called `unnamed`."""
     if message.has_error():
-        return node, FAILED, message.error.reason
+        return unnamed, FAILED, message.error.reason
     info = message.content.config_records.get(HOSPITAL)
     if info is None:
-        return node, FAILED, "reply carries no hospital record"
-    return str(info.get("name", node)), str(info.get("status", FAILED)), str(info.get("reason", ""))
+        return unnamed, FAILED, "reply carries no hospital record"
+    return str(info.get("name", unnamed)), str(info.get("status", FAILED)), str(info.get("reason", ""))

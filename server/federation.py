@@ -31,6 +31,7 @@ from medtune.state import ExchangedStateSpec
 from medtune.wire import (
     ARRAYS,
     FAILED,
+    HOSPITAL,
     METRICS,
     REJECTED,
     STOPPED,
@@ -63,6 +64,7 @@ class Federation:
         labels = settings.data.labels
         self.spec = ExchangedStateSpec(settings.model.prompt_length, self.backbone.hidden_size, len(labels))
         self.stopped: set[int] = set()
+        self.node_names: dict[int, str] = {}  # node id -> the hospital that last replied from it
         self.results = RunResults(config=settings.run_config)
         self.arrays, self.first_round = self._initial_state()
         note = trimming_note(settings.federation, settings.source.hospitals)
@@ -146,19 +148,16 @@ class Federation:
             for m in self.strategy.configure_train(server_round, sent, ConfigRecord(), self.grid)
             if m.metadata.dst_node_id not in self.stopped
         ]
-        replies = list(self.grid.send_and_receive(messages, timeout=federation.round_timeout))
         hospitals: list[HospitalRound] = []
         accepted: list[CheckedUpdate] = []
-        for reply in replies:
-            name, status, reason = hospital_of(reply)
+        for reply, node, (name, status, reason) in self._exchange(server_round, "training", messages):
             record = HospitalRound(name=name, status=status, reason=reason, bytes_down=sent.count_bytes())
             update = self._read_train_reply(server_round, reply, record)
             if update is not None:
                 accepted.append(update)
+            if record.status == STOPPED:
+                self.stopped.add(node)
             hospitals.append(record)
-        missing = len(messages) - len(replies)
-        if missing:
-            self._event(f"round {server_round}: {missing} hospital(s) did not reply within {federation.round_timeout} s")
         aggregated = len(accepted) >= federation.min_hospitals
         if aggregated:
             new_arrays = aggregate(self.strategy, server_round, accepted)
@@ -172,6 +171,31 @@ class Federation:
             self._keep_updates(server_round, accepted)
         return sorted(hospitals, key=lambda h: h.name), aggregated
 
+    def _exchange(
+        self, server_round: int, purpose: str, messages: list[Message]
+    ) -> list[tuple[Message, int, tuple[str, str, str]]]:
+        """Send, wait, and return each reply with the node it was sent to and its (name, status, reason).
+
+        Replies are matched to the node they were sent to, never to their source: when a SuperNode
+        dies mid-round the error reply comes from the SuperLink. Such a reply, and every node that
+        did not answer in time, is named after the hospital last seen on that node.
+        """
+        timeout = self.settings.federation.round_timeout
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids are set on sending
+        named = []
+        for reply in replies:
+            node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            identity = hospital_of(reply, self.node_names.get(node, f"node {node}"))
+            if not reply.has_error() and HOSPITAL in reply.content.config_records:
+                self.node_names[node] = identity[0]
+            named.append((reply, node, identity))
+        answered = {reply.metadata.reply_to_message_id for reply in replies}
+        silent = sorted(self.node_names.get(n, f"node {n}") for m, n in sent_to.items() if m not in answered)
+        if silent:
+            self._event(f"round {server_round}: no {purpose} reply within {timeout} s from {', '.join(silent)}")
+        return named
+
     def _read_train_reply(self, server_round: int, reply: Message, record: HospitalRound) -> CheckedUpdate | None:
         """Fill in `record` from one training reply; return its update only if every check passes."""
         name, status = record.name, record.status
@@ -180,7 +204,6 @@ class Federation:
             return None
         self._read_train_metrics(reply, record)
         if status == STOPPED:
-            self.stopped.add(reply.metadata.src_node_id)
             self._event(f"round {server_round}: {name} stopped training: privacy budget spent ({record.reason})")
             return None
         arrays = reply.content.array_records.get(ARRAYS)
@@ -222,11 +245,9 @@ class Federation:
     def _evaluate_round(self, server_round: int, hospitals: list[HospitalRound]) -> Evaluation | None:
         sent = to_record(self.arrays)
         messages = list(self.strategy.configure_evaluate(server_round, sent, ConfigRecord(), self.grid))
-        replies = self.grid.send_and_receive(messages, timeout=self.settings.federation.round_timeout)
         by_name = {h.name: h for h in hospitals}
         evaluations = []
-        for reply in replies:
-            name, status, reason = hospital_of(reply)
+        for reply, _, (name, status, reason) in self._exchange(server_round, "evaluation", messages):
             record = by_name.setdefault(name, HospitalRound(name=name, status="evaluated"))
             record.bytes_down += sent.count_bytes()
             if status == FAILED:

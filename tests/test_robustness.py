@@ -12,13 +12,14 @@ import csv
 import json
 import os
 import re
+import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.numpy import load_file
 
@@ -54,7 +55,13 @@ class FakeGrid:
         return list(self.nodes)
 
     def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
-        return [self.nodes[m.metadata.dst_node_id](m) for m in messages]
+        replies = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # Flower's grids stamp ids on sending
+            reply = self.nodes[message.metadata.dst_node_id](message)
+            if reply is not None:  # None: the node never answers
+                replies.append(reply)
+        return replies
 
 
 def run_config(backbone: Path, out: Path, hospitals: int, **extra: Any) -> dict[str, Any]:
@@ -212,6 +219,38 @@ def test_a_reply_with_a_path_for_a_name_is_rejected(tiny_backbone_dir: Path, tmp
         "hospital_2.safetensors",
     ]
     assert not (tmp_path / "run" / "hospital_3.safetensors").exists()
+
+
+class DiesAfterRound1(CraftedHospital):
+    """Answers round 1, then dies: its node either yields the SuperLink's error reply or falls silent."""
+
+    def __init__(self, name: str, examples: int, silent: bool) -> None:
+        super().__init__(name, examples)
+        self.silent = silent
+
+    def __call__(self, message: Message) -> Message | None:
+        if int(message.content["config"]["server-round"]) == 1:
+            return super().__call__(message)
+        if self.silent:
+            return None
+        reply = Message(Error(code=0, reason="the SuperNode stopped"), reply_to=message)
+        reply.metadata.__dict__["_src_node_id"] = 1  # as in deployment: the SuperLink answers for a dead node
+        return reply
+
+
+def test_a_node_that_dies_is_named_by_its_hospital(tiny_backbone_dir: Path, tmp_path: Path) -> None:
+    nodes = {
+        11: CraftedHospital("hospital_1", 100),
+        12: DiesAfterRound1("hospital_2", 100, silent=False),
+        13: DiesAfterRound1("hospital_3", 100, silent=True),
+    }
+    results = federate(FakeGrid(nodes), run_config(tiny_backbone_dir, tmp_path, hospitals=3, rounds=2, **{"min-hospitals": 1}))
+    second = hospitals_of(results, 2)
+    assert second["hospital_2"]["status"] == FAILED and second["hospital_2"]["reason"] == "the SuperNode stopped"
+    assert "node 1" not in second and "hospital_3" not in second
+    assert "round 2: hospital_2 failed: the SuperNode stopped" in results["events"]
+    assert "round 2: no training reply within 5.0 s from hospital_3" in results["events"]
+    assert results["rounds"][1]["aggregated"]  # hospital_1 alone meets min-hospitals=1
 
 
 def test_too_few_valid_updates_skip_the_round_and_keep_the_global_state(tiny_backbone_dir: Path, tmp_path: Path) -> None:

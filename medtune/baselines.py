@@ -4,19 +4,22 @@
   and the same number of passes over its data as in the federation (rounds x local epochs),
   and is tested on its own test split;
 - pooled: one non-private model on every hospital's train split together (what centralising
-  the data would give), tested on every hospital's test split.
+  the data would give), tested on every hospital's test split;
+- majority label: no model at all, each hospital predicts its most frequent training label. Under
+  label skew a hospital's own test split rewards knowing its label mix; this is how much.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any
 
 from medtune.backbone import Backbone, load_backbone
 from medtune.data import Record, TokenizedRecords, train_test_split
 from medtune.hospitals import simulated_hospital
-from medtune.metrics import Evaluation, evaluate, pool
+from medtune.metrics import Evaluation, evaluate, from_counts, pool
 from medtune.model import PromptClassifier
 from medtune.settings import RunSettings
 from medtune.site import round_seed
@@ -113,3 +116,29 @@ def pooled(settings: RunSettings) -> BaselineResult:
     per_hospital = {split.name: _test(settings, backbone, model, split) for split in all_splits}
     together = pool(list(per_hospital.values()))
     return BaselineResult("pooled (no DP)", together, per_hospital, {"pooled": math.inf}, together)
+
+
+def _constant(settings: RunSettings, label: int, prior: dict[int, float], test: list[Record]) -> Evaluation:
+    """Predicting `label` for every record; the loss is the log-loss of predicting `prior`."""
+    labels = settings.data.labels
+    support = [sum(r.label == i for r in test) for i in range(len(labels))]
+    predicted = [len(test) if i == label else 0 for i in range(len(labels))]
+    correct = [support[i] if i == label else 0 for i in range(len(labels))]
+    loss = -sum(math.log(prior[r.label]) for r in test) / max(1, len(test))
+    return from_counts(labels, support, predicted, correct, loss)
+
+
+def majority_label(settings: RunSettings) -> BaselineResult:
+    """Each hospital predicts its most frequent training label (ties: the lowest label index)."""
+    all_splits = splits(settings)
+    per_hospital, everyone = {}, []
+    for split in all_splits:
+        counts = Counter(r.label for r in split.train)
+        label = min(counts, key=lambda i: (-counts[i], i))
+        smoothed = len(split.train) + len(settings.data.labels)  # add-one smoothing: no label gets zero mass
+        prior = {i: (counts[i] + 1) / smoothed for i in range(len(settings.data.labels))}
+        on_each = {other.name: _constant(settings, label, prior, other.test) for other in all_splits}
+        per_hospital[split.name] = on_each[split.name]
+        everyone += on_each.values()
+    spent = {split.name: math.inf for split in all_splits}
+    return BaselineResult("majority label", pool(list(per_hospital.values())), per_hospital, spent, pool(everyone))

@@ -235,12 +235,12 @@ def _cmd_perf(args: argparse.Namespace) -> None:
 
 
 def _cmd_baselines(args: argparse.Namespace) -> None:
-    from medtune.baselines import local_only, pooled
+    from medtune.baselines import local_only, majority_label, pooled
     from medtune.files import atomic_write_json
     from medtune.settings import parse_overrides, resolve_run_config, settings_from_run_config
 
     settings = settings_from_run_config(resolve_run_config(args.scenario, parse_overrides(args.run_config)))
-    figures = [local_only(settings), pooled(settings)]
+    figures = [local_only(settings), pooled(settings), majority_label(settings)]
     for result in figures:
         print(
             f"{result.name:32s} own test splits: accuracy {result.pooled.accuracy:.3f}  macro-F1 "

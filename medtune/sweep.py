@@ -7,7 +7,9 @@ axes and every seed it runs, on identical hospitals and splits:
 
 - federated: the real Flower simulation (`medtune simulate`) at every epsilon, and without DP;
 - local: each hospital alone, at every epsilon and without DP (same passes over its data);
-- pooled: every hospital's records in one place, without DP (the ceiling).
+- pooled: every hospital's records in one place, without DP (the ceiling);
+- majority: each hospital predicting its most frequent training label (no model; the floor that
+  a hospital's own skewed test split hands out for free).
 
 Each finished run is written to `cells/<id>.json` at once, so an interrupted sweep resumes and
 skips finished runs. The summary (mean and std over seeds) lands in results.csv, results.json,
@@ -31,7 +33,6 @@ from medtune.files import atomic_write_json, read_json
 from medtune.settings import PROJECT_DIR, check_keys, named_toml, resolve_run_config, settings_from_run_config
 
 SWEEP_DIR = PROJECT_DIR / "simulations" / "benchmarks"
-METHODS = ("federated", "local", "pooled")
 SWEEP_KEYS = {"name", "scenario", "epsilons", "seeds", "run-config", "axes"}
 GRID_FILE = "grid.json"  # what every cell in an output directory was run with
 
@@ -136,6 +137,7 @@ def plan_cells(sweep: SweepConfig) -> list[Cell]:
         for values in itertools.product(*(sweep.axes[k] for k in keys)):
             axes = tuple(zip(keys, values, strict=True))
             cells.append(Cell("pooled", math.inf, seed, axes))
+            cells.append(Cell("majority", math.inf, seed, axes))
             for method in ("local", "federated"):
                 cells += [Cell(method, epsilon, seed, axes) for epsilon in sweep.privacy_axis]
     return cells
@@ -173,10 +175,13 @@ def _federated(cell: Cell, sweep: SweepConfig, runs: Path) -> dict[str, Any]:
 
 
 def _baseline(cell: Cell, sweep: SweepConfig) -> dict[str, Any]:
-    from medtune.baselines import local_only, pooled
+    from medtune.baselines import local_only, majority_label, pooled
 
     settings = settings_from_run_config(resolve_run_config(sweep.scenario, cell.overrides(sweep)))
-    result = pooled(settings) if cell.method == "pooled" else local_only(settings, cell.epsilon)
+    if cell.method == "local":
+        result = local_only(settings, cell.epsilon)
+    else:
+        result = pooled(settings) if cell.method == "pooled" else majority_label(settings)
     row = result.to_dict()
     return {
         "accuracy": row["accuracy"],

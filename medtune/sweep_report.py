@@ -32,7 +32,12 @@ METRICS = (
     "bytes_per_hospital_round",
     "bytes_total",
 )
-REFERENCE_STYLE = {"pooled": ("black", "--"), "federated": ("tab:blue", ":"), "local": ("tab:orange", ":")}
+REFERENCE_STYLE = {
+    "pooled": ("black", "--"),
+    "federated": ("tab:blue", ":"),
+    "local": ("tab:orange", ":"),
+    "majority": ("grey", "-."),
+}
 PLOT_FILE = "accuracy_vs_epsilon.png"
 METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1"}
 # One plot row per metric; in each, the DP series as (method, metric column, colour, marker, legend
@@ -66,6 +71,8 @@ def summarise(rows: list[dict[str, Any]], axes: list[str]) -> pd.DataFrame:
 
 
 def _label(method: str, epsilon: float) -> str:
+    if method == "majority":
+        return "each hospital's majority label (no model)"
     return f"{method} (no DP)" if math.isinf(epsilon) else f"{method} (DP)"
 
 
@@ -129,7 +136,7 @@ def _markdown_table(summary: pd.DataFrame, axes: list[str]) -> str:
     for _, row in summary.iterrows():
         cells = [str(row[a]) for a in axes] + [
             row["method"],
-            "∞ (no DP)" if math.isinf(row["epsilon"]) else f"{row['epsilon']:g}",
+            "—" if row["method"] == "majority" else "∞ (no DP)" if math.isinf(row["epsilon"]) else f"{row['epsilon']:g}",
             str(row["seeds"]),
             pm(row, "accuracy"),
             pm(row, "macro_f1"),
@@ -182,8 +189,9 @@ def write_report(sweep: Any, rows: list[dict[str, Any]], out: Path) -> pd.DataFr
             "with the final global prompt and head, local runs with each hospital's own model on its own test "
             "split (which favours local models under label skew: each learns its own label mix). "
             "\"Accuracy on every hospital's test\" scores each local model on all hospitals' test splits: how "
-            "well one hospital's model serves the whole federation's patients. ε spent is the largest over "
-            "hospitals. Mean ± std over seeds.",
+            "well one hospital's model serves the whole federation's patients. \"majority\" has no model: each "
+            "hospital predicts its most frequent training label, the score its label mix alone earns. ε spent "
+            "is the largest over hospitals. Mean ± std over seeds.",
             _markdown_table(summary, axes),
             f"![accuracy against epsilon]({PLOT_FILE})",
         ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -12,6 +13,8 @@ import pytest
 
 from medtune import sweep as sweep_module
 from medtune.errors import ConfigError
+from medtune.baselines import majority_label, splits
+from medtune.settings import resolve_run_config, settings_from_run_config
 from medtune.sweep import SweepConfig, plan_cells, run_sweep
 
 
@@ -41,8 +44,9 @@ def test_grid_has_every_baseline_on_the_same_seeds(tiny_backbone_dir: Path) -> N
     sweep = SweepConfig(**{**tiny_sweep(tiny_backbone_dir).__dict__, "seeds": (0, 1), "axes": {"hospitals": (2, 3)}})
     cells = plan_cells(sweep)
     kinds = {(c.method, c.epsilon) for c in cells}
-    assert kinds == {("pooled", math.inf), ("local", 8.0), ("local", math.inf), ("federated", 8.0), ("federated", math.inf)}
-    assert len(cells) == 2 * 2 * 5 and len({c.id for c in cells}) == len(cells)
+    assert kinds == {("pooled", math.inf), ("majority", math.inf), ("local", 8.0), ("local", math.inf),
+                     ("federated", 8.0), ("federated", math.inf)}
+    assert len(cells) == 2 * 2 * 6 and len({c.id for c in cells}) == len(cells)
 
 
 def test_sweep_writes_results_report_and_plot_and_resumes(
@@ -50,7 +54,7 @@ def test_sweep_writes_results_report_and_plot_and_resumes(
 ) -> None:
     sweep = tiny_sweep(tiny_backbone_dir)
     rows = run_sweep(sweep, tmp_path, progress=False)
-    assert len(rows) == 5
+    assert len(rows) == 6
 
     summary = pd.read_csv(tmp_path / "results.csv")
     for column in ("method", "epsilon", "seeds", "accuracy_mean", "accuracy_std", "macro_f1_mean",
@@ -58,8 +62,8 @@ def test_sweep_writes_results_report_and_plot_and_resumes(
                    "bytes_per_hospital_round_mean", "bytes_total_mean"):
         assert column in summary.columns, column
     by_cell = {(row.method, float(row.epsilon)): row for row in summary.itertuples()}
-    assert set(by_cell) == {("pooled", math.inf), ("local", 8.0), ("local", math.inf), ("federated", 8.0),
-                            ("federated", math.inf)}
+    assert set(by_cell) == {("pooled", math.inf), ("majority", math.inf), ("local", 8.0), ("local", math.inf),
+                            ("federated", 8.0), ("federated", math.inf)}
     for row in summary.itertuples():
         assert 0.0 <= row.accuracy_mean <= 1.0
     assert 0 < by_cell[("federated", 8.0)].epsilon_spent_mean <= 8.0
@@ -69,7 +73,7 @@ def test_sweep_writes_results_report_and_plot_and_resumes(
     assert by_cell[("local", 8.0)].bytes_total_mean == 0  # nothing leaves a hospital that trains alone
 
     record = json.loads((tmp_path / "results.json").read_text())
-    assert len(record["runs"]) == 5 and len(record["summary"]) == 5
+    assert len(record["runs"]) == 6 and len(record["summary"]) == 6
     report = (tmp_path / "report.md").read_text()
     assert "accuracy_vs_epsilon.png" in report and "| federated | 8 |" in report
     assert (tmp_path / "accuracy_vs_epsilon.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -91,3 +95,17 @@ def test_a_sweep_file_with_a_bad_epsilon_is_named(tmp_path: Path) -> None:
     path.write_text('epsilons = [1.0, "lots"]\n')
     with pytest.raises(ConfigError, match="epsilon 'lots' is not a number"):
         sweep_module.read_sweep(str(path))
+
+
+def test_majority_label_scores_each_hospitals_own_label_mix(tmp_path: Path) -> None:
+    settings = settings_from_run_config(
+        resolve_run_config(None, {"hospitals": 3, "records-per-hospital": 60, "dirichlet-alpha": 0.3, "out": str(tmp_path)})
+    )
+    result = majority_label(settings)
+    for split in splits(settings):
+        counts = Counter(r.label for r in split.train)
+        top = max(counts.values())
+        label = min(i for i, c in counts.items() if c == top)
+        expected = sum(r.label == label for r in split.test) / len(split.test)
+        assert result.per_hospital[split.name].accuracy == pytest.approx(expected)
+    assert all(math.isinf(e) for e in result.epsilon_spent.values())

@@ -84,7 +84,7 @@ def _plot(summary: pd.DataFrame, axes: list[str], path: Path) -> None:
 
     panels = list(summary.groupby(axes)) if axes else [((), summary)]
     figure, grid = plt.subplots(
-        len(PLOT_ROWS), len(panels), figsize=(5.5 * len(panels), 4.2 * len(PLOT_ROWS)), squeeze=False, sharey="row"
+        len(PLOT_ROWS), len(panels), figsize=(5.5 * len(panels) + 4.0, 4.2 * len(PLOT_ROWS)), squeeze=False, sharey="row"
     )
     for subplots, (row_metric, series) in zip(grid, PLOT_ROWS.items(), strict=True):
         for subplot, (key, panel) in zip(subplots, panels, strict=True):
@@ -113,10 +113,10 @@ def _plot(summary: pd.DataFrame, axes: list[str], path: Path) -> None:
             subplot.set_title(title or f"{METRIC_NAMES[row_metric]} vs privacy")
             subplot.grid(True, which="both", alpha=0.3)
         subplots[0].set_ylabel(f"test {METRIC_NAMES[row_metric]} (mean ± std over seeds)")
-        subplots[-1].legend(loc="lower right", fontsize="small")
+        subplots[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")  # beside, not over, the data
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
 
 
@@ -142,7 +142,7 @@ def _markdown_table(summary: pd.DataFrame, axes: list[str]) -> str:
             pm(row, "macro_f1"),
             pm(row, "worst_hospital_accuracy"),
             pm(row, "accuracy_on_all_hospitals"),
-            pm(row, "epsilon_spent", 2),
+            "—" if row["method"] == "majority" else pm(row, "epsilon_spent", 2),
             f"{row['bytes_per_hospital_round_mean'] / 1024:.1f}" if row["method"] == "federated" else "0",
             f"{row['wall_seconds_mean']:.0f}",
         ]

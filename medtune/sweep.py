@@ -180,8 +180,10 @@ def _baseline(cell: Cell, sweep: SweepConfig) -> dict[str, Any]:
     settings = settings_from_run_config(resolve_run_config(sweep.scenario, cell.overrides(sweep)))
     if cell.method == "local":
         result = local_only(settings, cell.epsilon)
+    elif cell.method == "pooled":
+        result = pooled(settings)
     else:
-        result = pooled(settings) if cell.method == "pooled" else majority_label(settings)
+        result = majority_label(settings)
     row = result.to_dict()
     return {
         "accuracy": row["accuracy"],

@@ -2,9 +2,8 @@
 
 The plot puts accuracy (top) and macro-F1 (bottom) against epsilon on a log axis for the DP runs
 (federated, and local on its own hospital's test split and, for accuracy, on every hospital's; error
-bars of one std over seeds); the
-non-private runs (pooled, federated and local without DP) have no epsilon, so they are drawn as
-horizontal reference lines with their std as a band.
+bars of one std over seeds); the non-private runs (pooled, federated and local without DP, and the
+majority label) have no epsilon, so they are drawn as horizontal reference lines with their std as a band.
 """
 
 from __future__ import annotations

@@ -171,6 +171,9 @@ class Federation:
             self._keep_updates(server_round, accepted)
         return sorted(hospitals, key=lambda h: h.name), aggregated
 
+    def _node_name(self, node: int) -> str:
+        return self.node_names.get(node, f"node {node}")
+
     def _exchange(
         self, server_round: int, purpose: str, messages: list[Message]
     ) -> list[tuple[Message, int, tuple[str, str, str]]]:
@@ -186,12 +189,12 @@ class Federation:
         named = []
         for reply in replies:
             node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-            identity = hospital_of(reply, self.node_names.get(node, f"node {node}"))
+            identity = hospital_of(reply, self._node_name(node))
             if not reply.has_error() and HOSPITAL in reply.content.config_records:
                 self.node_names[node] = identity[0]
             named.append((reply, node, identity))
         answered = {reply.metadata.reply_to_message_id for reply in replies}
-        silent = sorted(self.node_names.get(n, f"node {n}") for m, n in sent_to.items() if m not in answered)
+        silent = sorted(self._node_name(n) for m, n in sent_to.items() if m not in answered)
         if silent:
             self._event(f"round {server_round}: no {purpose} reply within {timeout} s from {', '.join(silent)}")
         return named

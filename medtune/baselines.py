@@ -7,6 +7,9 @@
   the data would give), tested on every hospital's test split;
 - majority label: no model at all, each hospital predicts its most frequent training label. Under
   label skew a hospital's own test split rewards knowing its label mix; this is how much.
+
+And the federated model as a hospital would use it at home: the final global prompt and head with
+the hospital's own label mix applied (medtune/label_mix.py), on its own test split.
 """
 
 from __future__ import annotations
@@ -16,10 +19,13 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
+
 from medtune.backbone import Backbone, load_backbone
 from medtune.data import Record, TokenizedRecords, train_test_split
 from medtune.hospitals import simulated_hospital
-from medtune.metrics import Evaluation, evaluate, from_counts, pool
+from medtune.label_mix import apply_label_mix, label_mix
+from medtune.metrics import Evaluation, evaluate, from_counts, pool, predict_logits, score_logits
 from medtune.model import PromptClassifier
 from medtune.settings import RunSettings
 from medtune.site import round_seed
@@ -135,10 +141,40 @@ def majority_label(settings: RunSettings) -> BaselineResult:
     for split in all_splits:
         counts = Counter(r.label for r in split.train)
         label = min(counts, key=lambda i: (-counts[i], i))
-        smoothed = len(split.train) + len(settings.data.labels)  # add-one smoothing: no label gets zero mass
-        prior = {i: (counts[i] + 1) / smoothed for i in range(len(settings.data.labels))}
+        prior = dict(enumerate(label_mix([r.label for r in split.train], len(settings.data.labels))))
         on_each = {other.name: _constant(settings, label, prior, other.test) for other in all_splits}
         per_hospital[split.name] = on_each[split.name]
         everyone += on_each.values()
     spent = {split.name: math.inf for split in all_splits}
     return BaselineResult("majority label", pool(list(per_hospital.values())), per_hospital, spent, pool(everyone))
+
+
+def federated(
+    settings: RunSettings, arrays: dict[str, np.ndarray], epsilon_spent: dict[str, float], own_label_mix: bool
+) -> BaselineResult:
+    """A federated run's global prompt and head, as it is or with each hospital's own label mix applied.
+
+    The global model's logits on each test split are computed once; with `own_label_mix` each
+    hospital applies its training label mix to its own split ("own test") and, for `everyone`, to
+    every hospital's split.
+    """
+    backbone = load_backbone(settings.model.backbone, settings.model.num_layers)
+    model = PromptClassifier(backbone, settings.model, len(settings.data.labels), seed=settings.seed)
+    model.load_exchanged_state(arrays, source="federated run's global state")
+    device = resolve_device(settings.train.device)
+    all_splits = splits(settings)
+    tests = {}
+    for split in all_splits:
+        dataset = TokenizedRecords(split.test, backbone.tokenizer, settings.model.max_length)
+        tests[split.name] = (predict_logits(model, dataset, backbone.tokenizer.pad_token_id, device), dataset.labels)
+    per_hospital, everyone = {}, []
+    for split in all_splits:
+        mix = label_mix([r.label for r in split.train], len(settings.data.labels))
+        on_each = {
+            name: score_logits(apply_label_mix(logits, mix) if own_label_mix else logits, labels, settings.data.labels)
+            for name, (logits, labels) in tests.items()
+        }
+        per_hospital[split.name] = on_each[split.name]
+        everyone += on_each.values()
+    name = "federated + own label mix" if own_label_mix else "federated (global model)"
+    return BaselineResult(name, pool(list(per_hospital.values())), per_hospital, epsilon_spent, pool(everyone))

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from medtune.config import DataConfig, ModelConfig, PrivacyConfig, TrainConfig, config_from_dict
-from medtune.errors import MedTuneError
+from medtune.errors import ConfigError, MedTuneError
 from medtune.logs import quiet_libraries
 
 
@@ -120,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--text", action="append", help="a text to classify (repeatable)")
     source.add_argument("--input", type=Path, help="records file (.csv, .jsonl, .parquet) with a text column")
     predict.add_argument("--text-column", default="text")
+    predict.add_argument(
+        "--label-mix", type=Path,
+        help="this hospital's labelled records (.csv, .jsonl, .parquet): re-weight predictions to its label mix",
+    )
+    predict.add_argument("--label-column", default="label", help="label column of the --label-mix file")
     predict.add_argument("--backbone", help="backbone directory, if not the one named in the checkpoint")
 
     audit = commands.add_parser(
@@ -140,9 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--steps", type=int, default=8, help="timed training steps per setting")
     perf.add_argument("--out", type=Path, help="also write the table as JSON here")
     baselines = bench.add_parser("baselines", help="local-only and pooled references for a scenario")
-    baselines.add_argument("--scenario", default="default")
+    baselines.add_argument("--scenario", help="name in simulations/scenarios/ or a TOML path (default: default)")
     baselines.add_argument("--run-config", default="", help="overrides, as for flwr: 'key=value key2=value2'")
     baselines.add_argument("--out", type=Path, help="also write the figures as JSON here")
+    baselines.add_argument(
+        "--run", type=Path,
+        help="a `medtune simulate` out directory: take its settings, and add its final global model as it is "
+        "and with each hospital's own label mix",
+    )
     sweep = bench.add_parser(
         "sweep",
         help="privacy/accuracy grid: federated and local at each epsilon, without DP, and pooled",
@@ -235,15 +245,30 @@ def _cmd_perf(args: argparse.Namespace) -> None:
 
 
 def _cmd_baselines(args: argparse.Namespace) -> None:
-    from medtune.baselines import local_only, majority_label, pooled
+    from medtune.baselines import federated, local_only, majority_label, pooled
+    from medtune.checkpoint import find_checkpoint, load_checkpoint
     from medtune.files import atomic_write_json
+    from medtune.results import RESULTS_FILE, RunResults
     from medtune.settings import parse_overrides, resolve_run_config, settings_from_run_config
 
-    settings = settings_from_run_config(resolve_run_config(args.scenario, parse_overrides(args.run_config)))
-    figures = [local_only(settings), pooled(settings), majority_label(settings)]
+    figures = []
+    if args.run is not None and (args.scenario or args.run_config):
+        raise ConfigError("--run takes the run's own settings (from its results.json); drop --scenario and --run-config")
+    if args.run is not None:
+        if not (args.run / RESULTS_FILE).is_file():
+            raise ConfigError(f"{args.run}: no {RESULTS_FILE} here; give the out directory of a `medtune simulate` run")
+        results = RunResults.load(args.run, up_to_round=sys.maxsize)
+        settings = settings_from_run_config(results.config)
+        arrays = load_checkpoint(find_checkpoint(args.run)).arrays
+        spent = {h.name: float(h.epsilon) for r in results.rounds for h in r.hospitals if h.epsilon is not None}
+        figures += [federated(settings, arrays, spent, own_label_mix=mix) for mix in (False, True)]
+    else:
+        overrides = parse_overrides(args.run_config)
+        settings = settings_from_run_config(resolve_run_config(args.scenario or "default", overrides))
+    figures += [local_only(settings), pooled(settings), majority_label(settings)]
     for result in figures:
         print(
-            f"{result.name:32s} own test splits: accuracy {result.pooled.accuracy:.3f}  macro-F1 "
+            f"{result.name:34s} own test splits: accuracy {result.pooled.accuracy:.3f}  macro-F1 "
             f"{result.pooled.macro_f1:.3f}  mean hospital {result.mean_hospital_accuracy:.3f} | every hospital's "
             f"test split: accuracy {result.everyone.accuracy:.3f}  macro-F1 {result.everyone.macro_f1:.3f}"
         )
@@ -310,10 +335,15 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
 
 def _cmd_predict(args: argparse.Namespace) -> None:
     from medtune.data import read_texts
-    from medtune.predict import predict_texts
+    from medtune.predict import predict_texts, site_label_mix
 
     texts = args.text or read_texts(args.input, args.text_column)
-    for prediction in predict_texts(args.checkpoint, texts, backbone=args.backbone):
+    mix = None
+    if args.label_mix is not None:
+        mix = site_label_mix(args.checkpoint, args.label_mix, args.text_column, args.label_column)
+        shown = "  ".join(f"{label}={share:.3f}" for label, share in mix.items())
+        print(f"re-weighted to the label mix of {args.label_mix}: {shown}", file=sys.stderr)
+    for prediction in predict_texts(args.checkpoint, texts, backbone=args.backbone, mix=mix):
         print(prediction.format())
 
 

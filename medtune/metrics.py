@@ -105,6 +105,10 @@ def evaluate(
     pad_token_id: int,
     device: torch.device,
 ) -> Evaluation:
-    logits = predict_logits(model, dataset, pad_token_id, device)
-    loss = F.cross_entropy(logits, dataset.labels).item() if len(dataset) else 0.0
-    return summarize(dataset.labels.numpy(), logits.argmax(dim=1).numpy(), loss, label_names)
+    return score_logits(predict_logits(model, dataset, pad_token_id, device), dataset.labels, label_names)
+
+
+def score_logits(logits: torch.Tensor, labels: torch.Tensor, label_names: tuple[str, ...]) -> Evaluation:
+    """Metrics of given logits, so one model's logits can be scored under several label mixes."""
+    loss = F.cross_entropy(logits, labels).item() if len(labels) else 0.0
+    return summarize(labels.numpy(), logits.argmax(dim=1).numpy(), loss, label_names)

@@ -1,7 +1,8 @@
 """Classify texts with a checkpoint: only the checkpoint and the backbone are needed.
 
 The checkpoint names its backbone and a hash of its weights; a different backbone is refused,
-since the prompt and head are meaningless on any other encoder.
+since the prompt and head are meaningless on any other encoder. A hospital may pass its own
+labelled records (`--label-mix`) to re-weight the shared model to its label mix (medtune/label_mix.py).
 """
 
 from __future__ import annotations
@@ -9,12 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from medtune.backbone import load_backbone, weights_hash
 from medtune.checkpoint import find_checkpoint, load_checkpoint
-from medtune.data import Record, TokenizedRecords
+from medtune.config import DataConfig
+from medtune.data import Record, TokenizedRecords, read_records
 from medtune.errors import CheckpointError
+from medtune.label_mix import apply_label_mix, label_mix
 from medtune.metrics import predict_logits
 from medtune.model import PromptClassifier
 from medtune.train import resolve_device
@@ -33,7 +37,17 @@ class Prediction:
         return f"{self.label}\t{shown}\t{preview}"
 
 
-def predict_texts(checkpoint_path: Path, texts: list[str], backbone: str | None = None) -> list[Prediction]:
+def site_label_mix(checkpoint_path: Path, records_path: Path, text_column: str, label_column: str) -> dict[str, float]:
+    """The label mix of a hospital's own labelled records, over the checkpoint's labels."""
+    labels = load_checkpoint(find_checkpoint(checkpoint_path)).labels
+    records = read_records(records_path, DataConfig(labels=labels, text_column=text_column, label_column=label_column))
+    return dict(zip(labels, label_mix([r.label for r in records], len(labels)).tolist(), strict=True))
+
+
+def predict_texts(
+    checkpoint_path: Path, texts: list[str], backbone: str | None = None, mix: dict[str, float] | None = None
+) -> list[Prediction]:
+    """Label and probabilities per text; `mix` re-weights them to a hospital's own label mix."""
     checkpoint = load_checkpoint(find_checkpoint(checkpoint_path))
     config = checkpoint.model
     loaded = load_backbone(backbone or config.backbone, config.num_layers)
@@ -46,6 +60,8 @@ def predict_texts(checkpoint_path: Path, texts: list[str], backbone: str | None 
     model.load_exchanged_state(checkpoint.arrays, source=str(checkpoint_path))
     dataset = TokenizedRecords([Record(text=t, label=0) for t in texts], loaded.tokenizer, config.max_length)
     logits = predict_logits(model, dataset, loaded.tokenizer.pad_token_id, resolve_device("auto"))
+    if mix is not None:
+        logits = apply_label_mix(logits, np.array([mix[label] for label in checkpoint.labels]))
     probabilities = torch.softmax(logits, dim=1).numpy()
     labels = checkpoint.labels
     return [

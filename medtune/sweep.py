@@ -11,6 +11,9 @@ axes and every seed it runs, on identical hospitals and splits:
 - majority: each hospital predicting its most frequent training label (no model; the floor that
   a hospital's own skewed test split hands out for free).
 
+Federated runs are also scored as a hospital would use the global model at home: with its own
+label mix applied (medtune/label_mix.py), on its own test split ("own_mix_*").
+
 Each finished run is written to `cells/<id>.json` at once, so an interrupted sweep resumes and
 skips finished runs. The summary (mean and std over seeds) lands in results.csv, results.json,
 report.md and accuracy_vs_epsilon.png.
@@ -143,12 +146,34 @@ def plan_cells(sweep: SweepConfig) -> list[Cell]:
     return cells
 
 
+def _finished_run(out: Path, rounds: int) -> Path | None:
+    """results.json of a simulation that ran every round, so a sweep interrupted after it is not re-run."""
+    from medtune.checkpoint import find_checkpoint
+    from medtune.errors import CheckpointError
+    from medtune.results import RESULTS_FILE
+
+    path = out / RESULTS_FILE
+    try:
+        last_checkpoint = find_checkpoint(out).name
+    except CheckpointError:
+        return None
+    recorded = [r["round"] for r in read_json(path).get("rounds", [])] if path.is_file() else []
+    return path if recorded and recorded[-1] == rounds and last_checkpoint == f"round_{rounds:03d}" else None
+
+
 def _federated(cell: Cell, sweep: SweepConfig, runs: Path) -> dict[str, Any]:
+    from medtune.baselines import federated
+    from medtune.checkpoint import find_checkpoint, load_checkpoint
     from medtune.simulate import simulate
 
     out = runs / cell.id
-    shutil.rmtree(out, ignore_errors=True)  # a cell interrupted mid-run starts over, ledgers included
-    results = read_json(simulate(sweep.scenario, {**cell.overrides(sweep), "out": str(out)}))
+    overrides = {**cell.overrides(sweep), "out": str(out)}
+    settings = settings_from_run_config(resolve_run_config(sweep.scenario, overrides))
+    results_path = _finished_run(out, settings.federation.rounds)
+    if results_path is None:
+        shutil.rmtree(out, ignore_errors=True)  # a cell interrupted mid-run starts over, ledgers included
+        results_path = simulate(sweep.scenario, overrides)
+    results = read_json(results_path)
     rounds = [r for r in results["rounds"] if r["accuracy"] is not None]
     if not rounds:
         raise ConfigError(f"federated run {cell.id} finished no evaluated round; see {out}/results.json")
@@ -160,12 +185,16 @@ def _federated(cell: Cell, sweep: SweepConfig, runs: Path) -> dict[str, Any]:
         if record["epsilon"] is not None:
             epsilons[record["name"]] = float(record["epsilon"])
     communicated = sum(h["bytes_up"] + h["bytes_down"] for h in hospital_rounds)
+    own_mix = federated(settings, load_checkpoint(find_checkpoint(out)).arrays, epsilons, own_label_mix=True)
     return {
         "accuracy": last["accuracy"],
         "macro_f1": last["macro_f1"],
         "worst_hospital_accuracy": min(accuracies),
         "mean_hospital_accuracy": sum(accuracies) / len(accuracies),
         "accuracy_on_all_hospitals": last["accuracy"],  # one global model: its own-test score is everyone's
+        "own_mix_accuracy": own_mix.pooled.accuracy,
+        "own_mix_macro_f1": own_mix.pooled.macro_f1,
+        "own_mix_mean_hospital_accuracy": own_mix.mean_hospital_accuracy,
         "epsilon_spent": max(epsilons.values()) if epsilons else math.inf,
         "epsilon_per_hospital": epsilons,
         "rounds": len(results["rounds"]),

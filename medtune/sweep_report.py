@@ -1,8 +1,8 @@
 """A sweep's summary: mean and std over seeds per cell, as CSV, JSON, a Markdown report and a plot.
 
 The plot puts accuracy (top) and macro-F1 (bottom) against epsilon on a log axis for the DP runs
-(federated, and local on its own hospital's test split and, for accuracy, on every hospital's; error
-bars of one std over seeds); the non-private runs (pooled, federated and local without DP, and the
+(federated as it is and with each hospital's own label mix applied, and local on its own hospital's
+test split and, for accuracy, on every hospital's; error bars of one std over seeds); the non-private runs (pooled, federated and local without DP, and the
 majority label) have no epsilon, so they are drawn as horizontal reference lines with their std as a band.
 """
 
@@ -25,6 +25,9 @@ METRICS = (
     "worst_hospital_accuracy",
     "mean_hospital_accuracy",
     "accuracy_on_all_hospitals",
+    "own_mix_accuracy",
+    "own_mix_macro_f1",
+    "own_mix_mean_hospital_accuracy",
     "epsilon_spent",
     "rounds",
     "wall_seconds",
@@ -42,15 +45,19 @@ METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1"}
 # One plot row per metric; in each, the DP series as (method, metric column, colour, marker, legend
 # suffix). Accuracy alone flatters a model that predicts a hospital's majority class, so macro-F1 gets
 # its own row. A local model's accuracy is drawn twice: on its own hospital's test split, and on every
-# hospital's test split (what a shared model is for).
+# hospital's test split (what a shared model is for). The federated model is drawn twice as well: as
+# it is, and with each hospital's own label mix applied on its own test split (how a site uses it).
+OWN_MIX = ("tab:green", "^", " + own label mix, own test")
 PLOT_ROWS = {
     "accuracy": (
         ("federated", "accuracy", "tab:blue", "o", ""),
+        ("federated", "own_mix_accuracy", *OWN_MIX),
         ("local", "accuracy", "tab:orange", "o", ", own test"),
         ("local", "accuracy_on_all_hospitals", "tab:orange", "s", ", every hospital's test"),
     ),
     "macro_f1": (
         ("federated", "macro_f1", "tab:blue", "o", ""),
+        ("federated", "own_mix_macro_f1", *OWN_MIX),
         ("local", "macro_f1", "tab:orange", "o", ", own test"),
     ),
 }
@@ -59,6 +66,9 @@ PLOT_ROWS = {
 def summarise(rows: list[dict[str, Any]], axes: list[str]) -> pd.DataFrame:
     """One row per (axes, method, epsilon): mean and std of every metric over seeds."""
     frame = pd.DataFrame(rows)
+    for metric in METRICS:  # cells written before a metric existed (or by a method without it) show NaN
+        if metric not in frame:
+            frame[metric] = math.nan
     frame["epsilon"] = frame["epsilon"].map(float)
     frame["epsilon_spent"] = frame["epsilon_spent"].map(float)
     keys = [*axes, "method", "epsilon"]
@@ -97,11 +107,14 @@ def _plot(summary: pd.DataFrame, axes: list[str], path: Path) -> None:
                         linestyle="-" if metric == row_metric else "--",
                     )
             for row in panel[panel["epsilon"].map(math.isinf)].itertuples():
-                colour, style = REFERENCE_STYLE[row.method]
-                mean, std = getattr(row, f"{row_metric}_mean"), getattr(row, f"{row_metric}_std")
-                std = 0.0 if math.isnan(std) else std
-                subplot.axhline(mean, color=colour, linestyle=style, label=_label(row.method, math.inf))
-                subplot.axhspan(mean - std, mean + std, color=colour, alpha=0.08)
+                lines = [(row_metric, *REFERENCE_STYLE[row.method], "")]
+                if row.method == "federated":
+                    lines.append((f"own_mix_{row_metric}", OWN_MIX[0], ":", OWN_MIX[2]))
+                for metric, colour, style, suffix in lines:
+                    mean, std = getattr(row, f"{metric}_mean"), getattr(row, f"{metric}_std")
+                    std = 0.0 if math.isnan(std) else std
+                    subplot.axhline(mean, color=colour, linestyle=style, label=_label(row.method, math.inf) + suffix)
+                    subplot.axhspan(mean - std, mean + std, color=colour, alpha=0.08)
             subplot.set_xscale("log")
             epsilons = sorted(private["epsilon"].unique())
             subplot.set_xticks(epsilons, [f"{e:g}" for e in epsilons])  # the swept values, not 10^k
@@ -129,7 +142,7 @@ def _markdown_table(summary: pd.DataFrame, axes: list[str]) -> str:
         return f"{mean:.{digits}f}" + ("" if math.isnan(std) else f" ± {std:.{digits}f}")
 
     header = [*axes, "method", "ε target", "seeds", "accuracy", "macro-F1", "worst hospital",
-              "accuracy on every hospital's test", "ε spent (max)",
+              "accuracy on every hospital's test", "federated + own label mix: accuracy (own test)", "ε spent (max)",
               "KiB / hospital / round", "wall s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in summary.iterrows():
@@ -141,6 +154,7 @@ def _markdown_table(summary: pd.DataFrame, axes: list[str]) -> str:
             pm(row, "macro_f1"),
             pm(row, "worst_hospital_accuracy"),
             pm(row, "accuracy_on_all_hospitals"),
+            pm(row, "own_mix_accuracy") if row["method"] == "federated" else "—",
             "—" if row["method"] == "majority" else pm(row, "epsilon_spent", 2),
             f"{row['bytes_per_hospital_round_mean'] / 1024:.1f}" if row["method"] == "federated" else "0",
             f"{row['wall_seconds_mean']:.0f}",
@@ -189,7 +203,9 @@ def write_report(sweep: Any, rows: list[dict[str, Any]], out: Path) -> pd.DataFr
             "split (which favours local models under label skew: each learns its own label mix). "
             "\"Accuracy on every hospital's test\" scores each local model on all hospitals' test splits: how "
             "well one hospital's model serves the whole federation's patients. \"majority\" has no model: each "
-            "hospital predicts its most frequent training label, the score its label mix alone earns. ε spent "
+            "hospital predicts its most frequent training label, the score its label mix alone earns. "
+            "\"Federated + own label mix\" is the final global model with each hospital's own training label "
+            "mix applied to its logits, on its own test split: how a hospital uses the shared model at home. ε spent "
             "is the largest over hospitals. Mean ± std over seeds.",
             _markdown_table(summary, axes),
             f"![accuracy against epsilon]({PLOT_FILE})",

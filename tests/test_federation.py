@@ -155,3 +155,41 @@ def test_predict_uses_only_the_checkpoint_and_backbone(two_rounds: Path, tiny_ba
         assert prediction.label == max(prediction.probabilities, key=prediction.probabilities.get)
     with pytest.raises(CheckpointError, match="different weights hash"):
         predict_texts(two_rounds, ["chest pain"], backbone=embedded_backbone_path())  # not the training backbone
+
+
+def test_a_hospital_can_reweight_predictions_to_its_own_label_mix(two_rounds: Path, tmp_path: Path, capsys) -> None:
+    from medtune.cli import main
+    from medtune.predict import predict_texts, site_label_mix
+
+    labels = load_checkpoint(two_rounds / "checkpoints" / "round_002").labels
+    site = tmp_path / "site.csv"
+    site.write_text("text,label\n" + "".join(f"note {i},{labels[0]}\n" for i in range(30)) + f"note x,{labels[1]}\n")
+    mix = site_label_mix(two_rounds, site, "text", "label")
+    assert mix[labels[0]] == pytest.approx(31 / 36) and mix[labels[1]] == pytest.approx(2 / 36)
+
+    texts = ["fever and productive cough", "sudden weakness of the left arm"]
+    for plain, mixed in zip(predict_texts(two_rounds, texts), predict_texts(two_rounds, texts, mix=mix), strict=True):
+        odds = lambda p: p.probabilities[labels[0]] / p.probabilities[labels[1]]  # noqa: E731
+        assert odds(mixed) / odds(plain) == pytest.approx(mix[labels[0]] / mix[labels[1]], rel=1e-4)
+
+    site.write_text(f"text,label\nnote a,{labels[0]}\nnote b,not-a-label\n")
+    assert main(["predict", "--checkpoint", str(two_rounds), "--text", "cough", "--label-mix", str(site)]) == 2
+    err = capsys.readouterr().err
+    assert "site.csv row 2: label 'not-a-label' is not in the federation's label list" in err and "Traceback" not in err
+
+
+def test_the_run_scored_offline_matches_what_the_hospitals_reported(two_rounds: Path) -> None:
+    """`medtune benchmark baselines --run` rebuilds each hospital's test split and scores the final global
+    model itself; that must agree with the counts the hospitals sent in the last round."""
+    from medtune.baselines import federated
+    from medtune.settings import settings_from_run_config
+
+    record = results(two_rounds)
+    settings = settings_from_run_config(record["config"])
+    arrays = load_checkpoint(two_rounds / "checkpoints" / "round_002").arrays
+    offline = federated(settings, arrays, {}, own_label_mix=False)
+    last = record["rounds"][-1]
+    assert offline.pooled.accuracy == pytest.approx(last["accuracy"])
+    for hospital in last["hospitals"]:
+        assert offline.per_hospital[hospital["name"]].accuracy == pytest.approx(hospital["accuracy"])
+    assert federated(settings, arrays, {}, own_label_mix=True).pooled.examples == offline.pooled.examples

@@ -78,8 +78,22 @@ def test_sweep_writes_results_report_and_plot_and_resumes(
     assert "accuracy_vs_epsilon.png" in report and "| federated | 8 |" in report
     assert (tmp_path / "accuracy_vs_epsilon.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    federated = by_cell[("federated", 8.0)]
+    assert 0.0 <= federated.own_mix_accuracy_mean <= 1.0 and 0.0 <= federated.own_mix_macro_f1_mean <= 1.0
+    assert math.isnan(by_cell[("local", 8.0)].own_mix_accuracy_mean)  # only the shared model gets a site's mix
+    assert "federated + own label mix" in report
+
     def must_not_run(*args: object, **kwargs: object) -> None:
-        raise AssertionError("a finished cell ran again")
+        raise AssertionError("a finished run ran again")
+
+    # A federated run that finished before its cell file was written is scored again, not re-simulated.
+    cell = tmp_path / "cells" / "federated_eps-8_seed-0.json"
+    scored = json.loads(cell.read_text())
+    cell.unlink()
+    monkeypatch.setattr("medtune.simulate.simulate", must_not_run)
+    rows = run_sweep(sweep, tmp_path, progress=False)
+    rescored = json.loads(cell.read_text())
+    assert {k: v for k, v in rescored.items() if k != "wall_seconds"} == {k: v for k, v in scored.items() if k != "wall_seconds"}
 
     monkeypatch.setattr(sweep_module, "run_cell", must_not_run)
     assert run_sweep(sweep, tmp_path, progress=False) == rows

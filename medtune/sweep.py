@@ -169,11 +169,15 @@ def _federated(cell: Cell, sweep: SweepConfig, runs: Path) -> dict[str, Any]:
     out = runs / cell.id
     overrides = {**cell.overrides(sweep), "out": str(out)}
     settings = settings_from_run_config(resolve_run_config(sweep.scenario, overrides))
+    started = time.monotonic()
     results_path = _finished_run(out, settings.federation.rounds)
+    reused = results_path is not None
     if results_path is None:
         shutil.rmtree(out, ignore_errors=True)  # a cell interrupted mid-run starts over, ledgers included
         results_path = simulate(sweep.scenario, overrides)
     results = read_json(results_path)
+    # A re-scored run did not run now: its cost is the time its rounds took (without the engine's start).
+    simulated = sum(r["wall_seconds"] for r in results["rounds"]) if reused else time.monotonic() - started
     rounds = [r for r in results["rounds"] if r["accuracy"] is not None]
     if not rounds:
         raise ConfigError(f"federated run {cell.id} finished no evaluated round; see {out}/results.json")
@@ -200,6 +204,7 @@ def _federated(cell: Cell, sweep: SweepConfig, runs: Path) -> dict[str, Any]:
         "rounds": len(results["rounds"]),
         "bytes_total": communicated,
         "bytes_per_hospital_round": communicated / max(1, len(hospital_rounds)),
+        "wall_seconds": simulated,
     }
 
 
@@ -233,13 +238,13 @@ def run_cell(cell: Cell, sweep: SweepConfig, out: Path) -> dict[str, Any]:
     started = time.monotonic()
     metrics = _federated(cell, sweep, out / "runs") if cell.method == "federated" else _baseline(cell, sweep)
     row = {
+        "wall_seconds": time.monotonic() - started,  # unless the run says otherwise (a re-scored simulation)
         "cell": cell.id,
         "method": cell.method,
         "epsilon": "inf" if math.isinf(cell.epsilon) else cell.epsilon,
         "seed": cell.seed,
         **dict(cell.axes),
         **metrics,
-        "wall_seconds": time.monotonic() - started,
     }
     row["epsilon_spent"] = "inf" if math.isinf(row["epsilon_spent"]) else row["epsilon_spent"]
     atomic_write_json(out / "cells" / f"{cell.id}.json", row)

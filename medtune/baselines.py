@@ -19,10 +19,10 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
-
-from medtune.backbone import Backbone, load_backbone
+from medtune.backbone import Backbone, load_backbone, weights_hash
+from medtune.checkpoint import Checkpoint
 from medtune.data import Record, TokenizedRecords, train_test_split
+from medtune.errors import CheckpointError, ConfigError
 from medtune.hospitals import simulated_hospital
 from medtune.label_mix import apply_label_mix, label_mix
 from medtune.metrics import Evaluation, evaluate, from_counts, pool, predict_logits, score_logits
@@ -149,20 +149,29 @@ def majority_label(settings: RunSettings) -> BaselineResult:
     return BaselineResult("majority label", pool(list(per_hospital.values())), per_hospital, spent, pool(everyone))
 
 
-def federated(
-    settings: RunSettings, arrays: dict[str, np.ndarray], epsilon_spent: dict[str, float], own_label_mix: bool
+def score_global_model(
+    settings: RunSettings, checkpoint: Checkpoint, epsilon_spent: dict[str, float], own_label_mix: bool
 ) -> BaselineResult:
-    """A federated run's global prompt and head, as it is or with each hospital's own label mix applied.
+    """A simulated run's final global prompt and head, as it is or with each hospital's own label mix.
 
     The global model's logits on each test split are computed once; with `own_label_mix` each
     hospital applies its training label mix to its own split ("own test") and, for `everyone`, to
-    every hospital's split.
+    every hospital's split. The splits are rebuilt from `settings`, so the run must be a simulation
+    of these hospitals (`epsilon_spent` names the run's hospitals) on this backbone.
     """
     backbone = load_backbone(settings.model.backbone, settings.model.num_layers)
-    model = PromptClassifier(backbone, settings.model, len(settings.data.labels), seed=settings.seed)
-    model.load_exchanged_state(arrays, source="federated run's global state")
-    device = resolve_device(settings.train.device)
+    if weights_hash(backbone.encoder) != checkpoint.backbone_hash:
+        raise CheckpointError(f"the run's checkpoint was trained on another backbone than {checkpoint.backbone_name}")
     all_splits = splits(settings)
+    strangers = sorted(set(epsilon_spent) - {split.name for split in all_splits})
+    if strangers:
+        raise ConfigError(
+            f"the run has hospitals {strangers} that its settings do not simulate: only a `medtune simulate` "
+            "run can be scored again here (a deployed hospital's records stay at its site)"
+        )
+    model = PromptClassifier(backbone, settings.model, len(settings.data.labels), seed=settings.seed)
+    model.load_exchanged_state(checkpoint.arrays, source="the run's global state")
+    device = resolve_device(settings.train.device)
     tests = {}
     for split in all_splits:
         dataset = TokenizedRecords(split.test, backbone.tokenizer, settings.model.max_length)

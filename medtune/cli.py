@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--label-mix", type=Path,
         help="this hospital's labelled records (.csv, .jsonl, .parquet): re-weight predictions to its label mix",
     )
-    predict.add_argument("--label-column", default="label", help="label column of the --label-mix file")
+    predict.add_argument("--label-column", help="label column of the --label-mix file (default: label)")
     predict.add_argument("--backbone", help="backbone directory, if not the one named in the checkpoint")
 
     audit = commands.add_parser(
@@ -245,7 +245,7 @@ def _cmd_perf(args: argparse.Namespace) -> None:
 
 
 def _cmd_baselines(args: argparse.Namespace) -> None:
-    from medtune.baselines import federated, local_only, majority_label, pooled
+    from medtune.baselines import local_only, majority_label, pooled, score_global_model
     from medtune.checkpoint import find_checkpoint, load_checkpoint
     from medtune.files import atomic_write_json
     from medtune.results import RESULTS_FILE, RunResults
@@ -259,9 +259,9 @@ def _cmd_baselines(args: argparse.Namespace) -> None:
             raise ConfigError(f"{args.run}: no {RESULTS_FILE} here; give the out directory of a `medtune simulate` run")
         results = RunResults.load(args.run, up_to_round=sys.maxsize)
         settings = settings_from_run_config(results.config)
-        arrays = load_checkpoint(find_checkpoint(args.run)).arrays
+        checkpoint = load_checkpoint(find_checkpoint(args.run))
         spent = {h.name: float(h.epsilon) for r in results.rounds for h in r.hospitals if h.epsilon is not None}
-        figures += [federated(settings, arrays, spent, own_label_mix=mix) for mix in (False, True)]
+        figures += [score_global_model(settings, checkpoint, spent, own_label_mix=mix) for mix in (False, True)]
     else:
         overrides = parse_overrides(args.run_config)
         settings = settings_from_run_config(resolve_run_config(args.scenario or "default", overrides))
@@ -337,10 +337,12 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     from medtune.data import read_texts
     from medtune.predict import predict_texts, site_label_mix
 
+    if args.label_column is not None and args.label_mix is None:
+        raise ConfigError("--label-column names the label column of the --label-mix file; give --label-mix too")
     texts = args.text or read_texts(args.input, args.text_column)
     mix = None
     if args.label_mix is not None:
-        mix = site_label_mix(args.checkpoint, args.label_mix, args.text_column, args.label_column)
+        mix = site_label_mix(args.checkpoint, args.label_mix, args.text_column, args.label_column or "label")
         shown = "  ".join(f"{label}={share:.3f}" for label, share in mix.items())
         print(f"re-weighted to the label mix of {args.label_mix}: {shown}", file=sys.stderr)
     for prediction in predict_texts(args.checkpoint, texts, backbone=args.backbone, mix=mix):

@@ -111,7 +111,7 @@ def read_records(path: str | Path, config: DataConfig) -> list[Record]:
         if column not in columns:
             raise DataError(
                 f"{path}: missing {role} column '{column}' (columns found: {columns}); "
-                f"set data.{role}_column to the right name"
+                f"name the right one with --{role}-column (or {role}-column in the run or node config)"
             )
     label_index = {label: i for i, label in enumerate(config.labels)}
     records: list[Record] = []

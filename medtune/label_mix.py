@@ -1,15 +1,16 @@
-"""A hospital's own label mix, applied to the shared model at the site: personalisation at no privacy cost.
+"""A hospital's own label mix, applied to the shared model at the site: personalisation at home.
 
 Under label skew the federation's model predicts with the federation's label mix, while a hospital's
 patients follow its own. When only the mix differs between the two, Bayes' rule (Saerens et al., 2002)
 turns a model trained on mix pi into one for mix pi_h: p_h(y|x) is proportional to p(y|x) pi_h(y) / pi(y).
-A site knows pi_h from its own training labels. The federation's mix pi is known nowhere (label counts
-never leave a site), so it is taken as uniform: the site adds log pi_h to the shared model's logits.
-On the default federation and on Medical Abstracts, using the true federation mix instead moved
-own-split accuracy by about a point either way.
+A site knows pi_h from its own training labels; it is never told the federation's mix pi, so pi is
+taken as uniform and the site adds log pi_h to the shared model's logits. On the default federation
+and on Medical Abstracts, using the true federation mix instead moved own-split accuracy by about a
+point either way.
 
-The mix is counted from the site's labels without noise and never leaves the site: the adjusted model
-is for use inside the hospital. What leaves the site (prompt and head) is unchanged and keeps its epsilon.
+Privacy: pi_h is counted from the site's training labels without noise. Nothing of it is sent, so the
+prompt and head that leave the site keep their epsilon, but the re-weighted model itself is not
+covered by epsilon (its predictions reveal the site's label mix): it is for use inside the hospital.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import torch
 
 def label_mix(labels: Sequence[int], num_labels: int) -> np.ndarray:
     """Label frequencies with add-one smoothing: a label the site has never seen keeps some mass."""
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_labels)[:num_labels]
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_labels)
+    if len(counts) != num_labels:
+        raise ValueError(f"label index {len(counts) - 1} is outside the {num_labels} labels")
     return (counts + 1.0) / (counts.sum() + num_labels)
 
 

@@ -27,13 +27,20 @@ import re
 import shutil
 import time
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from medtune.errors import ConfigError
+from medtune.errors import ConfigError, MedTuneError
 from medtune.files import atomic_write_json, read_json
-from medtune.settings import PROJECT_DIR, check_keys, named_toml, resolve_run_config, settings_from_run_config
+from medtune.settings import (
+    PROJECT_DIR,
+    RunSettings,
+    check_keys,
+    named_toml,
+    resolve_run_config,
+    settings_from_run_config,
+)
 
 SWEEP_DIR = PROJECT_DIR / "simulations" / "benchmarks"
 SWEEP_KEYS = {"name", "scenario", "epsilons", "seeds", "run-config", "axes"}
@@ -146,23 +153,30 @@ def plan_cells(sweep: SweepConfig) -> list[Cell]:
     return cells
 
 
-def _finished_run(out: Path, rounds: int) -> Path | None:
-    """results.json of a simulation that ran every round, so a sweep interrupted after it is not re-run."""
+def _finished_run(out: Path, settings: RunSettings) -> Path | None:
+    """results.json of a simulation of exactly these settings that ran every round, if `out` holds one.
+
+    A sweep interrupted between a run's end and its cell file, or a cell file deleted to be scored
+    again, then costs a re-scoring instead of a new simulation. Anything else is simulated anew.
+    """
     from medtune.checkpoint import find_checkpoint
     from medtune.errors import CheckpointError
     from medtune.results import RESULTS_FILE
 
     path = out / RESULTS_FILE
+    rounds = settings.federation.rounds
     try:
         last_checkpoint = find_checkpoint(out).name
-    except CheckpointError:
+        recorded = read_json(path)
+        same = replace(settings_from_run_config(recorded["config"]), run_config={}) == replace(settings, run_config={})
+        done = [r["round"] for r in recorded["rounds"]]
+    except (CheckpointError, MedTuneError, KeyError, TypeError):
         return None
-    recorded = [r["round"] for r in read_json(path).get("rounds", [])] if path.is_file() else []
-    return path if recorded and recorded[-1] == rounds and last_checkpoint == f"round_{rounds:03d}" else None
+    return path if same and done and done[-1] == rounds and last_checkpoint == f"round_{rounds:03d}" else None
 
 
 def _federated(cell: Cell, sweep: SweepConfig, runs: Path) -> dict[str, Any]:
-    from medtune.baselines import federated
+    from medtune.baselines import score_global_model
     from medtune.checkpoint import find_checkpoint, load_checkpoint
     from medtune.simulate import simulate
 
@@ -170,14 +184,14 @@ def _federated(cell: Cell, sweep: SweepConfig, runs: Path) -> dict[str, Any]:
     overrides = {**cell.overrides(sweep), "out": str(out)}
     settings = settings_from_run_config(resolve_run_config(sweep.scenario, overrides))
     started = time.monotonic()
-    results_path = _finished_run(out, settings.federation.rounds)
+    results_path = _finished_run(out, settings)
     reused = results_path is not None
     if results_path is None:
         shutil.rmtree(out, ignore_errors=True)  # a cell interrupted mid-run starts over, ledgers included
         results_path = simulate(sweep.scenario, overrides)
     results = read_json(results_path)
     # A re-scored run did not run now: its cost is the time its rounds took (without the engine's start).
-    simulated = sum(r["wall_seconds"] for r in results["rounds"]) if reused else time.monotonic() - started
+    wall = sum(r["wall_seconds"] for r in results["rounds"]) if reused else time.monotonic() - started
     rounds = [r for r in results["rounds"] if r["accuracy"] is not None]
     if not rounds:
         raise ConfigError(f"federated run {cell.id} finished no evaluated round; see {out}/results.json")
@@ -189,7 +203,7 @@ def _federated(cell: Cell, sweep: SweepConfig, runs: Path) -> dict[str, Any]:
         if record["epsilon"] is not None:
             epsilons[record["name"]] = float(record["epsilon"])
     communicated = sum(h["bytes_up"] + h["bytes_down"] for h in hospital_rounds)
-    own_mix = federated(settings, load_checkpoint(find_checkpoint(out)).arrays, epsilons, own_label_mix=True)
+    own_mix = score_global_model(settings, load_checkpoint(find_checkpoint(out)), epsilons, own_label_mix=True)
     return {
         "accuracy": last["accuracy"],
         "macro_f1": last["macro_f1"],
@@ -204,13 +218,14 @@ def _federated(cell: Cell, sweep: SweepConfig, runs: Path) -> dict[str, Any]:
         "rounds": len(results["rounds"]),
         "bytes_total": communicated,
         "bytes_per_hospital_round": communicated / max(1, len(hospital_rounds)),
-        "wall_seconds": simulated,
+        "wall_seconds": wall,
     }
 
 
 def _baseline(cell: Cell, sweep: SweepConfig) -> dict[str, Any]:
     from medtune.baselines import local_only, majority_label, pooled
 
+    started = time.monotonic()
     settings = settings_from_run_config(resolve_run_config(sweep.scenario, cell.overrides(sweep)))
     if cell.method == "local":
         result = local_only(settings, cell.epsilon)
@@ -230,15 +245,14 @@ def _baseline(cell: Cell, sweep: SweepConfig) -> dict[str, Any]:
         "rounds": 0,
         "bytes_total": 0,
         "bytes_per_hospital_round": 0,
+        "wall_seconds": time.monotonic() - started,
     }
 
 
 def run_cell(cell: Cell, sweep: SweepConfig, out: Path) -> dict[str, Any]:
     """Run one cell and write `cells/<id>.json` atomically: a finished cell is never run twice."""
-    started = time.monotonic()
     metrics = _federated(cell, sweep, out / "runs") if cell.method == "federated" else _baseline(cell, sweep)
     row = {
-        "wall_seconds": time.monotonic() - started,  # unless the run says otherwise (a re-scored simulation)
         "cell": cell.id,
         "method": cell.method,
         "epsilon": "inf" if math.isinf(cell.epsilon) else cell.epsilon,

@@ -139,10 +139,12 @@ def _markdown_table(summary: pd.DataFrame, axes: list[str]) -> str:
         mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
         if isinstance(mean, float) and math.isinf(mean):
             return "∞"
+        if isinstance(mean, float) and math.isnan(mean):
+            return "—"  # a cell written before the metric existed
         return f"{mean:.{digits}f}" + ("" if math.isnan(std) else f" ± {std:.{digits}f}")
 
     header = [*axes, "method", "ε target", "seeds", "accuracy", "macro-F1", "worst hospital",
-              "accuracy on every hospital's test", "federated + own label mix: accuracy (own test)", "ε spent (max)",
+              "accuracy on every hospital's test", "federated + own label mix: accuracy (own test; the mix is not covered by ε)", "ε spent (max)",
               "KiB / hospital / round", "wall s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in summary.iterrows():
@@ -205,7 +207,8 @@ def write_report(sweep: Any, rows: list[dict[str, Any]], out: Path) -> pd.DataFr
             "well one hospital's model serves the whole federation's patients. \"majority\" has no model: each "
             "hospital predicts its most frequent training label, the score its label mix alone earns. "
             "\"Federated + own label mix\" is the final global model with each hospital's own training label "
-            "mix applied to its logits, on its own test split: how a hospital uses the shared model at home. ε spent "
+            "mix applied to its logits, on its own test split: how a hospital uses the shared model at home (the "
+            "mix is counted without noise, so that model is not covered by ε). ε spent "
             "is the largest over hospitals. Mean ± std over seeds.",
             _markdown_table(summary, axes),
             f"![accuracy against epsilon]({PLOT_FILE})",

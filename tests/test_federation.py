@@ -180,16 +180,53 @@ def test_a_hospital_can_reweight_predictions_to_its_own_label_mix(two_rounds: Pa
 
 def test_the_run_scored_offline_matches_what_the_hospitals_reported(two_rounds: Path) -> None:
     """`medtune benchmark baselines --run` rebuilds each hospital's test split and scores the final global
-    model itself; that must agree with the counts the hospitals sent in the last round."""
-    from medtune.baselines import federated
+    model itself; that must agree with the counts the hospitals sent in the last round, and the
+    own-label-mix score must be the global model's logits plus log of the hospital's label mix."""
+    import torch
+
+    from medtune.backbone import load_backbone
+    from medtune.baselines import score_global_model, splits
+    from medtune.data import TokenizedRecords
+    from medtune.label_mix import label_mix
+    from medtune.metrics import predict_logits
+    from medtune.model import PromptClassifier
     from medtune.settings import settings_from_run_config
 
     record = results(two_rounds)
     settings = settings_from_run_config(record["config"])
-    arrays = load_checkpoint(two_rounds / "checkpoints" / "round_002").arrays
-    offline = federated(settings, arrays, {}, own_label_mix=False)
+    checkpoint = load_checkpoint(two_rounds / "checkpoints" / "round_002")
+    offline = score_global_model(settings, checkpoint, {}, own_label_mix=False)
     last = record["rounds"][-1]
     assert offline.pooled.accuracy == pytest.approx(last["accuracy"])
     for hospital in last["hospitals"]:
         assert offline.per_hospital[hospital["name"]].accuracy == pytest.approx(hospital["accuracy"])
-    assert federated(settings, arrays, {}, own_label_mix=True).pooled.examples == offline.pooled.examples
+
+    mixed = score_global_model(settings, checkpoint, {}, own_label_mix=True)
+    backbone = load_backbone(settings.model.backbone, settings.model.num_layers)
+    model = PromptClassifier(backbone, settings.model, len(settings.data.labels), seed=0)
+    model.load_exchanged_state(checkpoint.arrays)
+    for split in splits(settings):
+        test = TokenizedRecords(split.test, backbone.tokenizer, settings.model.max_length)
+        logits = predict_logits(model, test, backbone.tokenizer.pad_token_id, torch.device("cpu"))
+        mix = label_mix([r.label for r in split.train], len(settings.data.labels))
+        by_hand = (logits.numpy() + np.log(mix)).argmax(1)
+        expected = float((by_hand == test.labels.numpy()).mean())
+        assert mixed.per_hospital[split.name].accuracy == pytest.approx(expected)
+
+
+def test_only_a_simulated_run_on_its_own_backbone_is_scored_again(two_rounds: Path, tmp_path: Path, capsys) -> None:
+    from medtune.cli import main
+
+    assert main(["benchmark", "baselines", "--run", str(tmp_path)]) == 2
+    assert "no results.json here" in capsys.readouterr().err
+    assert main(["benchmark", "baselines", "--run", str(two_rounds), "--run-config", "rounds=3"]) == 2
+    assert "--run takes the run's own settings" in capsys.readouterr().err
+
+    from medtune.baselines import score_global_model
+    from medtune.errors import ConfigError
+    from medtune.settings import settings_from_run_config
+
+    settings = settings_from_run_config(results(two_rounds)["config"])
+    checkpoint = load_checkpoint(two_rounds / "checkpoints" / "round_002")
+    with pytest.raises(ConfigError, match=r"hospitals \['st_marys'\] that its settings do not simulate"):
+        score_global_model(settings, checkpoint, {"hospital_1": 8.0, "st_marys": 8.0}, own_label_mix=True)

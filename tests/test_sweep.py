@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from medtune import simulate as simulate_module
 from medtune import sweep as sweep_module
 from medtune.errors import ConfigError
 from medtune.baselines import majority_label, splits
@@ -90,10 +91,23 @@ def test_sweep_writes_results_report_and_plot_and_resumes(
     cell = tmp_path / "cells" / "federated_eps-8_seed-0.json"
     scored = json.loads(cell.read_text())
     cell.unlink()
-    monkeypatch.setattr("medtune.simulate.simulate", must_not_run)
-    rows = run_sweep(sweep, tmp_path, progress=False)
+    with monkeypatch.context() as patched:
+        patched.setattr("medtune.simulate.simulate", must_not_run)
+        rows = run_sweep(sweep, tmp_path, progress=False)
     rescored = json.loads(cell.read_text())
     assert {k: v for k, v in rescored.items() if k != "wall_seconds"} == {k: v for k, v in scored.items() if k != "wall_seconds"}
+
+    # ... but a run made with other settings (here: the run's record says another learning rate) is not.
+    run_record = tmp_path / "runs" / "federated_eps-8_seed-0" / "results.json"
+    record = json.loads(run_record.read_text())
+    record["config"]["learning-rate"] = 0.5
+    run_record.write_text(json.dumps(record))
+    cell.unlink()
+    simulated = []
+    real_simulate = simulate_module.simulate
+    monkeypatch.setattr(simulate_module, "simulate", lambda *a, **k: simulated.append(a) or real_simulate(*a, **k))
+    rows = run_sweep(sweep, tmp_path, progress=False)
+    assert len(simulated) == 1
 
     monkeypatch.setattr(sweep_module, "run_cell", must_not_run)
     assert run_sweep(sweep, tmp_path, progress=False) == rows

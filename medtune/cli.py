@@ -144,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--batch-size", type=int, default=16)
     perf.add_argument("--steps", type=int, default=8, help="timed training steps per setting")
     perf.add_argument("--out", type=Path, help="also write the table as JSON here")
-    baselines = bench.add_parser("baselines", help="local-only and pooled references for a scenario")
+    baselines = bench.add_parser(
+        "baselines", help="local-only, pooled and majority-label references for a scenario, or for a run (--run)"
+    )
     baselines.add_argument("--scenario", help="name in simulations/scenarios/ or a TOML path (default: default)")
     baselines.add_argument("--run-config", default="", help="overrides, as for flwr: 'key=value key2=value2'")
     baselines.add_argument("--out", type=Path, help="also write the figures as JSON here")

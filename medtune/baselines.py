@@ -15,19 +15,24 @@ the hospital's own label mix applied (medtune/label_mix.py), on its own test spl
 from __future__ import annotations
 
 import math
-from collections import Counter
+import sys
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
-from medtune.backbone import Backbone, load_backbone, weights_hash
-from medtune.checkpoint import Checkpoint
+import numpy as np
+
+from medtune.backbone import Backbone, load_backbone
+from medtune.checkpoint import find_checkpoint, load_checkpoint
 from medtune.data import Record, TokenizedRecords, train_test_split
-from medtune.errors import CheckpointError, ConfigError
+from medtune.errors import ConfigError
 from medtune.hospitals import simulated_hospital
 from medtune.label_mix import apply_label_mix, label_mix
 from medtune.metrics import Evaluation, evaluate, from_counts, pool, predict_logits, score_logits
 from medtune.model import PromptClassifier
-from medtune.settings import RunSettings
+from medtune.predict import load_checkpoint_model
+from medtune.results import RESULTS_FILE, RunResults
+from medtune.settings import RunSettings, settings_from_run_config
 from medtune.site import round_seed
 from medtune.train import new_ledger, resolve_device, train_local
 
@@ -124,7 +129,7 @@ def pooled(settings: RunSettings) -> BaselineResult:
     return BaselineResult("pooled (no DP)", together, per_hospital, {"pooled": math.inf}, together)
 
 
-def _constant(settings: RunSettings, label: int, prior: dict[int, float], test: list[Record]) -> Evaluation:
+def _constant(settings: RunSettings, label: int, prior: np.ndarray, test: list[Record]) -> Evaluation:
     """Predicting `label` for every record; the loss is the log-loss of predicting `prior`."""
     labels = settings.data.labels
     support = [sum(r.label == i for r in test) for i in range(len(labels))]
@@ -139,9 +144,8 @@ def majority_label(settings: RunSettings) -> BaselineResult:
     all_splits = splits(settings)
     per_hospital, everyone = {}, []
     for split in all_splits:
-        counts = Counter(r.label for r in split.train)
-        label = min(counts, key=lambda i: (-counts[i], i))
-        prior = dict(enumerate(label_mix([r.label for r in split.train], len(settings.data.labels))))
+        prior = label_mix([r.label for r in split.train], len(settings.data.labels))
+        label = int(np.argmax(prior))  # smoothing keeps the order of the counts; ties go to the first label
         on_each = {other.name: _constant(settings, label, prior, other.test) for other in all_splits}
         per_hospital[split.name] = on_each[split.name]
         everyone += on_each.values()
@@ -149,41 +153,54 @@ def majority_label(settings: RunSettings) -> BaselineResult:
     return BaselineResult("majority label", pool(list(per_hospital.values())), per_hospital, spent, pool(everyone))
 
 
-def score_global_model(
-    settings: RunSettings, checkpoint: Checkpoint, epsilon_spent: dict[str, float], own_label_mix: bool
-) -> BaselineResult:
-    """A simulated run's final global prompt and head, as it is or with each hospital's own label mix.
+def load_run(run: Path) -> tuple[RunSettings, RunResults]:
+    """A `medtune simulate` out directory's settings and record.
 
-    The global model's logits on each test split are computed once; with `own_label_mix` each
-    hospital applies its training label mix to its own split ("own test") and, for `everyone`, to
-    every hospital's split. The splits are rebuilt from `settings`, so the run must be a simulation
-    of these hospitals (`epsilon_spent` names the run's hospitals) on this backbone.
+    The settings come from the latest checkpoint's meta.json, which keeps epsilon = inf as a number;
+    results.json writes it as "inf", which the run config's float fields rightly refuse.
     """
-    backbone = load_backbone(settings.model.backbone, settings.model.num_layers)
-    if weights_hash(backbone.encoder) != checkpoint.backbone_hash:
-        raise CheckpointError(f"the run's checkpoint was trained on another backbone than {checkpoint.backbone_name}")
+    if not (run / RESULTS_FILE).is_file():
+        raise ConfigError(f"{run}: no {RESULTS_FILE} here; give the out directory of a `medtune simulate` run")
+    path = find_checkpoint(run)
+    config = load_checkpoint(path).extra.get("config")
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: its meta.json carries no run config; give the out directory of a `medtune simulate` run")
+    return settings_from_run_config(config), RunResults.load(run, up_to_round=sys.maxsize)
+
+
+def score_global_model(run: Path) -> tuple[BaselineResult, BaselineResult]:
+    """A simulated run's final global prompt and head: as it is, and with each hospital's own label mix.
+
+    The global model's logits on each test split are computed once. Re-weighted, each hospital applies
+    its training label mix to its own split ("own test") and, for `everyone`, to every hospital's split.
+    The splits are rebuilt from the run's settings, so the run must be a simulation of these hospitals.
+    """
+    settings, results = load_run(run)
+    spent = results.epsilon_per_hospital()
     all_splits = splits(settings)
-    strangers = sorted(set(epsilon_spent) - {split.name for split in all_splits})
+    strangers = sorted(set(spent) - {split.name for split in all_splits})
     if strangers:
         raise ConfigError(
             f"the run has hospitals {strangers} that its settings do not simulate: only a `medtune simulate` "
             "run can be scored again here (a deployed hospital's records stay at its site)"
         )
-    model = PromptClassifier(backbone, settings.model, len(settings.data.labels), seed=settings.seed)
-    model.load_exchanged_state(checkpoint.arrays, source="the run's global state")
+    _, model, backbone = load_checkpoint_model(run)
     device = resolve_device(settings.train.device)
     tests = {}
     for split in all_splits:
         dataset = TokenizedRecords(split.test, backbone.tokenizer, settings.model.max_length)
         tests[split.name] = (predict_logits(model, dataset, backbone.tokenizer.pad_token_id, device), dataset.labels)
-    per_hospital, everyone = {}, []
-    for split in all_splits:
-        mix = label_mix([r.label for r in split.train], len(settings.data.labels))
-        on_each = {
-            name: score_logits(apply_label_mix(logits, mix) if own_label_mix else logits, labels, settings.data.labels)
-            for name, (logits, labels) in tests.items()
-        }
-        per_hospital[split.name] = on_each[split.name]
-        everyone += on_each.values()
-    name = "federated + own label mix" if own_label_mix else "federated (global model)"
-    return BaselineResult(name, pool(list(per_hospital.values())), per_hospital, epsilon_spent, pool(everyone))
+    scores = []
+    for own_label_mix in (False, True):
+        per_hospital, everyone = {}, []
+        for split in all_splits:
+            mix = label_mix([r.label for r in split.train], len(settings.data.labels))
+            on_each = {
+                name: score_logits(apply_label_mix(logits, mix) if own_label_mix else logits, labels, settings.data.labels)
+                for name, (logits, labels) in tests.items()
+            }
+            per_hospital[split.name] = on_each[split.name]
+            everyone += on_each.values()
+        name = "federated + own label mix" if own_label_mix else "federated (global model)"
+        scores.append(BaselineResult(name, pool(list(per_hospital.values())), per_hospital, spent, pool(everyone)))
+    return scores[0], scores[1]

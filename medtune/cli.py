@@ -247,23 +247,16 @@ def _cmd_perf(args: argparse.Namespace) -> None:
 
 
 def _cmd_baselines(args: argparse.Namespace) -> None:
-    from medtune.baselines import local_only, majority_label, pooled, score_global_model
-    from medtune.checkpoint import find_checkpoint, load_checkpoint
+    from medtune.baselines import load_run, local_only, majority_label, pooled, score_global_model
     from medtune.files import atomic_write_json
-    from medtune.results import RESULTS_FILE, RunResults
     from medtune.settings import parse_overrides, resolve_run_config, settings_from_run_config
 
     figures = []
     if args.run is not None and (args.scenario or args.run_config):
         raise ConfigError("--run takes the run's own settings (from its results.json); drop --scenario and --run-config")
     if args.run is not None:
-        if not (args.run / RESULTS_FILE).is_file():
-            raise ConfigError(f"{args.run}: no {RESULTS_FILE} here; give the out directory of a `medtune simulate` run")
-        results = RunResults.load(args.run, up_to_round=sys.maxsize)
-        settings = settings_from_run_config(results.config)
-        checkpoint = load_checkpoint(find_checkpoint(args.run))
-        spent = {h.name: float(h.epsilon) for r in results.rounds for h in r.hospitals if h.epsilon is not None}
-        figures += [score_global_model(settings, checkpoint, spent, own_label_mix=mix) for mix in (False, True)]
+        settings, _ = load_run(args.run)
+        figures += score_global_model(args.run)
     else:
         overrides = parse_overrides(args.run_config)
         settings = settings_from_run_config(resolve_run_config(args.scenario or "default", overrides))

@@ -77,6 +77,15 @@ class RunResults:
         atomic_write_json(path, _json_number(asdict(self)))
         return path
 
+    def epsilon_per_hospital(self) -> dict[str, float]:
+        """Each hospital's epsilon as it last reported it (inf without DP)."""
+        spent: dict[str, float] = {}
+        for record in self.rounds:
+            for hospital in record.hospitals:
+                if hospital.epsilon is not None:
+                    spent[hospital.name] = float(hospital.epsilon)  # "inf" in the JSON file reads back as inf
+        return spent
+
     @classmethod
     def load(cls, out: Path, up_to_round: int) -> "RunResults":
         """The record of a run being resumed, cut back to the checkpoint's round."""

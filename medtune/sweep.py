@@ -25,6 +25,7 @@ import itertools
 import math
 import re
 import shutil
+import sys
 import time
 import tomllib
 from dataclasses import dataclass, replace
@@ -153,69 +154,63 @@ def plan_cells(sweep: SweepConfig) -> list[Cell]:
     return cells
 
 
-def _finished_run(out: Path, settings: RunSettings) -> Path | None:
-    """results.json of a simulation of exactly these settings that ran every round, if `out` holds one.
+def _finished_run(out: Path, settings: RunSettings) -> bool:
+    """Whether `out` holds a simulation of exactly these settings that ran every round.
 
     A sweep interrupted between a run's end and its cell file, or a cell file deleted to be scored
     again, then costs a re-scoring instead of a new simulation. Anything else is simulated anew.
     """
+    from medtune.baselines import load_run
     from medtune.checkpoint import find_checkpoint
-    from medtune.errors import CheckpointError
-    from medtune.results import RESULTS_FILE
 
-    path = out / RESULTS_FILE
     rounds = settings.federation.rounds
     try:
+        recorded, results = load_run(out)
         last_checkpoint = find_checkpoint(out).name
-        recorded = read_json(path)
-        same = replace(settings_from_run_config(recorded["config"]), run_config={}) == replace(settings, run_config={})
-        done = [r["round"] for r in recorded["rounds"]]
-    except (CheckpointError, MedTuneError, KeyError, TypeError):
-        return None
-    return path if same and done and done[-1] == rounds and last_checkpoint == f"round_{rounds:03d}" else None
+    except MedTuneError:
+        return False
+    same = replace(recorded, run_config={}) == replace(settings, run_config={})
+    done = [r.round for r in results.rounds]
+    return same and bool(done) and done[-1] == rounds and last_checkpoint == f"round_{rounds:03d}"
 
 
 def _federated(cell: Cell, sweep: SweepConfig, runs: Path) -> dict[str, Any]:
     from medtune.baselines import score_global_model
-    from medtune.checkpoint import find_checkpoint, load_checkpoint
+    from medtune.results import RunResults
     from medtune.simulate import simulate
 
     out = runs / cell.id
     overrides = {**cell.overrides(sweep), "out": str(out)}
     settings = settings_from_run_config(resolve_run_config(sweep.scenario, overrides))
     started = time.monotonic()
-    results_path = _finished_run(out, settings)
-    reused = results_path is not None
-    if results_path is None:
+    reused = _finished_run(out, settings)
+    if not reused:
         shutil.rmtree(out, ignore_errors=True)  # a cell interrupted mid-run starts over, ledgers included
-        results_path = simulate(sweep.scenario, overrides)
-    results = read_json(results_path)
+        simulate(sweep.scenario, overrides)
+    results = RunResults.load(out, up_to_round=sys.maxsize)
     # A re-scored run did not run now: its cost is the time its rounds took (without the engine's start).
-    wall = sum(r["wall_seconds"] for r in results["rounds"]) if reused else time.monotonic() - started
-    rounds = [r for r in results["rounds"] if r["accuracy"] is not None]
+    wall = sum(r.wall_seconds for r in results.rounds) if reused else time.monotonic() - started
+    rounds = [r for r in results.rounds if r.accuracy is not None]
     if not rounds:
         raise ConfigError(f"federated run {cell.id} finished no evaluated round; see {out}/results.json")
     last = rounds[-1]
-    hospital_rounds = [h for r in results["rounds"] for h in r["hospitals"]]
-    accuracies = [h["accuracy"] for h in last["hospitals"] if h["accuracy"] is not None]
-    epsilons: dict[str, float] = {}
-    for record in hospital_rounds:
-        if record["epsilon"] is not None:
-            epsilons[record["name"]] = float(record["epsilon"])
-    communicated = sum(h["bytes_up"] + h["bytes_down"] for h in hospital_rounds)
-    own_mix = score_global_model(settings, load_checkpoint(find_checkpoint(out)), epsilons, own_label_mix=True)
+    hospital_rounds = [h for r in results.rounds for h in r.hospitals]
+    accuracies = [h.accuracy for h in last.hospitals if h.accuracy is not None]
+    epsilons = results.epsilon_per_hospital()
+    communicated = sum(h.bytes_up + h.bytes_down for h in hospital_rounds)
+    _, own_mix = score_global_model(out)
     return {
-        "accuracy": last["accuracy"],
-        "macro_f1": last["macro_f1"],
+        "accuracy": last.accuracy,
+        "macro_f1": last.macro_f1,
         "worst_hospital_accuracy": min(accuracies),
         "mean_hospital_accuracy": sum(accuracies) / len(accuracies),
-        "accuracy_on_all_hospitals": last["accuracy"],  # one global model: its own-test score is everyone's
+        "accuracy_on_all_hospitals": last.accuracy,  # one global model: its own-test score is everyone's
         "own_mix_accuracy": own_mix.pooled.accuracy,
         "own_mix_macro_f1": own_mix.pooled.macro_f1,
         "own_mix_mean_hospital_accuracy": own_mix.mean_hospital_accuracy,
         "epsilon_spent": max(epsilons.values()) if epsilons else math.inf,
         "epsilon_per_hospital": epsilons,
-        "rounds": len(results["rounds"]),
+        "rounds": len(results.rounds),
         "bytes_total": communicated,
         "bytes_per_hospital_round": communicated / max(1, len(hospital_rounds)),
         "wall_seconds": wall,

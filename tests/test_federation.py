@@ -195,13 +195,12 @@ def test_the_run_scored_offline_matches_what_the_hospitals_reported(two_rounds: 
     record = results(two_rounds)
     settings = settings_from_run_config(record["config"])
     checkpoint = load_checkpoint(two_rounds / "checkpoints" / "round_002")
-    offline = score_global_model(settings, checkpoint, {}, own_label_mix=False)
+    offline, mixed = score_global_model(two_rounds)
     last = record["rounds"][-1]
     assert offline.pooled.accuracy == pytest.approx(last["accuracy"])
     for hospital in last["hospitals"]:
         assert offline.per_hospital[hospital["name"]].accuracy == pytest.approx(hospital["accuracy"])
 
-    mixed = score_global_model(settings, checkpoint, {}, own_label_mix=True)
     backbone = load_backbone(settings.model.backbone, settings.model.num_layers)
     model = PromptClassifier(backbone, settings.model, len(settings.data.labels), seed=0)
     model.load_exchanged_state(checkpoint.arrays)
@@ -222,11 +221,15 @@ def test_only_a_simulated_run_on_its_own_backbone_is_scored_again(two_rounds: Pa
     assert main(["benchmark", "baselines", "--run", str(two_rounds), "--run-config", "rounds=3"]) == 2
     assert "--run takes the run's own settings" in capsys.readouterr().err
 
+    import shutil
+
     from medtune.baselines import score_global_model
     from medtune.errors import ConfigError
-    from medtune.settings import settings_from_run_config
 
-    settings = settings_from_run_config(results(two_rounds)["config"])
-    checkpoint = load_checkpoint(two_rounds / "checkpoints" / "round_002")
+    deployed = tmp_path / "deployed"  # a run whose record names a hospital these settings do not simulate
+    shutil.copytree(two_rounds, deployed)
+    record = results(deployed)
+    record["rounds"][-1]["hospitals"][0]["name"] = "st_marys"
+    (deployed / "results.json").write_text(json.dumps(record))
     with pytest.raises(ConfigError, match=r"hospitals \['st_marys'\] that its settings do not simulate"):
-        score_global_model(settings, checkpoint, {"hospital_1": 8.0, "st_marys": 8.0}, own_label_mix=True)
+        score_global_model(deployed)

@@ -97,11 +97,11 @@ def test_sweep_writes_results_report_and_plot_and_resumes(
     rescored = json.loads(cell.read_text())
     assert {k: v for k, v in rescored.items() if k != "wall_seconds"} == {k: v for k, v in scored.items() if k != "wall_seconds"}
 
-    # ... but a run made with other settings (here: the run's record says another learning rate) is not.
-    run_record = tmp_path / "runs" / "federated_eps-8_seed-0" / "results.json"
-    record = json.loads(run_record.read_text())
+    # ... but a run made with other settings (here: its checkpoint says another learning rate) is not.
+    meta = tmp_path / "runs" / "federated_eps-8_seed-0" / "checkpoints" / "round_002" / "meta.json"
+    record = json.loads(meta.read_text())
     record["config"]["learning-rate"] = 0.5
-    run_record.write_text(json.dumps(record))
+    meta.write_text(json.dumps(record))
     cell.unlink()
     simulated = []
     real_simulate = simulate_module.simulate

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medtune.data import TokenizedRecords
+from medtune.features import RecordInputs
 from medtune.errors import ConfigError
 from medtune.metrics import predict_logits
 from medtune.model import PromptClassifier
@@ -42,7 +42,7 @@ class AuditResult:
 
 
 def per_record_losses(
-    model: PromptClassifier, dataset: TokenizedRecords, pad_token_id: int, device: torch.device
+    model: PromptClassifier, dataset: RecordInputs, pad_token_id: int, device: torch.device
 ) -> np.ndarray:
     logits = predict_logits(model, dataset, pad_token_id, device)
     return F.cross_entropy(logits, dataset.labels, reduction="none").numpy()
@@ -66,8 +66,8 @@ def tpr_at_fpr(member_scores: np.ndarray, non_member_scores: np.ndarray, fpr: fl
 
 def audit_model(
     model: PromptClassifier,
-    members: TokenizedRecords,
-    non_members: TokenizedRecords,
+    members: RecordInputs,
+    non_members: RecordInputs,
     pad_token_id: int,
     device: torch.device,
 ) -> AuditResult:
@@ -91,6 +91,7 @@ def audit_run(out: Path, hospital: str) -> AuditResult:
     from medtune.backbone import load_backbone
     from medtune.checkpoint import find_checkpoint, load_checkpoint
     from medtune.data import train_test_split
+    from medtune.features import record_inputs
     from medtune.hospitals import hospital_name, simulated_hospital
     from medtune.settings import settings_from_run_config
     from medtune.train import resolve_device
@@ -105,11 +106,10 @@ def audit_run(out: Path, hospital: str) -> AuditResult:
     backbone = load_backbone(settings.model.backbone, settings.model.num_layers)
     model = PromptClassifier(backbone, checkpoint.model, len(checkpoint.labels), seed=settings.seed)
     model.load_exchanged_state(checkpoint.arrays, source=str(out))
-    tokenizer, length = backbone.tokenizer, checkpoint.model.max_length
     return audit_model(
         model,
-        TokenizedRecords(train, tokenizer, length),
-        TokenizedRecords(test, tokenizer, length),
-        tokenizer.pad_token_id,
+        record_inputs(backbone, checkpoint.model, train),
+        record_inputs(backbone, checkpoint.model, test),
+        backbone.tokenizer.pad_token_id,
         resolve_device(settings.train.device),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -29,6 +30,11 @@ class Backbone:
     def hidden_size(self) -> int:
         return int(self.encoder.config.hidden_size)
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """The weights hash, computed once per loaded backbone (it reads every weight)."""
+        return weights_hash(self.encoder)
+
     @property
     def max_positions(self) -> int:
         return int(getattr(self.encoder.config, "max_position_embeddings", 512))
@@ -52,6 +58,52 @@ def _layer_list(encoder: nn.Module) -> nn.ModuleList:
         f"cannot truncate a {type(encoder).__name__}: no encoder.layer or transformer.layer list "
         "(supported: BERT, RoBERTa, DistilBERT-style encoders); unset model.num_layers to keep all layers"
     )
+
+
+def depth(encoder: nn.Module) -> int:
+    """How many transformer blocks the encoder has (after any truncation)."""
+    return len(_layer_list(encoder))
+
+
+def attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A (batch, 1, 1, length) additive mask: 0 where a position is attended, the dtype's minimum where not.
+
+    Every attention implementation of the supported encoders (eager and SDPA) accepts this form.
+    """
+    keep = attention_mask[:, None, None, :].to(dtype)
+    return (1.0 - keep) * torch.finfo(dtype).min
+
+
+def run_layers(
+    encoder: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int, stop: int | None = None
+) -> torch.Tensor:
+    """Run transformer blocks start..stop-1 on hidden states, as the encoder's own forward would.
+
+    Running the encoder block by block is what lets a late prompt enter at any layer, and lets the
+    blocks below it run once per record (medtune/features.py) instead of once per step.
+    """
+    bias = attention_bias(attention_mask, hidden.dtype)
+    for layer in _layer_list(encoder)[start:stop]:
+        output = layer(hidden, attention_mask=bias)
+        hidden = output[0] if isinstance(output, tuple) else output
+    return hidden
+
+
+@torch.no_grad()
+def hidden_states_at(
+    encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int
+) -> torch.Tensor:
+    """The input of transformer block `layer` (1..depth) for each token: embeddings, then blocks 0..layer-1."""
+    embedded = encoder.embeddings(input_ids=input_ids)
+    return run_layers(encoder, embedded, attention_mask, 0, layer)
+
+
+@torch.no_grad()
+def sentence_embeddings(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over non-padding tokens of the full encoder's last hidden states (sentence-transformers style)."""
+    hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
 
 def truncate_layers(encoder: nn.Module, num_layers: int) -> None:

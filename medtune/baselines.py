@@ -7,6 +7,9 @@
   the data would give), tested on every hospital's test split;
 - majority label: no model at all, each hospital predicts its most frequent training label. Under
   label skew a hospital's own test split rewards knowing its label mix; this is how much.
+- zero-shot: no training at all, the untouched encoder's embedding of each record matched to the
+  embeddings of the label names or descriptions (medtune/label_prior.py): what the encoder knows
+  before any hospital's record is used.
 
 And the federated model as a hospital would use it at home: the final global prompt and head with
 the hospital's own label mix applied (medtune/label_mix.py), on its own test split.
@@ -21,13 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from medtune.backbone import Backbone, load_backbone
 from medtune.checkpoint import find_checkpoint, load_checkpoint
-from medtune.data import Record, TokenizedRecords, train_test_split
+from medtune.data import Record, train_test_split
 from medtune.errors import ConfigError
+from medtune.features import RecordInputs, record_inputs
 from medtune.hospitals import simulated_hospital
 from medtune.label_mix import apply_label_mix, label_mix
+from medtune.label_prior import ZeroShotClassifier, initial_model
 from medtune.metrics import Evaluation, evaluate, from_counts, pool, predict_logits, score_logits
 from medtune.model import PromptClassifier
 from medtune.predict import load_checkpoint_model
@@ -88,8 +94,8 @@ def _fit(
 
     Returns the model and the epsilon its ledger actually spent.
     """
-    model = PromptClassifier(backbone, settings.model, len(settings.data.labels), seed=settings.seed)
-    dataset = TokenizedRecords(train, backbone.tokenizer, settings.model.max_length)
+    model = initial_model(backbone, settings.model, settings.data, seed=settings.seed)
+    dataset = _inputs(settings, backbone, train)
     privacy = replace(settings.privacy, epsilon=epsilon)
     config = replace(settings.train, epochs=settings.train.epochs * settings.federation.rounds)
     ledger = new_ledger(privacy, len(dataset), config, rounds=1)
@@ -98,8 +104,13 @@ def _fit(
     return model, result.epsilon
 
 
-def _test(settings: RunSettings, backbone: Backbone, model: PromptClassifier, split: Split) -> Evaluation:
-    dataset = TokenizedRecords(split.test, backbone.tokenizer, settings.model.max_length)
+def _inputs(settings: RunSettings, backbone: Backbone, records: list[Record]) -> RecordInputs:
+    """Model inputs of these records, from the run's feature cache when it names one."""
+    return record_inputs(backbone, settings.model, records, settings.cache_dir)
+
+
+def _test(settings: RunSettings, backbone: Backbone, model: torch.nn.Module, split: Split) -> Evaluation:
+    dataset = _inputs(settings, backbone, split.test)
     device = resolve_device(settings.train.device)
     return evaluate(model, dataset, settings.data.labels, backbone.tokenizer.pad_token_id, device)
 
@@ -127,6 +138,16 @@ def pooled(settings: RunSettings) -> BaselineResult:
     per_hospital = {split.name: _test(settings, backbone, model, split) for split in all_splits}
     together = pool(list(per_hospital.values()))
     return BaselineResult("pooled (no DP)", together, per_hospital, {"pooled": math.inf}, together)
+
+
+def zero_shot(settings: RunSettings) -> BaselineResult:
+    """No training: each record goes to the label whose text embeds closest (the label-name prior alone)."""
+    backbone = load_backbone(settings.model.backbone, settings.model.num_layers)
+    model = ZeroShotClassifier(backbone, settings.model, settings.data)
+    per_hospital = {split.name: _test(settings, backbone, model, split) for split in splits(settings)}
+    together = pool(list(per_hospital.values()))
+    spent = {name: 0.0 for name in per_hospital}
+    return BaselineResult("zero-shot (label names, no training)", together, per_hospital, spent, together)
 
 
 def _constant(settings: RunSettings, label: int, prior: np.ndarray, test: list[Record]) -> Evaluation:
@@ -188,7 +209,7 @@ def score_global_model(run: Path) -> tuple[BaselineResult, BaselineResult]:
     device = resolve_device(settings.train.device)
     tests = {}
     for split in all_splits:
-        dataset = TokenizedRecords(split.test, backbone.tokenizer, settings.model.max_length)
+        dataset = _inputs(settings, backbone, split.test)
         tests[split.name] = (predict_logits(model, dataset, backbone.tokenizer.pad_token_id, device), dataset.labels)
     scores = []
     for own_label_mix in (False, True):

@@ -26,6 +26,8 @@ MODEL_FLAGS = {
     "prompt_length": "prompt_length",
     "prompt_init": "prompt_init",
     "max_length": "max_length",
+    "prompt_layer": "prompt_layer",
+    "head_init": "head_init",
 }
 PRIVACY_FLAGS = {"epsilon": "epsilon", "delta": "delta", "max_grad_norm": "max_grad_norm", "accountant": "accountant"}
 TRAIN_FLAGS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "learning_rate", "seed": "seed", "device": "device"}
@@ -39,6 +41,10 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prompt-length", type=int, help="number of virtual prompt tokens")
     group.add_argument("--prompt-init", choices=["vocab", "random"])
     group.add_argument("--max-length", type=int, help="truncate texts to this many tokens")
+    group.add_argument(
+        "--prompt-layer", type=int, help="block the prompt enters before (0 = input; k > 0 caches the blocks below k)"
+    )
+    group.add_argument("--head-init", choices=["label-names", "random"], help="start the head from label-name embeddings")
 
 
 def _add_privacy_flags(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +68,7 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--data", type=Path, help="records file (.csv, .jsonl, .parquet); default: one synthetic hospital of 1,500 notes")
     group.add_argument("--labels", help="comma-separated federation label list (default: the synthetic labels)")
+    group.add_argument("--label-descriptions", help="'|'-separated public description per label, in label order")
     group.add_argument("--text-column")
     group.add_argument("--label-column")
     group.add_argument("--test-fraction", type=float)
@@ -139,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("benchmark", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     perf = bench.add_parser("perf", help="training and inference throughput, with and without DP")
-    perf.add_argument("--layers", default="6,2", help="comma-separated backbone depths")
-    perf.add_argument("--max-lengths", default="64,128")
+    perf.add_argument("--layers", default="6", help="comma-separated backbone depths")
+    perf.add_argument("--max-lengths", default="128")
+    perf.add_argument("--prompt-layers", default="0,1,2,3,4,5,6", help="comma-separated prompt layers (0 = input)")
     perf.add_argument("--batch-size", type=int, default=16)
     perf.add_argument("--steps", type=int, default=8, help="timed training steps per setting")
     perf.add_argument("--out", type=Path, help="also write the table as JSON here")
@@ -167,6 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--seeds", help="comma-separated seeds (default: the sweep file's)")
     sweep.add_argument("--run-config", default="", help="more overrides for every run: 'key=value key2=value2'")
     sweep.add_argument("--out", type=Path, help="output directory (default: runs/benchmark/<sweep name>)")
+    tune = bench.add_parser(
+        "tune",
+        help="score recipes (prompt layer, learning rate, ...) on validation parts of the hospitals' training splits",
+        description="Cuts every hospital's training split into fit and validation parts (the test splits are never "
+        "read), trains each combination of --grid with DP on the fit parts and prints validation accuracy, "
+        "macro-F1 and DP training records/s. Writes OUT/tuning.json.",
+    )
+    tune.add_argument("--sweep", default="synthetic", help="the hospitals and settings of this sweep file")
+    tune.add_argument(
+        "--grid", action="append", required=True,
+        help="run-config key and TOML list of values, e.g. 'prompt-layer=[0,3,5]' (repeatable: the grid is the product)",
+    )
+    tune.add_argument("--epsilon", default="8", help="each candidate's privacy target (inf: no DP)")
+    tune.add_argument("--run-config", default="", help="more overrides for every candidate: 'key=value key2=value2'")
+    tune.add_argument("--out", type=Path, help="output directory (default: runs/tuning/<sweep name>)")
     difficulty = bench.add_parser("difficulty", help="synthetic data: pooled vs smallest hospital alone")
     difficulty.add_argument("--hospitals", type=int, default=3)
     _add_model_flags(difficulty)
@@ -213,7 +236,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from medtune.synth import LABELS, SynthConfig, write_hospitals
 
     labels = tuple(args.labels.split(",")) if args.labels else LABELS
-    data = config_from_dict(DataConfig, {"labels": labels, **_given(args, DATA_FLAGS)})
+    descriptions = tuple(args.label_descriptions.split("|")) if args.label_descriptions else ()
+    data = config_from_dict(DataConfig, {"labels": labels, "label_descriptions": descriptions, **_given(args, DATA_FLAGS)})
     model = config_from_dict(ModelConfig, _given(args, MODEL_FLAGS))
     privacy = config_from_dict(PrivacyConfig, _given(args, PRIVACY_FLAGS))
     train = config_from_dict(TrainConfig, _given(args, TRAIN_FLAGS))
@@ -223,7 +247,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
     backbone = load_backbone(model.backbone, model.num_layers)
     ledger_path = args.ledger or args.out / "ledger.json"
     print(f"{path}: {len(records)} records; backbone {backbone.name}; target epsilon={privacy.epsilon}")
-    run = run_local(records, data, model, privacy, train, backbone=backbone, ledger_path=ledger_path)
+    run = run_local(
+        records, data, model, privacy, train, backbone=backbone, ledger_path=ledger_path, cache_dir=args.out / "features"
+    )
     save_local_run(run, args.out, backbone, all_configs(data, model, privacy, train))
     ev = run.evaluation
     print(
@@ -240,6 +266,7 @@ def _cmd_perf(args: argparse.Namespace) -> None:
     run_perf(
         layers=[int(x) for x in args.layers.split(",")],
         max_lengths=[int(x) for x in args.max_lengths.split(",")],
+        prompt_layers=[int(x) for x in args.prompt_layers.split(",")],
         batch_size=args.batch_size,
         steps=args.steps,
         out=args.out,
@@ -247,7 +274,7 @@ def _cmd_perf(args: argparse.Namespace) -> None:
 
 
 def _cmd_baselines(args: argparse.Namespace) -> None:
-    from medtune.baselines import load_run, local_only, majority_label, pooled, score_global_model
+    from medtune.baselines import load_run, local_only, majority_label, pooled, score_global_model, zero_shot
     from medtune.files import atomic_write_json
     from medtune.settings import parse_overrides, resolve_run_config, settings_from_run_config
 
@@ -260,7 +287,7 @@ def _cmd_baselines(args: argparse.Namespace) -> None:
     else:
         overrides = parse_overrides(args.run_config)
         settings = settings_from_run_config(resolve_run_config(args.scenario or "default", overrides))
-    figures += [local_only(settings), pooled(settings), majority_label(settings)]
+    figures += [local_only(settings), pooled(settings), majority_label(settings), zero_shot(settings)]
     for result in figures:
         print(
             f"{result.name:34s} own test splits: accuracy {result.pooled.accuracy:.3f}  macro-F1 "
@@ -287,6 +314,20 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
     out = args.out or Path("runs/benchmark") / sweep.name
     run_sweep(sweep, out)
     print(f"wrote {out}/results.csv, results.json, report.md and accuracy_vs_epsilon.png")
+
+
+def _cmd_tune(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from medtune.settings import parse_overrides
+    from medtune.sweep import parse_epsilon, read_sweep
+    from medtune.tuning import parse_grid, run_tuning
+
+    sweep = read_sweep(args.sweep)
+    sweep = replace(sweep, run_config={**sweep.run_config, **parse_overrides(args.run_config)})
+    out = args.out or Path("runs/tuning") / sweep.name
+    run_tuning(sweep, parse_grid(args.grid), parse_epsilon(args.epsilon), out)
+    print(f"wrote {out}/tuning.json")
 
 
 def _cmd_audit(args: argparse.Namespace) -> None:
@@ -358,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         ("benchmark", "difficulty"): _cmd_difficulty,
         ("benchmark", "baselines"): _cmd_baselines,
         ("benchmark", "sweep"): _cmd_sweep,
+        ("benchmark", "tune"): _cmd_tune,
         ("audit", None): _cmd_audit,
     }
     groups = ("data_command", "bench_command", "certs_command")

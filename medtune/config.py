@@ -13,6 +13,7 @@ from typing import Any
 from medtune.errors import ConfigError
 
 PROMPT_INITS = ("vocab", "random")
+HEAD_INITS = ("label-names", "random")
 ACCOUNTANTS = ("prv", "rdp")
 
 
@@ -26,15 +27,20 @@ class ModelConfig:
     """Backbone and soft prompt.
 
     `backbone` is a local Hugging Face checkpoint directory; None means the embedded MiniLM-L6.
-    `num_layers` keeps only the first k transformer layers (None keeps all): MiniLM-L2 trains
-    about 3x faster than L6 on a CPU.
+    `num_layers` keeps only the first k transformer layers (None keeps all; cutting depth costs
+    accuracy, see docs/benchmarks.md). `prompt_layer` is the block the prompt enters before:
+    0 prepends it to the input embeddings; k > 0 runs blocks 0..k-1 once per record (cached at the
+    site) and only blocks k..L per step. `head_init` starts the head from the frozen encoder's
+    embeddings of the label names or descriptions ("label-names"), or at random.
     """
 
     backbone: str | None = None
-    num_layers: int | None = 2
+    num_layers: int | None = None
     prompt_length: int = 16
     prompt_init: str = "vocab"
-    max_length: int = 64
+    max_length: int = 128
+    prompt_layer: int = 5
+    head_init: str = "label-names"
 
     def __post_init__(self) -> None:
         _require(
@@ -47,6 +53,14 @@ class ModelConfig:
             f"model.prompt_init must be one of {list(PROMPT_INITS)}, got {self.prompt_init!r}",
         )
         _require(self.max_length >= 2, f"model.max_length must be at least 2 tokens, got {self.max_length}")
+        _require(
+            self.prompt_layer >= 0,
+            f"model.prompt_layer (prompt-layer) must be 0 (input) or a layer number, got {self.prompt_layer}",
+        )
+        _require(
+            self.head_init in HEAD_INITS,
+            f"model.head_init (head-init) must be one of {list(HEAD_INITS)}, got {self.head_init!r}",
+        )
 
 
 @dataclass(frozen=True)
@@ -54,9 +68,13 @@ class DataConfig:
     """Where a hospital's records are and how to read them.
 
     `labels` is the federation's label list: every hospital's head has these rows in this order.
+    `label_descriptions` are short public descriptions of the labels, one per label in the same
+    order ("" entries and an empty tuple fall back to the label itself); the label-name prior
+    embeds them.
     """
 
     labels: tuple[str, ...]
+    label_descriptions: tuple[str, ...] = ()
     text_column: str = "text"
     label_column: str = "label"
     test_fraction: float = 0.2
@@ -66,6 +84,18 @@ class DataConfig:
         _require(len(self.labels) >= 2, f"data.labels needs at least 2 labels, got {list(self.labels)}")
         duplicates = sorted({label for label in self.labels if self.labels.count(label) > 1})
         _require(not duplicates, f"data.labels lists {duplicates} more than once")
+        object.__setattr__(self, "label_descriptions", tuple(str(d).strip() for d in self.label_descriptions))
+        if self.label_descriptions and len(self.label_descriptions) != len(self.labels):
+            missing = self.labels[len(self.label_descriptions) :]
+            problem = (
+                f"label '{missing[0]}' has no description"
+                if missing
+                else f"description {self.label_descriptions[len(self.labels)]!r} has no label"
+            )
+            raise ConfigError(
+                f"data.label_descriptions (label-descriptions) gives {len(self.label_descriptions)} descriptions for "
+                f"{len(self.labels)} labels {list(self.labels)}: {problem}; give one per label, in the label list's order"
+            )
         _require(bool(self.text_column), "data.text_column must be a column name")
         _require(bool(self.label_column), "data.label_column must be a column name")
         _require(
@@ -114,9 +144,9 @@ class TrainConfig:
     update shrinks as the batch grows.
     """
 
-    epochs: int = 3
+    epochs: int = 2
     batch_size: int = 64
-    learning_rate: float = 3e-2
+    learning_rate: float = 1e-2
     seed: int = 0
     device: str = "auto"
 

@@ -198,17 +198,23 @@ class TokenizedRecords(Dataset):
 
 
 class PadToLongest:
-    """Collate: pad a batch to its own longest text, not to max_length."""
+    """Collate: pad a batch to its own longest record, not to max_length.
+
+    Works for token ids (padded with the pad token) and for cached hidden states (padded with zeros);
+    the attention mask marks the real positions either way.
+    """
 
     def __init__(self, pad_token_id: int) -> None:
         self.pad_token_id = pad_token_id
 
     def __call__(self, batch: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        longest = max(ids.shape[0] for ids, _ in batch)
-        input_ids = torch.full((len(batch), longest), self.pad_token_id, dtype=torch.long)
+        first = batch[0][0]
+        longest = max(inputs.shape[0] for inputs, _ in batch)
+        fill = self.pad_token_id if first.dtype == torch.long else 0
+        padded = torch.full((len(batch), longest, *first.shape[1:]), fill, dtype=first.dtype)
         attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        for row, (ids, _) in enumerate(batch):
-            input_ids[row, : ids.shape[0]] = ids
-            attention_mask[row, : ids.shape[0]] = 1
+        for row, (inputs, _) in enumerate(batch):
+            padded[row, : inputs.shape[0]] = inputs
+            attention_mask[row, : inputs.shape[0]] = 1
         labels = torch.stack([label for _, label in batch])
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return {"inputs": padded, "attention_mask": attention_mask, "labels": labels}

@@ -13,7 +13,8 @@ from rich.table import Table
 
 from medtune.backbone import load_backbone
 from medtune.config import ModelConfig, PrivacyConfig, TrainConfig
-from medtune.data import Record, TokenizedRecords, train_test_split
+from medtune.data import Record, train_test_split
+from medtune.features import record_inputs
 from medtune.metrics import Evaluation, evaluate
 from medtune.model import PromptClassifier
 from medtune.synth import LABELS, SynthConfig, generate_hospitals
@@ -27,7 +28,7 @@ def run_difficulty(synth: SynthConfig, model_config: ModelConfig, train: TrainCo
         train_test_split([Record(t, LABELS.index(label)) for t, label in hospital], 0.2, train.seed)
         for hospital in generate_hospitals(synth)
     ]
-    pooled_test = TokenizedRecords([r for _, test in splits for r in test], backbone.tokenizer, model_config.max_length)
+    pooled_test = record_inputs(backbone, model_config, [r for _, test in splits for r in test])
     smallest = min(range(len(splits)), key=lambda i: len(splits[i][0]))
     training_sets = {
         "pooled (all hospitals)": [r for train_part, _ in splits for r in train_part],
@@ -35,7 +36,7 @@ def run_difficulty(synth: SynthConfig, model_config: ModelConfig, train: TrainCo
     }
     results = {}
     for name, records in training_sets.items():
-        dataset = TokenizedRecords(records, backbone.tokenizer, model_config.max_length)
+        dataset = record_inputs(backbone, model_config, records)
         model = PromptClassifier(backbone, model_config, len(LABELS), seed=train.seed)
         ledger = new_ledger(PrivacyConfig(epsilon=math.inf), len(dataset), train, rounds=1)
         train_local(model, dataset, ledger, train, pad, seed=train.seed)

@@ -1,7 +1,8 @@
 """One hospital on its own: read its file, split, train with DP, evaluate, save checkpoint and ledger.
 
 This is the path a record takes inside one site, with nothing federated: CSV row -> Record ->
-tokens -> prompt + frozen backbone -> loss -> clipped, noised step (ledger) -> exchanged state.
+tokens -> frozen blocks below the prompt layer (cached under OUT/features) -> prompt + upper
+blocks -> loss -> clipped, noised step (ledger) -> exchanged state.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from typing import Any
 from medtune.backbone import Backbone, load_backbone, weights_hash
 from medtune.checkpoint import Checkpoint, save_checkpoint
 from medtune.config import DataConfig, ModelConfig, PrivacyConfig, TrainConfig, config_to_dict
-from medtune.data import Record, TokenizedRecords, train_test_split
+from medtune.data import Record, train_test_split
 from medtune.errors import LedgerError
+from medtune.features import record_inputs
 from medtune.files import atomic_write_json
+from medtune.label_prior import initial_model
 from medtune.metrics import Evaluation, evaluate
 from medtune.model import PromptClassifier
 from medtune.privacy import PrivacyLedger
@@ -55,14 +58,18 @@ def run_local(
     backbone: Backbone | None = None,
     ledger_path: Path | None = None,
     progress: bool = True,
+    cache_dir: Path | None = None,
 ) -> LocalRun:
-    """Split by seed, train on the train part, evaluate on the test part."""
+    """Split by seed, train on the train part, evaluate on the test part.
+
+    `cache_dir` keeps the frozen blocks' output per record on disk (see medtune/features.py).
+    """
     backbone = backbone or load_backbone(model_config.backbone, model_config.num_layers)
     train_records, test_records = train_test_split(records, data.test_fraction, train.seed)
-    train_set = TokenizedRecords(train_records, backbone.tokenizer, model_config.max_length)
-    test_set = TokenizedRecords(test_records, backbone.tokenizer, model_config.max_length)
+    train_set = record_inputs(backbone, model_config, train_records, cache_dir)
+    test_set = record_inputs(backbone, model_config, test_records, cache_dir)
     ledger = load_or_create_ledger(ledger_path, privacy, len(train_set), train, rounds=1)
-    model = PromptClassifier(backbone, model_config, len(data.labels), seed=train.seed)
+    model = initial_model(backbone, model_config, data, seed=train.seed)
     pad = backbone.tokenizer.pad_token_id
     result = train_local(model, train_set, ledger, train, pad, seed=train.seed, progress=progress)
     if ledger_path is not None:

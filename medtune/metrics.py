@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from medtune.data import PadToLongest, TokenizedRecords
+from medtune.data import PadToLongest
+from medtune.features import RecordInputs
 from medtune.model import PromptClassifier
 
 
@@ -88,19 +89,19 @@ def pool(evaluations: list[Evaluation]) -> Evaluation:
 
 @torch.no_grad()
 def predict_logits(
-    model: PromptClassifier, dataset: TokenizedRecords, pad_token_id: int, device: torch.device, batch_size: int = 64
+    model: torch.nn.Module, dataset: RecordInputs, pad_token_id: int, device: torch.device, batch_size: int = 64
 ) -> torch.Tensor:
     model.to(device).eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=PadToLongest(pad_token_id))
     chunks = [
-        model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu() for batch in loader
+        model(batch["inputs"].to(device), batch["attention_mask"].to(device)).float().cpu() for batch in loader
     ]
     return torch.cat(chunks) if chunks else torch.empty(0, len(model.head.bias))
 
 
 def evaluate(
     model: PromptClassifier,
-    dataset: TokenizedRecords,
+    dataset: RecordInputs,
     label_names: tuple[str, ...],
     pad_token_id: int,
     device: torch.device,

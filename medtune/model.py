@@ -1,8 +1,12 @@
-"""Soft-prompt classifier: P trainable virtual tokens in front of a frozen encoder, a linear head on top.
+"""Soft-prompt classifier: P trainable virtual tokens inside a frozen encoder, a linear head on top.
 
-Forward pass of one record: token ids -> frozen word embeddings -> [prompt; embeddings] ->
-frozen encoder (attention mask extended over the prompt) -> mean over non-padding positions ->
-standardise -> linear head -> logits. Only the prompt and the head are trainable, and only they are exchanged.
+The prompt enters at layer k (`prompt_layer`). With k = 0 (the classic input prompt) a record goes:
+token ids -> frozen word embeddings -> [prompt; embeddings] -> all frozen blocks. With k > 0 (a late
+prompt, Liu et al., Findings of EMNLP 2022) the blocks below k see only the record, so their output
+is computed once per record and cached at the site (medtune/features.py); each training step then
+runs [prompt; cached hidden states] -> blocks k..L. Either way: attention mask extended over the
+prompt -> mean over non-padding positions -> standardise -> linear head -> logits. Only the prompt
+and the head are trainable, and only they are exchanged.
 """
 
 from __future__ import annotations
@@ -15,14 +19,14 @@ import torch.nn.functional as F
 from opacus.grad_sample import register_grad_sampler
 from torch import nn
 
-from medtune.backbone import Backbone, vocabulary_embeddings
+from medtune.backbone import Backbone, depth, hidden_states_at, run_layers, vocabulary_embeddings
 from medtune.config import ModelConfig
 from medtune.errors import ConfigError
 from medtune.state import HEAD_BIAS, HEAD_WEIGHT, PROMPT, ExchangedStateSpec
 
 
 class SoftPrompt(nn.Module):
-    """P learned embedding vectors, prepended to every sequence of input embeddings.
+    """P learned vectors, prepended to every sequence of hidden states entering the prompt layer.
 
     Kept as a module (not a bare parameter on the root) so Opacus can attach per-sample hooks.
     """
@@ -31,10 +35,10 @@ class SoftPrompt(nn.Module):
         super().__init__()
         self.embedding = nn.Parameter(initial.detach().clone().float())
 
-    def forward(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        batch = inputs_embeds.shape[0]
-        prompt = self.embedding.to(inputs_embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
-        return torch.cat([prompt, inputs_embeds], dim=1)
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        batch = hidden.shape[0]
+        prompt = self.embedding.to(hidden.dtype).unsqueeze(0).expand(batch, -1, -1)
+        return torch.cat([prompt, hidden], dim=1)
 
 
 @register_grad_sampler(SoftPrompt)
@@ -60,6 +64,12 @@ class PromptClassifier(nn.Module):
                 f"model.max_length ({config.max_length}) + model.prompt_length ({config.prompt_length}) "
                 f"exceeds the backbone's {backbone.max_positions} positions"
             )
+        layers = depth(backbone.encoder)
+        if not 0 <= config.prompt_layer <= layers:
+            raise ConfigError(
+                f"model.prompt_layer (prompt-layer) = {config.prompt_layer} is outside 0..{layers}: the backbone "
+                f"{backbone.name} has {layers} layers (0 = input prompt, {layers} = after the last layer)"
+            )
         self.config = config
         self.encoder = backbone.encoder
         self.spec = ExchangedStateSpec(config.prompt_length, backbone.hidden_size, num_labels)
@@ -81,17 +91,45 @@ class PromptClassifier(nn.Module):
         self.encoder.eval()
         return self
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        word_embeddings = self.encoder.get_input_embeddings()(input_ids)
-        inputs_embeds = self.prompt(word_embeddings)
-        prompt_mask = attention_mask.new_ones(attention_mask.shape[0], self.config.prompt_length)
-        mask = torch.cat([prompt_mask, attention_mask], dim=1)
-        hidden = self.encoder(inputs_embeds=inputs_embeds, attention_mask=mask).last_hidden_state
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
+    @torch.no_grad()
+    def frozen_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """What `forward` takes for these tokens: the ids themselves (k = 0) or block k's input (k > 0).
+
+        It depends only on the frozen encoder, never on the prompt or head, so a site computes it once.
+        """
+        if self.config.prompt_layer == 0:
+            return input_ids
+        return hidden_states_at(self.encoder, input_ids, attention_mask, self.config.prompt_layer)
+
+    def features(self, inputs: torch.Tensor, attention_mask: torch.Tensor, with_prompt: bool = True) -> torch.Tensor:
+        """Standardised mean-pooled encoder output, with the prompt in place (or without, for zero-shot)."""
+        layer = self.config.prompt_layer
+        if layer == 0:
+            hidden = self.encoder.get_input_embeddings()(inputs)
+        else:
+            if not inputs.is_floating_point():
+                raise TypeError(
+                    f"the prompt enters at layer {layer}: pass the cached hidden states of medtune.features."
+                    "record_inputs (or frozen_inputs(...)), not token ids"
+                )
+            hidden = inputs.to(self.head.weight.dtype)
+        if with_prompt:
+            hidden = self.prompt(hidden)
+            prompt_mask = attention_mask.new_ones(attention_mask.shape[0], self.config.prompt_length)
+            attention_mask = torch.cat([prompt_mask, attention_mask], dim=1)
+        if layer == 0:
+            hidden = self.encoder(inputs_embeds=hidden, attention_mask=attention_mask).last_hidden_state
+        else:
+            hidden = run_layers(self.encoder, hidden, attention_mask, layer)
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
         # Standardise the pooled features (no parameters): sentence embeddings share a large common
         # component that would otherwise dominate every per-sample gradient of the head.
-        return self.head(F.layer_norm(pooled, pooled.shape[-1:]))
+        return F.layer_norm(pooled, pooled.shape[-1:])
+
+    def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits from `frozen_inputs(...)` of a batch: token ids (k = 0) or cached hidden states (k > 0)."""
+        return self.head(self.features(inputs, attention_mask))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [self.prompt.embedding, self.head.weight, self.head.bias]

@@ -1,5 +1,8 @@
 """Throughput benchmark: training samples/s with and without DP, inference samples/s, achieved
-FLOP/s against the machine's own matmul FLOP/s, and bytes per hospital per round.
+FLOP/s against the machine's own matmul FLOP/s, and bytes per hospital per round, for each
+backbone depth, text length and prompt layer. With a late prompt (layer k > 0) a step runs only
+blocks k..L on cached states; the one-off cost of computing that cache is shown as its own rate.
+On a GPU the table names the card and its peak.
 
 Texts are synthetic notes joined until they fill max_length, so every batch is full length and
 the figures compare like with like. Timings follow one warm-up step; the ratio DP/non-DP comes
@@ -11,6 +14,7 @@ float32 matmul timed on the same device, so "achieved / peak" says how well the 
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from pathlib import Path
@@ -21,7 +25,8 @@ from rich.table import Table
 
 from medtune.backbone import count_parameters, load_backbone
 from medtune.config import ModelConfig, PrivacyConfig, TrainConfig
-from medtune.data import PadToLongest, Record, TokenizedRecords
+from medtune.data import PadToLongest, Record
+from medtune.features import RecordInputs, record_inputs
 from medtune.files import atomic_write_json
 from medtune.metrics import predict_logits
 from medtune.model import PromptClassifier
@@ -34,7 +39,7 @@ def _long_records(count: int) -> list[Record]:
     return [Record(text=" ".join(notes[4 * i : 4 * i + 4]), label=i % len(LABELS)) for i in range(count)]
 
 
-def _train_rate(model: PromptClassifier, dataset: TokenizedRecords, warmup: TokenizedRecords, epsilon: float,
+def _train_rate(model: PromptClassifier, dataset: RecordInputs, warmup: RecordInputs, epsilon: float,
                 batch_size: int, pad: int) -> float:
     train = TrainConfig(epochs=1, batch_size=batch_size, learning_rate=1e-3)
     privacy = PrivacyConfig(epsilon=epsilon)
@@ -45,7 +50,7 @@ def _train_rate(model: PromptClassifier, dataset: TokenizedRecords, warmup: Toke
     return result.examples / (time.perf_counter() - start)
 
 
-def _inference_rate(model: PromptClassifier, dataset: TokenizedRecords, pad: int) -> float:
+def _inference_rate(model: PromptClassifier, dataset: RecordInputs, pad: int) -> float:
     device = resolve_device("auto")
     predict_logits(model, dataset, pad, device)
     start = time.perf_counter()
@@ -71,7 +76,7 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_flops_per_sample(model: PromptClassifier, dataset: TokenizedRecords, batch_size: int, pad: int) -> float:
+def train_flops_per_sample(model: PromptClassifier, dataset: RecordInputs, batch_size: int, pad: int) -> float:
     """FLOPs of one forward + backward pass per record, counted by torch (no DP bookkeeping)."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -79,51 +84,66 @@ def train_flops_per_sample(model: PromptClassifier, dataset: TokenizedRecords, b
     batch = PadToLongest(pad)([dataset[i] for i in range(min(batch_size, len(dataset)))])
     model.train()
     with FlopCounterMode(display=False) as counter:
-        logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        logits = model(batch["inputs"].to(device), batch["attention_mask"].to(device))
         torch.nn.functional.cross_entropy(logits, batch["labels"].to(device)).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / batch["labels"].shape[0]
 
 
-def run_perf(layers: list[int], max_lengths: list[int], batch_size: int, steps: int, out: Path | None) -> list[dict]:
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def run_perf(
+    layers: list[int], max_lengths: list[int], prompt_layers: list[int], batch_size: int, steps: int, out: Path | None
+) -> list[dict]:
     device = resolve_device("auto")
     peak = matmul_flops_per_s(device)
     rows = []
     records = _long_records(batch_size * steps)
-    for depth in layers:
+    for depth, max_length, prompt_layer in itertools.product(layers, max_lengths, prompt_layers):
+        if prompt_layer > depth:
+            continue
         backbone = load_backbone(None, depth)
-        for max_length in max_lengths:
-            config = ModelConfig(num_layers=depth, max_length=max_length)
-            model = PromptClassifier(backbone, config, len(LABELS), seed=0)
-            dataset = TokenizedRecords(records, backbone.tokenizer, max_length)
-            warmup = TokenizedRecords(records[:batch_size], backbone.tokenizer, max_length)
-            pad = backbone.tokenizer.pad_token_id
-            plain = _train_rate(model, dataset, warmup, math.inf, batch_size, pad)
-            private = _train_rate(model, dataset, warmup, 8.0, batch_size, pad)
-            flops = train_flops_per_sample(model.to(device), dataset, batch_size, pad)
-            exchanged = model.spec.num_bytes()
-            full = 4 * (count_parameters(backbone.encoder) + sum(p.numel() for p in model.head.parameters()))
-            rows.append(
-                {
-                    "layers": depth,
-                    "max_length": max_length,
-                    "batch_size": batch_size,
-                    "device": str(device),
-                    "threads": torch.get_num_threads(),
-                    "train_samples_per_s": plain,
-                    "train_dp_samples_per_s": private,
-                    "dp_over_plain": private / plain,
-                    "inference_samples_per_s": _inference_rate(model, dataset, pad),
-                    "train_gflop_per_sample": flops / 1e9,
-                    "achieved_gflop_per_s": flops * plain / 1e9,
-                    "matmul_peak_gflop_per_s": peak / 1e9,
-                    "achieved_over_peak": flops * plain / peak,
-                    "bytes_up_per_round": exchanged,
-                    "full_finetune_bytes_up_per_round": full,
-                }
-            )
-    table = Table(title=f"MedTune throughput ({device}, {torch.get_num_threads()} threads, batch {batch_size})")
-    columns = ("layers", "max len", "train/s", "train DP/s", "DP/plain", "inference/s", "GFLOP/s (of peak)",
+        backbone.encoder.to(device)
+        config = ModelConfig(num_layers=depth, max_length=max_length, prompt_layer=prompt_layer)
+        model = PromptClassifier(backbone, config, len(LABELS), seed=0)
+        started = time.perf_counter()
+        dataset = record_inputs(backbone, config, records)
+        _synchronize(device)
+        inputs_rate = len(records) / (time.perf_counter() - started)
+        warmup = record_inputs(backbone, config, records[:batch_size])
+        pad = backbone.tokenizer.pad_token_id
+        plain = _train_rate(model, dataset, warmup, math.inf, batch_size, pad)
+        private = _train_rate(model, dataset, warmup, 8.0, batch_size, pad)
+        flops = train_flops_per_sample(model.to(device), dataset, batch_size, pad)
+        exchanged = model.spec.num_bytes()
+        full = 4 * (count_parameters(backbone.encoder) + sum(p.numel() for p in model.head.parameters()))
+        rows.append(
+            {
+                "layers": depth,
+                "max_length": max_length,
+                "prompt_layer": prompt_layer,
+                "inputs_samples_per_s": inputs_rate if prompt_layer else None,  # layer 0 has nothing to cache
+                "batch_size": batch_size,
+                "device": _device_name(device),
+                "threads": torch.get_num_threads(),
+                "train_samples_per_s": plain,
+                "train_dp_samples_per_s": private,
+                "dp_over_plain": private / plain,
+                "inference_samples_per_s": _inference_rate(model, dataset, pad),
+                "train_gflop_per_sample": flops / 1e9,
+                "achieved_gflop_per_s": flops * plain / 1e9,
+                "matmul_peak_gflop_per_s": peak / 1e9,
+                "achieved_over_peak": flops * plain / peak,
+                "bytes_up_per_round": exchanged,
+                "full_finetune_bytes_up_per_round": full,
+            }
+        )
+    table = Table(title=f"MedTune throughput ({_device_name(device)}, {torch.get_num_threads()} threads, batch {batch_size})")
+    columns = ("layers", "max len", "prompt layer", "cache/s", "train/s", "train DP/s", "DP/plain", "inference/s", "GFLOP/s (of peak)",
                "KiB up/round", "full FT MiB/round")
     for column in columns:
         table.add_column(column, justify="right")
@@ -131,6 +151,8 @@ def run_perf(layers: list[int], max_lengths: list[int], batch_size: int, steps: 
         table.add_row(
             str(row["layers"]),
             str(row["max_length"]),
+            str(row["prompt_layer"]),
+            "—" if row["inputs_samples_per_s"] is None else f"{row['inputs_samples_per_s']:.0f}",
             f"{row['train_samples_per_s']:.1f}",
             f"{row['train_dp_samples_per_s']:.1f}",
             f"{row['dp_over_plain']:.2f}",

@@ -16,8 +16,9 @@ import torch
 from medtune.backbone import Backbone, load_backbone, weights_hash
 from medtune.checkpoint import Checkpoint, find_checkpoint, load_checkpoint
 from medtune.config import DataConfig
-from medtune.data import Record, TokenizedRecords, read_records
+from medtune.data import Record, read_records
 from medtune.errors import CheckpointError
+from medtune.features import record_inputs
 from medtune.label_mix import apply_label_mix, label_mix
 from medtune.metrics import predict_logits
 from medtune.model import PromptClassifier
@@ -66,7 +67,7 @@ def predict_texts(
 ) -> list[Prediction]:
     """Label and probabilities per text; `mix` re-weights them to a hospital's own label mix."""
     checkpoint, model, loaded = load_checkpoint_model(checkpoint_path, backbone)
-    dataset = TokenizedRecords([Record(text=t, label=0) for t in texts], loaded.tokenizer, checkpoint.model.max_length)
+    dataset = record_inputs(loaded, checkpoint.model, [Record(text=t, label=0) for t in texts])
     logits = predict_logits(model, dataset, loaded.tokenizer.pad_token_id, resolve_device("auto"))
     if mix is not None:
         logits = apply_label_mix(logits, np.array([mix[label] for label in checkpoint.labels]))

@@ -4,13 +4,26 @@ The noise multiplier is derived once, from the target and the planned number of 
 hospital's whole participation (rounds x local epochs x steps per epoch), with the same Opacus
 accountant that then records each step. The ledger is a plain dict (`state_dict`) so it can be
 saved, carried across rounds and restarts, and inspected; loading one restores the exact history.
+
+Accounting cost: Opacus's noise search evaluates the PRV accountant a dozen times (0.3-4 s per
+hospital on a CPU), and every round asks for epsilon several times. Both are pure functions of
+their inputs, so they are memoised: epsilon per (accountant, history, delta) in the process, and
+the noise search's answer on disk (`noise-multipliers.json` in MedTune's user cache). A remembered
+noise multiplier is never trusted blindly: it is checked with one accountant evaluation to reach
+the target over the planned steps, and searched again if it does not. Every epsilon is unchanged.
 """
 
 from __future__ import annotations
 
-import copy
+import functools
+import json
+import logging
 import math
+import os
+from pathlib import Path
 from typing import Any
+
+import opacus
 
 from opacus.accountants import create_accountant
 from opacus.accountants.accountant import IAccountant
@@ -18,8 +31,66 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from medtune.config import PrivacyConfig
 from medtune.errors import ConfigError, LedgerError, PrivacyBudgetError
+from medtune.files import atomic_write_json
 
 LEDGER_FORMAT = "medtune-privacy-ledger/1"
+log = logging.getLogger("medtune.privacy")
+
+History = tuple[tuple[float, float, int], ...]
+
+
+@functools.lru_cache(maxsize=4096)
+def epsilon_of(accountant: str, history: History, delta: float) -> float:
+    """Epsilon of a step history under `accountant`: the one place MedTune asks Opacus for it."""
+    if not history:
+        return 0.0
+    trial = create_accountant(mechanism=accountant)
+    trial.history = list(history)
+    return float(trial.get_epsilon(delta=delta))
+
+
+def noise_memo_path() -> Path:
+    """The on-disk memo of noise searches, in the user's cache folder (XDG_CACHE_HOME)."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "medtune" / "noise-multipliers.json"
+
+
+def _read_memo(path: Path) -> dict[str, float]:
+    if not path.is_file():
+        return {}
+    try:
+        memo = json.loads(path.read_text(encoding="utf-8"))
+        return {str(k): float(v) for k, v in memo.items()}
+    except (OSError, ValueError, TypeError, AttributeError) as error:
+        log.warning("%s is damaged (%s); searching noise multipliers afresh and rewriting it", path, error)
+        return {}
+
+
+def noise_multiplier_for(accountant: str, epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """The noise multiplier Opacus's search gives for this target, remembered across processes.
+
+    A remembered value is used only if one accountant evaluation confirms it reaches the target
+    over `steps`; otherwise (a damaged or edited memo) the search runs again.
+    """
+    key = json.dumps([opacus.__version__, accountant, epsilon, delta, sample_rate, steps])
+    path = noise_memo_path()
+    memo = _read_memo(path)
+    remembered = memo.get(key)
+    if remembered is not None and remembered > 0:
+        if epsilon_of(accountant, ((remembered, sample_rate, steps),), delta) <= epsilon:
+            return remembered
+        log.warning("%s: remembered noise multiplier %s misses epsilon=%s; searching again", path, remembered, epsilon)
+    sigma = float(
+        get_noise_multiplier(
+            target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant
+        )
+    )
+    memo[key] = sigma
+    try:
+        atomic_write_json(path, memo)
+    except OSError as error:  # a read-only home only costs the next search its time
+        log.warning("cannot remember noise multipliers in %s (%s)", path, error)
+    return sigma
 
 
 class PrivacyLedger:
@@ -37,14 +108,8 @@ class PrivacyLedger:
         self.non_private_steps = 0
         if config.is_private:
             try:
-                self.noise_multiplier = float(
-                    get_noise_multiplier(
-                        target_epsilon=config.epsilon,
-                        target_delta=config.delta,
-                        sample_rate=self.sample_rate,
-                        steps=self.planned_steps,
-                        accountant=config.accountant,
-                    )
+                self.noise_multiplier = noise_multiplier_for(
+                    config.accountant, config.epsilon, config.delta, self.sample_rate, self.planned_steps
                 )
             except ValueError as error:
                 raise PrivacyBudgetError(
@@ -64,20 +129,23 @@ class PrivacyLedger:
         """Epsilon spent so far: 0 before any step, inf once any non-private step was taken."""
         if self.non_private_steps:
             return math.inf
-        if not self.accountant.history:
-            return 0.0
-        return float(self.accountant.get_epsilon(delta=self.config.delta))
+        return epsilon_of(self.config.accountant, self._history(), self.config.delta)
+
+    def _history(self, extra_steps: int = 0) -> History:
+        """The step history, with `extra_steps` more merged in exactly as Opacus's `step` records them."""
+        history = [(float(s), float(q), int(n)) for s, q, n in self.accountant.history]
+        if extra_steps:
+            if history and history[-1][:2] == (self.noise_multiplier, self.sample_rate):
+                history[-1] = (*history[-1][:2], history[-1][2] + int(extra_steps))
+            else:
+                history.append((self.noise_multiplier, self.sample_rate, int(extra_steps)))
+        return tuple(history)
 
     def epsilon_after(self, extra_steps: int) -> float:
         """Epsilon this hospital would have spent after `extra_steps` more steps at its noise level."""
         if not self.config.is_private:
             return math.inf
-        if extra_steps == 0:
-            return self.epsilon
-        trial = copy.deepcopy(self.accountant)
-        for _ in range(int(extra_steps)):
-            trial.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
-        return float(trial.get_epsilon(delta=self.config.delta))
+        return epsilon_of(self.config.accountant, self._history(extra_steps), self.config.delta)
 
     @property
     def remaining_steps(self) -> int:
@@ -116,7 +184,7 @@ class PrivacyLedger:
             "noise_multiplier": self.noise_multiplier,
             "history": [[float(s), float(q), int(n)] for s, q, n in self.accountant.history],
             "non_private_steps": self.non_private_steps,
-            "epsilon_spent": None if math.isinf(self.epsilon) else self.epsilon,
+            "epsilon_spent": None if self.non_private_steps else self.epsilon,
             "steps": self.steps,
         }
 

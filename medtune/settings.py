@@ -98,6 +98,8 @@ class RunSettings:
     model: ModelConfig
     privacy: PrivacyConfig
     train: TrainConfig
+    cache_dir: Path | None  # simulated sites' feature caches (None: each site's own folder)
+    gpus_per_hospital: float
     run_config: dict[str, Any]
 
     @property
@@ -126,6 +128,11 @@ def settings_from_run_config(config: dict[str, Any]) -> RunSettings:
     layers = _take(config, "num-layers", int)
     epsilon = _take(config, "epsilon", float)
     resume = _take(config, "resume", str)
+    descriptions = _take(config, "label-descriptions", str)
+    cache_dir = _take(config, "cache-dir", str)
+    gpus = _take(config, "gpus-per-hospital", float)
+    if gpus < 0 or (gpus > 1 and not gpus.is_integer()):
+        raise ConfigError(f"gpus-per-hospital must be a fraction of one GPU or a whole number of GPUs, got {gpus}")
     return RunSettings(
         scenario=_take(config, "scenario", str),
         seed=_take(config, "seed", int),
@@ -151,6 +158,7 @@ def settings_from_run_config(config: dict[str, Any]) -> RunSettings:
         ),
         data=DataConfig(
             labels=labels,
+            label_descriptions=tuple(d.strip() for d in descriptions.split("|")) if descriptions.strip() else (),
             text_column=_take(config, "text-column", str),
             label_column=_take(config, "label-column", str),
             test_fraction=_take(config, "test-fraction", float),
@@ -161,6 +169,8 @@ def settings_from_run_config(config: dict[str, Any]) -> RunSettings:
             prompt_length=_take(config, "prompt-length", int),
             prompt_init=_take(config, "prompt-init", str),
             max_length=_take(config, "max-length", int),
+            prompt_layer=_take(config, "prompt-layer", int),
+            head_init=_take(config, "head-init", str),
         ),
         privacy=PrivacyConfig(
             epsilon=math.inf if math.isinf(epsilon) else epsilon,
@@ -175,6 +185,8 @@ def settings_from_run_config(config: dict[str, Any]) -> RunSettings:
             seed=_take(config, "seed", int),
             device=_take(config, "device", str),
         ),
+        cache_dir=Path(cache_dir) if cache_dir else None,
+        gpus_per_hospital=gpus,
         run_config=dict(config),
     )
 

@@ -24,10 +24,15 @@ from medtune.results import RESULTS_FILE
 from medtune.settings import PROJECT_DIR, resolve_run_config, settings_from_run_config
 
 
-def simulation_backend(num_cpus_per_hospital: float) -> dict[str, Any]:
-    """Ray resources per simulated hospital; torch inside each worker uses that many threads."""
+def simulation_backend(num_cpus_per_hospital: float, num_gpus_per_hospital: float = 0.0) -> dict[str, Any]:
+    """Ray resources per simulated hospital; torch inside each worker uses that many threads.
+
+    A GPU share (`gpus-per-hospital`, e.g. 0.5 = two hospitals per GPU) makes Ray run no more
+    hospitals at once than the GPUs hold; with 0 every worker still sees the GPUs (training takes
+    one when present), but Ray does not limit how many share it.
+    """
     return {
-        "client_resources": {"num_cpus": num_cpus_per_hospital, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": num_cpus_per_hospital, "num_gpus": num_gpus_per_hospital},
         "init_args": {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": True},
     }
 
@@ -69,7 +74,7 @@ def simulate(scenario: str | None, overrides: dict[str, Any], cpus_per_hospital:
             server_app_attr=components["serverapp"],
             client_app_attr=components["clientapp"],
             backend_name="ray",
-            backend_config=simulation_backend(cpus_per_hospital),
+            backend_config=simulation_backend(cpus_per_hospital, settings.gpus_per_hospital),
             server_app_context=context,
             app_dir=str(PROJECT_DIR),
             run=run,

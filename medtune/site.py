@@ -21,8 +21,9 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from medtune.backbone import Backbone, load_backbone
-from medtune.data import Record, TokenizedRecords, train_test_split
+from medtune.data import Record, train_test_split
 from medtune.errors import LedgerError, PrivacyBudgetError
+from medtune.features import record_inputs
 from medtune.files import atomic_write_bytes, atomic_write_json
 from medtune.local import load_or_create_ledger
 from medtune.metrics import Evaluation, evaluate
@@ -58,17 +59,22 @@ class RoundOutcome:
 
 
 class Site:
-    """A hospital's records, split, tokenized and tied to its ledger file."""
+    """A hospital's records, split, turned into model inputs (cached at the site) and tied to its ledger file.
 
-    def __init__(self, name: str, records: list[Record], settings: RunSettings, ledger_path: Path) -> None:
+    The feature cache lives in `cache_dir` (default: `features/` beside the ledger) and never leaves the site.
+    """
+
+    def __init__(
+        self, name: str, records: list[Record], settings: RunSettings, ledger_path: Path, cache_dir: Path | None = None
+    ) -> None:
         self.name = name
         self.settings = settings
         self.ledger_path = ledger_path
         self.backbone = cached_backbone(settings.model.backbone, settings.model.num_layers)
         train_records, test_records = train_test_split(records, settings.data.test_fraction, settings.seed)
-        tokenizer, max_length = self.backbone.tokenizer, settings.model.max_length
-        self.train_set = TokenizedRecords(train_records, tokenizer, max_length)
-        self.test_set = TokenizedRecords(test_records, tokenizer, max_length)
+        cache = cache_dir or ledger_path.parent / "features"
+        self.train_set = record_inputs(self.backbone, settings.model, train_records, cache)
+        self.test_set = record_inputs(self.backbone, settings.model, test_records, cache)
         self.pad = self.backbone.tokenizer.pad_token_id
         # The local optimizer's moments live beside the ledger and, like it, never leave the site.
         self.optimizer_path = ledger_path.with_name(f"{ledger_path.stem}.optimizer.safetensors")

@@ -64,7 +64,10 @@ def _deployed_site(settings: RunSettings, node_config: dict[str, Any]) -> Site:
     }
     data = replace(data, **columns)
     records = read_records(paths["data-path"], data)
-    return Site(hospital, records, replace(settings, data=data), paths["ledger-path"])
+    # The coordinator's run config never names a path on a site's disk: the cache goes where the
+    # node config says, or beside the ledger.
+    cache = Path(str(node_config["cache-dir"])).expanduser() if node_config.get("cache-dir") else None
+    return Site(hospital, records, replace(settings, data=data), paths["ledger-path"], cache)
 
 
 def site_for(context: Context) -> Site:
@@ -76,7 +79,7 @@ def site_for(context: Context) -> Site:
         if PARTITION_ID in node_config:
             hospital = simulated_hospital(settings, int(node_config[PARTITION_ID]))
             ledger = simulated_ledger_path(settings.out, hospital.name)
-            _sites[key] = Site(hospital.name, hospital.records, settings, ledger)
+            _sites[key] = Site(hospital.name, hospital.records, settings, ledger, settings.cache_dir)
         else:
             _sites[key] = _deployed_site(settings, node_config)
     return _sites[key]

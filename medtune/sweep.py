@@ -9,7 +9,9 @@ axes and every seed it runs, on identical hospitals and splits:
 - local: each hospital alone, at every epsilon and without DP (same passes over its data);
 - pooled: every hospital's records in one place, without DP (the ceiling);
 - majority: each hospital predicting its most frequent training label (no model; the floor that
-  a hospital's own skewed test split hands out for free).
+  a hospital's own skewed test split hands out for free);
+- zero-shot: no training, each record matched to the nearest label-name embedding (the prior the
+  head starts from; what the encoder knows before any record is used).
 
 Federated runs are also scored as a hospital would use the global model at home: with its own
 label mix applied (medtune/label_mix.py), on its own test split ("own_mix_*").
@@ -149,6 +151,7 @@ def plan_cells(sweep: SweepConfig) -> list[Cell]:
             axes = tuple(zip(keys, values, strict=True))
             cells.append(Cell("pooled", math.inf, seed, axes))
             cells.append(Cell("majority", math.inf, seed, axes))
+            cells.append(Cell("zero-shot", math.inf, seed, axes))
             for method in ("local", "federated"):
                 cells += [Cell(method, epsilon, seed, axes) for epsilon in sweep.privacy_axis]
     return cells
@@ -218,7 +221,7 @@ def _federated(cell: Cell, sweep: SweepConfig, runs: Path) -> dict[str, Any]:
 
 
 def _baseline(cell: Cell, sweep: SweepConfig) -> dict[str, Any]:
-    from medtune.baselines import local_only, majority_label, pooled
+    from medtune.baselines import local_only, majority_label, pooled, zero_shot
 
     started = time.monotonic()
     settings = settings_from_run_config(resolve_run_config(sweep.scenario, cell.overrides(sweep)))
@@ -226,6 +229,8 @@ def _baseline(cell: Cell, sweep: SweepConfig) -> dict[str, Any]:
         result = local_only(settings, cell.epsilon)
     elif cell.method == "pooled":
         result = pooled(settings)
+    elif cell.method == "zero-shot":
+        result = zero_shot(settings)
     else:
         result = majority_label(settings)
     row = result.to_dict()
@@ -286,6 +291,9 @@ def run_sweep(sweep: SweepConfig, out: Path, progress: bool = True) -> list[dict
     from medtune.sweep_report import write_report
 
     check_same_grid(sweep, out)
+    # Every cell reads the same hospitals: one feature cache for the whole sweep (keyed by content,
+    # so cells of other settings never share an entry).
+    sweep = replace(sweep, run_config={"cache-dir": str((out / "feature-cache").resolve()), **sweep.run_config})
     cells = plan_cells(sweep)
     rows = []
     with tqdm(total=len(cells), desc=f"sweep {sweep.name}", unit="run", disable=not progress) as bar:

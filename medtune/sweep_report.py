@@ -39,7 +39,9 @@ REFERENCE_STYLE = {
     "federated": ("tab:blue", ":"),
     "local": ("tab:orange", ":"),
     "majority": ("grey", "-."),
+    "zero-shot": ("tab:purple", "-."),
 }
+NO_EPSILON = ("majority", "zero-shot")  # references without a trained model: no privacy target to show
 PLOT_FILE = "accuracy_vs_epsilon.png"
 METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1"}
 # One plot row per metric; in each, the DP series as (method, metric column, colour, marker, legend
@@ -82,6 +84,8 @@ def summarise(rows: list[dict[str, Any]], axes: list[str]) -> pd.DataFrame:
 def _label(method: str, epsilon: float) -> str:
     if method == "majority":
         return "each hospital's majority label (no model)"
+    if method == "zero-shot":
+        return "zero-shot: label names, no training"
     return f"{method} (no DP)" if math.isinf(epsilon) else f"{method} (DP)"
 
 
@@ -150,14 +154,14 @@ def _markdown_table(summary: pd.DataFrame, axes: list[str]) -> str:
     for _, row in summary.iterrows():
         cells = [str(row[a]) for a in axes] + [
             row["method"],
-            "—" if row["method"] == "majority" else "∞ (no DP)" if math.isinf(row["epsilon"]) else f"{row['epsilon']:g}",
+            "—" if row["method"] in NO_EPSILON else "∞ (no DP)" if math.isinf(row["epsilon"]) else f"{row['epsilon']:g}",
             str(row["seeds"]),
             pm(row, "accuracy"),
             pm(row, "macro_f1"),
             pm(row, "worst_hospital_accuracy"),
             pm(row, "accuracy_on_all_hospitals"),
             pm(row, "own_mix_accuracy") if row["method"] == "federated" else "—",
-            "—" if row["method"] == "majority" else pm(row, "epsilon_spent", 2),
+            "—" if row["method"] in NO_EPSILON else pm(row, "epsilon_spent", 2),
             f"{row['bytes_per_hospital_round_mean'] / 1024:.1f}" if row["method"] == "federated" else "0",
             f"{row['wall_seconds_mean']:.0f}",
         ]
@@ -206,6 +210,8 @@ def write_report(sweep: Any, rows: list[dict[str, Any]], out: Path) -> pd.DataFr
             "\"Accuracy on every hospital's test\" scores each local model on all hospitals' test splits: how "
             "well one hospital's model serves the whole federation's patients. \"majority\" has no model: each "
             "hospital predicts its most frequent training label, the score its label mix alone earns. "
+            "\"zero-shot\" has no training: each record goes to the label whose name or description the "
+            "untouched encoder embeds closest (the label-name prior the head starts from). "
             "\"Federated + own label mix\" is the final global model with each hospital's own training label "
             "mix applied to its logits, on its own test split: how a hospital uses the shared model at home (the "
             "mix is counted without noise, so that model is not covered by ε). ε spent "

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from medtune.config import PrivacyConfig, TrainConfig
-from medtune.data import PadToLongest, TokenizedRecords
+from medtune.data import PadToLongest
+from medtune.features import RecordInputs
 from medtune.errors import PrivacyBudgetError
 from medtune.model import PromptClassifier
 from medtune.privacy import PrivacyLedger
@@ -111,7 +112,7 @@ def new_ledger(privacy: PrivacyConfig, num_records: int, train: TrainConfig, rou
 
 def _batch_loss(model: PromptClassifier, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
     labels = batch["labels"].to(device)
-    logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+    logits = model(batch["inputs"].to(device), batch["attention_mask"].to(device))
     # Mean over the records actually sampled; an empty Poisson batch gives a zero loss (still a DP step).
     return F.cross_entropy(logits, labels, reduction="sum") / max(1, labels.shape[0])
 
@@ -128,7 +129,7 @@ def _noise_only_step(model: PromptClassifier, device: torch.device) -> torch.Ten
 
 def train_local(
     model: PromptClassifier,
-    dataset: TokenizedRecords,
+    dataset: RecordInputs,
     ledger: PrivacyLedger,
     train: TrainConfig,
     pad_token_id: int,

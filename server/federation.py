@@ -24,7 +24,7 @@ from medtune.checkpoint import META_FILE, Checkpoint, find_checkpoint, load_chec
 from medtune.errors import CheckpointError, ConfigError, StateError
 from medtune.files import atomic_write_bytes
 from medtune.metrics import Evaluation, pool
-from medtune.model import PromptClassifier
+from medtune.label_prior import initial_model
 from medtune.results import HospitalRound, RoundRecord, RunResults, print_round
 from medtune.settings import RunSettings
 from medtune.state import ExchangedStateSpec
@@ -74,7 +74,7 @@ class Federation:
     def _initial_state(self) -> tuple[dict[str, np.ndarray], int]:
         settings = self.settings
         if settings.resume is None:
-            model = PromptClassifier(self.backbone, settings.model, len(settings.data.labels), seed=settings.seed)
+            model = initial_model(self.backbone, settings.model, settings.data, seed=settings.seed)
             return dict(model.exchanged_state()), 1
         path = find_checkpoint(settings.resume)
         if settings.out.resolve() not in path.resolve().parents:

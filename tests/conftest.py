@@ -1,12 +1,14 @@
 """Shared fixtures: a tiny randomly initialised BERT saved as a local checkpoint directory.
 
-It uses the embedded MiniLM's tokenizer files (local, no download) and a 2-layer, 32-wide
+It uses the embedded MiniLM's tokenizer files (local, no download) and a 6-layer, 32-wide
 encoder built from a config, so unit tests run in seconds and exercise the real loading path.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,9 @@ from medtune.logs import quiet_libraries
 
 quiet_libraries()
 torch.set_num_threads(2)
+# Remembered noise searches go to a folder of this test session, never the user's own cache
+# (set before any simulation starts, so Ray's workers inherit it).
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="medtune-test-cache-")
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -28,7 +33,7 @@ def tiny_backbone_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = BertConfig(
         vocab_size=30522,
         hidden_size=32,
-        num_hidden_layers=2,
+        num_hidden_layers=6,  # as deep as the embedded MiniLM, so every prompt layer can be tested
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=160,

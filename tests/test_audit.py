@@ -11,7 +11,8 @@ import torch
 
 from medtune.audit import attack_auc, audit_model, tpr_at_fpr
 from medtune.config import ModelConfig, PrivacyConfig, TrainConfig
-from medtune.data import Record, TokenizedRecords
+from medtune.data import Record
+from medtune.features import record_inputs
 from medtune.model import PromptClassifier
 from medtune.train import new_ledger, train_local
 
@@ -36,9 +37,9 @@ def audited(tiny_backbone):
     torch.manual_seed(0)
     members, non_members = _notes(64, seed=1), _notes(64, seed=2)
     config = ModelConfig(num_layers=None, prompt_length=4, max_length=24)
-    tokenizer, pad = tiny_backbone.tokenizer, tiny_backbone.tokenizer.pad_token_id
-    member_set = TokenizedRecords(members, tokenizer, config.max_length)
-    non_member_set = TokenizedRecords(non_members, tokenizer, config.max_length)
+    pad = tiny_backbone.tokenizer.pad_token_id
+    member_set = record_inputs(tiny_backbone, config, members)
+    non_member_set = record_inputs(tiny_backbone, config, non_members)
     train = TrainConfig(epochs=60, batch_size=16, learning_rate=0.05, device="cpu")
     results = {}
     for epsilon in (math.inf, 1.0):

@@ -95,6 +95,6 @@ def test_batches_pad_to_the_longest_text_and_truncate_to_max_length(tiny_backbon
     assert len(dataset[2][0]) == 16
     batch = PadToLongest(tokenizer.pad_token_id)([dataset[0], dataset[1]])
     longest = len(dataset[1][0])
-    assert batch["input_ids"].shape == (2, longest) and longest < 16
+    assert batch["inputs"].shape == (2, longest) and longest < 16
     assert batch["attention_mask"][0].sum() == len(dataset[0][0])
-    assert batch["input_ids"][0, -1] == tokenizer.pad_token_id
+    assert batch["inputs"][0, -1] == tokenizer.pad_token_id

@@ -186,7 +186,7 @@ def test_the_run_scored_offline_matches_what_the_hospitals_reported(two_rounds: 
 
     from medtune.backbone import load_backbone
     from medtune.baselines import score_global_model, splits
-    from medtune.data import TokenizedRecords
+    from medtune.features import record_inputs
     from medtune.label_mix import label_mix
     from medtune.metrics import predict_logits
     from medtune.model import PromptClassifier
@@ -205,7 +205,7 @@ def test_the_run_scored_offline_matches_what_the_hospitals_reported(two_rounds: 
     model = PromptClassifier(backbone, settings.model, len(settings.data.labels), seed=0)
     model.load_exchanged_state(checkpoint.arrays)
     for split in splits(settings):
-        test = TokenizedRecords(split.test, backbone.tokenizer, settings.model.max_length)
+        test = record_inputs(backbone, settings.model, split.test)
         logits = predict_logits(model, test, backbone.tokenizer.pad_token_id, torch.device("cpu"))
         mix = label_mix([r.label for r in split.train], len(settings.data.labels))
         by_hand = (logits.numpy() + np.log(mix)).argmax(1)

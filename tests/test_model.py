@@ -11,8 +11,9 @@ from torch.utils.data import DataLoader
 
 from medtune.backbone import load_backbone
 from medtune.config import ModelConfig, PrivacyConfig, TrainConfig
-from medtune.data import PadToLongest, Record, TokenizedRecords
+from medtune.data import PadToLongest, Record
 from medtune.errors import ConfigError, StateError
+from medtune.features import record_inputs
 from medtune.model import PromptClassifier
 from medtune.state import HEAD_BIAS, HEAD_WEIGHT, PROMPT
 from medtune.train import new_ledger, train_local
@@ -27,23 +28,28 @@ TEXTS = [
 ]
 
 
-def _model(backbone, prompt_length: int = 4, seed: int = 0) -> PromptClassifier:
-    return PromptClassifier(backbone, ModelConfig(prompt_length=prompt_length, max_length=32), 5, seed=seed)
+def _config(prompt_length: int = 4, prompt_layer: int = 5) -> ModelConfig:
+    return ModelConfig(prompt_length=prompt_length, max_length=32, prompt_layer=prompt_layer)
 
 
-def _batch(backbone) -> dict[str, torch.Tensor]:
-    dataset = TokenizedRecords([Record(t, i % 5) for i, t in enumerate(TEXTS)], backbone.tokenizer, 32)
+def _model(backbone, prompt_length: int = 4, seed: int = 0, prompt_layer: int = 5) -> PromptClassifier:
+    return PromptClassifier(backbone, _config(prompt_length, prompt_layer), 5, seed=seed)
+
+
+def _batch(backbone, prompt_layer: int = 5) -> dict[str, torch.Tensor]:
+    dataset = record_inputs(backbone, _config(prompt_layer=prompt_layer), [Record(t, i % 5) for i, t in enumerate(TEXTS)])
     return PadToLongest(backbone.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
 
 
-def test_opacus_per_sample_gradients_match_brute_force_and_are_clipped(tiny_backbone):
-    model = _model(tiny_backbone)
-    batch = _batch(tiny_backbone)
+@pytest.mark.parametrize("prompt_layer", range(7))
+def test_opacus_per_sample_gradients_match_brute_force_and_are_clipped(tiny_backbone, prompt_layer):
+    model = _model(tiny_backbone, prompt_layer=prompt_layer)
+    batch = _batch(tiny_backbone, prompt_layer)
     max_grad_norm = 0.01  # small enough that every record is clipped
     brute = []
     for i in range(len(TEXTS)):
         model.zero_grad()
-        logits = model(batch["input_ids"][i : i + 1], batch["attention_mask"][i : i + 1])
+        logits = model(batch["inputs"][i : i + 1], batch["attention_mask"][i : i + 1])
         F.cross_entropy(logits, batch["labels"][i : i + 1]).backward()
         brute.append([p.grad.detach().clone() for p in model.trainable_parameters()])
     model.zero_grad()
@@ -55,13 +61,13 @@ def test_opacus_per_sample_gradients_match_brute_force_and_are_clipped(tiny_back
         max_grad_norm=max_grad_norm, poisson_sampling=False, wrap_model=False,
     )
     model.train()
-    logits = model(batch["input_ids"], batch["attention_mask"])
+    logits = model(batch["inputs"], batch["attention_mask"])
     F.cross_entropy(logits, batch["labels"]).backward()
     max_diff = 0.0
     for index, parameter in enumerate(model.trainable_parameters()):
         expected = torch.stack([per_record[index] for per_record in brute])
         max_diff = max(max_diff, float((parameter.grad_sample - expected).abs().max()))
-    print(f"max abs diff Opacus vs brute-force per-sample gradients: {max_diff:.2e}")
+    print(f"prompt layer {prompt_layer}: max abs diff Opacus vs brute-force per-sample gradients: {max_diff:.2e}")
     assert max_diff < 1e-5
 
     dp_optimizer.clip_and_accumulate()
@@ -83,7 +89,7 @@ def test_training_leaves_every_backbone_tensor_bitwise_unchanged(tiny_backbone):
     model = _model(tiny_backbone)
     prompt_before = model.exchanged_state()
     records = [Record(t, i % 5) for i, t in enumerate(TEXTS * 4)]
-    dataset = TokenizedRecords(records, tiny_backbone.tokenizer, 32)
+    dataset = record_inputs(tiny_backbone, model.config, records)
     train = TrainConfig(epochs=2, batch_size=4, learning_rate=0.05)
     ledger = new_ledger(PrivacyConfig(epsilon=8.0), len(dataset), train, rounds=1)
     train_local(model, dataset, ledger, train, tiny_backbone.tokenizer.pad_token_id, seed=0, progress=False)
@@ -138,10 +144,34 @@ def test_prompt_initialisation_from_vocabulary_and_random(tiny_backbone):
 
 def test_truncation_keeps_first_layers_and_rejects_too_many(tiny_backbone_dir):
     assert len(load_backbone(str(tiny_backbone_dir), num_layers=1).encoder.encoder.layer) == 1
-    with pytest.raises(ConfigError, match="num_layers=5 but the backbone has only 2 layers"):
-        load_backbone(str(tiny_backbone_dir), num_layers=5)
+    with pytest.raises(ConfigError, match="num_layers=7 but the backbone has only 6 layers"):
+        load_backbone(str(tiny_backbone_dir), num_layers=7)
 
 
 def test_prompt_plus_text_must_fit_the_position_table(tiny_backbone):
     with pytest.raises(ConfigError, match="exceeds the backbone's 160 positions"):
         PromptClassifier(tiny_backbone, ModelConfig(prompt_length=40, max_length=128), 5, seed=0)
+
+
+@pytest.mark.parametrize("prompt_layer", range(7))
+def test_late_prompt_on_cached_states_equals_the_prompt_run_through_every_block(tiny_backbone, prompt_layer):
+    """Blocks below the prompt layer never see the prompt: caching their output changes nothing."""
+    model = _model(tiny_backbone, prompt_layer=prompt_layer, seed=3)
+    records = [Record(t, i % 5) for i, t in enumerate(TEXTS)]
+    tokens = PadToLongest(tiny_backbone.tokenizer.pad_token_id)(
+        [record_inputs(tiny_backbone, _config(prompt_layer=0), records)[i] for i in range(len(records))]
+    )
+    on_the_fly = model(model.frozen_inputs(tokens["inputs"], tokens["attention_mask"]), tokens["attention_mask"])
+    cached = _batch(tiny_backbone, prompt_layer)  # float16 storage, as at a site
+    from_cache = model(cached["inputs"], cached["attention_mask"])
+    torch.testing.assert_close(from_cache, on_the_fly, atol=5e-3, rtol=1e-3)
+    # and one record alone gives the same logits as in a padded batch
+    alone = model(cached["inputs"][5:6, : int(cached["attention_mask"][5].sum())], cached["attention_mask"][5:6, : int(cached["attention_mask"][5].sum())])
+    torch.testing.assert_close(alone, from_cache[5:6], atol=1e-5, rtol=1e-4)
+
+
+def test_a_prompt_layer_beyond_the_backbone_names_the_key_and_the_depth(tiny_backbone):
+    with pytest.raises(ConfigError, match=r"prompt-layer\) = 7 is outside 0..6: the backbone .* has 6 layers"):
+        _model(tiny_backbone, prompt_layer=7)
+    with pytest.raises(ConfigError, match=r"prompt_layer \(prompt-layer\) must be 0 \(input\) or a layer number, got -1"):
+        _config(prompt_layer=-1)

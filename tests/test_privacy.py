@@ -83,3 +83,26 @@ def test_infinite_epsilon_is_the_non_private_baseline():
     ledger.record_non_private_steps(5)
     assert ledger.epsilon == math.inf and ledger.steps == 5
     assert json.loads(json.dumps(ledger.state_dict()))["epsilon_spent"] is None
+
+
+def test_remembered_noise_equals_a_fresh_opacus_search_and_a_tampered_memo_is_not_trusted(tmp_path, monkeypatch, caplog):
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from medtune import privacy
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    searches = []
+    monkeypatch.setattr(privacy, "get_noise_multiplier", lambda **kw: searches.append(kw) or get_noise_multiplier(**kw))
+    reference = get_noise_multiplier(target_epsilon=4.0, target_delta=1e-5, sample_rate=0.1, steps=40, accountant="prv")
+    first = PrivacyLedger(PrivacyConfig(epsilon=4.0), 0.1, planned_steps=40)
+    second = PrivacyLedger(PrivacyConfig(epsilon=4.0), 0.1, planned_steps=40)
+    assert first.noise_multiplier == second.noise_multiplier == reference
+    assert len(searches) == 1  # the second ledger was built from the memo
+
+    memo_path = privacy.noise_memo_path()
+    memo = json.loads(memo_path.read_text())
+    memo_path.write_text(json.dumps({key: 0.3 for key in memo}))  # far too little noise for epsilon=4
+    privacy.epsilon_of.cache_clear()
+    third = PrivacyLedger(PrivacyConfig(epsilon=4.0), 0.1, planned_steps=40)
+    assert third.noise_multiplier == reference and len(searches) == 2
+    assert "misses epsilon=4.0" in caplog.text

@@ -68,12 +68,12 @@ def test_same_seed_same_result(tiny_backbone):
 
 def test_empty_poisson_batches_are_still_counted_noisy_steps(tiny_backbone):
     """With an expected batch of 1 among 20 records, about a third of Poisson batches are empty."""
-    from medtune.data import TokenizedRecords
+    from medtune.features import record_inputs
     from medtune.model import PromptClassifier
     from medtune.train import new_ledger, train_local
 
     model = PromptClassifier(tiny_backbone, MODEL, len(LABELS), seed=0)
-    dataset = TokenizedRecords(_records(count=20), tiny_backbone.tokenizer, 48)
+    dataset = record_inputs(tiny_backbone, MODEL, _records(count=20))
     train = TrainConfig(epochs=3, batch_size=1)
     ledger = new_ledger(PrivacyConfig(epsilon=20.0), len(dataset), train, rounds=1)
     before = model.exchanged_state()

@@ -94,7 +94,7 @@ def audit_run(out: Path, hospital: str) -> AuditResult:
     from medtune.features import record_inputs
     from medtune.hospitals import hospital_name, simulated_hospital
     from medtune.settings import settings_from_run_config
-    from medtune.train import resolve_device
+    from medtune.backbone import resolve_device
 
     checkpoint = load_checkpoint(find_checkpoint(out))
     settings = settings_from_run_config(checkpoint.extra["config"])

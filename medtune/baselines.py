@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medtune.backbone import Backbone, load_backbone
+from medtune.backbone import Backbone, load_backbone, resolve_device
 from medtune.checkpoint import find_checkpoint, load_checkpoint
 from medtune.data import Record, train_test_split
 from medtune.errors import ConfigError
@@ -40,7 +40,7 @@ from medtune.predict import load_checkpoint_model
 from medtune.results import RESULTS_FILE, RunResults
 from medtune.settings import RunSettings, settings_from_run_config
 from medtune.site import round_seed
-from medtune.train import new_ledger, resolve_device, train_local
+from medtune.train import new_ledger, train_local
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def _test(settings: RunSettings, backbone: Backbone, model: torch.nn.Module, spl
 def local_only(settings: RunSettings, epsilon: float | None = None) -> BaselineResult:
     """Each hospital alone; `epsilon` defaults to the run's target."""
     epsilon = settings.privacy.epsilon if epsilon is None else epsilon
-    backbone = load_backbone(settings.model.backbone, settings.model.num_layers)
+    backbone = load_backbone(settings.model.backbone, settings.model.num_layers, settings.train.device)
     per_hospital, spent, everyone = {}, {}, []
     all_splits = splits(settings)
     for split in all_splits:
@@ -132,7 +132,7 @@ def local_only(settings: RunSettings, epsilon: float | None = None) -> BaselineR
 
 def pooled(settings: RunSettings) -> BaselineResult:
     """All records in one place, no DP: the ceiling federation tries to reach."""
-    backbone = load_backbone(settings.model.backbone, settings.model.num_layers)
+    backbone = load_backbone(settings.model.backbone, settings.model.num_layers, settings.train.device)
     all_splits = splits(settings)
     model, _ = _fit(settings, backbone, [r for s in all_splits for r in s.train], math.inf, "pooled")
     per_hospital = {split.name: _test(settings, backbone, model, split) for split in all_splits}
@@ -142,7 +142,7 @@ def pooled(settings: RunSettings) -> BaselineResult:
 
 def zero_shot(settings: RunSettings) -> BaselineResult:
     """No training: each record goes to the label whose text embeds closest (the label-name prior alone)."""
-    backbone = load_backbone(settings.model.backbone, settings.model.num_layers)
+    backbone = load_backbone(settings.model.backbone, settings.model.num_layers, settings.train.device)
     model = ZeroShotClassifier(backbone, settings.model, settings.data)
     per_hospital = {split.name: _test(settings, backbone, model, split) for split in splits(settings)}
     together = pool(list(per_hospital.values()))

@@ -244,7 +244,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     default_hospital = SynthConfig(hospitals=1, mean_records=1500, dirichlet_alpha=100.0, seed=train.seed)
     path = args.data or write_hospitals(default_hospital, args.out / "synthetic")[0]
     records = read_records(path, data)
-    backbone = load_backbone(model.backbone, model.num_layers)
+    backbone = load_backbone(model.backbone, model.num_layers, train.device)
     ledger_path = args.ledger or args.out / "ledger.json"
     print(f"{path}: {len(records)} records; backbone {backbone.name}; target epsilon={privacy.epsilon}")
     run = run_local(

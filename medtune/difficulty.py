@@ -11,14 +11,14 @@ import math
 from rich.console import Console
 from rich.table import Table
 
-from medtune.backbone import load_backbone
+from medtune.backbone import load_backbone, resolve_device
 from medtune.config import ModelConfig, PrivacyConfig, TrainConfig
 from medtune.data import Record, train_test_split
 from medtune.features import record_inputs
 from medtune.metrics import Evaluation, evaluate
 from medtune.model import PromptClassifier
 from medtune.synth import LABELS, SynthConfig, generate_hospitals
-from medtune.train import new_ledger, resolve_device, train_local
+from medtune.train import new_ledger, train_local
 
 
 def run_difficulty(synth: SynthConfig, model_config: ModelConfig, train: TrainConfig) -> dict[str, Evaluation]:

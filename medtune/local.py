@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medtune.backbone import Backbone, load_backbone, weights_hash
+from medtune.backbone import Backbone, load_backbone, resolve_device, weights_hash
 from medtune.checkpoint import Checkpoint, save_checkpoint
 from medtune.config import DataConfig, ModelConfig, PrivacyConfig, TrainConfig, config_to_dict
 from medtune.data import Record, train_test_split
@@ -23,7 +23,7 @@ from medtune.label_prior import initial_model
 from medtune.metrics import Evaluation, evaluate
 from medtune.model import PromptClassifier
 from medtune.privacy import PrivacyLedger
-from medtune.train import SamplingPlan, TrainResult, new_ledger, resolve_device, train_local
+from medtune.train import SamplingPlan, TrainResult, new_ledger, train_local
 
 
 @dataclass
@@ -64,7 +64,7 @@ def run_local(
 
     `cache_dir` keeps the frozen blocks' output per record on disk (see medtune/features.py).
     """
-    backbone = backbone or load_backbone(model_config.backbone, model_config.num_layers)
+    backbone = backbone or load_backbone(model_config.backbone, model_config.num_layers, train.device)
     train_records, test_records = train_test_split(records, data.test_fraction, train.seed)
     train_set = record_inputs(backbone, model_config, train_records, cache_dir)
     test_set = record_inputs(backbone, model_config, test_records, cache_dir)

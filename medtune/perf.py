@@ -23,7 +23,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from medtune.backbone import count_parameters, load_backbone
+from medtune.backbone import count_parameters, load_backbone, resolve_device
 from medtune.config import ModelConfig, PrivacyConfig, TrainConfig
 from medtune.data import PadToLongest, Record
 from medtune.features import RecordInputs, record_inputs
@@ -31,7 +31,7 @@ from medtune.files import atomic_write_json
 from medtune.metrics import predict_logits
 from medtune.model import PromptClassifier
 from medtune.synth import LABELS, SynthConfig, generate_hospitals
-from medtune.train import new_ledger, resolve_device, train_local
+from medtune.train import new_ledger, train_local
 
 
 def _long_records(count: int) -> list[Record]:
@@ -106,8 +106,7 @@ def run_perf(
     for depth, max_length, prompt_layer in itertools.product(layers, max_lengths, prompt_layers):
         if prompt_layer > depth:
             continue
-        backbone = load_backbone(None, depth)
-        backbone.encoder.to(device)
+        backbone = load_backbone(None, depth, str(device))
         config = ModelConfig(num_layers=depth, max_length=max_length, prompt_layer=prompt_layer)
         model = PromptClassifier(backbone, config, len(LABELS), seed=0)
         started = time.perf_counter()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medtune.backbone import Backbone, load_backbone, weights_hash
+from medtune.backbone import Backbone, load_backbone, resolve_device, weights_hash
 from medtune.checkpoint import Checkpoint, find_checkpoint, load_checkpoint
 from medtune.config import DataConfig
 from medtune.data import Record, read_records
@@ -22,7 +22,6 @@ from medtune.features import record_inputs
 from medtune.label_mix import apply_label_mix, label_mix
 from medtune.metrics import predict_logits
 from medtune.model import PromptClassifier
-from medtune.train import resolve_device
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,7 @@ def load_checkpoint_model(
     """A checkpoint's prompt and head on the backbone it names (or `backbone`), checked by weights hash."""
     checkpoint = load_checkpoint(find_checkpoint(checkpoint_path))
     config = checkpoint.model
-    loaded = load_backbone(backbone or config.backbone, config.num_layers)
+    loaded = load_backbone(backbone or config.backbone, config.num_layers, "auto")
     if weights_hash(loaded.encoder) != checkpoint.backbone_hash:
         raise CheckpointError(
             f"{checkpoint_path}: trained on backbone {checkpoint.backbone_name} with a different weights hash; "

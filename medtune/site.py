@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from medtune.backbone import Backbone, load_backbone
+from medtune.backbone import Backbone, load_backbone, resolve_device
 from medtune.data import Record, train_test_split
 from medtune.errors import LedgerError, PrivacyBudgetError
 from medtune.features import record_inputs
@@ -30,13 +30,13 @@ from medtune.metrics import Evaluation, evaluate
 from medtune.model import PromptClassifier
 from medtune.privacy import PrivacyLedger
 from medtune.settings import RunSettings
-from medtune.train import ProximalPull, SamplingPlan, TrainResult, resolve_device, train_local
+from medtune.train import ProximalPull, SamplingPlan, TrainResult, train_local
 
 
 @functools.lru_cache(maxsize=2)
-def cached_backbone(path: str | None, num_layers: int | None) -> Backbone:
+def cached_backbone(path: str | None, num_layers: int | None, device: str) -> Backbone:
     """Load a backbone once per process: a simulated node trains many rounds in one worker."""
-    return load_backbone(path, num_layers)
+    return load_backbone(path, num_layers, device)
 
 
 def round_seed(seed: int, server_round: int, hospital: str) -> int:
@@ -70,7 +70,7 @@ class Site:
         self.name = name
         self.settings = settings
         self.ledger_path = ledger_path
-        self.backbone = cached_backbone(settings.model.backbone, settings.model.num_layers)
+        self.backbone = cached_backbone(settings.model.backbone, settings.model.num_layers, settings.train.device)
         train_records, test_records = train_test_split(records, settings.data.test_fraction, settings.seed)
         cache = cache_dir or ledger_path.parent / "features"
         self.train_set = record_inputs(self.backbone, settings.model, train_records, cache)

@@ -18,6 +18,7 @@ from opacus import PrivacyEngine
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from medtune.backbone import resolve_device
 from medtune.config import PrivacyConfig, TrainConfig
 from medtune.data import PadToLongest
 from medtune.features import RecordInputs
@@ -89,13 +90,6 @@ class ProximalPull:
             for name, tensor in model.exchanged_tensors().items():
                 target = torch.from_numpy(self.anchor[name]).to(tensor.device, tensor.dtype)
                 tensor.sub_(learning_rate * self.mu * (tensor - target))
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' takes CUDA when present and the CPU otherwise."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:

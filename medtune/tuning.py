@@ -22,7 +22,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from medtune.backbone import load_backbone
+from medtune.backbone import load_backbone, resolve_device
 from medtune.data import Record, train_test_split
 from medtune.errors import ConfigError
 from medtune.features import record_inputs
@@ -30,7 +30,7 @@ from medtune.files import atomic_write_json
 from medtune.metrics import evaluate
 from medtune.settings import RunSettings, check_keys, resolve_run_config, settings_from_run_config
 from medtune.sweep import SweepConfig
-from medtune.train import new_ledger, resolve_device, train_local
+from medtune.train import new_ledger, train_local
 
 VALIDATION_FRACTION = 0.2
 
@@ -61,7 +61,7 @@ def score_candidate(settings: RunSettings, cache: Path) -> dict[str, Any]:
     """Train one recipe on the fit parts and score it on the validation parts."""
     from medtune.label_prior import initial_model
 
-    backbone = load_backbone(settings.model.backbone, settings.model.num_layers)
+    backbone = load_backbone(settings.model.backbone, settings.model.num_layers, settings.train.device)
     fit, validation = validation_split(settings)
     started = time.perf_counter()
     fit_set = record_inputs(backbone, settings.model, fit, cache)

@@ -45,9 +45,9 @@ def test_grid_has_every_baseline_on_the_same_seeds(tiny_backbone_dir: Path) -> N
     sweep = SweepConfig(**{**tiny_sweep(tiny_backbone_dir).__dict__, "seeds": (0, 1), "axes": {"hospitals": (2, 3)}})
     cells = plan_cells(sweep)
     kinds = {(c.method, c.epsilon) for c in cells}
-    assert kinds == {("pooled", math.inf), ("majority", math.inf), ("local", 8.0), ("local", math.inf),
-                     ("federated", 8.0), ("federated", math.inf)}
-    assert len(cells) == 2 * 2 * 6 and len({c.id for c in cells}) == len(cells)
+    assert kinds == {("pooled", math.inf), ("majority", math.inf), ("zero-shot", math.inf), ("local", 8.0),
+                     ("local", math.inf), ("federated", 8.0), ("federated", math.inf)}
+    assert len(cells) == 2 * 2 * 7 and len({c.id for c in cells}) == len(cells)
 
 
 def test_sweep_writes_results_report_and_plot_and_resumes(
@@ -55,7 +55,7 @@ def test_sweep_writes_results_report_and_plot_and_resumes(
 ) -> None:
     sweep = tiny_sweep(tiny_backbone_dir)
     rows = run_sweep(sweep, tmp_path, progress=False)
-    assert len(rows) == 6
+    assert len(rows) == 7
 
     summary = pd.read_csv(tmp_path / "results.csv")
     for column in ("method", "epsilon", "seeds", "accuracy_mean", "accuracy_std", "macro_f1_mean",
@@ -63,8 +63,8 @@ def test_sweep_writes_results_report_and_plot_and_resumes(
                    "bytes_per_hospital_round_mean", "bytes_total_mean"):
         assert column in summary.columns, column
     by_cell = {(row.method, float(row.epsilon)): row for row in summary.itertuples()}
-    assert set(by_cell) == {("pooled", math.inf), ("majority", math.inf), ("local", 8.0), ("local", math.inf),
-                            ("federated", 8.0), ("federated", math.inf)}
+    assert set(by_cell) == {("pooled", math.inf), ("majority", math.inf), ("zero-shot", math.inf), ("local", 8.0),
+                            ("local", math.inf), ("federated", 8.0), ("federated", math.inf)}
     for row in summary.itertuples():
         assert 0.0 <= row.accuracy_mean <= 1.0
     assert 0 < by_cell[("federated", 8.0)].epsilon_spent_mean <= 8.0
@@ -74,8 +74,12 @@ def test_sweep_writes_results_report_and_plot_and_resumes(
     assert by_cell[("local", 8.0)].bytes_total_mean == 0  # nothing leaves a hospital that trains alone
 
     record = json.loads((tmp_path / "results.json").read_text())
-    assert len(record["runs"]) == 6 and len(record["summary"]) == 6
+    assert len(record["runs"]) == 7 and len(record["summary"]) == 7
     report = (tmp_path / "report.md").read_text()
+    assert by_cell[("zero-shot", math.inf)].epsilon_spent_mean == 0.0  # no record trained anything
+    assert "| zero-shot | — |" in report
+    caches = list((tmp_path / "feature-cache").iterdir())  # one cache for every cell, none per run
+    assert caches and not list((tmp_path / "runs" / "federated_eps-8_seed-0" / "sites").glob("*/features"))
     assert "accuracy_vs_epsilon.png" in report and "| federated | 8 |" in report
     assert (tmp_path / "accuracy_vs_epsilon.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

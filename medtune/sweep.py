@@ -2,8 +2,10 @@
 
 A sweep file (`simulations/benchmarks/<name>.toml`) names a scenario, the privacy axis, the seeds,
 run-config overrides for every cell, and optional axes (any run-config key with a list of values,
-such as `hospitals`, `dirichlet-alpha`, `prompt-length` or `num-layers`). For every combination of
-axes and every seed it runs, on identical hospitals and splits:
+such as `hospitals`, `dirichlet-alpha`, `prompt-length` or `num-layers`), and optional named recipes
+(`[recipes.<name>]`: several run-config keys that only make sense together, such as the shipped
+2-layer/64-token cut against the full encoder with a late prompt; they form the axis `recipe`).
+For every combination of axes and every seed it runs, on identical hospitals and splits:
 
 - federated: the real Flower simulation (`medtune simulate`) at every epsilon, and without DP;
 - local: each hospital alone, at every epsilon and without DP (same passes over its data);
@@ -30,7 +32,7 @@ import shutil
 import sys
 import time
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +48,14 @@ from medtune.settings import (
 )
 
 SWEEP_DIR = PROJECT_DIR / "simulations" / "benchmarks"
-SWEEP_KEYS = {"name", "scenario", "epsilons", "seeds", "run-config", "axes"}
+SWEEP_KEYS = {"name", "scenario", "epsilons", "seeds", "run-config", "axes", "recipes"}
+RECIPE_AXIS = "recipe"
 GRID_FILE = "grid.json"  # what every cell in an output directory was run with
 
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """One benchmark grid. `run_config` applies to every cell; `axes` multiply the grid."""
+    """One benchmark grid. `run_config` applies to every cell; `axes` and `recipes` multiply the grid."""
 
     name: str
     scenario: str
@@ -60,6 +63,7 @@ class SweepConfig:
     seeds: tuple[int, ...]
     run_config: dict[str, Any]
     axes: dict[str, tuple[Any, ...]]
+    recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         finite = [e for e in self.epsilons if math.isfinite(e)]
@@ -70,10 +74,23 @@ class SweepConfig:
         for key, values in self.axes.items():
             if not values:
                 raise ConfigError(f"sweep '{self.name}': axis '{key}' has no values")
-        clashes = sorted({"epsilon", "seed", "out", "resume"} & (set(self.run_config) | set(self.axes)))
+        recipe_keys = {key for recipe in self.recipes.values() for key in recipe}
+        clashes = sorted({"epsilon", "seed", "out", "resume"} & (set(self.run_config) | set(self.axes) | recipe_keys))
         if clashes:
             raise ConfigError(f"sweep '{self.name}': {clashes} are set by the sweep itself; remove them")
+        if RECIPE_AXIS in self.axes:
+            raise ConfigError(f"sweep '{self.name}': '{RECIPE_AXIS}' is the axis of [recipes]; name no axis so")
+        overlap = sorted(recipe_keys & set(self.axes))
+        if overlap:
+            raise ConfigError(f"sweep '{self.name}': {overlap} are set both by [axes] and by [recipes]; keep one")
         check_keys({**self.run_config, **self.axes}, source=f"sweep '{self.name}'")
+        for recipe, overrides in self.recipes.items():
+            check_keys(overrides, source=f"sweep '{self.name}' recipe '{recipe}'")
+
+    @property
+    def axis_names(self) -> list[str]:
+        """The columns that tell cells apart besides method, epsilon and seed."""
+        return sorted(self.axes) + ([RECIPE_AXIS] if self.recipes else [])
 
     @property
     def privacy_axis(self) -> tuple[float, ...]:
@@ -112,6 +129,9 @@ def read_sweep(name_or_path: str) -> SweepConfig:
     axes = raw.get("axes", {})
     if not all(isinstance(v, list) for v in axes.values()):
         raise ConfigError(f"{path}: every entry of [axes] must be a list of values")
+    recipes = raw.get("recipes", {})
+    if not all(isinstance(v, dict) for v in recipes.values()):
+        raise ConfigError(f"{path}: every entry of [recipes] must be a table of run-config keys ([recipes.<name>])")
     return SweepConfig(
         name=str(raw.get("name", path.stem)),
         scenario=str(raw.get("scenario", "default")),
@@ -119,6 +139,7 @@ def read_sweep(name_or_path: str) -> SweepConfig:
         seeds=tuple(parse_seed(s) for s in raw.get("seeds", [0, 1, 2])),
         run_config=dict(raw.get("run-config", {})),
         axes={key: tuple(values) for key, values in axes.items()},
+        recipes={name: dict(values) for name, values in recipes.items()},
     )
 
 
@@ -139,15 +160,18 @@ class Cell:
         return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "_".join(parts))
 
     def overrides(self, sweep: SweepConfig) -> dict[str, Any]:
-        return {**sweep.run_config, **dict(self.axes), "seed": self.seed, "epsilon": self.epsilon}
+        axes = dict(self.axes)
+        recipe = sweep.recipes.get(axes.pop(RECIPE_AXIS, None), {})
+        return {**sweep.run_config, **recipe, **axes, "seed": self.seed, "epsilon": self.epsilon}
 
 
 def plan_cells(sweep: SweepConfig) -> list[Cell]:
     """Every run, seeds innermost-last so a partial sweep already covers every setting once."""
-    keys = sorted(sweep.axes)
+    grid = {**sweep.axes, **({RECIPE_AXIS: tuple(sweep.recipes)} if sweep.recipes else {})}
+    keys = sorted(grid)
     cells = []
     for seed in sweep.seeds:
-        for values in itertools.product(*(sweep.axes[k] for k in keys)):
+        for values in itertools.product(*(grid[k] for k in keys)):
             axes = tuple(zip(keys, values, strict=True))
             cells.append(Cell("pooled", math.inf, seed, axes))
             cells.append(Cell("majority", math.inf, seed, axes))
@@ -272,6 +296,8 @@ def check_same_grid(sweep: SweepConfig, out: Path) -> None:
     between runs would silently mix old and new cells in one table. More epsilons or seeds are fine.
     """
     identity = {"scenario": sweep.scenario, "run-config": sweep.run_config, "axes": {k: list(v) for k, v in sweep.axes.items()}}
+    if sweep.recipes:
+        identity["recipes"] = sweep.recipes
     path = out / GRID_FILE
     if not path.is_file():
         atomic_write_json(path, identity)

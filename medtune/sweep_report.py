@@ -180,7 +180,7 @@ def _machine() -> str:
 
 def write_report(sweep: Any, rows: list[dict[str, Any]], out: Path) -> pd.DataFrame:
     """results.csv, results.json, report.md and the plot, from every finished run."""
-    axes = sorted(sweep.axes)
+    axes = sweep.axis_names
     summary = summarise(rows, axes)
     atomic_write_bytes(out / "results.csv", summary.to_csv(index=False).encode())
     atomic_write_json(
@@ -193,6 +193,7 @@ def write_report(sweep: Any, rows: list[dict[str, Any]], out: Path) -> pd.DataFr
                 "seeds": list(sweep.seeds),
                 "run_config": sweep.run_config,
                 "axes": {k: list(v) for k, v in sweep.axes.items()},
+                "recipes": sweep.recipes,
             },
             "summary": summary.replace({math.inf: "inf"}).astype(object).where(summary.notna(), None).to_dict("records"),
             "runs": rows,
@@ -202,7 +203,7 @@ def write_report(sweep: Any, rows: list[dict[str, Any]], out: Path) -> pd.DataFr
     report = "\n\n".join(
         [
             f"# Benchmark sweep `{sweep.name}`",
-            f"Scenario `{sweep.scenario}`, overrides `{sweep.run_config}`, axes `{dict(sweep.axes)}`, "
+            f"Scenario `{sweep.scenario}`, overrides `{sweep.run_config}`, axes `{dict(sweep.axes)}`, recipes `{sweep.recipes}`, "
             f"seeds {list(sweep.seeds)}. Machine: {_machine()}. Date: {date.today().isoformat()}.",
             "Accuracy and macro-F1 are over every hospital's test split together; federated runs are scored "
             "with the final global prompt and head, local runs with each hospital's own model on its own test "

@@ -141,3 +141,18 @@ def test_majority_label_scores_each_hospitals_own_label_mix(tmp_path: Path) -> N
         expected = sum(r.label == label for r in split.test) / len(split.test)
         assert result.per_hospital[split.name].accuracy == pytest.approx(expected)
     assert all(math.isinf(e) for e in result.epsilon_spent.values())
+
+
+def test_recipes_form_an_axis_whose_cells_carry_every_key_of_their_recipe(tiny_backbone_dir: Path) -> None:
+    recipes = {"late": {"prompt-layer": 5}, "shipped": {"num-layers": 2, "max-length": 16, "prompt-layer": 0}}
+    sweep = SweepConfig(**{**tiny_sweep(tiny_backbone_dir).__dict__, "recipes": recipes})
+    cells = plan_cells(sweep)
+    assert {dict(c.axes)["recipe"] for c in cells} == {"late", "shipped"} and len(cells) == 2 * 7
+    shipped = next(c for c in cells if dict(c.axes)["recipe"] == "shipped" and c.method == "federated")
+    overrides = shipped.overrides(sweep)
+    assert (overrides["num-layers"], overrides["max-length"], overrides["prompt-layer"]) == (2, 16, 0)
+    assert "recipe" not in overrides and sweep.axis_names == ["recipe"]
+    with pytest.raises(ConfigError, match="recipe 'bad': unknown run-config key"):
+        SweepConfig(**{**sweep.__dict__, "recipes": {"bad": {"prompt-layers": 5}}})
+    with pytest.raises(ConfigError, match=r"\['prompt-layer'\] are set both by \[axes\] and by \[recipes\]"):
+        SweepConfig(**{**sweep.__dict__, "axes": {"prompt-layer": (0, 5)}})

@@ -72,6 +72,29 @@ def depth(encoder: nn.Module) -> int:
     return len(_layer_list(encoder))
 
 
+def check_prompt_layer(backbone: "Backbone", prompt_layer: int) -> None:
+    """A prompt layer must name a block of this backbone (0 = input, depth = after the last block)."""
+    layers = depth(backbone.encoder)
+    if not 0 <= prompt_layer <= layers:
+        raise ConfigError(
+            f"model.prompt_layer (prompt-layer) = {prompt_layer} is outside 0..{layers}: the backbone "
+            f"{backbone.name} has {layers} layers (0 = input prompt, {layers} = after the last layer)"
+        )
+
+
+def configured_depth(path: str | None, num_layers: int | None) -> int:
+    """The depth a backbone will have once loaded, read from its config alone (no weights)."""
+    from transformers import AutoConfig
+
+    directory = Path(path) if path else Path(embedded_backbone_path())
+    try:
+        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise ConfigError(f"cannot read a Hugging Face encoder config from {directory}: {error}") from error
+    full = int(getattr(config, "num_hidden_layers", getattr(config, "n_layers", 0)))
+    return min(full, num_layers) if num_layers else full
+
+
 def attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A (batch, 1, 1, length) additive mask: 0 where a position is attended, the dtype's minimum where not.
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from opacus.grad_sample import register_grad_sampler
 from torch import nn
 
-from medtune.backbone import Backbone, depth, hidden_states_at, run_layers, vocabulary_embeddings
+from medtune.backbone import Backbone, check_prompt_layer, hidden_states_at, run_layers, vocabulary_embeddings
 from medtune.config import ModelConfig
 from medtune.errors import ConfigError
 from medtune.state import HEAD_BIAS, HEAD_WEIGHT, PROMPT, ExchangedStateSpec
@@ -64,12 +64,7 @@ class PromptClassifier(nn.Module):
                 f"model.max_length ({config.max_length}) + model.prompt_length ({config.prompt_length}) "
                 f"exceeds the backbone's {backbone.max_positions} positions"
             )
-        layers = depth(backbone.encoder)
-        if not 0 <= config.prompt_layer <= layers:
-            raise ConfigError(
-                f"model.prompt_layer (prompt-layer) = {config.prompt_layer} is outside 0..{layers}: the backbone "
-                f"{backbone.name} has {layers} layers (0 = input prompt, {layers} = after the last layer)"
-            )
+        check_prompt_layer(backbone, config.prompt_layer)
         self.config = config
         self.encoder = backbone.encoder
         self.spec = ExchangedStateSpec(config.prompt_length, backbone.hidden_size, num_labels)

@@ -19,9 +19,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from medtune.errors import MedTuneError
+from medtune.backbone import configured_depth
+from medtune.errors import ConfigError, MedTuneError
 from medtune.results import RESULTS_FILE
-from medtune.settings import PROJECT_DIR, resolve_run_config, settings_from_run_config
+from medtune.settings import PROJECT_DIR, RunSettings, resolve_run_config, settings_from_run_config
 
 
 def simulation_backend(num_cpus_per_hospital: float, num_gpus_per_hospital: float = 0.0) -> dict[str, Any]:
@@ -55,6 +56,7 @@ def simulate(scenario: str | None, overrides: dict[str, Any], cpus_per_hospital:
     if config.get("resume"):
         config["resume"] = str(Path(str(config["resume"])).resolve())
     settings = settings_from_run_config(config)
+    check_before_start(settings)
     settings.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -91,6 +93,16 @@ def simulate(scenario: str | None, overrides: dict[str, Any], cpus_per_hospital:
     if not results.is_file():
         raise MedTuneError(f"the simulation ended without writing {results}; see the log above")
     return results
+
+
+def check_before_start(settings: RunSettings) -> None:
+    """Settings that only the backbone can judge, checked before Flower starts a worker."""
+    layers = configured_depth(settings.model.backbone, settings.model.num_layers)
+    if not 0 <= settings.model.prompt_layer <= layers:
+        raise ConfigError(
+            f"prompt-layer = {settings.model.prompt_layer} is outside 0..{layers}: the backbone has {layers} layers "
+            f"(0 = input prompt, {layers} = after the last layer)"
+        )
 
 
 def _components() -> dict[str, str]:

@@ -35,3 +35,22 @@ def test_train_on_a_bad_file_prints_one_clear_error(tmp_path, capsys, tiny_backb
 def test_bad_config_value_is_named(tmp_path, capsys):
     assert main(["train", "--epsilon", "-1", "--out", str(tmp_path)]) == 2
     assert "privacy.epsilon must be positive" in capsys.readouterr().err
+
+
+def test_recipe_settings_outside_the_backbone_are_one_line_before_any_work(tmp_path, capsys, tiny_backbone_dir):
+    notes = tmp_path / "notes.csv"
+    notes.write_text("text,label\n" + "chest pain,cardiology\nwheezing,pulmonology\n" * 5, encoding="utf-8")
+    assert main(["train", "--data", str(notes), "--backbone", str(tiny_backbone_dir), "--prompt-layer", "7",
+                 "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "prompt-layer) = 7 is outside 0..6: the backbone" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "features").exists()  # refused before caching anything
+
+    base = ["simulate", "--out", str(tmp_path / "sim"), "--run-config"]
+    assert main([*base, f'backbone="{tiny_backbone_dir}" prompt-layer=9']) == 2
+    assert "prompt-layer = 9 is outside 0..6: the backbone has 6 layers" in capsys.readouterr().err
+    assert main([*base, 'label-descriptions="chest|lungs"']) == 2
+    assert "gives 2 descriptions for 5 labels" in capsys.readouterr().err
+    assert main([*base, "gpus-per-hospital=-1.0"]) == 2
+    assert "gpus-per-hospital must be" in capsys.readouterr().err
+    assert not (tmp_path / "sim").exists()

@@ -58,4 +58,4 @@ def test_the_label_name_prior_alone_beats_chance_on_real_text(tmp_path):
         backbone.tokenizer.pad_token_id, torch.device("cpu"),
     )
     print(f"zero-shot on {len(records)} synthetic notes: accuracy {scored.accuracy:.3f}, macro-F1 {scored.macro_f1:.3f}")
-    assert scored.accuracy > 1 / len(LABELS) + 0.15
+    assert scored.accuracy > 1 / len(LABELS) + 0.1  # measured 0.377 against chance 0.2

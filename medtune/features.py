@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from medtune.backbone import Backbone, check_prompt_layer, hidden_states_at
 from medtune.config import ModelConfig
-from medtune.data import Record, TokenizedRecords
+from medtune.data import PadToLongest, Record, TokenizedRecords
 from medtune.errors import DataError
 from medtune.files import atomic_write_json
 
@@ -45,11 +45,10 @@ ENCODE_BATCH = 64
 class HiddenStates(Dataset):
     """Each record's cached hidden states (tokens x hidden, float32 on read) and its label."""
 
-    def __init__(self, hidden: np.ndarray, offsets: np.ndarray, labels: torch.Tensor, source: str) -> None:
+    def __init__(self, hidden: np.ndarray, offsets: np.ndarray, labels: torch.Tensor) -> None:
         self.hidden = hidden  # (all tokens, hidden size): a read-only memory map or an in-memory array
         self.offsets = offsets  # record i is hidden[offsets[i]:offsets[i + 1]]
         self.labels = labels
-        self.source = source
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -100,18 +99,13 @@ def file_sha256(path: Path) -> str:
 def _fill(hidden: np.ndarray, offsets: np.ndarray, tokens: TokenizedRecords, backbone: Backbone, layer: int) -> None:
     """Run blocks 0..layer-1 over every record, longest first in batches, into `hidden`."""
     order = sorted(range(len(tokens)), key=lambda i: -len(tokens.input_ids[i]))
-    pad = backbone.tokenizer.pad_token_id
+    collate = PadToLongest(backbone.tokenizer.pad_token_id)
     device = next(backbone.encoder.parameters()).device
     for start in range(0, len(order), ENCODE_BATCH):
         batch = order[start : start + ENCODE_BATCH]
-        longest = max(len(tokens.input_ids[i]) for i in batch)
-        ids = torch.full((len(batch), longest), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        for row, index in enumerate(batch):
-            length = len(tokens.input_ids[index])
-            ids[row, :length] = tokens.input_ids[index]
-            mask[row, :length] = 1
-        states = hidden_states_at(backbone.encoder, ids.to(device), mask.to(device), layer).float().cpu().numpy()
+        padded = collate([tokens[i] for i in batch])
+        ids, mask = padded["inputs"].to(device), padded["attention_mask"].to(device)
+        states = hidden_states_at(backbone.encoder, ids, mask, layer).float().cpu().numpy()
         for row, index in enumerate(batch):
             hidden[offsets[index] : offsets[index + 1]] = states[row, : offsets[index + 1] - offsets[index]]
 
@@ -135,7 +129,7 @@ def _load(directory: Path, key: CacheKey, labels: torch.Tensor) -> HiddenStates 
     except (OSError, ValueError, KeyError, TypeError) as error:
         log.warning("feature cache %s is damaged (%s); rebuilding it", directory, error)
         return None
-    return HiddenStates(hidden, offsets, labels, source=str(directory))
+    return HiddenStates(hidden, offsets, labels)
 
 
 def _build(directory: Path, key: CacheKey, tokens: TokenizedRecords, backbone: Backbone, layer: int) -> None:
@@ -179,7 +173,7 @@ def record_inputs(
         offsets = _offsets(tokens)
         hidden = np.empty((int(offsets[-1]), backbone.hidden_size), dtype=STORAGE_DTYPE)
         _fill(hidden, offsets, tokens, backbone, layer)
-        return HiddenStates(hidden, offsets, tokens.labels, source="memory")
+        return HiddenStates(hidden, offsets, tokens.labels)
     key = CacheKey(
         backbone_hash=backbone.fingerprint,
         prompt_layer=layer,

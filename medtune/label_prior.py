@@ -40,13 +40,18 @@ def label_name_head(backbone: Backbone, texts: tuple[str, ...], max_length: int)
     return standardised / standardised.norm(dim=1, keepdim=True)
 
 
+@torch.no_grad()
+def set_label_name_head(head: nn.Linear, backbone: Backbone, model: ModelConfig, data: DataConfig) -> None:
+    """Overwrite a head with the label texts' embeddings and a zero bias."""
+    head.weight.copy_(label_name_head(backbone, label_texts(data), model.max_length))
+    head.bias.zero_()
+
+
 def initial_model(backbone: Backbone, model: ModelConfig, data: DataConfig, seed: int) -> PromptClassifier:
     """The federation's (or a lone hospital's) starting prompt and head, as `model.head_init` asks."""
     classifier = PromptClassifier(backbone, model, len(data.labels), seed=seed)
     if model.head_init == "label-names":
-        with torch.no_grad():
-            classifier.head.weight.copy_(label_name_head(backbone, label_texts(data), model.max_length))
-            classifier.head.bias.zero_()
+        set_label_name_head(classifier.head, backbone, model, data)
     return classifier
 
 
@@ -57,9 +62,7 @@ class ZeroShotClassifier(nn.Module):
         super().__init__()
         self.classifier = PromptClassifier(backbone, model, len(data.labels), seed=0)
         self.head = self.classifier.head
-        with torch.no_grad():
-            self.head.weight.copy_(label_name_head(backbone, label_texts(data), model.max_length))
-            self.head.bias.zero_()
+        set_label_name_head(self.head, backbone, model, data)
 
     def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.head(self.classifier.features(inputs, attention_mask, with_prompt=False))

@@ -166,7 +166,8 @@ def load_backbone(path: str | None = None, num_layers: int | None = None, device
         raise ConfigError(f"backbone directory {directory} does not exist (model.backbone)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-        encoder = AutoModel.from_pretrained(str(directory), local_files_only=True)
+        # float32 whatever the checkpoint stores: DP gradients and the CPU kernels need full precision.
+        encoder = AutoModel.from_pretrained(str(directory), local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as error:
         raise ConfigError(f"cannot load a Hugging Face encoder from {directory}: {error}") from error
     if num_layers is not None:

@@ -152,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--batch-size", type=int, default=16)
     perf.add_argument("--steps", type=int, default=8, help="timed training steps per setting")
     perf.add_argument("--out", type=Path, help="also write the table as JSON here")
+    perf.add_argument("--backbone", help="a local Hugging Face encoder directory (default: the embedded MiniLM)")
     baselines = bench.add_parser(
         "baselines", help="local-only, pooled and majority-label references for a scenario, or for a run (--run)"
     )
@@ -270,6 +271,7 @@ def _cmd_perf(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         steps=args.steps,
         out=args.out,
+        backbone_path=args.backbone,
     )
 
 

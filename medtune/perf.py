@@ -97,7 +97,8 @@ def _device_name(device: torch.device) -> str:
 
 
 def run_perf(
-    layers: list[int], max_lengths: list[int], prompt_layers: list[int], batch_size: int, steps: int, out: Path | None
+    layers: list[int], max_lengths: list[int], prompt_layers: list[int], batch_size: int, steps: int, out: Path | None,
+    backbone_path: str | None = None,
 ) -> list[dict]:
     device = resolve_device("auto")
     peak = matmul_flops_per_s(device)
@@ -106,7 +107,7 @@ def run_perf(
     for depth, max_length, prompt_layer in itertools.product(layers, max_lengths, prompt_layers):
         if prompt_layer > depth:
             continue
-        backbone = load_backbone(None, depth, str(device))
+        backbone = load_backbone(backbone_path, depth, str(device))
         config = ModelConfig(num_layers=depth, max_length=max_length, prompt_layer=prompt_layer)
         model = PromptClassifier(backbone, config, len(LABELS), seed=0)
         started = time.perf_counter()

@@ -9,6 +9,7 @@ config objects the core uses, naming any key or value it cannot use.
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,18 +237,28 @@ def check_keys(overrides: dict[str, Any], source: str) -> None:
         raise ConfigError(f"{source}: unknown run-config key(s) {unknown}; known keys: {sorted(defaults)}")
 
 
-def parse_overrides(text: str) -> dict[str, Any]:
-    """`key=value key2=value2` exactly as `flwr run --run-config` reads it."""
-    import click
-    from flwr.common.config import parse_config_args
+_OVERRIDE_TOKEN = re.compile(r"""(\S+?)=('[^']*'|"[^"]*"|\S+)|(\S+)""")
 
-    if not text.strip():
-        return {}
-    try:
-        return dict(parse_config_args([text]))
-    except (click.ClickException, ValueError) as error:
-        message = error.format_message() if isinstance(error, click.ClickException) else str(error)
-        raise ConfigError(f"--run-config {text!r}: {message}") from None
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """`key=value key2=value2`, values in TOML, as `flwr run --run-config` reads them.
+
+    Unlike Flower's reader, a token without `=` is an error rather than silently dropped: a mistyped
+    `epsilon 1.0` must never leave a run at the default budget.
+    """
+    overrides: dict[str, Any] = {}
+    for match in _OVERRIDE_TOKEN.finditer(text):
+        key, value, stray = match.groups()
+        if stray is not None:
+            raise ConfigError(f"--run-config {text!r}: {stray!r} is not key=value (values go after '=', no spaces)")
+        try:
+            overrides[key] = tomllib.loads(f"value = {value}")["value"]
+        except tomllib.TOMLDecodeError:
+            raise ConfigError(
+                f"--run-config {text!r}: {key}={value} is not a TOML value (numbers, true/false, or quoted "
+                f'strings such as {key}="text")'
+            ) from None
+    return overrides
 
 
 def resolve_run_config(scenario: str | None, overrides: dict[str, Any]) -> dict[str, Any]:

@@ -4,7 +4,11 @@ A sweep file (`simulations/benchmarks/<name>.toml`) names a scenario, the privac
 run-config overrides for every cell, and optional axes (any run-config key with a list of values,
 such as `hospitals`, `dirichlet-alpha`, `prompt-length` or `num-layers`), and optional named recipes
 (`[recipes.<name>]`: several run-config keys that only make sense together, such as the shipped
-2-layer/64-token cut against the full encoder with a late prompt; they form the axis `recipe`).
+2-layer/64-token cut against the full encoder with a late prompt; they form the axis `recipe`), and
+optional `[no-dp]` overrides for every model trained without DP (federated and local at inf,
+pooled): DP-SGD's clipping and noise tolerate a learning rate that overfits without them, so
+the non-private reference gets its own settings, chosen on validation (`medtune benchmark tune
+--epsilon inf`), rather than the private recipe's.
 For every combination of axes and every seed it runs, on identical hospitals and splits:
 
 - federated: the real Flower simulation (`medtune simulate`) at every epsilon, and without DP;
@@ -48,8 +52,9 @@ from medtune.settings import (
 )
 
 SWEEP_DIR = PROJECT_DIR / "simulations" / "benchmarks"
-SWEEP_KEYS = {"name", "scenario", "epsilons", "seeds", "run-config", "axes", "recipes"}
+SWEEP_KEYS = {"name", "scenario", "epsilons", "seeds", "run-config", "axes", "recipes", "no-dp"}
 RECIPE_AXIS = "recipe"
+TRAINED_METHODS = ("federated", "local", "pooled")
 GRID_FILE = "grid.json"  # what every cell in an output directory was run with
 
 
@@ -64,6 +69,7 @@ class SweepConfig:
     run_config: dict[str, Any]
     axes: dict[str, tuple[Any, ...]]
     recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    no_dp: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         finite = [e for e in self.epsilons if math.isfinite(e)]
@@ -75,7 +81,9 @@ class SweepConfig:
             if not values:
                 raise ConfigError(f"sweep '{self.name}': axis '{key}' has no values")
         recipe_keys = {key for recipe in self.recipes.values() for key in recipe}
-        clashes = sorted({"epsilon", "seed", "out", "resume"} & (set(self.run_config) | set(self.axes) | recipe_keys))
+        clashes = sorted(
+            {"epsilon", "seed", "out", "resume"} & (set(self.run_config) | set(self.axes) | recipe_keys | set(self.no_dp))
+        )
         if clashes:
             raise ConfigError(f"sweep '{self.name}': {clashes} are set by the sweep itself; remove them")
         if RECIPE_AXIS in self.axes:
@@ -86,6 +94,7 @@ class SweepConfig:
         check_keys({**self.run_config, **self.axes}, source=f"sweep '{self.name}'")
         for recipe, overrides in self.recipes.items():
             check_keys(overrides, source=f"sweep '{self.name}' recipe '{recipe}'")
+        check_keys(self.no_dp, source=f"sweep '{self.name}' [no-dp]")
 
     @property
     def axis_names(self) -> list[str]:
@@ -140,6 +149,7 @@ def read_sweep(name_or_path: str) -> SweepConfig:
         run_config=dict(raw.get("run-config", {})),
         axes={key: tuple(values) for key, values in axes.items()},
         recipes={name: dict(values) for name, values in recipes.items()},
+        no_dp=dict(raw.get("no-dp", {})),
     )
 
 
@@ -162,7 +172,9 @@ class Cell:
     def overrides(self, sweep: SweepConfig) -> dict[str, Any]:
         axes = dict(self.axes)
         recipe = sweep.recipes.get(axes.pop(RECIPE_AXIS, None), {})
-        return {**sweep.run_config, **recipe, **axes, "seed": self.seed, "epsilon": self.epsilon}
+        private = math.isfinite(self.epsilon) or self.method not in TRAINED_METHODS
+        no_dp = {} if private else sweep.no_dp
+        return {**sweep.run_config, **recipe, **axes, **no_dp, "seed": self.seed, "epsilon": self.epsilon}
 
 
 def plan_cells(sweep: SweepConfig) -> list[Cell]:
@@ -298,6 +310,8 @@ def check_same_grid(sweep: SweepConfig, out: Path) -> None:
     identity = {"scenario": sweep.scenario, "run-config": sweep.run_config, "axes": {k: list(v) for k, v in sweep.axes.items()}}
     if sweep.recipes:
         identity["recipes"] = sweep.recipes
+    if sweep.no_dp:
+        identity["no-dp"] = sweep.no_dp
     path = out / GRID_FILE
     if not path.is_file():
         atomic_write_json(path, identity)

@@ -204,6 +204,7 @@ def write_report(sweep: Any, rows: list[dict[str, Any]], out: Path) -> pd.DataFr
         [
             f"# Benchmark sweep `{sweep.name}`",
             f"Scenario `{sweep.scenario}`, overrides `{sweep.run_config}`, axes `{dict(sweep.axes)}`, recipes `{sweep.recipes}`, "
+            f"without DP also `{sweep.no_dp}`, "
             f"seeds {list(sweep.seeds)}. Machine: {_machine()}. Date: {date.today().isoformat()}.",
             "Accuracy and macro-F1 are over every hospital's test split together; federated runs are scored "
             "with the final global prompt and head, local runs with each hospital's own model on its own test "

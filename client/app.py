@@ -6,12 +6,15 @@ keeps its ledger under the run's out directory; a deployed hospital reads its ow
 ledger path from the SuperNode's node config.
 
 A hospital that cannot take part (its data file is refused, its ledger is corrupted, its node
-config is incomplete) replies `failed` with the error's message instead of raising: the server
-records the reason and the federation goes on with the others. The site is built again next
+config is incomplete) replies `failed` instead of raising, with the error's category and row number only (the
+message, which may quote records or site paths, stays in the site's log): the server records it
+and the federation goes on with the others. The site is built again next
 round, so a hospital that fixes its file rejoins without a restart.
 """
 
 from __future__ import annotations
+
+import logging
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -24,6 +27,14 @@ from medtune.wire import ARRAYS, evaluate_reply, failed_reply, from_record, trai
 
 quiet_libraries()
 app = ClientApp()
+log = logging.getLogger("medtune.site")
+
+
+def failed(message: Message, context: Context, error: MedTuneError) -> Message:
+    """The full error stays in this site's log; the reply carries only its category (medtune.wire)."""
+    hospital = hospital_label(context)
+    log.error("%s cannot take part: %s", hospital, error)
+    return Message(failed_reply(hospital, error), reply_to=message)
 
 
 def hospital_label(context: Context) -> str:
@@ -47,7 +58,7 @@ def train(message: Message, context: Context) -> Message:
             proximal_mu=float(config.get("proximal-mu", 0.0)),
         )
     except MedTuneError as error:
-        return Message(failed_reply(hospital_label(context), str(error)), reply_to=message)
+        return failed(message, context, error)
     return Message(train_reply(outcome, site.name), reply_to=message)
 
 
@@ -57,5 +68,5 @@ def evaluate(message: Message, context: Context) -> Message:
         site = site_for(context)
         evaluation = site.evaluate(from_record(message.content[ARRAYS]))
     except MedTuneError as error:
-        return Message(failed_reply(hospital_label(context), str(error)), reply_to=message)
+        return failed(message, context, error)
     return Message(evaluate_reply(evaluation, site.name), reply_to=message)

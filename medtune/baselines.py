@@ -37,9 +37,9 @@ from medtune.label_prior import ZeroShotClassifier, initial_model
 from medtune.metrics import Evaluation, evaluate, from_counts, pool, predict_logits, score_logits
 from medtune.model import PromptClassifier
 from medtune.predict import load_checkpoint_model
+from medtune.privacy import noise_seed
 from medtune.results import RESULTS_FILE, RunResults
 from medtune.settings import RunSettings, settings_from_run_config
-from medtune.site import round_seed
 from medtune.train import new_ledger, train_local
 
 
@@ -99,7 +99,7 @@ def _fit(
     privacy = replace(settings.privacy, epsilon=epsilon)
     config = replace(settings.train, epochs=settings.train.epochs * settings.federation.rounds)
     ledger = new_ledger(privacy, len(dataset), config, rounds=1)
-    seed = round_seed(settings.seed, 0, name)
+    seed = noise_seed(settings.seed, name, 0)
     result = train_local(model, dataset, ledger, config, backbone.tokenizer.pad_token_id, seed=seed, progress=False)
     return model, result.epsilon
 

@@ -27,3 +27,7 @@ class StateError(MedTuneError):
 
 class CheckpointError(MedTuneError):
     """A checkpoint directory is incomplete, corrupted or made for another backbone."""
+
+
+class FederationError(MedTuneError):
+    """A federated run ended without a usable result (no hospital ever trained)."""

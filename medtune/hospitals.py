@@ -8,13 +8,16 @@ means the same thing for both sources. Every node derives its partition from the
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from medtune.data import Record, read_records
+from medtune.data import Record, read_records, train_test_split
 from medtune.errors import ConfigError, DataError
 from medtune.settings import RunSettings
 from medtune.synth import generate_hospitals
+
+log = logging.getLogger("medtune.hospitals")
 
 
 @dataclass(frozen=True)
@@ -72,3 +75,25 @@ def partition_file(path: Path, settings: RunSettings, partition_id: int) -> list
             f"{settings.source.dirichlet_alpha} ({error}); use fewer hospitals or a larger alpha"
         ) from None
     return [records[row] for row in rows]
+
+
+def check_hospitals(settings: RunSettings) -> list[HospitalData]:
+    """Every simulated hospital's records, read and checked before any training starts.
+
+    A records file the run cannot use, or a hospital left with nothing to train on, stops the run
+    here with the same one-line error `medtune train` gives, instead of a federation of hospitals
+    that all fail. Data that trains but probably not as meant (one label only, one record) is warned about.
+    """
+    hospitals = [simulated_hospital(settings, i) for i in range(settings.source.hospitals)]
+    for hospital in hospitals:
+        try:
+            train, _ = train_test_split(hospital.records, settings.data.test_fraction, settings.seed)
+        except DataError as error:
+            raise DataError(f"{hospital.name}: {error}") from None
+        labels = {record.label for record in train}
+        if len(train) == 1 or len(labels) == 1:
+            log.warning(
+                "%s trains on %d record(s) of %d label(s): its updates will carry little beyond that",
+                hospital.name, len(train), len(labels),
+            )
+    return hospitals

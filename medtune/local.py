@@ -8,6 +8,7 @@ blocks -> loss -> clipped, noised step (ledger) -> exchanged state.
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,9 @@ from medtune.features import record_inputs
 from medtune.files import atomic_write_json
 from medtune.label_prior import initial_model
 from medtune.metrics import Evaluation, evaluate
+from medtune.locks import exclusive
 from medtune.model import PromptClassifier
-from medtune.privacy import PrivacyLedger
+from medtune.privacy import PrivacyLedger, noise_seed
 from medtune.train import SamplingPlan, TrainResult, new_ledger, train_local
 
 
@@ -35,9 +37,10 @@ class LocalRun:
 
 
 def load_or_create_ledger(
-    path: Path | None, privacy: PrivacyConfig, num_records: int, train: TrainConfig, rounds: int
+    path: Path | None, privacy: PrivacyConfig, num_records: int, train: TrainConfig, rounds: int,
+    hospital: str | None = None,
 ) -> PrivacyLedger:
-    """The ledger stored at `path` if there is one (it must match this run), else a fresh one."""
+    """The ledger stored at `path` if there is one (it must match this run and hospital), else a fresh one."""
     if path is not None and path.exists():
         try:
             state = json.loads(path.read_text(encoding="utf-8"))
@@ -45,8 +48,11 @@ def load_or_create_ledger(
             raise LedgerError(f"{path}: unreadable privacy ledger ({error}); refusing to start a fresh one") from None
         ledger = PrivacyLedger.from_state_dict(state, source=str(path))
         ledger.matches(privacy, SamplingPlan.for_records(num_records, train.batch_size).sample_rate)
-        return ledger
-    return new_ledger(privacy, num_records, train, rounds)
+    else:
+        ledger = new_ledger(privacy, num_records, train, rounds)
+    if hospital is not None:
+        ledger.claim(hospital, str(path))
+    return ledger
 
 
 def run_local(
@@ -68,12 +74,16 @@ def run_local(
     train_records, test_records = train_test_split(records, data.test_fraction, train.seed)
     train_set = record_inputs(backbone, model_config, train_records, cache_dir)
     test_set = record_inputs(backbone, model_config, test_records, cache_dir)
-    ledger = load_or_create_ledger(ledger_path, privacy, len(train_set), train, rounds=1)
     model = initial_model(backbone, model_config, data, seed=train.seed)
     pad = backbone.tokenizer.pad_token_id
-    result = train_local(model, train_set, ledger, train, pad, seed=train.seed, progress=progress)
-    if ledger_path is not None:
-        atomic_write_json(ledger_path, ledger.state_dict())
+    # The ledger is held from reading to writing back: a second process training on it meanwhile
+    # would have its steps overwritten.
+    with exclusive(ledger_path, "this privacy ledger") if ledger_path is not None else nullcontext():
+        ledger = load_or_create_ledger(ledger_path, privacy, len(train_set), train, rounds=1)
+        seed = noise_seed(train.seed, "local", ledger.steps)  # a second run on one ledger draws fresh noise
+        result = train_local(model, train_set, ledger, train, pad, seed=seed, progress=progress)
+        if ledger_path is not None:
+            atomic_write_json(ledger_path, ledger.state_dict())
     evaluation = evaluate(model, test_set, data.labels, pad, resolve_device(train.device))
     return LocalRun(result=result, evaluation=evaluation, ledger=ledger, model=model)
 

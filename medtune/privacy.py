@@ -20,9 +20,11 @@ import json
 import logging
 import math
 import os
+import zlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import opacus
 
 from opacus.accountants import create_accountant
@@ -93,6 +95,17 @@ def noise_multiplier_for(accountant: str, epsilon: float, delta: float, sample_r
     return sigma
 
 
+def noise_seed(run_seed: int, hospital: str, steps_taken: int) -> int:
+    """The seed of a hospital's next training steps (sampling and noise): run seed, hospital, ledger position.
+
+    Every trained step moves the ledger position, so noise never repeats: a round the coordinator
+    sends again after a crash draws fresh noise instead of re-releasing the first attempt's (two
+    releases with the same noise are not independent, and their difference cancels it). Runs from
+    the same seed and ledger stay reproducible.
+    """
+    return int(np.random.SeedSequence([run_seed, zlib.crc32(hospital.encode()), steps_taken]).generate_state(1)[0])
+
+
 class PrivacyLedger:
     """Tracks one hospital's spending against its target. Never lets training overspend it."""
 
@@ -106,6 +119,9 @@ class PrivacyLedger:
         self.planned_steps = int(planned_steps)
         self.accountant: IAccountant = create_accountant(mechanism=config.accountant)
         self.non_private_steps = 0
+        self.hospital: str | None = None  # whose spending this is: a ledger serves one hospital only
+        self.trained_rounds: list[int] = []  # federated rounds this hospital trained, in order
+        self.events: list[str] = []  # what the step history alone does not explain
         if config.is_private:
             try:
                 self.noise_multiplier = noise_multiplier_for(
@@ -171,6 +187,24 @@ class PrivacyLedger:
     def record_non_private_steps(self, steps: int) -> None:
         self.non_private_steps += int(steps)
 
+    def claim(self, hospital: str, source: str) -> None:
+        """Tie this ledger to `hospital`; a ledger already tied to another hospital is refused."""
+        if self.hospital not in (None, hospital):
+            raise LedgerError(
+                f"{source} is the privacy ledger of hospital {self.hospital!r}, not of {hospital!r}: give every "
+                "hospital its own ledger path (two hospitals charging one ledger under-count both)"
+            )
+        self.hospital = hospital
+
+    def start_round(self, server_round: int) -> None:
+        """Note a federated round about to train; a round trained before is recorded as an event."""
+        if server_round in self.trained_rounds:
+            self.events.append(
+                f"round {server_round} trained again from step {self.steps}: the coordinator sent it again after a "
+                "restart; the earlier attempt's steps stay counted, and the new steps draw fresh noise"
+            )
+        self.trained_rounds.append(int(server_round))
+
     def state_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable ledger."""
         return {
@@ -186,6 +220,9 @@ class PrivacyLedger:
             "non_private_steps": self.non_private_steps,
             "epsilon_spent": None if self.non_private_steps else self.epsilon,
             "steps": self.steps,
+            "hospital": self.hospital,
+            "trained_rounds": list(self.trained_rounds),
+            "events": list(self.events),
         }
 
     @classmethod
@@ -210,6 +247,10 @@ class PrivacyLedger:
             ledger.accountant = create_accountant(mechanism=config.accountant)
             ledger.accountant.history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
             recorded_steps = int(state["steps"])
+            hospital = state.get("hospital")
+            ledger.hospital = None if hospital is None else str(hospital)
+            ledger.trained_rounds = [int(r) for r in state.get("trained_rounds", [])]
+            ledger.events = [str(e) for e in state.get("events", [])]
         except (KeyError, TypeError, ValueError, ConfigError) as error:
             raise LedgerError(f"{source}: corrupted ledger ({type(error).__name__}: {error})") from None
         negative_steps = ledger.non_private_steps < 0 or any(steps < 0 for _, _, steps in ledger.accountant.history)

@@ -125,7 +125,9 @@ def _take(config: dict[str, Any], key: str, kind: type) -> Any:
 def settings_from_run_config(config: dict[str, Any]) -> RunSettings:
     """Validated settings from Flower's flat run config; a wrong key or value names itself."""
     labels_text = _take(config, "labels", str)
-    labels = tuple(label.strip() for label in labels_text.split(",") if label.strip()) or LABELS
+    labels = tuple(label.strip() for label in labels_text.split(",")) if labels_text.strip() else LABELS
+    if "" in labels:
+        raise ConfigError(f"run config 'labels' = {labels_text!r} has an empty label name; list names separated by commas")
     layers = _take(config, "num-layers", int)
     epsilon = _take(config, "epsilon", float)
     resume = _take(config, "resume", str)
@@ -134,7 +136,7 @@ def settings_from_run_config(config: dict[str, Any]) -> RunSettings:
     gpus = _take(config, "gpus-per-hospital", float)
     if gpus < 0 or (gpus > 1 and not gpus.is_integer()):
         raise ConfigError(f"gpus-per-hospital must be a fraction of one GPU or a whole number of GPUs, got {gpus}")
-    return RunSettings(
+    settings = RunSettings(
         scenario=_take(config, "scenario", str),
         seed=_take(config, "seed", int),
         out=Path(_take(config, "out", str)),
@@ -174,7 +176,7 @@ def settings_from_run_config(config: dict[str, Any]) -> RunSettings:
             head_init=_take(config, "head-init", str),
         ),
         privacy=PrivacyConfig(
-            epsilon=math.inf if math.isinf(epsilon) else epsilon,
+            epsilon=epsilon,  # only +inf means no DP; -inf, 0 and negatives are refused by PrivacyConfig
             delta=_take(config, "delta", float),
             max_grad_norm=_take(config, "max-grad-norm", float),
             accountant=_take(config, "accountant", str),
@@ -190,6 +192,14 @@ def settings_from_run_config(config: dict[str, Any]) -> RunSettings:
         gpus_per_hospital=gpus,
         run_config=dict(config),
     )
+    if settings.federation.min_hospitals > settings.source.hospitals:
+        raise ConfigError(
+            f"min-hospitals = {settings.federation.min_hospitals} is more than hospitals = {settings.source.hospitals}: "
+            "no round could ever aggregate"
+        )
+    if settings.until_round < 0:
+        raise ConfigError(f"until-round must be 0 (run every round) or a round number, got {settings.until_round}")
+    return settings
 
 
 def project_defaults() -> dict[str, Any]:

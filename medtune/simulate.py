@@ -21,6 +21,8 @@ from typing import Any
 
 from medtune.backbone import configured_depth
 from medtune.errors import ConfigError, MedTuneError
+from medtune.hospitals import check_hospitals
+from medtune.locks import exclusive
 from medtune.results import RESULTS_FILE
 from medtune.settings import PROJECT_DIR, RunSettings, resolve_run_config, settings_from_run_config
 
@@ -40,6 +42,29 @@ def simulation_backend(num_cpus_per_hospital: float, num_gpus_per_hospital: floa
 
 def simulate(scenario: str | None, overrides: dict[str, Any], cpus_per_hospital: float = 1.0) -> Path:
     """Run a scenario to completion; returns the path of results.json."""
+    config = resolve_run_config(scenario, overrides)
+    # Server and simulated hospitals must agree on one absolute out directory (Ray workers have
+    # their own working directory); the resume path is made absolute for the same reason.
+    config["out"] = str(Path(str(config["out"])).resolve())
+    if config.get("resume"):
+        config["resume"] = str(Path(str(config["resume"])).resolve())
+    settings = settings_from_run_config(config)
+    check_before_start(settings)
+    check_hospitals(settings)
+    if cpus_per_hospital <= 0:
+        raise ConfigError(f"cpus-per-hospital must be positive (Ray CPUs per simulated hospital), got {cpus_per_hospital}")
+    check_out_directory(settings)
+    settings.out.mkdir(parents=True, exist_ok=True)
+    with exclusive(settings.out, "this run's out directory"):
+        _simulate(settings, config, cpus_per_hospital)
+    results = settings.out / RESULTS_FILE
+    if not results.is_file():
+        raise MedTuneError(f"the simulation ended without writing {results}; see the log above")
+    return results
+
+
+def _simulate(settings: RunSettings, config: dict[str, Any], cpus_per_hospital: float) -> None:
+    """Flower's simulation runtime over this run's settings, its errors surfaced as MedTune's."""
     from flwr.app import Context, RecordDict
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
     from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
@@ -49,15 +74,6 @@ def simulate(scenario: str | None, overrides: dict[str, Any], cpus_per_hospital:
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
 
-    config = resolve_run_config(scenario, overrides)
-    # Server and simulated hospitals must agree on one absolute out directory (Ray workers have
-    # their own working directory); the resume path is made absolute for the same reason.
-    config["out"] = str(Path(str(config["out"])).resolve())
-    if config.get("resume"):
-        config["resume"] = str(Path(str(config["resume"])).resolve())
-    settings = settings_from_run_config(config)
-    check_before_start(settings)
-    settings.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ["OMP_NUM_THREADS"] = str(max(1, int(cpus_per_hospital)))
@@ -89,10 +105,24 @@ def simulate(scenario: str | None, overrides: dict[str, Any], cpus_per_hospital:
         if isinstance(cause, MedTuneError):
             raise cause from None
         raise
-    results = settings.out / RESULTS_FILE
-    if not results.is_file():
-        raise MedTuneError(f"the simulation ended without writing {results}; see the log above")
-    return results
+
+
+def check_out_directory(settings: RunSettings) -> None:
+    """A run never overwrites another's history: an existing run is continued with --resume, or moved aside."""
+    out = settings.out
+    if settings.resume is not None:
+        if out.resolve() not in settings.resume.resolve().parents and out.resolve() != settings.resume.resolve():
+            raise ConfigError(
+                f"resume checkpoint {settings.resume} is not under this run's out directory {out}; a resumed run "
+                "must write where the original did, so each hospital's privacy ledger continues"
+            )
+        return
+    earlier = [path for path in (out / RESULTS_FILE, out / "checkpoints", out / "sites") if path.exists()]
+    if earlier:
+        raise ConfigError(
+            f"{out} already holds a run ({earlier[0].name}); continue it with --resume {out}, or give another --out "
+            "(or move that directory aside) to start a new one"
+        )
 
 
 def check_before_start(settings: RunSettings) -> None:

@@ -10,7 +10,6 @@ ever reset a hospital's epsilon.
 from __future__ import annotations
 
 import functools
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +25,10 @@ from medtune.errors import LedgerError, PrivacyBudgetError
 from medtune.features import record_inputs
 from medtune.files import atomic_write_bytes, atomic_write_json
 from medtune.local import load_or_create_ledger
+from medtune.locks import exclusive
 from medtune.metrics import Evaluation, evaluate
 from medtune.model import PromptClassifier
-from medtune.privacy import PrivacyLedger
+from medtune.privacy import PrivacyLedger, noise_seed
 from medtune.settings import RunSettings
 from medtune.train import ProximalPull, SamplingPlan, TrainResult, train_local
 
@@ -37,11 +37,6 @@ from medtune.train import ProximalPull, SamplingPlan, TrainResult, train_local
 def cached_backbone(path: str | None, num_layers: int | None, device: str) -> Backbone:
     """Load a backbone once per process: a simulated node trains many rounds in one worker."""
     return load_backbone(path, num_layers, device)
-
-
-def round_seed(seed: int, server_round: int, hospital: str) -> int:
-    """Each hospital's randomness for a round, fixed by the run seed alone (resumable runs match)."""
-    return int(np.random.SeedSequence([seed, server_round, zlib.crc32(hospital.encode())]).generate_state(1)[0])
 
 
 @dataclass(frozen=True)
@@ -96,30 +91,47 @@ class Site:
         return model
 
     def ledger(self) -> PrivacyLedger:
+        """The hospital's ledger from its file; a missing file after this site has trained is refused.
+
+        The optimizer state beside the ledger is written after every trained round, so a ledger that
+        is gone while it remains was deleted or moved: starting a fresh one would forget spent epsilon.
+        """
         settings = self.settings
+        if not self.ledger_path.exists() and self.optimizer_path.exists():
+            raise LedgerError(
+                f"{self.ledger_path}: privacy ledger missing, but {self.optimizer_path.name} beside it shows this "
+                "hospital has trained before; restore the ledger (a fresh one would forget the epsilon spent)"
+            )
         return load_or_create_ledger(
-            self.ledger_path, settings.privacy, len(self.train_set), settings.train, settings.federation.rounds
+            self.ledger_path, settings.privacy, len(self.train_set), settings.train, settings.federation.rounds,
+            hospital=self.name,
         )
 
     def train_round(self, arrays: dict[str, np.ndarray], server_round: int, proximal_mu: float) -> RoundOutcome:
-        """Train on the global state, unless this round would take epsilon past the target."""
-        ledger = self.ledger()
-        train = self.settings.train
-        steps = train.epochs * SamplingPlan.for_records(len(self.train_set), train.batch_size).steps_per_epoch
-        try:
-            ledger.check_can_spend(steps)
-        except PrivacyBudgetError as error:
-            return RoundOutcome(arrays=None, result=None, ledger=ledger, stop_reason=str(error))
-        model = self._model(arrays)
-        proximal = ProximalPull(proximal_mu, dict(arrays)) if proximal_mu > 0 else None
-        seed = round_seed(self.settings.seed, server_round, self.name)
-        result = train_local(
-            model, self.train_set, ledger, train, self.pad, seed=seed, progress=False, proximal=proximal,
-            optimizer_state=self._optimizer_state(),
-        )
-        # The ledger reaches the site's disk before the update can leave the site.
-        atomic_write_json(self.ledger_path, ledger.state_dict())
-        atomic_write_bytes(self.optimizer_path, save_tensors(result.optimizer_state))
+        """Train on the global state, unless this round would take epsilon past the target.
+
+        The ledger is held (an OS lock) from reading to writing it back, so no other process can
+        charge it meanwhile and have its steps overwritten.
+        """
+        with exclusive(self.ledger_path, f"{self.name}'s privacy ledger"):
+            ledger = self.ledger()
+            train = self.settings.train
+            steps = train.epochs * SamplingPlan.for_records(len(self.train_set), train.batch_size).steps_per_epoch
+            try:
+                ledger.check_can_spend(steps)
+            except PrivacyBudgetError as error:
+                return RoundOutcome(arrays=None, result=None, ledger=ledger, stop_reason=str(error))
+            model = self._model(arrays)
+            proximal = ProximalPull(proximal_mu, dict(arrays)) if proximal_mu > 0 else None
+            ledger.start_round(server_round)
+            seed = noise_seed(self.settings.seed, self.name, ledger.steps)
+            result = train_local(
+                model, self.train_set, ledger, train, self.pad, seed=seed, progress=False, proximal=proximal,
+                optimizer_state=self._optimizer_state(),
+            )
+            # The ledger reaches the site's disk before the update can leave the site.
+            atomic_write_json(self.ledger_path, ledger.state_dict())
+            atomic_write_bytes(self.optimizer_path, save_tensors(result.optimizer_state))
         return RoundOutcome(arrays=dict(model.exchanged_state()), result=result, ledger=ledger)
 
     def evaluate(self, arrays: dict[str, np.ndarray]) -> Evaluation:

@@ -12,10 +12,12 @@ reason and nothing else. `rejected` is the server's verdict on a reply that fail
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from medtune.errors import ConfigError, DataError, LedgerError, MedTuneError, PrivacyBudgetError, StateError
 from medtune.metrics import Evaluation, from_counts
 from medtune.site import RoundOutcome
 
@@ -63,9 +65,32 @@ def train_reply(outcome: RoundOutcome, hospital: str) -> RecordDict:
     return content
 
 
-def failed_reply(hospital: str, reason: str) -> RecordDict:
-    """A hospital that cannot take part this round says why, and sends nothing else."""
-    return RecordDict({HOSPITAL: ConfigRecord({"name": hospital, "status": FAILED, "reason": reason})})
+# What a failing site may tell the coordinator: a fixed category per error kind, and a row number.
+FAILURE_CATEGORIES = (
+    (DataError, "records file refused"),
+    (LedgerError, "privacy ledger refused"),
+    (PrivacyBudgetError, "privacy budget refused the round"),
+    (StateError, "global state refused"),
+    (ConfigError, "site configuration refused"),
+)
+_ROW = re.compile(r"\brow (\d+)\b")
+
+
+def failure_reason(error: MedTuneError) -> str:
+    """A site's error as it may leave the site: its category and row number, never its message.
+
+    Messages name record text, label values and paths on the site's disk (`row 1: label 'S: pt
+    reports nausea...'`); those stay in the site's own log.
+    """
+    category = next((text for kind, text in FAILURE_CATEGORIES if isinstance(error, kind)), "site error")
+    row = _ROW.search(str(error))
+    where = f" (row {row.group(1)})" if row else ""
+    return f"{category}{where}; the details are in the site's own log"
+
+
+def failed_reply(hospital: str, error: MedTuneError) -> RecordDict:
+    """A hospital that cannot take part this round says which kind of failure, and sends nothing else."""
+    return RecordDict({HOSPITAL: ConfigRecord({"name": hospital, "status": FAILED, "reason": failure_reason(error)})})
 
 
 def evaluate_reply(evaluation: Evaluation, hospital: str) -> RecordDict:

@@ -21,11 +21,11 @@ from safetensors.numpy import save as save_safetensors
 
 from medtune.backbone import Backbone, load_backbone, weights_hash
 from medtune.checkpoint import META_FILE, Checkpoint, find_checkpoint, load_checkpoint, save_checkpoint
-from medtune.errors import CheckpointError, ConfigError, StateError
+from medtune.errors import CheckpointError, ConfigError, FederationError, StateError
 from medtune.files import atomic_write_bytes
 from medtune.metrics import Evaluation, pool
 from medtune.label_prior import initial_model
-from medtune.results import HospitalRound, RoundRecord, RunResults, print_round
+from medtune.results import RESULTS_FILE, HospitalRound, RoundRecord, RunResults, print_round
 from medtune.settings import RunSettings
 from medtune.state import ExchangedStateSpec
 from medtune.wire import (
@@ -63,7 +63,8 @@ class Federation:
         self.strategy = build_strategy(settings.federation)
         labels = settings.data.labels
         self.spec = ExchangedStateSpec(settings.model.prompt_length, self.backbone.hidden_size, len(labels))
-        self.stopped: set[int] = set()
+        self.stopped: set[int] = set()  # nodes no longer sent training rounds
+        self.excluded: set[str] = set()  # hospitals whose ledger went back: they spend without a true record
         self.node_names: dict[int, str] = {}  # node id -> the hospital that last replied from it
         self.results = RunResults(config=settings.run_config)
         self.arrays, self.first_round = self._initial_state()
@@ -94,6 +95,11 @@ class Federation:
                 f"{list(settings.data.labels)}"
             )
         restore_strategy_state(self.strategy, path)
+        if not (settings.out / RESULTS_FILE).is_file():
+            raise CheckpointError(
+                f"{settings.out / RESULTS_FILE}: missing, so rounds 1..{done} of this run have no record; restore it "
+                f"to resume (a resumed run must continue the whole history, never start it at round {done + 1})"
+            )
         self.results = RunResults.load(settings.out, up_to_round=done)
         self.results.config = settings.run_config
         self._event(f"resumed from {path} after round {done}")
@@ -135,10 +141,22 @@ class Federation:
                 hospitals=hospitals,
             )
             self.results.rounds.append(record)
-            self._save(server_round)
             print_round(record, rounds, self.console)
+            if self._trained_ever():
+                self._save(server_round)
+            else:
+                self.results.save(settings.out)
         self.results.save(settings.out)
+        if not self._trained_ever():
+            raise FederationError(
+                f"no hospital trained in any round (see the reasons in {settings.out / RESULTS_FILE}); no checkpoint "
+                "was written, since it would be the untrained model"
+            )
         return self.results
+
+    def _trained_ever(self) -> bool:
+        """Whether any round so far aggregated updates: before that, a checkpoint would be the untrained model."""
+        return any(r.aggregated for r in self.results.rounds)
 
     def _train_round(self, server_round: int) -> tuple[list[HospitalRound], bool]:
         federation = self.settings.federation
@@ -155,7 +173,7 @@ class Federation:
             update = self._read_train_reply(server_round, reply, record)
             if update is not None:
                 accepted.append(update)
-            if record.status == STOPPED:
+            if record.status == STOPPED or name in self.excluded:
                 self.stopped.add(node)
             hospitals.append(record)
         aggregated = len(accepted) >= federation.min_hospitals
@@ -206,6 +224,16 @@ class Federation:
             self._event(f"round {server_round}: {name} failed: {record.reason}")
             return None
         self._read_train_metrics(reply, record)
+        recorded = self._recorded_steps(name)
+        if status == TRAINED and record.steps <= recorded:
+            record.status = REJECTED
+            record.reason = (
+                f"its privacy ledger reports {record.steps} steps after training, but this run recorded {recorded} "
+                "before: the site's ledger was deleted or replaced; it takes no further part in this run"
+            )
+            self._event(f"round {server_round}: rejected the update from {name}: {record.reason}")
+            self.excluded.add(name)
+            return None
         if status == STOPPED:
             self._event(f"round {server_round}: {name} stopped training: privacy budget spent ({record.reason})")
             return None
@@ -223,6 +251,10 @@ class Federation:
             return None
         record.update_norm = update.norm
         return update
+
+    def _recorded_steps(self, hospital: str) -> int:
+        """The most DP steps this run has seen `hospital`'s ledger report: a ledger may never go below it."""
+        return max((h.steps for r in self.results.rounds for h in r.hospitals if h.name == hospital), default=0)
 
     @staticmethod
     def _read_train_metrics(reply: Message, record: HospitalRound) -> None:

@@ -54,3 +54,47 @@ def test_recipe_settings_outside_the_backbone_are_one_line_before_any_work(tmp_p
     assert main([*base, "gpus-per-hospital=-1.0"]) == 2
     assert "gpus-per-hospital must be" in capsys.readouterr().err
     assert not (tmp_path / "sim").exists()
+
+
+def test_simulate_refuses_settings_that_would_hang_or_mislead_before_flower_starts(tmp_path, capsys, tiny_backbone_dir):
+    sim = tmp_path / "sim"
+    base = ["simulate", "--out", str(sim), "--run-config"]
+    cases = {
+        "epsilon 1.0 hospitals=2": "'epsilon' is not key=value",  # never a silent run at the default budget
+        "epsilon=-inf": "privacy.epsilon must be positive (or inf to disable DP), got -inf",
+        "min-hospitals=4 hospitals=3": "min-hospitals = 4 is more than hospitals = 3: no round could ever aggregate",
+        'labels="a,,b"': "has an empty label name",
+        'labels="a,b"': "the synthetic notes use labels",
+        "records-per-hospital=0": "synth.mean_records must be at least 20, got 0",
+        "until-round=-1": "until-round must be 0 (run every round) or a round number, got -1",
+    }
+    for overrides, message in cases.items():
+        assert main([*base, f'backbone="{tiny_backbone_dir}" {overrides}']) == 2, overrides
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err, (overrides, err)
+    assert main(["simulate", "--out", str(sim), "--cpus-per-hospital", "0", "--run-config", f'backbone="{tiny_backbone_dir}"']) == 2
+    assert "cpus-per-hospital must be positive" in capsys.readouterr().err
+    assert not sim.exists()
+
+
+def test_simulate_never_overwrites_or_shares_a_run(tmp_path, capsys, tiny_backbone_dir):
+    from medtune.locks import exclusive
+
+    sim = tmp_path / "sim"
+    run = ["simulate", "--out", str(sim), "--run-config", f'backbone="{tiny_backbone_dir}" num-layers=2 prompt-layer=1']
+    (sim / "checkpoints").mkdir(parents=True)
+    (sim / "results.json").write_text('{"rounds": [1]}', encoding="utf-8")
+    assert main(run) == 2
+    assert f"{sim} already holds a run (results.json); continue it with --resume" in capsys.readouterr().err
+    assert (sim / "results.json").read_text(encoding="utf-8") == '{"rounds": [1]}'  # untouched
+
+    other = tmp_path / "busy"
+    with exclusive(other, "another run's out directory"):  # as a second `medtune simulate` would hold it
+        assert main(["simulate", "--out", str(other), "--run-config", f'backbone="{tiny_backbone_dir}" num-layers=2 prompt-layer=1']) == 2
+    err = capsys.readouterr().err
+    assert f"{other}: this run's out directory is in use by pid" in err and "Traceback" not in err
+
+    outside = tmp_path / "elsewhere"
+    assert main([*run[:2], str(tmp_path / "fresh"), "--resume", str(outside), *run[3:]]) == 2
+    assert "is not under this run's out directory" in capsys.readouterr().err
+    assert not (tmp_path / "fresh").exists()  # refused before anything was created

@@ -25,12 +25,12 @@ from safetensors.numpy import load_file
 
 import client.app as client_app
 from medtune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from medtune.errors import CheckpointError, ConfigError, LedgerError
+from medtune.errors import CheckpointError, ConfigError, FederationError, LedgerError
 from medtune.metrics import from_counts
 from medtune.results import RunResults
 from medtune.settings import resolve_run_config, settings_from_run_config
 from medtune.synth import LABELS, SynthConfig, write_hospitals
-from medtune.wire import ARRAYS, FAILED, HOSPITAL, METRICS, evaluate_reply, from_record, to_record
+from medtune.wire import ARRAYS, FAILED, HOSPITAL, METRICS, REJECTED, evaluate_reply, from_record, to_record
 from server.federation import Federation, checkpoint_dir
 
 Node = Callable[[Message], Message]
@@ -119,7 +119,8 @@ class CraftedHospital:
             k: (v + self.step * rng.standard_normal(v.shape)).astype(np.float32)
             for k, v in from_record(message.content[ARRAYS]).items()
         }
-        metrics: dict[str, Any] = {"num-examples": self.examples, "train-loss": 1.0, "epsilon": 1.0, "delta": 1e-5, "steps": 3}
+        steps = 3 * server_round  # a real ledger grows by every round's steps
+        metrics: dict[str, Any] = {"num-examples": self.examples, "train-loss": 1.0, "epsilon": 1.0, "delta": 1e-5, "steps": steps}
         self.tamper(arrays, metrics)
         self.sent[server_round] = arrays
         content = RecordDict(
@@ -253,20 +254,37 @@ def test_a_node_that_dies_is_named_by_its_hospital(tiny_backbone_dir: Path, tmp_
     assert results["rounds"][1]["aggregated"]  # hospital_1 alone meets min-hospitals=1
 
 
+def _nan_from_round_2(arrays: Arrays, metrics: dict[str, Any]) -> None:
+    if metrics["steps"] > 3:
+        _nan(arrays, metrics)
+
+
 def test_too_few_valid_updates_skip_the_round_and_keep_the_global_state(tiny_backbone_dir: Path, tmp_path: Path) -> None:
-    hostile = CraftedHospital("hospital_2", 100, _nan)
+    hostile = CraftedHospital("hospital_2", 100, _nan_from_round_2)
     grid = FakeGrid({1: CraftedHospital("hospital_1", 100), 2: hostile, 3: CraftedHospital("hospital_3", 100, _huge)})
     config = run_config(tiny_backbone_dir, tmp_path, hospitals=3, rounds=2)
-    initial = Federation(grid, settings_from_run_config(config)).arrays  # type: ignore[arg-type]
     results = federate(grid, config)
 
-    assert [r["aggregated"] for r in results["rounds"]] == [False, False]  # min-hospitals = 2, one valid update
-    assert "round 1: 1 valid update(s), fewer than min-hospitals=2; round skipped, the global state is kept" in results["events"]
-    for server_round in (1, 2):  # the run went on, and the global state stayed the seed's
-        kept = load_checkpoint(checkpoint_dir(tmp_path, server_round)).arrays
-        for name, array in initial.items():
-            np.testing.assert_array_equal(kept[name], array)
-        assert hospitals_of(results, server_round)["hospital_1"]["status"] == "trained"
+    assert [r["aggregated"] for r in results["rounds"]] == [True, False]  # min-hospitals = 2, one valid update in round 2
+    assert "round 2: 1 valid update(s), fewer than min-hospitals=2; round skipped, the global state is kept" in results["events"]
+    after_round_1 = load_checkpoint(checkpoint_dir(tmp_path, 1)).arrays
+    kept = load_checkpoint(checkpoint_dir(tmp_path, 2)).arrays  # the run went on, and the global state stayed
+    for name, array in after_round_1.items():
+        np.testing.assert_array_equal(kept[name], array)
+    assert hospitals_of(results, 2)["hospital_1"]["status"] == "trained"
+
+
+def test_a_federation_in_which_no_hospital_ever_trains_fails_and_leaves_no_checkpoint(
+    tiny_backbone_dir: Path, tmp_path: Path
+) -> None:
+    grid = FakeGrid({i: CraftedHospital(f"hospital_{i}", 100, _nan) for i in (1, 2, 3)})
+    config = run_config(tiny_backbone_dir, tmp_path, hospitals=3, rounds=2)
+    with pytest.raises(FederationError, match="no hospital trained in any round"):
+        federate(grid, config)
+    assert not (tmp_path / "checkpoints").exists()  # nothing that `medtune predict` would serve
+    recorded = json.loads((tmp_path / "results.json").read_text())
+    assert [r["aggregated"] for r in recorded["rounds"]] == [False, False]
+    assert all(h["status"] == REJECTED for r in recorded["rounds"] for h in r["hospitals"])
 
 
 # --- robust aggregation ---------------------------------------------------------------------------
@@ -365,7 +383,7 @@ def ledger_path(tmp_path: Path, number: int) -> Path:
 
 
 def test_a_hospital_with_a_bad_data_file_fails_each_round_while_the_others_finish(
-    tiny_backbone_dir: Path, tmp_path: Path
+    tiny_backbone_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     files = site_files(tmp_path)
     with files[2].open(newline="", encoding="utf-8") as handle:
@@ -379,11 +397,14 @@ def test_a_hospital_with_a_bad_data_file_fails_each_round_while_the_others_finis
     for server_round in (1, 2):
         seen = hospitals_of(results, server_round)
         assert seen["hospital_3"]["status"] == FAILED
-        assert f"{files[2]} row 5: label 'cardio' is not in the federation's label list" in seen["hospital_3"]["reason"]
+        assert seen["hospital_3"]["reason"] == "records file refused (row 5); the details are in the site's own log"
         assert [seen[f"hospital_{i}"]["status"] for i in (1, 2)] == ["trained", "trained"]
         assert seen["hospital_1"]["accuracy"] is not None and seen["hospital_3"]["accuracy"] is None
         assert results["rounds"][server_round - 1]["aggregated"] is True
-        assert any(e.startswith(f"round {server_round}: hospital_3 failed: {files[2]} row 5") for e in results["events"])
+        assert f"round {server_round}: hospital_3 failed: records file refused (row 5)" in " ".join(results["events"])
+    # The full message stays at the site: its log names file, row and value; the coordinator saw none of it.
+    assert f"{files[2]} row 5: label 'cardio' is not in the federation's label list" in caplog.text
+    assert "cardio" not in json.dumps(results) and str(files[2]) not in json.dumps(results)
     assert not ledger_path(tmp_path, 3).exists()  # nothing was trained on the bad file, nothing spent
     assert json.loads(ledger_path(tmp_path, 1).read_text())["steps"] == hospitals_of(results, 2)["hospital_1"]["steps"]
 
@@ -414,23 +435,28 @@ BAD_FILES = {
 
 
 @pytest.mark.parametrize("case", list(BAD_FILES))
-def test_each_data_error_becomes_a_failed_reply_naming_the_problem(case: str, tiny_backbone_dir: Path, tmp_path: Path) -> None:
+def test_each_data_error_becomes_a_failed_reply_naming_the_problem(
+    case: str, tiny_backbone_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     spoil, problem = BAD_FILES[case]
     path = site_files(tmp_path)[0]
     spoil(path)
-    config = run_config(tiny_backbone_dir, tmp_path / "run", hospitals=1)
+    config = run_config(tiny_backbone_dir, tmp_path / "run", hospitals=1, **{"min-hospitals": 1})
     hospital = real_grid([path], tmp_path, config).nodes[1]
     for message_type in (MessageType.TRAIN, MessageType.EVALUATE):
         content = RecordDict({ARRAYS: to_record({}), "config": ConfigRecord({"server-round": 1})})
         reply = hospital(Message(content, dst_node_id=1, message_type=message_type))
         info = reply.content[HOSPITAL]
         assert (info["name"], info["status"]) == ("hospital_1", FAILED)
-        assert str(path) in info["reason"] and problem in info["reason"]
+        assert info["reason"].startswith("records file refused") and str(path) not in info["reason"]
+        assert str(path) in caplog.text and problem in caplog.text  # the site's own log has it all
         assert not reply.content.array_records and not reply.content.metric_records
     assert not ledger_path(tmp_path, 1).exists()
 
 
-def test_a_corrupted_ledger_makes_its_hospital_fail_never_restart_at_zero(tiny_backbone_dir: Path, tmp_path: Path) -> None:
+def test_a_corrupted_ledger_makes_its_hospital_fail_never_restart_at_zero(
+    tiny_backbone_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     files = site_files(tmp_path)
     config = run_config(tiny_backbone_dir, tmp_path / "run", hospitals=3, rounds=2, **{"until-round": 1})
     federate(real_grid(files, tmp_path, config), config)
@@ -442,8 +468,8 @@ def test_a_corrupted_ledger_makes_its_hospital_fail_never_restart_at_zero(tiny_b
     results = federate(real_grid(files, tmp_path, config), config)
     seen = hospitals_of(results, 2)
     assert seen["hospital_2"]["status"] == FAILED
-    assert f"{damaged}: unreadable privacy ledger" in seen["hospital_2"]["reason"]
-    assert "refusing to start a fresh one" in seen["hospital_2"]["reason"]
+    assert seen["hospital_2"]["reason"] == "privacy ledger refused; the details are in the site's own log"
+    assert f"{damaged}: unreadable privacy ledger" in caplog.text and "refusing to start a fresh one" in caplog.text
     assert damaged.read_bytes() == garbled  # left as found, for a person to inspect
     assert [seen[f"hospital_{i}"]["status"] for i in (1, 3)] == ["trained", "trained"]
     assert results["rounds"][1]["aggregated"] is True
@@ -533,3 +559,99 @@ def test_corrupted_results_stop_the_resume(interrupted_run: dict[str, Any]) -> N
 def test_robustness_settings_are_validated(key: str, value: Any, message: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=message):
         settings_from_run_config(resolve_run_config(None, {key: value, "out": str(tmp_path)}))
+
+
+# --- privacy never under-counted: locks, lost ledgers, repeated rounds -----------------------------
+
+
+def test_a_deleted_ledger_makes_its_hospital_fail_never_start_afresh(
+    tiny_backbone_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    files = site_files(tmp_path)
+    config = run_config(tiny_backbone_dir, tmp_path / "run", hospitals=3, rounds=2, **{"until-round": 1})
+    federate(real_grid(files, tmp_path, config), config)
+    deleted = ledger_path(tmp_path, 1)
+    deleted.unlink()
+
+    config = {**config, "until-round": 0, "resume": str(tmp_path / "run")}
+    results = federate(real_grid(files, tmp_path, config), config)
+    seen = hospitals_of(results, 2)
+    assert seen["hospital_1"]["status"] == FAILED and seen["hospital_1"]["reason"].startswith("privacy ledger refused")
+    assert f"{deleted}: privacy ledger missing" in caplog.text
+    assert not deleted.exists()  # no fresh ledger was started in its place
+    assert [seen[f"hospital_{i}"]["status"] for i in (2, 3)] == ["trained", "trained"]
+
+
+def test_a_ledger_replaced_by_a_shorter_one_is_caught_and_its_hospital_dropped(
+    tiny_backbone_dir: Path, tmp_path: Path
+) -> None:
+    files = site_files(tmp_path)
+    config = run_config(tiny_backbone_dir, tmp_path / "run", hospitals=3, rounds=3, **{"until-round": 1})
+    federate(real_grid(files, tmp_path, config), config)
+    replaced = ledger_path(tmp_path, 1)
+    after_round_1 = json.loads(replaced.read_text())
+    fresh = {**after_round_1, "history": [], "steps": 0, "epsilon_spent": 0.0, "trained_rounds": []}
+    replaced.write_text(json.dumps(fresh))  # e.g. restored from a backup taken before round 1
+
+    config = {**config, "until-round": 0, "resume": str(tmp_path / "run")}
+    results = federate(real_grid(files, tmp_path, config), config)
+    second = hospitals_of(results, 2)
+    assert second["hospital_1"]["status"] == REJECTED
+    assert f"reports {after_round_1['steps']} steps after training, but this run recorded {after_round_1['steps']}" in (
+        second["hospital_1"]["reason"]
+    )
+    assert "hospital_1" not in {h["name"] for h in results["rounds"][2]["hospitals"] if h["status"] != "evaluated"}
+    assert results["rounds"][1]["aggregated"]  # the two honest hospitals carried round 2
+
+
+def test_resuming_without_the_run_history_is_refused(tiny_backbone_dir: Path, tmp_path: Path) -> None:
+    files = site_files(tmp_path)
+    config = run_config(tiny_backbone_dir, tmp_path / "run", hospitals=3, rounds=3, **{"until-round": 1})
+    federate(real_grid(files, tmp_path, config), config)
+    (tmp_path / "run" / "results.json").unlink()
+    config = {**config, "until-round": 0, "resume": str(tmp_path / "run")}
+    with pytest.raises(CheckpointError, match="results.json: missing, so rounds 1..1 of this run have no record"):
+        federate(real_grid(files, tmp_path, config), config)
+
+
+def test_a_round_sent_again_trains_with_fresh_noise_and_the_ledger_says_so(tiny_backbone_dir: Path, tmp_path: Path) -> None:
+    """A coordinator that crashed after its sites replied sends the same round again (issue: reused noise)."""
+    from medtune.label_prior import initial_model
+    from medtune.site_source import _deployed_site
+
+    files = site_files(tmp_path)
+    config = run_config(tiny_backbone_dir, tmp_path / "run", hospitals=1, rounds=2, **{"min-hospitals": 1, "epsilon": 8.0})
+    node = {"hospital": "hospital_1", "data-path": str(files[0]), "ledger-path": str(ledger_path(tmp_path, 1))}
+    site = _deployed_site(settings_from_run_config(config), node)
+    arrays = dict(initial_model(site.backbone, site.settings.model, site.settings.data, seed=0).exchanged_state())
+    first = site.train_round(arrays, server_round=1, proximal_mu=0.0)
+    again = site.train_round(arrays, server_round=1, proximal_mu=0.0)  # same round, same global state
+    assert first.trained and again.trained
+    assert not np.allclose(first.arrays["prompt"], again.arrays["prompt"])  # different noise draws
+    ledger = json.loads(ledger_path(tmp_path, 1).read_text())
+    assert ledger["steps"] == first.result.steps + again.result.steps  # every DP step taken is counted
+    assert ledger["trained_rounds"] == [1, 1]
+    assert ledger["events"] and ledger["events"][0].startswith(f"round 1 trained again from step {first.result.steps}")
+
+
+def test_a_ledger_serves_one_hospital_and_one_process(tiny_backbone_dir: Path, tmp_path: Path) -> None:
+    from medtune.label_prior import initial_model
+    from medtune.locks import LockedError, exclusive
+    from medtune.site_source import _deployed_site
+
+    files = site_files(tmp_path)
+    settings = settings_from_run_config(run_config(tiny_backbone_dir, tmp_path / "run", hospitals=2, **{"min-hospitals": 1}))
+    shared = ledger_path(tmp_path, 1)
+    first = _deployed_site(settings, {"hospital": "hospital_1", "data-path": str(files[0]), "ledger-path": str(shared)})
+    arrays = dict(initial_model(first.backbone, settings.model, settings.data, seed=0).exchanged_state())
+    trained = first.train_round(arrays, server_round=1, proximal_mu=0.0)
+    steps = json.loads(shared.read_text())["steps"]
+    assert steps == trained.result.steps and json.loads(shared.read_text())["hospital"] == "hospital_1"
+
+    other = _deployed_site(settings, {"hospital": "hospital_2", "data-path": str(files[1]), "ledger-path": str(shared)})
+    with pytest.raises(LedgerError, match=f"{re.escape(str(shared))} is the privacy ledger of hospital 'hospital_1'"):
+        other.train_round(arrays, server_round=1, proximal_mu=0.0)
+    with exclusive(shared, "a ledger held by another SuperNode"):  # flock: another open file, as another process
+        with pytest.raises(LockedError, match=f"{re.escape(str(shared))}: hospital_1's privacy ledger is in use by pid"):
+            first.train_round(arrays, server_round=2, proximal_mu=0.0)
+    assert json.loads(shared.read_text())["steps"] == steps  # neither refused attempt charged or lost a step

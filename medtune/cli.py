@@ -6,6 +6,7 @@ Every MedTuneError is printed as one line, `error: ...`, with exit status 2: no 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from medtune.config import DataConfig, ModelConfig, PrivacyConfig, TrainConfig, config_from_dict
 from medtune.errors import ConfigError, MedTuneError
 from medtune.logs import quiet_libraries
+from medtune.stopping import EXIT_STATUS, Interrupted
 
 
 def _given(args: argparse.Namespace, mapping: dict[str, str]) -> dict[str, Any]:
@@ -408,6 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     key = (args.command, next((getattr(args, group) for group in groups if hasattr(args, group)), None))
     try:
         handlers[key](args)
+    except Interrupted as error:
+        # Flower's round-loop thread may still wait on replies; everything recorded is on disk, so end now.
+        print(f"interrupted: {error}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_STATUS)
     except MedTuneError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ from medtune.hospitals import check_hospitals
 from medtune.locks import exclusive
 from medtune.results import RESULTS_FILE
 from medtune.settings import PROJECT_DIR, RunSettings, resolve_run_config, settings_from_run_config
+from medtune.stopping import Interrupted, halt, stop_on_signals
 
 
 def simulation_backend(num_cpus_per_hospital: float, num_gpus_per_hospital: float = 0.0) -> dict[str, Any]:
@@ -55,8 +56,15 @@ def simulate(scenario: str | None, overrides: dict[str, Any], cpus_per_hospital:
         raise ConfigError(f"cpus-per-hospital must be positive (Ray CPUs per simulated hospital), got {cpus_per_hospital}")
     check_out_directory(settings)
     settings.out.mkdir(parents=True, exist_ok=True)
-    with exclusive(settings.out, "this run's out directory"):
-        _simulate(settings, config, cpus_per_hospital)
+    with exclusive(settings.out, "this run's out directory"), stop_on_signals():
+        try:
+            _simulate(settings, config, cpus_per_hospital)
+        except KeyboardInterrupt as signal_name:
+            halt()
+            raise Interrupted(
+                f"stopped by {signal_name or 'SIGINT'}; the rounds recorded before it are in {settings.out}; continue "
+                f"with `medtune simulate --resume {settings.out}` and the same --run-config"
+            ) from None
     results = settings.out / RESULTS_FILE
     if not results.is_file():
         raise MedTuneError(f"the simulation ended without writing {results}; see the log above")

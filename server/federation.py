@@ -28,6 +28,7 @@ from medtune.label_prior import initial_model
 from medtune.results import RESULTS_FILE, HospitalRound, RoundRecord, RunResults, print_round
 from medtune.settings import RunSettings
 from medtune.state import ExchangedStateSpec
+from medtune.stopping import recording
 from medtune.wire import (
     ARRAYS,
     FAILED,
@@ -64,6 +65,7 @@ class Federation:
         labels = settings.data.labels
         self.spec = ExchangedStateSpec(settings.model.prompt_length, self.backbone.hidden_size, len(labels))
         self.stopped: set[int] = set()  # nodes no longer sent training rounds
+        self.accepted: list[CheckedUpdate] = []  # this round's valid updates, kept for audit with keep-updates
         self.excluded: set[str] = set()  # hospitals whose ledger went back: they spend without a true record
         self.node_names: dict[int, str] = {}  # node id -> the hospital that last replied from it
         self.results = RunResults(config=settings.run_config)
@@ -140,12 +142,15 @@ class Federation:
                 wall_seconds=time.monotonic() - started,
                 hospitals=hospitals,
             )
-            self.results.rounds.append(record)
-            print_round(record, rounds, self.console)
-            if self._trained_ever():
-                self._save(server_round)
-            else:
-                self.results.save(settings.out)
+            with recording():  # a stopped run records nothing of the interrupted round
+                self.results.rounds.append(record)
+                print_round(record, rounds, self.console)
+                if self.settings.run_config.get("keep-updates"):
+                    self._keep_updates(server_round, self.accepted)
+                if self._trained_ever():
+                    self._save(server_round)
+                else:
+                    self.results.save(settings.out)
         self.results.save(settings.out)
         if not self._trained_ever():
             raise FederationError(
@@ -185,8 +190,7 @@ class Federation:
                 f"round {server_round}: {len(accepted)} valid update(s), fewer than min-hospitals="
                 f"{federation.min_hospitals}; round skipped, the global state is kept"
             )
-        if self.settings.run_config.get("keep-updates"):
-            self._keep_updates(server_round, accepted)
+        self.accepted = accepted
         return sorted(hospitals, key=lambda h: h.name), aggregated
 
     def _node_name(self, node: int) -> str:

@@ -655,3 +655,29 @@ def test_a_ledger_serves_one_hospital_and_one_process(tiny_backbone_dir: Path, t
         with pytest.raises(LockedError, match=f"{re.escape(str(shared))}: hospital_1's privacy ledger is in use by pid"):
             first.train_round(arrays, server_round=2, proximal_mu=0.0)
     assert json.loads(shared.read_text())["steps"] == steps  # neither refused attempt charged or lost a step
+
+
+class StopsTheRunInRound2(CraftedHospital):
+    """Ctrl-C arrives while round 2's replies are coming in."""
+
+    def __call__(self, message: Message) -> Message:
+        from medtune.stopping import STOP
+
+        if int(message.content["config"].get("server-round", 0)) == 2:
+            STOP.set()
+        return super().__call__(message)
+
+
+def test_a_stop_signal_records_nothing_of_the_interrupted_round(tiny_backbone_dir: Path, tmp_path: Path) -> None:
+    from medtune.stopping import STOP, Interrupted
+
+    nodes = {1: CraftedHospital("hospital_1", 100), 2: StopsTheRunInRound2("hospital_2", 100)}
+    config = run_config(tiny_backbone_dir, tmp_path, hospitals=2, rounds=3)
+    try:
+        with pytest.raises(Interrupted, match="stopped by a signal before this round was recorded"):
+            federate(FakeGrid(nodes), config)
+    finally:
+        STOP.clear()
+    recorded = json.loads((tmp_path / "results.json").read_text())
+    assert [r["round"] for r in recorded["rounds"]] == [1]  # round 2 left no trace: --resume repeats it
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["round_001"]

@@ -44,6 +44,11 @@ def resolve_device(name: str) -> torch.device:
     """'auto' takes a CUDA GPU when one is present and the CPU otherwise."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {name!r}: this torch ({torch.__version__}) sees no CUDA GPU; use 'auto' or 'cpu', or install "
+            "a CUDA build of torch (README, GPU)"
+        )
     return torch.device(name)
 
 

@@ -26,6 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from medtune.errors import ConfigError
 from medtune.files import atomic_write_bytes
+from medtune.hospitals import check_hospital_name
 
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
 SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
@@ -121,8 +122,15 @@ def _load_or_make_ca(out: Path, now: datetime.datetime) -> tuple[x509.Certificat
     return certificate, key
 
 
-def make_server_certificates(out: Path, hosts: list[str]) -> ServerCertificates:
-    """A consortium CA (kept if already under `out`) and a SuperLink certificate for `hosts`."""
+def make_server_certificates(out: Path, hosts: list[str], rotate: bool = False) -> ServerCertificates:
+    """A consortium CA (kept if already under `out`) and a SuperLink certificate for `hosts`.
+
+    An existing SuperLink key and certificate are replaced only when asked (`rotate`): SuperNodes
+    that pinned the old certificate would otherwise fail to connect without a word of why.
+    """
+    existing = [str(out / name) for name in (SERVER_KEY, SERVER_CERT) if (out / name).exists()]
+    if existing and not rotate:
+        raise ConfigError(f"{existing} already exist; pass --rotate to replace the SuperLink's key and certificate")
     names = _subject_names(hosts)
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_cert, ca_key = _load_or_make_ca(out, now)
@@ -148,8 +156,7 @@ def make_server_certificates(out: Path, hosts: list[str]) -> ServerCertificates:
 
 def make_node_keys(out: Path, hospital: str) -> NodeKeys:
     """`<out>/<hospital>` (OpenSSH private key) and `<hospital>.pub`; an existing pair is never replaced."""
-    if not hospital or "/" in hospital or hospital.startswith("."):
-        raise ConfigError(f"hospital name {hospital!r} cannot name a key file; use letters, digits, '-' or '_'")
+    check_hospital_name(hospital, source="--hospital")
     files = NodeKeys(out / hospital, out / f"{hospital}.pub")
     existing = [str(path) for path in (files.private_key, files.public_key) if path.exists()]
     if existing:

@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     server_certs = certs.add_parser("server", help="consortium CA (kept if present) and a SuperLink TLS certificate")
     server_certs.add_argument("--host", action="append", required=True, help="SuperLink DNS name or IP (repeatable)")
     server_certs.add_argument("--out", type=Path, default=Path("certificates"))
+    server_certs.add_argument("--rotate", action="store_true", help="replace an existing SuperLink key and certificate")
     node_keys = certs.add_parser("node", help="a hospital's SuperNode authentication key pair (EC P-384, OpenSSH)")
     node_keys.add_argument("--hospital", required=True, help="the hospital's name; names the key files")
     node_keys.add_argument("--out", type=Path, default=Path("keys"))
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Prints the attack's AUC (0.5 = chance) and its true-positive rate at 1% false positives.",
     )
     audit.add_argument("--run", type=Path, required=True, help="a `medtune simulate` out directory or checkpoint")
-    audit.add_argument("--hospital", default="hospital_1", help="the target hospital")
+    audit.add_argument("--hospital", required=True, help="the target hospital (hospital_1, ...)")
     audit.add_argument("--out", type=Path, help="also write the result as JSON here")
 
     bench = commands.add_parser("benchmark", help="benchmarks").add_subparsers(dest="bench_command", required=True)
@@ -218,7 +219,7 @@ def _cmd_synth(args: argparse.Namespace) -> None:
 def _cmd_server_certs(args: argparse.Namespace) -> None:
     from medtune.certs import make_server_certificates
 
-    files = make_server_certificates(args.out, args.host)
+    files = make_server_certificates(args.out, args.host, rotate=args.rotate)
     print(f"CA certificate (give to every site and `flwr` user): {files.ca_cert}")
     print(f"CA key (keep offline at the coordinator): {files.ca_key}")
     print(f"SuperLink certificate and key: {files.server_cert}, {files.server_key}")
@@ -379,6 +380,9 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
     if args.label_column is not None and args.label_mix is None:
         raise ConfigError("--label-column names the label column of the --label-mix file; give --label-mix too")
+    blank = [i for i, text in enumerate(args.text or [], start=1) if not text.strip()]
+    if blank:
+        raise ConfigError(f"--text number {blank[0]} is empty; give the note's text")
     texts = args.text or read_texts(args.input, args.text_column)
     mix = None
     if args.label_mix is not None:
@@ -417,6 +421,10 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(EXIT_STATUS)
     except MedTuneError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a folder it cannot write (read-only --out), a full disk: one line, never a traceback
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{error.strerror or error}", file=sys.stderr)
         return 2
     return 0
 

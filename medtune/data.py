@@ -46,6 +46,9 @@ def _decode_utf8(path: Path, raw: bytes) -> str:
 def _csv_rows(path: Path, text: str) -> tuple[list[str], Iterator[tuple[int, dict]]]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
     columns = reader.fieldnames or []
+    repeated = sorted({column for column in columns if columns.count(column) > 1})
+    if repeated:
+        raise DataError(f"{path} header: column(s) {repeated} appear more than once; rename or remove the copies")
 
     def rows() -> Iterator[tuple[int, dict]]:
         try:
@@ -89,6 +92,8 @@ def _read_rows(path: Path) -> tuple[list[str], Iterator[tuple[int, dict]]]:
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
         raise DataError(f"{path}: unsupported file type '{suffix}'; use one of {list(SUPPORTED_SUFFIXES)}")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; give the records file itself (one of {list(SUPPORTED_SUFFIXES)})")
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     if suffix == ".parquet":
@@ -120,6 +125,10 @@ def read_records(path: str | Path, config: DataConfig) -> list[Record]:
         label = row.get(config.label_column)
         if text is None or not str(text).strip():
             raise DataError(f"{path} row {number}: text in column '{config.text_column}' is empty")
+        if not isinstance(text, str):
+            raise DataError(
+                f"{path} row {number}: text in column '{config.text_column}' is a {type(text).__name__}, not a string"
+            )
         label_text = "" if label is None else _label_to_str(label)
         if label_text not in label_index:
             raise DataError(

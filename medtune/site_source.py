@@ -12,7 +12,6 @@ fresh ledger and reset the hospital's epsilon.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,14 +20,12 @@ from flwr.app import Context
 
 from medtune.data import read_records
 from medtune.errors import ConfigError
-from medtune.hospitals import simulated_hospital
+from medtune.hospitals import check_hospital_name, simulated_hospital
 from medtune.settings import RunSettings, settings_from_run_config
 from medtune.site import Site
 
 PARTITION_ID = "partition-id"
 DEPLOYMENT_KEYS = ("hospital", "data-path", "ledger-path")
-# The name travels to the coordinator, which names files after it (out/updates/<round>/<hospital>.safetensors).
-HOSPITAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 _sites: dict[str, Site] = {}
 
@@ -44,12 +41,7 @@ def _deployed_site(settings: RunSettings, node_config: dict[str, Any]) -> Site:
             f"this SuperNode's node config lacks {missing}; start it with "
             "--node-config 'hospital=\"<name>\" data-path=\"<records file>\" ledger-path=\"<ledger.json>\"'"
         )
-    hospital = str(node_config["hospital"])
-    if not HOSPITAL_NAME.fullmatch(hospital):
-        raise ConfigError(
-            f"node config hospital={hospital!r}: use 1-64 letters, digits, '.', '-' or '_', "
-            "starting with a letter or digit"
-        )
+    hospital = check_hospital_name(str(node_config["hospital"]), source="node config hospital")
     paths = {key: Path(str(node_config[key])).expanduser() for key in ("data-path", "ledger-path")}
     relative = [f"{key}={str(path)!r}" for key, path in paths.items() if not path.is_absolute()]
     if relative:

@@ -98,3 +98,55 @@ def test_simulate_never_overwrites_or_shares_a_run(tmp_path, capsys, tiny_backbo
     assert main([*run[:2], str(tmp_path / "fresh"), "--resume", str(outside), *run[3:]]) == 2
     assert "is not under this run's out directory" in capsys.readouterr().err
     assert not (tmp_path / "fresh").exists()  # refused before anything was created
+
+
+def test_wrong_values_are_one_line_errors_not_silent_results(tmp_path, capsys, tiny_backbone_dir):
+    cases = []
+    duplicated = tmp_path / "dup.csv"
+    duplicated.write_text("text,label,text\nchest pain,cardiology,wheezing\n", encoding="utf-8")
+    cases.append((["train", "--data", str(duplicated)], "dup.csv header: column(s) ['text'] appear more than once"))
+    numeric = tmp_path / "num.jsonl"
+    numeric.write_text('{"text": 12345, "label": "cardiology"}\n', encoding="utf-8")
+    cases.append((["train", "--data", str(numeric)], "num.jsonl row 1: text in column 'text' is a int, not a string"))
+    folder = tmp_path / "notes.csv"
+    folder.mkdir()
+    cases.append((["train", "--data", str(folder)], "notes.csv: is a directory; give the records file itself"))
+    good = tmp_path / "good.csv"
+    good.write_text("text,label\n" + "chest pain,cardiology\nwheezing,pulmonology\n" * 5, encoding="utf-8")
+    import torch
+
+    if not torch.cuda.is_available():
+        cases.append((["train", "--device", "cuda", "--data", str(good)], "sees no CUDA GPU"))
+    cases.append((["predict", "--checkpoint", str(tmp_path), "--text", " "], "--text number 1 is empty"))
+    cases.append((["certs", "node", "--hospital", "st mary\n", "--out", str(tmp_path / "keys")], "--hospital 'st mary\\n': use 1-64"))
+    for argv, message in cases:
+        argv = [*argv, "--backbone", str(tiny_backbone_dir)] if argv[0] == "train" else argv
+        assert main([*argv, *(["--out", str(tmp_path / "run")] if argv[0] == "train" else [])]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "keys").exists()
+
+
+def test_an_out_directory_that_cannot_be_written_is_one_line(tmp_path, capsys, tiny_backbone_dir):
+    notes = tmp_path / "notes.csv"
+    notes.write_text("text,label\n" + "chest pain,cardiology\nwheezing,pulmonology\n" * 5, encoding="utf-8")
+    blocked = tmp_path / "a-file"  # a path the OS refuses to make a folder under, even for root
+    blocked.write_text("", encoding="utf-8")
+    for command in (["train", "--data", str(notes)], ["simulate", "--run-config", "rounds=1"]):
+        argv = [*command, "--backbone", str(tiny_backbone_dir)] if command[0] == "train" else command
+        if command[0] == "simulate":
+            argv = [*command[:2], f'rounds=1 backbone="{tiny_backbone_dir}" num-layers=2 prompt-layer=1']
+        assert main([*argv, "--out", str(blocked / "run")]) == 2, command
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and str(blocked) in err and "Traceback" not in err, err
+
+
+def test_certs_server_never_replaces_a_key_unless_asked(tmp_path, capsys):
+    out = tmp_path / "certificates"
+    assert main(["certs", "server", "--host", "localhost", "--out", str(out)]) == 0
+    key = (out / "server.key").read_bytes()
+    assert main(["certs", "server", "--host", "localhost", "--out", str(out)]) == 2
+    assert "already exist; pass --rotate" in capsys.readouterr().err
+    assert (out / "server.key").read_bytes() == key
+    assert main(["certs", "server", "--host", "localhost", "--out", str(out), "--rotate"]) == 0
+    assert (out / "server.key").read_bytes() != key

@@ -20,7 +20,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from medtune.errors import MedTuneError
-from medtune.hospitals import hospital_name
+from medtune.hospital_name import hospital_name
 from medtune.logs import quiet_libraries
 from medtune.site_source import PARTITION_ID, site_for
 from medtune.wire import ARRAYS, evaluate_reply, failed_reply, from_record, train_reply

@@ -82,6 +82,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(str(label) for label in self.labels))
         _require(len(self.labels) >= 2, f"data.labels needs at least 2 labels, got {list(self.labels)}")
+        _require(all(label.strip() for label in self.labels), f"data.labels has an empty label name: {list(self.labels)}")
         duplicates = sorted({label for label in self.labels if self.labels.count(label) > 1})
         _require(not duplicates, f"data.labels lists {duplicates} more than once")
         object.__setattr__(self, "label_descriptions", tuple(str(d).strip() for d in self.label_descriptions))

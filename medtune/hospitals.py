@@ -9,12 +9,12 @@ means the same thing for both sources. Every node derives its partition from the
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from medtune.data import Record, read_records, train_test_split
 from medtune.errors import ConfigError, DataError
+from medtune.hospital_name import hospital_name
 from medtune.settings import RunSettings
 from medtune.synth import generate_hospitals
 
@@ -25,23 +25,6 @@ log = logging.getLogger("medtune.hospitals")
 class HospitalData:
     name: str
     records: list[Record]
-
-
-# A hospital's name names files at the coordinator (out/updates/<round>/<hospital>.safetensors) and its key files.
-HOSPITAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-
-
-def check_hospital_name(hospital: str, source: str) -> str:
-    """A hospital name that is safe as a file name on every side, or an error naming where it came from."""
-    if not HOSPITAL_NAME.fullmatch(hospital):
-        raise ConfigError(
-            f"{source} {hospital!r}: use 1-64 letters, digits, '.', '-' or '_', starting with a letter or digit"
-        )
-    return hospital
-
-
-def hospital_name(partition_id: int) -> str:
-    return f"hospital_{partition_id + 1}"
 
 
 def simulated_hospital(settings: RunSettings, partition_id: int) -> HospitalData:

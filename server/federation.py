@@ -48,6 +48,15 @@ from server.validation import CheckedUpdate, check_train_reply
 log = logging.getLogger("medtune.server")
 
 
+RESUMABLE_KEYS = {"resume", "until-round", "rounds", "out"}  # what a resumed run may set differently
+
+
+def changed_settings(original: dict, now: dict) -> dict[str, tuple]:
+    """Run-config keys whose value differs between the run's start and its resumption: {key: (then, now)}."""
+    keys = (set(original) | set(now)) - RESUMABLE_KEYS
+    return {key: (original.get(key), now.get(key)) for key in sorted(keys) if original.get(key) != now.get(key)}
+
+
 def checkpoint_dir(out: Path, server_round: int) -> Path:
     return out / "checkpoints" / f"round_{server_round:03d}"
 
@@ -90,6 +99,17 @@ class Federation:
             done = int(checkpoint.extra["round"])
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path / META_FILE}: corrupted metadata (no round number)") from None
+        if path.name != f"round_{done:03d}" or not 1 <= done <= settings.federation.rounds:
+            raise CheckpointError(
+                f"{path / META_FILE}: says round {done}, but the checkpoint is {path.name} of a run of "
+                f"{settings.federation.rounds} rounds; the metadata was edited or copied from another run"
+            )
+        changed = changed_settings(dict(checkpoint.extra.get("config", {})), settings.run_config)
+        if changed:
+            raise CheckpointError(
+                f"{path}: this run was started with other settings ({changed}); resume with the run's original "
+                "--run-config (only rounds and until-round may change)"
+            )
         if checkpoint.backbone_hash != self.backbone_hash or checkpoint.labels != settings.data.labels:
             raise CheckpointError(
                 f"{path}: made with backbone {checkpoint.backbone_name} (hash {checkpoint.backbone_hash[:12]}) and "

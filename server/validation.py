@@ -26,7 +26,7 @@ from flwr.app import Message
 
 from medtune.errors import StateError
 from medtune.settings import FederationConfig
-from medtune.site_source import HOSPITAL_NAME
+from medtune.hospital_name import HOSPITAL_NAME
 from medtune.state import ExchangedStateSpec
 from medtune.wire import ARRAYS, METRICS, TRAIN_METRICS, from_record
 

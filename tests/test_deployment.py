@@ -339,7 +339,9 @@ def test_a_killed_site_rejoins_with_its_epsilon_where_it_was(deployment: Deploym
 def test_certificates_name_the_superlink_and_keys_are_never_replaced(tmp_path: Path) -> None:
     first = make_server_certificates(tmp_path / "certs", ["127.0.0.1", "superlink.example"])
     ca = first.ca_cert.read_bytes()
-    again = make_server_certificates(tmp_path / "certs", ["10.0.0.5"])  # a new host keeps the consortium CA
+    with pytest.raises(ConfigError, match="pass --rotate"):  # a key SuperNodes may have pinned is never replaced silently
+        make_server_certificates(tmp_path / "certs", ["10.0.0.5"])
+    again = make_server_certificates(tmp_path / "certs", ["10.0.0.5"], rotate=True)  # a new host keeps the consortium CA
     assert again.ca_cert.read_bytes() == ca
     names = x509.load_pem_x509_certificate(again.server_cert.read_bytes()).extensions.get_extension_for_class(
         x509.SubjectAlternativeName
@@ -356,7 +358,7 @@ def test_certificates_name_the_superlink_and_keys_are_never_replaced(tmp_path: P
     ("node_config", "message"),
     [
         ({"hospital": "h1", "data-path": "notes.csv", "ledger-path": "/srv/ledger.json"}, "must be absolute"),
-        ({"hospital": "../h1", "data-path": "/srv/notes.csv", "ledger-path": "/srv/ledger.json"}, "hospital='../h1'"),
+        ({"hospital": "../h1", "data-path": "/srv/notes.csv", "ledger-path": "/srv/ledger.json"}, "hospital '../h1': use 1-64"),
         ({"hospital": "h1", "data-path": "/srv/notes.csv"}, r"lacks \['ledger-path'\]"),
     ],
 )

@@ -681,3 +681,19 @@ def test_a_stop_signal_records_nothing_of_the_interrupted_round(tiny_backbone_di
     recorded = json.loads((tmp_path / "results.json").read_text())
     assert [r["round"] for r in recorded["rounds"]] == [1]  # round 2 left no trace: --resume repeats it
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["round_001"]
+
+
+def test_resuming_with_other_settings_or_an_edited_round_names_what_differs(tiny_backbone_dir: Path, tmp_path: Path) -> None:
+    grid = FakeGrid({i: CraftedHospital(f"hospital_{i}", 100) for i in (1, 2)})
+    config = run_config(tiny_backbone_dir, tmp_path, hospitals=2, rounds=3, **{"until-round": 1})
+    federate(grid, config)
+    resumed = {**config, "until-round": 0, "resume": str(tmp_path)}
+    with pytest.raises(CheckpointError, match=r"other settings \({'learning-rate': \(0.05, 0.01\)}\)"):
+        federate(grid, {**resumed, "learning-rate": 0.01})
+
+    meta = checkpoint_dir(tmp_path, 1) / "meta.json"
+    edited = json.loads(meta.read_text())
+    edited["round"] = 99
+    meta.write_text(json.dumps(edited))
+    with pytest.raises(CheckpointError, match="says round 99, but the checkpoint is round_001 of a run of 3 rounds"):
+        federate(grid, resumed)

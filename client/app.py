@@ -23,7 +23,8 @@ from medtune.errors import MedTuneError
 from medtune.hospital_name import hospital_name
 from medtune.logs import quiet_libraries
 from medtune.site_source import PARTITION_ID, site_for
-from medtune.wire import ARRAYS, evaluate_reply, failed_reply, from_record, train_reply
+from medtune.site import RoundOutcome
+from medtune.wire import ARRAYS, TrainReport, evaluate_reply, failed_reply, from_record, train_reply
 
 quiet_libraries()
 app = ClientApp()
@@ -47,6 +48,19 @@ def hospital_label(context: Context) -> str:
     return f"node {context.node_id}"
 
 
+def report_of(outcome: RoundOutcome) -> TrainReport:
+    """The round as plain numbers for the wire: the ledger's totals, and the arrays if it trained."""
+    return TrainReport(
+        arrays=outcome.arrays,
+        examples=outcome.result.examples if outcome.result else 0,
+        loss=outcome.result.loss if outcome.result else 0.0,
+        epsilon=outcome.ledger.epsilon,
+        delta=outcome.ledger.config.delta,
+        steps=outcome.ledger.steps,
+        stop_reason=outcome.stop_reason,
+    )
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
     try:
@@ -59,7 +73,7 @@ def train(message: Message, context: Context) -> Message:
         )
     except MedTuneError as error:
         return failed(message, context, error)
-    return Message(train_reply(outcome, site.name), reply_to=message)
+    return Message(train_reply(report_of(outcome), site.name), reply_to=message)
 
 
 @app.evaluate()

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from medtune.features import RecordInputs
 from medtune.errors import ConfigError
-from medtune.metrics import predict_logits
+from medtune.evaluation import predict_logits
 from medtune.model import PromptClassifier
 
 

@@ -34,7 +34,8 @@ from medtune.features import RecordInputs, record_inputs
 from medtune.hospitals import simulated_hospital
 from medtune.label_mix import apply_label_mix, label_mix
 from medtune.label_prior import ZeroShotClassifier, initial_model
-from medtune.metrics import Evaluation, evaluate, from_counts, pool, predict_logits, score_logits
+from medtune.evaluation import evaluate, predict_logits
+from medtune.metrics import Evaluation, from_counts, pool, score_logits
 from medtune.model import PromptClassifier
 from medtune.predict import load_checkpoint_model
 from medtune.privacy import noise_seed

@@ -15,7 +15,8 @@ from medtune.backbone import load_backbone, resolve_device
 from medtune.config import ModelConfig, PrivacyConfig, TrainConfig
 from medtune.data import Record, train_test_split
 from medtune.features import record_inputs
-from medtune.metrics import Evaluation, evaluate
+from medtune.evaluation import evaluate
+from medtune.metrics import Evaluation
 from medtune.model import PromptClassifier
 from medtune.synth import LABELS, SynthConfig, generate_hospitals
 from medtune.train import new_ledger, train_local

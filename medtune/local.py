@@ -21,7 +21,8 @@ from medtune.errors import LedgerError
 from medtune.features import record_inputs
 from medtune.files import atomic_write_json
 from medtune.label_prior import initial_model
-from medtune.metrics import Evaluation, evaluate
+from medtune.evaluation import evaluate
+from medtune.metrics import Evaluation
 from medtune.locks import exclusive
 from medtune.model import PromptClassifier
 from medtune.privacy import PrivacyLedger, noise_seed

@@ -1,4 +1,8 @@
-"""Evaluation of a prompt classifier: loss, accuracy, macro-F1 and per-class counts."""
+"""The numbers a model is judged by: loss, accuracy, macro-F1 and per-class counts, and their pooling.
+
+Plain counting over labels and logits, so the coordinator can pool hospitals' counts without
+importing any model or records code; running a model over records is medtune/evaluation.py.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
-
-from medtune.data import PadToLongest
-from medtune.features import RecordInputs
-from medtune.model import PromptClassifier
 
 
 @dataclass(frozen=True)
@@ -85,28 +84,6 @@ def pool(evaluations: list[Evaluation]) -> Evaluation:
         correct=[sum(e.per_class[i].correct for e in evaluations) for i in range(len(names))],
         loss=sum(e.loss * e.examples for e in evaluations) / examples if examples else 0.0,
     )
-
-
-@torch.no_grad()
-def predict_logits(
-    model: torch.nn.Module, dataset: RecordInputs, pad_token_id: int, device: torch.device, batch_size: int = 64
-) -> torch.Tensor:
-    model.to(device).eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=PadToLongest(pad_token_id))
-    chunks = [
-        model(batch["inputs"].to(device), batch["attention_mask"].to(device)).float().cpu() for batch in loader
-    ]
-    return torch.cat(chunks) if chunks else torch.empty(0, len(model.head.bias))
-
-
-def evaluate(
-    model: PromptClassifier,
-    dataset: RecordInputs,
-    label_names: tuple[str, ...],
-    pad_token_id: int,
-    device: torch.device,
-) -> Evaluation:
-    return score_logits(predict_logits(model, dataset, pad_token_id, device), dataset.labels, label_names)
 
 
 def score_logits(logits: torch.Tensor, labels: torch.Tensor, label_names: tuple[str, ...]) -> Evaluation:

@@ -16,7 +16,6 @@ from collections import OrderedDict
 import numpy as np
 import torch
 import torch.nn.functional as F
-from opacus.grad_sample import register_grad_sampler
 from torch import nn
 
 from medtune.backbone import Backbone, check_prompt_layer, hidden_states_at, run_layers, vocabulary_embeddings
@@ -28,7 +27,8 @@ from medtune.state import HEAD_BIAS, HEAD_WEIGHT, PROMPT, ExchangedStateSpec
 class SoftPrompt(nn.Module):
     """P learned vectors, prepended to every sequence of hidden states entering the prompt layer.
 
-    Kept as a module (not a bare parameter on the root) so Opacus can attach per-sample hooks.
+    Kept as a module (not a bare parameter on the root) so Opacus can attach per-sample hooks; its
+    per-sample gradient is medtune/prompt_grad_sampler.py.
     """
 
     def __init__(self, initial: torch.Tensor) -> None:
@@ -39,19 +39,6 @@ class SoftPrompt(nn.Module):
         batch = hidden.shape[0]
         prompt = self.embedding.to(hidden.dtype).unsqueeze(0).expand(batch, -1, -1)
         return torch.cat([prompt, hidden], dim=1)
-
-
-@register_grad_sampler(SoftPrompt)
-def soft_prompt_grad_sample(
-    layer: SoftPrompt, activations: list[torch.Tensor], backprops: torch.Tensor
-) -> dict[nn.Parameter, torch.Tensor]:
-    """Per-sample gradient of the prompt: each record's gradient w.r.t. its own copy of the prompt.
-
-    `backprops` is dLoss/dOutput for the concatenated sequence (batch, P + L, H); the prompt
-    occupies the first P positions, and the prompt was broadcast unchanged to every record.
-    """
-    prompt_length = layer.embedding.shape[0]
-    return {layer.embedding: backprops[:, :prompt_length, :].to(layer.embedding.dtype)}
 
 
 class PromptClassifier(nn.Module):

@@ -28,7 +28,7 @@ from medtune.config import ModelConfig, PrivacyConfig, TrainConfig
 from medtune.data import PadToLongest, Record
 from medtune.features import RecordInputs, record_inputs
 from medtune.files import atomic_write_json
-from medtune.metrics import predict_logits
+from medtune.evaluation import predict_logits
 from medtune.model import PromptClassifier
 from medtune.synth import LABELS, SynthConfig, generate_hospitals
 from medtune.train import new_ledger, train_local

@@ -20,7 +20,7 @@ from medtune.data import Record, read_records
 from medtune.errors import CheckpointError
 from medtune.features import record_inputs
 from medtune.label_mix import apply_label_mix, label_mix
-from medtune.metrics import predict_logits
+from medtune.evaluation import predict_logits
 from medtune.model import PromptClassifier
 
 

@@ -22,11 +22,12 @@ from safetensors.torch import save as save_tensors
 from medtune.backbone import Backbone, load_backbone, resolve_device
 from medtune.data import Record, train_test_split
 from medtune.errors import LedgerError, PrivacyBudgetError
+from medtune.evaluation import evaluate
 from medtune.features import record_inputs
 from medtune.files import atomic_write_bytes, atomic_write_json
 from medtune.local import load_or_create_ledger
 from medtune.locks import exclusive
-from medtune.metrics import Evaluation, evaluate
+from medtune.metrics import Evaluation
 from medtune.model import PromptClassifier
 from medtune.privacy import PrivacyLedger, noise_seed
 from medtune.settings import RunSettings

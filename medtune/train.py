@@ -25,6 +25,7 @@ from medtune.features import RecordInputs
 from medtune.errors import PrivacyBudgetError
 from medtune.model import PromptClassifier
 from medtune.privacy import PrivacyLedger
+from medtune.prompt_grad_sampler import soft_prompt_grad_sample  # noqa: F401  (registers it with Opacus)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from medtune.data import Record, train_test_split
 from medtune.errors import ConfigError
 from medtune.features import record_inputs
 from medtune.files import atomic_write_json
-from medtune.metrics import evaluate
+from medtune.evaluation import evaluate
 from medtune.settings import RunSettings, check_keys, resolve_run_config, settings_from_run_config
 from medtune.sweep import SweepConfig
 from medtune.train import new_ledger, train_local

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from medtune.errors import ConfigError, DataError, LedgerError, MedTuneError, PrivacyBudgetError, StateError
 from medtune.metrics import Evaluation, from_counts
-from medtune.site import RoundOutcome
 
 ARRAYS = "arrays"
 METRICS = "metrics"
@@ -45,23 +45,33 @@ def epsilon_from_wire(value: float) -> float:
     return math.inf if value < 0 else float(value)
 
 
-def train_reply(outcome: RoundOutcome, hospital: str) -> RecordDict:
-    ledger = outcome.ledger
+@dataclass(frozen=True)
+class TrainReport:
+    """What a hospital reports after a round: plain numbers, and its new arrays unless it stopped."""
+
+    arrays: dict[str, np.ndarray] | None  # None: the budget is spent, nothing was trained
+    examples: int
+    loss: float
+    epsilon: float
+    delta: float
+    steps: int
+    stop_reason: str = ""
+
+
+def train_reply(report: TrainReport, hospital: str) -> RecordDict:
     content = RecordDict()
     metrics = {
-        "num-examples": 0,
-        "train-loss": 0.0,
-        "epsilon": _finite(ledger.epsilon),
-        "delta": float(ledger.config.delta),
-        "steps": int(ledger.steps),
+        "num-examples": int(report.examples),
+        "train-loss": float(report.loss),
+        "epsilon": _finite(report.epsilon),
+        "delta": float(report.delta),
+        "steps": int(report.steps),
     }
-    if outcome.trained:
-        assert outcome.result is not None and outcome.arrays is not None
-        content[ARRAYS] = to_record(outcome.arrays)
-        metrics.update({"num-examples": int(outcome.result.examples), "train-loss": float(outcome.result.loss)})
+    if report.arrays is not None:
+        content[ARRAYS] = to_record(report.arrays)
     content[METRICS] = MetricRecord(metrics)
-    status = TRAINED if outcome.trained else STOPPED
-    content[HOSPITAL] = ConfigRecord({"name": hospital, "status": status, "reason": outcome.stop_reason})
+    status = TRAINED if report.arrays is not None else STOPPED
+    content[HOSPITAL] = ConfigRecord({"name": hospital, "status": status, "reason": report.stop_reason})
     return content
 
 

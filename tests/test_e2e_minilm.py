@@ -46,7 +46,7 @@ def test_the_label_name_prior_alone_beats_chance_on_real_text(tmp_path):
     from medtune.data import Record
     from medtune.features import record_inputs
     from medtune.label_prior import ZeroShotClassifier
-    from medtune.metrics import evaluate
+    from medtune.evaluation import evaluate
     from medtune.synth import LABELS, SynthConfig, generate_hospitals
 
     notes = generate_hospitals(SynthConfig(hospitals=1, mean_records=300, dirichlet_alpha=100.0, seed=0))[0]

@@ -188,7 +188,7 @@ def test_the_run_scored_offline_matches_what_the_hospitals_reported(two_rounds: 
     from medtune.baselines import score_global_model, splits
     from medtune.features import record_inputs
     from medtune.label_mix import label_mix
-    from medtune.metrics import predict_logits
+    from medtune.evaluation import predict_logits
     from medtune.model import PromptClassifier
     from medtune.settings import settings_from_run_config
 
@@ -233,3 +233,15 @@ def test_only_a_simulated_run_on_its_own_backbone_is_scored_again(two_rounds: Pa
     (deployed / "results.json").write_text(json.dumps(record))
     with pytest.raises(ConfigError, match=r"hospitals \['st_marys'\] that its settings do not simulate"):
         score_global_model(deployed)
+
+
+def test_the_coordinator_imports_no_records_training_or_opacus_code() -> None:
+    """The server never touches records or trains: importing its app must not load that code."""
+    import subprocess
+    import sys
+
+    probe = "import sys, server.app; print(' '.join(sorted(sys.modules)))"
+    loaded = set(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split())
+    forbidden = {"medtune.data", "medtune.train", "medtune.features", "medtune.site", "medtune.local", "opacus"}
+    assert not loaded & forbidden, sorted(loaded & forbidden)
+    assert "server.federation" in loaded  # the probe did import the coordinator

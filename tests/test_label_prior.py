@@ -10,7 +10,7 @@ from medtune.data import Record
 from medtune.errors import ConfigError
 from medtune.features import record_inputs
 from medtune.label_prior import ZeroShotClassifier, initial_model, label_name_head, label_texts
-from medtune.metrics import evaluate
+from medtune.evaluation import evaluate
 
 DATA = DataConfig(
     labels=("1", "2", "3"),

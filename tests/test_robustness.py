@@ -454,18 +454,23 @@ def test_each_data_error_becomes_a_failed_reply_naming_the_problem(
     assert not ledger_path(tmp_path, 1).exists()
 
 
+def first_round_of(backbone: Path, tmp_path: Path, rounds: int) -> tuple[list[Path], dict[str, Any]]:
+    """Three real hospitals train round 1 of `rounds` and stop; returns their files and the config that resumes."""
+    files = site_files(tmp_path)
+    config = run_config(backbone, tmp_path / "run", hospitals=3, rounds=rounds, **{"until-round": 1})
+    federate(real_grid(files, tmp_path, config), config)
+    return files, {**config, "until-round": 0, "resume": str(tmp_path / "run")}
+
+
 def test_a_corrupted_ledger_makes_its_hospital_fail_never_restart_at_zero(
     tiny_backbone_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    files = site_files(tmp_path)
-    config = run_config(tiny_backbone_dir, tmp_path / "run", hospitals=3, rounds=2, **{"until-round": 1})
-    federate(real_grid(files, tmp_path, config), config)
+    files, resume = first_round_of(tiny_backbone_dir, tmp_path, rounds=2)
     damaged = ledger_path(tmp_path, 2)
     garbled = damaged.read_bytes()[: len(damaged.read_bytes()) // 2]  # a torn write from an older tool
     damaged.write_bytes(garbled)
 
-    config = {**config, "until-round": 0, "resume": str(tmp_path / "run")}
-    results = federate(real_grid(files, tmp_path, config), config)
+    results = federate(real_grid(files, tmp_path, resume), resume)
     seen = hospitals_of(results, 2)
     assert seen["hospital_2"]["status"] == FAILED
     assert seen["hospital_2"]["reason"] == "privacy ledger refused; the details are in the site's own log"
@@ -567,14 +572,11 @@ def test_robustness_settings_are_validated(key: str, value: Any, message: str, t
 def test_a_deleted_ledger_makes_its_hospital_fail_never_start_afresh(
     tiny_backbone_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    files = site_files(tmp_path)
-    config = run_config(tiny_backbone_dir, tmp_path / "run", hospitals=3, rounds=2, **{"until-round": 1})
-    federate(real_grid(files, tmp_path, config), config)
+    files, resume = first_round_of(tiny_backbone_dir, tmp_path, rounds=2)
     deleted = ledger_path(tmp_path, 1)
     deleted.unlink()
 
-    config = {**config, "until-round": 0, "resume": str(tmp_path / "run")}
-    results = federate(real_grid(files, tmp_path, config), config)
+    results = federate(real_grid(files, tmp_path, resume), resume)
     seen = hospitals_of(results, 2)
     assert seen["hospital_1"]["status"] == FAILED and seen["hospital_1"]["reason"].startswith("privacy ledger refused")
     assert f"{deleted}: privacy ledger missing" in caplog.text
@@ -585,16 +587,13 @@ def test_a_deleted_ledger_makes_its_hospital_fail_never_start_afresh(
 def test_a_ledger_replaced_by_a_shorter_one_is_caught_and_its_hospital_dropped(
     tiny_backbone_dir: Path, tmp_path: Path
 ) -> None:
-    files = site_files(tmp_path)
-    config = run_config(tiny_backbone_dir, tmp_path / "run", hospitals=3, rounds=3, **{"until-round": 1})
-    federate(real_grid(files, tmp_path, config), config)
+    files, resume = first_round_of(tiny_backbone_dir, tmp_path, rounds=3)
     replaced = ledger_path(tmp_path, 1)
     after_round_1 = json.loads(replaced.read_text())
     fresh = {**after_round_1, "history": [], "steps": 0, "epsilon_spent": 0.0, "trained_rounds": []}
     replaced.write_text(json.dumps(fresh))  # e.g. restored from a backup taken before round 1
 
-    config = {**config, "until-round": 0, "resume": str(tmp_path / "run")}
-    results = federate(real_grid(files, tmp_path, config), config)
+    results = federate(real_grid(files, tmp_path, resume), resume)
     second = hospitals_of(results, 2)
     assert second["hospital_1"]["status"] == REJECTED
     assert f"reports {after_round_1['steps']} steps after training, but this run recorded {after_round_1['steps']}" in (
@@ -605,13 +604,10 @@ def test_a_ledger_replaced_by_a_shorter_one_is_caught_and_its_hospital_dropped(
 
 
 def test_resuming_without_the_run_history_is_refused(tiny_backbone_dir: Path, tmp_path: Path) -> None:
-    files = site_files(tmp_path)
-    config = run_config(tiny_backbone_dir, tmp_path / "run", hospitals=3, rounds=3, **{"until-round": 1})
-    federate(real_grid(files, tmp_path, config), config)
+    files, resume = first_round_of(tiny_backbone_dir, tmp_path, rounds=3)
     (tmp_path / "run" / "results.json").unlink()
-    config = {**config, "until-round": 0, "resume": str(tmp_path / "run")}
     with pytest.raises(CheckpointError, match="results.json: missing, so rounds 1..1 of this run have no record"):
-        federate(real_grid(files, tmp_path, config), config)
+        federate(real_grid(files, tmp_path, resume), resume)
 
 
 def test_a_round_sent_again_trains_with_fresh_noise_and_the_ledger_says_so(tiny_backbone_dir: Path, tmp_path: Path) -> None:

@@ -88,16 +88,20 @@ def audit_model(
 
 def audit_run(out: Path, hospital: str) -> AuditResult:
     """Attack a simulated federation's latest global prompt and head with one hospital's records."""
-    from medtune.backbone import load_backbone
+    from medtune.backbone import load_backbone, resolve_device
     from medtune.checkpoint import find_checkpoint, load_checkpoint
     from medtune.data import train_test_split
     from medtune.features import record_inputs
     from medtune.hospital_name import hospital_name
     from medtune.hospitals import simulated_hospital
     from medtune.settings import settings_from_run_config
-    from medtune.backbone import resolve_device
 
     checkpoint = load_checkpoint(find_checkpoint(out))
+    if "round" not in checkpoint.extra:  # only a federation's checkpoints are numbered by round
+        raise ConfigError(
+            f"{out}: a `medtune train` run (one site, no federation); audit attacks a simulated federation's "
+            "global model, so give it a `medtune simulate` out directory"
+        )
     settings = settings_from_run_config(checkpoint.extra["config"])
     names = [hospital_name(i) for i in range(settings.source.hospitals)]
     if hospital not in names:

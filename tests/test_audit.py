@@ -60,3 +60,17 @@ def test_dp_at_epsilon_one_brings_the_attack_near_chance(audited) -> None:
     private = audited[1.0]
     assert abs(private.auc - 0.5) < 0.1
     assert private.auc < audited[math.inf].auc - 0.15
+
+
+def test_auditing_a_single_site_training_run_says_what_audit_needs(tmp_path, tiny_backbone_dir, capsys) -> None:
+    from medtune.cli import main
+
+    notes = tmp_path / "notes.csv"
+    notes.write_text("text,label\n" + "chest pain,cardiology\nwheezing,pulmonology\n" * 6, encoding="utf-8")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(notes), "--backbone", str(tiny_backbone_dir), "--out", str(run),
+                 "--epochs", "1", "--prompt-layer", "6"]) == 0
+    capsys.readouterr()
+    assert main(["audit", "--run", str(run), "--hospital", "hospital_1"]) == 2
+    err = capsys.readouterr().err
+    assert "a `medtune train` run (one site, no federation)" in err and "Traceback" not in err

@@ -282,6 +282,7 @@ def hospital(round_record: dict, name: str) -> dict:
     return next(h for h in round_record["hospitals"] if h["name"] == name)
 
 
+@pytest.mark.slow
 def test_an_unregistered_supernode_is_refused(deployment: Deployment) -> None:
     assert "Uvicorn running on https://" in deployment.superlink_log  # TLS on every SuperLink API
     # Flower logs its exit code 305, but the SuperNode runs inside uvicorn, whose process exits with 1.
@@ -291,6 +292,7 @@ def test_an_unregistered_supernode_is_refused(deployment: Deployment) -> None:
     assert "No SuperNode found with the given public key" in deployment.superlink_log
 
 
+@pytest.mark.slow
 def test_two_rounds_send_only_the_prompt_and_head(deployment: Deployment) -> None:
     record = read_json(deployment.out / "results.json")
     first, second, third = record["rounds"]
@@ -309,6 +311,7 @@ def test_two_rounds_send_only_the_prompt_and_head(deployment: Deployment) -> Non
     assert not (deployment.out / "sites").exists()  # no ledger, no record at the coordinator
 
 
+@pytest.mark.slow
 def test_each_site_keeps_its_ledger_and_reports_its_epsilon(deployment: Deployment) -> None:
     rounds = read_json(deployment.out / "results.json")["rounds"]
     for name, site in deployment.sites.items():
@@ -320,6 +323,7 @@ def test_each_site_keeps_its_ledger_and_reports_its_epsilon(deployment: Deployme
         assert 0 < last["epsilon"] <= 8.0
 
 
+@pytest.mark.slow
 def test_a_killed_site_rejoins_with_its_epsilon_where_it_was(deployment: Deployment) -> None:
     first, second, third = read_json(deployment.out / "results.json")["rounds"]
     assert sorted(h["name"] for h in second["hospitals"] if h["status"] == "trained") == ["h1", "h2"]

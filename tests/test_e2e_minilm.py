@@ -8,7 +8,7 @@ import pytest
 
 from medtune.cli import main
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_medtune_train_on_embedded_minilm_with_dp(tmp_path, monkeypatch, capsys):

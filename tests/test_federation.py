@@ -54,6 +54,7 @@ def two_rounds(tiny_backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory
     return out
 
 
+@pytest.mark.slow
 def test_only_exchanged_state_crosses_the_wire(two_rounds: Path) -> None:
     spec = ExchangedStateSpec(prompt_length=4, hidden_size=32, num_labels=5)
     expected = {name: {"shape": list(shape), "dtype": "float32"} for name, shape in spec.shapes.items()}
@@ -71,6 +72,7 @@ def test_only_exchanged_state_crosses_the_wire(two_rounds: Path) -> None:
         assert {name: list(a.shape) for name, a in arrays.items()} == {n: e["shape"] for n, e in expected.items()}
 
 
+@pytest.mark.slow
 def test_local_adam_moments_stay_at_the_site_and_carry_across_rounds(two_rounds: Path) -> None:
     """Adam's moments (post-processing of DP gradients) persist beside the ledger; they never travel."""
     spec = ExchangedStateSpec(prompt_length=4, hidden_size=32, num_labels=5)
@@ -86,6 +88,7 @@ def test_local_adam_moments_stay_at_the_site_and_carry_across_rounds(two_rounds:
             assert not any("exp_avg" in array for array in hospital["received"])
 
 
+@pytest.mark.slow
 def test_aggregate_is_the_example_weighted_mean_of_the_replies(two_rounds: Path) -> None:
     for server_round in (1, 2):
         hospitals = results(two_rounds)["rounds"][server_round - 1]["hospitals"]
@@ -101,6 +104,7 @@ def test_aggregate_is_the_example_weighted_mean_of_the_replies(two_rounds: Path)
             np.testing.assert_allclose(array, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_epsilon_grows_and_equals_one_accountant_over_all_steps(two_rounds: Path) -> None:
     rounds = results(two_rounds)["rounds"]
     for name in HOSPITALS:
@@ -115,6 +119,7 @@ def test_epsilon_grows_and_equals_one_accountant_over_all_steps(two_rounds: Path
             assert math.isclose(round_seen["epsilon"], accountant.get_epsilon(delta=1e-5), rel_tol=1e-9)
 
 
+@pytest.mark.slow
 def test_resume_matches_an_uninterrupted_run_and_a_spent_budget_stops(
     tiny_backbone_dir: Path, tmp_path: Path
 ) -> None:
@@ -143,6 +148,7 @@ def test_resume_matches_an_uninterrupted_run_and_a_spent_budget_stops(
         assert ledger(straight, name)["epsilon_spent"] <= 8.0
 
 
+@pytest.mark.slow
 def test_predict_uses_only_the_checkpoint_and_backbone(two_rounds: Path, tiny_backbone_dir: Path) -> None:
     from medtune.backbone import embedded_backbone_path
     from medtune.errors import CheckpointError
@@ -157,6 +163,7 @@ def test_predict_uses_only_the_checkpoint_and_backbone(two_rounds: Path, tiny_ba
         predict_texts(two_rounds, ["chest pain"], backbone=embedded_backbone_path())  # not the training backbone
 
 
+@pytest.mark.slow
 def test_a_hospital_can_reweight_predictions_to_its_own_label_mix(two_rounds: Path, tmp_path: Path, capsys) -> None:
     from medtune.cli import main
     from medtune.predict import predict_texts, site_label_mix
@@ -178,6 +185,7 @@ def test_a_hospital_can_reweight_predictions_to_its_own_label_mix(two_rounds: Pa
     assert "site.csv row 2: label 'not-a-label' is not in the federation's label list" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_the_run_scored_offline_matches_what_the_hospitals_reported(two_rounds: Path) -> None:
     """`medtune benchmark baselines --run` rebuilds each hospital's test split and scores the final global
     model itself; that must agree with the counts the hospitals sent in the last round, and the
@@ -213,6 +221,7 @@ def test_the_run_scored_offline_matches_what_the_hospitals_reported(two_rounds: 
         assert mixed.per_hospital[split.name].accuracy == pytest.approx(expected)
 
 
+@pytest.mark.slow
 def test_only_a_simulated_run_on_its_own_backbone_is_scored_again(two_rounds: Path, tmp_path: Path, capsys) -> None:
     from medtune.cli import main
 

@@ -76,8 +76,6 @@ def test_opacus_per_sample_gradients_match_brute_force_and_are_clipped(tiny_back
     )
     factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
     assert torch.all(norms > max_grad_norm)
-    clipped_norms = norms * factors
-    assert torch.all(clipped_norms <= max_grad_norm + 1e-7)
     for index, parameter in enumerate(model.trainable_parameters()):
         expected_sum = sum(f * per_record[index] for f, per_record in zip(factors, brute))
         assert torch.allclose(parameter.summed_grad, expected_sum, atol=1e-7)

@@ -50,6 +50,7 @@ def test_grid_has_every_baseline_on_the_same_seeds(tiny_backbone_dir: Path) -> N
     assert len(cells) == 2 * 2 * 7 and len({c.id for c in cells}) == len(cells)
 
 
+@pytest.mark.slow
 def test_sweep_writes_results_report_and_plot_and_resumes(
     tiny_backbone_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -109,7 +109,7 @@ def _encode(epsilon: float) -> float | str:
 
 def _print(sweep: SweepConfig, keys: list[str], rows: list[dict[str, Any]], epsilon: float) -> None:
     table = Table(title=f"{sweep.name}: validation scores at epsilon={epsilon:g} (test splits untouched)")
-    columns = [*keys, "val. accuracy", "val. macro-F1", "DP train records/s", "inputs s", "train s"]
+    columns = [*keys, "val. accuracy", "val. macro-F1", "train records/s", "inputs s", "train s"]
     for column in columns:
         table.add_column(column, justify="right")
     for row in rows:

@@ -18,7 +18,7 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
 from medtune.config import ModelConfig, config_from_dict, config_to_dict
-from medtune.errors import CheckpointError, StateError
+from medtune.errors import CheckpointError, ConfigError, StateError
 from medtune.files import atomic_write_bytes, atomic_write_json
 from medtune.state import ExchangedStateSpec
 
@@ -94,3 +94,15 @@ def find_checkpoint(path: str | Path) -> Path:
     if not rounds:
         raise CheckpointError(f"{path}: no checkpoint here (expected meta.json, checkpoint/ or checkpoints/round_NNN/)")
     return rounds[-1]
+
+
+def check_resume_location(out: Path, resume: Path) -> None:
+    """A resumed run writes where the original did (its out directory or a checkpoint under it).
+
+    Anywhere else, each hospital's ledger path would change and its spent epsilon be forgotten.
+    """
+    if out.resolve() != resume.resolve() and out.resolve() not in resume.resolve().parents:
+        raise ConfigError(
+            f"resume checkpoint {resume} is not under this run's out directory {out}; a resumed run "
+            "must write where the original did, so each hospital's privacy ledger continues"
+        )

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from medtune.backbone import configured_depth
+from medtune.checkpoint import check_resume_location
 from medtune.errors import ConfigError, MedTuneError
 from medtune.hospitals import check_hospitals
 from medtune.locks import exclusive
@@ -119,11 +120,7 @@ def check_out_directory(settings: RunSettings) -> None:
     """A run never overwrites another's history: an existing run is continued with --resume, or moved aside."""
     out = settings.out
     if settings.resume is not None:
-        if out.resolve() not in settings.resume.resolve().parents and out.resolve() != settings.resume.resolve():
-            raise ConfigError(
-                f"resume checkpoint {settings.resume} is not under this run's out directory {out}; a resumed run "
-                "must write where the original did, so each hospital's privacy ledger continues"
-            )
+        check_resume_location(out, settings.resume)
         return
     earlier = [path for path in (out / RESULTS_FILE, out / "checkpoints", out / "sites") if path.exists()]
     if earlier:

@@ -20,8 +20,15 @@ from rich.console import Console
 from safetensors.numpy import save as save_safetensors
 
 from medtune.backbone import Backbone, load_backbone, weights_hash
-from medtune.checkpoint import META_FILE, Checkpoint, find_checkpoint, load_checkpoint, save_checkpoint
-from medtune.errors import CheckpointError, ConfigError, FederationError, StateError
+from medtune.checkpoint import (
+    META_FILE,
+    Checkpoint,
+    check_resume_location,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from medtune.errors import CheckpointError, FederationError, StateError
 from medtune.files import atomic_write_bytes
 from medtune.metrics import Evaluation, pool
 from medtune.label_prior import initial_model
@@ -74,7 +81,6 @@ class Federation:
         labels = settings.data.labels
         self.spec = ExchangedStateSpec(settings.model.prompt_length, self.backbone.hidden_size, len(labels))
         self.stopped: set[int] = set()  # nodes no longer sent training rounds
-        self.accepted: list[CheckedUpdate] = []  # this round's valid updates, kept for audit with keep-updates
         self.excluded: set[str] = set()  # hospitals whose ledger went back: they spend without a true record
         self.node_names: dict[int, str] = {}  # node id -> the hospital that last replied from it
         self.results = RunResults(config=settings.run_config)
@@ -89,11 +95,7 @@ class Federation:
             model = initial_model(self.backbone, settings.model, settings.data, seed=settings.seed)
             return dict(model.exchanged_state()), 1
         path = find_checkpoint(settings.resume)
-        if settings.out.resolve() not in path.resolve().parents:
-            raise ConfigError(
-                f"resume checkpoint {path} is not under this run's out directory {settings.out}; a resumed run "
-                "must write where the original did, so each hospital's privacy ledger continues"
-            )
+        check_resume_location(settings.out, path)
         checkpoint = load_checkpoint(path)
         try:
             done = int(checkpoint.extra["round"])
@@ -147,7 +149,7 @@ class Federation:
         self._wait_for_hospitals()
         for server_round in range(self.first_round, settings.last_round + 1):
             started = time.monotonic()
-            hospitals, aggregated = self._train_round(server_round)
+            hospitals, accepted, aggregated = self._train_round(server_round)
             if hospitals and all(h.status == STOPPED for h in hospitals):
                 self._event(f"round {server_round}: every hospital's privacy budget is spent; stopping the run")
                 break
@@ -166,7 +168,7 @@ class Federation:
                 self.results.rounds.append(record)
                 print_round(record, rounds, self.console)
                 if self.settings.run_config.get("keep-updates"):
-                    self._keep_updates(server_round, self.accepted)
+                    self._keep_updates(server_round, accepted)
                 if self._trained_ever():
                     self._save(server_round)
                 else:
@@ -183,7 +185,9 @@ class Federation:
         """Whether any round so far aggregated updates: before that, a checkpoint would be the untrained model."""
         return any(r.aggregated for r in self.results.rounds)
 
-    def _train_round(self, server_round: int) -> tuple[list[HospitalRound], bool]:
+    def _train_round(self, server_round: int) -> tuple[list[HospitalRound], list[CheckedUpdate], bool]:
+        """One round's training exchange and aggregation: the hospitals' records, the valid updates, and
+        whether they were aggregated (at least min-hospitals)."""
         federation = self.settings.federation
         sent = to_record(self.arrays)
         messages = [
@@ -210,8 +214,7 @@ class Federation:
                 f"round {server_round}: {len(accepted)} valid update(s), fewer than min-hospitals="
                 f"{federation.min_hospitals}; round skipped, the global state is kept"
             )
-        self.accepted = accepted
-        return sorted(hospitals, key=lambda h: h.name), aggregated
+        return sorted(hospitals, key=lambda h: h.name), accepted, aggregated
 
     def _node_name(self, node: int) -> str:
         return self.node_names.get(node, f"node {node}")

@@ -1,7 +1,7 @@
 """The hospital's Flower ClientApp: a short function from a message to a reply.
 
 Simulation and deployment share this code. Only where the records and the ledger come from
-differs (medtune.site_source): a simulated hospital takes its partition of the scenario's data and
+differs (client.node_config): a simulated hospital takes its partition of the scenario's data and
 keeps its ledger under the run's out directory; a deployed hospital reads its own file and
 ledger path from the SuperNode's node config.
 
@@ -20,11 +20,11 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from medtune.errors import MedTuneError
-from medtune.hospital_name import hospital_name
+from medtune.hospitals import hospital_name
 from medtune.logs import quiet_libraries
-from medtune.site_source import PARTITION_ID, site_for
+from client.node_config import PARTITION_ID, site_for
 from medtune.site import RoundOutcome
-from medtune.wire import ARRAYS, TrainReport, evaluate_reply, failed_reply, from_record, train_reply
+from medtune.federation.wire import ARRAYS, TrainReport, evaluate_reply, failed_reply, from_record, train_reply
 
 quiet_libraries()
 app = ClientApp()
@@ -32,7 +32,7 @@ log = logging.getLogger("medtune.site")
 
 
 def failed(message: Message, context: Context, error: MedTuneError) -> Message:
-    """The full error stays in this site's log; the reply carries only its category (medtune.wire)."""
+    """The full error stays in this site's log; the reply carries only its category (medtune.federation.wire)."""
     hospital = hospital_label(context)
     log.error("%s cannot take part: %s", hospital, error)
     return Message(failed_reply(hospital, error), reply_to=message)

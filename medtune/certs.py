@@ -26,7 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from medtune.errors import ConfigError
 from medtune.files import atomic_write_bytes
-from medtune.hospital_name import check_hospital_name
+from medtune.state import check_hospital_name
 
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
 SERVER_CERT, SERVER_KEY = "server.pem", "server.key"

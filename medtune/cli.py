@@ -236,7 +236,7 @@ def _cmd_node_keys(args: argparse.Namespace) -> None:
 def _cmd_train(args: argparse.Namespace) -> None:
     from medtune.backbone import load_backbone
     from medtune.data import read_records
-    from medtune.local import all_configs, run_local, save_local_run
+    from medtune.standalone import all_configs, run_local, save_local_run
     from medtune.synth import LABELS, SynthConfig, write_hospitals
 
     labels = tuple(args.labels.split(",")) if args.labels else LABELS
@@ -265,7 +265,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_perf(args: argparse.Namespace) -> None:
-    from medtune.perf import run_perf
+    from medtune.experiments.perf import run_perf
 
     run_perf(
         layers=[int(x) for x in args.layers.split(",")],
@@ -279,9 +279,9 @@ def _cmd_perf(args: argparse.Namespace) -> None:
 
 
 def _cmd_baselines(args: argparse.Namespace) -> None:
-    from medtune.baselines import load_run, local_only, majority_label, pooled, score_global_model, zero_shot
+    from medtune.experiments.baselines import load_run, local_only, majority_label, pooled, score_global_model, zero_shot
     from medtune.files import atomic_write_json
-    from medtune.settings import parse_overrides, resolve_run_config, settings_from_run_config
+    from medtune.run_config import parse_overrides, resolve_run_config, settings_from_run_config
 
     figures = []
     if args.run is not None and (args.scenario or args.run_config):
@@ -306,8 +306,8 @@ def _cmd_baselines(args: argparse.Namespace) -> None:
 def _cmd_sweep(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
-    from medtune.settings import parse_overrides
-    from medtune.sweep import parse_epsilon, parse_seed, read_sweep, run_sweep
+    from medtune.run_config import parse_overrides
+    from medtune.experiments.sweep import parse_epsilon, parse_seed, read_sweep, run_sweep
 
     sweep = read_sweep(args.sweep)
     changes: dict[str, Any] = {"run_config": {**sweep.run_config, **parse_overrides(args.run_config)}}
@@ -324,9 +324,9 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
 def _cmd_tune(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
-    from medtune.settings import parse_overrides
-    from medtune.sweep import parse_epsilon, read_sweep
-    from medtune.tuning import parse_grid, run_tuning
+    from medtune.run_config import parse_overrides
+    from medtune.experiments.sweep import parse_epsilon, read_sweep
+    from medtune.experiments.tuning import parse_grid, run_tuning
 
     sweep = read_sweep(args.sweep)
     sweep = replace(sweep, run_config={**sweep.run_config, **parse_overrides(args.run_config)})
@@ -336,7 +336,7 @@ def _cmd_tune(args: argparse.Namespace) -> None:
 
 
 def _cmd_audit(args: argparse.Namespace) -> None:
-    from medtune.audit import audit_run
+    from medtune.experiments.audit import audit_run
     from medtune.files import atomic_write_json
 
     result = audit_run(args.run, args.hospital)
@@ -350,7 +350,7 @@ def _cmd_audit(args: argparse.Namespace) -> None:
 
 
 def _cmd_difficulty(args: argparse.Namespace) -> None:
-    from medtune.difficulty import run_difficulty
+    from medtune.experiments.difficulty import run_difficulty
     from medtune.synth import SynthConfig
 
     train = config_from_dict(TrainConfig, _given(args, TRAIN_FLAGS))
@@ -359,8 +359,8 @@ def _cmd_difficulty(args: argparse.Namespace) -> None:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> None:
-    from medtune.settings import parse_overrides
-    from medtune.simulate import simulate
+    from medtune.run_config import parse_overrides
+    from medtune.federation.simulation import simulate
 
     overrides = parse_overrides(args.run_config)
     flags = {"rounds": args.rounds, "epsilon": args.epsilon, "seed": args.seed, "until-round": args.until_round}

@@ -14,11 +14,16 @@ from pathlib import Path
 
 from medtune.data import Record, read_records, train_test_split
 from medtune.errors import ConfigError, DataError
-from medtune.hospital_name import hospital_name
-from medtune.settings import RunSettings
+from medtune.run_config import RunSettings
 from medtune.synth import generate_hospitals
 
 log = logging.getLogger("medtune.hospitals")
+
+
+
+def hospital_name(partition_id: int) -> str:
+    """The name of simulated hospital `partition_id` (0-based)."""
+    return f"hospital_{partition_id + 1}"
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,12 @@ from medtune.errors import LedgerError, PrivacyBudgetError
 from medtune.evaluation import evaluate
 from medtune.features import record_inputs
 from medtune.files import atomic_write_bytes, atomic_write_json
-from medtune.local import load_or_create_ledger
+from medtune.ledger_file import load_or_create_ledger
 from medtune.locks import exclusive
 from medtune.metrics import Evaluation
 from medtune.model import PromptClassifier
 from medtune.privacy import PrivacyLedger, noise_seed
-from medtune.settings import RunSettings
+from medtune.run_config import RunSettings
 from medtune.train import ProximalPull, SamplingPlan, TrainResult, train_local
 
 

@@ -1,4 +1,4 @@
-"""The exchanged state: the only arrays that ever leave a hospital.
+"""The exchanged state: the only arrays that ever leave a hospital, and the name they travel under.
 
 One definition, used by the model (read out / load in), the client (send), the server
 (validate, aggregate) and checkpoints. Names are fixed; shapes follow from the prompt length,
@@ -7,17 +7,32 @@ the backbone's hidden size and the federation's label count; the dtype is float3
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
-from medtune.errors import StateError
+from medtune.errors import ConfigError, StateError
 
 PROMPT = "prompt"
 HEAD_WEIGHT = "head.weight"
 HEAD_BIAS = "head.bias"
 STATE_DTYPE = np.dtype(np.float32)
+
+# A hospital's name is the one identity that crosses the wire with its state. The coordinator names
+# files after it (out/updates/<round>/<hospital>.safetensors) and `medtune certs node` names key
+# files after it, so it must be a safe file name on every side.
+HOSPITAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_hospital_name(hospital: str, source: str) -> str:
+    """A hospital name that is safe as a file name on every side, or an error naming where it came from."""
+    if not HOSPITAL_NAME.fullmatch(hospital):
+        raise ConfigError(
+            f"{source} {hospital!r}: use 1-64 letters, digits, '.', '-' or '_', starting with a letter or digit"
+        )
+    return hospital
 
 
 

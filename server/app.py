@@ -6,7 +6,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from medtune.logs import quiet_libraries
-from medtune.settings import settings_from_run_config
+from medtune.run_config import settings_from_run_config
 from server.federation import run_federation
 
 quiet_libraries()

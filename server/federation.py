@@ -32,11 +32,11 @@ from medtune.errors import CheckpointError, FederationError, StateError
 from medtune.files import atomic_write_bytes
 from medtune.metrics import Evaluation, pool
 from medtune.label_prior import initial_model
-from medtune.results import RESULTS_FILE, HospitalRound, RoundRecord, RunResults, print_round
-from medtune.settings import RunSettings
+from medtune.federation.results import RESULTS_FILE, HospitalRound, RoundRecord, RunResults, print_round
+from medtune.run_config import RunSettings
 from medtune.state import ExchangedStateSpec
 from medtune.stopping import recording
-from medtune.wire import (
+from medtune.federation.wire import (
     ARRAYS,
     FAILED,
     HOSPITAL,

@@ -24,9 +24,9 @@ from safetensors.numpy import save as save_safetensors
 
 from medtune.errors import CheckpointError
 from medtune.files import atomic_write_bytes
-from medtune.settings import FederationConfig
+from medtune.run_config import FederationConfig
 from medtune.state import STATE_DTYPE
-from medtune.wire import ARRAYS, METRICS, to_record
+from medtune.federation.wire import ARRAYS, METRICS, to_record
 from server.validation import CheckedUpdate
 
 WEIGHT_KEY = "num-examples"

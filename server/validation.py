@@ -8,7 +8,7 @@ hospital; the strategy then sees only clean copies of the accepted updates (serv
 
 What a reply must be:
 - exactly the exchanged state (names, shapes, float32, finite values: `ExchangedStateSpec.check`)
-  and exactly the metrics `medtune.wire.train_reply` sends, nothing else;
+  and exactly the metrics `medtune.federation.wire.train_reply` sends, nothing else;
 - within `max-update-norm` of the global state it was trained from (see `update_norm`);
 - from a hospital whose name is a plain name (it names the file its update is kept in);
 - trained on a plausible number of records: a whole number from 1 to `max-examples`. The count is
@@ -25,10 +25,10 @@ import numpy as np
 from flwr.app import Message
 
 from medtune.errors import StateError
-from medtune.settings import FederationConfig
-from medtune.hospital_name import HOSPITAL_NAME
+from medtune.run_config import FederationConfig
+from medtune.state import HOSPITAL_NAME
 from medtune.state import ExchangedStateSpec
-from medtune.wire import ARRAYS, METRICS, TRAIN_METRICS, from_record
+from medtune.federation.wire import ARRAYS, METRICS, TRAIN_METRICS, from_record
 
 
 @dataclass(frozen=True)

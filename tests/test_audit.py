@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from medtune.audit import attack_auc, audit_model, tpr_at_fpr
+from medtune.experiments.audit import attack_auc, audit_model, tpr_at_fpr
 from medtune.config import ModelConfig, PrivacyConfig, TrainConfig
 from medtune.data import Record
 from medtune.features import record_inputs

@@ -31,8 +31,8 @@ from safetensors.numpy import load_file
 
 from medtune.certs import make_node_keys, make_server_certificates
 from medtune.errors import ConfigError
-from medtune.settings import PROJECT_DIR, project_defaults
-from medtune.site_source import site_for
+from medtune.run_config import PROJECT_DIR, project_defaults
+from client.node_config import site_for
 from medtune.state import ExchangedStateSpec
 from medtune.synth import SynthConfig, write_hospitals
 

@@ -13,7 +13,7 @@ from opacus.accountants import create_accountant
 from safetensors.numpy import load_file
 
 from medtune.checkpoint import load_checkpoint
-from medtune.simulate import simulate
+from medtune.federation.simulation import simulate
 from medtune.state import ExchangedStateSpec
 
 HOSPITALS = ("hospital_1", "hospital_2", "hospital_3")
@@ -193,12 +193,12 @@ def test_the_run_scored_offline_matches_what_the_hospitals_reported(two_rounds: 
     import torch
 
     from medtune.backbone import load_backbone
-    from medtune.baselines import score_global_model, splits
+    from medtune.experiments.baselines import score_global_model, splits
     from medtune.features import record_inputs
     from medtune.label_mix import label_mix
     from medtune.evaluation import predict_logits
     from medtune.model import PromptClassifier
-    from medtune.settings import settings_from_run_config
+    from medtune.run_config import settings_from_run_config
 
     record = results(two_rounds)
     settings = settings_from_run_config(record["config"])
@@ -232,7 +232,7 @@ def test_only_a_simulated_run_on_its_own_backbone_is_scored_again(two_rounds: Pa
 
     import shutil
 
-    from medtune.baselines import score_global_model
+    from medtune.experiments.baselines import score_global_model
     from medtune.errors import ConfigError
 
     deployed = tmp_path / "deployed"  # a run whose record names a hospital these settings do not simulate
@@ -251,6 +251,23 @@ def test_the_coordinator_imports_no_records_training_or_opacus_code() -> None:
 
     probe = "import sys, server.app; print(' '.join(sorted(sys.modules)))"
     loaded = set(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split())
-    forbidden = {"medtune.data", "medtune.train", "medtune.features", "medtune.site", "medtune.local", "opacus"}
+    forbidden = {"medtune.data", "medtune.train", "medtune.features", "medtune.site", "medtune.standalone", "opacus"}
     assert not loaded & forbidden, sorted(loaded & forbidden)
     assert "server.federation" in loaded  # the probe did import the coordinator
+
+
+def test_the_learning_core_imports_no_flower() -> None:
+    """Flower lives in medtune/federation/, client/ and server/: a site's core and the experiments run without it."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import importlib, pkgutil, sys, medtune\n"
+        "names = [m.name for m in pkgutil.walk_packages(medtune.__path__, 'medtune.') "
+        "if not m.name.startswith('medtune.federation')]\n"
+        "for name in names: importlib.import_module(name)\n"
+        "print(len(names), ' '.join(sorted(n for n in sys.modules if n.split('.')[0] in ('flwr', 'ray'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert int(out[0]) > 30, out[0]  # every core and experiments module was imported
+    assert out[1:] == [], out[1:]

@@ -9,7 +9,7 @@ import pytest
 
 from medtune.errors import ConfigError
 from medtune.hospitals import simulated_hospital
-from medtune.settings import resolve_run_config, settings_from_run_config
+from medtune.run_config import resolve_run_config, settings_from_run_config
 from medtune.synth import LABELS
 
 

@@ -27,10 +27,10 @@ import client.app as client_app
 from medtune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from medtune.errors import CheckpointError, ConfigError, FederationError, LedgerError
 from medtune.metrics import from_counts
-from medtune.results import RunResults
-from medtune.settings import resolve_run_config, settings_from_run_config
+from medtune.federation.results import RunResults
+from medtune.run_config import resolve_run_config, settings_from_run_config
 from medtune.synth import LABELS, SynthConfig, write_hospitals
-from medtune.wire import ARRAYS, FAILED, HOSPITAL, METRICS, REJECTED, evaluate_reply, from_record, to_record
+from medtune.federation.wire import ARRAYS, FAILED, HOSPITAL, METRICS, REJECTED, evaluate_reply, from_record, to_record
 from server.federation import Federation, checkpoint_dir
 
 Node = Callable[[Message], Message]
@@ -482,7 +482,7 @@ def test_a_corrupted_ledger_makes_its_hospital_fail_never_restart_at_zero(
 
 def test_a_ledger_whose_history_was_cut_is_refused(tmp_path: Path) -> None:
     from medtune.config import PrivacyConfig, TrainConfig
-    from medtune.local import load_or_create_ledger
+    from medtune.ledger_file import load_or_create_ledger
     from medtune.privacy import PrivacyLedger
 
     privacy = PrivacyConfig(epsilon=8.0, accountant="rdp")
@@ -613,7 +613,7 @@ def test_resuming_without_the_run_history_is_refused(tiny_backbone_dir: Path, tm
 def test_a_round_sent_again_trains_with_fresh_noise_and_the_ledger_says_so(tiny_backbone_dir: Path, tmp_path: Path) -> None:
     """A coordinator that crashed after its sites replied sends the same round again (issue: reused noise)."""
     from medtune.label_prior import initial_model
-    from medtune.site_source import _deployed_site
+    from client.node_config import _deployed_site
 
     files = site_files(tmp_path)
     config = run_config(tiny_backbone_dir, tmp_path / "run", hospitals=1, rounds=2, **{"min-hospitals": 1, "epsilon": 8.0})
@@ -633,7 +633,7 @@ def test_a_round_sent_again_trains_with_fresh_noise_and_the_ledger_says_so(tiny_
 def test_a_ledger_serves_one_hospital_and_one_process(tiny_backbone_dir: Path, tmp_path: Path) -> None:
     from medtune.label_prior import initial_model
     from medtune.locks import LockedError, exclusive
-    from medtune.site_source import _deployed_site
+    from client.node_config import _deployed_site
 
     files = site_files(tmp_path)
     settings = settings_from_run_config(run_config(tiny_backbone_dir, tmp_path / "run", hospitals=2, **{"min-hospitals": 1}))

@@ -11,12 +11,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from medtune import simulate as simulate_module
-from medtune import sweep as sweep_module
+from medtune.federation import simulation as simulate_module
+from medtune.experiments import sweep as sweep_module
 from medtune.errors import ConfigError
-from medtune.baselines import majority_label, splits
-from medtune.settings import resolve_run_config, settings_from_run_config
-from medtune.sweep import SweepConfig, plan_cells, run_sweep
+from medtune.experiments.baselines import majority_label, splits
+from medtune.run_config import resolve_run_config, settings_from_run_config
+from medtune.experiments.sweep import SweepConfig, plan_cells, run_sweep
 
 
 def tiny_sweep(backbone: Path) -> SweepConfig:
@@ -97,7 +97,7 @@ def test_sweep_writes_results_report_and_plot_and_resumes(
     scored = json.loads(cell.read_text())
     cell.unlink()
     with monkeypatch.context() as patched:
-        patched.setattr("medtune.simulate.simulate", must_not_run)
+        patched.setattr("medtune.federation.simulation.simulate", must_not_run)
         rows = run_sweep(sweep, tmp_path, progress=False)
     rescored = json.loads(cell.read_text())
     assert {k: v for k, v in rescored.items() if k != "wall_seconds"} == {k: v for k, v in scored.items() if k != "wall_seconds"}

@@ -9,7 +9,7 @@ import pytest
 
 from medtune.config import DataConfig, ModelConfig, PrivacyConfig, TrainConfig
 from medtune.data import Record
-from medtune.local import run_local
+from medtune.standalone import run_local
 from medtune.synth import LABELS
 
 DATA = DataConfig(labels=LABELS)

@@ -8,7 +8,6 @@ config objects the core uses, naming any key or value it cannot use.
 
 from __future__ import annotations
 
-import math
 import re
 import tomllib
 from dataclasses import dataclass

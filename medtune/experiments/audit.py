@@ -92,9 +92,9 @@ def audit_run(out: Path, hospital: str) -> AuditResult:
     from medtune.checkpoint import find_checkpoint, load_checkpoint
     from medtune.data import train_test_split
     from medtune.features import record_inputs
-    from medtune.hospital_name import hospital_name
+    from medtune.hospitals import hospital_name
     from medtune.hospitals import simulated_hospital
-    from medtune.settings import settings_from_run_config
+    from medtune.run_config import settings_from_run_config
 
     checkpoint = load_checkpoint(find_checkpoint(out))
     if "round" not in checkpoint.extra:  # only a federation's checkpoints are numbered by round

@@ -7,7 +7,6 @@ blocks -> loss -> clipped, noised step (ledger) -> exchanged state.
 
 from __future__ import annotations
 
-import json
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,6 @@ from medtune.backbone import Backbone, load_backbone, resolve_device, weights_ha
 from medtune.checkpoint import Checkpoint, save_checkpoint
 from medtune.config import DataConfig, ModelConfig, PrivacyConfig, TrainConfig, config_to_dict
 from medtune.data import Record, train_test_split
-from medtune.errors import LedgerError
 from medtune.features import record_inputs
 from medtune.files import atomic_write_json
 from medtune.label_prior import initial_model
@@ -26,7 +24,8 @@ from medtune.metrics import Evaluation
 from medtune.locks import exclusive
 from medtune.model import PromptClassifier
 from medtune.privacy import PrivacyLedger, noise_seed
-from medtune.train import SamplingPlan, TrainResult, new_ledger, train_local
+from medtune.ledger_file import load_or_create_ledger
+from medtune.train import TrainResult, train_local
 
 
 @dataclass
@@ -35,25 +34,6 @@ class LocalRun:
     evaluation: Evaluation
     ledger: PrivacyLedger
     model: PromptClassifier
-
-
-def load_or_create_ledger(
-    path: Path | None, privacy: PrivacyConfig, num_records: int, train: TrainConfig, rounds: int,
-    hospital: str | None = None,
-) -> PrivacyLedger:
-    """The ledger stored at `path` if there is one (it must match this run and hospital), else a fresh one."""
-    if path is not None and path.exists():
-        try:
-            state = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise LedgerError(f"{path}: unreadable privacy ledger ({error}); refusing to start a fresh one") from None
-        ledger = PrivacyLedger.from_state_dict(state, source=str(path))
-        ledger.matches(privacy, SamplingPlan.for_records(num_records, train.batch_size).sample_rate)
-    else:
-        ledger = new_ledger(privacy, num_records, train, rounds)
-    if hospital is not None:
-        ledger.claim(hospital, str(path))
-    return ledger
 
 
 def run_local(

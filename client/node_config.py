@@ -20,9 +20,9 @@ from flwr.app import Context
 
 from medtune.data import read_records
 from medtune.errors import ConfigError
-from medtune.hospital_name import check_hospital_name
+from medtune.state import check_hospital_name
 from medtune.hospitals import simulated_hospital
-from medtune.settings import RunSettings, settings_from_run_config
+from medtune.run_config import RunSettings, settings_from_run_config
 from medtune.site import Site
 
 PARTITION_ID = "partition-id"

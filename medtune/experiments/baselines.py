@@ -39,8 +39,8 @@ from medtune.metrics import Evaluation, from_counts, pool, score_logits
 from medtune.model import PromptClassifier
 from medtune.predict import load_checkpoint_model
 from medtune.privacy import noise_seed
-from medtune.results import RESULTS_FILE, RunResults
-from medtune.settings import RunSettings, settings_from_run_config
+from medtune.federation.results import RESULTS_FILE, RunResults
+from medtune.run_config import RunSettings, settings_from_run_config
 from medtune.train import new_ledger, train_local
 
 

@@ -42,7 +42,7 @@ from typing import Any
 
 from medtune.errors import ConfigError, MedTuneError
 from medtune.files import atomic_write_json, read_json
-from medtune.settings import (
+from medtune.run_config import (
     PROJECT_DIR,
     RunSettings,
     check_keys,
@@ -199,7 +199,7 @@ def _finished_run(out: Path, settings: RunSettings) -> bool:
     A sweep interrupted between a run's end and its cell file, or a cell file deleted to be scored
     again, then costs a re-scoring instead of a new simulation. Anything else is simulated anew.
     """
-    from medtune.baselines import load_run
+    from medtune.experiments.baselines import load_run
     from medtune.checkpoint import find_checkpoint
 
     rounds = settings.federation.rounds
@@ -214,9 +214,9 @@ def _finished_run(out: Path, settings: RunSettings) -> bool:
 
 
 def _federated(cell: Cell, sweep: SweepConfig, runs: Path) -> dict[str, Any]:
-    from medtune.baselines import score_global_model
-    from medtune.results import RunResults
-    from medtune.simulate import simulate
+    from medtune.experiments.baselines import score_global_model
+    from medtune.federation.results import RunResults
+    from medtune.federation.simulation import simulate
 
     out = runs / cell.id
     overrides = {**cell.overrides(sweep), "out": str(out)}
@@ -257,7 +257,7 @@ def _federated(cell: Cell, sweep: SweepConfig, runs: Path) -> dict[str, Any]:
 
 
 def _baseline(cell: Cell, sweep: SweepConfig) -> dict[str, Any]:
-    from medtune.baselines import local_only, majority_label, pooled, zero_shot
+    from medtune.experiments.baselines import local_only, majority_label, pooled, zero_shot
 
     started = time.monotonic()
     settings = settings_from_run_config(resolve_run_config(sweep.scenario, cell.overrides(sweep)))
@@ -328,7 +328,7 @@ def run_sweep(sweep: SweepConfig, out: Path, progress: bool = True) -> list[dict
     """Run every unfinished cell of the grid, then write the summary files."""
     from tqdm.auto import tqdm
 
-    from medtune.sweep_report import write_report
+    from medtune.experiments.sweep_report import write_report
 
     check_same_grid(sweep, out)
     # Every cell reads the same hospitals: one feature cache for the whole sweep (keyed by content,

@@ -24,8 +24,8 @@ from medtune.checkpoint import check_resume_location
 from medtune.errors import ConfigError, MedTuneError
 from medtune.hospitals import check_hospitals
 from medtune.locks import exclusive
-from medtune.results import RESULTS_FILE
-from medtune.settings import PROJECT_DIR, RunSettings, resolve_run_config, settings_from_run_config
+from medtune.federation.results import RESULTS_FILE
+from medtune.run_config import PROJECT_DIR, RunSettings, resolve_run_config, settings_from_run_config
 from medtune.stopping import Interrupted, halt, stop_on_signals
 
 

@@ -28,8 +28,8 @@ from medtune.errors import ConfigError
 from medtune.features import record_inputs
 from medtune.files import atomic_write_json
 from medtune.evaluation import evaluate
-from medtune.settings import RunSettings, check_keys, resolve_run_config, settings_from_run_config
-from medtune.sweep import SweepConfig
+from medtune.run_config import RunSettings, check_keys, resolve_run_config, settings_from_run_config
+from medtune.experiments.sweep import SweepConfig
 from medtune.train import new_ledger, train_local
 
 VALIDATION_FRACTION = 0.2
@@ -47,7 +47,7 @@ def parse_grid(lines: list[str]) -> dict[str, tuple[Any, ...]]:
 
 def validation_split(settings: RunSettings) -> tuple[list[Record], list[Record]]:
     """Every hospital's fit and validation parts, carved from its training split only."""
-    from medtune.baselines import splits
+    from medtune.experiments.baselines import splits
 
     fit, validation = [], []
     for split in splits(settings):

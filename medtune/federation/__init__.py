@@ -1,0 +1,8 @@
+"""The Flower side of MedTune, shared by the ClientApp (client/) and the ServerApp (server/).
+
+- wire.py: what crosses the wire, in Flower records (one definition for both ends);
+- results.py: a federated run's record (results.json), written by the server, read by experiments;
+- simulation.py: `medtune simulate`, the Flower Simulation Engine on one machine.
+
+The rest of `medtune/` is the learning core of one site and never imports Flower (tested).
+"""

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from medtune.config import DataConfig, ModelConfig, PrivacyConfig, TrainConfig, config_from_dict
+from medtune.epsilon import read_epsilon
 from medtune.errors import ConfigError, MedTuneError
 from medtune.logs import quiet_libraries
 from medtune.stopping import EXIT_STATUS, Interrupted
@@ -51,7 +52,7 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 def _add_privacy_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("privacy")
-    group.add_argument("--epsilon", type=float, help="target epsilon for the whole participation (inf: no DP)")
+    group.add_argument("--epsilon", help="target epsilon for the whole participation (inf: no DP)")
     group.add_argument("--delta", type=float)
     group.add_argument("--max-grad-norm", type=float, help="per-sample clipping norm")
     group.add_argument("--accountant", choices=["prv", "rdp"])
@@ -116,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     simulate.add_argument("--scenario", default="default", help="name in simulations/scenarios/ or a TOML path")
     simulate.add_argument("--rounds", type=int)
-    simulate.add_argument("--epsilon", type=float, help="each hospital's target epsilon (inf: no DP)")
+    simulate.add_argument("--epsilon", help="each hospital's target epsilon (inf: no DP)")
     simulate.add_argument("--seed", type=int)
     simulate.add_argument("--out", type=Path, help="output directory (results.json, checkpoints/, sites/)")
     simulate.add_argument("--resume", type=Path, help="continue from a checkpoint dir, or the latest under OUT")
@@ -307,12 +308,12 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
     from medtune.run_config import parse_overrides
-    from medtune.experiments.sweep import parse_epsilon, parse_seed, read_sweep, run_sweep
+    from medtune.experiments.sweep import parse_seed, read_sweep, run_sweep
 
     sweep = read_sweep(args.sweep)
     changes: dict[str, Any] = {"run_config": {**sweep.run_config, **parse_overrides(args.run_config)}}
     if args.epsilons:
-        changes["epsilons"] = tuple(parse_epsilon(e) for e in args.epsilons.split(","))
+        changes["epsilons"] = tuple(read_epsilon(e, "--epsilons") for e in args.epsilons.split(","))
     if args.seeds:
         changes["seeds"] = tuple(parse_seed(s) for s in args.seeds.split(","))
     sweep = replace(sweep, **changes)
@@ -325,13 +326,13 @@ def _cmd_tune(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
     from medtune.run_config import parse_overrides
-    from medtune.experiments.sweep import parse_epsilon, read_sweep
+    from medtune.experiments.sweep import read_sweep
     from medtune.experiments.tuning import parse_grid, run_tuning
 
     sweep = read_sweep(args.sweep)
     sweep = replace(sweep, run_config={**sweep.run_config, **parse_overrides(args.run_config)})
     out = args.out or Path("runs/tuning") / sweep.name
-    run_tuning(sweep, parse_grid(args.grid), parse_epsilon(args.epsilon), out)
+    run_tuning(sweep, parse_grid(args.grid), read_epsilon(args.epsilon, "--epsilon"), out)
     print(f"wrote {out}/tuning.json")
 
 

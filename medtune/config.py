@@ -10,6 +10,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from medtune.epsilon import read_epsilon
 from medtune.errors import ConfigError
 
 PROMPT_INITS = ("vocab", "random")
@@ -112,16 +113,14 @@ class PrivacyConfig:
     epsilon = inf turns DP off (no clipping, no noise): the non-private baseline.
     """
 
-    epsilon: float = 8.0
+    epsilon: float = 8.0  # a flag's text ("8", "inf") is read by medtune/epsilon.py
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     accountant: str = "prv"
 
     def __post_init__(self) -> None:
-        _require(
-            self.epsilon > 0 and not math.isnan(self.epsilon),
-            f"privacy.epsilon must be positive (or inf to disable DP), got {self.epsilon}",
-        )
+        # A positive number, or inf for no DP (given as a number or as text); -inf, NaN and 0 are refused.
+        object.__setattr__(self, "epsilon", read_epsilon(self.epsilon, "privacy.epsilon"))
         _require(0.0 < self.delta < 1.0, f"privacy.delta must be strictly between 0 and 1, got {self.delta}")
         _require(
             self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm),

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from medtune.epsilon import NO_DP
 from medtune.errors import MedTuneError
 
 
@@ -27,8 +29,21 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def json_ready(value: Any) -> Any:
+    """JSON has no infinity: +inf (epsilon = inf: no DP; max-update-norm = inf: no bound) is written
+    as "inf", its one spelling in text (medtune/epsilon.py). NaN and -inf are never valid and fail."""
+    if isinstance(value, float) and value == math.inf:
+        return NO_DP
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    return value
+
+
 def atomic_write_json(path: str | Path, value: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+    text = json.dumps(json_ready(value), indent=2, sort_keys=True, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode())
 
 
 def read_json(path: str | Path) -> Any:

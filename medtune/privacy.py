@@ -32,10 +32,14 @@ from opacus.accountants.accountant import IAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from medtune.config import PrivacyConfig
+from medtune.epsilon import NO_DP, read_epsilon
 from medtune.errors import ConfigError, LedgerError, PrivacyBudgetError
 from medtune.files import atomic_write_json
 
-LEDGER_FORMAT = "medtune-privacy-ledger/1"
+LEDGER_FORMAT = "medtune-privacy-ledger/2"
+# Format 1 wrote epsilon = inf (no DP) as null; format 2 writes it as "inf" (medtune/epsilon.py).
+# Ledgers of format 1 are still read, so a hospital's history from an older MedTune is never lost.
+LEDGER_FORMAT_1 = "medtune-privacy-ledger/1"
 log = logging.getLogger("medtune.privacy")
 
 History = tuple[tuple[float, float, int], ...]
@@ -209,7 +213,7 @@ class PrivacyLedger:
         """Plain JSON-serialisable ledger."""
         return {
             "format": LEDGER_FORMAT,
-            "epsilon_target": None if not self.config.is_private else self.config.epsilon,
+            "epsilon_target": self.config.epsilon,
             "delta": self.config.delta,
             "max_grad_norm": self.config.max_grad_norm,
             "accountant": self.config.accountant,
@@ -218,7 +222,7 @@ class PrivacyLedger:
             "noise_multiplier": self.noise_multiplier,
             "history": [[float(s), float(q), int(n)] for s, q, n in self.accountant.history],
             "non_private_steps": self.non_private_steps,
-            "epsilon_spent": None if self.non_private_steps else self.epsilon,
+            "epsilon_spent": self.epsilon,
             "steps": self.steps,
             "hospital": self.hospital,
             "trained_rounds": list(self.trained_rounds),
@@ -228,10 +232,13 @@ class PrivacyLedger:
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], source: str = "ledger") -> "PrivacyLedger":
         """Rebuild a ledger exactly; a malformed one is an error, never a silent fresh start."""
-        if not isinstance(state, dict) or state.get("format") != LEDGER_FORMAT:
+        if not isinstance(state, dict) or state.get("format") not in (LEDGER_FORMAT, LEDGER_FORMAT_1):
             raise LedgerError(f"{source}: not a MedTune privacy ledger (expected format '{LEDGER_FORMAT}')")
         try:
-            epsilon = math.inf if state["epsilon_target"] is None else float(state["epsilon_target"])
+            target = state["epsilon_target"]
+            if state["format"] == LEDGER_FORMAT_1 and target is None:
+                target = NO_DP
+            epsilon = read_epsilon(target, f"{source} epsilon_target")
             config = PrivacyConfig(
                 epsilon=epsilon,
                 delta=float(state["delta"]),

@@ -8,6 +8,7 @@ config objects the core uses, naming any key or value it cannot use.
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from medtune.config import DataConfig, ModelConfig, PrivacyConfig, TrainConfig
+from medtune.epsilon import NO_DP, read_epsilon
 from medtune.errors import ConfigError
 from medtune.synth import LABELS, SynthConfig
 
@@ -114,6 +116,8 @@ def _take(config: dict[str, Any], key: str, kind: type) -> Any:
     value = config[key]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and value == NO_DP:  # +inf as MedTune writes it in JSON (a checkpoint's meta.json)
+        return math.inf
     if kind is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
@@ -128,7 +132,9 @@ def settings_from_run_config(config: dict[str, Any]) -> RunSettings:
     if "" in labels:
         raise ConfigError(f"run config 'labels' = {labels_text!r} has an empty label name; list names separated by commas")
     layers = _take(config, "num-layers", int)
-    epsilon = _take(config, "epsilon", float)
+    if "epsilon" not in config:
+        raise ConfigError("run config has no 'epsilon'; it must be set in [tool.flwr.app.config]")
+    epsilon = read_epsilon(config["epsilon"], "run config 'epsilon'")
     resume = _take(config, "resume", str)
     descriptions = _take(config, "label-descriptions", str)
     cache_dir = _take(config, "cache-dir", str)
@@ -175,7 +181,7 @@ def settings_from_run_config(config: dict[str, Any]) -> RunSettings:
             head_init=_take(config, "head-init", str),
         ),
         privacy=PrivacyConfig(
-            epsilon=epsilon,  # only +inf means no DP; -inf, 0 and negatives are refused by PrivacyConfig
+            epsilon=epsilon,
             delta=_take(config, "delta", float),
             max_grad_norm=_take(config, "max-grad-norm", float),
             accountant=_take(config, "accountant", str),

@@ -28,8 +28,9 @@ from medtune.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from medtune.epsilon import EpsilonError, read_epsilon
 from medtune.errors import CheckpointError, FederationError, StateError
-from medtune.files import atomic_write_bytes
+from medtune.files import atomic_write_bytes, json_ready
 from medtune.metrics import Evaluation, pool
 from medtune.label_prior import initial_model
 from medtune.federation.results import RESULTS_FILE, HospitalRound, RoundRecord, RunResults, print_round
@@ -44,7 +45,6 @@ from medtune.federation.wire import (
     REJECTED,
     STOPPED,
     TRAINED,
-    epsilon_from_wire,
     evaluation_from_reply,
     hospital_of,
     to_record,
@@ -61,7 +61,8 @@ RESUMABLE_KEYS = {"resume", "until-round", "rounds", "out"}  # what a resumed ru
 def changed_settings(original: dict, now: dict) -> dict[str, tuple]:
     """Run-config keys whose value differs between the run's start and its resumption: {key: (then, now)}."""
     keys = (set(original) | set(now)) - RESUMABLE_KEYS
-    return {key: (original.get(key), now.get(key)) for key in sorted(keys) if original.get(key) != now.get(key)}
+    # `original` was read back from JSON, where inf is "inf": compare both as they are written.
+    return {key: (original.get(key), now.get(key)) for key in sorted(keys) if json_ready(original.get(key)) != json_ready(now.get(key))}
 
 
 def checkpoint_dir(out: Path, server_round: int) -> Path:
@@ -292,10 +293,10 @@ class Federation:
         try:
             record.examples = int(metrics.get("num-examples", 0))
             record.train_loss = float(metrics.get("train-loss", 0.0))
-            record.epsilon = epsilon_from_wire(float(metrics.get("epsilon", 0.0)))
+            record.epsilon = read_epsilon(metrics.get("epsilon", 0.0), "", spent=True)
             record.delta = float(metrics.get("delta", 0.0))
             record.steps = int(metrics.get("steps", 0))
-        except (TypeError, ValueError, OverflowError):
+        except (TypeError, ValueError, OverflowError, EpsilonError):
             pass  # a malformed value: the update checks reject a trained reply and say why
 
     def _keep_updates(self, server_round: int, accepted: list[CheckedUpdate]) -> None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Message
 
+from medtune.epsilon import EpsilonError, read_epsilon
 from medtune.errors import StateError
 from medtune.run_config import FederationConfig
 from medtune.state import HOSPITAL_NAME
@@ -94,6 +95,10 @@ def check_train_reply(
     if set(metrics) != set(TRAIN_METRICS):
         raise StateError(f"update from {hospital}: metrics must be exactly {list(TRAIN_METRICS)}; got {sorted(metrics)}")
     examples = _examples(metrics["num-examples"], hospital, federation.max_examples)
+    try:
+        read_epsilon(metrics["epsilon"], f"update from {hospital}", spent=True)
+    except EpsilonError as error:
+        raise StateError(str(error)) from None
     try:
         received = from_record(content[ARRAYS])
     except Exception as error:  # a crafted Array's bytes may not deserialise; numpy raises several types

@@ -34,7 +34,7 @@ def test_train_on_a_bad_file_prints_one_clear_error(tmp_path, capsys, tiny_backb
 
 def test_bad_config_value_is_named(tmp_path, capsys):
     assert main(["train", "--epsilon", "-1", "--out", str(tmp_path)]) == 2
-    assert "privacy.epsilon must be positive" in capsys.readouterr().err
+    assert "privacy.epsilon: epsilon '-1' must be positive; only inf (+infinity) means no DP" in capsys.readouterr().err
 
 
 def test_recipe_settings_outside_the_backbone_are_one_line_before_any_work(tmp_path, capsys, tiny_backbone_dir):
@@ -61,7 +61,7 @@ def test_simulate_refuses_settings_that_would_hang_or_mislead_before_flower_star
     base = ["simulate", "--out", str(sim), "--run-config"]
     cases = {
         "epsilon 1.0 hospitals=2": "'epsilon' is not key=value",  # never a silent run at the default budget
-        "epsilon=-inf": "privacy.epsilon must be positive (or inf to disable DP), got -inf",
+        "epsilon=-inf": "run config 'epsilon': epsilon -inf must be positive; only inf (+infinity) means no DP",
         "min-hospitals=4 hospitals=3": "min-hospitals = 4 is more than hospitals = 3: no round could ever aggregate",
         'labels="a,,b"': "has an empty label name",
         'labels="a,b"': "the synthetic notes use labels",

@@ -10,6 +10,7 @@ from opacus.accountants import create_accountant
 
 from medtune.config import PrivacyConfig
 from medtune.errors import LedgerError, PrivacyBudgetError
+from medtune.files import atomic_write_json
 from medtune.privacy import PrivacyLedger
 
 
@@ -76,13 +77,48 @@ def test_a_ledger_cannot_be_reused_under_another_target():
         ledger.matches(PrivacyConfig(epsilon=8.0), 0.05)
 
 
-def test_infinite_epsilon_is_the_non_private_baseline():
+def test_infinite_epsilon_is_the_non_private_baseline_and_is_written_as_inf(tmp_path):
     ledger = PrivacyLedger(PrivacyConfig(epsilon=math.inf), 0.05, planned_steps=100)
     assert ledger.noise_multiplier == 0.0 and ledger.epsilon == 0.0
     ledger.check_can_spend(10_000)
     ledger.record_non_private_steps(5)
     assert ledger.epsilon == math.inf and ledger.steps == 5
-    assert json.loads(json.dumps(ledger.state_dict()))["epsilon_spent"] is None
+    path = tmp_path / "ledger.json"
+    atomic_write_json(path, ledger.state_dict())
+    stored = json.loads(path.read_text())  # strict JSON: no Infinity, no null standing for inf
+    assert stored["epsilon_target"] == "inf" and stored["epsilon_spent"] == "inf"
+    again = PrivacyLedger.from_state_dict(stored)
+    assert again.config.epsilon == math.inf and again.epsilon == math.inf and again.steps == 5
+
+
+def test_a_format_1_ledger_with_null_for_no_dp_is_still_read():
+    """Older MedTune wrote epsilon = inf as null: those ledgers keep their history."""
+    ledger = PrivacyLedger(PrivacyConfig(epsilon=math.inf), 0.05, planned_steps=100)
+    ledger.record_non_private_steps(3)
+    old = {**ledger.state_dict(), "format": "medtune-privacy-ledger/1", "epsilon_target": None, "epsilon_spent": None}
+    again = PrivacyLedger.from_state_dict(old)
+    assert again.config.epsilon == math.inf and again.steps == 3
+    with pytest.raises(LedgerError, match="epsilon"):
+        PrivacyLedger.from_state_dict({**ledger.state_dict(), "epsilon_target": None})  # format 2 has one spelling
+
+
+@pytest.mark.parametrize(
+    "text, number", [("-inf", -math.inf), ("nan", math.nan), ("0", 0.0), ("-1", -1.0), ("infinity", None), ("", None)]
+)
+def test_every_entry_point_refuses_an_epsilon_that_is_not_positive_or_inf(text, number):
+    from medtune.epsilon import EpsilonError, read_epsilon
+    from medtune.run_config import resolve_run_config, settings_from_run_config
+
+    with pytest.raises(EpsilonError):
+        read_epsilon(text, "test")
+    with pytest.raises(EpsilonError, match="run config 'epsilon'"):
+        settings_from_run_config(resolve_run_config(None, {"epsilon": text if number is None else number}))
+    stored = PrivacyLedger(PrivacyConfig(epsilon=8.0), 0.05, planned_steps=10).state_dict()
+    with pytest.raises(LedgerError, match="epsilon"):
+        PrivacyLedger.from_state_dict({**stored, "epsilon_target": text})
+    if number is not None:
+        with pytest.raises(EpsilonError, match="privacy.epsilon"):
+            PrivacyConfig(epsilon=number)
 
 
 def test_remembered_noise_equals_a_fresh_opacus_search_and_a_tampered_memo_is_not_trusted(tmp_path, monkeypatch, caplog):

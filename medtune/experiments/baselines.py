@@ -176,11 +176,7 @@ def majority_label(settings: RunSettings) -> BaselineResult:
 
 
 def load_run(run: Path) -> tuple[RunSettings, RunResults]:
-    """A `medtune simulate` out directory's settings and record.
-
-    The settings come from the latest checkpoint's meta.json, which keeps epsilon = inf as a number;
-    results.json writes it as "inf", which the run config's float fields rightly refuse.
-    """
+    """A `medtune simulate` out directory's settings (from its latest checkpoint) and record."""
     if not (run / RESULTS_FILE).is_file():
         raise ConfigError(f"{run}: no {RESULTS_FILE} here; give the out directory of a `medtune simulate` run")
     path = find_checkpoint(run)

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from medtune.epsilon import NO_DP, read_epsilon, show_epsilon
 from medtune.errors import ConfigError, MedTuneError
 from medtune.files import atomic_write_json, read_json
 from medtune.run_config import (
@@ -107,17 +108,6 @@ class SweepConfig:
         return tuple(sorted({e for e in self.epsilons if math.isfinite(e)})) + (math.inf,)
 
 
-def parse_epsilon(value: Any) -> float:
-    """Epsilons in TOML or on the command line: numbers, or "inf" for no DP."""
-    try:
-        epsilon = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"epsilon {value!r} is not a number (use inf for no DP)") from None
-    if math.isnan(epsilon) or epsilon <= 0:
-        raise ConfigError(f"epsilon must be positive (or inf), got {value!r}")
-    return epsilon
-
-
 def parse_seed(value: Any) -> int:
     """Seeds in TOML or on the command line: whole numbers."""
     try:
@@ -144,7 +134,7 @@ def read_sweep(name_or_path: str) -> SweepConfig:
     return SweepConfig(
         name=str(raw.get("name", path.stem)),
         scenario=str(raw.get("scenario", "default")),
-        epsilons=tuple(parse_epsilon(e) for e in raw.get("epsilons", [1.0, 3.0, 8.0, "inf"])),
+        epsilons=tuple(read_epsilon(e, f"{path} epsilons") for e in raw.get("epsilons", [1.0, 3.0, 8.0, NO_DP])),
         seeds=tuple(parse_seed(s) for s in raw.get("seeds", [0, 1, 2])),
         run_config=dict(raw.get("run-config", {})),
         axes={key: tuple(values) for key, values in axes.items()},
@@ -164,7 +154,7 @@ class Cell:
 
     @property
     def id(self) -> str:
-        parts = [self.method, f"eps-{'inf' if math.isinf(self.epsilon) else f'{self.epsilon:g}'}"]
+        parts = [self.method, f"eps-{show_epsilon(self.epsilon)}"]
         parts += [f"{key}-{value}" for key, value in self.axes]
         parts.append(f"seed-{self.seed}")
         return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "_".join(parts))
@@ -291,12 +281,11 @@ def run_cell(cell: Cell, sweep: SweepConfig, out: Path) -> dict[str, Any]:
     row = {
         "cell": cell.id,
         "method": cell.method,
-        "epsilon": "inf" if math.isinf(cell.epsilon) else cell.epsilon,
+        "epsilon": cell.epsilon,
         "seed": cell.seed,
         **dict(cell.axes),
         **metrics,
     }
-    row["epsilon_spent"] = "inf" if math.isinf(row["epsilon_spent"]) else row["epsilon_spent"]
     atomic_write_json(out / "cells" / f"{cell.id}.json", row)
     return row
 

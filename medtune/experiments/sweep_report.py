@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from medtune.epsilon import read_epsilon
 from medtune.files import atomic_write_bytes, atomic_write_json
 
 METRICS = (
@@ -71,8 +72,8 @@ def summarise(rows: list[dict[str, Any]], axes: list[str]) -> pd.DataFrame:
     for metric in METRICS:  # cells written before a metric existed (or by a method without it) show NaN
         if metric not in frame:
             frame[metric] = math.nan
-    frame["epsilon"] = frame["epsilon"].map(float)
-    frame["epsilon_spent"] = frame["epsilon_spent"].map(float)
+    frame["epsilon"] = frame["epsilon"].map(lambda value: read_epsilon(value, "sweep cell"))
+    frame["epsilon_spent"] = frame["epsilon_spent"].map(lambda value: read_epsilon(value, "sweep cell", spent=True))
     keys = [*axes, "method", "epsilon"]
     grouped = frame.groupby(keys, sort=True)
     summary = grouped[list(METRICS)].agg(["mean", "std"])
@@ -189,13 +190,13 @@ def write_report(sweep: Any, rows: list[dict[str, Any]], out: Path) -> pd.DataFr
             "sweep": {
                 "name": sweep.name,
                 "scenario": sweep.scenario,
-                "epsilons": ["inf" if math.isinf(e) else e for e in sweep.privacy_axis],
+                "epsilons": list(sweep.privacy_axis),
                 "seeds": list(sweep.seeds),
                 "run_config": sweep.run_config,
                 "axes": {k: list(v) for k, v in sweep.axes.items()},
                 "recipes": sweep.recipes,
             },
-            "summary": summary.replace({math.inf: "inf"}).astype(object).where(summary.notna(), None).to_dict("records"),
+            "summary": summary.astype(object).where(summary.notna(), None).to_dict("records"),
             "runs": rows,
         },
     )

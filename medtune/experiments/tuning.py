@@ -12,7 +12,6 @@ choice costs as well as what it earns. The test splits are never read.
 from __future__ import annotations
 
 import itertools
-import math
 import time
 import tomllib
 from dataclasses import replace
@@ -24,6 +23,7 @@ from rich.table import Table
 
 from medtune.backbone import load_backbone, resolve_device
 from medtune.data import Record, train_test_split
+from medtune.epsilon import show_epsilon
 from medtune.errors import ConfigError
 from medtune.features import record_inputs
 from medtune.files import atomic_write_json
@@ -98,17 +98,13 @@ def run_tuning(sweep: SweepConfig, grid: dict[str, tuple[Any, ...]], epsilon: fl
         overrides = {**sweep.run_config, **candidate, "seed": sweep.seeds[0], "epsilon": epsilon}
         settings = settings_from_run_config(resolve_run_config(sweep.scenario, overrides))
         rows.append({**candidate, **score_candidate(settings, cache)})
-        atomic_write_json(out / "tuning.json", {"sweep": sweep.name, "epsilon": _encode(epsilon), "rows": rows})
+        atomic_write_json(out / "tuning.json", {"sweep": sweep.name, "epsilon": epsilon, "rows": rows})
     _print(sweep, keys, rows, epsilon)
     return rows
 
 
-def _encode(epsilon: float) -> float | str:
-    return "inf" if math.isinf(epsilon) else epsilon
-
-
 def _print(sweep: SweepConfig, keys: list[str], rows: list[dict[str, Any]], epsilon: float) -> None:
-    table = Table(title=f"{sweep.name}: validation scores at epsilon={epsilon:g} (test splits untouched)")
+    table = Table(title=f"{sweep.name}: validation scores at epsilon={show_epsilon(epsilon)} (test splits untouched)")
     columns = [*keys, "val. accuracy", "val. macro-F1", "train records/s", "inputs s", "train s"]
     for column in columns:
         table.add_column(column, justify="right")

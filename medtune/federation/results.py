@@ -16,6 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from medtune.epsilon import NO_DP, EpsilonError, read_epsilon
 from medtune.errors import CheckpointError
 from medtune.files import atomic_write_json
 
@@ -55,15 +56,11 @@ class RoundRecord:
     hospitals: list[HospitalRound]
 
 
-def _json_number(value: Any) -> Any:
-    """JSON has no infinity: epsilon = inf (no DP) is written as the string "inf"."""
-    if isinstance(value, float) and math.isinf(value):
-        return "inf"
-    if isinstance(value, dict):
-        return {k: _json_number(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_number(v) for v in value]
-    return value
+def _hospital_round(stored: dict[str, Any], path: Path) -> HospitalRound:
+    """A hospital's line as results.json stores it, its epsilon read back from text ("inf": no DP)."""
+    epsilon = stored.get("epsilon")
+    source = f"{path} {stored.get('name')}"
+    return HospitalRound(**{**stored, "epsilon": None if epsilon is None else read_epsilon(epsilon, source, spent=True)})
 
 
 @dataclass
@@ -74,7 +71,7 @@ class RunResults:
 
     def save(self, out: Path) -> Path:
         path = out / RESULTS_FILE
-        atomic_write_json(path, _json_number(asdict(self)))
+        atomic_write_json(path, asdict(self))  # epsilon = inf is written "inf" (medtune/files.py)
         return path
 
     def epsilon_per_hospital(self) -> dict[str, float]:
@@ -83,7 +80,7 @@ class RunResults:
         for record in self.rounds:
             for hospital in record.hospitals:
                 if hospital.epsilon is not None:
-                    spent[hospital.name] = float(hospital.epsilon)  # "inf" in the JSON file reads back as inf
+                    spent[hospital.name] = hospital.epsilon
         return spent
 
     @classmethod
@@ -93,14 +90,14 @@ class RunResults:
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
             rounds = [
-                RoundRecord(**{**r, "hospitals": [HospitalRound(**h) for h in r["hospitals"]]})
+                RoundRecord(**{**r, "hospitals": [_hospital_round(h, path) for h in r["hospitals"]]})
                 for r in raw["rounds"]
                 if r["round"] <= up_to_round
             ]
             return cls(config=raw["config"], rounds=rounds, events=list(raw.get("events", [])))
         except FileNotFoundError:
             return cls(config={})
-        except (OSError, ValueError, KeyError, TypeError) as error:
+        except (OSError, ValueError, KeyError, TypeError, EpsilonError) as error:
             raise CheckpointError(f"{path}: corrupted run results ({type(error).__name__}: {error})") from None
 
 
@@ -108,7 +105,7 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     if value is None:
         return "-"
     if isinstance(value, float) and math.isinf(value):
-        return "inf"
+        return NO_DP
     return f"{value:.{digits}f}"
 
 

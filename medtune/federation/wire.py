@@ -11,7 +11,6 @@ reason and nothing else. `rejected` is the server's verdict on a reply that fail
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
@@ -36,15 +35,6 @@ def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: array.numpy() for name, array in record.items()}
 
 
-def _finite(value: float) -> float:
-    """MetricRecords carry numbers; epsilon = inf (no DP) travels as -1 and comes back as inf."""
-    return -1.0 if math.isinf(value) else float(value)
-
-
-def epsilon_from_wire(value: float) -> float:
-    return math.inf if value < 0 else float(value)
-
-
 @dataclass(frozen=True)
 class TrainReport:
     """What a hospital reports after a round: plain numbers, and its new arrays unless it stopped."""
@@ -63,7 +53,7 @@ def train_reply(report: TrainReport, hospital: str) -> RecordDict:
     metrics = {
         "num-examples": int(report.examples),
         "train-loss": float(report.loss),
-        "epsilon": _finite(report.epsilon),
+        "epsilon": float(report.epsilon),  # inf (no DP) travels as itself: records carry IEEE floats
         "delta": float(report.delta),
         "steps": int(report.steps),
     }

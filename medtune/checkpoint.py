@@ -4,6 +4,9 @@ A checkpoint directory holds `state.safetensors` (prompt, head.weight, head.bias
 `meta.json` (labels, model config, backbone name and weights hash, and whatever the writer adds,
 such as the round). Each file is written atomically, meta.json last: a directory without it is a
 checkpoint whose writer was interrupted, and is never picked to resume from.
+
+`model_from_checkpoint` is the one way from a checkpoint to a model (predict, audit, baselines):
+it refuses a backbone whose weights hash is not the one the prompt and head were trained on.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ import numpy as np
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
+from medtune.backbone import Backbone, load_backbone, weights_hash
 from medtune.config import ModelConfig, config_from_dict, config_to_dict
 from medtune.errors import CheckpointError, ConfigError, StateError
 from medtune.files import atomic_write_bytes, atomic_write_json
+from medtune.model import PromptClassifier
 from medtune.state import ExchangedStateSpec
 
 STATE_FILE = "state.safetensors"
@@ -106,3 +111,24 @@ def check_resume_location(out: Path, resume: Path) -> None:
             f"resume checkpoint {resume} is not under this run's out directory {out}; a resumed run "
             "must write where the original did, so each hospital's privacy ledger continues"
         )
+
+
+def model_from_checkpoint(
+    path: Path, backbone: str | None = None, device: str = "auto"
+) -> tuple[Checkpoint, PromptClassifier, Backbone]:
+    """A checkpoint's prompt and head on the backbone it names (or `backbone`), checked by weights hash.
+
+    `path` is a checkpoint directory or a run's out directory (its latest checkpoint). The prompt and
+    head are meaningless on any other encoder, so a backbone with another weights hash is refused.
+    """
+    checkpoint = load_checkpoint(find_checkpoint(path))
+    config = checkpoint.model
+    loaded = load_backbone(backbone or config.backbone, config.num_layers, device)
+    if weights_hash(loaded.encoder) != checkpoint.backbone_hash:
+        raise CheckpointError(
+            f"{path}: trained on backbone {checkpoint.backbone_name} with a different weights hash; "
+            "give the backbone it was trained on (predict: --backbone)"
+        )
+    model = PromptClassifier(loaded, config, len(checkpoint.labels), seed=0)  # the seed is overwritten just below
+    model.load_exchanged_state(checkpoint.arrays, source=str(path))
+    return checkpoint, model, loaded

@@ -13,15 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medtune.backbone import Backbone, load_backbone, resolve_device, weights_hash
-from medtune.checkpoint import Checkpoint, find_checkpoint, load_checkpoint
+from medtune.backbone import resolve_device
+from medtune.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
 from medtune.config import DataConfig
 from medtune.data import Record, read_records
-from medtune.errors import CheckpointError
 from medtune.features import record_inputs
 from medtune.label_mix import apply_label_mix, label_mix
 from medtune.evaluation import predict_logits
-from medtune.model import PromptClassifier
 
 
 @dataclass(frozen=True)
@@ -37,23 +35,6 @@ class Prediction:
         return f"{self.label}\t{shown}\t{preview}"
 
 
-def load_checkpoint_model(
-    checkpoint_path: Path, backbone: str | None = None
-) -> tuple[Checkpoint, PromptClassifier, Backbone]:
-    """A checkpoint's prompt and head on the backbone it names (or `backbone`), checked by weights hash."""
-    checkpoint = load_checkpoint(find_checkpoint(checkpoint_path))
-    config = checkpoint.model
-    loaded = load_backbone(backbone or config.backbone, config.num_layers, "auto")
-    if weights_hash(loaded.encoder) != checkpoint.backbone_hash:
-        raise CheckpointError(
-            f"{checkpoint_path}: trained on backbone {checkpoint.backbone_name} with a different weights hash; "
-            "pass --backbone with the checkpoint's backbone"
-        )
-    model = PromptClassifier(loaded, config, len(checkpoint.labels), seed=0)
-    model.load_exchanged_state(checkpoint.arrays, source=str(checkpoint_path))
-    return checkpoint, model, loaded
-
-
 def site_label_mix(checkpoint_path: Path, records_path: Path, text_column: str, label_column: str) -> dict[str, float]:
     """The label mix of a hospital's own labelled records, over the checkpoint's labels."""
     labels = load_checkpoint(find_checkpoint(checkpoint_path)).labels
@@ -65,7 +46,7 @@ def predict_texts(
     checkpoint_path: Path, texts: list[str], backbone: str | None = None, mix: dict[str, float] | None = None
 ) -> list[Prediction]:
     """Label and probabilities per text; `mix` re-weights them to a hospital's own label mix."""
-    checkpoint, model, loaded = load_checkpoint_model(checkpoint_path, backbone)
+    checkpoint, model, loaded = model_from_checkpoint(checkpoint_path, backbone)
     dataset = record_inputs(loaded, checkpoint.model, [Record(text=t, label=0) for t in texts])
     logits = predict_logits(model, dataset, loaded.tokenizer.pad_token_id, resolve_device("auto"))
     if mix is not None:

@@ -192,26 +192,22 @@ def test_the_run_scored_offline_matches_what_the_hospitals_reported(two_rounds: 
     own-label-mix score must be the global model's logits plus log of the hospital's label mix."""
     import torch
 
-    from medtune.backbone import load_backbone
+    from medtune.checkpoint import model_from_checkpoint
     from medtune.experiments.baselines import score_global_model, splits
     from medtune.features import record_inputs
     from medtune.label_mix import label_mix
     from medtune.evaluation import predict_logits
-    from medtune.model import PromptClassifier
     from medtune.run_config import settings_from_run_config
 
     record = results(two_rounds)
     settings = settings_from_run_config(record["config"])
-    checkpoint = load_checkpoint(two_rounds / "checkpoints" / "round_002")
     offline, mixed = score_global_model(two_rounds)
     last = record["rounds"][-1]
     assert offline.pooled.accuracy == pytest.approx(last["accuracy"])
     for hospital in last["hospitals"]:
         assert offline.per_hospital[hospital["name"]].accuracy == pytest.approx(hospital["accuracy"])
 
-    backbone = load_backbone(settings.model.backbone, settings.model.num_layers)
-    model = PromptClassifier(backbone, settings.model, len(settings.data.labels), seed=0)
-    model.load_exchanged_state(checkpoint.arrays)
+    _, model, backbone = model_from_checkpoint(two_rounds)
     for split in splits(settings):
         test = record_inputs(backbone, settings.model, split.test)
         logits = predict_logits(model, test, backbone.tokenizer.pad_token_id, torch.device("cpu"))

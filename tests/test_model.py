@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -173,3 +175,22 @@ def test_a_prompt_layer_beyond_the_backbone_names_the_key_and_the_depth(tiny_bac
         _model(tiny_backbone, prompt_layer=7)
     with pytest.raises(ConfigError, match=r"prompt_layer \(prompt-layer\) must be 0 \(input\) or a layer number, got -1"):
         _config(prompt_layer=-1)
+
+
+def test_a_checkpoint_becomes_a_model_only_on_the_backbone_it_was_trained_on(tmp_path, tiny_backbone, tiny_backbone_dir):
+    """predict, audit and baselines all load through model_from_checkpoint: same arrays, hash checked."""
+    from medtune.backbone import weights_hash
+    from medtune.checkpoint import Checkpoint, model_from_checkpoint, save_checkpoint
+    from medtune.errors import CheckpointError
+
+    trained = _model(tiny_backbone, seed=3)
+    config = replace(trained.config, backbone=str(tiny_backbone_dir))
+    saved = Checkpoint(trained.exchanged_state(), ("a", "b", "c", "d", "e"), config, "tiny", weights_hash(tiny_backbone.encoder), {})
+    save_checkpoint(tmp_path / "good", saved)
+    checkpoint, model, _ = model_from_checkpoint(tmp_path / "good", device="cpu")
+    assert checkpoint.labels == saved.labels
+    for name, array in trained.exchanged_state().items():
+        np.testing.assert_array_equal(model.exchanged_state()[name], array)
+    save_checkpoint(tmp_path / "other", replace(saved, backbone_hash="0" * 64))
+    with pytest.raises(CheckpointError, match="different weights hash"):
+        model_from_checkpoint(tmp_path / "other", device="cpu")

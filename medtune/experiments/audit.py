@@ -88,8 +88,8 @@ def audit_model(
 
 def audit_run(out: Path, hospital: str) -> AuditResult:
     """Attack a simulated federation's latest global prompt and head with one hospital's records."""
-    from medtune.backbone import load_backbone, resolve_device
-    from medtune.checkpoint import find_checkpoint, load_checkpoint
+    from medtune.backbone import resolve_device
+    from medtune.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
     from medtune.data import train_test_split
     from medtune.features import record_inputs
     from medtune.hospitals import hospital_name
@@ -108,9 +108,7 @@ def audit_run(out: Path, hospital: str) -> AuditResult:
         raise ConfigError(f"{out}: no hospital '{hospital}' in this run; its hospitals are {names}")
     records = simulated_hospital(settings, names.index(hospital)).records
     train, test = train_test_split(records, settings.data.test_fraction, settings.seed)
-    backbone = load_backbone(settings.model.backbone, settings.model.num_layers)
-    model = PromptClassifier(backbone, checkpoint.model, len(checkpoint.labels), seed=settings.seed)
-    model.load_exchanged_state(checkpoint.arrays, source=str(out))
+    checkpoint, model, backbone = model_from_checkpoint(out, device=settings.train.device)  # backbone hash checked
     return audit_model(
         model,
         record_inputs(backbone, checkpoint.model, train),

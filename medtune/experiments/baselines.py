@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from medtune.backbone import Backbone, load_backbone, resolve_device
-from medtune.checkpoint import find_checkpoint, load_checkpoint
+from medtune.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
 from medtune.data import Record, train_test_split
 from medtune.errors import ConfigError
 from medtune.features import RecordInputs, record_inputs
@@ -37,7 +38,6 @@ from medtune.label_prior import ZeroShotClassifier, initial_model
 from medtune.evaluation import evaluate, predict_logits
 from medtune.metrics import Evaluation, from_counts, pool, score_logits
 from medtune.model import PromptClassifier
-from medtune.predict import load_checkpoint_model
 from medtune.privacy import noise_seed
 from medtune.federation.results import RESULTS_FILE, RunResults
 from medtune.run_config import RunSettings, settings_from_run_config
@@ -116,19 +116,38 @@ def _test(settings: RunSettings, backbone: Backbone, model: torch.nn.Module, spl
     return evaluate(model, dataset, settings.data.labels, backbone.tokenizer.pad_token_id, device)
 
 
+Scorer = Callable[[Split], Evaluation]  # one hospital's model, scored on a hospital's test split
+
+
+def each_hospital_scored(
+    name: str, all_splits: list[Split], scorer_of: Callable[[Split], Scorer], spent: dict[str, float]
+) -> BaselineResult:
+    """The one scoring loop for methods with a model per hospital (local, majority, global + own mix).
+
+    `scorer_of(split)` gives the model of `split`'s hospital. Its own test split makes `per_hospital`
+    and `pooled`; every hospital's test split, pooled over all models, makes `everyone`.
+    """
+    per_hospital, everyone = {}, []
+    for own in all_splits:
+        score = scorer_of(own)
+        on_each = {other.name: score(other) for other in all_splits}
+        per_hospital[own.name] = on_each[own.name]
+        everyone += on_each.values()
+    return BaselineResult(name, pool(list(per_hospital.values())), per_hospital, spent, pool(everyone))
+
+
 def local_only(settings: RunSettings, epsilon: float | None = None) -> BaselineResult:
     """Each hospital alone; `epsilon` defaults to the run's target."""
     epsilon = settings.privacy.epsilon if epsilon is None else epsilon
     backbone = load_backbone(settings.model.backbone, settings.model.num_layers, settings.train.device)
-    per_hospital, spent, everyone = {}, {}, []
-    all_splits = splits(settings)
-    for split in all_splits:
+    spent: dict[str, float] = {}
+
+    def trained_alone(split: Split) -> Scorer:
         model, spent[split.name] = _fit(settings, backbone, split.train, epsilon, split.name)
-        on_each = {other.name: _test(settings, backbone, model, other) for other in all_splits}
-        per_hospital[split.name] = on_each[split.name]
-        everyone += on_each.values()
+        return lambda other: _test(settings, backbone, model, other)
+
     label = "local only" + ("" if math.isinf(epsilon) else f" (DP, epsilon={epsilon:g})")
-    return BaselineResult(label, pool(list(per_hospital.values())), per_hospital, spent, pool(everyone))
+    return each_hospital_scored(label, splits(settings), trained_alone, spent)
 
 
 def pooled(settings: RunSettings) -> BaselineResult:
@@ -163,16 +182,15 @@ def _constant(settings: RunSettings, label: int, prior: np.ndarray, test: list[R
 
 def majority_label(settings: RunSettings) -> BaselineResult:
     """Each hospital predicts its most frequent training label (ties: the lowest label index)."""
-    all_splits = splits(settings)
-    per_hospital, everyone = {}, []
-    for split in all_splits:
+
+    def most_frequent(split: Split) -> Scorer:
         prior = label_mix([r.label for r in split.train], len(settings.data.labels))
         label = int(np.argmax(prior))  # smoothing keeps the order of the counts; ties go to the first label
-        on_each = {other.name: _constant(settings, label, prior, other.test) for other in all_splits}
-        per_hospital[split.name] = on_each[split.name]
-        everyone += on_each.values()
+        return lambda other: _constant(settings, label, prior, other.test)
+
+    all_splits = splits(settings)
     spent = {split.name: math.inf for split in all_splits}
-    return BaselineResult("majority label", pool(list(per_hospital.values())), per_hospital, spent, pool(everyone))
+    return each_hospital_scored("majority label", all_splits, most_frequent, spent)
 
 
 def load_run(run: Path) -> tuple[RunSettings, RunResults]:
@@ -202,23 +220,21 @@ def score_global_model(run: Path) -> tuple[BaselineResult, BaselineResult]:
             f"the run has hospitals {strangers} that its settings do not simulate: only a `medtune simulate` "
             "run can be scored again here (a deployed hospital's records stay at its site)"
         )
-    _, model, backbone = load_checkpoint_model(run)
+    _, model, backbone = model_from_checkpoint(run, device=settings.train.device)
     device = resolve_device(settings.train.device)
     tests = {}
     for split in all_splits:
         dataset = _inputs(settings, backbone, split.test)
         tests[split.name] = (predict_logits(model, dataset, backbone.tokenizer.pad_token_id, device), dataset.labels)
-    scores = []
-    for own_label_mix in (False, True):
-        per_hospital, everyone = {}, []
-        for split in all_splits:
-            mix = label_mix([r.label for r in split.train], len(settings.data.labels))
-            on_each = {
-                name: score_logits(apply_label_mix(logits, mix) if own_label_mix else logits, labels, settings.data.labels)
-                for name, (logits, labels) in tests.items()
-            }
-            per_hospital[split.name] = on_each[split.name]
-            everyone += on_each.values()
-        name = "federated + own label mix" if own_label_mix else "federated (global model)"
-        scores.append(BaselineResult(name, pool(list(per_hospital.values())), per_hospital, spent, pool(everyone)))
-    return scores[0], scores[1]
+
+    def as_it_is(split: Split) -> Scorer:
+        return lambda other: score_logits(*tests[other.name], settings.data.labels)
+
+    def with_own_mix(split: Split) -> Scorer:
+        mix = label_mix([r.label for r in split.train], len(settings.data.labels))
+        return lambda other: score_logits(apply_label_mix(tests[other.name][0], mix), tests[other.name][1], settings.data.labels)
+
+    return (
+        each_hospital_scored("federated (global model)", all_splits, as_it_is, spent),
+        each_hospital_scored("federated + own label mix", all_splits, with_own_mix, spent),
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -122,6 +123,71 @@ def _noise_only_step(model: PromptClassifier, device: torch.device) -> torch.Ten
     return torch.zeros((), device=device)
 
 
+def _check_plan(dataset: RecordInputs, ledger: PrivacyLedger, train: TrainConfig) -> tuple[SamplingPlan, int]:
+    """The round's sampling plan and step count, refused before any step if it would break the ledger's promise."""
+    plan = SamplingPlan.for_records(len(dataset), train.batch_size)
+    if ledger.config.is_private and not math.isclose(plan.sample_rate, ledger.sample_rate, rel_tol=1e-9):
+        raise PrivacyBudgetError(
+            f"this hospital's ledger was planned for sampling rate {ledger.sample_rate:.6f} but its training set "
+            f"now gives {plan.sample_rate:.6f}; its records or batch size changed mid-federation"
+        )
+    total_steps = train.epochs * plan.steps_per_epoch
+    ledger.check_can_spend(total_steps)
+    return plan, total_steps
+
+
+def _make_private(
+    model: PromptClassifier, optimizer: torch.optim.Optimizer, loader: DataLoader, ledger: PrivacyLedger,
+    device: torch.device, seed: int,
+) -> tuple[Any, torch.optim.Optimizer, DataLoader]:
+    """Opacus's DP-SGD around model, optimizer and loader: Poisson batches, per-sample clipping, noise.
+
+    Every step is recorded in the hospital's own ledger, whose noise multiplier was derived for its
+    whole participation; the noise is drawn from a generator seeded by the ledger's position.
+    """
+    engine = PrivacyEngine(accountant=ledger.config.accountant)
+    engine.accountant = ledger.accountant  # every step lands in the hospital's own ledger
+    return engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=ledger.noise_multiplier,
+        max_grad_norm=ledger.config.max_grad_norm,
+        poisson_sampling=True,
+        wrap_model=False,
+        noise_generator=torch.Generator(device=device).manual_seed(seed),
+    )
+
+
+def _run_steps(
+    model: PromptClassifier, optimizer: torch.optim.Optimizer, loader: DataLoader, train: TrainConfig,
+    total_steps: int, device: torch.device, proximal: ProximalPull | None, progress: bool,
+) -> tuple[float, int]:
+    """The loop: `train.epochs` passes of (zero grads, loss, backward, DP step, FedProx pull).
+
+    Returns the summed loss and the number of records sampled.
+    """
+    total_loss, examples = 0.0, 0
+    with tqdm(total=total_steps, desc="local training", unit="step", disable=not progress, leave=False) as bar:
+        for _ in range(train.epochs):
+            for batch in loader:
+                optimizer.zero_grad(set_to_none=True)
+                size = int(batch["labels"].shape[0])
+                if size == 0:
+                    loss = _noise_only_step(model, device)
+                else:
+                    loss = _batch_loss(model, batch, device)
+                    loss.backward()
+                optimizer.step()
+                if proximal is not None:
+                    proximal.apply(model, train.learning_rate)
+                total_loss += float(loss.detach()) * size
+                examples += size
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+    return total_loss, examples
+
+
 def train_local(
     model: PromptClassifier,
     dataset: RecordInputs,
@@ -142,16 +208,7 @@ def train_local(
     """
     device = resolve_device(train.device)
     seed_everything(seed)
-    plan = SamplingPlan.for_records(len(dataset), train.batch_size)
-    total_steps = train.epochs * plan.steps_per_epoch
-    privacy = ledger.config
-    if privacy.is_private and not math.isclose(plan.sample_rate, ledger.sample_rate, rel_tol=1e-9):
-        raise PrivacyBudgetError(
-            f"this hospital's ledger was planned for sampling rate {ledger.sample_rate:.6f} but its training set "
-            f"now gives {plan.sample_rate:.6f}; its records or batch size changed mid-federation"
-        )
-    ledger.check_can_spend(total_steps)
-
+    _, total_steps = _check_plan(dataset, ledger, train)
     model.to(device).train()
     loader = DataLoader(
         dataset,
@@ -165,51 +222,22 @@ def train_local(
         load_flat_optimizer_state(adam, optimizer_state)
     optimizer: torch.optim.Optimizer = adam
     hooks = None
-    if privacy.is_private:
-        engine = PrivacyEngine(accountant=privacy.accountant)
-        engine.accountant = ledger.accountant  # every step lands in the hospital's own ledger
-        noise = torch.Generator(device=device).manual_seed(seed)
-        hooks, optimizer, loader = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=ledger.noise_multiplier,
-            max_grad_norm=privacy.max_grad_norm,
-            poisson_sampling=True,
-            wrap_model=False,
-            noise_generator=noise,
-        )
-    total_loss, examples = 0.0, 0
+    if ledger.config.is_private:
+        hooks, optimizer, loader = _make_private(model, adam, loader, ledger, device, seed)
     try:
-        with tqdm(total=total_steps, desc="local training", unit="step", disable=not progress, leave=False) as bar:
-            for _ in range(train.epochs):
-                for batch in loader:
-                    optimizer.zero_grad(set_to_none=True)
-                    size = int(batch["labels"].shape[0])
-                    if size == 0:
-                        loss = _noise_only_step(model, device)
-                    else:
-                        loss = _batch_loss(model, batch, device)
-                        loss.backward()
-                    optimizer.step()
-                    if proximal is not None:
-                        proximal.apply(model, train.learning_rate)
-                    total_loss += float(loss.detach()) * size
-                    examples += size
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        total_loss, examples = _run_steps(model, optimizer, loader, train, total_steps, device, proximal, progress)
     finally:
         if hooks is not None:
             hooks.cleanup()
         for parameter in model.trainable_parameters():
             parameter.grad = None
-    if not privacy.is_private:
+    if not ledger.config.is_private:
         ledger.record_non_private_steps(total_steps)
     return TrainResult(
         loss=total_loss / max(1, examples),
         steps=total_steps,
         examples=len(dataset),
         epsilon=ledger.epsilon,
-        delta=privacy.delta,
+        delta=ledger.config.delta,
         optimizer_state=flat_optimizer_state(adam),
     )

@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -24,6 +25,23 @@ torch.set_num_threads(2)
 # (set before any simulation starts, so Ray's workers inherit it).
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="medtune-test-cache-")
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def tiny_recipe(backbone: Path) -> dict[str, Any]:
+    """Run-config overrides for federations on the tiny backbone: seconds a round on 2 cores.
+
+    The one copy of the tiny settings the federation, robustness, sweep and deployment tests share;
+    each adds its hospitals, rounds and timeouts.
+    """
+    return {
+        "backbone": str(backbone),
+        "num-layers": 0,
+        "prompt-length": 4,
+        "max-length": 32,
+        "local-epochs": 1,
+        "batch-size": 16,
+        "learning-rate": 0.05,
+    }
 
 
 @pytest.fixture(scope="session")

@@ -35,6 +35,7 @@ from medtune.run_config import PROJECT_DIR, project_defaults
 from client.node_config import site_for
 from medtune.state import ExchangedStateSpec
 from medtune.synth import SynthConfig, write_hospitals
+from conftest import tiny_recipe
 
 BIN = Path(sys.executable).parent
 HOSPITALS = ("h1", "h2", "h3")
@@ -155,9 +156,7 @@ def run_config(backbone: Path, out: Path, **extra: object) -> str:
     """Tiny settings. The round timeout is only a ceiling: a stopped SuperNode is reported unavailable
     at once, so no round waits for it, and a loaded 2-core machine can take a minute per round."""
     values = {
-        "backbone": str(backbone), "num-layers": 0, "prompt-length": 4, "max-length": 32,
-        "hospitals": 3, "min-hospitals": 2, "local-epochs": 1, "batch-size": 16, "learning-rate": 0.05,
-        "epsilon": 8.0, "rounds": 3, "keep-updates": True, "round-timeout": 120.0, "out": str(out), **extra,
+        **tiny_recipe(backbone), "hospitals": 3, "min-hospitals": 2, "epsilon": 8.0, "rounds": 3, "keep-updates": True, "round-timeout": 120.0, "out": str(out), **extra,
     }
     return "\n".join(f"{key} = {json.dumps(value)}" for key, value in values.items()) + "\n"
 

@@ -15,21 +15,16 @@ from safetensors.numpy import load_file
 from medtune.checkpoint import load_checkpoint
 from medtune.federation.simulation import simulate
 from medtune.state import ExchangedStateSpec
+from conftest import tiny_recipe
 
 HOSPITALS = ("hospital_1", "hospital_2", "hospital_3")
 
 
 def tiny_run(backbone: Path, out: Path, **extra: object) -> dict[str, object]:
     return {
-        "backbone": str(backbone),
-        "num-layers": 0,
-        "prompt-length": 4,
-        "max-length": 32,
+        **tiny_recipe(backbone),
         "hospitals": 3,
         "records-per-hospital": 60,
-        "local-epochs": 1,
-        "batch-size": 16,
-        "learning-rate": 0.05,
         "epsilon": 8.0,
         "rounds": 2,
         "keep-updates": True,
@@ -267,3 +262,15 @@ def test_the_learning_core_imports_no_flower() -> None:
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
     assert int(out[0]) > 30, out[0]  # every core and experiments module was imported
     assert out[1:] == [], out[1:]
+
+
+def test_every_private_flower_name_medtune_simulate_calls_exists_in_the_installed_flower(monkeypatch) -> None:
+    """`medtune simulate` uses Flower's private in-process runtime; a Flower release that moves it fails here."""
+    from medtune.federation import flower_engine
+
+    assert flower_engine.missing_private_names() == []
+    monkeypatch.setattr(flower_engine, "PRIVATE_NAMES", (*flower_engine.PRIVATE_NAMES, ("flwr.supercore.run", "Run.gone")))
+    monkeypatch.setattr(flower_engine, "RUN_SIMULATION_ARGUMENTS", (*flower_engine.RUN_SIMULATION_ARGUMENTS, "renamed"))
+    assert flower_engine.missing_private_names() == ["flwr.supercore.run.Run.gone"]  # names first, then arguments
+    monkeypatch.setattr(flower_engine, "PRIVATE_NAMES", flower_engine.PRIVATE_NAMES[:-1])
+    assert flower_engine.missing_private_names() == ["_run_simulation(renamed=...)"]

@@ -32,6 +32,7 @@ from medtune.run_config import resolve_run_config, settings_from_run_config
 from medtune.synth import LABELS, SynthConfig, write_hospitals
 from medtune.federation.wire import ARRAYS, FAILED, HOSPITAL, METRICS, REJECTED, evaluate_reply, from_record, to_record
 from server.federation import Federation, checkpoint_dir
+from conftest import tiny_recipe
 
 Node = Callable[[Message], Message]
 Arrays = dict[str, np.ndarray]
@@ -68,14 +69,8 @@ def run_config(backbone: Path, out: Path, hospitals: int, **extra: Any) -> dict[
     return resolve_run_config(
         None,
         {
-            "backbone": str(backbone),
-            "num-layers": 0,
-            "prompt-length": 4,
-            "max-length": 32,
+            **tiny_recipe(backbone),
             "hospitals": hospitals,
-            "local-epochs": 1,
-            "batch-size": 16,
-            "learning-rate": 0.05,
             "rounds": 1,
             "round-timeout": 5.0,
             "out": str(out),

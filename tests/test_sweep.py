@@ -17,6 +17,7 @@ from medtune.errors import ConfigError
 from medtune.experiments.baselines import majority_label, splits
 from medtune.run_config import resolve_run_config, settings_from_run_config
 from medtune.experiments.sweep import SweepConfig, plan_cells, run_sweep
+from conftest import tiny_recipe
 
 
 def tiny_sweep(backbone: Path) -> SweepConfig:
@@ -25,18 +26,7 @@ def tiny_sweep(backbone: Path) -> SweepConfig:
         scenario="default",
         epsilons=(8.0,),
         seeds=(0,),
-        run_config={
-            "backbone": str(backbone),
-            "num-layers": 0,
-            "prompt-length": 4,
-            "max-length": 32,
-            "records-per-hospital": 40,
-            "hospitals": 2,
-            "local-epochs": 1,
-            "rounds": 2,
-            "batch-size": 16,
-            "learning-rate": 0.05,
-        },
+        run_config={**tiny_recipe(backbone), "records-per-hospital": 40, "hospitals": 2, "rounds": 2},
         axes={},
     )
 

@@ -7,9 +7,9 @@ its `partition-id`. Nothing is installed, nothing is downloaded, and no SuperLin
 running afterwards: the whole federation lives and ends inside this process (Ray workers
 included).
 
-Flower 1.41 offers no public in-process entry point that takes a run config, so this calls the
-simulation runtime's `_run_simulation`, the function `flwr run`'s simulation process calls.
-The flwr version is pinned (<1.42) in pyproject.toml for that reason.
+Flower offers no public in-process entry point that takes a run config, so the one call into
+Flower's private simulation runtime lives in medtune/federation/flower_engine.py, with a test
+that fails loudly when a Flower release changes it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from medtune.checkpoint import check_resume_location
 from medtune.errors import ConfigError, MedTuneError
 from medtune.hospitals import check_hospitals
 from medtune.locks import exclusive
+from medtune.federation.flower_engine import run_in_process
 from medtune.federation.results import RESULTS_FILE
 from medtune.run_config import PROJECT_DIR, RunSettings, resolve_run_config, settings_from_run_config
 from medtune.stopping import Interrupted, halt, stop_on_signals
@@ -74,38 +75,18 @@ def simulate(scenario: str | None, overrides: dict[str, Any], cpus_per_hospital:
 
 def _simulate(settings: RunSettings, config: dict[str, Any], cpus_per_hospital: float) -> None:
     """Flower's simulation runtime over this run's settings, its errors surfaced as MedTune's."""
-    from flwr.app import Context, RecordDict
-    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
-    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
-    from flwr.simulation.run_simulation import _run_simulation
-    from flwr.supercore.constant import NOOP_FEDERATION_ID
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
-    from flwr.supercore.telemetry import EventType
-
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ["OMP_NUM_THREADS"] = str(max(1, int(cpus_per_hospital)))
-
-    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
-    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
-    run.override_config = config
-    run.federation_id = NOOP_FEDERATION_ID
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
     components = _components()
-    context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=config)
     try:
-        _run_simulation(
-            num_supernodes=settings.source.hospitals,
-            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-            server_app_attr=components["serverapp"],
-            client_app_attr=components["clientapp"],
-            backend_name="ray",
+        run_in_process(
+            config,
+            hospitals=settings.source.hospitals,
+            server_app=components["serverapp"],
+            client_app=components["clientapp"],
             backend_config=simulation_backend(cpus_per_hospital, settings.gpus_per_hospital),
-            server_app_context=context,
-            app_dir=str(PROJECT_DIR),
-            run=run,
-            is_app=True,
+            app_dir=PROJECT_DIR,
         )
     except MedTuneError:
         raise

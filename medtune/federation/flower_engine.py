@@ -1,0 +1,101 @@
+"""The one place MedTune calls Flower's private simulation runtime (tested with flwr 1.41 and 1.42).
+
+`flwr run .` starts a simulation in a separate process through a SuperLink; `medtune simulate`
+runs the same federation in its own process (signals, exit codes and one-line errors stay
+MedTune's). Flower has no public in-process entry point that takes a run config
+(`flwr.simulation.run_simulation` takes no run config and no app directory), so this calls
+`_run_simulation`, the function `flwr run`'s simulation process calls, with the run identity
+that process would build. Every private name it uses is listed in PRIVATE_NAMES and checked by
+tests/test_federation.py against the installed Flower: a release that moves or renames one fails
+that test, not a user's run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+from pathlib import Path
+from typing import Any
+
+# (module, attribute path) of every private Flower name used below, down to the fields it sets.
+PRIVATE_NAMES = (
+    ("flwr.simulation.run_simulation", "_run_simulation"),
+    ("flwr.common.constant", "RUN_ID_NUM_BYTES"),
+    ("flwr.common.constant", "TASK_ID_NUM_BYTES"),
+    ("flwr.common.constant", "SUPERLINK_NODE_ID"),
+    ("flwr.server.superlink.linkstate.utils", "generate_rand_int_from_bytes"),
+    ("flwr.supercore.constant", "NOOP_FEDERATION_ID"),
+    ("flwr.supercore.run", "Run.create_empty"),
+    ("flwr.supercore.task_identity", "TaskIdentity.task_id"),
+    ("flwr.supercore.task_identity", "TaskIdentity.run_id"),
+    ("flwr.supercore.task_identity", "TaskIdentity.node_id"),
+    ("flwr.supercore.telemetry", "EventType.PYTHON_API_RUN_SIMULATION_LEAVE"),
+)
+RUN_FIELDS = ("primary_task_id", "override_config", "federation_id")  # set on Flower's Run below
+# The keyword arguments this module passes to `_run_simulation`.
+RUN_SIMULATION_ARGUMENTS = (
+    "num_supernodes", "exit_event", "server_app_attr", "client_app_attr", "backend_name", "backend_config",
+    "server_app_context", "app_dir", "run", "is_app",
+)
+
+
+def missing_private_names() -> list[str]:
+    """Private Flower names this adapter needs that the installed Flower lacks (empty: compatible)."""
+    missing = []
+    for module_name, attribute in PRIVATE_NAMES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            missing.append(f"{module_name} (module)")
+            continue
+        target: Any = module
+        for part in attribute.split("."):
+            try:  # static lookup: TaskIdentity's properties raise when read outside a run
+                target = inspect.getattr_static(target, part)
+            except AttributeError:
+                missing.append(f"{module_name}.{attribute}")
+                break
+    if not missing:
+        from flwr.simulation.run_simulation import _run_simulation
+        from flwr.supercore.run import Run
+
+        accepted = inspect.signature(_run_simulation).parameters
+        missing += [f"_run_simulation({name}=...)" for name in RUN_SIMULATION_ARGUMENTS if name not in accepted]
+        fields = {field.name for field in dataclasses.fields(Run)}
+        missing += [f"flwr.supercore.run.Run.{name}" for name in RUN_FIELDS if name not in fields]
+    return missing
+
+
+def run_in_process(
+    run_config: dict[str, Any], hospitals: int, server_app: str, client_app: str, backend_config: dict[str, Any],
+    app_dir: Path,
+) -> None:
+    """One federation on the Ray backend, `hospitals` SuperNodes, in this process; returns when it ends."""
+    from flwr.app import Context, RecordDict
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.telemetry import EventType
+
+    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.override_config = run_config
+    run.federation_id = NOOP_FEDERATION_ID
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
+    context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    _run_simulation(
+        num_supernodes=hospitals,
+        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+        server_app_attr=server_app,
+        client_app_attr=client_app,
+        backend_name="ray",
+        backend_config=backend_config,
+        server_app_context=context,
+        app_dir=str(app_dir),
+        run=run,
+        is_app=True,
+    )

@@ -1,4 +1,5 @@
-"""`medtune` command line. Defaults live in the config dataclasses: flags left unset keep them.
+"""`medtune` command line. Flags of `train` and `difficulty` are derived from the config dataclasses;
+flags left unset keep their defaults, which come from pyproject.toml (medtune/defaults.py).
 
 Every MedTuneError is printed as one line, `error: ...`, with exit status 2: no tracebacks.
 """
@@ -6,75 +7,76 @@ Every MedTuneError is printed as one line, `error: ...`, with exit status 2: no 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
-from medtune.config import DataConfig, ModelConfig, PrivacyConfig, TrainConfig, config_from_dict
+from medtune.config import (
+    ACCOUNTANTS,
+    HEAD_INITS,
+    PROMPT_INITS,
+    DataConfig,
+    ModelConfig,
+    PrivacyConfig,
+    TrainConfig,
+    config_from_dict,
+)
+from medtune.defaults import key_help, run_defaults
 from medtune.epsilon import read_epsilon
 from medtune.errors import ConfigError, MedTuneError
 from medtune.logs import quiet_libraries
 from medtune.stopping import EXIT_STATUS, Interrupted
+from medtune.synth import SynthConfig
 
 
-def _given(args: argparse.Namespace, mapping: dict[str, str]) -> dict[str, Any]:
-    """Config fields for the flags the user actually gave (dest name -> field name)."""
-    return {field: getattr(args, dest) for dest, field in mapping.items() if getattr(args, dest) is not None}
-
-
-MODEL_FLAGS = {
-    "backbone": "backbone",
-    "layers": "num_layers",
-    "prompt_length": "prompt_length",
-    "prompt_init": "prompt_init",
-    "max_length": "max_length",
-    "prompt_layer": "prompt_layer",
-    "head_init": "head_init",
+# Flags are derived from the config dataclasses' fields: `prompt_length` becomes --prompt-length,
+# with the default and the help of run-config key `prompt-length` in pyproject.toml.
+FLAG_ALIASES = {"num_layers": ("--layers",), "learning_rate": ("--lr",)}  # shorter spellings kept for users
+FLAG_CHOICES = {"prompt_init": PROMPT_INITS, "head_init": HEAD_INITS, "accountant": ACCOUNTANTS}
+FLAG_HELP = {
+    "epochs": "passes over the records (default: rounds x local-epochs of the run config, as in the default federation)",
+    "epsilon": "target epsilon for the whole participation (inf: no DP)",
 }
-PRIVACY_FLAGS = {"epsilon": "epsilon", "delta": "delta", "max_grad_norm": "max_grad_norm", "accountant": "accountant"}
-TRAIN_FLAGS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "learning_rate", "seed": "seed", "device": "device"}
-DATA_FLAGS = {"text_column": "text_column", "label_column": "label_column", "test_fraction": "test_fraction"}
+NOT_FLAGS = {"labels", "label_descriptions"}  # lists, given as --labels a,b and --label-descriptions 'x|y'
 
 
-def _add_model_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model")
-    group.add_argument("--backbone", help="local Hugging Face checkpoint directory (default: embedded MiniLM-L6)")
-    group.add_argument("--layers", type=int, help="keep only the first k transformer layers")
-    group.add_argument("--prompt-length", type=int, help="number of virtual prompt tokens")
-    group.add_argument("--prompt-init", choices=["vocab", "random"])
-    group.add_argument("--max-length", type=int, help="truncate texts to this many tokens")
-    group.add_argument(
-        "--prompt-layer", type=int, help="block the prompt enters before (0 = input; k > 0 caches the blocks below k)"
-    )
-    group.add_argument("--head-init", choices=["label-names", "random"], help="start the head from label-name embeddings")
+def _add_config_flags(group: Any, config: type) -> None:
+    """One flag per field of a config dataclass; unset flags keep the field's default (pyproject.toml)."""
+    hints = typing.get_type_hints(config)
+    helps, defaults = key_help(), run_defaults()
+    for field in dataclasses.fields(config):
+        if field.name in NOT_FLAGS:
+            continue
+        key = field.name.replace("_", "-")
+        number = next((kind for kind in (int, float) if hints[field.name] in (kind, kind | None)), None)
+        group.add_argument(
+            f"--{key}",
+            *FLAG_ALIASES.get(field.name, ()),
+            dest=field.name,
+            type=None if field.name == "epsilon" else number,  # epsilon's text ("inf") is read by PrivacyConfig
+            choices=FLAG_CHOICES.get(field.name),
+            help=FLAG_HELP.get(field.name) or f"{helps.get(key, key)} (default: {defaults[key]!r})",
+        )
 
 
-def _add_privacy_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("privacy")
-    group.add_argument("--epsilon", help="target epsilon for the whole participation (inf: no DP)")
-    group.add_argument("--delta", type=float)
-    group.add_argument("--max-grad-norm", type=float, help="per-sample clipping norm")
-    group.add_argument("--accountant", choices=["prv", "rdp"])
-
-
-def _add_train_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("training")
-    group.add_argument("--epochs", type=int)
-    group.add_argument("--batch-size", type=int, help="expected (Poisson) batch size")
-    group.add_argument("--lr", type=float, help="learning rate")
-    group.add_argument("--seed", type=int)
-    group.add_argument("--device", help="auto, cpu or cuda[:N]")
+def _given(args: argparse.Namespace, config: type) -> dict[str, Any]:
+    """The config fields whose flags the user actually gave."""
+    return {
+        field.name: getattr(args, field.name)
+        for field in dataclasses.fields(config)
+        if getattr(args, field.name, None) is not None
+    }
 
 
 def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--data", type=Path, help="records file (.csv, .jsonl, .parquet); default: one synthetic hospital of 1,500 notes")
     group.add_argument("--labels", help="comma-separated federation label list (default: the synthetic labels)")
-    group.add_argument("--label-descriptions", help="'|'-separated public description per label, in label order")
-    group.add_argument("--text-column")
-    group.add_argument("--label-column")
-    group.add_argument("--test-fraction", type=float)
+    group.add_argument("--label-descriptions", help=key_help().get("label-descriptions"))
+    _add_config_flags(group, DataConfig)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,11 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="write synthetic hospitals as CSV files")
-    synth.add_argument("--hospitals", type=int, default=3)
-    synth.add_argument("--records", type=int, default=300, help="mean records per hospital")
-    synth.add_argument("--alpha", type=float, default=1.0, help="Dirichlet label-skew concentration")
-    synth.add_argument("--label-noise", type=float, default=0.05)
-    synth.add_argument("--seed", type=int, default=0)
+    synth_defaults = SynthConfig()
+    synth.add_argument("--hospitals", type=int, help=f"number of hospitals (default: {synth_defaults.hospitals})")
+    synth.add_argument("--records", type=int, help=f"mean records per hospital (default: {synth_defaults.mean_records})")
+    synth.add_argument(
+        "--alpha", type=float, help=f"Dirichlet label-skew concentration (default: {synth_defaults.dirichlet_alpha})"
+    )
+    synth.add_argument(
+        "--label-noise", type=float, help=f"share of records with a wrong label (default: {synth_defaults.label_noise})"
+    )
+    synth.add_argument("--seed", type=int, help=f"(default: {synth_defaults.seed})")
     synth.add_argument("--out", type=Path, default=Path("data/synthetic"))
 
     certs = commands.add_parser("certs", help="deployment: TLS certificates and SuperNode keys").add_subparsers(
@@ -103,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train one hospital alone, with DP, and evaluate it")
     _add_data_flags(train)
-    _add_model_flags(train)
-    _add_privacy_flags(train)
-    _add_train_flags(train)
+    _add_config_flags(train.add_argument_group("model"), ModelConfig)
+    _add_config_flags(train.add_argument_group("privacy"), PrivacyConfig)
+    _add_config_flags(train.add_argument_group("training"), TrainConfig)
     train.add_argument("--ledger", type=Path, help="privacy ledger file to continue (default: OUT/ledger.json)")
     train.add_argument("--out", type=Path, default=Path("runs/local"))
 
@@ -196,22 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--run-config", default="", help="more overrides for every candidate: 'key=value key2=value2'")
     tune.add_argument("--out", type=Path, help="output directory (default: runs/tuning/<sweep name>)")
     difficulty = bench.add_parser("difficulty", help="synthetic data: pooled vs smallest hospital alone")
-    difficulty.add_argument("--hospitals", type=int, default=3)
-    _add_model_flags(difficulty)
-    _add_train_flags(difficulty)
+    difficulty.add_argument("--hospitals", type=int, help=f"synthetic hospitals (default: {SynthConfig().hospitals})")
+    _add_config_flags(difficulty.add_argument_group("model"), ModelConfig)
+    _add_config_flags(difficulty.add_argument_group("training"), TrainConfig)
     return parser
 
 
 def _cmd_synth(args: argparse.Namespace) -> None:
-    from medtune.synth import LABELS, SynthConfig, write_hospitals
+    from medtune.synth import LABELS, write_hospitals
 
-    config = SynthConfig(
-        hospitals=args.hospitals,
-        mean_records=args.records,
-        dirichlet_alpha=args.alpha,
-        label_noise=args.label_noise,
-        seed=args.seed,
-    )
+    flags = {"hospitals": args.hospitals, "mean_records": args.records, "dirichlet_alpha": args.alpha,
+             "label_noise": args.label_noise, "seed": args.seed}
+    config = SynthConfig(**{name: value for name, value in flags.items() if value is not None})
     for path in write_hospitals(config, args.out):
         print(path)
     print(f"labels: {','.join(LABELS)}")
@@ -238,14 +241,14 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from medtune.backbone import load_backbone
     from medtune.data import read_records
     from medtune.standalone import all_configs, run_local, save_local_run
-    from medtune.synth import LABELS, SynthConfig, write_hospitals
+    from medtune.synth import LABELS, write_hospitals
 
     labels = tuple(args.labels.split(",")) if args.labels else LABELS
     descriptions = tuple(args.label_descriptions.split("|")) if args.label_descriptions else ()
-    data = config_from_dict(DataConfig, {"labels": labels, "label_descriptions": descriptions, **_given(args, DATA_FLAGS)})
-    model = config_from_dict(ModelConfig, _given(args, MODEL_FLAGS))
-    privacy = config_from_dict(PrivacyConfig, _given(args, PRIVACY_FLAGS))
-    train = config_from_dict(TrainConfig, _given(args, TRAIN_FLAGS))
+    data = config_from_dict(DataConfig, {"labels": labels, "label_descriptions": descriptions, **_given(args, DataConfig)})
+    model = config_from_dict(ModelConfig, _given(args, ModelConfig))
+    privacy = config_from_dict(PrivacyConfig, _given(args, PrivacyConfig))
+    train = config_from_dict(TrainConfig, _given(args, TrainConfig))
     default_hospital = SynthConfig(hospitals=1, mean_records=1500, dirichlet_alpha=100.0, seed=train.seed)
     path = args.data or write_hospitals(default_hospital, args.out / "synthetic")[0]
     records = read_records(path, data)
@@ -352,11 +355,11 @@ def _cmd_audit(args: argparse.Namespace) -> None:
 
 def _cmd_difficulty(args: argparse.Namespace) -> None:
     from medtune.experiments.difficulty import run_difficulty
-    from medtune.synth import SynthConfig
 
-    train = config_from_dict(TrainConfig, _given(args, TRAIN_FLAGS))
-    model = config_from_dict(ModelConfig, _given(args, MODEL_FLAGS))
-    run_difficulty(SynthConfig(hospitals=args.hospitals, seed=train.seed), model, train)
+    train = config_from_dict(TrainConfig, _given(args, TrainConfig))
+    model = config_from_dict(ModelConfig, _given(args, ModelConfig))
+    hospitals = {} if args.hospitals is None else {"hospitals": args.hospitals}
+    run_difficulty(SynthConfig(**hospitals, seed=train.seed), model, train)
 
 
 def _cmd_simulate(args: argparse.Namespace) -> None:

@@ -1,7 +1,8 @@
 """One frozen, validated config object per concern: model, data, privacy, training.
 
 Each is checked once, when it is built, so a bad value fails at the edge with a message that names
-the field, never deep inside torch or Opacus.
+the field, never deep inside torch or Opacus. Every default comes from pyproject.toml's run config
+(medtune/defaults.py): a field named `prompt_length` takes the default of key `prompt-length`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from medtune.defaults import default
 from medtune.epsilon import read_epsilon
 from medtune.errors import ConfigError
 
@@ -35,13 +37,13 @@ class ModelConfig:
     embeddings of the label names or descriptions ("label-names"), or at random.
     """
 
-    backbone: str | None = None
-    num_layers: int | None = None
-    prompt_length: int = 16
-    prompt_init: str = "vocab"
-    max_length: int = 128
-    prompt_layer: int = 5
-    head_init: str = "label-names"
+    backbone: str | None = default("backbone") or None
+    num_layers: int | None = default("num-layers") or None
+    prompt_length: int = default("prompt-length")
+    prompt_init: str = default("prompt-init")
+    max_length: int = default("max-length")
+    prompt_layer: int = default("prompt-layer")
+    head_init: str = default("head-init")
 
     def __post_init__(self) -> None:
         _require(
@@ -75,10 +77,10 @@ class DataConfig:
     """
 
     labels: tuple[str, ...]
-    label_descriptions: tuple[str, ...] = ()
-    text_column: str = "text"
-    label_column: str = "label"
-    test_fraction: float = 0.2
+    label_descriptions: tuple[str, ...] = ()  # run config "" (each label describes itself)
+    text_column: str = default("text-column")
+    label_column: str = default("label-column")
+    test_fraction: float = default("test-fraction")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(str(label) for label in self.labels))
@@ -113,10 +115,10 @@ class PrivacyConfig:
     epsilon = inf turns DP off (no clipping, no noise): the non-private baseline.
     """
 
-    epsilon: float = 8.0  # a flag's text ("8", "inf") is read by medtune/epsilon.py
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
-    accountant: str = "prv"
+    epsilon: float = default("epsilon")  # a flag's text ("8", "inf") is read by medtune/epsilon.py
+    delta: float = default("delta")
+    max_grad_norm: float = default("max-grad-norm")
+    accountant: str = default("accountant")
 
     def __post_init__(self) -> None:
         # A positive number, or inf for no DP (given as a number or as text); -inf, NaN and 0 are refused.
@@ -144,11 +146,13 @@ class TrainConfig:
     update shrinks as the batch grows.
     """
 
-    epochs: int = 5  # alone, the passes a hospital makes in the default federation (5 rounds x 1 epoch)
-    batch_size: int = 64
-    learning_rate: float = 1e-2
-    seed: int = 0
-    device: str = "auto"
+    # Alone (`medtune train`), a hospital makes the passes it makes in the default federation; in a
+    # federation, `local-epochs` per round (medtune/run_config.py).
+    epochs: int = default("rounds") * default("local-epochs")
+    batch_size: int = default("batch-size")
+    learning_rate: float = default("learning-rate")
+    seed: int = default("seed")
+    device: str = default("device")
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, f"train.epochs must be at least 1, got {self.epochs}")

@@ -1,6 +1,6 @@
 """A federated run's settings, read from Flower's flat run config.
 
-The defaults live in one place, `[tool.flwr.app.config]` of pyproject.toml. A scenario file
+The defaults live in one place, `[tool.flwr.app.config]` of pyproject.toml (medtune/defaults.py). A scenario file
 (simulations/scenarios/*.toml) overrides some of them, and `--run-config` or `medtune simulate`
 flags override again. This module turns the resulting flat key/value dict into the validated
 config objects the core uses, naming any key or value it cannot use.
@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from medtune.config import DataConfig, ModelConfig, PrivacyConfig, TrainConfig
+from medtune.defaults import PROJECT_DIR, run_defaults
 from medtune.epsilon import NO_DP, read_epsilon
 from medtune.errors import ConfigError
 from medtune.synth import LABELS, SynthConfig
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean")
 SYNTHETIC = "synthetic"
-PROJECT_DIR = Path(__file__).resolve().parents[1]
 SCENARIO_DIR = PROJECT_DIR / "simulations" / "scenarios"
 
 
@@ -207,17 +207,6 @@ def settings_from_run_config(config: dict[str, Any]) -> RunSettings:
     return settings
 
 
-def project_defaults() -> dict[str, Any]:
-    """`[tool.flwr.app.config]` of MedTune's pyproject.toml: the run defaults."""
-    path = PROJECT_DIR / "pyproject.toml"
-    if not path.is_file():
-        raise ConfigError(
-            f"{path}: missing; federated runs need MedTune's project directory (install with `pip install -e .`)"
-        )
-    with path.open("rb") as handle:
-        return dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
-
-
 def named_toml(name_or_path: str, folder: Path, kind: str) -> Path:
     """A shipped TOML file by name (`folder/<name>.toml`) or a user's file by path."""
     candidate = Path(name_or_path)
@@ -246,7 +235,7 @@ def read_scenario(name_or_path: str) -> dict[str, Any]:
 
 
 def check_keys(overrides: dict[str, Any], source: str) -> None:
-    defaults = project_defaults()
+    defaults = run_defaults()
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
         raise ConfigError(f"{source}: unknown run-config key(s) {unknown}; known keys: {sorted(defaults)}")
@@ -279,7 +268,7 @@ def parse_overrides(text: str) -> dict[str, Any]:
 def resolve_run_config(scenario: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
     """Defaults, then the scenario file, then explicit overrides: what `flwr run` would fuse."""
     check_keys(overrides, source="overrides")
-    config = project_defaults()
+    config = run_defaults()
     if scenario:
         config.update(read_scenario(scenario))
     config.update(overrides)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medtune.defaults import default
 from medtune.errors import ConfigError
 
 LABELS: tuple[str, ...] = ("cardiology", "pulmonology", "gastroenterology", "neurology", "infectious_disease")
@@ -125,12 +126,12 @@ ONSETS = ("onset this morning", "gradual over a week", "sudden onset at rest", "
 class SynthConfig:
     """How many hospitals, how big, how skewed, how noisy."""
 
-    hospitals: int = 3
-    mean_records: int = 300
+    hospitals: int = default("hospitals")
+    mean_records: int = default("records-per-hospital")
     size_skew: float = 0.6
-    dirichlet_alpha: float = 1.0
+    dirichlet_alpha: float = default("dirichlet-alpha")
     label_noise: float = 0.05
-    seed: int = 0
+    seed: int = default("seed")
 
     def __post_init__(self) -> None:
         if self.hospitals < 1:

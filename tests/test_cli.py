@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import csv
 
 from medtune.cli import main
@@ -150,3 +152,25 @@ def test_certs_server_never_replaces_a_key_unless_asked(tmp_path, capsys):
     assert (out / "server.key").read_bytes() == key
     assert main(["certs", "server", "--host", "localhost", "--out", str(out), "--rotate"]) == 0
     assert (out / "server.key").read_bytes() != key
+
+
+def test_train_and_simulate_share_the_defaults_of_pyproject_and_every_config_field_has_a_flag():
+    """No default is written twice: the dataclasses and `medtune train`'s flags take theirs from pyproject.toml."""
+    import dataclasses
+
+    from medtune.cli import NOT_FLAGS, build_parser
+    from medtune.config import DataConfig, ModelConfig, PrivacyConfig, TrainConfig
+    from medtune.run_config import resolve_run_config, settings_from_run_config
+
+    simulated = settings_from_run_config(resolve_run_config(None, {}))
+    assert ModelConfig() == simulated.model and PrivacyConfig() == simulated.privacy
+    assert DataConfig(labels=simulated.data.labels) == simulated.data
+    # Alone, a hospital makes the passes it makes over the default federation's rounds.
+    assert TrainConfig() == dataclasses.replace(simulated.train, epochs=simulated.train.epochs * simulated.federation.rounds)
+    args = build_parser().parse_args(["train"])
+    for config in (DataConfig, ModelConfig, PrivacyConfig, TrainConfig):
+        for field in dataclasses.fields(config):
+            if field.name not in NOT_FLAGS:
+                assert getattr(args, field.name) is None, field.name  # unset: the dataclass default applies
+    given = build_parser().parse_args(["train", "--prompt-length", "4", "--lr", "0.5", "--epsilon", "inf"])
+    assert (given.prompt_length, given.learning_rate, PrivacyConfig(epsilon=given.epsilon).epsilon) == (4, 0.5, math.inf)

@@ -31,7 +31,7 @@ from safetensors.numpy import load_file
 
 from medtune.certs import make_node_keys, make_server_certificates
 from medtune.errors import ConfigError
-from medtune.run_config import PROJECT_DIR, project_defaults
+from medtune.defaults import PROJECT_DIR, run_defaults
 from client.node_config import site_for
 from medtune.state import ExchangedStateSpec
 from medtune.synth import SynthConfig, write_hospitals
@@ -366,6 +366,6 @@ def test_certificates_name_the_superlink_and_keys_are_never_replaced(tmp_path: P
     ],
 )
 def test_a_site_with_an_unusable_node_config_is_refused_by_name(node_config: dict, message: str) -> None:
-    context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=project_defaults())
+    context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_defaults())
     with pytest.raises(ConfigError, match=message):
         site_for(context)

@@ -43,8 +43,8 @@ from typing import Any
 from medtune.epsilon import NO_DP, read_epsilon, show_epsilon
 from medtune.errors import ConfigError, MedTuneError
 from medtune.files import atomic_write_json, read_json
+from medtune.defaults import PROJECT_DIR
 from medtune.run_config import (
-    PROJECT_DIR,
     RunSettings,
     check_keys,
     named_toml,

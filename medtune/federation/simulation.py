@@ -26,7 +26,8 @@ from medtune.hospitals import check_hospitals
 from medtune.locks import exclusive
 from medtune.federation.flower_engine import run_in_process
 from medtune.federation.results import RESULTS_FILE
-from medtune.run_config import PROJECT_DIR, RunSettings, resolve_run_config, settings_from_run_config
+from medtune.defaults import PROJECT_DIR
+from medtune.run_config import RunSettings, resolve_run_config, settings_from_run_config
 from medtune.stopping import Interrupted, halt, stop_on_signals
 
 

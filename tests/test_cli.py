@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
-
 import csv
+import math
 
 from medtune.cli import main
 from medtune.synth import LABELS

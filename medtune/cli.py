@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     source = predict.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", action="append", help="a text to classify (repeatable)")
     source.add_argument("--input", type=Path, help="records file (.csv, .jsonl, .parquet) with a text column")
-    predict.add_argument("--text-column", default="text")
+    predict.add_argument("--text-column", default=run_defaults()["text-column"])
     predict.add_argument(
         "--label-mix", type=Path,
         help="this hospital's labelled records (.csv, .jsonl, .parquet): re-weight predictions to its label mix",
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("benchmark", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     perf = bench.add_parser("perf", help="training and inference throughput, with and without DP")
     perf.add_argument("--layers", default="6", help="comma-separated backbone depths")
-    perf.add_argument("--max-lengths", default="128")
+    perf.add_argument("--max-lengths", default=str(run_defaults()["max-length"]), help="comma-separated token counts")
     perf.add_argument("--prompt-layers", default="0,1,2,3,4,5,6", help="comma-separated prompt layers (0 = input)")
     perf.add_argument("--batch-size", type=int, default=16)
     perf.add_argument("--steps", type=int, default=8, help="timed training steps per setting")
@@ -199,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--grid", action="append", required=True,
         help="run-config key and TOML list of values, e.g. 'prompt-layer=[0,3,5]' (repeatable: the grid is the product)",
     )
-    tune.add_argument("--epsilon", default="8", help="each candidate's privacy target (inf: no DP)")
+    tune.add_argument(
+        "--epsilon", default=str(run_defaults()["epsilon"]), help="each candidate's privacy target (inf: no DP)"
+    )
     tune.add_argument("--run-config", default="", help="more overrides for every candidate: 'key=value key2=value2'")
     tune.add_argument("--out", type=Path, help="output directory (default: runs/tuning/<sweep name>)")
     difficulty = bench.add_parser("difficulty", help="synthetic data: pooled vs smallest hospital alone")

@@ -3,7 +3,7 @@
 Flower's own strategies do the arithmetic. FedAvg, FedProx and FedAdam weight each update by its
 `num-examples`. FedMedian (coordinate-wise median) and FedTrimmedAvg (coordinate-wise mean after
 cutting `trim-fraction` of the replies from each tail) are robust to a few outlying hospitals
-and, in Flower 1.41, ignore `num-examples`: every accepted hospital counts once. Only checked
+and, in Flower 1.41 and 1.42, ignore `num-examples`: every accepted hospital counts once. Only checked
 updates reach them (server.validation), each as a fresh message holding the checked arrays and
 the example count and nothing else, so no reply's extra content can reach a strategy, and the
 median strategies, which empty the messages they aggregate, never touch what a hospital sent.

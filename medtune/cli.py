@@ -38,7 +38,7 @@ FLAG_ALIASES = {"num_layers": ("--layers",), "learning_rate": ("--lr",)}  # shor
 FLAG_CHOICES = {"prompt_init": PROMPT_INITS, "head_init": HEAD_INITS, "accountant": ACCOUNTANTS}
 FLAG_HELP = {
     "epochs": "passes over the records (default: rounds x local-epochs of the run config, as in the default federation)",
-    "epsilon": "target epsilon for the whole participation (inf: no DP)",
+    "epsilon": "target epsilon for the whole participation (inf: no DP; default: the run config's epsilon)",
 }
 NOT_FLAGS = {"labels", "label_descriptions"}  # lists, given as --labels a,b and --label-descriptions 'x|y'
 
@@ -67,7 +67,7 @@ def _given(args: argparse.Namespace, config: type) -> dict[str, Any]:
     return {
         field.name: getattr(args, field.name)
         for field in dataclasses.fields(config)
-        if getattr(args, field.name, None) is not None
+        if field.name not in NOT_FLAGS and getattr(args, field.name, None) is not None
     }
 
 
@@ -369,7 +369,8 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
     from medtune.federation.simulation import simulate
 
     overrides = parse_overrides(args.run_config)
-    flags = {"rounds": args.rounds, "epsilon": args.epsilon, "seed": args.seed, "until-round": args.until_round}
+    epsilon = None if args.epsilon is None else read_epsilon(args.epsilon, "--epsilon")
+    flags = {"rounds": args.rounds, "epsilon": epsilon, "seed": args.seed, "until-round": args.until_round}
     overrides.update({key: value for key, value in flags.items() if value is not None})
     if args.out is not None:
         overrides["out"] = str(args.out)
@@ -400,7 +401,12 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()  # reads the defaults in pyproject.toml
+    except MedTuneError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     quiet_libraries()
     handlers = {
         ("data", "synth"): _cmd_synth,

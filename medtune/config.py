@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from medtune.defaults import default
+from medtune.defaults import default, from_pyproject
 from medtune.epsilon import read_epsilon
 from medtune.errors import ConfigError
 
@@ -37,15 +37,17 @@ class ModelConfig:
     embeddings of the label names or descriptions ("label-names"), or at random.
     """
 
-    backbone: str | None = default("backbone") or None
-    num_layers: int | None = default("num-layers") or None
-    prompt_length: int = default("prompt-length")
-    prompt_init: str = default("prompt-init")
-    max_length: int = default("max-length")
-    prompt_layer: int = default("prompt-layer")
-    head_init: str = default("head-init")
+    backbone: str | None = from_pyproject("backbone", lambda value: value or None)
+    num_layers: int | None = from_pyproject("num-layers", lambda value: value or None)
+    prompt_length: int = from_pyproject("prompt-length")
+    prompt_init: str = from_pyproject("prompt-init")
+    max_length: int = from_pyproject("max-length")
+    prompt_layer: int = from_pyproject("prompt-layer")
+    head_init: str = from_pyproject("head-init")
 
     def __post_init__(self) -> None:
+        if self.num_layers == 0:  # as in the run config (and --num-layers): 0 keeps every layer
+            object.__setattr__(self, "num_layers", None)
         _require(
             self.num_layers is None or self.num_layers >= 1,
             f"model.num_layers must be at least 1 (or unset to keep all layers), got {self.num_layers}",
@@ -78,9 +80,9 @@ class DataConfig:
 
     labels: tuple[str, ...]
     label_descriptions: tuple[str, ...] = ()  # run config "" (each label describes itself)
-    text_column: str = default("text-column")
-    label_column: str = default("label-column")
-    test_fraction: float = default("test-fraction")
+    text_column: str = from_pyproject("text-column")
+    label_column: str = from_pyproject("label-column")
+    test_fraction: float = from_pyproject("test-fraction")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(str(label) for label in self.labels))
@@ -115,10 +117,10 @@ class PrivacyConfig:
     epsilon = inf turns DP off (no clipping, no noise): the non-private baseline.
     """
 
-    epsilon: float = default("epsilon")  # a flag's text ("8", "inf") is read by medtune/epsilon.py
-    delta: float = default("delta")
-    max_grad_norm: float = default("max-grad-norm")
-    accountant: str = default("accountant")
+    epsilon: float = from_pyproject("epsilon")  # a flag's text ("8", "inf") is read by medtune/epsilon.py
+    delta: float = from_pyproject("delta")
+    max_grad_norm: float = from_pyproject("max-grad-norm")
+    accountant: str = from_pyproject("accountant")
 
     def __post_init__(self) -> None:
         # A positive number, or inf for no DP (given as a number or as text); -inf, NaN and 0 are refused.
@@ -148,11 +150,11 @@ class TrainConfig:
 
     # Alone (`medtune train`), a hospital makes the passes it makes in the default federation; in a
     # federation, `local-epochs` per round (medtune/run_config.py).
-    epochs: int = default("rounds") * default("local-epochs")
-    batch_size: int = default("batch-size")
-    learning_rate: float = default("learning-rate")
-    seed: int = default("seed")
-    device: str = default("device")
+    epochs: int = from_pyproject("local-epochs", lambda local_epochs: default("rounds") * local_epochs)
+    batch_size: int = from_pyproject("batch-size")
+    learning_rate: float = from_pyproject("learning-rate")
+    seed: int = from_pyproject("seed")
+    device: str = from_pyproject("device")
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, f"train.epochs must be at least 1, got {self.epochs}")

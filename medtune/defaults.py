@@ -9,9 +9,11 @@ pyproject.toml and nowhere else.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,15 @@ def run_defaults() -> dict[str, Any]:
 def default(key: str) -> Any:
     """The default of one run-config key, e.g. default("prompt-length") == 16."""
     return _run_defaults()[key]
+
+
+def from_pyproject(key: str, convert: Callable[[Any], Any] = lambda value: value) -> Any:
+    """A dataclass field whose default is run-config key `key`, read when a config is first built.
+
+    Read lazily, so importing MedTune never fails; without pyproject.toml, building a config is a
+    one-line ConfigError at the command line.
+    """
+    return dataclasses.field(default_factory=lambda: convert(default(key)))
 
 
 @functools.cache

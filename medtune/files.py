@@ -31,9 +31,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def json_ready(value: Any) -> Any:
     """JSON has no infinity: +inf (epsilon = inf: no DP; max-update-norm = inf: no bound) is written
-    as "inf", its one spelling in text (medtune/epsilon.py). NaN and -inf are never valid and fail."""
+    as "inf", its one spelling in text (medtune/epsilon.py). NaN and -inf (a diverged loss a hospital
+    reported) carry no number and are written as null, never as JavaScript's NaN."""
     if isinstance(value, float) and value == math.inf:
         return NO_DP
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     if isinstance(value, dict):
         return {key: json_ready(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):

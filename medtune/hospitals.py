@@ -20,7 +20,6 @@ from medtune.synth import generate_hospitals
 log = logging.getLogger("medtune.hospitals")
 
 
-
 def hospital_name(partition_id: int) -> str:
     """The name of simulated hospital `partition_id` (0-based)."""
     return f"hospital_{partition_id + 1}"

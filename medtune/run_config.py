@@ -21,6 +21,7 @@ from medtune.epsilon import NO_DP, read_epsilon
 from medtune.errors import ConfigError
 from medtune.synth import LABELS, SynthConfig
 
+UNBOUNDED_KEYS = {"max-update-norm"}  # float keys where inf means "no bound" (epsilon: medtune/epsilon.py)
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean")
 SYNTHETIC = "synthetic"
 SCENARIO_DIR = PROJECT_DIR / "simulations" / "scenarios"
@@ -116,7 +117,7 @@ def _take(config: dict[str, Any], key: str, kind: type) -> Any:
     value = config[key]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if kind is float and value == NO_DP:  # +inf as MedTune writes it in JSON (a checkpoint's meta.json)
+    if key in UNBOUNDED_KEYS and value == NO_DP:  # +inf as MedTune writes it in JSON (a checkpoint's meta.json)
         return math.inf
     if kind is int and isinstance(value, float) and value.is_integer():
         return int(value)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medtune.defaults import default
+from medtune.defaults import from_pyproject
 from medtune.errors import ConfigError
 
 LABELS: tuple[str, ...] = ("cardiology", "pulmonology", "gastroenterology", "neurology", "infectious_disease")
@@ -126,12 +126,12 @@ ONSETS = ("onset this morning", "gradual over a week", "sudden onset at rest", "
 class SynthConfig:
     """How many hospitals, how big, how skewed, how noisy."""
 
-    hospitals: int = default("hospitals")
-    mean_records: int = default("records-per-hospital")
+    hospitals: int = from_pyproject("hospitals")
+    mean_records: int = from_pyproject("records-per-hospital")  # 500, as `medtune simulate` (was 300 here)
     size_skew: float = 0.6
-    dirichlet_alpha: float = default("dirichlet-alpha")
+    dirichlet_alpha: float = from_pyproject("dirichlet-alpha")
     label_noise: float = 0.05
-    seed: int = default("seed")
+    seed: int = from_pyproject("seed")
 
     def __post_init__(self) -> None:
         if self.hospitals < 1:

@@ -27,8 +27,7 @@ from flwr.app import Message
 from medtune.epsilon import EpsilonError, read_epsilon
 from medtune.errors import StateError
 from medtune.run_config import FederationConfig
-from medtune.state import HOSPITAL_NAME
-from medtune.state import ExchangedStateSpec
+from medtune.state import HOSPITAL_NAME, ExchangedStateSpec
 from medtune.federation.wire import ARRAYS, METRICS, TRAIN_METRICS, from_record
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 
 from medtune.cli import main
@@ -173,3 +174,21 @@ def test_train_and_simulate_share_the_defaults_of_pyproject_and_every_config_fie
                 assert getattr(args, field.name) is None, field.name  # unset: the dataclass default applies
     given = build_parser().parse_args(["train", "--prompt-length", "4", "--lr", "0.5", "--epsilon", "inf"])
     assert (given.prompt_length, given.learning_rate, PrivacyConfig(epsilon=given.epsilon).epsilon) == (4, 0.5, math.inf)
+
+
+def test_train_takes_the_label_list_and_descriptions_from_their_flags(tmp_path, tiny_backbone_dir):
+    notes = tmp_path / "notes.csv"
+    notes.write_text("text,label\n" + "chest pain radiating,yes\nno complaints today,no\n" * 20, encoding="utf-8")
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(notes), "--labels", "yes,no", "--label-descriptions", "a finding|no finding",
+            "--backbone", str(tiny_backbone_dir), "--max-length", "16", "--epochs", "1", "--out", str(out)]
+    assert main(argv) == 0
+    data = json.loads((out / "metrics.json").read_text())["config"]["data"]
+    assert data["labels"] == ["yes", "no"] and data["label_descriptions"] == ["a finding", "no finding"]
+
+
+def test_simulate_reads_its_epsilon_flag_as_every_entry_point_does(tmp_path, capsys):
+    assert main(["simulate", "--epsilon", "nan", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --epsilon: epsilon is NaN") and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

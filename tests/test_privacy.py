@@ -91,6 +91,14 @@ def test_infinite_epsilon_is_the_non_private_baseline_and_is_written_as_inf(tmp_
     assert again.config.epsilon == math.inf and again.epsilon == math.inf and again.steps == 5
 
 
+def test_json_files_write_inf_as_inf_and_a_diverged_loss_as_null(tmp_path):
+    """Strict JSON everywhere: no Infinity or NaN tokens that other readers reject."""
+    path = tmp_path / "values.json"
+    atomic_write_json(path, {"epsilon": math.inf, "loss": math.nan, "low": -math.inf, "rounds": [1.5, math.inf]})
+    assert json.loads(path.read_text()) == {"epsilon": "inf", "loss": None, "low": None, "rounds": [1.5, "inf"]}
+    assert "Infinity" not in path.read_text() and "NaN" not in path.read_text()
+
+
 def test_a_format_1_ledger_with_null_for_no_dp_is_still_read():
     """Older MedTune wrote epsilon = inf as null: those ledgers keep their history."""
     ledger = PrivacyLedger(PrivacyConfig(epsilon=math.inf), 0.05, planned_steps=100)

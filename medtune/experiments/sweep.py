@@ -42,7 +42,7 @@ from typing import Any
 
 from medtune.epsilon import NO_DP, read_epsilon, show_epsilon
 from medtune.errors import ConfigError, MedTuneError
-from medtune.files import atomic_write_json, read_json
+from medtune.files import atomic_write_json, json_ready, read_json
 from medtune.defaults import PROJECT_DIR
 from medtune.run_config import (
     RunSettings,
@@ -306,7 +306,7 @@ def check_same_grid(sweep: SweepConfig, out: Path) -> None:
         atomic_write_json(path, identity)
         return
     recorded = read_json(path)
-    if recorded != identity:
+    if recorded != json_ready(identity):  # compared as written: an inf in the sweep file is "inf" there
         raise ConfigError(
             f"{out} holds cells of another sweep grid ({path}: {recorded}); this sweep is {identity}. "
             "Give another --out, or delete that directory to start over"

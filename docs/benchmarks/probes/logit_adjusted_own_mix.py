@@ -1,81 +1,125 @@
-"""Probe, not product (docs/benchmarks.md, section 1): does logit-adjusted local training let the
-global model with a hospital's own label mix beat the hospital alone? Validation parts only.
+"""Probe, not product (docs/benchmarks.md, section 1): can the global model with a hospital's own label
+mix beat the hospital alone on Medical Abstracts, if every hospital trains its update with its log
+label mix added to the logits (logit adjustment, as in FedLC, Zhang et al., ICML 2022)?
 
-Run from the project root, with the corpus in ../shared: `python docs/benchmarks/probes/logit_adjusted_own_mix.py SEED 8`.
-One JSON line per seed: [accuracy, macro-F1] on the hospitals' own validation parts (logit_adjusted_own_mix.jsonl).
+Validation only: each hospital's training split is cut 80/20 as `medtune benchmark tune` does; no
+test split is read. FedAvg is written out (no Flower) over MedTune's own train_local.
+
+    python docs/benchmarks/probes/logit_adjusted_own_mix.py SEED EPSILON LR LOCAL_EPOCHS SIGMA [--references]
+
+SIGMA is the Gaussian noise on each label count used in training (0: exact counts; the counts
+would need their own DP release). --references also trains each hospital alone and the plain
+federated model. Prints one JSON line: [accuracy, macro-F1] on the hospitals' own validation parts.
+Outputs of 2026-11-27: logit_adjusted_own_mix.jsonl (exact counts, with references) and
+logit_adjusted_noisy_counts.jsonl (sigma 20, lr 0.003 and 0.01).
 """
-import sys, json
+
+from __future__ import annotations
+
+import json
+import sys
 from dataclasses import replace
-import torch, torch.nn.functional as F
-import medtune.train as T
-from medtune.run_config import settings_from_run_config, resolve_run_config
-from medtune.experiments.sweep import read_sweep as load_sweep
-from medtune.experiments.baselines import splits
-from medtune.data import train_test_split
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import medtune.train as train_module
 from medtune.backbone import load_backbone
-from medtune.features import record_inputs
-from medtune.label_prior import initial_model
-from medtune.label_mix import label_mix, apply_label_mix
+from medtune.data import train_test_split
 from medtune.evaluation import predict_logits
-from medtune.metrics import score_logits, pool
+from medtune.experiments.baselines import splits
+from medtune.experiments.sweep import read_sweep
+from medtune.features import record_inputs
+from medtune.label_mix import apply_label_mix, label_mix
+from medtune.label_prior import initial_model
+from medtune.metrics import pool, score_logits
+from medtune.run_config import resolve_run_config, settings_from_run_config
 
-seed = int(sys.argv[1]); eps = float(sys.argv[2])
-sweep = load_sweep("medical_abstracts")
-ov = {**sweep.run_config, "seed": seed, "epsilon": eps}
-S = settings_from_run_config(resolve_run_config(sweep.scenario, ov))
-bb = load_backbone(S.model.backbone, S.model.num_layers, "cpu")
-pad = bb.tokenizer.pad_token_id
-from pathlib import Path; cache = Path("/tmp/probe/cache")
-H = []
-for sp in splits(S):
-    fit, val = train_test_split(sp.train, 0.2, S.seed + 1)
-    H.append(dict(name=sp.name, fit=record_inputs(bb, S.model, fit, cache), val=record_inputs(bb, S.model, val, cache),
-                  mix=label_mix([r.label for r in fit], len(S.data.labels))))
-L = len(S.data.labels)
-ADJ = {"bias": None}
-orig = T._batch_loss
-def adjusted(model, batch, device):
-    labels = batch["labels"].to(device)
+seed, epsilon, lr, local_epochs, sigma = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+references = "--references" in sys.argv
+sweep = read_sweep("medical_abstracts")
+overrides = {**sweep.run_config, "seed": seed, "epsilon": epsilon, "learning-rate": lr, "local-epochs": local_epochs}
+settings = settings_from_run_config(resolve_run_config(sweep.scenario, overrides))
+backbone = load_backbone(settings.model.backbone, settings.model.num_layers, "cpu")
+pad = backbone.tokenizer.pad_token_id
+cache = Path("runs/probes/feature-cache")
+labels = len(settings.data.labels)
+rng = np.random.default_rng(seed)
+hospitals = []
+for split in splits(settings):
+    fit, validation = train_test_split(split.train, 0.2, settings.seed + 1)
+    counts = np.bincount([r.label for r in fit], minlength=labels) + rng.normal(0.0, sigma, labels)
+    hospitals.append({
+        "fit": record_inputs(backbone, settings.model, fit, cache),
+        "validation": record_inputs(backbone, settings.model, validation, cache),
+        "mix": label_mix([r.label for r in fit], labels),  # applied at home, as medtune predict --label-mix does
+        "training_mix": np.clip(counts + 1.0, 1.0, None) / np.clip(counts + 1.0, 1.0, None).sum(),
+    })
+
+logit_bias: dict[str, torch.Tensor | None] = {"value": None}
+
+
+def adjusted_loss(model, batch, device):
+    """MedTune's batch loss with the hospital's log label mix added to the logits."""
     logits = model(batch["inputs"].to(device), batch["attention_mask"].to(device))
-    if ADJ["bias"] is not None:
-        logits = logits + ADJ["bias"]
-    return F.cross_entropy(logits, labels, reduction="sum") / max(1, labels.shape[0])
-T._batch_loss = adjusted
+    if logit_bias["value"] is not None:
+        logits = logits + logit_bias["value"]
+    targets = batch["labels"].to(device)
+    return F.cross_entropy(logits, targets, reduction="sum") / max(1, targets.shape[0])
 
-def score(model, h, mix=None):
-    lg = predict_logits(model, h["val"], pad, torch.device("cpu"))
-    if mix is not None: lg = apply_label_mix(lg, mix)
-    return score_logits(lg, h["val"].labels, S.data.labels)
+
+train_module._batch_loss = adjusted_loss
+
+
+def own_validation(model, mix=None):
+    scored = []
+    for hospital in hospitals:
+        logits = predict_logits(model, hospital["validation"], pad, torch.device("cpu"))
+        logits = logits if mix is None else apply_label_mix(logits, hospital[mix])
+        scored.append(score_logits(logits, hospital["validation"].labels, settings.data.labels))
+    return pool(scored)
+
+
+def federated(adjusted: bool):
+    model = initial_model(backbone, settings.model, settings.data, seed=settings.seed)
+    state = model.exchanged_state()
+    rounds = settings.federation.rounds
+    ledgers = [train_module.new_ledger(settings.privacy, len(h["fit"]), settings.train, rounds=rounds) for h in hospitals]
+    adam = [None] * len(hospitals)
+    for server_round in range(rounds):
+        updates, weights = [], []
+        for index, hospital in enumerate(hospitals):
+            local = initial_model(backbone, settings.model, settings.data, seed=settings.seed)
+            local.load_exchanged_state(state)
+            logit_bias["value"] = torch.log(torch.tensor(hospital["training_mix"], dtype=torch.float32)) if adjusted else None
+            result = train_module.train_local(local, hospital["fit"], ledgers[index], settings.train, pad,
+                                              seed=seed * 1000 + 100 * server_round + index, progress=False,
+                                              optimizer_state=adam[index])
+            adam[index] = result.optimizer_state
+            updates.append(local.exchanged_state())
+            weights.append(result.examples)
+        state = {name: sum(w * u[name] for w, u in zip(weights, updates)) / sum(weights) for name in updates[0]}
+    model.load_exchanged_state(state)
+    logit_bias["value"] = None
+    return model
+
 
 out = {}
-R = S.federation.rounds
-# local alone
-ev = []
-for i, h in enumerate(H):
-    ADJ["bias"] = None
-    m = initial_model(bb, S.model, S.data, seed=S.seed)
-    cfg = replace(S.train, epochs=S.train.epochs * R)
-    led = T.new_ledger(S.privacy, len(h["fit"]), cfg, rounds=1)
-    T.train_local(m, h["fit"], led, cfg, pad, seed=seed * 1000 + i, progress=False)
-    ev.append(score(m, h))
-out["local"] = pool(ev)
-for mode in ("plain", "adjusted"):
-    g = initial_model(bb, S.model, S.data, seed=S.seed)
-    state = g.exchanged_state()
-    leds = [T.new_ledger(S.privacy, len(h["fit"]), S.train, rounds=R) for h in H]
-    opt = [None] * len(H)
-    for r in range(R):
-        ups, ws = [], []
-        for i, h in enumerate(H):
-            m = initial_model(bb, S.model, S.data, seed=S.seed); m.load_exchanged_state(state)
-            ADJ["bias"] = torch.log(torch.tensor(h["mix"], dtype=torch.float32)) if mode == "adjusted" else None
-            res = T.train_local(m, h["fit"], leds[i], S.train, pad, seed=seed * 1000 + 100 * r + i, progress=False, optimizer_state=opt[i])
-            opt[i] = res.optimizer_state
-            ups.append(m.exchanged_state()); ws.append(res.examples)
-        state = {k: sum(w * u[k] for w, u in zip(ws, ups)) / sum(ws) for k in ups[0]}
-    g.load_exchanged_state(state)
-    ADJ["bias"] = None
-    out[f"fed_{mode}_asis_own"] = pool([score(g, h) for h in H])
-    out[f"fed_{mode}_mix_own"] = pool([score(g, h, h["mix"]) for h in H])
-    # everyone's val, as is (global quality)
-print(json.dumps({k: [round(v.accuracy, 4), round(v.macro_f1, 4)] for k, v in out.items()}), flush=True)
+if references:
+    alone = []
+    for index, hospital in enumerate(hospitals):
+        model = initial_model(backbone, settings.model, settings.data, seed=settings.seed)
+        passes = replace(settings.train, epochs=settings.train.epochs * settings.federation.rounds)
+        ledger = train_module.new_ledger(settings.privacy, len(hospital["fit"]), passes, rounds=1)
+        train_module.train_local(model, hospital["fit"], ledger, passes, pad, seed=seed * 1000 + index, progress=False)
+        logits = predict_logits(model, hospital["validation"], pad, torch.device("cpu"))
+        alone.append(score_logits(logits, hospital["validation"].labels, settings.data.labels))
+    out["local"] = pool(alone)
+    out["fed_plain_mix_own"] = own_validation(federated(adjusted=False), mix="mix")
+adjusted_model = federated(adjusted=True)
+out["fed_adjusted_asis_own"] = own_validation(adjusted_model)
+out["fed_adjusted_mix_own"] = own_validation(adjusted_model, mix="mix")
+settings_line = {"lr": lr, "local_epochs": local_epochs, "sigma": sigma, "seed": seed, "epsilon": epsilon}
+print(json.dumps(settings_line), json.dumps({k: [round(v.accuracy, 4), round(v.macro_f1, 4)] for k, v in out.items()}))

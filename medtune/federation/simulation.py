@@ -14,6 +14,7 @@ that fails loudly when a Flower release changes it.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from pathlib import Path
@@ -80,6 +81,12 @@ def _simulate(settings: RunSettings, config: dict[str, Any], cpus_per_hospital: 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ["OMP_NUM_THREADS"] = str(max(1, int(cpus_per_hospital)))
     components = _components()
+    # Flower loads the ServerApp and the ClientApp in two threads at once. Importing both here first,
+    # in one thread, keeps the libraries they pull in (Opacus imports torch.distributed lazily) from
+    # being half-imported by two threads at once, which failed a resume as "cannot import name
+    # '_CUSTOM_SHARDED_OPS'" (tests/hostile_catalogue.py, 2026-11-27).
+    for reference in (components["serverapp"], components["clientapp"]):
+        importlib.import_module(reference.split(":")[0])
     try:
         run_in_process(
             config,

@@ -48,6 +48,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.num_layers == 0:  # as in the run config (and --num-layers): 0 keeps every layer
             object.__setattr__(self, "num_layers", None)
+        if self.backbone == "":  # as in the run config: "" is the embedded MiniLM
+            object.__setattr__(self, "backbone", None)
         _require(
             self.num_layers is None or self.num_layers >= 1,
             f"model.num_layers must be at least 1 (or unset to keep all layers), got {self.num_layers}",

@@ -8,9 +8,11 @@ config objects the core uses, naming any key or value it cannot use.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import tomllib
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,13 +128,27 @@ def _take(config: dict[str, Any], key: str, kind: type) -> Any:
     return value
 
 
+def _config_from(config: dict[str, Any], cls: type, renamed: dict[str, str] | None = None, **given: Any) -> Any:
+    """A config dataclass from the run-config keys named after its fields (`prompt_length` <- `prompt-length`).
+
+    `renamed` maps the few fields whose key differs; `given` are fields the caller has already read.
+    """
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for field in dataclasses.fields(cls):
+        if field.name not in given:
+            key = (renamed or {}).get(field.name, field.name.replace("_", "-"))
+            kind = next(kind for kind in (bool, int, float, str) if hints[field.name] in (kind, kind | None))
+            values[field.name] = _take(config, key, kind)
+    return cls(**values, **given)
+
+
 def settings_from_run_config(config: dict[str, Any]) -> RunSettings:
     """Validated settings from Flower's flat run config; a wrong key or value names itself."""
     labels_text = _take(config, "labels", str)
     labels = tuple(label.strip() for label in labels_text.split(",")) if labels_text.strip() else LABELS
     if "" in labels:
         raise ConfigError(f"run config 'labels' = {labels_text!r} has an empty label name; list names separated by commas")
-    layers = _take(config, "num-layers", int)
     if "epsilon" not in config:
         raise ConfigError("run config has no 'epsilon'; it must be set in [tool.flwr.app.config]")
     epsilon = read_epsilon(config["epsilon"], "run config 'epsilon'")
@@ -148,52 +164,17 @@ def settings_from_run_config(config: dict[str, Any]) -> RunSettings:
         out=Path(_take(config, "out", str)),
         resume=Path(resume) if resume else None,
         until_round=_take(config, "until-round", int),
-        federation=FederationConfig(
-            rounds=_take(config, "rounds", int),
-            strategy=_take(config, "strategy", str),
-            proximal_mu=_take(config, "proximal-mu", float),
-            server_learning_rate=_take(config, "server-learning-rate", float),
-            min_hospitals=_take(config, "min-hospitals", int),
-            round_timeout=_take(config, "round-timeout", float),
-            trim_fraction=_take(config, "trim-fraction", float),
-            max_update_norm=_take(config, "max-update-norm", float),
-            max_examples=_take(config, "max-examples", int),
-        ),
-        source=SourceConfig(
-            source=_take(config, "data-source", str),
-            hospitals=_take(config, "hospitals", int),
-            records_per_hospital=_take(config, "records-per-hospital", int),
-            dirichlet_alpha=_take(config, "dirichlet-alpha", float),
-        ),
-        data=DataConfig(
+        federation=_config_from(config, FederationConfig),
+        source=_config_from(config, SourceConfig, renamed={"source": "data-source"}),
+        data=_config_from(
+            config,
+            DataConfig,
             labels=labels,
             label_descriptions=tuple(d.strip() for d in descriptions.split("|")) if descriptions.strip() else (),
-            text_column=_take(config, "text-column", str),
-            label_column=_take(config, "label-column", str),
-            test_fraction=_take(config, "test-fraction", float),
         ),
-        model=ModelConfig(
-            backbone=_take(config, "backbone", str) or None,
-            num_layers=layers or None,
-            prompt_length=_take(config, "prompt-length", int),
-            prompt_init=_take(config, "prompt-init", str),
-            max_length=_take(config, "max-length", int),
-            prompt_layer=_take(config, "prompt-layer", int),
-            head_init=_take(config, "head-init", str),
-        ),
-        privacy=PrivacyConfig(
-            epsilon=epsilon,
-            delta=_take(config, "delta", float),
-            max_grad_norm=_take(config, "max-grad-norm", float),
-            accountant=_take(config, "accountant", str),
-        ),
-        train=TrainConfig(
-            epochs=_take(config, "local-epochs", int),
-            batch_size=_take(config, "batch-size", int),
-            learning_rate=_take(config, "learning-rate", float),
-            seed=_take(config, "seed", int),
-            device=_take(config, "device", str),
-        ),
+        model=_config_from(config, ModelConfig),
+        privacy=_config_from(config, PrivacyConfig, epsilon=epsilon),
+        train=_config_from(config, TrainConfig, renamed={"epochs": "local-epochs"}),
         cache_dir=Path(cache_dir) if cache_dir else None,
         gpus_per_hospital=gpus,
         run_config=dict(config),

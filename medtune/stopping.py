@@ -13,6 +13,7 @@ shuts Ray's helper processes down, and the command line then ends the process at
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from collections.abc import Iterator
@@ -61,6 +62,9 @@ def halt(timeout: float = 30.0) -> None:
     """After a stop: let a round being recorded finish its files, then end Ray's helper processes."""
     STOP.set()
     acquired = _RECORDING.acquire(timeout=timeout)
+    # Flower's simulation threads log every actor that dies as Ray shuts down, each with a traceback;
+    # after a stop those deaths are the shutdown itself, not an error worth a traceback on screen.
+    logging.getLogger("flwr").setLevel(logging.CRITICAL)
     try:
         import ray
 

@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 import os
 import sys
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,8 @@ from medtune.config import (
     PrivacyConfig,
     TrainConfig,
     config_from_dict,
+    field_kinds,
+    run_config_key,
 )
 from medtune.defaults import key_help, run_defaults
 from medtune.epsilon import read_epsilon
@@ -45,20 +46,19 @@ NOT_FLAGS = {"labels", "label_descriptions"}  # lists, given as --labels a,b and
 
 def _add_config_flags(group: Any, config: type) -> None:
     """One flag per field of a config dataclass; unset flags keep the field's default (pyproject.toml)."""
-    hints = typing.get_type_hints(config)
     helps, defaults = key_help(), run_defaults()
-    for field in dataclasses.fields(config):
-        if field.name in NOT_FLAGS:
+    for name, kind in field_kinds(config).items():
+        if name in NOT_FLAGS:
             continue
-        key = field.name.replace("_", "-")
-        number = next((kind for kind in (int, float) if hints[field.name] in (kind, kind | None)), None)
+        key = run_config_key(name)
         group.add_argument(
             f"--{key}",
-            *FLAG_ALIASES.get(field.name, ()),
-            dest=field.name,
-            type=None if field.name == "epsilon" else number,  # epsilon's text ("inf") is read by PrivacyConfig
-            choices=FLAG_CHOICES.get(field.name),
-            help=FLAG_HELP.get(field.name) or f"{helps.get(key, key)} (default: {defaults[key]!r})",
+            *FLAG_ALIASES.get(name, ()),
+            dest=name,
+            # numbers are parsed here; epsilon's text ("inf") is read by PrivacyConfig
+            type=kind if kind in (int, float) and name != "epsilon" else None,
+            choices=FLAG_CHOICES.get(name),
+            help=FLAG_HELP.get(name) or f"{helps.get(key, key)} (default: {defaults[key]!r})",
         )
 
 
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--run-config", default="", help="more overrides for every candidate: 'key=value key2=value2'")
     tune.add_argument("--out", type=Path, help="output directory (default: runs/tuning/<sweep name>)")
     difficulty = bench.add_parser("difficulty", help="synthetic data: pooled vs smallest hospital alone")
-    difficulty.add_argument("--hospitals", type=int, help=f"synthetic hospitals (default: {SynthConfig().hospitals})")
+    difficulty.add_argument("--hospitals", type=int, help=f"synthetic hospitals (default: {synth_defaults.hospitals})")
     _add_config_flags(difficulty.add_argument_group("model"), ModelConfig)
     _add_config_flags(difficulty.add_argument_group("training"), TrainConfig)
     return parser

@@ -8,6 +8,7 @@ the field, never deep inside torch or Opacus. Every default comes from pyproject
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -169,6 +170,19 @@ class TrainConfig:
             self.device in ("auto", "cpu") or self.device.startswith("cuda"),
             f"train.device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}",
         )
+
+
+def field_kinds(config: type) -> dict[str, type | None]:
+    """Each field of a config dataclass and the plain type of its value (`int | None` is int), as a
+    run-config key and a CLI flag carry it; None for the label lists (tuples, spelt by their readers)."""
+    hints = typing.get_type_hints(config)
+    plain = (bool, int, float, str)
+    return {f.name: next((kind for kind in plain if hints[f.name] in (kind, kind | None)), None) for f in fields(config)}
+
+
+def run_config_key(field_name: str) -> str:
+    """The run-config key (and CLI flag) of a config field: `prompt_length` is `prompt-length`."""
+    return field_name.replace("_", "-")
 
 
 def config_from_dict(cls: type, values: dict[str, Any]) -> Any:

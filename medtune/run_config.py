@@ -8,16 +8,14 @@ config objects the core uses, naming any key or value it cannot use.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 import tomllib
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medtune.config import DataConfig, ModelConfig, PrivacyConfig, TrainConfig
+from medtune.config import DataConfig, ModelConfig, PrivacyConfig, TrainConfig, field_kinds, run_config_key
 from medtune.defaults import PROJECT_DIR, run_defaults
 from medtune.epsilon import NO_DP, read_epsilon
 from medtune.errors import ConfigError
@@ -133,13 +131,11 @@ def _config_from(config: dict[str, Any], cls: type, renamed: dict[str, str] | No
 
     `renamed` maps the few fields whose key differs; `given` are fields the caller has already read.
     """
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for field in dataclasses.fields(cls):
-        if field.name not in given:
-            key = (renamed or {}).get(field.name, field.name.replace("_", "-"))
-            kind = next(kind for kind in (bool, int, float, str) if hints[field.name] in (kind, kind | None))
-            values[field.name] = _take(config, key, kind)
+    values = {
+        name: _take(config, (renamed or {}).get(name, run_config_key(name)), kind)
+        for name, kind in field_kinds(cls).items()
+        if name not in given
+    }
     return cls(**values, **given)
 
 

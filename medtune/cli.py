@@ -391,12 +391,12 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     if blank:
         raise ConfigError(f"--text number {blank[0]} is empty; give the note's text")
     texts = args.text or read_texts(args.input, args.text_column)
-    mix = None
+    site = None
     if args.label_mix is not None:
-        mix = site_label_mix(args.checkpoint, args.label_mix, args.text_column, args.label_column or "label")
-        shown = "  ".join(f"{label}={share:.3f}" for label, share in mix.items())
+        site = site_label_mix(args.checkpoint, args.label_mix, args.text_column, args.label_column or "label", args.backbone)
+        shown = "  ".join(f"{label}={share:.3f}" for label, share in site.mix.items())
         print(f"re-weighted to the label mix of {args.label_mix}: {shown}", file=sys.stderr)
-    for prediction in predict_texts(args.checkpoint, texts, backbone=args.backbone, mix=mix):
+    for prediction in predict_texts(args.checkpoint, texts, backbone=args.backbone, site=site):
         print(prediction.format())
 
 

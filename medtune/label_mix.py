@@ -1,14 +1,22 @@
 """A hospital's own label mix, applied to the shared model at the site: personalisation at home.
 
-Under label skew the federation's model predicts with the federation's label mix, while a hospital's
-patients follow its own. When only the mix differs between the two, Bayes' rule (Saerens et al., 2002)
-turns a model trained on mix pi into one for mix pi_h: p_h(y|x) is proportional to p(y|x) pi_h(y) / pi(y).
-A site knows pi_h from its own training labels; it is never told the federation's mix pi, so pi is
-taken as uniform and the site adds log pi_h to the shared model's logits. On the default federation
-and on Medical Abstracts, using the true federation mix instead moved own-split accuracy by about a
-point either way.
+Under label skew the federation's model predicts with some label mix pi, while a hospital's patients
+follow their own mix pi_h. When only the mix differs, Bayes' rule (Saerens et al., 2002) turns the
+model into one for the site: p_h(y|x) is proportional to p(y|x) pi_h(y) / pi(y), i.e. the bias
+log pi_h - log pi added to the logits.
 
-Privacy: pi_h is counted from the site's training labels without noise. Nothing of it is sent, so the
+A site knows pi_h from its own training labels but not pi: the mix the model learned is not even the
+pooled label mix, since FedAvg averages updates trained on skewed mixes. So the site finds the bias
+the rule implies from its own records: the b for which the model's mean predicted mix over those
+records equals pi_h (a correctly re-weighted model predicts the site's mix on the site's patients).
+This is the fixed point of Saerens' EM with the new mix known, solved by its iteration.
+
+Measured on Medical Abstracts at epsilon = 8 (validation parts of the training splits, seeds 0 and 1:
+docs/benchmarks/probes/prior_matched_own_mix.py): the matched bias scored 0.732 and 0.675 own-split
+accuracy where adding log pi_h alone (pi taken as uniform) scored 0.676 and 0.658, and the hospital
+alone 0.721 and 0.669.
+
+Privacy: pi_h and b come from the site's own records without noise. Nothing of them is sent, so the
 prompt and head that leave the site keep their epsilon, but the re-weighted model itself is not
 covered by epsilon (its predictions reveal the site's label mix): it is for use inside the hospital.
 """
@@ -29,6 +37,27 @@ def label_mix(labels: Sequence[int], num_labels: int) -> np.ndarray:
     return (counts + 1.0) / (counts.sum() + num_labels)
 
 
-def apply_label_mix(logits: torch.Tensor, mix: np.ndarray) -> torch.Tensor:
-    """The shared model's logits re-weighted to the site's label mix (a uniform mix changes nothing)."""
-    return logits + torch.as_tensor(np.log(mix), dtype=logits.dtype, device=logits.device)
+def mix_bias(site_logits: torch.Tensor, mix: np.ndarray, tolerance: float = 1e-6, max_iterations: int = 10_000) -> np.ndarray:
+    """The per-label bias b with mean softmax(site_logits + b) = mix: the model re-weighted to the site's mix.
+
+    `site_logits` are the shared model's logits on the site's own records (those `mix` was counted
+    from). Each step moves b by the log ratio of the wanted to the predicted mix; the mean is over
+    records, so b is defined up to a constant and is returned with mean 0.
+    """
+    if site_logits.ndim != 2 or site_logits.shape[0] == 0 or site_logits.shape[1] != len(mix):
+        raise ValueError(f"need the model's logits on at least one of the site's records for {len(mix)} labels")
+    logits = site_logits.detach().to(torch.float64).cpu()
+    wanted = torch.log(torch.as_tensor(mix, dtype=torch.float64))
+    bias = torch.zeros(len(mix), dtype=torch.float64)
+    for _ in range(max_iterations):
+        predicted = torch.logsumexp(torch.log_softmax(logits + bias, dim=1), dim=0) - np.log(len(logits))
+        step = wanted - predicted
+        bias += step
+        if float(step.abs().max()) < tolerance:
+            break
+    return (bias - bias.mean()).numpy()
+
+
+def apply_label_mix(logits: torch.Tensor, bias: np.ndarray) -> torch.Tensor:
+    """The shared model's logits re-weighted to a site's label mix, given its `mix_bias`."""
+    return logits + torch.as_tensor(bias, dtype=logits.dtype, device=logits.device)

@@ -2,7 +2,8 @@
 
 The checkpoint names its backbone and a hash of its weights; a different backbone is refused,
 since the prompt and head are meaningless on any other encoder. A hospital may pass its own
-labelled records (`--label-mix`) to re-weight the shared model to its label mix (medtune/label_mix.py).
+labelled records (`--label-mix`) to re-weight the shared model to its label mix (medtune/label_mix.py):
+the model reads those records too, to find the bias that matches its predictions to their mix.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medtune.backbone import resolve_device
-from medtune.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
-from medtune.config import DataConfig
+from medtune.backbone import Backbone, resolve_device
+from medtune.checkpoint import model_from_checkpoint
+from medtune.config import DataConfig, ModelConfig
 from medtune.data import Record, read_records
-from medtune.features import record_inputs
-from medtune.label_mix import apply_label_mix, label_mix
 from medtune.evaluation import predict_logits
+from medtune.features import record_inputs
+from medtune.label_mix import apply_label_mix, label_mix, mix_bias
+from medtune.model import PromptClassifier
 
 
 @dataclass(frozen=True)
@@ -35,25 +37,42 @@ class Prediction:
         return f"{self.label}\t{shown}\t{preview}"
 
 
-def site_label_mix(checkpoint_path: Path, records_path: Path, text_column: str, label_column: str) -> dict[str, float]:
-    """The label mix of a hospital's own labelled records, over the checkpoint's labels."""
-    labels = load_checkpoint(find_checkpoint(checkpoint_path)).labels
+@dataclass(frozen=True)
+class SiteMix:
+    """A hospital's label mix and the bias that re-weights the shared model to it (medtune/label_mix.py)."""
+
+    mix: dict[str, float]
+    bias: np.ndarray
+
+
+def site_label_mix(
+    checkpoint_path: Path, records_path: Path, text_column: str, label_column: str, backbone: str | None = None
+) -> SiteMix:
+    """The label mix of a hospital's own labelled records, and the shared model's bias matched to it."""
+    checkpoint, model, loaded = model_from_checkpoint(checkpoint_path, backbone)
+    labels = checkpoint.labels
     records = read_records(records_path, DataConfig(labels=labels, text_column=text_column, label_column=label_column))
-    return dict(zip(labels, label_mix([r.label for r in records], len(labels)).tolist(), strict=True))
+    mix = label_mix([r.label for r in records], len(labels))
+    bias = mix_bias(_logits(model, loaded, checkpoint.model, records), mix)
+    return SiteMix(dict(zip(labels, mix.tolist(), strict=True)), bias)
 
 
 def predict_texts(
-    checkpoint_path: Path, texts: list[str], backbone: str | None = None, mix: dict[str, float] | None = None
+    checkpoint_path: Path, texts: list[str], backbone: str | None = None, site: SiteMix | None = None
 ) -> list[Prediction]:
-    """Label and probabilities per text; `mix` re-weights them to a hospital's own label mix."""
+    """Label and probabilities per text; `site` re-weights them to a hospital's own label mix."""
     checkpoint, model, loaded = model_from_checkpoint(checkpoint_path, backbone)
-    dataset = record_inputs(loaded, checkpoint.model, [Record(text=t, label=0) for t in texts])
-    logits = predict_logits(model, dataset, loaded.tokenizer.pad_token_id, resolve_device("auto"))
-    if mix is not None:
-        logits = apply_label_mix(logits, np.array([mix[label] for label in checkpoint.labels]))
+    logits = _logits(model, loaded, checkpoint.model, [Record(text=t, label=0) for t in texts])
+    if site is not None:
+        logits = apply_label_mix(logits, site.bias)
     probabilities = torch.softmax(logits, dim=1).numpy()
     labels = checkpoint.labels
     return [
         Prediction(text, labels[int(row.argmax())], {label: float(p) for label, p in zip(labels, row, strict=True)})
         for text, row in zip(texts, probabilities, strict=True)
     ]
+
+
+def _logits(model: PromptClassifier, backbone: Backbone, config: ModelConfig, records: list[Record]) -> torch.Tensor:
+    dataset = record_inputs(backbone, config, records)
+    return predict_logits(model, dataset, backbone.tokenizer.pad_token_id, resolve_device("auto"))

@@ -7,14 +7,19 @@ before its update leaves, so steps a site took are counted whether or not the ro
 and the repeated round draws fresh noise (medtune.privacy.noise_seed).
 
 Flower's simulation runs the round loop in a thread that a signal cannot reach; it may be waiting
-on replies for up to a round timeout. `halt()` therefore waits only for a recording in progress,
-shuts Ray's helper processes down, and the command line then ends the process at once.
+on replies for up to a round timeout. The signal handler therefore waits only for a recording in
+progress, prints one line and ends the process at once (status 130). It never unwinds through
+Flower: Flower's clean-up calls `ray.shutdown()` while its worker threads still wait in `ray.get`,
+which could end the process with status 1 and a screen of tracebacks. Ray's helper processes end
+with the process instead (medtune/federation/helper_processes.py).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +29,7 @@ from medtune.errors import MedTuneError
 STOP = threading.Event()
 _RECORDING = threading.Lock()
 EXIT_STATUS = 130  # the shell's status for a run ended by SIGINT
+RECORDING_GRACE_SECONDS = 30.0  # the longest a stop waits for a round's files to be written
 
 
 class Interrupted(MedTuneError):
@@ -40,15 +46,22 @@ def recording() -> Iterator[None]:
 
 
 @contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """Turn SIGINT and SIGTERM into KeyboardInterrupt in the main thread, after setting STOP."""
+def stop_on_signals(afterwards: str) -> Iterator[None]:
+    """On SIGINT or SIGTERM: let a recording finish, print `interrupted: stopped by SIG...; afterwards`, exit 130."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def _stop(signum: int, frame: object) -> None:
         STOP.set()
-        raise KeyboardInterrupt(signal.Signals(signum).name)
+        # Flower's simulation threads log every actor that dies as the process ends, each with a
+        # traceback; after a stop those deaths are the stop itself, not an error worth a traceback.
+        logging.getLogger("flwr").setLevel(logging.CRITICAL)
+        if _RECORDING.acquire(timeout=RECORDING_GRACE_SECONDS):  # a round being recorded finishes its files
+            _RECORDING.release()
+        print(f"interrupted: stopped by {signal.Signals(signum).name}; {afterwards}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_STATUS)
 
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -56,22 +69,3 @@ def stop_on_signals() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def halt(timeout: float = 30.0) -> None:
-    """After a stop: let a round being recorded finish its files, then end Ray's helper processes."""
-    STOP.set()
-    acquired = _RECORDING.acquire(timeout=timeout)
-    # Flower's simulation threads log every actor that dies as Ray shuts down, each with a traceback;
-    # after a stop those deaths are the shutdown itself, not an error worth a traceback on screen.
-    logging.getLogger("flwr").setLevel(logging.CRITICAL)
-    try:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-    except ImportError:
-        pass
-    finally:
-        if acquired:
-            _RECORDING.release()

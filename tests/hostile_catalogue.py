@@ -47,8 +47,11 @@ class Verdict:
     lost: str = ""  # what data was lost
 
 
-def medtune(*args: str, cwd: Path, limit: float = 120.0, interrupt_after: Callable[[], bool] | None = None) -> Outcome:
-    """Run `medtune ARGS`; with `interrupt_after`, send SIGINT once it returns True."""
+def medtune(
+    *args: str, cwd: Path, limit: float = 120.0, interrupt_after: Callable[[], bool] | None = None,
+    interrupt: signal.Signals = signal.SIGINT,
+) -> Outcome:
+    """Run `medtune ARGS`; with `interrupt_after`, send `interrupt` once it returns True."""
     started = time.monotonic()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
@@ -58,7 +61,7 @@ def medtune(*args: str, cwd: Path, limit: float = 120.0, interrupt_after: Callab
         while process.poll() is None and not interrupt_after() and time.monotonic() - started < limit:
             time.sleep(0.5)
         if process.poll() is None:
-            process.send_signal(signal.SIGINT)
+            process.send_signal(interrupt)
             started = time.monotonic()  # from here on, the time limit is how long stopping takes
     try:
         _, stderr = process.communicate(timeout=limit)
@@ -79,8 +82,9 @@ def refused(outcome: Outcome, message: str) -> Verdict:
 
 
 def ray_processes() -> list[str]:
-    """PIDs of Ray's helper processes on this machine."""
-    found = subprocess.run(["pgrep", "-f", "raylet|gcs_server|ray::|dashboard|runtime_env"], capture_output=True, text=True)
+    """PIDs of Ray's helper processes on this machine (MedTune's watcher of them included)."""
+    pattern = "raylet|gcs_server|ray::|dashboard|runtime_env|log_monitor|autoscaler|helper_processes"
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
     return found.stdout.split()
 
 
@@ -211,29 +215,42 @@ def run_cases(work: Path) -> dict[str, Callable[[], Verdict]]:
             verdict.lost = f"ledgers {ledger_steps(out)} against recorded {recorded_steps(out)}"
         return verdict
 
-    def ctrl_c_then_resume() -> Verdict:
-        out = work / "interrupted"
-        before = set(ray_processes())
-        stopped = simulate(out, interrupt_after=lambda: (out / "checkpoints" / "round_001" / "meta.json").exists())
-        verdict = Verdict(traceback="Traceback" in stopped.stderr, hang=stopped.status is None or stopped.seconds > 20)
-        if stopped.status != 130 or "interrupted:" not in stopped.stderr:
-            verdict.wrong = f"SIGINT: exit {stopped.status}, stderr ends {stopped.stderr[-200:]!r}"
-        rounds = [r["round"] for r in json.loads((out / "results.json").read_text())["rounds"]]
-        if rounds != list(range(1, len(rounds) + 1)) or any(
-            not (out / "checkpoints" / f"round_{r:03d}" / "meta.json").exists() for r in rounds
-        ):
-            verdict.wrong = verdict.wrong or f"recorded rounds {rounds} do not match the checkpoints"
-        time.sleep(2)
-        mine = sorted(set(ray_processes()) - before)
-        if mine:
-            verdict.wrong = verdict.wrong or f"Ray processes {mine} outlived the stop"
-        resumed = simulate(out, "--resume", str(out))
-        final = [r["round"] for r in json.loads((out / "results.json").read_text())["rounds"]]
-        if resumed.status != 0 or final != [1, 2, 3]:
-            verdict.lost = f"after --resume: exit {resumed.status}, rounds {final}"
-        elif any(ledger_steps(out)[h] < s for h, s in recorded_steps(out).items()):
-            verdict.lost = f"ledgers {ledger_steps(out)} below recorded {recorded_steps(out)}"
-        return verdict
+    def stopped_in_round_2_then_resumed(name: str, interrupt: signal.Signals) -> Callable[[], Verdict]:
+        """A stop during round 2: within seconds, nothing of round 2 recorded, no Ray process left, and
+        --resume finishes every round with each ledger counting at least the steps recorded."""
+
+        def case() -> Verdict:
+            out = work / name
+            before = set(ray_processes())
+            stopped = simulate(
+                out, interrupt=interrupt,
+                interrupt_after=lambda: (out / "checkpoints" / "round_001" / "meta.json").exists(),
+            )
+            verdict = Verdict(traceback="Traceback" in stopped.stderr, hang=stopped.status is None or stopped.seconds > 20)
+            if interrupt == signal.SIGKILL:
+                expected_status, expected_line = -signal.SIGKILL, ""
+            else:
+                expected_status, expected_line = 130, f"interrupted: stopped by {interrupt.name}"
+            if stopped.status != expected_status or expected_line not in stopped.stderr:
+                verdict.wrong = f"{interrupt.name}: exit {stopped.status}, stderr ends {stopped.stderr[-200:]!r}"
+            rounds = [r["round"] for r in json.loads((out / "results.json").read_text())["rounds"]]
+            if rounds != list(range(1, len(rounds) + 1)) or any(
+                not (out / "checkpoints" / f"round_{r:03d}" / "meta.json").exists() for r in rounds
+            ):
+                verdict.wrong = verdict.wrong or f"recorded rounds {rounds} do not match the checkpoints"
+            time.sleep(3)
+            mine = sorted(set(ray_processes()) - before)
+            if mine:
+                verdict.wrong = verdict.wrong or f"Ray processes {mine} outlived the {interrupt.name} by 3 s"
+            resumed = simulate(out, "--resume", str(out))
+            final = [r["round"] for r in json.loads((out / "results.json").read_text())["rounds"]]
+            if resumed.status != 0 or final != [1, 2, 3]:
+                verdict.lost = f"after --resume: exit {resumed.status}, rounds {final}"
+            elif any(ledger_steps(out)[h] < s for h, s in recorded_steps(out).items()):
+                verdict.lost = f"ledgers {ledger_steps(out)} below recorded {recorded_steps(out)}"
+            return verdict
+
+        return case
 
     def deleted_ledger_on_resume() -> Verdict:
         out = work / "deleted-ledger"
@@ -269,7 +286,9 @@ def run_cases(work: Path) -> dict[str, Callable[[], Verdict]]:
     return {
         "re-run into a finished out without --resume": rerun_without_resume,
         "two runs into one out at once": two_runs_at_once,
-        "Ctrl-C in round 2, then --resume": ctrl_c_then_resume,
+        "Ctrl-C in round 2, then --resume": stopped_in_round_2_then_resumed("interrupted", signal.SIGINT),
+        "SIGTERM in round 2, then --resume": stopped_in_round_2_then_resumed("terminated", signal.SIGTERM),
+        "SIGKILL in round 2, then --resume": stopped_in_round_2_then_resumed("killed", signal.SIGKILL),
         "resume after a ledger was deleted": deleted_ledger_on_resume,
         "resume: outside out, other settings, edited round, lost results.json": resume_edge_cases,
     }

@@ -165,14 +165,20 @@ def test_a_hospital_can_reweight_predictions_to_its_own_label_mix(two_rounds: Pa
 
     labels = load_checkpoint(two_rounds / "checkpoints" / "round_002").labels
     site = tmp_path / "site.csv"
-    site.write_text("text,label\n" + "".join(f"note {i},{labels[0]}\n" for i in range(30)) + f"note x,{labels[1]}\n")
-    mix = site_label_mix(two_rounds, site, "text", "label")
-    assert mix[labels[0]] == pytest.approx(31 / 36) and mix[labels[1]] == pytest.approx(2 / 36)
+    notes = [f"note {i} on chest pain" for i in range(30)] + ["note x on cough"]
+    site.write_text("text,label\n" + "".join(f"{n},{labels[0]}\n" for n in notes[:30]) + f"{notes[30]},{labels[1]}\n")
+    mixed = site_label_mix(two_rounds, site, "text", "label")
+    assert mixed.mix[labels[0]] == pytest.approx(31 / 36) and mixed.mix[labels[1]] == pytest.approx(2 / 36)
+    # Re-weighted, the model predicts the site's own mix on the site's own notes.
+    on_site = predict_texts(two_rounds, notes, site=mixed)
+    predicted_mix = {label: np.mean([p.probabilities[label] for p in on_site]) for label in labels}
+    assert predicted_mix == pytest.approx(mixed.mix, abs=1e-4)
 
     texts = ["fever and productive cough", "sudden weakness of the left arm"]
-    for plain, mixed in zip(predict_texts(two_rounds, texts), predict_texts(two_rounds, texts, mix=mix), strict=True):
+    shift = mixed.bias[0] - mixed.bias[1]
+    for plain, reweighted in zip(predict_texts(two_rounds, texts), predict_texts(two_rounds, texts, site=mixed), strict=True):
         odds = lambda p: p.probabilities[labels[0]] / p.probabilities[labels[1]]  # noqa: E731
-        assert odds(mixed) / odds(plain) == pytest.approx(mix[labels[0]] / mix[labels[1]], rel=1e-4)
+        assert odds(reweighted) / odds(plain) == pytest.approx(np.exp(shift), rel=1e-4)
 
     site.write_text(f"text,label\nnote a,{labels[0]}\nnote b,not-a-label\n")
     assert main(["predict", "--checkpoint", str(two_rounds), "--text", "cough", "--label-mix", str(site)]) == 2
@@ -184,13 +190,14 @@ def test_a_hospital_can_reweight_predictions_to_its_own_label_mix(two_rounds: Pa
 def test_the_run_scored_offline_matches_what_the_hospitals_reported(two_rounds: Path) -> None:
     """`medtune benchmark baselines --run` rebuilds each hospital's test split and scores the final global
     model itself; that must agree with the counts the hospitals sent in the last round, and the
-    own-label-mix score must be the global model's logits plus log of the hospital's label mix."""
+    own-label-mix score must be the global model's logits plus the bias matched to the hospital's
+    training label mix."""
     import torch
 
     from medtune.checkpoint import model_from_checkpoint
     from medtune.experiments.baselines import score_global_model, splits
     from medtune.features import record_inputs
-    from medtune.label_mix import label_mix
+    from medtune.label_mix import label_mix, mix_bias
     from medtune.evaluation import predict_logits
     from medtune.run_config import settings_from_run_config
 
@@ -206,8 +213,10 @@ def test_the_run_scored_offline_matches_what_the_hospitals_reported(two_rounds: 
     for split in splits(settings):
         test = record_inputs(backbone, settings.model, split.test)
         logits = predict_logits(model, test, backbone.tokenizer.pad_token_id, torch.device("cpu"))
-        mix = label_mix([r.label for r in split.train], len(settings.data.labels))
-        by_hand = (logits.numpy() + np.log(mix)).argmax(1)
+        own = record_inputs(backbone, settings.model, split.train)
+        own_logits = predict_logits(model, own, backbone.tokenizer.pad_token_id, torch.device("cpu"))
+        bias = mix_bias(own_logits, label_mix([r.label for r in split.train], len(settings.data.labels)))
+        by_hand = (logits.numpy() + bias).argmax(1)
         expected = float((by_hand == test.labels.numpy()).mean())
         assert mixed.per_hospital[split.name].accuracy == pytest.approx(expected)
 

@@ -33,7 +33,7 @@ from medtune.data import Record, train_test_split
 from medtune.errors import ConfigError
 from medtune.features import RecordInputs, record_inputs
 from medtune.hospitals import simulated_hospital
-from medtune.label_mix import apply_label_mix, label_mix
+from medtune.label_mix import apply_label_mix, label_mix, mix_bias
 from medtune.label_prior import ZeroShotClassifier, initial_model
 from medtune.evaluation import evaluate, predict_logits
 from medtune.metrics import Evaluation, from_counts, pool, score_logits
@@ -208,7 +208,8 @@ def score_global_model(run: Path) -> tuple[BaselineResult, BaselineResult]:
     """A simulated run's final global prompt and head: as it is, and with each hospital's own label mix.
 
     The global model's logits on each test split are computed once. Re-weighted, each hospital applies
-    its training label mix to its own split ("own test") and, for `everyone`, to every hospital's split.
+    the bias matched to its training split's label mix (medtune/label_mix.py) to its own split
+    ("own test") and, for `everyone`, to every hospital's split.
     The splits are rebuilt from the run's settings, so the run must be a simulation of these hospitals.
     """
     settings, results = load_run(run)
@@ -232,7 +233,9 @@ def score_global_model(run: Path) -> tuple[BaselineResult, BaselineResult]:
 
     def with_own_mix(split: Split) -> Scorer:
         mix = label_mix([r.label for r in split.train], len(settings.data.labels))
-        return lambda other: score_logits(apply_label_mix(tests[other.name][0], mix), tests[other.name][1], settings.data.labels)
+        own = predict_logits(model, _inputs(settings, backbone, split.train), backbone.tokenizer.pad_token_id, device)
+        bias = mix_bias(own, mix)
+        return lambda other: score_logits(apply_label_mix(tests[other.name][0], bias), tests[other.name][1], settings.data.labels)
 
     return (
         each_hospital_scored("federated (global model)", all_splits, as_it_is, spent),

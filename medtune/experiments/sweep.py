@@ -208,7 +208,7 @@ def _federated(cell: Cell, sweep: SweepConfig, runs: Path) -> dict[str, Any]:
     from medtune.federation.results import RunResults
     from medtune.federation.simulation import simulate
 
-    out = runs / cell.id
+    out = (runs / cell.id).resolve()  # as simulate() records it: a relative --out must still find its runs
     overrides = {**cell.overrides(sweep), "out": str(out)}
     settings = settings_from_run_config(resolve_run_config(sweep.scenario, overrides))
     started = time.monotonic()

@@ -26,10 +26,11 @@ from medtune.errors import ConfigError, MedTuneError
 from medtune.hospitals import check_hospitals
 from medtune.locks import exclusive
 from medtune.federation.flower_engine import run_in_process
+from medtune.federation.helper_processes import end_helpers_with_this_process
 from medtune.federation.results import RESULTS_FILE
 from medtune.defaults import PROJECT_DIR
 from medtune.run_config import RunSettings, resolve_run_config, settings_from_run_config
-from medtune.stopping import Interrupted, halt, stop_on_signals
+from medtune.stopping import stop_on_signals
 
 
 def simulation_backend(num_cpus_per_hospital: float, num_gpus_per_hospital: float = 0.0) -> dict[str, Any]:
@@ -60,15 +61,12 @@ def simulate(scenario: str | None, overrides: dict[str, Any], cpus_per_hospital:
         raise ConfigError(f"cpus-per-hospital must be positive (Ray CPUs per simulated hospital), got {cpus_per_hospital}")
     check_out_directory(settings)
     settings.out.mkdir(parents=True, exist_ok=True)
-    with exclusive(settings.out, "this run's out directory"), stop_on_signals():
-        try:
-            _simulate(settings, config, cpus_per_hospital)
-        except KeyboardInterrupt as signal_name:
-            halt()
-            raise Interrupted(
-                f"stopped by {signal_name or 'SIGINT'}; the rounds recorded before it are in {settings.out}; continue "
-                f"with `medtune simulate --resume {settings.out}` and the same --run-config"
-            ) from None
+    afterwards = (
+        f"the rounds recorded before it are in {settings.out}; continue with `medtune simulate --resume "
+        f"{settings.out}` and the same --run-config"
+    )
+    with exclusive(settings.out, "this run's out directory"), stop_on_signals(afterwards):
+        _simulate(settings, config, cpus_per_hospital)
     results = settings.out / RESULTS_FILE
     if not results.is_file():
         raise MedTuneError(f"the simulation ended without writing {results}; see the log above")
@@ -87,6 +85,7 @@ def _simulate(settings: RunSettings, config: dict[str, Any], cpus_per_hospital: 
     # '_CUSTOM_SHARDED_OPS'" (tests/hostile_catalogue.py, 2026-11-27).
     for reference in (components["serverapp"], components["clientapp"]):
         importlib.import_module(reference.split(":")[0])
+    end_helpers_with_this_process()
     try:
         run_in_process(
             config,

@@ -77,7 +77,7 @@ def own_validation(model, mix=None):
     scored = []
     for hospital in hospitals:
         logits = predict_logits(model, hospital["validation"], pad, torch.device("cpu"))
-        logits = logits if mix is None else apply_label_mix(logits, hospital[mix])
+        logits = logits if mix is None else apply_label_mix(logits, np.log(hospital[mix]))  # + log pi_h
         scored.append(score_logits(logits, hospital["validation"].labels, settings.data.labels))
     return pool(scored)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from flwr.app import Context
 
-from medtune.data import read_records
+from medtune.data import read_records, warn_if_thin
 from medtune.errors import ConfigError
 from medtune.state import check_hospital_name
 from medtune.hospitals import simulated_hospital
@@ -60,7 +60,9 @@ def _deployed_site(settings: RunSettings, node_config: dict[str, Any]) -> Site:
     # The coordinator's run config never names a path on a site's disk: the cache goes where the
     # node config says, or beside the ledger.
     cache = Path(str(node_config["cache-dir"])).expanduser() if node_config.get("cache-dir") else None
-    return Site(hospital, records, replace(settings, data=data), paths["ledger-path"], cache)
+    site = Site(hospital, records, replace(settings, data=data), paths["ledger-path"], cache)
+    warn_if_thin(hospital, site.train_set.labels.tolist())
+    return site
 
 
 def site_for(context: Context) -> Site:

@@ -6,6 +6,8 @@ raised as a DataError naming the file, the row and what is wrong; nothing is ski
 
 from __future__ import annotations
 
+import logging
+
 import csv
 import hashlib
 import io
@@ -23,6 +25,8 @@ from medtune.config import DataConfig
 from medtune.errors import DataError
 
 SUPPORTED_SUFFIXES = (".csv", ".jsonl", ".parquet")
+
+log = logging.getLogger("medtune.data")
 
 
 @dataclass(frozen=True)
@@ -227,3 +231,12 @@ class PadToLongest:
             attention_mask[row, : inputs.shape[0]] = 1
         labels = torch.stack([label for _, label in batch])
         return {"inputs": padded, "attention_mask": attention_mask, "labels": labels}
+
+
+def warn_if_thin(who: str, train_labels: Sequence[int]) -> None:
+    """Warn about training data that trains but probably not as meant: one record, or one label only."""
+    if len(train_labels) == 1 or len(set(train_labels)) == 1:
+        log.warning(
+            "%s trains on %d record(s) of %d label(s): its model will learn little beyond that",
+            who, len(train_labels), len(set(train_labels)),
+        )

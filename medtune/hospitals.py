@@ -8,16 +8,13 @@ means the same thing for both sources. Every node derives its partition from the
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from medtune.data import Record, read_records, train_test_split
+from medtune.data import Record, read_records, train_test_split, warn_if_thin
 from medtune.errors import ConfigError, DataError
 from medtune.run_config import RunSettings
 from medtune.synth import generate_hospitals
-
-log = logging.getLogger("medtune.hospitals")
 
 
 def hospital_name(partition_id: int) -> str:
@@ -91,10 +88,5 @@ def check_hospitals(settings: RunSettings) -> list[HospitalData]:
             train, _ = train_test_split(hospital.records, settings.data.test_fraction, settings.seed)
         except DataError as error:
             raise DataError(f"{hospital.name}: {error}") from None
-        labels = {record.label for record in train}
-        if len(train) == 1 or len(labels) == 1:
-            log.warning(
-                "%s trains on %d record(s) of %d label(s): its updates will carry little beyond that",
-                hospital.name, len(train), len(labels),
-            )
+        warn_if_thin(hospital.name, [record.label for record in train])
     return hospitals

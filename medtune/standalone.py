@@ -15,7 +15,7 @@ from typing import Any
 from medtune.backbone import Backbone, load_backbone, resolve_device, weights_hash
 from medtune.checkpoint import Checkpoint, save_checkpoint
 from medtune.config import DataConfig, ModelConfig, PrivacyConfig, TrainConfig, config_to_dict
-from medtune.data import Record, train_test_split
+from medtune.data import Record, train_test_split, warn_if_thin
 from medtune.features import record_inputs
 from medtune.files import atomic_write_json
 from medtune.label_prior import initial_model
@@ -53,6 +53,7 @@ def run_local(
     """
     backbone = backbone or load_backbone(model_config.backbone, model_config.num_layers, train.device)
     train_records, test_records = train_test_split(records, data.test_fraction, train.seed)
+    warn_if_thin("this site", [record.label for record in train_records])
     train_set = record_inputs(backbone, model_config, train_records, cache_dir)
     test_set = record_inputs(backbone, model_config, test_records, cache_dir)
     model = initial_model(backbone, model_config, data, seed=train.seed)

@@ -154,7 +154,32 @@ def quick_cases(work: Path) -> dict[str, Callable[[], Verdict]]:
         blocker.write_text("", encoding="utf-8")
         return refused(medtune("train", "--data", str(notes), "--out", str(blocker / "run"), cwd=work), str(blocker))
 
+    def simulate_on_a_bad_row() -> Verdict:
+        path = work / "sim-bad-row.csv"
+        path.write_text(NOTES + "fever for three days,cardio\n", encoding="utf-8")
+        return simulate_refused(f'data-source="{path}" hospitals=2', "row 13: label 'cardio'")()
+
+    def one_label_only() -> Verdict:
+        path = work / "one-label.csv"
+        path.write_text("text,label\n" + "".join(f"chest pain {i},cardiology\n" for i in range(12)), encoding="utf-8")
+        run = work / "one-label-run"
+        outcome = medtune("train", "--data", str(path), "--out", str(run), "--num-layers", "2", "--prompt-layer", "1",
+                          "--max-length", "32", "--epochs", "1", cwd=work)
+        verdict = Verdict(traceback="Traceback" in outcome.stderr, hang=outcome.status is None)
+        if outcome.status != 0 or "of 1 label(s)" not in outcome.stderr:
+            verdict.wrong = f"exit {outcome.status} without the one-label warning; stderr ends {outcome.stderr[-200:]!r}"
+        return verdict
+
+    def audit_a_train_directory() -> Verdict:
+        one_label_run = work / "one-label-run"
+        if not one_label_run.exists():
+            one_label_only()
+        return refused(medtune("audit", "--run", str(one_label_run), "--hospital", "hospital_1", cwd=work),
+                       "a `medtune train` run")
+
     return {
+        "train: one label only (trains, with a warning)": one_label_only,
+        "audit on a `medtune train` directory": audit_a_train_directory,
         "train: label not in the list": file_case("bad-label.csv", "text,label\nchest pain,cardio\n", "label 'cardio'"),
         "train: duplicated header column": file_case("dup.csv", "text,label,text\na,cardiology,b\n", "appear more than once"),
         "train: number as JSONL text": file_case("num.jsonl", '{"text": 12345, "label": "cardiology"}\n', "not a string"),
@@ -168,6 +193,7 @@ def quick_cases(work: Path) -> dict[str, Callable[[], Verdict]]:
         "simulate: epsilon=-inf": simulate_refused("epsilon=-inf", "must be positive"),
         "simulate: min-hospitals > hospitals": simulate_refused("min-hospitals=4 hospitals=3", "no round could ever aggregate"),
         "simulate: cpus-per-hospital 0": simulate_refused("rounds=1", "cpus-per-hospital must be positive", "--cpus-per-hospital", "0"),
+        "simulate: a data file with a bad row": simulate_on_a_bad_row,
         "simulate: labels the data lacks": simulate_refused('labels="a,b"', "missing from the run's label list"),
         "simulate: records-per-hospital=0": simulate_refused("records-per-hospital=0", "must be at least 20"),
         "simulate: until-round=-1": simulate_refused("until-round=-1", "until-round must be 0"),

@@ -192,3 +192,24 @@ def test_simulate_reads_its_epsilon_flag_as_every_entry_point_does(tmp_path, cap
     err = capsys.readouterr().err
     assert err.startswith("error: --epsilon: epsilon is NaN") and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_training_data_of_one_label_or_one_record_trains_with_a_warning(tmp_path, caplog, tiny_backbone_dir):
+    """It trains (a site may really see one condition), but a model of one label is rarely what was meant."""
+    notes = tmp_path / "notes.csv"
+    notes.write_text("text,label\n" + "".join(f"chest pain {i},cardiology\n" for i in range(12)), encoding="utf-8")
+    argv = ["train", "--data", str(notes), "--backbone", str(tiny_backbone_dir), "--max-length", "16", "--epochs", "1",
+            "--out", str(tmp_path / "run")]
+    with caplog.at_level("WARNING", logger="medtune.data"):
+        assert main(argv) == 0
+    assert "this site trains on 10 record(s) of 1 label(s)" in caplog.text
+
+    from medtune.hospitals import check_hospitals
+    from medtune.run_config import resolve_run_config, settings_from_run_config
+
+    caplog.clear()
+    settings = settings_from_run_config(resolve_run_config(None, {
+        "data-source": str(notes), "hospitals": 2, "min-hospitals": 1, "backbone": str(tiny_backbone_dir)}))
+    with caplog.at_level("WARNING", logger="medtune.data"):
+        check_hospitals(settings)
+    assert "hospital_1 trains on" in caplog.text and "of 1 label(s)" in caplog.text

@@ -431,6 +431,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted: {error}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(EXIT_STATUS)
+    except KeyboardInterrupt:  # Ctrl-C in any other command (a simulation stops itself: medtune/stopping.py)
+        command = " ".join(part for part in key if part)
+        print(f"interrupted: stopped by SIGINT before `medtune {command}` finished; the files it wrote are whole "
+              "(each is written by atomic rename), the rest were not written", file=sys.stderr)
+        return EXIT_STATUS
     except MedTuneError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from medtune.errors import MedTuneError
@@ -30,6 +30,8 @@ STOP = threading.Event()
 _RECORDING = threading.Lock()
 EXIT_STATUS = 130  # the shell's status for a run ended by SIGINT
 RECORDING_GRACE_SECONDS = 30.0  # the longest a stop waits for a round's files to be written
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_active_handler: Callable[[int, object], None] | None = None  # the innermost stop_on_signals' handler
 
 
 class Interrupted(MedTuneError):
@@ -63,9 +65,20 @@ def stop_on_signals(afterwards: str) -> Iterator[None]:
         sys.stdout.flush()
         os._exit(EXIT_STATUS)
 
-    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    global _active_handler
+    outer = _active_handler
+    previous = {sig: signal.signal(sig, _stop) for sig in STOP_SIGNALS}
+    _active_handler = _stop
     try:
         yield
     finally:
+        _active_handler = outer
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def reclaim_signals() -> None:
+    """Put the stop handler back after a library replaced it (`ray.init` sets SIGTERM to `sys.exit`)."""
+    if _active_handler is not None and threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, _active_handler)

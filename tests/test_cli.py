@@ -213,3 +213,15 @@ def test_training_data_of_one_label_or_one_record_trains_with_a_warning(tmp_path
     with caplog.at_level("WARNING", logger="medtune.data"):
         check_hospitals(settings)
     assert "hospital_1 trains on" in caplog.text and "of 1 label(s)" in caplog.text
+
+
+def test_ctrl_c_in_a_command_is_one_line_and_status_130(monkeypatch, capsys):
+    import medtune.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_synth", interrupted)
+    assert main(["data", "synth", "--out", "unused"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted: stopped by SIGINT before `medtune data synth` finished") and "Traceback" not in err

@@ -283,3 +283,17 @@ def test_every_private_flower_name_medtune_simulate_calls_exists_in_the_installe
     assert flower_engine.missing_private_names() == ["flwr.supercore.run.Run.gone"]  # names first, then arguments
     monkeypatch.setattr(flower_engine, "PRIVATE_NAMES", flower_engine.PRIVATE_NAMES[:-1])
     assert flower_engine.missing_private_names() == ["_run_simulation(renamed=...)"]
+
+
+def test_flower_leaves_a_running_ray_alone_so_medtune_keeps_its_stop_handler() -> None:
+    """`start_ray` starts Ray before Flower and puts the SIGTERM handler back that `ray.init` replaces;
+    that works only while Flower's Ray backend starts Ray just when it is not running, with the
+    arguments MedTune mirrors (its backend config's init_args and the PYTHONPATH runtime env)."""
+    import inspect
+
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+    source = inspect.getsource(RayBackend.init_ray)
+    assert "if not ray.is_initialized():" in source
+    assert 'runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}' in source
+    assert 'ray_init_args.setdefault("include_dashboard", False)' in source

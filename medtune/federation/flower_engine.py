@@ -87,6 +87,7 @@ def run_in_process(
     run.federation_id = NOOP_FEDERATION_ID
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    start_ray(backend_config)
     _run_simulation(
         num_supernodes=hospitals,
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
@@ -99,3 +100,30 @@ def run_in_process(
         run=run,
         is_app=True,
     )
+
+
+def start_ray(backend_config: dict[str, Any]) -> None:
+    """Start Ray as Flower's RayBackend.init_ray would, before Flower does, and keep MedTune's stop handler.
+
+    `ray.init` replaces the process's SIGTERM handler with `sys.exit`. Called by Flower, that would
+    unwind a SIGTERM through Flower's clean-up, whose `ray.shutdown()` under threads still waiting
+    in `ray.get` aborted the process (status -6, measured). Flower starts Ray only if it is not
+    running (checked by tests/test_federation.py), so starting it here, with the same arguments,
+    lets the stop handler be put back (medtune/stopping.py) before the federation starts.
+    """
+    import os
+    import sys
+
+    import ray
+
+    from medtune.stopping import reclaim_signals
+
+    if not ray.is_initialized():
+        init_args = {"include_dashboard": False, **backend_config.get("init_args", {})}
+        # As Flower does: Ray's workers inherit the environment, not this process's sys.path.
+        pythonpath = os.pathsep.join(sys.path)
+        if os.environ.get("PYTHONPATH"):
+            pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+        os.environ["PYTHONPATH"] = pythonpath
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+    reclaim_signals()

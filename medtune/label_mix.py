@@ -11,10 +11,9 @@ the rule implies from its own records: the b for which the model's mean predicte
 records equals pi_h (a correctly re-weighted model predicts the site's mix on the site's patients).
 This is the fixed point of Saerens' EM with the new mix known, solved by its iteration.
 
-Measured on Medical Abstracts at epsilon = 8 (validation parts of the training splits, seeds 0 and 1:
-docs/benchmarks/probes/prior_matched_own_mix.py): the matched bias scored 0.732 and 0.675 own-split
-accuracy where adding log pi_h alone (pi taken as uniform) scored 0.676 and 0.658, and the hospital
-alone 0.721 and 0.669.
+Chosen on Medical Abstracts at epsilon = 8 (validation parts of the training splits, 3 seeds:
+docs/benchmarks/probes/prior_matched_own_mix.py): the matched bias scored 0.671 own-split accuracy,
+adding log pi_h alone (pi taken as uniform) 0.652, and the hospital alone 0.670.
 
 Privacy: pi_h and b come from the site's own records without noise. Nothing of them is sent, so the
 prompt and head that leave the site keep their epsilon, but the re-weighted model itself is not

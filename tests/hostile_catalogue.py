@@ -23,8 +23,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil
 
 PYTHON = sys.executable
 # A small but real federation: the embedded MiniLM cut to 2 layers, 40 notes per hospital.
@@ -37,6 +39,7 @@ class Outcome:
     status: int | None  # None: killed at the time limit
     stderr: str
     seconds: float
+    helpers: list[psutil.Process] = field(default_factory=list)  # its descendants when it was interrupted
 
 
 @dataclass
@@ -53,6 +56,7 @@ def medtune(
 ) -> Outcome:
     """Run `medtune ARGS`; with `interrupt_after`, send `interrupt` once it returns True."""
     started = time.monotonic()
+    helpers: list[psutil.Process] = []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
         [PYTHON, "-m", "medtune.cli", *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
@@ -61,15 +65,16 @@ def medtune(
         while process.poll() is None and not interrupt_after() and time.monotonic() - started < limit:
             time.sleep(0.5)
         if process.poll() is None:
+            helpers = psutil.Process(process.pid).children(recursive=True)  # Ray's processes, the watcher
             process.send_signal(interrupt)
             started = time.monotonic()  # from here on, the time limit is how long stopping takes
     try:
         _, stderr = process.communicate(timeout=limit)
-        return Outcome(process.returncode, stderr, time.monotonic() - started)
+        return Outcome(process.returncode, stderr, time.monotonic() - started, helpers)
     except subprocess.TimeoutExpired:
         process.kill()
         _, stderr = process.communicate()
-        return Outcome(None, stderr, time.monotonic() - started)
+        return Outcome(None, stderr, time.monotonic() - started, helpers)
 
 
 def refused(outcome: Outcome, message: str) -> Verdict:
@@ -81,11 +86,12 @@ def refused(outcome: Outcome, message: str) -> Verdict:
     return verdict
 
 
-def ray_processes() -> list[str]:
-    """PIDs of Ray's helper processes on this machine (MedTune's watcher of them included)."""
-    pattern = "raylet|gcs_server|ray::|dashboard|runtime_env|log_monitor|autoscaler|helper_processes"
-    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
-    return found.stdout.split()
+def running(process: psutil.Process) -> bool:
+    """Still running (a zombie has ended; it only waits for its parent to read its status)."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def digest(path: Path) -> str:
@@ -251,7 +257,6 @@ def run_cases(work: Path) -> dict[str, Callable[[], Verdict]]:
 
         def case() -> Verdict:
             out = work / name
-            before = set(ray_processes())
             stopped = simulate(
                 out, interrupt=interrupt,
                 interrupt_after=lambda: (out / "checkpoints" / "round_001" / "meta.json").exists(),
@@ -269,8 +274,10 @@ def run_cases(work: Path) -> dict[str, Callable[[], Verdict]]:
             ):
                 verdict.wrong = verdict.wrong or f"recorded rounds {rounds} do not match the checkpoints"
             time.sleep(3)
-            mine = sorted(set(ray_processes()) - before)
-            if mine:
+            mine = sorted(p.pid for p in stopped.helpers if running(p))
+            if not stopped.helpers:
+                verdict.wrong = verdict.wrong or "no Ray process was seen before the stop"
+            elif mine:
                 verdict.wrong = verdict.wrong or f"Ray processes {mine} outlived the {interrupt.name} by 3 s"
             # A hospital that trained round 2 before the stop spent that budget: its update reached the
             # coordinator, which never recorded it. The resume then trains round 2 again, and a run

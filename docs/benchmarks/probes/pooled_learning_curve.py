@@ -10,6 +10,7 @@ every hospital's validation part together.
     python docs/benchmarks/probes/pooled_learning_curve.py SEED EPSILON FRACTION [FRACTION ...]
 
 Prints one JSON line per fraction: records trained on, [accuracy, macro-F1].
+Output of 2026-11-27: pooled_learning_curve.jsonl (seeds 0 to 2, epsilon 8, fractions 0.333, 0.667, 1).
 """
 
 from __future__ import annotations

@@ -215,9 +215,10 @@ def write_report(sweep: Any, rows: list[dict[str, Any]], out: Path) -> pd.DataFr
             "hospital predicts its most frequent training label, the score its label mix alone earns. "
             "\"zero-shot\" has no training: each record goes to the label whose name or description the "
             "untouched encoder embeds closest (the label-name prior the head starts from). "
-            "\"Federated + own label mix\" is the final global model with each hospital's own training label "
-            "mix applied to its logits, on its own test split: how a hospital uses the shared model at home (the "
-            "mix is counted without noise, so that model is not covered by ε). ε spent "
+            "\"Federated + own label mix\" is the final global model re-weighted to each hospital's own training "
+            "label mix (a bias per label, matched so that its predictions over the hospital's training records "
+            "follow their mix), on its own test split: how a hospital uses the shared model at home (the mix "
+            "comes from the records without noise, so that model is not covered by ε). ε spent "
             "is the largest over hospitals. Mean ± std over seeds.",
             _markdown_table(summary, axes),
             f"![accuracy against epsilon]({PLOT_FILE})",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from medtune.defaults import key_help, run_defaults
 from medtune.epsilon import read_epsilon
 from medtune.errors import ConfigError, MedTuneError
 from medtune.logs import quiet_libraries
-from medtune.stopping import EXIT_STATUS, Interrupted
+from medtune.stopping import EXIT_STATUS
 from medtune.synth import SynthConfig
 
 
@@ -426,15 +425,10 @@ def main(argv: list[str] | None = None) -> int:
     key = (args.command, next((getattr(args, group) for group in groups if hasattr(args, group)), None))
     try:
         handlers[key](args)
-    except Interrupted as error:
-        # Flower's round-loop thread may still wait on replies; everything recorded is on disk, so end now.
-        print(f"interrupted: {error}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(EXIT_STATUS)
     except KeyboardInterrupt:  # Ctrl-C in any other command (a simulation stops itself: medtune/stopping.py)
         command = " ".join(part for part in key if part)
-        print(f"interrupted: stopped by SIGINT before `medtune {command}` finished; the files it wrote are whole "
-              "(each is written by atomic rename), the rest were not written", file=sys.stderr)
+        print(f"interrupted: stopped by SIGINT before `medtune {command}` finished; checkpoints, ledgers and results "
+              "are written whole (atomic rename), but a data file or plot it was writing may be cut short", file=sys.stderr)
         return EXIT_STATUS
     except MedTuneError as error:
         print(f"error: {error}", file=sys.stderr)

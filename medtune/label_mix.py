@@ -22,10 +22,13 @@ covered by epsilon (its predictions reveal the site's label mix): it is for use 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+log = logging.getLogger("medtune.label_mix")
 
 
 def label_mix(labels: Sequence[int], num_labels: int) -> np.ndarray:
@@ -46,6 +49,8 @@ def mix_bias(site_logits: torch.Tensor, mix: np.ndarray, tolerance: float = 1e-6
     if site_logits.ndim != 2 or site_logits.shape[0] == 0 or site_logits.shape[1] != len(mix):
         raise ValueError(f"need the model's logits on at least one of the site's records for {len(mix)} labels")
     logits = site_logits.detach().to(torch.float64).cpu()
+    if not torch.isfinite(logits).all():
+        raise ValueError("the model's logits on the site's records are not all finite; the checkpoint is damaged")
     wanted = torch.log(torch.as_tensor(mix, dtype=torch.float64))
     bias = torch.zeros(len(mix), dtype=torch.float64)
     for _ in range(max_iterations):
@@ -54,6 +59,9 @@ def mix_bias(site_logits: torch.Tensor, mix: np.ndarray, tolerance: float = 1e-6
         bias += step
         if float(step.abs().max()) < tolerance:
             break
+    else:
+        log.warning("the label-mix bias did not settle in %d steps (last change %.2g); using it as it is",
+                    max_iterations, float(step.abs().max()))
     return (bias - bias.mean()).numpy()
 
 

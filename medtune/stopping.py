@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -55,14 +54,16 @@ def stop_on_signals(afterwards: str) -> Iterator[None]:
         return
 
     def _stop(signum: int, frame: object) -> None:
+        if STOP.is_set():  # a second signal while the first waits for a recording: end now
+            os._exit(EXIT_STATUS)
         STOP.set()
         # Flower's simulation threads log every actor that dies as the process ends, each with a
         # traceback; after a stop those deaths are the stop itself, not an error worth a traceback.
         logging.getLogger("flwr").setLevel(logging.CRITICAL)
         if _RECORDING.acquire(timeout=RECORDING_GRACE_SECONDS):  # a round being recorded finishes its files
             _RECORDING.release()
-        print(f"interrupted: stopped by {signal.Signals(signum).name}; {afterwards}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
+        # os.write, not print: the main thread may have been inside a write to the same stream.
+        os.write(2, f"interrupted: stopped by {signal.Signals(signum).name}; {afterwards}\n".encode())
         os._exit(EXIT_STATUS)
 
     global _active_handler
@@ -75,6 +76,12 @@ def stop_on_signals(afterwards: str) -> Iterator[None]:
         _active_handler = outer
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def stop_now(signum: int) -> None:
+    """Stop as the handler would, for a signal another library's handler caught first."""
+    if _active_handler is not None:
+        _active_handler(signum, None)
 
 
 def reclaim_signals() -> None:

@@ -65,7 +65,7 @@ def medtune(
         while process.poll() is None and not interrupt_after() and time.monotonic() - started < limit:
             time.sleep(0.5)
         if process.poll() is None:
-            helpers = psutil.Process(process.pid).children(recursive=True)  # Ray's processes, the watcher
+            helpers = ray_helpers(process.pid)
             process.send_signal(interrupt)
             started = time.monotonic()  # from here on, the time limit is how long stopping takes
     try:
@@ -84,6 +84,18 @@ def refused(outcome: Outcome, message: str) -> Verdict:
     if not verdict.hang and (outcome.status != 2 or not any(message in line for line in lines)):
         verdict.wrong = f"exit {outcome.status}, expected 2 with {message!r}; stderr ends {outcome.stderr[-200:]!r}"
     return verdict
+
+
+def ray_helpers(pid: int) -> list[psutil.Process]:
+    """The Ray processes below `pid` now (the processes a stop must end)."""
+    found = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if "ray" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            continue
+    return found
 
 
 def running(process: psutil.Process) -> bool:

@@ -114,9 +114,12 @@ def start_ray(backend_config: dict[str, Any]) -> None:
     import os
     import sys
 
+    import signal
+
     import ray
 
-    from medtune.stopping import reclaim_signals
+    from medtune.federation.helper_processes import ray_helpers_marked
+    from medtune.stopping import reclaim_signals, stop_now
 
     if not ray.is_initialized():
         init_args = {"include_dashboard": False, **backend_config.get("init_args", {})}
@@ -125,5 +128,11 @@ def start_ray(backend_config: dict[str, Any]) -> None:
         if os.environ.get("PYTHONPATH"):
             pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
         os.environ["PYTHONPATH"] = pythonpath
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+        try:
+            with ray_helpers_marked():  # Ray's processes end with this one (helper_processes.py)
+                ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+        except SystemExit as ended:
+            if ended.code == signal.SIGTERM:  # Ray's own handler took a SIGTERM while Ray was starting
+                stop_now(signal.SIGTERM)
+            raise
     reclaim_signals()

@@ -9,91 +9,112 @@ ending that process left them behind:
 - a stop that called `ray.shutdown()` while Flower's simulation threads still waited in `ray.get`
   could make Ray's core worker end the whole process with status 1 instead of 130.
 
-So the first simulation of a process starts one small watcher process. It keeps a list of the
-simulation process's descendants, refreshed twice a second, and holds the read end of a pipe whose
-write end only that process holds. When the process is gone (a normal exit, an error, a signal or a
-SIGKILL: the kernel closes the pipe in every case) the watcher ends every helper it saw, and their
-descendants. A stop therefore never calls into Ray: the command line prints its line and exits.
+So Ray is started inside `ray_helpers_marked()`: every process Ray starts inherits an environment
+variable naming this process's watcher, a small process of its own session that holds the read end
+of a pipe whose write end only this process holds. When this process is gone (a normal exit, an
+error, a signal or a SIGKILL: the kernel closes the pipe in every case) the watcher ends every
+process that carries its mark and everything below them (Ray's agents), and nothing else. A stop therefore never calls into Ray: the
+command line prints its line and exits.
 """
 
 from __future__ import annotations
 
 import os
 import select
-import signal
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psutil
 
-POLL_SECONDS = 0.5  # how often the list of helpers is refreshed
+MARK = "MEDTUNE_RAY_HELPER_OF"  # environment variable Ray's processes inherit while Ray starts
+POLL_SECONDS = 0.5  # how often the watcher refreshes its view of the marked processes
 
-_watcher: subprocess.Popen | None = None
+_watcher: tuple[subprocess.Popen, str] | None = None
 
 
-def end_helpers_with_this_process() -> None:
-    """Start this process's watcher (once): its helper processes end when it does."""
+@contextmanager
+def ray_helpers_marked() -> Iterator[None]:
+    """Processes started inside this block carry this process's mark and end when it does."""
     global _watcher
-    if _watcher is not None and _watcher.poll() is None:
-        return
-    # The pipe's write end stays in this process only (subprocess's pipes are not inherited by the
-    # processes Ray starts), so its end of file means this process is gone.
-    _watcher = subprocess.Popen(
-        [sys.executable, "-m", "medtune.federation.helper_processes", str(os.getpid())],
-        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-    )
-
-
-def watch(parent_pid: int, pipe: int) -> None:
-    """Until `pipe` closes, remember `parent_pid`'s descendants; then end them all."""
-    me = os.getpid()
-    seen: dict[int, psutil.Process] = {}
+    if _watcher is None or _watcher[0].poll() is not None:
+        token = f"{os.getpid()}-{uuid.uuid4().hex}"
+        # Its own session: a Ctrl-C or a SIGTERM sent to this process group does not end the watcher.
+        # The pipe's write end is not inherited by other processes, so its end of file means this
+        # process is gone.
+        process = subprocess.Popen(
+            [sys.executable, "-m", "medtune.federation.helper_processes", token],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True,
+        )
+        _watcher = (process, token)
+    previous = os.environ.get(MARK)
+    os.environ[MARK] = _watcher[1]
     try:
-        parent = psutil.Process(parent_pid)
-    except psutil.NoSuchProcess:
-        return
-    while True:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(MARK, None)
+        else:
+            os.environ[MARK] = previous
+
+
+def marked(token: str) -> list[psutil.Process]:
+    """Every running process of this user that carries `token` (the watcher itself excluded)."""
+    found = []
+    for process in psutil.process_iter():
+        if process.pid == os.getpid():
+            continue
         try:
-            if parent.status() == psutil.STATUS_ZOMBIE:  # killed, not yet reaped by its own parent
-                break
-            for child in parent.children(recursive=True):
-                if child.pid != me:
-                    seen.setdefault(child.pid, child)
-        except psutil.NoSuchProcess:
-            break
+            if process.environ().get(MARK) == token:
+                found.append(process)
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def with_descendants(processes: list[psutil.Process]) -> dict[int, psutil.Process]:
+    """The processes and everything below them now (Ray's agents do not inherit the mark: a raylet's
+    children are started with an environment of their own)."""
+    found: dict[int, psutil.Process] = {}
+    for process in processes:
+        try:
+            found[process.pid] = process
+            found.update((child.pid, child) for child in process.children(recursive=True))
+        except psutil.Error:
+            continue
+    found.pop(os.getpid(), None)
+    return found
+
+
+def watch(token: str, pipe: int) -> None:
+    """Until `pipe` closes, keep the marked processes' trees in view; then end them.
+
+    The trees are refreshed twice a second, because a raylet may die before its agents once the
+    simulation's process is gone, and its orphaned agents are found only in the last view.
+    """
+    seen: dict[int, psutil.Process] = {}
+    while True:
         readable, _, _ = select.select([pipe], [], [], POLL_SECONDS)
         if readable and not os.read(pipe, 4096):
             break
-    end(list(seen.values()))
+        seen = with_descendants(marked(token))
+    end(list({**seen, **with_descendants(marked(token))}.values()))
 
 
-def end(helpers: list[psutil.Process]) -> None:
-    """SIGKILL every helper still running and its descendants.
+def end(processes: list[psutil.Process]) -> None:
+    """SIGKILL them: their owner is gone, nothing is left to shut down gently (as `ray stop --force`).
 
-    Their owner is gone, so nothing is left to shut down gently: Ray's own `ray stop --force` does
-    the same. Files stay whole: ledgers, checkpoints and results are written by atomic rename.
+    Files stay whole: ledgers, checkpoints and results are written by atomic rename.
     """
-    everyone: dict[int, psutil.Process] = {}
-    for helper in helpers:
+    for process in processes:
         try:
-            if helper.is_running():  # psutil compares start times: a reused pid is not the helper
-                everyone.setdefault(helper.pid, helper)
-                for child in helper.children(recursive=True):
-                    everyone.setdefault(child.pid, child)
-        except psutil.NoSuchProcess:
-            continue
-    everyone.pop(os.getpid(), None)
-    for process in everyone.values():
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
+            process.kill()  # psutil checks the start time: a reused pid is never hit
+        except psutil.Error:
             pass
-    psutil.wait_procs(list(everyone.values()), timeout=5)
+    psutil.wait_procs(processes, timeout=5)
 
 
 if __name__ == "__main__":
-    # Ctrl-C reaches the whole foreground process group, the watcher included; it must outlive the
-    # simulation to do its work, and it ends by itself once the simulation's process is gone.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    watch(int(sys.argv[1]), sys.stdin.fileno())
+    watch(sys.argv[1], sys.stdin.fileno())

@@ -26,7 +26,6 @@ from medtune.errors import ConfigError, MedTuneError
 from medtune.hospitals import check_hospitals
 from medtune.locks import exclusive
 from medtune.federation.flower_engine import run_in_process
-from medtune.federation.helper_processes import end_helpers_with_this_process
 from medtune.federation.results import RESULTS_FILE
 from medtune.defaults import PROJECT_DIR
 from medtune.run_config import RunSettings, resolve_run_config, settings_from_run_config
@@ -85,7 +84,6 @@ def _simulate(settings: RunSettings, config: dict[str, Any], cpus_per_hospital: 
     # '_CUSTOM_SHARDED_OPS'" (tests/hostile_catalogue.py, 2026-11-27).
     for reference in (components["serverapp"], components["clientapp"]):
         importlib.import_module(reference.split(":")[0])
-    end_helpers_with_this_process()
     try:
         run_in_process(
             config,

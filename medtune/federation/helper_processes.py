@@ -100,7 +100,10 @@ def watch(token: str, pipe: int) -> None:
         if readable and not os.read(pipe, 4096):
             break
         seen = with_descendants(marked(token))
-    end(list({**seen, **with_descendants(marked(token))}.values()))
+    # The last view first, at once; then whatever a fresh look finds (it reads every process's
+    # environment, which takes a moment on a busy machine).
+    end(list(seen.values()))
+    end(list(with_descendants(marked(token)).values()))
 
 
 def end(processes: list[psutil.Process]) -> None:
@@ -113,7 +116,6 @@ def end(processes: list[psutil.Process]) -> None:
             process.kill()  # psutil checks the start time: a reused pid is never hit
         except psutil.Error:
             pass
-    psutil.wait_procs(processes, timeout=5)
 
 
 if __name__ == "__main__":

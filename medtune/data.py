@@ -6,12 +6,11 @@ raised as a DataError naming the file, the row and what is wrong; nothing is ski
 
 from __future__ import annotations
 
-import logging
-
 import csv
 import hashlib
 import io
 import json
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path

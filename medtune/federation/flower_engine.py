@@ -15,6 +15,9 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import os
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -111,11 +114,6 @@ def start_ray(backend_config: dict[str, Any]) -> None:
     running (checked by tests/test_federation.py), so starting it here, with the same arguments,
     lets the stop handler be put back (medtune/stopping.py) before the federation starts.
     """
-    import os
-    import sys
-
-    import signal
-
     import ray
 
     from medtune.federation.helper_processes import ray_helpers_marked

@@ -13,8 +13,8 @@ So Ray is started inside `ray_helpers_marked()`: every process Ray starts inheri
 variable naming this process's watcher, a small process of its own session that holds the read end
 of a pipe whose write end only this process holds. When this process is gone (a normal exit, an
 error, a signal or a SIGKILL: the kernel closes the pipe in every case) the watcher ends every
-process that carries its mark and everything below them (Ray's agents), and nothing else. A stop therefore never calls into Ray: the
-command line prints its line and exits.
+process that carries its mark and everything below them (Ray's agents), and nothing else. A stop
+therefore never calls into Ray: the command line prints its line and exits.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from flwr.clientapp import ClientApp
 from medtune.errors import MedTuneError
 from medtune.hospitals import hospital_name
 from medtune.logs import quiet_libraries
-from client.node_config import PARTITION_ID, site_for
+from client.node_config import PARTITION_ID, check_evaluation_shared, site_for
 from medtune.site import RoundOutcome
 from medtune.federation.wire import ARRAYS, TrainReport, evaluate_reply, failed_reply, from_record, train_reply
 
@@ -79,6 +79,7 @@ def train(message: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     try:
+        check_evaluation_shared(context)
         site = site_for(context)
         evaluation = site.evaluate(from_record(message.content[ARRAYS]))
     except MedTuneError as error:

@@ -2,11 +2,15 @@
 
 Simulation: Flower gives each node `partition-id`; the hospital is that partition of the
 scenario's data source and its ledger lives at `<out>/sites/<hospital>/ledger.json`.
-Deployment: the SuperNode's node config names the hospital and its files:
-`hospital`, `data-path`, `ledger-path`, and optionally `text-column` / `label-column`.
-The paths must be absolute: a relative ledger path would follow the working directory of
+Deployment: the SuperNode's node config (written by `medtune site` from the site file) names the
+hospital, its files and its privacy terms: `hospital`, `data-path`, `ledger-path`, optionally
+`text-column`, `label-column`, `cache-dir`, and the terms `max-epsilon`, `max-delta`,
+`share-evaluation-counts` (medtune/site_terms.py). Any other key is refused, so a misspelt ceiling
+is never silently ignored. The terms are checked against the run config before any record is
+read. The paths must be absolute: a relative ledger path would follow the working directory of
 whichever process runs the ClientApp, so a SuperNode restarted from elsewhere would start a
-fresh ledger and reset the hospital's epsilon.
+fresh ledger and reset the hospital's epsilon. A deployed site draws secret noise
+(medtune/noise.py); a simulated one draws noise seeded by the run seed.
 """
 
 from __future__ import annotations
@@ -22,11 +26,14 @@ from medtune.data import read_records, warn_if_thin
 from medtune.errors import ConfigError
 from medtune.state import check_hospital_name
 from medtune.hospitals import simulated_hospital
+from medtune.noise import NoiseSource
 from medtune.run_config import RunSettings, settings_from_run_config
 from medtune.site import Site
+from medtune.site_terms import TERMS_KEYS, SiteTerms
 
 PARTITION_ID = "partition-id"
 DEPLOYMENT_KEYS = ("hospital", "data-path", "ledger-path")
+OPTIONAL_KEYS = ("text-column", "label-column", "cache-dir", *TERMS_KEYS)
 
 _sites: dict[str, Site] = {}
 
@@ -35,13 +42,23 @@ def simulated_ledger_path(out: Path, hospital: str) -> Path:
     return out / "sites" / hospital / "ledger.json"
 
 
+def site_terms(node_config: dict[str, Any]) -> SiteTerms:
+    """A deployed node's privacy terms, after refusing any key this reader does not know."""
+    unknown = sorted(set(node_config) - {*DEPLOYMENT_KEYS, *OPTIONAL_KEYS})
+    if unknown:
+        raise ConfigError(
+            f"node config key(s) {unknown} are not MedTune's; known keys: {[*DEPLOYMENT_KEYS, *OPTIONAL_KEYS]}"
+        )
+    return SiteTerms.from_values(node_config, "node config")
+
+
 def _deployed_site(settings: RunSettings, node_config: dict[str, Any]) -> Site:
     missing = [key for key in DEPLOYMENT_KEYS if not node_config.get(key)]
     if missing:
         raise ConfigError(
-            f"this SuperNode's node config lacks {missing}; start it with "
-            "--node-config 'hospital=\"<name>\" data-path=\"<records file>\" ledger-path=\"<ledger.json>\"'"
+            f"this SuperNode's node config lacks {missing}; start the site with `medtune site run <site file>`"
         )
+    terms = site_terms(node_config)
     hospital = check_hospital_name(str(node_config["hospital"]), source="node config hospital")
     paths = {key: Path(str(node_config[key])).expanduser() for key in ("data-path", "ledger-path")}
     relative = [f"{key}={str(path)!r}" for key, path in paths.items() if not path.is_absolute()]
@@ -50,6 +67,8 @@ def _deployed_site(settings: RunSettings, node_config: dict[str, Any]) -> Site:
             f"hospital {hospital}: node config {', '.join(relative)} must be absolute, so that a SuperNode "
             "restarted from another directory still finds the same records and privacy ledger"
         )
+    # The site's terms are checked before any record is read: a refused run leaves no trace at the site.
+    terms.check(settings.privacy)
     data = settings.data
     columns = {
         "text_column": str(node_config.get("text-column") or data.text_column),
@@ -60,9 +79,19 @@ def _deployed_site(settings: RunSettings, node_config: dict[str, Any]) -> Site:
     # The coordinator's run config never names a path on a site's disk: the cache goes where the
     # node config says, or beside the ledger.
     cache = Path(str(node_config["cache-dir"])).expanduser() if node_config.get("cache-dir") else None
-    site = Site(hospital, records, replace(settings, data=data), paths["ledger-path"], cache)
+    site = Site(
+        hospital, records, replace(settings, data=data), paths["ledger-path"], noise=NoiseSource.secret(hospital),
+        cache_dir=cache,
+    )
     warn_if_thin(hospital, site.train_set.labels.tolist())
     return site
+
+
+def check_evaluation_shared(context: Context) -> None:
+    """A deployed site whose terms withhold per-class test counts refuses to evaluate (simulated sites share them)."""
+    node_config = dict(context.node_config)
+    if PARTITION_ID not in node_config:
+        site_terms(node_config).check_evaluation_shared()
 
 
 def site_for(context: Context) -> Site:
@@ -74,7 +103,10 @@ def site_for(context: Context) -> Site:
         if PARTITION_ID in node_config:
             hospital = simulated_hospital(settings, int(node_config[PARTITION_ID]))
             ledger = simulated_ledger_path(settings.out, hospital.name)
-            _sites[key] = Site(hospital.name, hospital.records, settings, ledger, settings.cache_dir)
+            noise = NoiseSource.seeded(settings.seed, hospital.name)
+            _sites[key] = Site(
+                hospital.name, hospital.records, settings, ledger, noise=noise, cache_dir=settings.cache_dir
+            )
         else:
             _sites[key] = _deployed_site(settings, node_config)
     return _sites[key]

@@ -107,6 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     node_keys.add_argument("--hospital", required=True, help="the hospital's name; names the key files")
     node_keys.add_argument("--out", type=Path, default=Path("keys"))
 
+    site = commands.add_parser("site", help="deployment: run a hospital's site from its site file").add_subparsers(
+        dest="site_command", required=True
+    )
+    site_run = site.add_parser("run", help="start this hospital's SuperNode; it runs only the code the site approved")
+    site_run.add_argument("site_file", type=Path, help="the site file (TOML; see docs/deployment.md)")
+    site_check = site.add_parser("check", help="check a site file and print the SuperNode command it gives")
+    site_check.add_argument("site_file", type=Path)
+    review = site.add_parser("review", help="a FAB's hash and how its Python code differs from the installed MedTune")
+    review.add_argument("fab", type=Path, help="a .fab file (`flwr build`, or one kept under refused-fabs/)")
+
     train = commands.add_parser("train", help="train one hospital alone, with DP, and evaluate it")
     _add_data_flags(train)
     _add_config_flags(train.add_argument_group("model"), ModelConfig)
@@ -236,6 +246,43 @@ def _cmd_node_keys(args: argparse.Namespace) -> None:
     keys = make_node_keys(args.out, args.hospital)
     print(f"private key (stays at the site, --auth-supernode-private-key): {keys.private_key}")
     print(f"public key (send to the coordinator for `flwr supernode register`): {keys.public_key}")
+
+
+def _cmd_site_run(args: argparse.Namespace) -> None:
+    from client.site_runner import run_site
+    from medtune.site_file import read_site_file
+
+    status = run_site(read_site_file(args.site_file))
+    if status:
+        raise SystemExit(status)
+
+
+def _cmd_site_check(args: argparse.Namespace) -> None:
+    import shlex
+
+    from client.site_runner import supernode_command
+    from medtune.site_file import read_site_file
+
+    site = read_site_file(args.site_file)
+    print(f"{args.site_file}: hospital {site.hospital}, max-epsilon {site.node_config['max-epsilon']}, "
+          f"max-delta {site.terms.max_delta:g}, share-evaluation-counts {str(site.terms.share_evaluation_counts).lower()}, "
+          f"{len(site.approved_fabs)} approved FAB(s)")
+    print(shlex.join(supernode_command(site, site.ledger_path.parent / f".{site.hospital}.superexec-secret")))
+
+
+def _cmd_site_review(args: argparse.Namespace) -> None:
+    from medtune.code_approval import InstalledCode, review
+
+    try:
+        fab = args.fab.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"{args.fab}: cannot read the FAB ({error.strerror or error})") from None
+    result = review(fab, InstalledCode.read(), source=str(args.fab))
+    print(result.diff, end="")
+    print(f"sha256 {result.fab_hash}")
+    print(result.summary())
+    if not result.same_as_installed:
+        print("to approve it, add its sha256 to the site file's approved-fabs (it then runs as its own code)")
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -411,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
         ("data", "synth"): _cmd_synth,
         ("certs", "server"): _cmd_server_certs,
         ("certs", "node"): _cmd_node_keys,
+        ("site", "run"): _cmd_site_run,
+        ("site", "check"): _cmd_site_check,
+        ("site", "review"): _cmd_site_review,
         ("train", None): _cmd_train,
         ("simulate", None): _cmd_simulate,
         ("predict", None): _cmd_predict,
@@ -421,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         ("benchmark", "tune"): _cmd_tune,
         ("audit", None): _cmd_audit,
     }
-    groups = ("data_command", "bench_command", "certs_command")
+    groups = ("data_command", "bench_command", "certs_command", "site_command")
     key = (args.command, next((getattr(args, group) for group in groups if hasattr(args, group)), None))
     try:
         handlers[key](args)

@@ -31,3 +31,11 @@ class CheckpointError(MedTuneError):
 
 class FederationError(MedTuneError):
     """A federated run ended without a usable result (no hospital ever trained)."""
+
+
+class PrivacyTermsError(MedTuneError):
+    """A run asks a site for more privacy loss than the site's own terms allow (or the site set none)."""
+
+
+class CodeNotApprovedError(MedTuneError):
+    """The coordinator sent code (a FAB) that this site has not approved."""

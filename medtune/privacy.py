@@ -20,11 +20,9 @@ import json
 import logging
 import math
 import os
-import zlib
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import opacus
 
 from opacus.accountants import create_accountant
@@ -97,17 +95,6 @@ def noise_multiplier_for(accountant: str, epsilon: float, delta: float, sample_r
     except OSError as error:  # a read-only home only costs the next search its time
         log.warning("cannot remember noise multipliers in %s (%s)", path, error)
     return sigma
-
-
-def noise_seed(run_seed: int, hospital: str, steps_taken: int) -> int:
-    """The seed of a hospital's next training steps (sampling and noise): run seed, hospital, ledger position.
-
-    Every trained step moves the ledger position, so noise never repeats: a round the coordinator
-    sends again after a crash draws fresh noise instead of re-releasing the first attempt's (two
-    releases with the same noise are not independent, and their difference cancels it). Runs from
-    the same seed and ledger stay reproducible.
-    """
-    return int(np.random.SeedSequence([run_seed, zlib.crc32(hospital.encode()), steps_taken]).generate_state(1)[0])
 
 
 class PrivacyLedger:

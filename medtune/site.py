@@ -29,7 +29,8 @@ from medtune.ledger_file import load_or_create_ledger
 from medtune.locks import exclusive
 from medtune.metrics import Evaluation
 from medtune.model import PromptClassifier
-from medtune.privacy import PrivacyLedger, noise_seed
+from medtune.noise import NoiseSource
+from medtune.privacy import PrivacyLedger
 from medtune.run_config import RunSettings
 from medtune.train import ProximalPull, SamplingPlan, TrainResult, train_local
 
@@ -58,12 +59,15 @@ class Site:
     """A hospital's records, split, turned into model inputs (cached at the site) and tied to its ledger file.
 
     The feature cache lives in `cache_dir` (default: `features/` beside the ledger) and never leaves the site.
+    `noise` is where its DP randomness comes from: secret at a deployed site, seeded in simulation.
     """
 
     def __init__(
-        self, name: str, records: list[Record], settings: RunSettings, ledger_path: Path, cache_dir: Path | None = None
+        self, name: str, records: list[Record], settings: RunSettings, ledger_path: Path, *, noise: NoiseSource,
+        cache_dir: Path | None = None,
     ) -> None:
         self.name = name
+        self.noise = noise
         self.settings = settings
         self.ledger_path = ledger_path
         self.backbone = cached_backbone(settings.model.backbone, settings.model.num_layers, settings.train.device)
@@ -125,10 +129,9 @@ class Site:
             model = self._model(arrays)
             proximal = ProximalPull(proximal_mu, dict(arrays)) if proximal_mu > 0 else None
             ledger.start_round(server_round)
-            seed = noise_seed(self.settings.seed, self.name, ledger.steps)
             result = train_local(
-                model, self.train_set, ledger, train, self.pad, seed=seed, progress=False, proximal=proximal,
-                optimizer_state=self._optimizer_state(),
+                model, self.train_set, ledger, train, self.pad, seed=self.noise.seed_for(ledger.steps), progress=False,
+                proximal=proximal, optimizer_state=self._optimizer_state(), secure_noise=self.noise.is_secret,
             )
             # The ledger reaches the site's disk before the update can leave the site.
             atomic_write_json(self.ledger_path, ledger.state_dict())

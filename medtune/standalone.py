@@ -23,7 +23,8 @@ from medtune.evaluation import evaluate
 from medtune.metrics import Evaluation
 from medtune.locks import exclusive
 from medtune.model import PromptClassifier
-from medtune.privacy import PrivacyLedger, noise_seed
+from medtune.noise import NoiseSource
+from medtune.privacy import PrivacyLedger
 from medtune.ledger_file import load_or_create_ledger
 from medtune.train import TrainResult, train_local
 
@@ -62,7 +63,8 @@ def run_local(
     # would have its steps overwritten.
     with exclusive(ledger_path, "this privacy ledger") if ledger_path is not None else nullcontext():
         ledger = load_or_create_ledger(ledger_path, privacy, len(train_set), train, rounds=1)
-        seed = noise_seed(train.seed, "local", ledger.steps)  # a second run on one ledger draws fresh noise
+        # seeded noise, reproducible by seed; a second run on one ledger draws fresh noise (medtune/noise.py)
+        seed = NoiseSource.seeded(train.seed, "local").seed_for(ledger.steps)
         result = train_local(model, train_set, ledger, train, pad, seed=seed, progress=progress)
         if ledger_path is not None:
             atomic_write_json(ledger_path, ledger.state_dict())

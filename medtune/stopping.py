@@ -4,7 +4,7 @@ A signal sets `STOP`. The round loop records a round (results, checkpoint) only 
 `recording()`, which refuses to start once `STOP` is set, so an interrupted round leaves no trace
 on the coordinator: `--resume` repeats it from the last checkpoint. Each site writes its ledger
 before its update leaves, so steps a site took are counted whether or not the round was recorded,
-and the repeated round draws fresh noise (medtune.privacy.noise_seed).
+and the repeated round draws fresh noise (medtune/noise.py).
 
 Flower's simulation runs the round loop in a thread that a signal cannot reach; it may be waiting
 on replies for up to a round timeout. The signal handler therefore waits only for a recording in

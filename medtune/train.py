@@ -138,16 +138,17 @@ def _check_plan(dataset: RecordInputs, ledger: PrivacyLedger, train: TrainConfig
 
 def _make_private(
     model: PromptClassifier, optimizer: torch.optim.Optimizer, loader: DataLoader, ledger: PrivacyLedger,
-    device: torch.device, seed: int,
+    device: torch.device, seed: int, secure_noise: bool,
 ) -> tuple[Any, torch.optim.Optimizer, DataLoader]:
     """Opacus's DP-SGD around model, optimizer and loader: Poisson batches, per-sample clipping, noise.
 
     Every step is recorded in the hospital's own ledger, whose noise multiplier was derived for its
-    whole participation; the noise is drawn from a generator seeded by the ledger's position.
+    whole participation. Sampling and noise come from generators seeded by `seed` (medtune/noise.py);
+    `secure_noise` draws the Gaussian noise with Opacus's sampler that resists floating-point attacks.
     """
     engine = PrivacyEngine(accountant=ledger.config.accountant)
     engine.accountant = ledger.accountant  # every step lands in the hospital's own ledger
-    return engine.make_private(
+    hooks, private_optimizer, private_loader = engine.make_private(
         module=model,
         optimizer=optimizer,
         data_loader=loader,
@@ -157,6 +158,10 @@ def _make_private(
         wrap_model=False,
         noise_generator=torch.Generator(device=device).manual_seed(seed),
     )
+    # Opacus refuses a seeded generator with its own secure_mode (which needs torchcsprng); the
+    # optimizer's flag alone selects its floating-point-safe Gaussian sampler.
+    private_optimizer.secure_mode = secure_noise
+    return hooks, private_optimizer, private_loader
 
 
 def _run_steps(
@@ -198,6 +203,7 @@ def train_local(
     progress: bool = True,
     proximal: ProximalPull | None = None,
     optimizer_state: dict[str, torch.Tensor] | None = None,
+    secure_noise: bool = False,
 ) -> TrainResult:
     """Train prompt and head for `train.epochs` epochs; refuse if that would pass the privacy target.
 
@@ -205,6 +211,7 @@ def train_local(
     are built only from clipped, noised gradients (post-processing: no privacy cost), and they
     never leave the site. Without them every round would restart Adam, whose first steps are
     sign-like (each moves every coordinate by the full learning rate, mostly along DP noise).
+    `seed` seeds sampling and noise; a deployed site passes a secret one (medtune/noise.py).
     """
     device = resolve_device(train.device)
     seed_everything(seed)
@@ -223,7 +230,7 @@ def train_local(
     optimizer: torch.optim.Optimizer = adam
     hooks = None
     if ledger.config.is_private:
-        hooks, optimizer, loader = _make_private(model, adam, loader, ledger, device, seed)
+        hooks, optimizer, loader = _make_private(model, adam, loader, ledger, device, seed, secure_noise)
     try:
         total_loss, examples = _run_steps(model, optimizer, loader, train, total_steps, device, proximal, progress)
     finally:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,9 +31,11 @@ from flwr.supercore.exit import ExitCode
 from safetensors.numpy import load_file
 
 from medtune.certs import make_node_keys, make_server_certificates
-from medtune.errors import ConfigError
+from medtune.code_approval import APP_PACKAGES
+from medtune.errors import ConfigError, PrivacyTermsError
+from medtune.federation.wire import failure_reason
 from medtune.defaults import PROJECT_DIR, run_defaults
-from client.node_config import site_for
+from client.node_config import check_evaluation_shared, site_for
 from medtune.state import ExchangedStateSpec
 from medtune.synth import SynthConfig, write_hospitals
 from conftest import tiny_recipe
@@ -40,7 +43,9 @@ from conftest import tiny_recipe
 BIN = Path(sys.executable).parent
 HOSPITALS = ("h1", "h2", "h3")
 KILLED = "h3"
-FLOWER_PROCESSES = "flower-superlink|flower-supernode|flower-superexec|flwr-serverapp|flwr-clientapp"
+SITE_MAX_EPSILON = 8.0  # every site's own ceiling (its site file)
+STRICTER_EPSILON = 4.0  # what the honest runs ask for: below the ceiling, so it is honoured
+FLOWER_PROCESSES = "flower-superlink|flower-supernode|flower-superexec|flwr-serverapp|flwr-clientapp|medtune site run"
 SPEC = ExchangedStateSpec(prompt_length=4, hidden_size=32, num_labels=5)
 
 
@@ -141,11 +146,16 @@ class Deployment:
     out: Path
     sites: dict[str, Path]
     superlink_log: str
+    site_logs: dict[str, str]
     rogue_exit: int | None
     rogue_log: str
     node_ids: dict[str, str]
     rejoined_node_id: str
     ledger_after_run_a: dict[str, dict]
+    refused: dict[str, Path]  # out directory of each refused run, by case
+    marker: Path  # what the coordinator's modified client/app.py would write at a site
+    left_by_refused_runs: list[str]  # files any site had after the refused runs (none expected but its keys)
+    modified_fab_hash: str
 
 
 def read_json(path: Path) -> dict:
@@ -156,28 +166,65 @@ def run_config(backbone: Path, out: Path, **extra: object) -> str:
     """Tiny settings. The round timeout is only a ceiling: a stopped SuperNode is reported unavailable
     at once, so no round waits for it, and a loaded 2-core machine can take a minute per round."""
     values = {
-        **tiny_recipe(backbone), "hospitals": 3, "min-hospitals": 2, "epsilon": 8.0, "rounds": 3, "keep-updates": True, "round-timeout": 120.0, "out": str(out), **extra,
+        **tiny_recipe(backbone), "hospitals": 3, "min-hospitals": 2, "epsilon": STRICTER_EPSILON, "rounds": 3,
+        "keep-updates": True, "round-timeout": 120.0, "out": str(out), **extra,
     }
     return "\n".join(f"{key} = {json.dumps(value)}" for key, value in values.items()) + "\n"
 
 
-def flwr_run(processes: Processes, name: str, config: Path, coordinator_home: Path) -> subprocess.Popen[bytes]:
-    args = [str(BIN / "flwr"), "run", str(PROJECT_DIR), "consortium", "--run-config", str(config), "--stream"]
-    return processes.start(name, args, env={"FLWR_HOME": str(coordinator_home)})
+def flwr_run(processes: Processes, name: str, config: Path, coordinator_home: Path, app: Path = PROJECT_DIR) -> None:
+    args = [str(BIN / "flwr"), "run", str(app), "consortium", "--run-config", str(config), "--stream"]
+    processes.start(name, args, env={"FLWR_HOME": str(coordinator_home)})
 
 
-def finish(processes: Processes, name: str, timeout: float) -> None:
+def finish(processes: Processes, name: str, timeout: float, expect_success: bool = True) -> None:
     try:
         code = processes.running[name].wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         log = processes.log(name)[-3000:]
         raise AssertionError(f"{name} still running after {timeout} s; its log:\n{log}") from None
-    assert code == 0, f"{name} exited with {code}:\n{processes.log(name)[-3000:]}"
+    if expect_success:
+        assert code == 0, f"{name} exited with {code}:\n{processes.log(name)[-3000:]}"
     processes.running.pop(name)
 
 
 def node_id(log: str) -> str:
     return log.split("SuperNode ID: ", 1)[1].split()[0]
+
+
+def modified_app(root: Path, marker: Path) -> Path:
+    """The coordinator's copy of MedTune whose client/app.py has one extra line: it writes `marker`."""
+    copy = root / "coordinator-modified-app"
+    copy.mkdir()
+    shutil.copy(PROJECT_DIR / "pyproject.toml", copy / "pyproject.toml")
+    for package in APP_PACKAGES:
+        shutil.copytree(PROJECT_DIR / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))
+    app = copy / "client" / "app.py"
+    app.write_text(app.read_text() + f"\nfrom pathlib import Path as _P\n_P({str(marker)!r}).write_text('ran')\n")
+    return copy
+
+
+def site_file(site: Path, name: str, link_port: int, ca: Path, **extra: object) -> Path:
+    """A hospital's site file, as docs/deployment.md writes it."""
+    values = {
+        "hospital": name, "superlink": f"127.0.0.1:{link_port}", "root-certificates": str(ca),
+        "auth-key": str(site / "keys" / name), "data-path": str(site / "data" / "notes.csv"),
+        "ledger-path": str(site / "ledger.json"), "max-epsilon": SITE_MAX_EPSILON, "runtime-port": free_port(),
+        "flower-home": str(site / "flwr"), **extra,
+    }
+    path = site / "site.toml"
+    path.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items()))
+    return path
+
+
+def site_files_now(sites: dict[str, Path]) -> list[str]:
+    """Every file at the sites beyond their keys, records, site file and Flower home (the runner's claim
+    secret and kept FABs included)."""
+    kept = {"keys", "data", "site.toml", "flwr"}
+    return sorted(
+        str(path.relative_to(site.parent)) for site in sites.values() for path in site.rglob("*")
+        if path.is_file() and path.relative_to(site).parts[0] not in kept
+    )
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +253,7 @@ def deployment(tiny_backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory
         (coordinator / "flwr" / "config.toml").write_text(
             f'[superlink.consortium]\naddress = "127.0.0.1:{link_port}"\nroot-certificates = "{certs.ca_cert}"\n'
         )
-        # Sites: records, a key pair each; h1-h3 are registered, "rogue" is not.
+        # Sites: records, a key pair and a site file each; h1-h3 are registered, "rogue" is not.
         records = write_hospitals(SynthConfig(hospitals=3, mean_records=40, seed=0), root / "synthetic")
         sites = {name: root / f"site-{name}" for name in (*HOSPITALS, "rogue")}
         for (name, site), source in zip(sites.items(), [*records, records[0]]):
@@ -221,26 +268,37 @@ def deployment(tiny_backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory
         for name in HOSPITALS:
             finish(processes, f"register-{name}", timeout=60)
 
-        def start_supernode(name: str, log_name: str) -> None:
-            site, port = sites[name], free_port()
-            markers.append(f"127.0.0.1:{port}")
-            processes.start(log_name, [
-                str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{link_port}",
-                "--root-certificates", str(certs.ca_cert),
-                "--auth-supernode-private-key", str(site / "keys" / name),
-                "--node-config",
-                f'hospital="{name}" data-path="{site / "data" / "notes.csv"}" ledger-path="{site / "ledger.json"}"',
-                "--host", "127.0.0.1", "--port", str(port),
-            ], env={"FLWR_HOME": str(site / "flwr")})
+        def start_site(name: str, log_name: str) -> None:
+            """`medtune site run site.toml`, the one command docs/deployment.md gives a site (its port picked now)."""
+            path = site_file(sites[name], name, link_port, certs.ca_cert)
+            markers.append(str(path))
+            processes.start(log_name, [str(BIN / "medtune"), "site", "run", str(path)])
 
         for name in (*HOSPITALS, "rogue"):
-            start_supernode(name, name)
+            start_site(name, name)
         for name in HOSPITALS:
-            processes.wait_for_log(name, "SuperNode ID: ", timeout=60)
+            processes.wait_for_log(name, "SuperNode ID: ", timeout=90)
         rogue = processes.running["rogue"]
-        rogue_exit = rogue.wait(timeout=60)
+        rogue_exit = rogue.wait(timeout=90)
         processes.running.pop("rogue")
         node_ids = {name: node_id(processes.log(name)) for name in HOSPITALS}
+
+        # Runs the sites refuse, before any honest run: the coordinator's modified code, then privacy
+        # requests above the sites' terms. Each is one round; no site may read a record or take a step.
+        marker = root / "coordinator-code-ran-at-a-site"
+        modified = modified_app(root, marker)
+        refused = {case: coordinator / f"refused-{case}" for case in ("modified-code", "no-dp", "above-ceiling")}
+        cases = {
+            "modified-code": ({}, modified),
+            "no-dp": ({"epsilon": "inf"}, PROJECT_DIR),
+            "above-ceiling": ({"epsilon": 2 * SITE_MAX_EPSILON}, PROJECT_DIR),
+        }
+        for case, (extra, app) in cases.items():
+            config = coordinator / f"{case}.toml"
+            config.write_text(run_config(tiny_backbone_dir, refused[case], rounds=1, **extra))
+            flwr_run(processes, f"run-{case}", config, coordinator / "flwr", app=app)
+            finish(processes, f"run-{case}", timeout=240, expect_success=False)
+        left_by_refused_runs = site_files_now({name: sites[name] for name in HOSPITALS})
 
         # Run A: rounds 1-2 of 3; h3's SuperNode is killed as soon as round 1 is on record.
         config_a, config_b = coordinator / "run-a.toml", coordinator / "run-b.toml"
@@ -256,20 +314,25 @@ def deployment(tiny_backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory
         finish(processes, "run-a", timeout=240)
         ledger_after_run_a = {name: read_json(sites[name] / "ledger.json") for name in HOSPITALS}
 
-        # h3 comes back with the same node config and key, and run B resumes for round 3.
-        start_supernode(KILLED, f"{KILLED}-restarted")
-        processes.wait_for_log(f"{KILLED}-restarted", "SuperNode ID: ", timeout=60)
+        # h3 comes back with the same site file and key, and run B resumes for round 3.
+        start_site(KILLED, f"{KILLED}-restarted")
+        processes.wait_for_log(f"{KILLED}-restarted", "SuperNode ID: ", timeout=90)
         flwr_run(processes, "run-b", config_b, coordinator / "flwr")
         finish(processes, "run-b", timeout=240)
         yield Deployment(
             out=out,
             sites={name: sites[name] for name in HOSPITALS},
             superlink_log=processes.log("superlink"),
+            site_logs={name: processes.log(name) for name in HOSPITALS},
             rogue_exit=rogue_exit,
             rogue_log=processes.log("rogue"),
             node_ids=node_ids,
             rejoined_node_id=node_id(processes.log(f"{KILLED}-restarted")),
             ledger_after_run_a=ledger_after_run_a,
+            refused=refused,
+            marker=marker,
+            left_by_refused_runs=left_by_refused_runs,
+            modified_fab_hash=next((sites["h1"] / "refused-fabs").glob("*.fab")).stem,
         )
     finally:
         processes.stop_all()
@@ -289,6 +352,45 @@ def test_an_unregistered_supernode_is_refused(deployment: Deployment) -> None:
     assert f"Exit Code: {int(ExitCode.SUPERNODE_CONNECTION_ERROR)}" in deployment.rogue_log
     assert "Failed to activate SuperNode" in deployment.rogue_log
     assert "No SuperNode found with the given public key" in deployment.superlink_log
+
+
+def refused_reasons(out: Path) -> dict[str, str]:
+    """Each hospital's status and reason in a refused run's one round, as the coordinator recorded them."""
+    (only_round,) = read_json(out / "results.json")["rounds"]
+    return {h["name"]: f"{h['status']}: {h['reason']}" for h in only_round["hospitals"]}
+
+
+@pytest.mark.slow
+def test_the_coordinators_modified_code_is_refused_before_it_is_imported(deployment: Deployment) -> None:
+    assert not deployment.marker.exists()  # the extra line in the coordinator's client/app.py never ran
+    reasons = refused_reasons(deployment.refused["modified-code"])
+    assert sorted(reasons) == list(HOSPITALS)
+    for reason in reasons.values():
+        assert reason == "failed: code not approved by the site; the details are in the site's own log"
+    for name, log in deployment.site_logs.items():
+        lines = [line for line in log.splitlines() if "code differs from the installed MedTune" in line]
+        assert len(lines) == 2  # the round's train message and its evaluate message, one line each
+        assert all("1 changed (client/app.py)" in line and "refused before any of it was imported" in line
+                   for line in lines)
+        kept = deployment.sites[name] / "refused-fabs" / f"{deployment.modified_fab_hash}.fab"
+        assert kept.is_file()  # kept for the site's IT: `medtune site review`
+    assert not (deployment.refused["modified-code"] / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_privacy_requests_above_a_sites_terms_are_refused_and_a_stricter_one_is_honoured(deployment: Deployment) -> None:
+    for case, key in (("no-dp", "epsilon=inf (no DP)"), ("above-ceiling", f"epsilon={2 * SITE_MAX_EPSILON:g}")):
+        reasons = refused_reasons(deployment.refused[case])
+        assert set(reasons.values()) == {"failed: privacy terms refused; the details are in the site's own log"}
+        for log in deployment.site_logs.values():
+            assert any(key in line and "max-epsilon" in line for line in log.splitlines()), case
+    # No refused run left a ledger, a feature cache or anything else at a site: no record was read, no step taken.
+    left = [f for f in deployment.left_by_refused_runs if "refused-fabs" not in f and not f.endswith(".superexec-secret")]
+    assert left == []
+    for name, site in deployment.sites.items():
+        ledger = read_json(site / "ledger.json")
+        assert ledger["epsilon_target"] == STRICTER_EPSILON  # the run's stricter request, under the ceiling of 8
+        assert 0 < ledger["epsilon_spent"] <= STRICTER_EPSILON
 
 
 @pytest.mark.slow
@@ -319,7 +421,7 @@ def test_each_site_keeps_its_ledger_and_reports_its_epsilon(deployment: Deployme
         assert last["status"] == "trained"
         assert ledger["steps"] == last["steps"]
         assert ledger["epsilon_spent"] == pytest.approx(last["epsilon"], rel=1e-9)
-        assert 0 < last["epsilon"] <= 8.0
+        assert 0 < last["epsilon"] <= STRICTER_EPSILON
 
 
 @pytest.mark.slow
@@ -357,15 +459,51 @@ def test_certificates_name_the_superlink_and_keys_are_never_replaced(tmp_path: P
         make_node_keys(tmp_path / "keys", "h1")
 
 
+SITE = {"hospital": "h1", "data-path": "/srv/notes.csv", "ledger-path": "/srv/ledger.json"}
+
+
 @pytest.mark.parametrize(
     ("node_config", "message"),
     [
         ({"hospital": "h1", "data-path": "notes.csv", "ledger-path": "/srv/ledger.json"}, "must be absolute"),
         ({"hospital": "../h1", "data-path": "/srv/notes.csv", "ledger-path": "/srv/ledger.json"}, "hospital '../h1': use 1-64"),
         ({"hospital": "h1", "data-path": "/srv/notes.csv"}, r"lacks \['ledger-path'\]"),
+        ({**SITE, "maxepsilon": 8.0}, r"node config key\(s\) \['maxepsilon'\] are not MedTune's"),  # never ignored
+        ({**SITE, "max-epsilon": 0}, "node config max-epsilon: epsilon 0 must be positive"),
+        ({**SITE, "max-epsilon": 8.0, "max-delta": 1.5}, "node config max-delta: 1.5 must be a number strictly between"),
     ],
 )
 def test_a_site_with_an_unusable_node_config_is_refused_by_name(node_config: dict, message: str) -> None:
     context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_defaults())
     with pytest.raises(ConfigError, match=message):
         site_for(context)
+
+
+@pytest.mark.parametrize(
+    ("max_epsilon", "asked", "refusal"),
+    [
+        (None, 8.0, "this site has set no max-epsilon, so it trains for no run"),
+        (8.0, "inf", 'the run config asks for epsilon=inf \\(no DP\\); this site\'s max-epsilon is 8, and training '
+                     'without DP needs max-epsilon = "inf"'),
+        (8.0, 8.5, "the run config asks for epsilon=8.5, above this site's max-epsilon 8"),
+    ],
+)
+def test_a_run_above_the_sites_privacy_terms_is_refused_before_its_records_are_read(
+    max_epsilon: float | None, asked: object, refusal: str, tmp_path: Path
+) -> None:
+    node_config = {**SITE, "data-path": str(tmp_path / "never-read.csv")}  # absent: reading it would be a DataError
+    if max_epsilon is not None:
+        node_config["max-epsilon"] = max_epsilon
+    context = Context(
+        run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={**run_defaults(), "epsilon": asked}
+    )
+    with pytest.raises(PrivacyTermsError, match=refusal):
+        site_for(context)
+    assert failure_reason(PrivacyTermsError(refusal)) == "privacy terms refused; the details are in the site's own log"
+
+
+def test_a_site_that_withholds_its_evaluation_counts_sends_a_category_only() -> None:
+    node_config = {**SITE, "max-epsilon": 8.0, "share-evaluation-counts": False}
+    context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_defaults())
+    with pytest.raises(PrivacyTermsError, match="share-evaluation-counts is false"):
+        check_evaluation_shared(context)

@@ -365,7 +365,10 @@ def real_grid(files: list[Path], tmp_path: Path, config: dict[str, Any]) -> Fake
         {
             i: RealHospital(
                 i,
-                {"hospital": f"hospital_{i}", "data-path": str(path), "ledger-path": str(ledger_path(tmp_path, i))},
+                {
+                    "hospital": f"hospital_{i}", "data-path": str(path), "ledger-path": str(ledger_path(tmp_path, i)),
+                    "max-epsilon": config["epsilon"],  # each site's ceiling: what these runs ask for
+                },
                 config,
             )
             for i, path in enumerate(files, start=1)
@@ -612,7 +615,9 @@ def test_a_round_sent_again_trains_with_fresh_noise_and_the_ledger_says_so(tiny_
 
     files = site_files(tmp_path)
     config = run_config(tiny_backbone_dir, tmp_path / "run", hospitals=1, rounds=2, **{"min-hospitals": 1, "epsilon": 8.0})
-    node = {"hospital": "hospital_1", "data-path": str(files[0]), "ledger-path": str(ledger_path(tmp_path, 1))}
+    node = {
+        "hospital": "hospital_1", "data-path": str(files[0]), "ledger-path": str(ledger_path(tmp_path, 1)), "max-epsilon": 8.0,
+    }
     site = _deployed_site(settings_from_run_config(config), node)
     arrays = dict(initial_model(site.backbone, site.settings.model, site.settings.data, seed=0).exchanged_state())
     first = site.train_round(arrays, server_round=1, proximal_mu=0.0)
@@ -633,13 +638,14 @@ def test_a_ledger_serves_one_hospital_and_one_process(tiny_backbone_dir: Path, t
     files = site_files(tmp_path)
     settings = settings_from_run_config(run_config(tiny_backbone_dir, tmp_path / "run", hospitals=2, **{"min-hospitals": 1}))
     shared = ledger_path(tmp_path, 1)
-    first = _deployed_site(settings, {"hospital": "hospital_1", "data-path": str(files[0]), "ledger-path": str(shared)})
+    terms = {"max-epsilon": 8.0}
+    first = _deployed_site(settings, {"hospital": "hospital_1", "data-path": str(files[0]), "ledger-path": str(shared), **terms})
     arrays = dict(initial_model(first.backbone, settings.model, settings.data, seed=0).exchanged_state())
     trained = first.train_round(arrays, server_round=1, proximal_mu=0.0)
     steps = json.loads(shared.read_text())["steps"]
     assert steps == trained.result.steps and json.loads(shared.read_text())["hospital"] == "hospital_1"
 
-    other = _deployed_site(settings, {"hospital": "hospital_2", "data-path": str(files[1]), "ledger-path": str(shared)})
+    other = _deployed_site(settings, {"hospital": "hospital_2", "data-path": str(files[1]), "ledger-path": str(shared), **terms})
     with pytest.raises(LedgerError, match=f"{re.escape(str(shared))} is the privacy ledger of hospital 'hospital_1'"):
         other.train_round(arrays, server_round=1, proximal_mu=0.0)
     with exclusive(shared, "a ledger held by another SuperNode"):  # flock: another open file, as another process

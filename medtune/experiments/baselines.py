@@ -38,7 +38,7 @@ from medtune.label_prior import ZeroShotClassifier, initial_model
 from medtune.evaluation import evaluate, predict_logits
 from medtune.metrics import Evaluation, from_counts, pool, score_logits
 from medtune.model import PromptClassifier
-from medtune.privacy import noise_seed
+from medtune.noise import NoiseSource
 from medtune.federation.results import RESULTS_FILE, RunResults
 from medtune.run_config import RunSettings, settings_from_run_config
 from medtune.train import new_ledger, train_local
@@ -100,7 +100,7 @@ def _fit(
     privacy = replace(settings.privacy, epsilon=epsilon)
     config = replace(settings.train, epochs=settings.train.epochs * settings.federation.rounds)
     ledger = new_ledger(privacy, len(dataset), config, rounds=1)
-    seed = noise_seed(settings.seed, name, 0)
+    seed = NoiseSource.seeded(settings.seed, name).seed_for(0)
     result = train_local(model, dataset, ledger, config, backbone.tokenizer.pad_token_id, seed=seed, progress=False)
     return model, result.epsilon
 

@@ -6,20 +6,20 @@ MedTune's). Flower has no public in-process entry point that takes a run config
 (`flwr.simulation.run_simulation` takes no run config and no app directory), so this calls
 `_run_simulation`, the function `flwr run`'s simulation process calls, with the run identity
 that process would build. Every private name it uses is listed in PRIVATE_NAMES and checked by
-tests/test_federation.py against the installed Flower: a release that moves or renames one fails
+tests/test_federation.py against the installed Flower (medtune/federation/private_api.py): a release that moves or renames one fails
 that test, not a user's run.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import inspect
 import os
 import signal
 import sys
 from pathlib import Path
 from typing import Any
+
+from medtune.federation.private_api import missing_arguments, missing_names
 
 # (module, attribute path) of every private Flower name used below, down to the fields it sets.
 PRIVATE_NAMES = (
@@ -45,26 +45,12 @@ RUN_SIMULATION_ARGUMENTS = (
 
 def missing_private_names() -> list[str]:
     """Private Flower names this adapter needs that the installed Flower lacks (empty: compatible)."""
-    missing = []
-    for module_name, attribute in PRIVATE_NAMES:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            missing.append(f"{module_name} (module)")
-            continue
-        target: Any = module
-        for part in attribute.split("."):
-            try:  # static lookup: TaskIdentity's properties raise when read outside a run
-                target = inspect.getattr_static(target, part)
-            except AttributeError:
-                missing.append(f"{module_name}.{attribute}")
-                break
+    missing = missing_names(PRIVATE_NAMES)
     if not missing:
         from flwr.simulation.run_simulation import _run_simulation
         from flwr.supercore.run import Run
 
-        accepted = inspect.signature(_run_simulation).parameters
-        missing += [f"_run_simulation({name}=...)" for name in RUN_SIMULATION_ARGUMENTS if name not in accepted]
+        missing += missing_arguments(_run_simulation, "_run_simulation", RUN_SIMULATION_ARGUMENTS)
         fields = {field.name for field in dataclasses.fields(Run)}
         missing += [f"flwr.supercore.run.Run.{name}" for name in RUN_FIELDS if name not in fields]
     return missing

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from medtune.errors import ConfigError, DataError, LedgerError, MedTuneError, PrivacyBudgetError, StateError
+from medtune.errors import (
+    CodeNotApprovedError, ConfigError, DataError, LedgerError, MedTuneError, PrivacyBudgetError, PrivacyTermsError,
+    StateError,
+)
 from medtune.metrics import Evaluation, from_counts
 
 ARRAYS = "arrays"
@@ -67,6 +70,8 @@ def train_reply(report: TrainReport, hospital: str) -> RecordDict:
 
 # What a failing site may tell the coordinator: a fixed category per error kind, and a row number.
 FAILURE_CATEGORIES = (
+    (CodeNotApprovedError, "code not approved by the site"),
+    (PrivacyTermsError, "privacy terms refused"),
     (DataError, "records file refused"),
     (LedgerError, "privacy ledger refused"),
     (PrivacyBudgetError, "privacy budget refused the round"),

@@ -106,14 +106,14 @@ def run_site(site: SiteFile) -> int:
     secret_file = site.ledger_path.parent / f".{site.hospital}.superexec-secret"
     atomic_write_bytes(secret_file, secrets.token_bytes(32))  # signs task claims: no other local process may take them
     os.chmod(secret_file, 0o600)
-    env = {**os.environ, **QUIET_FLOWER}
-    if site.flower_home is not None:
-        env["FLWR_HOME"] = str(site.flower_home)
+    os.environ.update(QUIET_FLOWER)
+    if site.flower_home is not None:  # shared by the SuperNode and Flower's runner of an approved FAB
+        os.environ["FLWR_HOME"] = str(site.flower_home)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     # Its own session: a Ctrl-C reaches this runner, which ends the SuperNode after the current task.
-    supernode = subprocess.Popen(supernode_command(site, secret_file), env=env, start_new_session=True)
+    supernode = subprocess.Popen(supernode_command(site, secret_file), start_new_session=True)
     threading.Thread(target=lambda: (supernode.wait(), stop.set()), daemon=True).start()
     try:
         _wait_for_port(site.runtime_port, supernode, timeout=120)

@@ -42,6 +42,7 @@ from conftest import tiny_recipe
 
 BIN = Path(sys.executable).parent
 HOSPITALS = ("h1", "h2", "h3")
+APPROVING = "h4"  # registered, started only at the end, with the modified FAB in its approved-fabs
 KILLED = "h3"
 SITE_MAX_EPSILON = 8.0  # every site's own ceiling (its site file)
 STRICTER_EPSILON = 4.0  # what the honest runs ask for: below the ceiling, so it is honoured
@@ -153,9 +154,12 @@ class Deployment:
     rejoined_node_id: str
     ledger_after_run_a: dict[str, dict]
     refused: dict[str, Path]  # out directory of each refused run, by case
-    marker: Path  # what the coordinator's modified client/app.py would write at a site
+    markers_after_refusals: list[str]  # sites where the coordinator's modified code ran before any approval
+    approved: Path  # out directory of the modified FAB's run once h4 approved it
+    approving_site: Path
     left_by_refused_runs: list[str]  # files any site had after the refused runs (none expected but its keys)
     modified_fab_hash: str
+    ledgers_after_run_b: dict[str, dict]  # before the approved run (h1-h3 refuse it, so nothing changes)
 
 
 def read_json(path: Path) -> dict:
@@ -192,25 +196,29 @@ def node_id(log: str) -> str:
     return log.split("SuperNode ID: ", 1)[1].split()[0]
 
 
-def modified_app(root: Path, marker: Path) -> Path:
-    """The coordinator's copy of MedTune whose client/app.py has one extra line: it writes `marker`."""
+MARKER = "coordinator-code-ran-here"
+
+
+def modified_app(root: Path) -> Path:
+    """The coordinator's copy of MedTune whose client/app.py has one extra line: it writes MARKER at the site
+    that imports it (in the site's folder, the parent of its Flower home)."""
     copy = root / "coordinator-modified-app"
     copy.mkdir()
     shutil.copy(PROJECT_DIR / "pyproject.toml", copy / "pyproject.toml")
     for package in APP_PACKAGES:
         shutil.copytree(PROJECT_DIR / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))
     app = copy / "client" / "app.py"
-    app.write_text(app.read_text() + f"\nfrom pathlib import Path as _P\n_P({str(marker)!r}).write_text('ran')\n")
+    app.write_text(app.read_text() + f"\nimport os as _os, pathlib as _p\n_p.Path(_os.environ['FLWR_HOME']).parent.joinpath({MARKER!r}).write_text('ran')\n")
     return copy
 
 
-def site_file(site: Path, name: str, link_port: int, ca: Path, **extra: object) -> Path:
+def site_file(site: Path, name: str, link_port: int, ca: Path, approved_fabs: tuple[str, ...] = ()) -> Path:
     """A hospital's site file, as docs/deployment.md writes it."""
     values = {
         "hospital": name, "superlink": f"127.0.0.1:{link_port}", "root-certificates": str(ca),
         "auth-key": str(site / "keys" / name), "data-path": str(site / "data" / "notes.csv"),
         "ledger-path": str(site / "ledger.json"), "max-epsilon": SITE_MAX_EPSILON, "runtime-port": free_port(),
-        "flower-home": str(site / "flwr"), **extra,
+        "flower-home": str(site / "flwr"), "approved-fabs": list(approved_fabs),
     }
     path = site / "site.toml"
     path.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items()))
@@ -255,22 +263,22 @@ def deployment(tiny_backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory
         )
         # Sites: records, a key pair and a site file each; h1-h3 are registered, "rogue" is not.
         records = write_hospitals(SynthConfig(hospitals=3, mean_records=40, seed=0), root / "synthetic")
-        sites = {name: root / f"site-{name}" for name in (*HOSPITALS, "rogue")}
-        for (name, site), source in zip(sites.items(), [*records, records[0]]):
+        sites = {name: root / f"site-{name}" for name in (*HOSPITALS, "rogue", APPROVING)}
+        for (name, site), source in zip(sites.items(), [*records, records[0], records[1]]):
             (site / "data").mkdir(parents=True)
             (site / "data" / "notes.csv").write_bytes(source.read_bytes())
             make_node_keys(site / "keys", name)
         processes.wait_for_log("superlink", "Uvicorn running on https://127.0.0.1", timeout=60)
-        for name in HOSPITALS:
+        for name in (*HOSPITALS, APPROVING):
             processes.start(f"register-{name}", [
                 str(BIN / "flwr"), "supernode", "register", str(sites[name] / "keys" / f"{name}.pub"), "consortium",
             ])
-        for name in HOSPITALS:
+        for name in (*HOSPITALS, APPROVING):
             finish(processes, f"register-{name}", timeout=60)
 
-        def start_site(name: str, log_name: str) -> None:
+        def start_site(name: str, log_name: str, approved_fabs: tuple[str, ...] = ()) -> None:
             """`medtune site run site.toml`, the one command docs/deployment.md gives a site (its port picked now)."""
-            path = site_file(sites[name], name, link_port, certs.ca_cert)
+            path = site_file(sites[name], name, link_port, certs.ca_cert, approved_fabs)
             markers.append(str(path))
             processes.start(log_name, [str(BIN / "medtune"), "site", "run", str(path)])
 
@@ -285,8 +293,7 @@ def deployment(tiny_backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory
 
         # Runs the sites refuse, before any honest run: the coordinator's modified code, then privacy
         # requests above the sites' terms. Each is one round; no site may read a record or take a step.
-        marker = root / "coordinator-code-ran-at-a-site"
-        modified = modified_app(root, marker)
+        modified = modified_app(root)
         refused = {case: coordinator / f"refused-{case}" for case in ("modified-code", "no-dp", "above-ceiling")}
         cases = {
             "modified-code": ({}, modified),
@@ -299,6 +306,8 @@ def deployment(tiny_backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory
             flwr_run(processes, f"run-{case}", config, coordinator / "flwr", app=app)
             finish(processes, f"run-{case}", timeout=240, expect_success=False)
         left_by_refused_runs = site_files_now({name: sites[name] for name in HOSPITALS})
+        markers_after_refusals = sorted(name for name, site in sites.items() if (site / MARKER).exists())
+        modified_fab_hash = next((sites["h1"] / "refused-fabs").glob("*.fab")).stem
 
         # Run A: rounds 1-2 of 3; h3's SuperNode is killed as soon as round 1 is on record.
         config_a, config_b = coordinator / "run-a.toml", coordinator / "run-b.toml"
@@ -319,6 +328,17 @@ def deployment(tiny_backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory
         processes.wait_for_log(f"{KILLED}-restarted", "SuperNode ID: ", timeout=90)
         flwr_run(processes, "run-b", config_b, coordinator / "flwr")
         finish(processes, "run-b", timeout=240)
+        ledgers_after_run_b = {name: read_json(sites[name] / "ledger.json") for name in HOSPITALS}
+
+        # h4's IT reviewed the modified FAB (kept by h1 under refused-fabs/) and listed its hash: the same
+        # FAB sent again runs as its own code at h4 only, under Flower's runner; h1-h3 still refuse it.
+        start_site(APPROVING, APPROVING, approved_fabs=(modified_fab_hash,))
+        processes.wait_for_log(APPROVING, "SuperNode ID: ", timeout=90)
+        approved = coordinator / "approved-at-h4"
+        config = coordinator / "approved.toml"
+        config.write_text(run_config(tiny_backbone_dir, approved, rounds=1, hospitals=4))
+        flwr_run(processes, "run-approved", config, coordinator / "flwr", app=modified)
+        finish(processes, "run-approved", timeout=240, expect_success=False)
         yield Deployment(
             out=out,
             sites={name: sites[name] for name in HOSPITALS},
@@ -330,9 +350,12 @@ def deployment(tiny_backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory
             rejoined_node_id=node_id(processes.log(f"{KILLED}-restarted")),
             ledger_after_run_a=ledger_after_run_a,
             refused=refused,
-            marker=marker,
+            markers_after_refusals=markers_after_refusals,
+            approved=approved,
+            approving_site=sites[APPROVING],
             left_by_refused_runs=left_by_refused_runs,
-            modified_fab_hash=next((sites["h1"] / "refused-fabs").glob("*.fab")).stem,
+            modified_fab_hash=modified_fab_hash,
+            ledgers_after_run_b=ledgers_after_run_b,
         )
     finally:
         processes.stop_all()
@@ -362,19 +385,32 @@ def refused_reasons(out: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_the_coordinators_modified_code_is_refused_before_it_is_imported(deployment: Deployment) -> None:
-    assert not deployment.marker.exists()  # the extra line in the coordinator's client/app.py never ran
+    assert deployment.markers_after_refusals == []  # the extra line in the coordinator's client/app.py never ran
     reasons = refused_reasons(deployment.refused["modified-code"])
     assert sorted(reasons) == list(HOSPITALS)
     for reason in reasons.values():
         assert reason == "failed: code not approved by the site; the details are in the site's own log"
     for name, log in deployment.site_logs.items():
         lines = [line for line in log.splitlines() if "code differs from the installed MedTune" in line]
-        assert len(lines) == 2  # the round's train message and its evaluate message, one line each
+        assert len(lines) >= 2  # one per message: the round's train and evaluate (and again in the approved run)
         assert all("1 changed (client/app.py)" in line and "refused before any of it was imported" in line
                    for line in lines)
         kept = deployment.sites[name] / "refused-fabs" / f"{deployment.modified_fab_hash}.fab"
         assert kept.is_file()  # kept for the site's IT: `medtune site review`
     assert not (deployment.refused["modified-code"] / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_a_fab_the_site_approved_by_hash_runs_as_its_own_code_there_only(deployment: Deployment) -> None:
+    reasons = refused_reasons(deployment.approved)
+    assert reasons[APPROVING].startswith("trained")  # h4 listed the FAB's hash: Flower's runner ran it
+    assert {reasons[name] for name in HOSPITALS} == {
+        "failed: code not approved by the site; the details are in the site's own log"
+    }
+    assert (deployment.approving_site / MARKER).is_file()
+    assert not [name for name, site in deployment.sites.items() if (site / MARKER).exists()]
+    for name, site in deployment.sites.items():  # a refused run charges nothing
+        assert read_json(site / "ledger.json") == deployment.ledgers_after_run_b[name]
 
 
 @pytest.mark.slow

@@ -6,8 +6,9 @@ keeps its ledger under the run's out directory; a deployed hospital reads its ow
 ledger path from the SuperNode's node config.
 
 A hospital that cannot take part (its data file is refused, its ledger is corrupted, its node
-config is incomplete) replies `failed` instead of raising, with the error's category and row number only (the
-message, which may quote records or site paths, stays in the site's log): the server records it
+config is incomplete, or anything unforeseen fails) replies `failed` instead of raising, with the
+error's category and row number only (the message, which may quote records or site paths, stays
+in the site's log): the server records it
 and the federation goes on with the others. The site is built again next
 round, so a hospital that fixes its file rejoins without a restart.
 """
@@ -31,10 +32,18 @@ app = ClientApp()
 log = logging.getLogger("medtune.site")
 
 
-def failed(message: Message, context: Context, error: MedTuneError) -> Message:
-    """The full error stays in this site's log; the reply carries only its category (medtune.federation.wire)."""
+def failed(message: Message, context: Context, error: Exception) -> Message:
+    """The full error stays in this site's log; the reply carries only its category (medtune.federation.wire).
+
+    An error MedTune did not foresee (an OSError from the site's disk, a bug) is logged with its
+    traceback and leaves the site as the category "site error": its text may name site paths.
+    """
     hospital = hospital_label(context)
-    log.error("%s cannot take part: %s", hospital, error)
+    if isinstance(error, MedTuneError):
+        log.error("%s cannot take part: %s", hospital, error)
+    else:
+        log.error("%s cannot take part: unexpected %s", hospital, type(error).__name__, exc_info=error)
+        error = MedTuneError(f"{type(error).__name__}: {error}")
     return Message(failed_reply(hospital, error), reply_to=message)
 
 
@@ -71,7 +80,7 @@ def train(message: Message, context: Context) -> Message:
             server_round=int(config["server-round"]),
             proximal_mu=float(config.get("proximal-mu", 0.0)),
         )
-    except MedTuneError as error:
+    except Exception as error:  # noqa: BLE001 - every failure leaves the site as a category only
         return failed(message, context, error)
     return Message(train_reply(report_of(outcome), site.name), reply_to=message)
 
@@ -82,6 +91,6 @@ def evaluate(message: Message, context: Context) -> Message:
         check_evaluation_shared(context)
         site = site_for(context)
         evaluation = site.evaluate(from_record(message.content[ARRAYS]))
-    except MedTuneError as error:
+    except Exception as error:  # noqa: BLE001 - every failure leaves the site as a category only
         return failed(message, context, error)
     return Message(evaluate_reply(evaluation, site.name), reply_to=message)

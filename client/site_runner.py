@@ -29,7 +29,7 @@ from flwr.app import Context, Message
 
 from client.app import app, failed
 from medtune.code_approval import CodePolicy, InstalledCode, fab_hash
-from medtune.errors import CodeNotApprovedError, ConfigError, MedTuneError
+from medtune.errors import CodeNotApprovedError, ConfigError
 from medtune.files import atomic_write_bytes
 from medtune.site_file import SiteFile
 
@@ -53,11 +53,7 @@ class SiteAnswer:
                 atomic_write_bytes(kept, fab)
             return failed(message, context, CodeNotApprovedError(f"{error}; the FAB is kept at {kept}"))
         log.debug(review.summary())
-        try:
-            return app(message=message, context=context)
-        except Exception as error:  # noqa: BLE001 - an unexpected failure leaves the site as a category only
-            log.exception("the installed ClientApp failed on a %s message", message.metadata.message_type)
-            return failed(message, context, MedTuneError(f"{type(error).__name__}: {error}"))
+        return app(message=message, context=context)  # its handlers turn every failure into a category
 
 
 def supernode_command(site: SiteFile, secret_file: Path) -> list[str]:

@@ -407,6 +407,24 @@ def test_a_hospital_with_a_bad_data_file_fails_each_round_while_the_others_finis
     assert json.loads(ledger_path(tmp_path, 1).read_text())["steps"] == hospitals_of(results, 2)["hospital_1"]["steps"]
 
 
+def test_an_unforeseen_error_at_a_site_leaves_it_as_a_category_only(
+    tiny_backbone_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ledger folder the site cannot create (its parent is a file) raises an OSError MedTune does not name."""
+    files = site_files(tmp_path)
+    config = run_config(tiny_backbone_dir, tmp_path / "run", hospitals=3, rounds=1)
+    grid = real_grid(files, tmp_path, config)
+    blocker = tmp_path / "site-3-disk"
+    blocker.write_text("a file where the site's ledger folder should be")
+    grid.nodes[3].context.node_config["ledger-path"] = str(blocker / "ledger.json")
+    results = federate(grid, config)
+    seen = hospitals_of(results, 1)["hospital_3"]
+    assert (seen["status"], seen["reason"]) == (FAILED, "site error; the details are in the site's own log")
+    stored = json.dumps(results)
+    assert str(blocker) not in stored and "Error" not in stored  # no site path, no exception text at the coordinator
+    assert "hospital_3 cannot take part: unexpected" in caplog.text and str(blocker) in caplog.text  # the site's log
+
+
 def _missing_column(path: Path) -> None:
     path.write_text(path.read_text(encoding="utf-8").replace("text,label", "note,label", 1), encoding="utf-8")
 

@@ -248,13 +248,11 @@ def _cmd_node_keys(args: argparse.Namespace) -> None:
     print(f"public key (send to the coordinator for `flwr supernode register`): {keys.public_key}")
 
 
-def _cmd_site_run(args: argparse.Namespace) -> None:
+def _cmd_site_run(args: argparse.Namespace) -> int:
     from client.site_runner import run_site
     from medtune.site_file import read_site_file
 
-    status = run_site(read_site_file(args.site_file))
-    if status:
-        raise SystemExit(status)
+    return run_site(read_site_file(args.site_file))
 
 
 def _cmd_site_check(args: argparse.Namespace) -> None:
@@ -270,7 +268,7 @@ def _cmd_site_check(args: argparse.Namespace) -> None:
     print(shlex.join(supernode_command(site, site.ledger_path.parent / f".{site.hospital}.superexec-secret")))
 
 
-def _cmd_site_review(args: argparse.Namespace) -> None:
+def _cmd_site_review(args: argparse.Namespace) -> int:
     from medtune.code_approval import InstalledCode, review
 
     try:
@@ -281,8 +279,10 @@ def _cmd_site_review(args: argparse.Namespace) -> None:
     print(result.diff, end="")
     print(f"sha256 {result.fab_hash}")
     print(result.summary())
-    if not result.same_as_installed:
-        print("to approve it, add its sha256 to the site file's approved-fabs (it then runs as its own code)")
+    if result.same_as_installed:
+        return 0
+    print("to approve it, add its sha256 to the site file's approved-fabs (it then runs as its own code)")
+    return 1  # like diff(1): the code differs
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     groups = ("data_command", "bench_command", "certs_command", "site_command")
     key = (args.command, next((getattr(args, group) for group in groups if hasattr(args, group)), None))
     try:
-        handlers[key](args)
+        status = handlers[key](args)  # None, or an exit status of its own (`site run`, `site review`)
     except KeyboardInterrupt:  # Ctrl-C in any other command (a simulation stops itself: medtune/stopping.py)
         command = " ".join(part for part in key if part)
         print(f"interrupted: stopped by SIGINT before `medtune {command}` finished; checkpoints, ledgers and results "
@@ -487,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{error.filename}: " if error.filename else ""
         print(f"error: {where}{error.strerror or error}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

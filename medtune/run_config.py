@@ -1,9 +1,10 @@
 """A federated run's settings, read from Flower's flat run config.
 
-The defaults live in one place, `[tool.flwr.app.config]` of pyproject.toml (medtune/defaults.py). A scenario file
-(simulations/scenarios/*.toml) overrides some of them, and `--run-config` or `medtune simulate`
-flags override again. This module turns the resulting flat key/value dict into the validated
-config objects the core uses, naming any key or value it cannot use.
+The defaults live in medtune/run_defaults.toml (medtune/defaults.py), the table `flwr run .` reads
+from pyproject.toml. A scenario file (simulations/scenarios/*.toml) overrides some of them, and
+`--run-config` or `medtune simulate` flags override again. This module turns the resulting flat
+key/value dict into the validated config objects the core uses, naming any key or value it cannot
+use.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import math
 import re
 import tomllib
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from medtune.config import DataConfig, ModelConfig, PrivacyConfig, TrainConfig, field_kinds, run_config_key
-from medtune.defaults import PROJECT_DIR, run_defaults
+from medtune.defaults import run_defaults
 from medtune.epsilon import NO_DP, read_epsilon
 from medtune.errors import ConfigError
 from medtune.synth import LABELS, SynthConfig
@@ -24,7 +26,18 @@ from medtune.synth import LABELS, SynthConfig
 UNBOUNDED_KEYS = {"max-update-norm"}  # float keys where inf means "no bound" (epsilon: medtune/epsilon.py)
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean")
 SYNTHETIC = "synthetic"
-SCENARIO_DIR = PROJECT_DIR / "simulations" / "scenarios"
+
+
+def shipped_folder(name: str) -> Path:
+    """A folder of TOML files shipped in the `simulations` package, wherever that package is installed.
+
+    A source checkout, an editable install and a wheel all install it as plain files, so the folder
+    is a path: named_toml lists it, opens files in it and names it in errors.
+    """
+    return Path(str(resources.files("simulations").joinpath(name)))
+
+
+SCENARIO_DIR = shipped_folder("scenarios")
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,7 @@ def test_medtune_site_review_prints_the_hash_and_the_diff(
 ) -> None:
     path = tmp_path / "new.fab"
     path.write_bytes(fab_of({**installed.files, "server/app.py": installed.files["server/app.py"] + b"# new\n"}))
-    assert main(["site", "review", str(path)]) == 0
+    assert main(["site", "review", str(path)]) == 1  # like diff(1): the code differs
     out = capsys.readouterr().out
     assert f"sha256 {fab_hash(path.read_bytes())}" in out and "+# new" in out and "1 changed (server/app.py)" in out
     assert main(["site", "review", str(tmp_path / "absent.fab")]) == 2

@@ -34,13 +34,14 @@ from medtune.certs import make_node_keys, make_server_certificates
 from medtune.code_approval import APP_PACKAGES
 from medtune.errors import ConfigError, PrivacyTermsError
 from medtune.federation.wire import failure_reason
-from medtune.defaults import PROJECT_DIR, run_defaults
+from medtune.defaults import run_defaults
 from client.node_config import check_evaluation_shared, site_for
 from medtune.state import ExchangedStateSpec
 from medtune.synth import SynthConfig, write_hospitals
 from conftest import tiny_recipe
 
 BIN = Path(sys.executable).parent
+PROJECT_DIR = Path(__file__).resolve().parents[1]  # the checkout `flwr run` packs into a FAB
 HOSPITALS = ("h1", "h2", "h3")
 APPROVING = "h4"  # registered, started only at the end, with the modified FAB in its approved-fabs
 KILLED = "h3"

@@ -43,16 +43,16 @@ from typing import Any
 from medtune.epsilon import NO_DP, read_epsilon, show_epsilon
 from medtune.errors import ConfigError, MedTuneError
 from medtune.files import atomic_write_json, json_ready, read_json
-from medtune.defaults import PROJECT_DIR
 from medtune.run_config import (
     RunSettings,
     check_keys,
     named_toml,
     resolve_run_config,
     settings_from_run_config,
+    shipped_folder,
 )
 
-SWEEP_DIR = PROJECT_DIR / "simulations" / "benchmarks"
+SWEEP_DIR = shipped_folder("benchmarks")
 SWEEP_KEYS = {"name", "scenario", "epsilons", "seeds", "run-config", "axes", "recipes", "no-dp"}
 RECIPE_AXIS = "recipe"
 TRAINED_METHODS = ("federated", "local", "pooled")

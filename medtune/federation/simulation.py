@@ -1,11 +1,12 @@
 """`medtune simulate`: the same federation `flwr run .` starts, on Flower's Simulation Engine, in-process.
 
-It fuses the run config exactly as Flower does (pyproject defaults, then the scenario, then
-overrides) and hands the app directory to Flower's simulation runtime, which loads
-`server.app:app` and `client.app:app` from pyproject.toml and gives every simulated SuperNode
-its `partition-id`. Nothing is installed, nothing is downloaded, and no SuperLink is left
-running afterwards: the whole federation lives and ends inside this process (Ray workers
-included).
+It fuses the run config exactly as Flower does (the defaults, then the scenario, then overrides)
+and hands an app directory to Flower's simulation runtime, which loads `server.app:app` and
+`client.app:app` named in its pyproject.toml and gives every simulated SuperNode its
+`partition-id`. That pyproject.toml is written from the installed package (flower_app_dir), so a
+wheel without the source tree simulates as a checkout does. Nothing is installed, nothing is
+downloaded, and no SuperLink is left running afterwards: the whole federation lives and ends
+inside this process (Ray workers included).
 
 Flower offers no public in-process entry point that takes a run config, so the one call into
 Flower's private simulation runtime lives in medtune/federation/flower_engine.py, with a test
@@ -17,6 +18,9 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +31,30 @@ from medtune.hospitals import check_hospitals
 from medtune.locks import exclusive
 from medtune.federation.flower_engine import run_in_process
 from medtune.federation.results import RESULTS_FILE
-from medtune.defaults import PROJECT_DIR
+from medtune.defaults import defaults_text
 from medtune.run_config import RunSettings, resolve_run_config, settings_from_run_config
 from medtune.stopping import stop_on_signals
+
+# The ServerApp and the ClientApp, as [tool.flwr.app.components] of pyproject.toml names them for `flwr run .`
+# (tests/test_packaging.py checks that the two agree).
+COMPONENTS = {"serverapp": "server.app:app", "clientapp": "client.app:app"}
+# Flower's runtime requires each of these fields, but in process it installs no FAB: it reads only the
+# components and the config table (each simulated hospital's run config is this run's, fused onto that table).
+_APP_MANIFEST = """\
+# Written by `medtune simulate` (medtune/federation/simulation.py) for Flower's in-process runtime.
+[project]
+name = "medtune"
+version = "0"
+
+[tool.flwr.app]
+publisher = "medtune"
+
+[tool.flwr.app.components]
+serverapp = "{serverapp}"
+clientapp = "{clientapp}"
+
+[tool.flwr.app.config]
+{config}"""
 
 
 def simulation_backend(num_cpus_per_hospital: float, num_gpus_per_hospital: float = 0.0) -> dict[str, Any]:
@@ -77,22 +102,22 @@ def _simulate(settings: RunSettings, config: dict[str, Any], cpus_per_hospital: 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ["OMP_NUM_THREADS"] = str(max(1, int(cpus_per_hospital)))
-    components = _components()
     # Flower loads the ServerApp and the ClientApp in two threads at once. Importing both here first,
     # in one thread, keeps the libraries they pull in (Opacus imports torch.distributed lazily) from
     # being half-imported by two threads at once, which failed a resume as "cannot import name
     # '_CUSTOM_SHARDED_OPS'" (tests/hostile_catalogue.py, 2026-11-27).
-    for reference in (components["serverapp"], components["clientapp"]):
+    for reference in COMPONENTS.values():
         importlib.import_module(reference.split(":")[0])
     try:
-        run_in_process(
-            config,
-            hospitals=settings.source.hospitals,
-            server_app=components["serverapp"],
-            client_app=components["clientapp"],
-            backend_config=simulation_backend(cpus_per_hospital, settings.gpus_per_hospital),
-            app_dir=PROJECT_DIR,
-        )
+        with flower_app_dir() as app_dir:
+            run_in_process(
+                config,
+                hospitals=settings.source.hospitals,
+                server_app=COMPONENTS["serverapp"],
+                client_app=COMPONENTS["clientapp"],
+                backend_config=simulation_backend(cpus_per_hospital, settings.gpus_per_hospital),
+                app_dir=app_dir,
+            )
     except MedTuneError:
         raise
     except RuntimeError as error:
@@ -126,9 +151,16 @@ def check_before_start(settings: RunSettings) -> None:
         )
 
 
-def _components() -> dict[str, str]:
-    import tomllib
+@contextmanager
+def flower_app_dir() -> Iterator[Path]:
+    """A Flower app directory for this run: a pyproject.toml written from the installed MedTune.
 
-    with (PROJECT_DIR / "pyproject.toml").open("rb") as handle:
-        return dict(tomllib.load(handle)["tool"]["flwr"]["app"]["components"])
+    Flower's runtime reads `<app dir>/pyproject.toml`, which an installed wheel does not have; the
+    one written here holds the shipped defaults (medtune/run_defaults.toml) and COMPONENTS, from a
+    source checkout and from a wheel alike. It is removed when the run ends.
+    """
+    manifest = _APP_MANIFEST.format(config=defaults_text(), **COMPONENTS)
+    with tempfile.TemporaryDirectory(prefix="medtune-app-") as folder:
+        (Path(folder) / "pyproject.toml").write_text(manifest, encoding="utf-8")
+        yield Path(folder)
 

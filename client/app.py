@@ -7,7 +7,7 @@ ledger path from the SuperNode's node config.
 
 A hospital that cannot take part (its data file is refused, its ledger is corrupted, its node
 config is incomplete, or anything unforeseen fails) replies `failed` instead of raising, with the
-error's category and row number only (the message, which may quote records or site paths, stays
+error's category only (the message, which may quote records or site paths, stays
 in the site's log): the server records it
 and the federation goes on with the others. The site is built again next
 round, so a hospital that fixes its file rejoins without a restart.
@@ -62,11 +62,9 @@ def report_of(outcome: RoundOutcome) -> TrainReport:
     return TrainReport(
         arrays=outcome.arrays,
         examples=outcome.result.examples if outcome.result else 0,
-        loss=outcome.result.loss if outcome.result else 0.0,
         epsilon=outcome.ledger.epsilon,
         delta=outcome.ledger.config.delta,
         steps=outcome.ledger.steps,
-        stop_reason=outcome.stop_reason,
     )
 
 
@@ -82,6 +80,8 @@ def train(message: Message, context: Context) -> Message:
         )
     except Exception as error:  # noqa: BLE001 - every failure leaves the site as a category only
         return failed(message, context, error)
+    if not outcome.trained:  # the ledger's numbers stay in the site's log; the reply says only "stopped"
+        log.info("%s stops: %s", site.name, outcome.stop_reason)
     return Message(train_reply(report_of(outcome), site.name), reply_to=message)
 
 

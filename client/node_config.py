@@ -3,8 +3,8 @@
 Simulation: Flower gives each node `partition-id`; the hospital is that partition of the
 scenario's data source and its ledger lives at `<out>/sites/<hospital>/ledger.json`.
 Deployment: the SuperNode's node config (written by `medtune site` from the site file) names the
-hospital, its files and its privacy terms: `hospital`, `data-path`, `ledger-path`, optionally
-`text-column`, `label-column`, `cache-dir`, and the terms `max-epsilon`, `max-delta`,
+hospital, its files, the columns it lets MedTune read and its privacy terms: `hospital`,
+`data-path`, `ledger-path`, `text-column`, `label-column`, optionally `cache-dir`, and the terms `max-epsilon`, `max-delta`,
 `share-evaluation-counts` (medtune/site_terms.py). Any other key is refused, so a misspelt ceiling
 is never silently ignored. The terms are checked against the run config before any record is
 read. The paths must be absolute: a relative ledger path would follow the working directory of
@@ -32,8 +32,9 @@ from medtune.site import Site
 from medtune.site_terms import TERMS_KEYS, SiteTerms
 
 PARTITION_ID = "partition-id"
-DEPLOYMENT_KEYS = ("hospital", "data-path", "ledger-path")
-OPTIONAL_KEYS = ("text-column", "label-column", "cache-dir", *TERMS_KEYS)
+# The site names the columns it lets MedTune read: the coordinator's run config never chooses them.
+DEPLOYMENT_KEYS = ("hospital", "data-path", "ledger-path", "text-column", "label-column")
+OPTIONAL_KEYS = ("cache-dir", *TERMS_KEYS)
 
 _sites: dict[str, Site] = {}
 
@@ -69,12 +70,9 @@ def _deployed_site(settings: RunSettings, node_config: dict[str, Any]) -> Site:
         )
     # The site's terms are checked before any record is read: a refused run leaves no trace at the site.
     terms.check(settings.privacy)
-    data = settings.data
-    columns = {
-        "text_column": str(node_config.get("text-column") or data.text_column),
-        "label_column": str(node_config.get("label-column") or data.label_column),
-    }
-    data = replace(data, **columns)
+    data = replace(
+        settings.data, text_column=str(node_config["text-column"]), label_column=str(node_config["label-column"])
+    )
     records = read_records(paths["data-path"], data)
     # The coordinator's run config never names a path on a site's disk: the cache goes where the
     # node config says, or beside the ledger.
@@ -95,10 +93,15 @@ def check_evaluation_shared(context: Context) -> None:
 
 
 def site_for(context: Context) -> Site:
-    """This node's hospital, built once per process and reused across rounds."""
+    """This node's hospital, built once per process and reused across the rounds of one run.
+
+    Only the latest run's site is kept: a long-lived site runner (`medtune site run`) serves run
+    after run, and each run config (a new seed, say) builds a site of its own.
+    """
     run_config, node_config = dict(context.run_config), dict(context.node_config)
     key = json.dumps([run_config, node_config], sort_keys=True, default=str)
     if key not in _sites:
+        _sites.clear()
         settings = settings_from_run_config(run_config)
         if PARTITION_ID in node_config:
             hospital = simulated_hospital(settings, int(node_config[PARTITION_ID]))

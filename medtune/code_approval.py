@@ -21,6 +21,7 @@ from pathlib import Path
 from medtune.errors import CodeNotApprovedError
 
 APP_PACKAGES = ("medtune", "client", "server", "simulations")
+MAX_CODE_BYTES = 64 * 2**20  # uncompressed Python in a FAB: MedTune's is about 0.4 MB; more is refused unread
 
 
 def fab_hash(fab: bytes) -> str:
@@ -29,12 +30,22 @@ def fab_hash(fab: bytes) -> str:
 
 
 def fab_code(fab: bytes, source: str) -> dict[str, bytes]:
-    """The Python files inside a FAB, by path, read from memory (nothing is written or imported)."""
+    """The Python files inside a FAB, by path, read from memory (nothing is written or imported).
+
+    The FAB is the coordinator's: anything wrong with it (a damaged or encrypted entry, an unknown
+    compression, more code than MAX_CODE_BYTES unpacked) is a refusal, never a crash of the site.
+    """
     try:
         with zipfile.ZipFile(io.BytesIO(fab)) as archive:
-            return {name: archive.read(name) for name in archive.namelist() if name.endswith(".py")}
-    except (zipfile.BadZipFile, OSError, ValueError) as error:
-        raise CodeNotApprovedError(f"{source}: not a readable FAB ({error})") from None
+            entries = [info for info in archive.infolist() if info.filename.endswith(".py")]
+            unpacked = sum(info.file_size for info in entries)
+            if unpacked > MAX_CODE_BYTES:
+                raise CodeNotApprovedError(f"{source}: {unpacked} bytes of Python unpacked, over {MAX_CODE_BYTES}")
+            return {info.filename: archive.read(info) for info in entries}
+    except CodeNotApprovedError:
+        raise
+    except Exception as error:  # noqa: BLE001 - zipfile raises zlib.error, NotImplementedError, RuntimeError, ...
+        raise CodeNotApprovedError(f"{source}: not a readable FAB ({type(error).__name__}: {error})") from None
 
 
 @dataclass(frozen=True)

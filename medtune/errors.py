@@ -37,5 +37,9 @@ class PrivacyTermsError(MedTuneError):
     """A run asks a site for more privacy loss than the site's own terms allow (or the site set none)."""
 
 
+class EvaluationWithheldError(PrivacyTermsError):
+    """The site's terms keep its per-class test counts (outside epsilon) at the site."""
+
+
 class CodeNotApprovedError(MedTuneError):
     """The coordinator sent code (a FAB) that this site has not approved."""

@@ -6,13 +6,13 @@ superlink = "superlink.consortium.example:9093"
 root-certificates = "/srv/medtune/ca.crt"      # the consortium CA certificate
 auth-key = "/srv/medtune/keys/h1"              # this SuperNode's private key (never leaves the site)
 data-path = "/srv/medtune/data/notes.csv"
-text-column = "note"                           # optional (default: the run config's)
-label-column = "specialty"                     # optional
+text-column = "note"                           # the only columns MedTune reads (never the coordinator's choice)
+label-column = "specialty"
 ledger-path = "/srv/medtune/ledger.json"
 cache-dir = "/srv/medtune/features"            # optional (default: features/ beside the ledger)
 max-epsilon = 8.0                              # required: this site's ceiling for every run ("inf": consents to no DP)
 max-delta = 1e-5                               # optional (default 1e-5)
-share-evaluation-counts = true                 # optional: report per-class test counts (outside epsilon)
+share-evaluation-counts = false                # optional: report per-class test counts (outside epsilon; default false)
 approved-fabs = []                             # optional: SHA-256 of FABs the site's IT reviewed and approved
 runtime-port = 9094                            # optional: the SuperNode's local Runtime API port (loopback only)
 flower-home = "/srv/medtune/flwr"              # optional: the SuperNode's Flower folder (FLWR_HOME)
@@ -42,7 +42,10 @@ from medtune.state import check_hospital_name
 
 NODE_CONFIG_KEYS = ("hospital", "data-path", "ledger-path", "text-column", "label-column", "cache-dir", *TERMS_KEYS)
 SITE_ONLY_KEYS = ("superlink", "root-certificates", "auth-key", "approved-fabs", "runtime-port", "flower-home")
-REQUIRED_KEYS = ("hospital", "superlink", "root-certificates", "auth-key", "data-path", "ledger-path", "max-epsilon")
+REQUIRED_KEYS = (
+    "hospital", "superlink", "root-certificates", "auth-key", "data-path", "text-column", "label-column", "ledger-path",
+    "max-epsilon",
+)
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 DEFAULT_RUNTIME_PORT = 9094
@@ -103,7 +106,10 @@ def read_site_file(path: Path) -> SiteFile:
         raise ConfigError(f"{path}: unknown key(s) {unknown}; known keys: {[*NODE_CONFIG_KEYS, *SITE_ONLY_KEYS]}")
     missing = [key for key in REQUIRED_KEYS if key not in values]
     if missing:
-        raise ConfigError(f"{path}: missing key(s) {missing} (max-epsilon is the site's own privacy ceiling)")
+        raise ConfigError(
+            f"{path}: missing key(s) {missing} (max-epsilon is the site's own privacy ceiling; text-column and "
+            "label-column the only columns MedTune may read)"
+        )
 
     def where(key: str) -> str:
         return f"{path} {key}"
@@ -140,10 +146,10 @@ def read_site_file(path: Path) -> SiteFile:
     ledger_path = file("ledger-path")
     if not ledger_path.parent.is_dir():
         raise ConfigError(f"{where('ledger-path')}: its folder {ledger_path.parent} does not exist")
-    node_config: dict[str, Any] = {"hospital": hospital, "data-path": str(data_path), "ledger-path": str(ledger_path)}
-    for key in ("text-column", "label-column"):
-        if key in values:
-            node_config[key] = text(key)
+    node_config: dict[str, Any] = {
+        "hospital": hospital, "data-path": str(data_path), "ledger-path": str(ledger_path),
+        "text-column": text("text-column"), "label-column": text("label-column"),
+    }
     if "cache-dir" in values:
         node_config["cache-dir"] = str(file("cache-dir"))
     terms = SiteTerms.from_values(values, str(path))

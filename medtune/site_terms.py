@@ -1,7 +1,10 @@
 """A site's own privacy terms: the most it lets any run spend of its records, set at the site.
 
 The coordinator's run config asks for an (epsilon, delta); the site's config (its site file, or its
-SuperNode's node config) holds the ceiling. A request above the ceiling, or for no DP without the
+SuperNode's node config) holds the ceiling, and whether the site reports per-class test counts
+after each round. Those counts are exact, outside epsilon, and computed under a model and a test
+split the coordinator chooses (a head aimed at one note's features tells whether that note is in
+the test split), so they are shared only with the site's consent (`share-evaluation-counts = true`). A request above the ceiling, or for no DP without the
 site's explicit consent (`max-epsilon = "inf"`), is refused before any record is read or any step
 taken; a stricter request is honoured and becomes the ledger's target. A site that set no
 `max-epsilon` trains nothing: its privacy terms are its own decision, never a default of the
@@ -17,7 +20,7 @@ from typing import Any
 
 from medtune.config import PrivacyConfig
 from medtune.epsilon import NO_DP, read_epsilon, show_epsilon
-from medtune.errors import ConfigError, PrivacyTermsError
+from medtune.errors import ConfigError, EvaluationWithheldError, PrivacyTermsError
 
 TERMS_KEYS = ("max-epsilon", "max-delta", "share-evaluation-counts")
 DEFAULT_MAX_DELTA = 1e-5  # the usual ceiling; a site with over 100,000 records should set a smaller one
@@ -29,7 +32,7 @@ class SiteTerms:
 
     max_epsilon: float | None  # None: not configured, so nothing is trained; inf: consent to no DP
     max_delta: float = DEFAULT_MAX_DELTA
-    share_evaluation_counts: bool = True
+    share_evaluation_counts: bool = False  # they are outside epsilon: shared only with the site's consent
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any], source: str) -> "SiteTerms":
@@ -40,7 +43,7 @@ class SiteTerms:
         max_delta = values.get("max-delta", DEFAULT_MAX_DELTA)
         if isinstance(max_delta, bool) or not isinstance(max_delta, (int, float)) or not 0.0 < max_delta < 1.0:
             raise ConfigError(f"{source} max-delta: {max_delta!r} must be a number strictly between 0 and 1")
-        share = values.get("share-evaluation-counts", True)
+        share = values.get("share-evaluation-counts", False)
         if not isinstance(share, bool):
             raise ConfigError(f"{source} share-evaluation-counts: {share!r} must be true or false")
         return cls(max_epsilon=max_epsilon, max_delta=float(max_delta), share_evaluation_counts=share)
@@ -70,6 +73,7 @@ class SiteTerms:
     def check_evaluation_shared(self) -> None:
         """Refuse to report per-class test counts (outside epsilon) if the site's terms withhold them."""
         if not self.share_evaluation_counts:
-            raise PrivacyTermsError(
-                "this site's share-evaluation-counts is false: its per-class test counts are not reported"
+            raise EvaluationWithheldError(
+                "this site's share-evaluation-counts is false (the default): its per-class test counts, which are "
+                "outside epsilon, stay at the site"
             )

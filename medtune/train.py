@@ -100,6 +100,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@dataclass(frozen=True)
+class RandomStreams:
+    """Independent seeds, derived from one round seed, for each source of randomness in a DP round.
+
+    Poisson sampling and the Gaussian noise must be independent draws: seeded alike, torch's CPU
+    generator gives both the same stream, so which records were sampled would be correlated with
+    the noise added to them, which the accounting assumes never happens.
+    """
+
+    sampling: int
+    noise: int
+    other: int  # Python, NumPy and torch's global generators (dropout is off; nothing private uses them)
+
+    @classmethod
+    def from_seed(cls, seed: int) -> "RandomStreams":
+        sampling, noise, other = (int(s) for s in np.random.SeedSequence(seed).generate_state(3, dtype=np.uint64))
+        return cls(sampling=sampling, noise=noise, other=other)
+
+
 def new_ledger(privacy: PrivacyConfig, num_records: int, train: TrainConfig, rounds: int) -> PrivacyLedger:
     """A fresh ledger whose noise is derived for the hospital's whole participation."""
     plan = SamplingPlan.for_records(num_records, train.batch_size)
@@ -138,13 +157,13 @@ def _check_plan(dataset: RecordInputs, ledger: PrivacyLedger, train: TrainConfig
 
 def _make_private(
     model: PromptClassifier, optimizer: torch.optim.Optimizer, loader: DataLoader, ledger: PrivacyLedger,
-    device: torch.device, seed: int, secure_noise: bool,
+    device: torch.device, noise_seed: int, secure_noise: bool,
 ) -> tuple[Any, torch.optim.Optimizer, DataLoader]:
     """Opacus's DP-SGD around model, optimizer and loader: Poisson batches, per-sample clipping, noise.
 
     Every step is recorded in the hospital's own ledger, whose noise multiplier was derived for its
-    whole participation. Sampling and noise come from generators seeded by `seed` (medtune/noise.py);
-    `secure_noise` draws the Gaussian noise with Opacus's sampler that resists floating-point attacks.
+    whole participation. The noise comes from a generator seeded by `noise_seed`, sampling from the
+    loader's own generator (RandomStreams); `secure_noise` draws the Gaussian noise with Opacus's sampler that resists floating-point attacks.
     """
     engine = PrivacyEngine(accountant=ledger.config.accountant)
     engine.accountant = ledger.accountant  # every step lands in the hospital's own ledger
@@ -156,7 +175,7 @@ def _make_private(
         max_grad_norm=ledger.config.max_grad_norm,
         poisson_sampling=True,
         wrap_model=False,
-        noise_generator=torch.Generator(device=device).manual_seed(seed),
+        noise_generator=torch.Generator(device=device).manual_seed(noise_seed),
     )
     # Opacus refuses a seeded generator with its own secure_mode (which needs torchcsprng); the
     # optimizer's flag alone selects its floating-point-safe Gaussian sampler.
@@ -211,10 +230,12 @@ def train_local(
     are built only from clipped, noised gradients (post-processing: no privacy cost), and they
     never leave the site. Without them every round would restart Adam, whose first steps are
     sign-like (each moves every coordinate by the full learning rate, mostly along DP noise).
-    `seed` seeds sampling and noise; a deployed site passes a secret one (medtune/noise.py).
+    `seed` seeds sampling and noise, as independent streams; a deployed site passes a secret one
+    (medtune/noise.py).
     """
     device = resolve_device(train.device)
-    seed_everything(seed)
+    streams = RandomStreams.from_seed(seed)
+    seed_everything(streams.other)
     _, total_steps = _check_plan(dataset, ledger, train)
     model.to(device).train()
     loader = DataLoader(
@@ -222,7 +243,7 @@ def train_local(
         batch_size=train.batch_size,
         shuffle=True,
         collate_fn=PadToLongest(pad_token_id),
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(streams.sampling),  # Opacus's Poisson sampler draws from it
     )
     adam = torch.optim.Adam(model.trainable_parameters(), lr=train.learning_rate)
     if optimizer_state:
@@ -230,7 +251,7 @@ def train_local(
     optimizer: torch.optim.Optimizer = adam
     hooks = None
     if ledger.config.is_private:
-        hooks, optimizer, loader = _make_private(model, adam, loader, ledger, device, seed, secure_noise)
+        hooks, optimizer, loader = _make_private(model, adam, loader, ledger, device, streams.noise, secure_noise)
     try:
         total_loss, examples = _run_steps(model, optimizer, loader, train, total_steps, device, proximal, progress)
     finally:

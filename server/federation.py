@@ -292,7 +292,6 @@ class Federation:
             return
         try:
             record.examples = int(metrics.get("num-examples", 0))
-            record.train_loss = float(metrics.get("train-loss", 0.0))
             record.epsilon = read_epsilon(metrics.get("epsilon", 0.0), "", spent=True)
             record.delta = float(metrics.get("delta", 0.0))
             record.steps = int(metrics.get("steps", 0))

@@ -34,6 +34,8 @@ def test_attack_scores_behave_at_the_extremes() -> None:
 
 @pytest.fixture(scope="module")
 def audited(tiny_backbone):
+    """The attack on one model trained without DP, and on three trained at epsilon = 1 (seeds 0, 1, 2):
+    one run's AUC on 64 + 64 notes varies by about 0.06 from seed to seed."""
     torch.manual_seed(0)
     members, non_members = _notes(64, seed=1), _notes(64, seed=2)
     config = ModelConfig(num_layers=None, prompt_length=4, max_length=24)
@@ -42,24 +44,28 @@ def audited(tiny_backbone):
     non_member_set = record_inputs(tiny_backbone, config, non_members)
     train = TrainConfig(epochs=60, batch_size=16, learning_rate=0.05, device="cpu")
     results = {}
-    for epsilon in (math.inf, 1.0):
-        model = PromptClassifier(tiny_backbone, config, num_labels=5, seed=0)
-        ledger = new_ledger(PrivacyConfig(epsilon=epsilon), len(member_set), train, rounds=1)
-        train_local(model, member_set, ledger, train, pad, seed=0, progress=False)
-        results[epsilon] = audit_model(model, member_set, non_member_set, pad, torch.device("cpu"))
+    for epsilon, seeds in ((math.inf, (0,)), (1.0, (0, 1, 2))):
+        results[epsilon] = []
+        for seed in seeds:
+            model = PromptClassifier(tiny_backbone, config, num_labels=5, seed=0)
+            ledger = new_ledger(PrivacyConfig(epsilon=epsilon), len(member_set), train, rounds=1)
+            train_local(model, member_set, ledger, train, pad, seed=seed, progress=False)
+            results[epsilon].append(audit_model(model, member_set, non_member_set, pad, torch.device("cpu")))
     return results
 
 
 def test_an_overfit_model_without_dp_leaks_membership(audited) -> None:
-    leaky = audited[math.inf]
+    (leaky,) = audited[math.inf]
     assert leaky.member_loss < leaky.non_member_loss
     assert leaky.auc > 0.7
 
 
 def test_dp_at_epsilon_one_brings_the_attack_near_chance(audited) -> None:
-    private = audited[1.0]
-    assert abs(private.auc - 0.5) < 0.1
-    assert private.auc < audited[math.inf].auc - 0.15
+    auc = float(np.mean([result.auc for result in audited[1.0]]))
+    # No attack on an epsilon-DP mechanism beats AUC e^eps / (1 + e^eps) (0.73 at eps = 1) on average.
+    assert auc < math.exp(1.0) / (1 + math.exp(1.0))
+    assert abs(auc - 0.5) < 0.1
+    assert auc < audited[math.inf][0].auc - 0.15
 
 
 def test_auditing_a_single_site_training_run_says_what_audit_needs(tmp_path, tiny_backbone_dir, capsys) -> None:

@@ -14,10 +14,10 @@ from medtune.code_approval import APP_PACKAGES, CodePolicy, InstalledCode, fab_h
 from medtune.errors import CodeNotApprovedError
 
 
-def fab_of(files: dict[str, bytes]) -> bytes:
+def fab_of(files: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> bytes:
     """A FAB as `flwr build` makes one: a zip of the app's files (plus its own manifest)."""
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
+    with zipfile.ZipFile(buffer, "w", compression=compression) as archive:
         archive.writestr("pyproject.toml", b"[project]\nname = 'medtune'\n")
         archive.writestr(".info/CONTENT", b"")
         for name, data in files.items():
@@ -73,6 +73,11 @@ def test_only_a_listed_hash_is_approved_and_garbage_is_not_a_fab(installed: Inst
     assert not CodePolicy(frozenset({fab_hash(fab)})).approves_hash(fab_hash(fab_of(installed.files)))
     with pytest.raises(CodeNotApprovedError, match="garbage.fab: not a readable FAB"):
         review(b"not a zip", installed, "garbage.fab")
+    damaged = bytearray(fab_of({"client/app.py": bytes(range(256)) * 64}, compression=zipfile.ZIP_DEFLATED))
+    middle = damaged.index(b"client/app.py") + len("client/app.py") + 20  # inside the deflate stream
+    damaged[middle:middle + 16] = b"\xff" * 16  # zlib.error, not BadZipFile: still a refusal, never a crash
+    with pytest.raises(CodeNotApprovedError, match="damaged.fab: not a readable FAB"):
+        review(bytes(damaged), installed, "damaged.fab")
 
 
 def test_medtune_site_review_prints_the_hash_and_the_diff(

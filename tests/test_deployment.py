@@ -32,7 +32,7 @@ from safetensors.numpy import load_file
 
 from medtune.certs import make_node_keys, make_server_certificates
 from medtune.code_approval import APP_PACKAGES
-from medtune.errors import ConfigError, PrivacyTermsError
+from medtune.errors import ConfigError, EvaluationWithheldError, PrivacyTermsError
 from medtune.federation.wire import failure_reason
 from medtune.defaults import run_defaults
 from client.node_config import check_evaluation_shared, site_for
@@ -218,6 +218,7 @@ def site_file(site: Path, name: str, link_port: int, ca: Path, approved_fabs: tu
     values = {
         "hospital": name, "superlink": f"127.0.0.1:{link_port}", "root-certificates": str(ca),
         "auth-key": str(site / "keys" / name), "data-path": str(site / "data" / "notes.csv"),
+        "text-column": "text", "label-column": "label",
         "ledger-path": str(site / "ledger.json"), "max-epsilon": SITE_MAX_EPSILON, "runtime-port": free_port(),
         "flower-home": str(site / "flwr"), "approved-fabs": list(approved_fabs),
     }
@@ -440,6 +441,10 @@ def test_two_rounds_send_only_the_prompt_and_head(deployment: Deployment) -> Non
         assert round_record["aggregated"]
         for trained in (h for h in round_record["hospitals"] if h["status"] == "trained"):
             assert trained["received"] == expected
+            # No site consented to share its test counts (the default): none reached the coordinator.
+            assert trained["accuracy"] is None and trained["test_examples"] == 0
+            assert trained["reason"] == "evaluation counts withheld by the site's terms; the details are in the site's own log"
+            assert "train_loss" not in trained  # computed without noise: it stays at the site
             assert SPEC.num_bytes() <= trained["bytes_up"] < SPEC.num_bytes() + 3 * 200
             assert trained["bytes_down"] >= 2 * SPEC.num_bytes()  # the global state for training and evaluation
             folder = deployment.out / "updates" / f"round_{round_record['round']:03d}"
@@ -496,15 +501,18 @@ def test_certificates_name_the_superlink_and_keys_are_never_replaced(tmp_path: P
         make_node_keys(tmp_path / "keys", "h1")
 
 
-SITE = {"hospital": "h1", "data-path": "/srv/notes.csv", "ledger-path": "/srv/ledger.json"}
+SITE = {
+    "hospital": "h1", "data-path": "/srv/notes.csv", "ledger-path": "/srv/ledger.json", "text-column": "note",
+    "label-column": "specialty",
+}
 
 
 @pytest.mark.parametrize(
     ("node_config", "message"),
     [
-        ({"hospital": "h1", "data-path": "notes.csv", "ledger-path": "/srv/ledger.json"}, "must be absolute"),
-        ({"hospital": "../h1", "data-path": "/srv/notes.csv", "ledger-path": "/srv/ledger.json"}, "hospital '../h1': use 1-64"),
-        ({"hospital": "h1", "data-path": "/srv/notes.csv"}, r"lacks \['ledger-path'\]"),
+        ({**SITE, "data-path": "notes.csv"}, "must be absolute"),
+        ({**SITE, "hospital": "../h1"}, "hospital '../h1': use 1-64"),
+        ({"hospital": "h1", "data-path": "/srv/notes.csv"}, r"lacks \['ledger-path', 'text-column', 'label-column'\]"),
         ({**SITE, "maxepsilon": 8.0}, r"node config key\(s\) \['maxepsilon'\] are not MedTune's"),  # never ignored
         ({**SITE, "max-epsilon": 0}, "node config max-epsilon: epsilon 0 must be positive"),
         ({**SITE, "max-epsilon": 8.0, "max-delta": 1.5}, "node config max-delta: 1.5 must be a number strictly between"),
@@ -539,8 +547,12 @@ def test_a_run_above_the_sites_privacy_terms_is_refused_before_its_records_are_r
     assert failure_reason(PrivacyTermsError(refusal)) == "privacy terms refused; the details are in the site's own log"
 
 
-def test_a_site_that_withholds_its_evaluation_counts_sends_a_category_only() -> None:
-    node_config = {**SITE, "max-epsilon": 8.0, "share-evaluation-counts": False}
+@pytest.mark.parametrize("share", [None, False])  # None: the key left out, whose default keeps them at the site
+def test_a_site_that_withholds_its_evaluation_counts_sends_a_category_only(share: bool | None) -> None:
+    node_config = {**SITE, "max-epsilon": 8.0, **({} if share is None else {"share-evaluation-counts": share})}
     context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_defaults())
-    with pytest.raises(PrivacyTermsError, match="share-evaluation-counts is false"):
+    with pytest.raises(EvaluationWithheldError, match="share-evaluation-counts is false") as refused:
         check_evaluation_shared(context)
+    assert failure_reason(refused.value) == "evaluation counts withheld by the site's terms; the details are in the site's own log"
+    check_evaluation_shared(Context(run_id=1, node_id=1, node_config={**node_config, "share-evaluation-counts": True},
+                                    state=RecordDict(), run_config=run_defaults()))  # consent: no refusal

@@ -37,7 +37,7 @@ def test_deployed_sites_with_the_same_seed_and_ledger_position_draw_noise_no_one
 
     def deployed(folder: str) -> Site:
         node = {"hospital": "h1", "data-path": str(records), "ledger-path": str(tmp_path / folder / "ledger.json"),
-                "max-epsilon": 8.0}
+                "text-column": "text", "label-column": "label", "max-epsilon": 8.0}
         return _deployed_site(settings, node)
 
     first, second = deployed("a"), deployed("b")  # same run seed, hospital, records and ledger position (0)

@@ -115,7 +115,7 @@ class CraftedHospital:
             for k, v in from_record(message.content[ARRAYS]).items()
         }
         steps = 3 * server_round  # a real ledger grows by every round's steps
-        metrics: dict[str, Any] = {"num-examples": self.examples, "train-loss": 1.0, "epsilon": 1.0, "delta": 1e-5, "steps": steps}
+        metrics: dict[str, Any] = {"num-examples": self.examples, "epsilon": 1.0, "delta": 1e-5, "steps": steps}
         self.tamper(arrays, metrics)
         self.sent[server_round] = arrays
         content = RecordDict(
@@ -367,7 +367,9 @@ def real_grid(files: list[Path], tmp_path: Path, config: dict[str, Any]) -> Fake
                 i,
                 {
                     "hospital": f"hospital_{i}", "data-path": str(path), "ledger-path": str(ledger_path(tmp_path, i)),
+                    "text-column": "text", "label-column": "label",
                     "max-epsilon": config["epsilon"],  # each site's ceiling: what these runs ask for
+                    "share-evaluation-counts": True,  # these sites consent to report their test counts
                 },
                 config,
             )
@@ -395,11 +397,12 @@ def test_a_hospital_with_a_bad_data_file_fails_each_round_while_the_others_finis
     for server_round in (1, 2):
         seen = hospitals_of(results, server_round)
         assert seen["hospital_3"]["status"] == FAILED
-        assert seen["hospital_3"]["reason"] == "records file refused (row 5); the details are in the site's own log"
+        # Not even the row leaves: with the label list its choice, the coordinator could read each record's value.
+        assert seen["hospital_3"]["reason"] == "records file refused; the details are in the site's own log"
         assert [seen[f"hospital_{i}"]["status"] for i in (1, 2)] == ["trained", "trained"]
         assert seen["hospital_1"]["accuracy"] is not None and seen["hospital_3"]["accuracy"] is None
         assert results["rounds"][server_round - 1]["aggregated"] is True
-        assert f"round {server_round}: hospital_3 failed: records file refused (row 5)" in " ".join(results["events"])
+        assert f"round {server_round}: hospital_3 failed: records file refused;" in " ".join(results["events"])
     # The full message stays at the site: its log names file, row and value; the coordinator saw none of it.
     assert f"{files[2]} row 5: label 'cardio' is not in the federation's label list" in caplog.text
     assert "cardio" not in json.dumps(results) and str(files[2]) not in json.dumps(results)
@@ -635,6 +638,7 @@ def test_a_round_sent_again_trains_with_fresh_noise_and_the_ledger_says_so(tiny_
     config = run_config(tiny_backbone_dir, tmp_path / "run", hospitals=1, rounds=2, **{"min-hospitals": 1, "epsilon": 8.0})
     node = {
         "hospital": "hospital_1", "data-path": str(files[0]), "ledger-path": str(ledger_path(tmp_path, 1)), "max-epsilon": 8.0,
+        "text-column": "text", "label-column": "label",
     }
     site = _deployed_site(settings_from_run_config(config), node)
     arrays = dict(initial_model(site.backbone, site.settings.model, site.settings.data, seed=0).exchanged_state())
@@ -656,7 +660,7 @@ def test_a_ledger_serves_one_hospital_and_one_process(tiny_backbone_dir: Path, t
     files = site_files(tmp_path)
     settings = settings_from_run_config(run_config(tiny_backbone_dir, tmp_path / "run", hospitals=2, **{"min-hospitals": 1}))
     shared = ledger_path(tmp_path, 1)
-    terms = {"max-epsilon": 8.0}
+    terms = {"max-epsilon": 8.0, "text-column": "text", "label-column": "label"}
     first = _deployed_site(settings, {"hospital": "hospital_1", "data-path": str(files[0]), "ledger-path": str(shared), **terms})
     arrays = dict(initial_model(first.backbone, settings.model, settings.data, seed=0).exchanged_state())
     trained = first.train_round(arrays, server_round=1, proximal_mu=0.0)

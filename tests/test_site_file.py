@@ -25,7 +25,7 @@ def site(tmp_path: Path) -> dict[str, object]:
     return {
         "hospital": "h1", "superlink": "superlink.example:9093", "root-certificates": str(certs.ca_cert),
         "auth-key": str(keys.private_key), "data-path": str(tmp_path / "notes.csv"),
-        "ledger-path": str(tmp_path / "ledger.json"), "max-epsilon": 8.0, "text-column": "note",
+        "ledger-path": str(tmp_path / "ledger.json"), "max-epsilon": 8.0, "text-column": "note", "label-column": "label",
     }
 
 
@@ -42,7 +42,7 @@ def test_the_site_file_becomes_the_node_config_and_a_supernode_that_trusts_only_
     checked = read_site_file(path)
     assert parse_config_args([checked.node_config_text()]) == {
         "hospital": "h1", "data-path": site["data-path"], "ledger-path": site["ledger-path"], "text-column": "note",
-        "max-epsilon": "inf", "share-evaluation-counts": False,
+        "label-column": "label", "max-epsilon": "inf", "share-evaluation-counts": False,
     }
     assert main(["site", "check", str(path)]) == 0
     command = shlex.split(capsys.readouterr().out.splitlines()[-1])
@@ -57,6 +57,7 @@ def test_the_site_file_becomes_the_node_config_and_a_supernode_that_trusts_only_
     ("change", "message"),
     [
         ({"max-epsilon": None}, r"missing key\(s\) \['max-epsilon'\]"),
+        ({"label-column": None}, r"missing key\(s\) \['label-column'\]"),  # the site, not the run, names its columns
         ({"max_epsilon": 8.0}, r"unknown key\(s\) \['max_epsilon'\]"),
         ({"max-epsilon": -1}, "site.toml max-epsilon: epsilon -1 must be positive"),
         ({"data-path": "notes.csv"}, "site.toml data-path: 'notes.csv' must be an absolute path"),

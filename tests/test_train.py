@@ -82,3 +82,27 @@ def test_empty_poisson_batches_are_still_counted_noisy_steps(tiny_backbone):
     assert ledger.exhausted and 0 < ledger.epsilon <= 20.0
     assert all(np.all(np.isfinite(a)) for a in model.exchanged_state().values())
     assert not np.array_equal(before["prompt"], model.exchanged_state()["prompt"])
+
+
+def test_poisson_sampling_and_dp_noise_draw_from_independent_streams(tiny_backbone, monkeypatch):
+    """Seeded alike, torch's CPU generator gives sampling and noise one stream: which records were
+    sampled would be correlated with the noise added to them. Each gets a seed of its own."""
+    import opacus
+
+    from medtune.train import RandomStreams
+
+    seen = {}
+    original = opacus.PrivacyEngine.make_private
+
+    def recording(self, **kwargs):
+        seen["noise"] = kwargs["noise_generator"].initial_seed()
+        seen["sampling"] = kwargs["data_loader"].generator.initial_seed()
+        return original(self, **kwargs)
+
+    monkeypatch.setattr(opacus.PrivacyEngine, "make_private", recording)
+    train = TrainConfig(epochs=1, batch_size=32, seed=5)
+    run_local(_records(count=64), DATA, MODEL, PrivacyConfig(epsilon=8.0), train, backbone=tiny_backbone, progress=False)
+    assert seen["noise"] != seen["sampling"]
+    streams = RandomStreams.from_seed(123)
+    assert len({streams.sampling, streams.noise, streams.other}) == 3
+    assert streams == RandomStreams.from_seed(123)  # still reproducible from the round's seed

@@ -30,7 +30,6 @@ class HospitalRound:
     name: str
     status: str  # trained | stopped (budget spent) | failed (the hospital's reason) | rejected (the server's reason)
     examples: int = 0
-    train_loss: float | None = None
     epsilon: float | None = None
     delta: float | None = None
     steps: int = 0
@@ -60,6 +59,7 @@ def _hospital_round(stored: dict[str, Any], path: Path) -> HospitalRound:
     """A hospital's line as results.json stores it, its epsilon read back from text ("inf": no DP)."""
     epsilon = stored.get("epsilon")
     source = f"{path} {stored.get('name')}"
+    stored = {key: value for key, value in stored.items() if key != "train_loss"}  # written before it left the wire
     return HospitalRound(**{**stored, "epsilon": None if epsilon is None else read_epsilon(epsilon, source, spent=True)})
 
 

@@ -146,10 +146,13 @@ def serve(
             if not (claimed.HasField("task") and claimed.token):
                 stop.wait(poll_seconds)
                 continue
-            if approved(claimed.task.fab_hash):
-                log.info("FAB %s is in this site's approved-fabs: Flower's runner runs it", claimed.task.fab_hash[:12])
-                hand_off(runtime_address, claimed.token)
-            else:
-                run_task(runtime_address, claimed.token, answer)
+            try:
+                if approved(claimed.task.fab_hash):
+                    log.info("FAB %s is in approved-fabs: Flower's runner runs it", claimed.task.fab_hash[:12])
+                    hand_off(runtime_address, claimed.token)
+                else:
+                    run_task(runtime_address, claimed.token, answer)
+            except Exception:  # noqa: BLE001 - one task that fails (its end is pushed) never ends the site
+                log.exception("task %s of run %s failed; the site goes on", claimed.task.task_id, claimed.task.run_id)
     finally:
         client.close()

@@ -2,7 +2,8 @@
 
 Server -> hospital (train and evaluate): `arrays` (the global exchanged state) and `config`.
 Hospital -> server after training: `arrays` (its new prompt and head, nothing else), `metrics`
-(num-examples, train-loss, epsilon, delta, steps) and `hospital` (its name and status).
+(num-examples, epsilon, delta, steps) and `hospital` (its name and status). The training loss stays at
+the site: computed on its records without clipping or noise, it is outside epsilon.
 Hospital -> server after evaluation: `metrics` (test counts per class, loss) and `hospital`.
 A hospital whose budget is spent replies `status = "stopped"` and no arrays; one that cannot take
 part (unreadable data file, corrupted ledger, bad node config) replies `status = "failed"`, the
@@ -11,15 +12,14 @@ reason and nothing else. `rejected` is the server's verdict on a reply that fail
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from medtune.errors import (
-    CodeNotApprovedError, ConfigError, DataError, LedgerError, MedTuneError, PrivacyBudgetError, PrivacyTermsError,
-    StateError,
+    CodeNotApprovedError, ConfigError, DataError, EvaluationWithheldError, LedgerError, MedTuneError,
+    PrivacyBudgetError, PrivacyTermsError, StateError,
 )
 from medtune.metrics import Evaluation, from_counts
 
@@ -27,7 +27,8 @@ ARRAYS = "arrays"
 METRICS = "metrics"
 HOSPITAL = "hospital"
 TRAINED, STOPPED, FAILED, REJECTED = "trained", "stopped", "failed", "rejected"
-TRAIN_METRICS = ("num-examples", "train-loss", "epsilon", "delta", "steps")  # exactly what train_reply sends
+BUDGET_SPENT = "its next round would pass its epsilon target"  # a stopped site's reason: fixed text, as failures'
+TRAIN_METRICS = ("num-examples", "epsilon", "delta", "steps")  # exactly what train_reply sends
 
 
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -44,18 +45,15 @@ class TrainReport:
 
     arrays: dict[str, np.ndarray] | None  # None: the budget is spent, nothing was trained
     examples: int
-    loss: float
     epsilon: float
     delta: float
     steps: int
-    stop_reason: str = ""
 
 
 def train_reply(report: TrainReport, hospital: str) -> RecordDict:
     content = RecordDict()
     metrics = {
         "num-examples": int(report.examples),
-        "train-loss": float(report.loss),
         "epsilon": float(report.epsilon),  # inf (no DP) travels as itself: records carry IEEE floats
         "delta": float(report.delta),
         "steps": int(report.steps),
@@ -63,14 +61,15 @@ def train_reply(report: TrainReport, hospital: str) -> RecordDict:
     if report.arrays is not None:
         content[ARRAYS] = to_record(report.arrays)
     content[METRICS] = MetricRecord(metrics)
-    status = TRAINED if report.arrays is not None else STOPPED
-    content[HOSPITAL] = ConfigRecord({"name": hospital, "status": status, "reason": report.stop_reason})
+    status, reason = (TRAINED, "") if report.arrays is not None else (STOPPED, BUDGET_SPENT)
+    content[HOSPITAL] = ConfigRecord({"name": hospital, "status": status, "reason": reason})
     return content
 
 
-# What a failing site may tell the coordinator: a fixed category per error kind, and a row number.
+# What a failing site may tell the coordinator: a fixed category per error kind, nothing else.
 FAILURE_CATEGORIES = (
     (CodeNotApprovedError, "code not approved by the site"),
+    (EvaluationWithheldError, "evaluation counts withheld by the site's terms"),
     (PrivacyTermsError, "privacy terms refused"),
     (DataError, "records file refused"),
     (LedgerError, "privacy ledger refused"),
@@ -78,19 +77,17 @@ FAILURE_CATEGORIES = (
     (StateError, "global state refused"),
     (ConfigError, "site configuration refused"),
 )
-_ROW = re.compile(r"\brow (\d+)\b")
 
 
 def failure_reason(error: MedTuneError) -> str:
-    """A site's error as it may leave the site: its category and row number, never its message.
+    """A site's error as it may leave the site: its category, never its message, nor a row number.
 
     Messages name record text, label values and paths on the site's disk (`row 1: label 'S: pt
-    reports nausea...'`); those stay in the site's own log.
+    reports nausea...'`); those stay in the site's own log. Not even the row leaves: the coordinator
+    chooses the label list, so the first row refused would tell it, run by run, each record's value.
     """
     category = next((text for kind, text in FAILURE_CATEGORIES if isinstance(error, kind)), "site error")
-    row = _ROW.search(str(error))
-    where = f" (row {row.group(1)})" if row else ""
-    return f"{category}{where}; the details are in the site's own log"
+    return f"{category}; the details are in the site's own log"
 
 
 def failed_reply(hospital: str, error: MedTuneError) -> RecordDict:

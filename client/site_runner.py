@@ -14,6 +14,7 @@ and, in place of Flower's `flwr-clientapp`, claims each task itself (medtune/fed
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import secrets
@@ -35,6 +36,8 @@ from medtune.site_file import SiteFile
 
 log = logging.getLogger("medtune.site")
 QUIET_FLOWER = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+PR_SET_PDEATHSIG = 1  # prctl(2), Linux
+KEPT_REFUSED_FABS = 20  # the newest refused FABs kept for review; a coordinator cannot fill the site's disk
 
 
 class SiteAnswer:
@@ -51,6 +54,9 @@ class SiteAnswer:
             kept = self.site.refused_fabs_dir / f"{fab_hash(fab)}.fab"
             if not kept.exists():
                 atomic_write_bytes(kept, fab)
+                by_age = sorted(self.site.refused_fabs_dir.glob("*.fab"), key=lambda path: path.stat().st_mtime)
+                for old in by_age[:-KEPT_REFUSED_FABS]:
+                    old.unlink(missing_ok=True)
             return failed(message, context, CodeNotApprovedError(f"{error}; the FAB is kept at {kept}"))
         log.debug(review.summary())
         return app(message=message, context=context)  # its handlers turn every failure into a category
@@ -68,6 +74,12 @@ def supernode_command(site: SiteFile, secret_file: Path) -> list[str]:
         "--host", "127.0.0.1", "--port", str(site.runtime_port),
         "--superexec-auth-secret-file", str(secret_file),
     ]
+
+
+def _end_with_this_process() -> None:
+    """In the SuperNode's process, before exec: SIGTERM it if the site runner dies (even by SIGKILL or OOM)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _wait_for_port(port: int, supernode: subprocess.Popen[bytes], timeout: float) -> None:
@@ -109,7 +121,10 @@ def run_site(site: SiteFile) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     # Its own session: a Ctrl-C reaches this runner, which ends the SuperNode after the current task.
-    supernode = subprocess.Popen(supernode_command(site, secret_file), start_new_session=True)
+    supernode = subprocess.Popen(
+        supernode_command(site, secret_file), start_new_session=True,
+        preexec_fn=_end_with_this_process if sys.platform == "linux" else None,
+    )
     threading.Thread(target=lambda: (supernode.wait(), stop.set()), daemon=True).start()
     try:
         _wait_for_port(site.runtime_port, supernode, timeout=120)

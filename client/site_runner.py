@@ -133,10 +133,8 @@ def run_site(site: SiteFile) -> int:
             f"{' and ' + str(len(site.approved_fabs)) + ' approved FAB(s)' if site.approved_fabs else ''}",
             file=sys.stderr, flush=True,
         )
-        serve(
-            f"127.0.0.1:{site.runtime_port}", secret_file.read_bytes(), SiteAnswer(site, installed),
-            lambda sha256: CodePolicy(site.approved_fabs).approves_hash(sha256), stop,
-        )
+        answer = SiteAnswer(site, installed)
+        serve(f"127.0.0.1:{site.runtime_port}", secret_file.read_bytes(), answer, answer.policy.approves_hash, stop)
     finally:
         if supernode.poll() is None:
             supernode.terminate()

@@ -162,6 +162,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, f"train.epochs must be at least 1, got {self.epochs}")
         _require(self.batch_size >= 1, f"train.batch_size must be at least 1, got {self.batch_size}")
+        _require(0 <= self.seed < 2**32, f"train.seed must be a whole number from 0 to 2**32 - 1, got {self.seed}")
         _require(
             self.learning_rate > 0 and math.isfinite(self.learning_rate),
             f"train.learning_rate must be a positive number, got {self.learning_rate}",

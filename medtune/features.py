@@ -36,9 +36,10 @@ from medtune.files import atomic_write_json
 
 log = logging.getLogger("medtune.features")
 
-CACHE_FORMAT = "medtune-feature-cache/1"
+CACHE_FORMAT = "medtune-feature-cache/2"  # 2: a checksum for every file (1: hidden.npy only; rebuilt)
 STORAGE_DTYPE = np.float16  # halves the cache; the prompt and head still train in float32
 HIDDEN_FILE, OFFSETS_FILE, META_FILE = "hidden.npy", "offsets.npy", "meta.json"
+CHECKED_FILES = (HIDDEN_FILE, OFFSETS_FILE)
 ENCODE_BATCH = 64
 
 
@@ -120,8 +121,9 @@ def _load(directory: Path, key: CacheKey, labels: torch.Tensor) -> HiddenStates 
         meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
         if meta.get("format") != CACHE_FORMAT or meta.get("key") != key.__dict__:
             raise ValueError("it was made for another backbone, layer or set of records")
-        if file_sha256(directory / HIDDEN_FILE) != meta["sha256"]:
-            raise ValueError(f"{HIDDEN_FILE} does not match its recorded checksum")
+        for name in CHECKED_FILES:  # every file the cache is read from: offsets move record boundaries
+            if file_sha256(directory / name) != meta["sha256"][name]:
+                raise ValueError(f"{name} does not match its recorded checksum")
         hidden = np.load(directory / HIDDEN_FILE, mmap_mode="r")
         offsets = np.load(directory / OFFSETS_FILE)
         if len(offsets) != len(labels) + 1 or int(offsets[-1]) != hidden.shape[0]:
@@ -147,7 +149,10 @@ def _build(directory: Path, key: CacheKey, tokens: TokenizedRecords, backbone: B
     np.save(partial / OFFSETS_FILE, offsets)
     atomic_write_json(
         partial / META_FILE,
-        {"format": CACHE_FORMAT, "key": key.__dict__, "records": len(tokens), "sha256": file_sha256(partial / HIDDEN_FILE)},
+        {
+            "format": CACHE_FORMAT, "key": key.__dict__, "records": len(tokens),
+            "sha256": {name: file_sha256(partial / name) for name in CHECKED_FILES},
+        },
     )
     shutil.rmtree(directory, ignore_errors=True)
     try:

@@ -70,20 +70,37 @@ def _read_memo(path: Path) -> dict[str, float]:
         return {}
 
 
+SEARCH_TOLERANCE = 0.01  # Opacus's get_noise_multiplier stops within this much below the target epsilon
+
+
+def _gives_target(sigma: float, accountant: str, epsilon: float, delta: float, sample_rate: float, steps: int) -> bool:
+    """Whether `sigma` spends epsilon within [target - SEARCH_TOLERANCE, target] over `steps`."""
+    if not (math.isfinite(sigma) and sigma > 0):
+        return False
+    try:
+        spent = epsilon_of(accountant, ((sigma, sample_rate, steps),), delta)
+    except (RuntimeError, ValueError, OverflowError):  # the accountant cannot evaluate it (e.g. a huge sigma)
+        return False
+    return epsilon - SEARCH_TOLERANCE <= spent <= epsilon
+
+
 def noise_multiplier_for(accountant: str, epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """The noise multiplier Opacus's search gives for this target, remembered across processes.
 
-    A remembered value is used only if one accountant evaluation confirms it reaches the target
-    over `steps`; otherwise (a damaged or edited memo) the search runs again.
+    A remembered value is used only if one accountant evaluation confirms it gives the target over
+    `steps` within the search's own tolerance, in both directions: too little noise would pass the
+    target, too much would cost accuracy for nothing. Otherwise (a damaged or edited memo) the
+    search runs again.
     """
     key = json.dumps([opacus.__version__, accountant, epsilon, delta, sample_rate, steps])
     path = noise_memo_path()
     memo = _read_memo(path)
     remembered = memo.get(key)
-    if remembered is not None and remembered > 0:
-        if epsilon_of(accountant, ((remembered, sample_rate, steps),), delta) <= epsilon:
+    if remembered is not None:
+        if _gives_target(remembered, accountant, epsilon, delta, sample_rate, steps):
             return remembered
-        log.warning("%s: remembered noise multiplier %s misses epsilon=%s; searching again", path, remembered, epsilon)
+        log.warning("%s: remembered noise multiplier %s does not give epsilon=%s; searching again", path, remembered,
+                    epsilon)
     sigma = float(
         get_noise_multiplier(
             target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant

@@ -130,8 +130,11 @@ def _take(config: dict[str, Any], key: str, kind: type) -> Any:
     value = config[key]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if key in UNBOUNDED_KEYS and value == NO_DP:  # +inf as MedTune writes it in JSON (a checkpoint's meta.json)
+    if key in UNBOUNDED_KEYS and value in (NO_DP, math.inf):  # +inf, also as MedTune writes it in JSON
         return math.inf
+    if kind is float and isinstance(value, float) and not math.isfinite(value):
+        # NaN passes every `<= 0` check after this one: each number is refused here, where it is read.
+        raise ConfigError(f"run config '{key}' must be a finite number, got {value!r}")
     if kind is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
@@ -246,6 +249,8 @@ def parse_overrides(text: str) -> dict[str, Any]:
         key, value, stray = match.groups()
         if stray is not None:
             raise ConfigError(f"--run-config {text!r}: {stray!r} is not key=value (values go after '=', no spaces)")
+        if key in overrides:  # `epsilon=1.0 epsilon=50.0` must never quietly run at 50
+            raise ConfigError(f"--run-config {text!r}: {key} is given twice; give each key once")
         try:
             overrides[key] = tomllib.loads(f"value = {value}")["value"]
         except tomllib.TOMLDecodeError:

@@ -13,6 +13,7 @@ Why it is hard (and so shows what privacy costs):
 from __future__ import annotations
 
 import csv
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,8 +139,13 @@ class SynthConfig:
             raise ConfigError(f"synth.hospitals must be at least 1, got {self.hospitals}")
         if self.mean_records < 20:
             raise ConfigError(f"synth.mean_records must be at least 20, got {self.mean_records}")
-        if self.size_skew < 0 or self.dirichlet_alpha <= 0:
-            raise ConfigError("synth.size_skew must be >= 0 and synth.dirichlet_alpha > 0")
+        if not (0 <= self.size_skew < math.inf and 0 < self.dirichlet_alpha < math.inf):  # NaN fails both
+            raise ConfigError(
+                f"synth.size_skew must be a finite number >= 0 and synth.dirichlet_alpha a finite number > 0, got "
+                f"{self.size_skew} and {self.dirichlet_alpha}"
+            )
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"synth.seed must be a whole number from 0 to 2**32 - 1, got {self.seed}")
         if not 0.0 <= self.label_noise < 0.5:
             raise ConfigError(f"synth.label_noise must be in [0, 0.5), got {self.label_noise}")
 

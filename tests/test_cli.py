@@ -69,7 +69,20 @@ def test_simulate_refuses_settings_that_would_hang_or_mislead_before_flower_star
         'labels="a,b"': "the synthetic notes use labels",
         "records-per-hospital=0": "synth.mean_records must be at least 20, got 0",
         "until-round=-1": "until-round must be 0 (run every round) or a round number, got -1",
+        # Every number is refused where it is read: NaN passes any `<= 0` check made after it.
+        "epsilon=1.0 epsilon=50.0": "epsilon is given twice; give each key once",
+        "dirichlet-alpha=nan": "run config 'dirichlet-alpha' must be a finite number, got nan",
+        "dirichlet-alpha=inf": "run config 'dirichlet-alpha' must be a finite number, got inf",
+        "proximal-mu=nan": "run config 'proximal-mu' must be a finite number, got nan",
+        "round-timeout=nan": "run config 'round-timeout' must be a finite number, got nan",
+        "max-update-norm=nan": "run config 'max-update-norm' must be a finite number, got nan",
+        "seed=-1": "train.seed must be a whole number from 0 to 2**32 - 1, got -1",
+        "seed=99999999999999999999": "train.seed must be a whole number from 0 to 2**32 - 1, got 99999999999999999999",
     }
+    import torch
+
+    if not torch.cuda.is_available():  # Ray used to wait for ever for the GPU
+        cases["gpus-per-hospital=0.5"] = "gpus-per-hospital = 0.5, but this machine has no CUDA GPU; use 0"
     for overrides, message in cases.items():
         assert main([*base, f'backbone="{tiny_backbone_dir}" {overrides}']) == 2, overrides
         err = capsys.readouterr().err

@@ -11,7 +11,7 @@ import torch
 import medtune.features as features
 from medtune.config import ModelConfig
 from medtune.data import Record
-from medtune.features import HIDDEN_FILE, HiddenStates, record_inputs
+from medtune.features import HIDDEN_FILE, OFFSETS_FILE, HiddenStates, record_inputs
 
 TEXTS = ["chest pain radiating to the left arm", "wheezing", "melena and epigastric pain for two days", "aphasia"]
 RECORDS = [Record(t, i % 2) for i, t in enumerate(TEXTS)]
@@ -74,17 +74,28 @@ def test_other_records_or_another_backbone_never_reuse_the_cache(tiny_backbone, 
     assert len(builds) == 3 and len(_entries(tmp_path)) == 3
 
 
-def test_a_damaged_cache_is_rebuilt_with_its_path_named(tiny_backbone, tmp_path, builds, caplog):
+def _flip_last_numbers(path):
+    data = bytearray(path.read_bytes())
+    data[-8:] = b"\xff" * 8
+    path.write_bytes(bytes(data))
+
+
+def _move_a_record_boundary(path):
+    offsets = np.load(path)
+    offsets[1] += 1  # record 0 gains a token of record 1: same length, same total, wrong states
+    np.save(path, offsets)
+
+
+@pytest.mark.parametrize(("damaged", "damage"), [(HIDDEN_FILE, _flip_last_numbers), (OFFSETS_FILE, _move_a_record_boundary)])
+def test_a_damaged_cache_is_rebuilt_with_its_path_named(tiny_backbone, tmp_path, builds, caplog, damaged, damage):
     good = record_inputs(tiny_backbone, CONFIG, RECORDS, tmp_path)
     expected = [good[i][0].clone() for i in range(len(RECORDS))]
     directory = tmp_path / _entries(tmp_path)[0]
     del good
-    data = bytearray((directory / HIDDEN_FILE).read_bytes())
-    data[-8:] = b"\xff" * 8  # flip the last stored numbers
-    (directory / HIDDEN_FILE).write_bytes(bytes(data))
+    damage(directory / damaged)
     with caplog.at_level(logging.WARNING, logger="medtune.features"):
         rebuilt = record_inputs(tiny_backbone, CONFIG, RECORDS, tmp_path)
-    assert f"feature cache {directory} is damaged" in caplog.text and "checksum" in caplog.text
+    assert f"feature cache {directory} is damaged ({damaged} does not match its recorded checksum)" in caplog.text
     assert len(builds) == 2
     for i in range(len(RECORDS)):
         torch.testing.assert_close(rebuilt[i][0], expected[i], rtol=0, atol=0)

@@ -145,8 +145,12 @@ def test_remembered_noise_equals_a_fresh_opacus_search_and_a_tampered_memo_is_no
 
     memo_path = privacy.noise_memo_path()
     memo = json.loads(memo_path.read_text())
-    memo_path.write_text(json.dumps({key: 0.3 for key in memo}))  # far too little noise for epsilon=4
-    privacy.epsilon_of.cache_clear()
-    third = PrivacyLedger(PrivacyConfig(epsilon=4.0), 0.1, planned_steps=40)
-    assert third.noise_multiplier == reference and len(searches) == 2
-    assert "misses epsilon=4.0" in caplog.text
+    # Too little noise (would pass the target), far too much (1e6: accuracy lost for nothing), and values
+    # the accountant cannot evaluate: each is searched again, never used, never a raw error.
+    for tampered in (0.3, 1e6, 1e300, "Infinity", -1.0):
+        memo_path.write_text(json.dumps({key: tampered for key in memo}).replace('"Infinity"', "Infinity"))
+        privacy.epsilon_of.cache_clear()
+        again = PrivacyLedger(PrivacyConfig(epsilon=4.0), 0.1, planned_steps=40)
+        assert again.noise_multiplier == reference
+    assert len(searches) == 6
+    assert "does not give epsilon=4.0" in caplog.text

@@ -142,13 +142,20 @@ def check_out_directory(settings: RunSettings) -> None:
 
 
 def check_before_start(settings: RunSettings) -> None:
-    """Settings that only the backbone can judge, checked before Flower starts a worker."""
+    """Settings that only the backbone or the machine can judge, checked before Flower starts a worker."""
     layers = configured_depth(settings.model.backbone, settings.model.num_layers)
     if not 0 <= settings.model.prompt_layer <= layers:
         raise ConfigError(
             f"prompt-layer = {settings.model.prompt_layer} is outside 0..{layers}: the backbone has {layers} layers "
             f"(0 = input prompt, {layers} = after the last layer)"
         )
+    if settings.gpus_per_hospital > 0:
+        import torch
+
+        if not torch.cuda.is_available():  # Ray would wait for ever for a GPU it cannot place a hospital on
+            raise ConfigError(
+                f"gpus-per-hospital = {settings.gpus_per_hospital:g}, but this machine has no CUDA GPU; use 0"
+            )
 
 
 @contextmanager

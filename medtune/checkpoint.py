@@ -2,7 +2,9 @@
 
 A checkpoint directory holds `state.safetensors` (prompt, head.weight, head.bias) and
 `meta.json` (labels, model config, backbone name and weights hash, and whatever the writer adds,
-such as the round). Each file is written atomically, meta.json last: a directory without it is a
+such as the round). The head's rows follow the label order, so the labels are also written into
+the state file's own metadata and must agree on loading: an edited or swapped label list would
+otherwise name every prediction wrongly, without a word. Each file is written atomically, meta.json last: a directory without it is a
 checkpoint whose writer was interrupted, and is never picked to resume from.
 
 `model_from_checkpoint` is the one way from a checkpoint to a model (predict, audit, baselines):
@@ -29,6 +31,18 @@ from medtune.state import ExchangedStateSpec
 
 STATE_FILE = "state.safetensors"
 META_FILE = "meta.json"
+LABELS_KEY = "medtune.labels"  # the label order, in state.safetensors' own metadata
+
+
+def _state_labels(raw: bytes) -> tuple[str, ...] | None:
+    """The label order a state file was saved with (None: written before it was recorded).
+
+    safetensors files start with an 8-byte little-endian header length, then a JSON header whose
+    `__metadata__` holds string pairs.
+    """
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    labels = header.get("__metadata__", {}).get(LABELS_KEY)
+    return None if labels is None else tuple(str(label) for label in json.loads(labels))
 
 
 @dataclass
@@ -49,7 +63,8 @@ class Checkpoint:
 def save_checkpoint(directory: str | Path, checkpoint: Checkpoint) -> Path:
     directory = Path(directory)
     checked = checkpoint.spec.check(checkpoint.arrays, source=str(directory))
-    atomic_write_bytes(directory / STATE_FILE, save_safetensors(dict(checked)))
+    labels = json.dumps(list(checkpoint.labels))
+    atomic_write_bytes(directory / STATE_FILE, save_safetensors(dict(checked), metadata={LABELS_KEY: labels}))
     meta = {
         "labels": list(checkpoint.labels),
         "model": config_to_dict(checkpoint.model),
@@ -77,9 +92,16 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise CheckpointError(f"{meta_path}: corrupted metadata ({type(error).__name__}: {error})") from None
     try:
-        arrays = load_safetensors(state_path.read_bytes())
+        raw = state_path.read_bytes()
+        arrays = load_safetensors(raw)
+        saved_labels = _state_labels(raw)
     except Exception as error:  # safetensors raises its own error types for truncated or garbled files
         raise CheckpointError(f"{state_path}: corrupted state file ({error})") from None
+    if saved_labels is not None and saved_labels != labels:
+        raise CheckpointError(
+            f"{meta_path}: labels {list(labels)} differ from {list(saved_labels)}, the order the head in {STATE_FILE} "
+            "was saved with; restore meta.json (every prediction would be named wrongly)"
+        )
     checkpoint = Checkpoint(arrays, labels, model, backbone_name, backbone_hash, meta)
     try:
         checkpoint.arrays = dict(checkpoint.spec.check(arrays, source=str(state_path)))

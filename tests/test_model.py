@@ -194,3 +194,21 @@ def test_a_checkpoint_becomes_a_model_only_on_the_backbone_it_was_trained_on(tmp
     save_checkpoint(tmp_path / "other", replace(saved, backbone_hash="0" * 64))
     with pytest.raises(CheckpointError, match="different weights hash"):
         model_from_checkpoint(tmp_path / "other", device="cpu")
+
+
+def test_a_checkpoint_whose_label_list_was_edited_is_refused(tmp_path, tiny_backbone):
+    """The head's rows follow the label order: reversed labels in meta.json would name every prediction wrongly."""
+    import json
+
+    from medtune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from medtune.errors import CheckpointError
+
+    trained = _model(tiny_backbone, seed=3)
+    labels = ("a", "b", "c", "d", "e")
+    save_checkpoint(tmp_path / "run", Checkpoint(trained.exchanged_state(), labels, trained.config, "tiny", "0" * 64, {}))
+    assert load_checkpoint(tmp_path / "run").labels == labels
+    meta_path = tmp_path / "run" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "labels": list(reversed(labels))}))
+    with pytest.raises(CheckpointError, match=r"meta.json: labels \['e', 'd', 'c', 'b', 'a'\] differ from \['a', 'b'"):
+        load_checkpoint(tmp_path / "run")

@@ -47,6 +47,9 @@ def _decode_utf8(path: Path, raw: bytes) -> str:
 
 
 def _csv_rows(path: Path, text: str) -> tuple[list[str], Iterator[tuple[int, dict]]]:
+    # Python's csv refuses a field over 128 KiB; the whole file is in memory already, so a note as long as
+    # the file is read (max-length truncates it), never refused.
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
     reader = csv.DictReader(io.StringIO(text, newline=""))
     columns = reader.fieldnames or []
     repeated = sorted({column for column in columns if columns.count(column) > 1})

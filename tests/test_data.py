@@ -98,3 +98,12 @@ def test_batches_pad_to_the_longest_text_and_truncate_to_max_length(tiny_backbon
     assert batch["inputs"].shape == (2, longest) and longest < 16
     assert batch["attention_mask"][0].sum() == len(dataset[0][0])
     assert batch["inputs"][0, -1] == tokenizer.pad_token_id
+
+
+def test_a_note_longer_than_pythons_csv_field_limit_is_read(tmp_path):
+    """Python's csv refuses fields over 128 KiB by default; a long discharge summary is a record, not an error."""
+    long_note = "patient stable on ward. " * 8000  # about 190 KiB
+    path = tmp_path / "notes.csv"
+    path.write_text(f"text,label\n\"{long_note}\",cardiology\nchest pain,cardiology\n", encoding="utf-8")
+    records = read_records(path, CONFIG)
+    assert [len(record.text) for record in records] == [len(long_note), len("chest pain")]

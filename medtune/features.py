@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from torch.utils.data import Dataset
 
 from medtune.backbone import Backbone, check_prompt_layer, hidden_states_at
@@ -102,13 +103,16 @@ def _fill(hidden: np.ndarray, offsets: np.ndarray, tokens: TokenizedRecords, bac
     order = sorted(range(len(tokens)), key=lambda i: -len(tokens.input_ids[i]))
     collate = PadToLongest(backbone.tokenizer.pad_token_id)
     device = next(backbone.encoder.parameters()).device
-    for start in range(0, len(order), ENCODE_BATCH):
-        batch = order[start : start + ENCODE_BATCH]
-        padded = collate([tokens[i] for i in batch])
-        ids, mask = padded["inputs"].to(device), padded["attention_mask"].to(device)
-        states = hidden_states_at(backbone.encoder, ids, mask, layer).float().cpu().numpy()
-        for row, index in enumerate(batch):
-            hidden[offsets[index] : offsets[index + 1]] = states[row, : offsets[index + 1] - offsets[index]]
+    # A large site takes minutes here: records/s and the time left, on a terminal (disable=None: not in logs).
+    with tqdm(total=len(order), desc="feature cache", unit="record", disable=None, leave=False) as bar:
+        for start in range(0, len(order), ENCODE_BATCH):
+            batch = order[start : start + ENCODE_BATCH]
+            padded = collate([tokens[i] for i in batch])
+            ids, mask = padded["inputs"].to(device), padded["attention_mask"].to(device)
+            states = hidden_states_at(backbone.encoder, ids, mask, layer).float().cpu().numpy()
+            for row, index in enumerate(batch):
+                hidden[offsets[index] : offsets[index + 1]] = states[row, : offsets[index + 1] - offsets[index]]
+            bar.update(len(batch))
 
 
 def _offsets(tokens: TokenizedRecords) -> np.ndarray:
@@ -140,20 +144,24 @@ def _build(directory: Path, key: CacheKey, tokens: TokenizedRecords, backbone: B
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     offsets = _offsets(tokens)
-    hidden = np.lib.format.open_memmap(
-        partial / HIDDEN_FILE, mode="w+", dtype=STORAGE_DTYPE, shape=(int(offsets[-1]), backbone.hidden_size)
-    )
-    _fill(hidden, offsets, tokens, backbone, layer)
-    hidden.flush()
-    del hidden
-    np.save(partial / OFFSETS_FILE, offsets)
-    atomic_write_json(
-        partial / META_FILE,
-        {
-            "format": CACHE_FORMAT, "key": key.__dict__, "records": len(tokens),
-            "sha256": {name: file_sha256(partial / name) for name in CHECKED_FILES},
-        },
-    )
+    try:
+        hidden = np.lib.format.open_memmap(
+            partial / HIDDEN_FILE, mode="w+", dtype=STORAGE_DTYPE, shape=(int(offsets[-1]), backbone.hidden_size)
+        )
+        _fill(hidden, offsets, tokens, backbone, layer)
+        hidden.flush()
+        del hidden
+        np.save(partial / OFFSETS_FILE, offsets)
+        atomic_write_json(
+            partial / META_FILE,
+            {
+                "format": CACHE_FORMAT, "key": key.__dict__, "records": len(tokens),
+                "sha256": {name: file_sha256(partial / name) for name in CHECKED_FILES},
+            },
+        )
+    except BaseException:  # Ctrl-C or a full disk mid-build: no half-built folder is left behind
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     shutil.rmtree(directory, ignore_errors=True)
     try:
         partial.rename(directory)

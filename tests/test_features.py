@@ -104,3 +104,17 @@ def test_a_damaged_cache_is_rebuilt_with_its_path_named(tiny_backbone, tmp_path,
 def test_prompt_layer_zero_reads_token_ids_and_caches_nothing(tiny_backbone, tmp_path, builds):
     dataset = record_inputs(tiny_backbone, ModelConfig(max_length=16, prompt_layer=0), RECORDS, tmp_path)
     assert dataset[0][0].dtype == torch.long and not builds and not list(tmp_path.iterdir())
+
+
+def test_a_cache_build_stopped_half_way_leaves_nothing_behind(tiny_backbone, tmp_path, monkeypatch):
+    """Ctrl-C while the cache is built: the half-built folder is removed, and the next run builds it whole."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(features, "_fill", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        record_inputs(tiny_backbone, CONFIG, RECORDS, tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no .partial-PID folder
+    monkeypatch.undo()
+    assert len(record_inputs(tiny_backbone, CONFIG, RECORDS, tmp_path)) == len(RECORDS)

@@ -70,7 +70,7 @@ def _read_memo(path: Path) -> dict[str, float]:
         return {}
 
 
-SEARCH_TOLERANCE = 0.01  # Opacus's get_noise_multiplier stops within this much below the target epsilon
+SEARCH_TOLERANCE = 0.01  # the noise search stops within this much below the target; a remembered sigma must too
 
 
 def _gives_target(sigma: float, accountant: str, epsilon: float, delta: float, sample_rate: float, steps: int) -> bool:
@@ -103,7 +103,8 @@ def noise_multiplier_for(accountant: str, epsilon: float, delta: float, sample_r
                     epsilon)
     sigma = float(
         get_noise_multiplier(
-            target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant
+            target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant,
+            epsilon_tolerance=SEARCH_TOLERANCE,
         )
     )
     memo[key] = sigma

@@ -24,8 +24,10 @@ from medtune.errors import MedTuneError
 from medtune.hospitals import hospital_name
 from medtune.logs import quiet_libraries
 from client.node_config import PARTITION_ID, check_evaluation_shared, site_for
-from medtune.site import RoundOutcome
-from medtune.federation.wire import ARRAYS, TrainReport, evaluate_reply, failed_reply, from_record, train_reply
+from medtune.site import Instruction, RoundOutcome
+from medtune.federation.wire import (
+    ARRAYS, TrainReport, evaluate_reply, failed_reply, from_record, ready_reply, record_from_wire, train_reply,
+)
 
 quiet_libraries()
 app = ClientApp()
@@ -61,27 +63,48 @@ def report_of(outcome: RoundOutcome) -> TrainReport:
     """The round as plain numbers for the wire: the ledger's totals, and the arrays if it trained."""
     return TrainReport(
         arrays=outcome.arrays,
-        examples=outcome.result.examples if outcome.result else 0,
+        examples=outcome.examples,
         epsilon=outcome.ledger.epsilon,
         delta=outcome.ledger.config.delta,
         steps=outcome.ledger.steps,
     )
 
 
+def instruction_of(message: Message, context: Context) -> Instruction:
+    """A query or train message as the site reads it: the global state, the round, the ledger record."""
+    config = message.content["config"]
+    return Instruction(
+        arrays=from_record(message.content[ARRAYS]),
+        server_round=int(config["server-round"]),
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        record=record_from_wire(message),
+        node=int(context.node_id),
+    )
+
+
+@app.query()
+def query(message: Message, context: Context) -> Message:
+    """"Can you take part in this round?", answered before anyone spends: nothing is trained or written."""
+    try:
+        site = site_for(context)
+        ready = site.can_take_part(instruction_of(message, context))
+    except Exception as error:  # noqa: BLE001 - every failure leaves the site as a category only
+        return failed(message, context, error)
+    return Message(ready_reply(site.name, ready), reply_to=message)
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
     try:
         site = site_for(context)
-        config = message.content["config"]
-        outcome = site.train_round(
-            from_record(message.content[ARRAYS]),
-            server_round=int(config["server-round"]),
-            proximal_mu=float(config.get("proximal-mu", 0.0)),
-        )
+        outcome = site.train_round(instruction_of(message, context))
     except Exception as error:  # noqa: BLE001 - every failure leaves the site as a category only
         return failed(message, context, error)
     if not outcome.trained:  # the ledger's numbers stay in the site's log; the reply says only "stopped"
         log.info("%s stops: %s", site.name, outcome.stop_reason)
+    elif outcome.resent:
+        log.info("%s: round %s was trained from this global state before; its update is sent again, no new step",
+                 site.name, message.content["config"]["server-round"])
     return Message(train_reply(report_of(outcome), site.name), reply_to=message)
 
 

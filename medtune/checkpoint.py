@@ -25,7 +25,7 @@ from safetensors.numpy import save as save_safetensors
 from medtune.backbone import Backbone, load_backbone, weights_hash
 from medtune.config import ModelConfig, config_from_dict, config_to_dict
 from medtune.errors import CheckpointError, ConfigError, StateError
-from medtune.files import atomic_write_bytes, atomic_write_json
+from medtune.files import atomic_write_bytes, atomic_write_json, safetensors_metadata
 from medtune.model import PromptClassifier
 from medtune.state import ExchangedStateSpec
 
@@ -35,13 +35,8 @@ LABELS_KEY = "medtune.labels"  # the label order, in state.safetensors' own meta
 
 
 def _state_labels(raw: bytes) -> tuple[str, ...] | None:
-    """The label order a state file was saved with (None: written before it was recorded).
-
-    safetensors files start with an 8-byte little-endian header length, then a JSON header whose
-    `__metadata__` holds string pairs.
-    """
-    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
-    labels = header.get("__metadata__", {}).get(LABELS_KEY)
+    """The label order a state file was saved with (None: written before it was recorded)."""
+    labels = safetensors_metadata(raw).get(LABELS_KEY)
     return None if labels is None else tuple(str(label) for label in json.loads(labels))
 
 

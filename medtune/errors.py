@@ -43,3 +43,7 @@ class EvaluationWithheldError(PrivacyTermsError):
 
 class CodeNotApprovedError(MedTuneError):
     """The coordinator sent code (a FAB) that this site has not approved."""
+
+
+class HospitalNameError(MedTuneError):
+    """Two nodes claim one hospital name, or a node changed its name mid-run (medtune/ledger_record.py)."""

@@ -56,3 +56,12 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise MedTuneError(f"{path}: cannot be read as JSON ({error}); restore it or delete it to redo that step") from None
+
+
+def safetensors_metadata(raw: bytes) -> dict[str, str]:
+    """The string pairs in a safetensors file's header (`__metadata__`), read without loading its arrays.
+
+    safetensors files start with an 8-byte little-endian header length, then a JSON header.
+    """
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    return dict(header.get("__metadata__", {}))

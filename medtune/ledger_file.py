@@ -1,5 +1,5 @@
-"""A hospital's privacy ledger on disk: continue the stored one (it must match this run and hospital),
-or start a fresh one only where none exists.
+"""A hospital's privacy ledger on disk: continue the stored one (it must match this run, hospital and
+records, and the coordinator's record of it), or start a fresh one only where none exists.
 
 Used by a federated site (medtune/site.py) and by `medtune train` (medtune/standalone.py); the file is
 held with an OS lock by the caller from reading to writing back (medtune/locks.py).
@@ -7,29 +7,53 @@ held with an OS lock by the caller from reading to writing back (medtune/locks.p
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from medtune.config import PrivacyConfig, TrainConfig
+from medtune.data import Record
 from medtune.errors import LedgerError
+from medtune.ledger_record import LedgerRecord, check_ledger
 from medtune.privacy import PrivacyLedger
 from medtune.train import SamplingPlan, new_ledger
 
 
+def records_digest(records: Sequence[Record]) -> str:
+    """sha256 over the records a ledger counts (text and label, in order): which data it was made for."""
+    digest = hashlib.sha256()
+    for record in records:
+        text = record.text.encode("utf-8")
+        digest.update(len(text).to_bytes(8, "little") + text + int(record.label).to_bytes(8, "little"))
+    return digest.hexdigest()
+
+
+def read_ledger(path: Path) -> PrivacyLedger | None:
+    """The ledger stored at `path`, or None when there is no file; an unreadable one is refused."""
+    if not path.exists():
+        return None
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise LedgerError(f"{path}: unreadable privacy ledger ({error}); refusing to start a fresh one") from None
+    return PrivacyLedger.from_state_dict(state, source=str(path))
+
+
 def load_or_create_ledger(
-    path: Path | None, privacy: PrivacyConfig, num_records: int, train: TrainConfig, rounds: int,
-    hospital: str | None = None,
+    path: Path | None, privacy: PrivacyConfig, num_records: int, train: TrainConfig, rounds: int, *,
+    hospital: str, records: str, record: LedgerRecord | None = None,
 ) -> PrivacyLedger:
-    """The ledger stored at `path` if there is one (it must match this run and hospital), else a fresh one."""
-    if path is not None and path.exists():
-        try:
-            state = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise LedgerError(f"{path}: unreadable privacy ledger ({error}); refusing to start a fresh one") from None
-        ledger = PrivacyLedger.from_state_dict(state, source=str(path))
-        ledger.matches(privacy, SamplingPlan.for_records(num_records, train.batch_size).sample_rate)
-    else:
+    """The ledger stored at `path` if there is one, else a fresh one; either way it must be `hospital`'s,
+    made for the training records whose `records_digest` is `records`, and agree with the coordinator's
+    `record` of it."""
+    ledger = read_ledger(path) if path is not None else None
+    check_ledger(ledger, record, path or Path("(no ledger file)"))
+    if ledger is None:
         ledger = new_ledger(privacy, num_records, train, rounds)
-    if hospital is not None:
-        ledger.claim(hospital, str(path))
+    else:
+        ledger.matches(privacy, SamplingPlan.for_records(num_records, train.batch_size).sample_rate)
+    source = str(path) if path is not None else "this ledger"
+    ledger.claim(hospital, source)
+    ledger.claim_records(records, source)
     return ledger

@@ -16,6 +16,7 @@ the target over the planned steps, and searched again if it does not. Every epsi
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -32,15 +33,27 @@ from opacus.accountants.utils import get_noise_multiplier
 from medtune.config import PrivacyConfig
 from medtune.epsilon import NO_DP, read_epsilon
 from medtune.errors import ConfigError, LedgerError, PrivacyBudgetError
-from medtune.files import atomic_write_json
+from medtune.files import atomic_write_json, json_ready
 
-LEDGER_FORMAT = "medtune-privacy-ledger/2"
-# Format 1 wrote epsilon = inf (no DP) as null; format 2 writes it as "inf" (medtune/epsilon.py).
-# Ledgers of format 1 are still read, so a hospital's history from an older MedTune is never lost.
+LEDGER_FORMAT = "medtune-privacy-ledger/3"
+# Format 1 wrote epsilon = inf (no DP) as null; format 2 writes it as "inf" (medtune/epsilon.py);
+# format 3 adds the records it was made for and a checksum. Older ledgers are still read, so a
+# hospital's history from an older MedTune is never lost.
+LEDGER_FORMAT_2 = "medtune-privacy-ledger/2"
 LEDGER_FORMAT_1 = "medtune-privacy-ledger/1"
 log = logging.getLogger("medtune.privacy")
 
 History = tuple[tuple[float, float, int], ...]
+
+
+def ledger_checksum(state: dict[str, Any]) -> str:
+    """sha256 of a ledger's fields as JSON writes them: accidental damage shows as damage.
+
+    It is no seal against a deliberate edit (anyone can recompute it); the coordinator's record of
+    the ledger (medtune/ledger_record.py) is the outside check for that.
+    """
+    body = json_ready({key: value for key, value in state.items() if key != "checksum"})
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -129,6 +142,7 @@ class PrivacyLedger:
         self.accountant: IAccountant = create_accountant(mechanism=config.accountant)
         self.non_private_steps = 0
         self.hospital: str | None = None  # whose spending this is: a ledger serves one hospital only
+        self.records: str | None = None  # digest of the records it was made for (medtune/ledger_file.py)
         self.trained_rounds: list[int] = []  # federated rounds this hospital trained, in order
         self.events: list[str] = []  # what the step history alone does not explain
         if config.is_private:
@@ -166,6 +180,20 @@ class PrivacyLedger:
                 history.append((self.noise_multiplier, self.sample_rate, int(extra_steps)))
         return tuple(history)
 
+    def epsilon_at(self, steps: int) -> float:
+        """Epsilon of this ledger's first `steps` steps: what its history says was spent by then."""
+        if steps <= 0:
+            return 0.0
+        if self.non_private_steps:
+            return math.inf
+        prefix, left = [], int(steps)
+        for sigma, rate, count in self._history():
+            prefix.append((sigma, rate, min(count, left)))
+            left -= prefix[-1][2]
+            if left == 0:
+                break
+        return epsilon_of(self.config.accountant, tuple(prefix), self.config.delta)
+
     def epsilon_after(self, extra_steps: int) -> float:
         """Epsilon this hospital would have spent after `extra_steps` more steps at its noise level."""
         if not self.config.is_private:
@@ -196,6 +224,15 @@ class PrivacyLedger:
     def record_non_private_steps(self, steps: int) -> None:
         self.non_private_steps += int(steps)
 
+    def claim_records(self, digest: str, source: str) -> None:
+        """Tie this ledger to the records it counts; a ledger made for other records is refused."""
+        if self.records not in (None, digest):
+            raise LedgerError(
+                f"{source} was made for other records (digest {self.records[:12]}, these are {digest[:12]}): "
+                "a ledger counts the privacy spent on one set of records; give these records a ledger of their own"
+            )
+        self.records = digest
+
     def claim(self, hospital: str, source: str) -> None:
         """Tie this ledger to `hospital`; a ledger already tied to another hospital is refused."""
         if self.hospital not in (None, hospital):
@@ -215,8 +252,8 @@ class PrivacyLedger:
         self.trained_rounds.append(int(server_round))
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain JSON-serialisable ledger."""
-        return {
+        """Plain JSON-serialisable ledger, with its checksum."""
+        state = {
             "format": LEDGER_FORMAT,
             "epsilon_target": self.config.epsilon,
             "delta": self.config.delta,
@@ -230,15 +267,22 @@ class PrivacyLedger:
             "epsilon_spent": self.epsilon,
             "steps": self.steps,
             "hospital": self.hospital,
+            "records": self.records,
             "trained_rounds": list(self.trained_rounds),
             "events": list(self.events),
         }
+        return {**state, "checksum": ledger_checksum(state)}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], source: str = "ledger") -> "PrivacyLedger":
         """Rebuild a ledger exactly; a malformed one is an error, never a silent fresh start."""
-        if not isinstance(state, dict) or state.get("format") not in (LEDGER_FORMAT, LEDGER_FORMAT_1):
+        if not isinstance(state, dict) or state.get("format") not in (LEDGER_FORMAT, LEDGER_FORMAT_2, LEDGER_FORMAT_1):
             raise LedgerError(f"{source}: not a MedTune privacy ledger (expected format '{LEDGER_FORMAT}')")
+        if state["format"] == LEDGER_FORMAT and state.get("checksum") != ledger_checksum(state):
+            raise LedgerError(
+                f"{source}: damaged privacy ledger (its checksum does not match its contents): the file was "
+                "edited or corrupted; restore it from the site's backup (a fresh ledger would forget the epsilon spent)"
+            )
         try:
             target = state["epsilon_target"]
             if state["format"] == LEDGER_FORMAT_1 and target is None:
@@ -261,6 +305,8 @@ class PrivacyLedger:
             recorded_steps = int(state["steps"])
             hospital = state.get("hospital")
             ledger.hospital = None if hospital is None else str(hospital)
+            records = state.get("records")
+            ledger.records = None if records is None else str(records)
             ledger.trained_rounds = [int(r) for r in state.get("trained_rounds", [])]
             ledger.events = [str(e) for e in state.get("events", [])]
         except (KeyError, TypeError, ValueError, ConfigError) as error:

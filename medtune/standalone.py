@@ -25,8 +25,12 @@ from medtune.locks import exclusive
 from medtune.model import PromptClassifier
 from medtune.noise import NoiseSource
 from medtune.privacy import PrivacyLedger
-from medtune.ledger_file import load_or_create_ledger
+from medtune.ledger_file import load_or_create_ledger, records_digest
 from medtune.train import TrainResult, train_local
+
+
+# The hospital a `medtune train` ledger belongs to: a federated site's ledger (hospital_1, ...) is refused.
+LOCAL_HOSPITAL = "local"
 
 
 @dataclass
@@ -62,9 +66,12 @@ def run_local(
     # The ledger is held from reading to writing back: a second process training on it meanwhile
     # would have its steps overwritten.
     with exclusive(ledger_path, "this privacy ledger") if ledger_path is not None else nullcontext():
-        ledger = load_or_create_ledger(ledger_path, privacy, len(train_set), train, rounds=1)
+        ledger = load_or_create_ledger(
+            ledger_path, privacy, len(train_set), train, rounds=1, hospital=LOCAL_HOSPITAL,
+            records=records_digest(train_records),
+        )
         # seeded noise, reproducible by seed; a second run on one ledger draws fresh noise (medtune/noise.py)
-        seed = NoiseSource.seeded(train.seed, "local").seed_for(ledger.steps)
+        seed = NoiseSource.seeded(train.seed, LOCAL_HOSPITAL).seed_for(ledger.steps)
         result = train_local(model, train_set, ledger, train, pad, seed=seed, progress=progress)
         if ledger_path is not None:
             atomic_write_json(ledger_path, ledger.state_dict())
@@ -73,7 +80,7 @@ def run_local(
 
 
 def save_local_run(run: LocalRun, out: Path, backbone: Backbone, configs: dict[str, Any]) -> None:
-    """checkpoint/ (exchanged state + meta), ledger.json and metrics.json under `out`."""
+    """checkpoint/ and metrics.json under `out`; the ledger was written where `run_local` continued it."""
     save_checkpoint(
         out / "checkpoint",
         Checkpoint(
@@ -85,7 +92,6 @@ def save_local_run(run: LocalRun, out: Path, backbone: Backbone, configs: dict[s
             extra={"config": configs},
         ),
     )
-    atomic_write_json(out / "ledger.json", run.ledger.state_dict())
     atomic_write_json(
         out / "metrics.json",
         {"train": run.result.metrics(), "test": run.evaluation.to_dict(), "config": configs},

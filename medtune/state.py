@@ -7,6 +7,7 @@ the backbone's hidden size and the federation's label count; the dtype is float3
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -84,3 +85,13 @@ class ExchangedStateSpec:
                 raise StateError(f"{source}: '{name}' contains NaN or infinite values")
             checked[name] = array
         return checked
+
+
+def state_digest(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over a state's arrays (names, dtypes, shapes and bytes): which global state a round started from."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode("utf-8"))
+        digest.update(array.tobytes())
+    return digest.hexdigest()

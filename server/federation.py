@@ -1,10 +1,13 @@
-"""The round loop: send the global prompt and head, check and aggregate the replies, evaluate, save.
+"""The round loop: ask who can take part, send the global prompt and head, check and aggregate the
+replies, evaluate, save.
 
-Written out rather than hidden in `Strategy.start`, because each round must also: reject replies
-that fail the update checks (server.validation) and record why, record hospitals that failed
-(bad data file, corrupted ledger) and go on with the others, drop hospitals whose budget is spent,
-keep the global state when too few updates are valid, record what crossed the wire, checkpoint,
-and stop early once no hospital can train any more.
+Written out rather than hidden in `Strategy.start`, because each round must also: ask first, so
+that no hospital spends budget on a round that cannot reach min-hospitals; send each hospital the
+coordinator's record of its ledger (medtune/ledger_record.py); key hospitals by the node they
+answer from, so two sites with one name never both count; reject replies that fail the update
+checks (server.validation) and record why; record hospitals that failed (bad data file, corrupted
+ledger) and go on with the others; drop hospitals whose budget is spent; record what crossed the
+wire; checkpoint; and stop once no hospital can train any more.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from rich.console import Console
 from safetensors.numpy import save as save_safetensors
@@ -37,16 +40,19 @@ from medtune.federation.results import RESULTS_FILE, HospitalRound, RoundRecord,
 from medtune.run_config import RunSettings
 from medtune.state import ExchangedStateSpec
 from medtune.stopping import recording
+from medtune.ledger_record import LedgerRecord, Spend
 from medtune.federation.wire import (
     ARRAYS,
     FAILED,
-    HOSPITAL,
+    LEDGER_RECORD,
     METRICS,
+    READY,
     REJECTED,
     STOPPED,
     TRAINED,
     evaluation_from_reply,
     hospital_of,
+    record_to_wire,
     to_record,
 )
 from server.strategy import aggregate, build_strategy, restore_strategy_state, save_strategy_state, trimming_note
@@ -83,9 +89,15 @@ class Federation:
         self.spec = ExchangedStateSpec(settings.model.prompt_length, self.backbone.hidden_size, len(labels))
         self.stopped: set[int] = set()  # nodes no longer sent training rounds
         self.excluded: set[str] = set()  # hospitals whose ledger went back: they spend without a true record
-        self.node_names: dict[int, str] = {}  # node id -> the hospital that last replied from it
+        self.claims: dict[int, str] = {}  # node id -> the hospital name it last answered with
+        self.bindings: dict[str, int] = {}  # hospital name -> the one node that is that hospital in this run
+        self.refused_nodes: set[int] = set()  # nodes claiming a name bound to another connected node
         self.results = RunResults(config=settings.run_config)
         self.arrays, self.first_round = self._initial_state()
+        for record in self.results.rounds:  # a resumed run keeps each hospital on the node it last trained from
+            for row in record.hospitals:
+                if row.node and row.status in (TRAINED, STOPPED):
+                    self.bindings[row.name] = int(row.node)
         note = trimming_note(settings.federation, settings.source.hospitals)
         if note:
             self._event(note)
@@ -150,10 +162,10 @@ class Federation:
         self._wait_for_hospitals()
         for server_round in range(self.first_round, settings.last_round + 1):
             started = time.monotonic()
-            hospitals, accepted, aggregated = self._train_round(server_round)
-            if hospitals and all(h.status == STOPPED for h in hospitals):
-                self._event(f"round {server_round}: every hospital's privacy budget is spent; stopping the run")
+            trained = self._train_round(server_round)
+            if trained is None:  # the hospitals that can still pay for a round are too few: the run is over
                 break
+            hospitals, accepted, aggregated = trained
             global_eval = self._evaluate_round(server_round, hospitals)
             record = RoundRecord(
                 round=server_round,
@@ -186,21 +198,26 @@ class Federation:
         """Whether any round so far aggregated updates: before that, a checkpoint would be the untrained model."""
         return any(r.aggregated for r in self.results.rounds)
 
-    def _train_round(self, server_round: int) -> tuple[list[HospitalRound], list[CheckedUpdate], bool]:
+    def _train_round(self, server_round: int) -> tuple[list[HospitalRound], list[CheckedUpdate], bool] | None:
         """One round's training exchange and aggregation: the hospitals' records, the valid updates, and
-        whether they were aggregated (at least min-hospitals)."""
+        whether they were aggregated (at least min-hospitals). None: too few can pay for the round."""
         federation = self.settings.federation
         sent = to_record(self.arrays)
-        messages = [
-            m
-            for m in self.strategy.configure_train(server_round, sent, ConfigRecord(), self.grid)
-            if m.metadata.dst_node_id not in self.stopped
-        ]
-        hospitals: list[HospitalRound] = []
+        planned = list(self.strategy.configure_train(server_round, sent, ConfigRecord(), self.grid))
+        config = planned[0].content["config"] if planned else ConfigRecord({"server-round": server_round})
+        nodes = [m.metadata.dst_node_id for m in planned if m.metadata.dst_node_id not in self.stopped]
+        ready, hospitals = self._ask_ready(server_round, nodes, sent, config)
+        if not self._enough_to_train(server_round, ready, hospitals):
+            return None
+        # Nodes refused for their name get the instruction too: its record tells them why, in their own log.
+        messages = [self._instruction(MessageType.TRAIN, node, sent, config) for node in ready + sorted(self.refused_nodes & set(nodes))]
         accepted: list[CheckedUpdate] = []
         for reply, node, (name, status, reason) in self._exchange(server_round, "training", messages):
-            record = HospitalRound(name=name, status=status, reason=reason, bytes_down=sent.count_bytes())
-            update = self._read_train_reply(server_round, reply, record)
+            record = HospitalRound(
+                name=self._row_name(server_round, node, name), status=status, reason=reason,
+                bytes_down=sent.count_bytes(), node=str(node),
+            )
+            update = self._read_train_reply(server_round, reply, record, node)
             if update is not None:
                 accepted.append(update)
             if record.status == STOPPED or name in self.excluded:
@@ -210,15 +227,128 @@ class Federation:
         if aggregated:
             new_arrays = aggregate(self.strategy, server_round, accepted)
             self.arrays = dict(self.spec.check(new_arrays, source=f"round {server_round} aggregate"))
-        elif not all(h.status == STOPPED for h in hospitals):
+        else:
             self._event(
                 f"round {server_round}: {len(accepted)} valid update(s), fewer than min-hospitals="
                 f"{federation.min_hospitals}; round skipped, the global state is kept"
             )
         return sorted(hospitals, key=lambda h: h.name), accepted, aggregated
 
+    def _instruction(self, kind: str, node: int, sent: ArrayRecord, config: ConfigRecord) -> Message:
+        """One node's query or train message: the global state, the round's config, and the coordinator's
+        record of that node's hospital's ledger (none while the node has not yet said who it is)."""
+        content = RecordDict({ARRAYS: sent, "config": config})
+        record = self._ledger_record(node)
+        if record is not None:
+            content[LEDGER_RECORD] = record_to_wire(record)
+        return Message(content, dst_node_id=node, message_type=kind)
+
+    def _ledger_record(self, node: int) -> LedgerRecord | None:
+        """What this run recorded of the ledger of the hospital `node` claims to be, and that hospital's node."""
+        name = self.claims.get(node)
+        if name is None:
+            return None
+        bound = self.bindings.get(name, node)
+        spends = tuple(
+            Spend(record.round, row.steps, row.epsilon)
+            for record in self.results.rounds
+            for row in record.hospitals
+            if row.name == name and row.status in (TRAINED, STOPPED, REJECTED) and row.steps > 0 and row.epsilon is not None
+        )
+        return LedgerRecord(hospital=name, node=bound, spends=spends if bound == node else ())
+
+    def _ask_ready(
+        self, server_round: int, nodes: list[int], sent: ArrayRecord, config: ConfigRecord
+    ) -> tuple[list[int], list[HospitalRound]]:
+        """Ask every node whether it can take part in this round, before any of them spends.
+
+        Returns the nodes that are ready, and a record for each that is not (stopped, failed, silent,
+        or refused for its name). A node met for the first time answered without the coordinator's
+        record of its ledger: once it has said who it is, it is asked once more, with the record.
+        """
+        answers: dict[int, tuple[str, str, str]] = {}
+        asking = list(nodes)
+        for _ in range(2):
+            unknown = {node for node in asking if node not in self.claims}
+            for reply, node, (name, status, reason) in self._exchange(
+                server_round, "readiness", [self._instruction(MessageType.QUERY, node, sent, config) for node in asking]
+            ):
+                answers[node] = (self._row_name(server_round, node, name), status, reason)
+            asking = [node for node in unknown if node in self.claims and answers.get(node, ("", ""))[1] == READY]
+            if not asking:
+                break
+        ready, absent = [], []
+        for node in nodes:
+            name, status, reason = answers.get(node, (self._node_name(node), FAILED, "no reply to the readiness query"))
+            if status == READY and node not in self.refused_nodes:
+                ready.append(node)
+                continue
+            if node in self.refused_nodes:
+                continue  # recorded with its training reply
+            absent.append(HospitalRound(name=name, status=status, reason=reason, node=str(node)))
+            if status == STOPPED:
+                self.stopped.add(node)
+                self._event(f"round {server_round}: {name} stopped training: privacy budget spent")
+                continue
+            if status != FAILED:
+                absent[-1].status, absent[-1].reason = FAILED, f"answered {status!r} to the readiness query"
+            self._event(f"round {server_round}: {name} failed: {absent[-1].reason}")
+        return ready, absent
+
+    def _enough_to_train(self, server_round: int, ready: list[int], absent: list[HospitalRound]) -> bool:
+        """Whether the ready hospitals can reach min-hospitals; if not, none is asked to spend.
+
+        When only spent budgets keep the others out, the run is over; when any hospital failed, the
+        run stops with an error that names each hospital and why.
+        """
+        needed = self.settings.federation.min_hospitals
+        if len(ready) >= needed:
+            return True
+        ready_names = ", ".join(sorted(self.claims.get(node, self._node_name(node)) for node in ready)) or "none"
+        failing = [h for h in absent if h.status != STOPPED]
+        if not failing:
+            self._event(
+                f"round {server_round}: the hospitals whose budget can pay for another round ({ready_names}) are fewer "
+                f"than min-hospitals={needed}; every other hospital's privacy budget is spent; stopping the run"
+            )
+            return False
+        why = "; ".join(f"{h.name}: {h.reason or h.status}" for h in sorted(absent, key=lambda h: h.name))
+        self._event(
+            f"round {server_round}: only {len(ready)} hospital(s) can take part ({ready_names}), fewer than "
+            f"min-hospitals={needed}; none was asked to train. Not taking part: {why}"
+        )
+        self.results.save(self.settings.out)
+        raise FederationError(
+            f"round {server_round}: only {len(ready)} hospital(s) can take part ({ready_names}), fewer than "
+            f"min-hospitals={needed}, so no hospital was asked to spend budget. Not taking part: {why}"
+        )
+
+    def _row_name(self, server_round: int, node: int, name: str) -> str:
+        """The name `node`'s row goes under: its hospital, or "name (node N)" if another node holds that name.
+
+        A hospital is keyed by the authenticated node it answers from. A name is bound to the first
+        node that answers with it; a second node claiming it while the first is still connected is
+        refused, and nothing it sends is used. A name whose node has left (a restarted site, a
+        resumed simulation) moves to the node that claims it now.
+        """
+        self.claims[node] = name
+        bound = self.bindings.get(name)
+        if bound is None or bound == node or bound not in set(self.grid.get_node_ids()):
+            if bound not in (None, node):
+                self._event(f"round {server_round}: {name} now answers from node {node} (node {bound} has left)")
+            self.bindings[name] = node
+            self.refused_nodes.discard(node)
+            return name
+        if node not in self.refused_nodes:
+            self.refused_nodes.add(node)
+            self._event(
+                f"round {server_round}: node {node} also calls itself {name}, which is node {bound} in this run; "
+                f"node {node} is refused and nothing it sends is used"
+            )
+        return f"{name} (node {node})"
+
     def _node_name(self, node: int) -> str:
-        return self.node_names.get(node, f"node {node}")
+        return self.claims.get(node, f"node {node}")
 
     def _exchange(
         self, server_round: int, purpose: str, messages: list[Message]
@@ -235,21 +365,23 @@ class Federation:
         named = []
         for reply in replies:
             node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-            identity = hospital_of(reply, self._node_name(node))
-            if not reply.has_error() and HOSPITAL in reply.content.config_records:
-                self.node_names[node] = identity[0]
-            named.append((reply, node, identity))
+            named.append((reply, node, hospital_of(reply, self._node_name(node))))
         answered = {reply.metadata.reply_to_message_id for reply in replies}
         silent = sorted(self._node_name(n) for m, n in sent_to.items() if m not in answered)
         if silent:
             self._event(f"round {server_round}: no {purpose} reply within {timeout} s from {', '.join(silent)}")
         return named
 
-    def _read_train_reply(self, server_round: int, reply: Message, record: HospitalRound) -> CheckedUpdate | None:
+    def _read_train_reply(
+        self, server_round: int, reply: Message, record: HospitalRound, node: int
+    ) -> CheckedUpdate | None:
         """Fill in `record` from one training reply; return its update only if every check passes."""
         name, status = record.name, record.status
         if status == FAILED:
             self._event(f"round {server_round}: {name} failed: {record.reason}")
+            return None
+        if node in self.refused_nodes:
+            record.status, record.reason = REJECTED, f"another node holds the name {self.claims[node]}"
             return None
         self._read_train_metrics(reply, record)
         recorded = self._recorded_steps(name)
@@ -306,11 +438,18 @@ class Federation:
 
     def _evaluate_round(self, server_round: int, hospitals: list[HospitalRound]) -> Evaluation | None:
         sent = to_record(self.arrays)
-        messages = list(self.strategy.configure_evaluate(server_round, sent, ConfigRecord(), self.grid))
+        messages = [
+            m
+            for m in self.strategy.configure_evaluate(server_round, sent, ConfigRecord(), self.grid)
+            if m.metadata.dst_node_id not in self.refused_nodes
+        ]
         by_name = {h.name: h for h in hospitals}
         evaluations = []
-        for reply, _, (name, status, reason) in self._exchange(server_round, "evaluation", messages):
-            record = by_name.setdefault(name, HospitalRound(name=name, status="evaluated"))
+        for reply, node, (name, status, reason) in self._exchange(server_round, "evaluation", messages):
+            name = self._row_name(server_round, node, name)
+            if node in self.refused_nodes:
+                continue  # it claimed a name another node holds: its numbers are not that hospital's
+            record = by_name.setdefault(name, HospitalRound(name=name, status="evaluated", node=str(node)))
             record.bytes_down += sent.count_bytes()
             if status == FAILED:
                 record.reason = record.reason or reason

@@ -11,7 +11,7 @@ from medtune.data import read_records
 from medtune.label_prior import initial_model
 from medtune.noise import NoiseSource
 from medtune.run_config import resolve_run_config, settings_from_run_config
-from medtune.site import Site
+from medtune.site import Instruction, Site
 from medtune.synth import SynthConfig, write_hospitals
 from conftest import tiny_recipe
 
@@ -24,7 +24,7 @@ def _settings(backbone: Path, tmp_path: Path):
 
 def _trained_prompt(site: Site) -> np.ndarray:
     arrays = dict(initial_model(site.backbone, site.settings.model, site.settings.data, seed=0).exchanged_state())
-    outcome = site.train_round(arrays, server_round=1, proximal_mu=0.0)
+    outcome = site.train_round(Instruction(arrays, server_round=1))
     assert outcome.trained
     return outcome.arrays["prompt"]
 

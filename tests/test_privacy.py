@@ -11,7 +11,7 @@ from opacus.accountants import create_accountant
 from medtune.config import PrivacyConfig
 from medtune.errors import LedgerError, PrivacyBudgetError
 from medtune.files import atomic_write_json
-from medtune.privacy import PrivacyLedger
+from medtune.privacy import PrivacyLedger, ledger_checksum
 
 
 @pytest.mark.parametrize("accountant", ["prv", "rdp"])
@@ -62,13 +62,28 @@ def test_ledger_state_is_plain_json_and_restores_exactly():
     assert restored.epsilon == ledger.epsilon
 
 
+def resealed(state: dict) -> dict:
+    """An edited ledger with its checksum made to match, as a deliberate editor would: the structure checks judge it."""
+    return {**state, "checksum": ledger_checksum(state)}
+
+
 def test_a_corrupted_or_foreign_ledger_is_an_error_not_a_fresh_start():
     state = PrivacyLedger(PrivacyConfig(epsilon=4.0), 0.05, planned_steps=100).state_dict()
     with pytest.raises(LedgerError, match="not a MedTune privacy ledger"):
         PrivacyLedger.from_state_dict({"history": []}, source="site/ledger.json")
     del state["noise_multiplier"]
     with pytest.raises(LedgerError, match="site/ledger.json: corrupted ledger"):
-        PrivacyLedger.from_state_dict(state, source="site/ledger.json")
+        PrivacyLedger.from_state_dict(resealed(state), source="site/ledger.json")
+
+
+def test_an_edited_or_damaged_ledger_is_named_damaged_by_its_checksum():
+    ledger = PrivacyLedger(PrivacyConfig(epsilon=4.0), 0.05, planned_steps=100)
+    ledger.accountant.step(noise_multiplier=ledger.noise_multiplier, sample_rate=0.05)
+    stored = json.loads(json.dumps(ledger.state_dict()))
+    assert PrivacyLedger.from_state_dict(stored).steps == 1
+    edited = {**stored, "history": [[1000.0, 0.05, 1]]}  # a past step made to claim far more noise
+    with pytest.raises(LedgerError, match=r"site/ledger.json: damaged privacy ledger \(its checksum"):
+        PrivacyLedger.from_state_dict(edited, source="site/ledger.json")
 
 
 def test_a_ledger_cannot_be_reused_under_another_target():
@@ -107,7 +122,7 @@ def test_a_format_1_ledger_with_null_for_no_dp_is_still_read():
     again = PrivacyLedger.from_state_dict(old)
     assert again.config.epsilon == math.inf and again.steps == 3
     with pytest.raises(LedgerError, match="epsilon"):
-        PrivacyLedger.from_state_dict({**ledger.state_dict(), "epsilon_target": None})  # format 2 has one spelling
+        PrivacyLedger.from_state_dict(resealed({**ledger.state_dict(), "epsilon_target": None}))  # one spelling
 
 
 @pytest.mark.parametrize(
@@ -123,7 +138,7 @@ def test_every_entry_point_refuses_an_epsilon_that_is_not_positive_or_inf(text, 
         settings_from_run_config(resolve_run_config(None, {"epsilon": text if number is None else number}))
     stored = PrivacyLedger(PrivacyConfig(epsilon=8.0), 0.05, planned_steps=10).state_dict()
     with pytest.raises(LedgerError, match="epsilon"):
-        PrivacyLedger.from_state_dict({**stored, "epsilon_target": text})
+        PrivacyLedger.from_state_dict(resealed({**stored, "epsilon_target": text}))
     if number is not None:
         with pytest.raises(EpsilonError, match="privacy.epsilon"):
             PrivacyConfig(epsilon=number)

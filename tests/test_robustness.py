@@ -30,7 +30,10 @@ from medtune.metrics import from_counts
 from medtune.federation.results import RunResults
 from medtune.run_config import resolve_run_config, settings_from_run_config
 from medtune.synth import LABELS, SynthConfig, write_hospitals
-from medtune.federation.wire import ARRAYS, FAILED, HOSPITAL, METRICS, REJECTED, evaluate_reply, from_record, to_record
+from medtune.federation.wire import (
+    ARRAYS, FAILED, HOSPITAL, METRICS, REJECTED, evaluate_reply, from_record, ready_reply, to_record,
+)
+from medtune.site import Instruction
 from server.federation import Federation, checkpoint_dir
 from conftest import tiny_recipe
 
@@ -105,6 +108,8 @@ class CraftedHospital:
         self.sent: dict[int, Arrays] = {}  # round -> the arrays this hospital sent
 
     def __call__(self, message: Message) -> Message:
+        if message.metadata.message_type == MessageType.QUERY:
+            return Message(ready_reply(self.name, ready=True), reply_to=message)
         if message.metadata.message_type == MessageType.EVALUATE:
             evaluation = from_counts(LABELS, [2] * 5, [2] * 5, [1] * 5, loss=1.0)
             return Message(evaluate_reply(evaluation, self.name), reply_to=message)
@@ -243,9 +248,10 @@ def test_a_node_that_dies_is_named_by_its_hospital(tiny_backbone_dir: Path, tmp_
     results = federate(FakeGrid(nodes), run_config(tiny_backbone_dir, tmp_path, hospitals=3, rounds=2, **{"min-hospitals": 1}))
     second = hospitals_of(results, 2)
     assert second["hospital_2"]["status"] == FAILED and second["hospital_2"]["reason"] == "the SuperNode stopped"
-    assert "node 1" not in second and "hospital_3" not in second
+    assert second["hospital_3"]["status"] == FAILED and second["hospital_3"]["reason"] == "no reply to the readiness query"
+    assert "node 1" not in second
     assert "round 2: hospital_2 failed: the SuperNode stopped" in results["events"]
-    assert "round 2: no training reply within 5.0 s from hospital_3" in results["events"]
+    assert "round 2: no readiness reply within 5.0 s from hospital_3" in results["events"]
     assert results["rounds"][1]["aggregated"]  # hospital_1 alone meets min-hospitals=1
 
 
@@ -352,8 +358,8 @@ class RealHospital:
         self.context = Context(run_id=1, node_id=node_id, node_config=node_config, state=RecordDict(), run_config=config)
 
     def __call__(self, message: Message) -> Message:
-        handler = client_app.train if message.metadata.message_type == MessageType.TRAIN else client_app.evaluate
-        return handler(message, self.context)
+        handlers = {MessageType.QUERY: client_app.query, MessageType.TRAIN: client_app.train}
+        return handlers.get(message.metadata.message_type, client_app.evaluate)(message, self.context)
 
 
 def site_files(tmp_path: Path) -> list[Path]:
@@ -502,7 +508,7 @@ def test_a_corrupted_ledger_makes_its_hospital_fail_never_restart_at_zero(
 def test_a_ledger_whose_history_was_cut_is_refused(tmp_path: Path) -> None:
     from medtune.config import PrivacyConfig, TrainConfig
     from medtune.ledger_file import load_or_create_ledger
-    from medtune.privacy import PrivacyLedger
+    from medtune.privacy import PrivacyLedger, ledger_checksum
 
     privacy = PrivacyConfig(epsilon=8.0, accountant="rdp")
     ledger = PrivacyLedger(privacy, sample_rate=0.25, planned_steps=8)
@@ -512,8 +518,11 @@ def test_a_ledger_whose_history_was_cut_is_refused(tmp_path: Path) -> None:
     state["history"] = []  # valid JSON, but the spending it recorded is gone
     path = tmp_path / "ledger.json"
     path.write_text(json.dumps(state))
+    with pytest.raises(LedgerError, match=f"{re.escape(str(path))}: damaged privacy ledger"):
+        load_or_create_ledger(path, privacy, 40, TrainConfig(batch_size=10), rounds=2, hospital="h", records="r")
+    path.write_text(json.dumps({**state, "checksum": ledger_checksum(state)}))  # an editor who fixed the checksum
     with pytest.raises(LedgerError, match=f"{re.escape(str(path))}: corrupted ledger .* adds up to 0 steps but it records 4"):
-        load_or_create_ledger(path, privacy, 40, TrainConfig(batch_size=10), rounds=2)
+        load_or_create_ledger(path, privacy, 40, TrainConfig(batch_size=10), rounds=2, hospital="h", records="r")
 
 
 # --- corrupted checkpoints ------------------------------------------------------------------------
@@ -603,23 +612,59 @@ def test_a_deleted_ledger_makes_its_hospital_fail_never_start_afresh(
     assert [seen[f"hospital_{i}"]["status"] for i in (2, 3)] == ["trained", "trained"]
 
 
-def test_a_ledger_replaced_by_a_shorter_one_is_caught_and_its_hospital_dropped(
-    tiny_backbone_dir: Path, tmp_path: Path
+def _wipe(path: Path) -> None:
+    """The site's folder wiped to free disk: the ledger and the optimizer state beside it are gone."""
+    path.unlink()
+    path.with_name("ledger.optimizer.safetensors").unlink()
+
+
+def _restore_fresh(path: Path) -> None:
+    """The ledger replaced by a backup taken before round 1: well-formed, with a valid checksum, and behind."""
+    from medtune.privacy import ledger_checksum
+
+    state = json.loads(path.read_text())
+    fresh = {**state, "history": [], "steps": 0, "epsilon_spent": 0.0, "trained_rounds": []}
+    path.write_text(json.dumps({**fresh, "checksum": ledger_checksum(fresh)}))
+
+
+def _claim_more_noise(path: Path) -> None:
+    """The past steps edited to claim noise multiplier 1000 (lower epsilon), checksum recomputed by the editor."""
+    from medtune.privacy import ledger_checksum
+
+    state = json.loads(path.read_text())
+    edited = {**state, "history": [[1000.0, rate, steps] for _, rate, steps in state["history"]]}
+    path.write_text(json.dumps({**edited, "checksum": ledger_checksum(edited)}))
+
+
+@pytest.mark.parametrize(
+    "tamper, logged",
+    [
+        (_wipe, "privacy ledger missing, but the coordinator records"),
+        (_restore_fresh, "privacy ledger is behind: it records 0 steps, but the coordinator records"),
+        (_claim_more_noise, "privacy ledger's history gives epsilon=0.0"),
+    ],
+)
+def test_a_ledger_that_disagrees_with_the_coordinators_record_is_refused_before_any_step(
+    tamper: Callable[[Path], None], logged: str, tiny_backbone_dir: Path, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """Wiped, rolled back or edited: the site refuses before training, naming the path; no step is taken."""
     files, resume = first_round_of(tiny_backbone_dir, tmp_path, rounds=3)
-    replaced = ledger_path(tmp_path, 1)
-    after_round_1 = json.loads(replaced.read_text())
-    fresh = {**after_round_1, "history": [], "steps": 0, "epsilon_spent": 0.0, "trained_rounds": []}
-    replaced.write_text(json.dumps(fresh))  # e.g. restored from a backup taken before round 1
+    tampered = ledger_path(tmp_path, 1)
+    reported = hospitals_of(json.loads((tmp_path / "run" / "results.json").read_text()), 1)["hospital_1"]
+    assert reported["steps"] > 0
+    tamper(tampered)
+    before = tampered.read_bytes() if tampered.exists() else None
 
     results = federate(real_grid(files, tmp_path, resume), resume)
-    second = hospitals_of(results, 2)
-    assert second["hospital_1"]["status"] == REJECTED
-    assert f"reports {after_round_1['steps']} steps after training, but this run recorded {after_round_1['steps']}" in (
-        second["hospital_1"]["reason"]
-    )
-    assert "hospital_1" not in {h["name"] for h in results["rounds"][2]["hospitals"] if h["status"] != "evaluated"}
-    assert results["rounds"][1]["aggregated"]  # the two honest hospitals carried round 2
+    for server_round in (2, 3):
+        seen = hospitals_of(results, server_round)
+        assert seen["hospital_1"]["status"] == FAILED and seen["hospital_1"]["reason"].startswith("privacy ledger refused")
+        assert [seen[f"hospital_{i}"]["status"] for i in (2, 3)] == ["trained", "trained"]
+    assert f"{tampered}: {logged}" in caplog.text
+    after = tampered.read_bytes() if tampered.exists() else None
+    assert after == before  # no DP step was taken on it, and no fresh ledger was started in its place
+    assert str(tmp_path) not in json.dumps(results["rounds"])  # the path stays in the site's log
 
 
 def test_resuming_without_the_run_history_is_refused(tiny_backbone_dir: Path, tmp_path: Path) -> None:
@@ -629,27 +674,40 @@ def test_resuming_without_the_run_history_is_refused(tiny_backbone_dir: Path, tm
         federate(real_grid(files, tmp_path, resume), resume)
 
 
-def test_a_round_sent_again_trains_with_fresh_noise_and_the_ledger_says_so(tiny_backbone_dir: Path, tmp_path: Path) -> None:
-    """A coordinator that crashed after its sites replied sends the same round again (issue: reused noise)."""
+def test_a_round_sent_again_gets_the_update_already_sent_at_no_cost(tiny_backbone_dir: Path, tmp_path: Path) -> None:
+    """A coordinator that stopped after its sites replied sends the same round again: the site resends, spending
+    nothing; the same round from another global state trains afresh, counted, with fresh noise."""
     from medtune.label_prior import initial_model
     from client.node_config import _deployed_site
 
     files = site_files(tmp_path)
-    config = run_config(tiny_backbone_dir, tmp_path / "run", hospitals=1, rounds=2, **{"min-hospitals": 1, "epsilon": 8.0})
+    config = run_config(tiny_backbone_dir, tmp_path / "run", hospitals=1, rounds=3, **{"min-hospitals": 1, "epsilon": 8.0})
     node = {
         "hospital": "hospital_1", "data-path": str(files[0]), "ledger-path": str(ledger_path(tmp_path, 1)), "max-epsilon": 8.0,
         "text-column": "text", "label-column": "label",
     }
     site = _deployed_site(settings_from_run_config(config), node)
     arrays = dict(initial_model(site.backbone, site.settings.model, site.settings.data, seed=0).exchanged_state())
-    first = site.train_round(arrays, server_round=1, proximal_mu=0.0)
-    again = site.train_round(arrays, server_round=1, proximal_mu=0.0)  # same round, same global state
-    assert first.trained and again.trained
-    assert not np.allclose(first.arrays["prompt"], again.arrays["prompt"])  # different noise draws
+    first = site.train_round(Instruction(arrays, server_round=1))
+    steps = json.loads(ledger_path(tmp_path, 1).read_text())["steps"]
+    again = site.train_round(Instruction(arrays, server_round=1))  # same round, same global state
+    assert again.resent and not first.resent
+    for name, array in first.arrays.items():
+        np.testing.assert_array_equal(again.arrays[name], array)  # the same output: no new noise drawn
+    assert json.loads(ledger_path(tmp_path, 1).read_text())["steps"] == steps == again.ledger.steps  # nothing spent
+
+    moved = {name: array + np.float32(0.01) for name, array in arrays.items()}
+    other = site.train_round(Instruction(moved, server_round=1))  # same round, another global state: trained
+    assert other.trained and not other.resent
+    assert not np.allclose(first.arrays["prompt"], other.arrays["prompt"])
     ledger = json.loads(ledger_path(tmp_path, 1).read_text())
-    assert ledger["steps"] == first.result.steps + again.result.steps  # every DP step taken is counted
+    assert ledger["steps"] == 2 * steps  # every DP step taken is counted
     assert ledger["trained_rounds"] == [1, 1]
-    assert ledger["events"] and ledger["events"][0].startswith(f"round 1 trained again from step {first.result.steps}")
+    assert ledger["events"] and ledger["events"][0].startswith(f"round 1 trained again from step {steps}")
+
+    site.train_round(Instruction(other.arrays, server_round=2))
+    assert site.sent_update.read().round == 2  # the next round's start replaced the kept update
+    assert not site.train_round(Instruction(other.arrays, server_round=1)).resent  # round 1's answer is gone
 
 
 def test_a_ledger_serves_one_hospital_and_one_process(tiny_backbone_dir: Path, tmp_path: Path) -> None:
@@ -663,16 +721,16 @@ def test_a_ledger_serves_one_hospital_and_one_process(tiny_backbone_dir: Path, t
     terms = {"max-epsilon": 8.0, "text-column": "text", "label-column": "label"}
     first = _deployed_site(settings, {"hospital": "hospital_1", "data-path": str(files[0]), "ledger-path": str(shared), **terms})
     arrays = dict(initial_model(first.backbone, settings.model, settings.data, seed=0).exchanged_state())
-    trained = first.train_round(arrays, server_round=1, proximal_mu=0.0)
+    trained = first.train_round(Instruction(arrays, server_round=1))
     steps = json.loads(shared.read_text())["steps"]
-    assert steps == trained.result.steps and json.loads(shared.read_text())["hospital"] == "hospital_1"
+    assert steps == trained.ledger.steps and json.loads(shared.read_text())["hospital"] == "hospital_1"
 
     other = _deployed_site(settings, {"hospital": "hospital_2", "data-path": str(files[1]), "ledger-path": str(shared), **terms})
     with pytest.raises(LedgerError, match=f"{re.escape(str(shared))} is the privacy ledger of hospital 'hospital_1'"):
-        other.train_round(arrays, server_round=1, proximal_mu=0.0)
+        other.train_round(Instruction(arrays, server_round=1))
     with exclusive(shared, "a ledger held by another SuperNode"):  # flock: another open file, as another process
         with pytest.raises(LockedError, match=f"{re.escape(str(shared))}: hospital_1's privacy ledger is in use by pid"):
-            first.train_round(arrays, server_round=2, proximal_mu=0.0)
+            first.train_round(Instruction(arrays, server_round=2))
     assert json.loads(shared.read_text())["steps"] == steps  # neither refused attempt charged or lost a step
 
 

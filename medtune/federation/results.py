@@ -41,6 +41,7 @@ class HospitalRound:
     received: dict[str, Any] = field(default_factory=dict)  # array names -> shape and dtype
     reason: str = ""
     update_norm: float | None = None  # L2 distance of an accepted update from the global state it was trained on
+    node: str = ""  # the Flower node it answered from (text: node ids are unsigned 64-bit)
 
 
 @dataclass

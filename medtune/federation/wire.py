@@ -1,6 +1,9 @@
 """What crosses the wire between a hospital and the server, in Flower records. One definition.
 
-Server -> hospital (train and evaluate): `arrays` (the global exchanged state) and `config`.
+Server -> hospital (query, train and evaluate): `arrays` (the global exchanged state) and `config`;
+with query and train also `ledger-record`, the coordinator's record of that hospital's ledger
+(medtune/ledger_record.py), for every node whose hospital it knows. A query asks "can you take
+part in this round?" before anyone spends: the reply is `ready`, `stopped` or `failed`.
 Hospital -> server after training: `arrays` (its new prompt and head, nothing else), `metrics`
 (num-examples, epsilon, delta, steps) and `hospital` (its name and status). The training loss stays at
 the site: computed on its records without clipping or noise, it is outside epsilon.
@@ -18,15 +21,17 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from medtune.errors import (
-    CodeNotApprovedError, ConfigError, DataError, EvaluationWithheldError, LedgerError, MedTuneError,
-    PrivacyBudgetError, PrivacyTermsError, StateError,
+    CodeNotApprovedError, ConfigError, DataError, EvaluationWithheldError, HospitalNameError, LedgerError,
+    MedTuneError, PrivacyBudgetError, PrivacyTermsError, StateError,
 )
+from medtune.ledger_record import LedgerRecord, Spend
 from medtune.metrics import Evaluation, from_counts
 
 ARRAYS = "arrays"
 METRICS = "metrics"
 HOSPITAL = "hospital"
-TRAINED, STOPPED, FAILED, REJECTED = "trained", "stopped", "failed", "rejected"
+TRAINED, STOPPED, FAILED, REJECTED, READY = "trained", "stopped", "failed", "rejected", "ready"
+LEDGER_RECORD = "ledger-record"
 BUDGET_SPENT = "its next round would pass its epsilon target"  # a stopped site's reason: fixed text, as failures'
 TRAIN_METRICS = ("num-examples", "epsilon", "delta", "steps")  # exactly what train_reply sends
 
@@ -69,6 +74,7 @@ def train_reply(report: TrainReport, hospital: str) -> RecordDict:
 # What a failing site may tell the coordinator: a fixed category per error kind, nothing else.
 FAILURE_CATEGORIES = (
     (CodeNotApprovedError, "code not approved by the site"),
+    (HospitalNameError, "hospital name held by another node"),
     (EvaluationWithheldError, "evaluation counts withheld by the site's terms"),
     (PrivacyTermsError, "privacy terms refused"),
     (DataError, "records file refused"),
@@ -77,6 +83,40 @@ FAILURE_CATEGORIES = (
     (StateError, "global state refused"),
     (ConfigError, "site configuration refused"),
 )
+
+
+def record_to_wire(record: LedgerRecord) -> ConfigRecord:
+    """The coordinator's record of a ledger as it travels: node ids as text (they are unsigned 64-bit)."""
+    return ConfigRecord(
+        {
+            "hospital": record.hospital,
+            "node": str(record.node),
+            "rounds": [spend.round for spend in record.spends],
+            "steps": [spend.steps for spend in record.spends],
+            "epsilon": [float(spend.epsilon) for spend in record.spends],
+        }
+    )
+
+
+def record_from_wire(message: Message) -> LedgerRecord | None:
+    """The ledger record an instruction carries (None: the coordinator does not know this node yet)."""
+    wired = message.content.config_records.get(LEDGER_RECORD)
+    if wired is None:
+        return None
+    try:
+        rounds, steps, epsilon = (list(wired.get(key) or []) for key in ("rounds", "steps", "epsilon"))
+        if not len(rounds) == len(steps) == len(epsilon):
+            raise ValueError(f"{len(rounds)} rounds, {len(steps)} step counts, {len(epsilon)} epsilons")
+        spends = tuple(Spend(int(r), int(n), float(e)) for r, n, e in zip(rounds, steps, epsilon, strict=True))
+        return LedgerRecord(hospital=str(wired["hospital"]), node=int(str(wired["node"])), spends=spends)
+    except (KeyError, TypeError, ValueError) as error:
+        raise StateError(f"the coordinator's ledger record is malformed ({error})") from None
+
+
+def ready_reply(hospital: str, ready: bool) -> RecordDict:
+    """A site's answer to "can you take part?": ready, or stopped (its budget cannot pay the round)."""
+    status, reason = (READY, "") if ready else (STOPPED, BUDGET_SPENT)
+    return RecordDict({HOSPITAL: ConfigRecord({"name": hospital, "status": status, "reason": reason})})
 
 
 def failure_reason(error: MedTuneError) -> str:

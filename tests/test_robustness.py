@@ -288,6 +288,39 @@ def test_a_federation_in_which_no_hospital_ever_trains_fails_and_leaves_no_check
     assert all(h["status"] == REJECTED for r in recorded["rounds"] for h in r["hospitals"])
 
 
+def test_a_federation_error_ends_the_server_app_as_failed_with_one_line_and_no_traceback(
+    tiny_backbone_dir: Path, tmp_path: Path
+) -> None:
+    """As a SuperLink runs it: Flower calls the ServerApp, catches what it raises (the run is then
+    finished:failed, exit code 201) and logs it; a MedTuneError is logged as one line."""
+    import inspect
+    import io
+    import logging
+
+    from flwr.server.run_serverapp import run as run_server_app
+    from flwr.superlink.runtime import run_serverapp
+    from flwr.supercore.logger import log as flower_log
+
+    import server.app
+
+    # The call in Flower's ServerApp runtime this test replays (a release that logs otherwise fails here).
+    assert 'log(ERROR, "%s raised an exception", exc_entity, exc_info=ex)' in inspect.getsource(run_serverapp)
+    grid = FakeGrid({i: CraftedHospital(f"hospital_{i}", 100, _nan) for i in (1, 2)})
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config=run_config(tiny_backbone_dir, tmp_path, hospitals=2))
+    shown = io.StringIO()
+    handler = logging.StreamHandler(shown)  # formats as Flower's console does: a traceback, if any, follows
+    logging.getLogger("flwr").addHandler(handler)
+    try:
+        with pytest.raises(FederationError) as raised:  # raised, so Flower marks the run as failed
+            run_server_app(grid, context, server_app_dir="", loaded_server_app=server.app.app)  # type: ignore[arg-type]
+        flower_log(logging.ERROR, "%s raised an exception", "ServerApp", exc_info=raised.value)
+    finally:
+        logging.getLogger("flwr").removeHandler(handler)
+    assert shown.getvalue() == f"ServerApp raised an exception: {raised.value}\n"
+    assert "no hospital trained in any round" in shown.getvalue() and "Traceback" not in shown.getvalue()
+
+
 # --- robust aggregation ---------------------------------------------------------------------------
 
 
@@ -774,3 +807,81 @@ def test_resuming_with_other_settings_or_an_edited_round_names_what_differs(tiny
     meta.write_text(json.dumps(edited))
     with pytest.raises(CheckpointError, match="says round 99, but the checkpoint is round_001 of a run of 3 rounds"):
         federate(grid, resumed)
+
+
+# --- what a stop costs, who may spend, one name per node (issue 22, items 5, 8, 9) ------------------
+
+
+class StopsAfterTraining(RealHospital):
+    """Ctrl-C lands after this site trained round 2 and sent its update, before the coordinator recorded it."""
+
+    def __call__(self, message: Message) -> Message:
+        from medtune.stopping import STOP
+
+        reply = super().__call__(message)
+        if message.metadata.message_type == MessageType.TRAIN and int(message.content["config"]["server-round"]) == 2:
+            STOP.set()
+        return reply
+
+
+def test_a_stop_after_the_sites_trained_costs_no_budget(
+    tiny_backbone_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGINT in round 2 of 3 and --resume: all 3 rounds complete, and every ledger equals a straight run's."""
+    from medtune.stopping import STOP, Interrupted
+
+    files = site_files(tmp_path)
+    config = run_config(tiny_backbone_dir, tmp_path / "run", hospitals=3, rounds=3, epsilon=8.0)
+    grid = real_grid(files, tmp_path, config)
+    grid.nodes[3] = StopsAfterTraining(3, grid.nodes[3].context.node_config, config)
+    try:
+        with pytest.raises(Interrupted):
+            federate(grid, config)
+    finally:
+        STOP.clear()
+    resumed = federate(real_grid(files, tmp_path, config), {**config, "resume": str(tmp_path / "run")})
+    straight_dir = tmp_path / "straight"
+    straight_config = {**config, "out": str(straight_dir / "run")}
+    straight = federate(real_grid(files, straight_dir, straight_config), straight_config)
+
+    assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3] and all(r["aggregated"] for r in resumed["rounds"])
+    assert "hospital_3: round 2 was trained from this global state before; its update is sent again" in caplog.text
+    for i in (1, 2, 3):
+        stopped, uninterrupted = (json.loads(ledger_path(base, i).read_text()) for base in (tmp_path, straight_dir))
+        assert stopped["steps"] == uninterrupted["steps"] and stopped["trained_rounds"] == [1, 2, 3]
+        assert stopped["epsilon_spent"] == uninterrupted["epsilon_spent"] <= 8.0
+
+
+def test_no_hospital_spends_on_a_round_that_cannot_reach_min_hospitals(tiny_backbone_dir: Path, tmp_path: Path) -> None:
+    files = site_files(tmp_path)
+    files[1].write_text("text,label\nchest pain,cardio\n", encoding="utf-8")  # hospital_2's file is refused
+    config = run_config(tiny_backbone_dir, tmp_path / "run", hospitals=3, rounds=3, **{"min-hospitals": 3})
+    with pytest.raises(
+        FederationError,
+        match=r"round 1: only 2 hospital\(s\) can take part \(hospital_1, hospital_3\), fewer than min-hospitals=3, "
+        r"so no hospital was asked to spend budget. Not taking part: hospital_2: records file refused",
+    ):
+        federate(real_grid(files, tmp_path, config), config)
+    assert not ledger_path(tmp_path, 1).exists() and not ledger_path(tmp_path, 3).exists()  # no step taken anywhere
+
+
+def test_a_second_node_with_a_hospitals_name_is_refused_and_spends_nothing(
+    tiny_backbone_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    files = site_files(tmp_path)
+    config = run_config(tiny_backbone_dir, tmp_path / "run", hospitals=3, rounds=2, **{"keep-updates": True})
+    grid = real_grid(files, tmp_path, config)
+    impostor = {**grid.nodes[2].context.node_config, "hospital": "hospital_1"}  # its own file, key and ledger
+    grid.nodes[2] = RealHospital(2, impostor, config)
+    results = federate(grid, config)
+
+    for server_round in (1, 2):
+        seen = hospitals_of(results, server_round)
+        assert seen["hospital_1"]["status"] == "trained" and seen["hospital_1"]["node"] == "1"
+        assert seen["hospital_1 (node 2)"]["status"] == FAILED
+        assert seen["hospital_1 (node 2)"]["reason"].startswith("hospital name held by another node")
+    assert "round 1: node 2 also calls itself hospital_1, which is node 1 in this run" in " ".join(results["events"])
+    assert "another site already calls itself by this name" in caplog.text
+    assert not ledger_path(tmp_path, 2).exists()  # the second node never took a step
+    sent = load_file(tmp_path / "run" / "updates" / "round_001" / "hospital_1.safetensors")
+    assert sent.keys() == {"prompt", "head.weight", "head.bias"}  # one hospital_1 update, from node 1

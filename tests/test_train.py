@@ -106,3 +106,36 @@ def test_poisson_sampling_and_dp_noise_draw_from_independent_streams(tiny_backbo
     streams = RandomStreams.from_seed(123)
     assert len({streams.sampling, streams.noise, streams.other}) == 3
     assert streams == RandomStreams.from_seed(123)  # still reproducible from the round's seed
+
+
+def test_medtune_train_continues_only_its_own_ledger_for_its_own_records(tiny_backbone, tmp_path):
+    """`--ledger other.json` never touches OUT/ledger.json; a ledger of other records or of a federated hospital
+    is refused before any step (issue 22, items 3 and 4)."""
+    import json
+
+    from medtune.errors import LedgerError
+    from medtune.privacy import PrivacyLedger
+    from medtune.standalone import save_local_run
+
+    train, privacy = TrainConfig(epochs=1, batch_size=32), PrivacyConfig(epsilon=8.0)
+    out, other = tmp_path / "l1", tmp_path / "other.json"
+    out.mkdir()
+    (out / "ledger.json").write_text("kept as it was")
+    run = run_local(_records(count=64), DATA, MODEL, privacy, train, backbone=tiny_backbone, ledger_path=other, progress=False)
+    save_local_run(run, out, tiny_backbone, {"data": {"labels": list(LABELS)}})
+    assert (out / "ledger.json").read_text() == "kept as it was"
+    assert json.loads(other.read_text())["steps"] == run.ledger.steps > 0
+
+    stored = other.read_bytes()
+    with pytest.raises(LedgerError, match=f"{other} was made for other records"):
+        run_local(_records(seed=1, count=64), DATA, MODEL, privacy, train, backbone=tiny_backbone, ledger_path=other,
+                  progress=False)
+    assert other.read_bytes() == stored  # refused before any step
+
+    federated = tmp_path / "hospital_1.json"
+    ledger = PrivacyLedger.from_state_dict(json.loads(stored))
+    ledger.hospital = "hospital_1"  # a simulated site's ledger, as `medtune simulate` writes it
+    federated.write_text(json.dumps(ledger.state_dict()))
+    with pytest.raises(LedgerError, match=f"{federated} is the privacy ledger of hospital 'hospital_1', not of 'local'"):
+        run_local(_records(count=64), DATA, MODEL, privacy, train, backbone=tiny_backbone, ledger_path=federated,
+                  progress=False)

@@ -830,6 +830,8 @@ def test_a_stop_after_the_sites_trained_costs_no_budget(
     """SIGINT in round 2 of 3 and --resume: all 3 rounds complete, and every ledger equals a straight run's."""
     from medtune.stopping import STOP, Interrupted
 
+    caplog.set_level("INFO", logger="medtune.site")
+
     files = site_files(tmp_path)
     config = run_config(tiny_backbone_dir, tmp_path / "run", hospitals=3, rounds=3, epsilon=8.0)
     grid = real_grid(files, tmp_path, config)

@@ -308,6 +308,7 @@ class Federation:
         failing = [h for h in absent if h.status != STOPPED]
         if not failing:
             self._event(
+                f"round {server_round}: every hospital's privacy budget is spent; stopping the run" if not ready else
                 f"round {server_round}: the hospitals whose budget can pay for another round ({ready_names}) are fewer "
                 f"than min-hospitals={needed}; every other hospital's privacy budget is spent; stopping the run"
             )

@@ -77,7 +77,7 @@ def instruction_of(message: Message, context: Context) -> Instruction:
         arrays=from_record(message.content[ARRAYS]),
         server_round=int(config["server-round"]),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
-        record=record_from_wire(message),
+        record=record_from_wire(config),
         node=int(context.node_id),
     )
 

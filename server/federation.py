@@ -237,11 +237,10 @@ class Federation:
     def _instruction(self, kind: str, node: int, sent: ArrayRecord, config: ConfigRecord) -> Message:
         """One node's query or train message: the global state, the round's config, and the coordinator's
         record of that node's hospital's ledger (none while the node has not yet said who it is)."""
-        content = RecordDict({ARRAYS: sent, "config": config})
         record = self._ledger_record(node)
         if record is not None:
-            content[LEDGER_RECORD] = record_to_wire(record)
-        return Message(content, dst_node_id=node, message_type=kind)
+            config = ConfigRecord({**config, LEDGER_RECORD: record_to_wire(record)})
+        return Message(RecordDict({ARRAYS: sent, "config": config}), dst_node_id=node, message_type=kind)
 
     def _ledger_record(self, node: int) -> LedgerRecord | None:
         """What this run recorded of the ledger of the hospital `node` claims to be, and that hospital's node."""
@@ -270,10 +269,11 @@ class Federation:
         asking = list(nodes)
         for _ in range(2):
             unknown = {node for node in asking if node not in self.claims}
-            for reply, node, (name, status, reason) in self._exchange(
+            replies = self._exchange(
                 server_round, "readiness", [self._instruction(MessageType.QUERY, node, sent, config) for node in asking]
-            ):
-                answers[node] = (self._row_name(server_round, node, name), status, reason)
+            )
+            for reply, node, (name, status, reason) in sorted(replies, key=lambda answer: answer[1]):
+                answers[node] = (self._row_name(server_round, node, name), status, reason)  # ties: lowest node id
             asking = [node for node in unknown if node in self.claims and answers.get(node, ("", ""))[1] == READY]
             if not asking:
                 break
@@ -329,7 +329,8 @@ class Federation:
 
         A hospital is keyed by the authenticated node it answers from. A name is bound to the first
         node that answers with it; a second node claiming it while the first is still connected is
-        refused, and nothing it sends is used. A name whose node has left (a restarted site, a
+        refused, and nothing it sends is used (two new nodes answering one query: the lower node ID
+        keeps the name). A name whose node has left (a restarted site, a
         resumed simulation) moves to the node that claims it now.
         """
         self.claims[node] = name

@@ -1,8 +1,8 @@
 """What crosses the wire between a hospital and the server, in Flower records. One definition.
 
 Server -> hospital (query, train and evaluate): `arrays` (the global exchanged state) and `config`;
-with query and train also `ledger-record`, the coordinator's record of that hospital's ledger
-(medtune/ledger_record.py), for every node whose hospital it knows. A query asks "can you take
+with query and train the config also holds `ledger-record`, the coordinator's record of that
+hospital's ledger (medtune/ledger_record.py, as JSON text), for every node whose hospital it knows. A query asks "can you take
 part in this round?" before anyone spends: the reply is `ready`, `stopped` or `failed`.
 Hospital -> server after training: `arrays` (its new prompt and head, nothing else), `metrics`
 (num-examples, epsilon, delta, steps) and `hospital` (its name and status). The training loss stays at
@@ -15,6 +15,7 @@ reason and nothing else. `rejected` is the server's verdict on a reply that fail
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,8 @@ from medtune.errors import (
     CodeNotApprovedError, ConfigError, DataError, EvaluationWithheldError, HospitalNameError, LedgerError,
     MedTuneError, PrivacyBudgetError, PrivacyTermsError, StateError,
 )
+from medtune.epsilon import EpsilonError, read_epsilon
+from medtune.files import json_ready
 from medtune.ledger_record import LedgerRecord, Spend
 from medtune.metrics import Evaluation, from_counts
 
@@ -85,32 +88,25 @@ FAILURE_CATEGORIES = (
 )
 
 
-def record_to_wire(record: LedgerRecord) -> ConfigRecord:
-    """The coordinator's record of a ledger as it travels: node ids as text (they are unsigned 64-bit)."""
-    return ConfigRecord(
-        {
-            "hospital": record.hospital,
-            "node": str(record.node),
-            "rounds": [spend.round for spend in record.spends],
-            "steps": [spend.steps for spend in record.spends],
-            "epsilon": [float(spend.epsilon) for spend in record.spends],
-        }
-    )
+def record_to_wire(record: LedgerRecord) -> str:
+    """The coordinator's record of a ledger as one config value (JSON text): the same in plain and secure rounds."""
+    spends = [[spend.round, spend.steps, json_ready(float(spend.epsilon))] for spend in record.spends]
+    return json.dumps({"hospital": record.hospital, "node": str(record.node), "spends": spends})
 
 
-def record_from_wire(message: Message) -> LedgerRecord | None:
-    """The ledger record an instruction carries (None: the coordinator does not know this node yet)."""
-    wired = message.content.config_records.get(LEDGER_RECORD)
+def record_from_wire(config: ConfigRecord | dict) -> LedgerRecord | None:
+    """The ledger record an instruction's config carries (None: the coordinator does not know this node yet)."""
+    wired = config.get(LEDGER_RECORD)
     if wired is None:
         return None
     try:
-        rounds, steps, epsilon = (list(wired.get(key) or []) for key in ("rounds", "steps", "epsilon"))
-        if not len(rounds) == len(steps) == len(epsilon):
-            raise ValueError(f"{len(rounds)} rounds, {len(steps)} step counts, {len(epsilon)} epsilons")
-        spends = tuple(Spend(int(r), int(n), float(e)) for r, n, e in zip(rounds, steps, epsilon, strict=True))
-        return LedgerRecord(hospital=str(wired["hospital"]), node=int(str(wired["node"])), spends=spends)
-    except (KeyError, TypeError, ValueError) as error:
-        raise StateError(f"the coordinator's ledger record is malformed ({error})") from None
+        record = json.loads(str(wired))
+        spends = tuple(
+            Spend(int(r), int(n), read_epsilon(e, "ledger record", spent=True)) for r, n, e in record["spends"]
+        )
+        return LedgerRecord(hospital=str(record["hospital"]), node=int(str(record["node"])), spends=spends)
+    except (KeyError, TypeError, ValueError, EpsilonError) as error:
+        raise StateError(f"the coordinator's ledger record is malformed ({type(error).__name__}: {error})") from None
 
 
 def ready_reply(hospital: str, ready: bool) -> RecordDict:

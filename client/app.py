@@ -11,27 +11,44 @@ error's category only (the message, which may quote records or site paths, stays
 in the site's log): the server records it
 and the federation goes on with the others. The site is built again next
 round, so a hospital that fixes its file rejoins without a restart.
+
+With secure aggregation (medtune/federation/secure_aggregation.py) the train handler answers
+SecAgg+'s collect stage: the site checks its own update, as the coordinator can no longer, and the
+mod masks it; a site that cannot send an update drops out of the round with its category.
 """
 
 from __future__ import annotations
 
 import logging
 
-from flwr.app import Context, Message
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from medtune.errors import MedTuneError
+from client.node_config import PARTITION_ID, check_evaluation_shared, check_sent_in_clear, site_for
+from medtune.errors import MedTuneError, StateError
 from medtune.hospitals import hospital_name
 from medtune.logs import quiet_libraries
-from client.node_config import PARTITION_ID, check_evaluation_shared, site_for
-from medtune.site import Instruction, RoundOutcome
+from medtune.site import Instruction, RoundOutcome, Site
+from medtune.state import update_norm
+from medtune.federation.secure_aggregation import (
+    SecureLimits, is_secure, secure_instruction, secure_reply, site_mod,
+)
 from medtune.federation.wire import (
-    ARRAYS, TrainReport, evaluate_reply, failed_reply, from_record, ready_reply, record_from_wire, train_reply,
+    ARRAYS, TrainReport, clear_report, evaluate_reply, failed_reply, failure_reason, from_record, ready_reply,
+    record_from_wire, train_reply,
 )
 
 quiet_libraries()
-app = ClientApp()
 log = logging.getLogger("medtune.site")
+
+
+def refusal(error: Exception) -> str:
+    """The category a site's secure-aggregation error leaves as (the full error stays in its log)."""
+    return failure_reason(error if isinstance(error, MedTuneError) else MedTuneError(str(error)))
+
+
+app = ClientApp(mods=[site_mod(refusal)])
 
 
 def failed(message: Message, context: Context, error: Exception) -> Message:
@@ -70,11 +87,10 @@ def report_of(outcome: RoundOutcome) -> TrainReport:
     )
 
 
-def instruction_of(message: Message, context: Context) -> Instruction:
-    """A query or train message as the site reads it: the global state, the round, the ledger record."""
-    config = message.content["config"]
+def instruction_of(arrays: dict[str, np.ndarray], config: ConfigRecord, context: Context) -> Instruction:
+    """A query or train message's content as the site reads it: the global state, the round, the ledger record."""
     return Instruction(
-        arrays=from_record(message.content[ARRAYS]),
+        arrays=arrays,
         server_round=int(config["server-round"]),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
         record=record_from_wire(config),
@@ -82,12 +98,16 @@ def instruction_of(message: Message, context: Context) -> Instruction:
     )
 
 
+def plain_instruction(message: Message, context: Context) -> Instruction:
+    return instruction_of(from_record(message.content[ARRAYS]), message.content["config"], context)
+
+
 @app.query()
 def query(message: Message, context: Context) -> Message:
     """"Can you take part in this round?", answered before anyone spends: nothing is trained or written."""
     try:
         site = site_for(context)
-        ready = site.can_take_part(instruction_of(message, context))
+        ready = site.can_take_part(plain_instruction(message, context))
     except Exception as error:  # noqa: BLE001 - every failure leaves the site as a category only
         return failed(message, context, error)
     return Message(ready_reply(site.name, ready), reply_to=message)
@@ -95,17 +115,43 @@ def query(message: Message, context: Context) -> Message:
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
+    """A plain round sends the update in clear; a secure round (SecAgg+'s collect stage) hands it to the
+    site's mod to be masked, after the site checked it as the coordinator no longer can."""
+    secure = is_secure(message)
     try:
         site = site_for(context)
-        outcome = site.train_round(instruction_of(message, context))
+        if secure:
+            instruction = instruction_of(*secure_instruction(message), context)
+        else:
+            check_sent_in_clear(context)
+            instruction = plain_instruction(message, context)
+        outcome = site.train_round(instruction)
+        if secure and outcome.trained:
+            check_own_update(site, instruction, outcome)
+            SecureLimits.of(context).check(outcome.arrays, outcome.examples)
     except Exception as error:  # noqa: BLE001 - every failure leaves the site as a category only
         return failed(message, context, error)
     if not outcome.trained:  # the ledger's numbers stay in the site's log; the reply says only "stopped"
         log.info("%s stops: %s", site.name, outcome.stop_reason)
     elif outcome.resent:
         log.info("%s: round %s was trained from this global state before; its update is sent again, no new step",
-                 site.name, message.content["config"]["server-round"])
-    return Message(train_reply(report_of(outcome), site.name), reply_to=message)
+                 site.name, instruction.server_round)
+    report = report_of(outcome)
+    if secure and outcome.trained:
+        return Message(secure_reply(outcome.arrays, outcome.examples, clear_report(report, site.name)), reply_to=message)
+    return Message(train_reply(report, site.name), reply_to=message)
+
+
+def check_own_update(site: Site, instruction: Instruction, outcome: RoundOutcome) -> None:
+    """The checks the coordinator makes on a plain update, made by the site itself before masking."""
+    federation = site.settings.federation
+    site.spec.check(outcome.arrays, source=f"{site.name}'s own update")
+    norm = update_norm(outcome.arrays, instruction.arrays)
+    if not norm <= federation.max_update_norm:
+        raise StateError(
+            f"{site.name}'s own update moved the global state by L2 norm {norm:.4g}, more than max-update-norm="
+            f"{federation.max_update_norm:g}: it is not sent"
+        )
 
 
 @app.evaluate()

@@ -5,7 +5,7 @@ scenario's data source and its ledger lives at `<out>/sites/<hospital>/ledger.js
 Deployment: the SuperNode's node config (written by `medtune site` from the site file) names the
 hospital, its files, the columns it lets MedTune read and its privacy terms: `hospital`,
 `data-path`, `ledger-path`, `text-column`, `label-column`, optionally `cache-dir`, and the terms `max-epsilon`, `max-delta`,
-`share-evaluation-counts` (medtune/site_terms.py). Any other key is refused, so a misspelt ceiling
+`share-evaluation-counts`, `secure-aggregation` (medtune/site_terms.py). Any other key is refused, so a misspelt ceiling
 is never silently ignored. The terms are checked against the run config before any record is
 read. The paths must be absolute: a relative ledger path would follow the working directory of
 whichever process runs the ClientApp, so a SuperNode restarted from elsewhere would start a
@@ -85,11 +85,24 @@ def _deployed_site(settings: RunSettings, node_config: dict[str, Any]) -> Site:
     return site
 
 
+def deployed_terms(context: Context) -> SiteTerms | None:
+    """A deployed site's privacy terms (None for a simulated site, which has none of its own)."""
+    node_config = dict(context.node_config)
+    return None if PARTITION_ID in node_config else site_terms(node_config)
+
+
 def check_evaluation_shared(context: Context) -> None:
     """A deployed site whose terms withhold per-class test counts refuses to evaluate (simulated sites share them)."""
-    node_config = dict(context.node_config)
-    if PARTITION_ID not in node_config:
-        site_terms(node_config).check_evaluation_shared()
+    terms = deployed_terms(context)
+    if terms is not None:
+        terms.check_evaluation_shared()
+
+
+def check_sent_in_clear(context: Context) -> None:
+    """A deployed site whose terms require secure aggregation refuses a plain round (simulated sites accept it)."""
+    terms = deployed_terms(context)
+    if terms is not None:
+        terms.check_sent_in_clear()
 
 
 def site_for(context: Context) -> Site:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import typing
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from medtune.defaults import default, from_pyproject
@@ -173,6 +174,45 @@ class TrainConfig:
         )
 
 
+def check_fits_backbone(model: ModelConfig) -> None:
+    """The bounds only the backbone can judge, read from its config file (no weights) where settings are
+    read: a recipe it cannot run is refused before any record is encoded or any feature cache is built.
+
+    Its depth bounds `num-layers` and `prompt-layer`; its position table bounds `max-length` +
+    `prompt-length` (the same bounds the model checks when it is built, medtune/model.py).
+    """
+    from transformers import AutoConfig
+
+    from medtune.backbone import DEFAULT_BACKBONE_NAME, embedded_backbone_path
+
+    directory = Path(model.backbone) if model.backbone else Path(embedded_backbone_path())
+    name = directory.name if model.backbone else DEFAULT_BACKBONE_NAME
+    if not directory.is_dir():
+        raise ConfigError(f"backbone directory {directory} does not exist (model.backbone)")
+    try:
+        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise ConfigError(f"cannot read a Hugging Face encoder config from {directory}: {error}") from None
+    full = int(getattr(config, "num_hidden_layers", getattr(config, "n_layers", 0)))
+    positions = int(getattr(config, "max_position_embeddings", 512))  # as medtune/backbone.py reads it
+    _require(
+        model.num_layers is None or model.num_layers <= full,
+        f"model.num_layers (num-layers) = {model.num_layers}, but the backbone {name} has only {full} layers",
+    )
+    layers = model.num_layers or full
+    _require(
+        model.prompt_layer <= layers,
+        f"model.prompt_layer (prompt-layer) = {model.prompt_layer} is outside 0..{layers}: the backbone "
+        f"{name} has {layers} layers (0 = input prompt, {layers} = after the last layer)",
+    )
+    _require(
+        model.max_length + model.prompt_length <= positions,
+        f"model.max_length (max-length) {model.max_length} + model.prompt_length (prompt-length) "
+        f"{model.prompt_length} = {model.max_length + model.prompt_length} tokens exceeds the {positions} positions "
+        f"of the backbone {name}; shorten one of them",
+    )
+
+
 def field_kinds(config: type) -> dict[str, type | None]:
     """Each field of a config dataclass and the plain type of its value (`int | None` is int), as a
     run-config key and a CLI flag carry it; None for the label lists (tuples, spelt by their readers)."""
@@ -205,6 +245,7 @@ __all__ = [
     "DataConfig",
     "PrivacyConfig",
     "TrainConfig",
+    "check_fits_backbone",
     "config_from_dict",
     "config_to_dict",
 ]

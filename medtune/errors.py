@@ -47,3 +47,7 @@ class CodeNotApprovedError(MedTuneError):
 
 class HospitalNameError(MedTuneError):
     """Two nodes claim one hospital name, or a node changed its name mid-run (medtune/ledger_record.py)."""
+
+
+class SecureAggregationError(MedTuneError):
+    """This site's update cannot be masked faithfully (its weight or a value is outside SecAgg+'s range)."""

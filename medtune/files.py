@@ -1,7 +1,9 @@
-"""Atomic file writes: a crash mid-write leaves the previous file intact, never half a file."""
+"""Atomic file writes: a crash mid-write leaves the previous file intact, never half a file; output
+paths checked writable before the work that fills them starts."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -10,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from medtune.epsilon import NO_DP
-from medtune.errors import MedTuneError
+from medtune.errors import ConfigError, MedTuneError
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -65,3 +67,31 @@ def safetensors_metadata(raw: bytes) -> dict[str, str]:
     """
     header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
     return dict(header.get("__metadata__", {}))
+
+
+def check_writable(path: str | Path, folder: bool, flag: str = "--out") -> None:
+    """Refuse an output path that cannot be written before any work starts, not when its results are due.
+
+    `path` is a folder (folder=True) or a file. Makes the missing folders and a probe file in the
+    target folder, then removes all it made: a refused command, or one that fails later, leaves
+    nothing behind, and a path that passes here can be written when the results come.
+    """
+    path = Path(path)
+    target = path if folder else path.parent
+    if not folder and path.is_dir():
+        raise ConfigError(f"{flag} {path}: is a folder; give the file to write")
+    made: list[Path] = []
+    try:
+        for missing in reversed([p for p in (target, *target.parents) if not p.exists()]):
+            missing.mkdir()
+            made.append(missing)
+        handle, probe = tempfile.mkstemp(prefix=".medtune-write-check-", dir=target)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename and Path(error.filename) != path else ""
+        raise ConfigError(f"{flag} {path}: cannot be written{where}: {error.strerror or error}") from None
+    finally:
+        for directory in reversed(made):
+            with contextlib.suppress(OSError):  # another process put something there meanwhile: keep it
+                directory.rmdir()

@@ -17,7 +17,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from medtune.config import DataConfig, ModelConfig, PrivacyConfig, TrainConfig, field_kinds, run_config_key
+from medtune.config import (
+    DataConfig,
+    ModelConfig,
+    PrivacyConfig,
+    TrainConfig,
+    check_fits_backbone,
+    field_kinds,
+    run_config_key,
+)
 from medtune.defaults import run_defaults
 from medtune.epsilon import NO_DP, read_epsilon
 from medtune.errors import ConfigError
@@ -53,6 +61,8 @@ class FederationConfig:
     trim_fraction: float
     max_update_norm: float
     max_examples: int
+    secure_aggregation: bool
+    secagg_max_weight: int
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -71,6 +81,18 @@ class FederationConfig:
             raise ConfigError(f"max-update-norm must be positive (inf = no bound), got {self.max_update_norm}")
         if self.max_examples < 1:
             raise ConfigError(f"max-examples must be at least 1, got {self.max_examples}")
+        if self.secagg_max_weight < 1:
+            raise ConfigError(f"secagg-max-weight must be at least 1, got {self.secagg_max_weight}")
+        if self.secure_aggregation and self.strategy in ("fedmedian", "trimmed-mean"):
+            raise ConfigError(
+                f"strategy={self.strategy} needs each hospital's own update, which secure aggregation hides from the "
+                "coordinator; use fedavg, fedprox or fedadam with secure-aggregation=true"
+            )
+        if self.secure_aggregation and self.min_hospitals < 3:
+            raise ConfigError(
+                f"secure-aggregation needs min-hospitals >= 3, got {self.min_hospitals}: a sum of two updates hides "
+                "neither from the other hospital, and SecAgg+ survives a dropout only with at least 3"
+            )
 
 
 @dataclass(frozen=True)
@@ -198,6 +220,10 @@ def settings_from_run_config(config: dict[str, Any]) -> RunSettings:
         )
     if settings.until_round < 0:
         raise ConfigError(f"until-round must be 0 (run every round) or a round number, got {settings.until_round}")
+    # Bounds kept by other objects, checked here too, so that no run, sweep cell or site starts on them:
+    check_fits_backbone(settings.model)  # prompt-layer, num-layers, max-length + prompt-length
+    if settings.source.is_synthetic:
+        settings.source.synth_config(settings.seed)  # records-per-hospital (medtune/synth.py)
     return settings
 
 

@@ -36,7 +36,7 @@ from medtune.noise import NoiseSource
 from medtune.privacy import PrivacyLedger
 from medtune.run_config import RunSettings
 from medtune.sent_update import SentUpdate, SentUpdateFile
-from medtune.state import state_digest
+from medtune.state import ExchangedStateSpec, state_digest
 from medtune.train import ProximalPull, SamplingPlan, train_local
 
 
@@ -97,6 +97,11 @@ class Site:
         # The local optimizer's moments live beside the ledger and, like it, never leave the site.
         self.optimizer_path = ledger_path.with_name(f"{ledger_path.stem}.optimizer.safetensors")
         self.sent_update = SentUpdateFile(ledger_path)
+
+    @property
+    def spec(self) -> ExchangedStateSpec:
+        """The exchanged state's names and shapes for this federation: what this site's update must be."""
+        return ExchangedStateSpec(self.settings.model.prompt_length, self.backbone.hidden_size, len(self.settings.data.labels))
 
     def _optimizer_state(self) -> dict[str, torch.Tensor] | None:
         if not self.optimizer_path.is_file():

@@ -13,6 +13,7 @@ cache-dir = "/srv/medtune/features"            # optional (default: features/ be
 max-epsilon = 8.0                              # required: this site's ceiling for every run ("inf": consents to no DP)
 max-delta = 1e-5                               # optional (default 1e-5)
 share-evaluation-counts = false                # optional: report per-class test counts (outside epsilon; default false)
+secure-aggregation = false                     # optional: send the prompt and head only masked by SecAgg+ (default false)
 approved-fabs = []                             # optional: SHA-256 of FABs the site's IT reviewed and approved
 runtime-port = 9094                            # optional: the SuperNode's local Runtime API port (loopback only)
 flower-home = "/srv/medtune/flwr"              # optional: the SuperNode's Flower folder (FLWR_HOME)

@@ -22,7 +22,7 @@ from medtune.config import PrivacyConfig
 from medtune.epsilon import NO_DP, read_epsilon, show_epsilon
 from medtune.errors import ConfigError, EvaluationWithheldError, PrivacyTermsError
 
-TERMS_KEYS = ("max-epsilon", "max-delta", "share-evaluation-counts")
+TERMS_KEYS = ("max-epsilon", "max-delta", "share-evaluation-counts", "secure-aggregation")
 DEFAULT_MAX_DELTA = 1e-5  # the usual ceiling; a site with over 100,000 records should set a smaller one
 
 
@@ -33,6 +33,7 @@ class SiteTerms:
     max_epsilon: float | None  # None: not configured, so nothing is trained; inf: consent to no DP
     max_delta: float = DEFAULT_MAX_DELTA
     share_evaluation_counts: bool = False  # they are outside epsilon: shared only with the site's consent
+    secure_aggregation: bool = False  # true: the site sends its prompt and head only masked (SecAgg+), never in clear
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any], source: str) -> "SiteTerms":
@@ -43,10 +44,14 @@ class SiteTerms:
         max_delta = values.get("max-delta", DEFAULT_MAX_DELTA)
         if isinstance(max_delta, bool) or not isinstance(max_delta, (int, float)) or not 0.0 < max_delta < 1.0:
             raise ConfigError(f"{source} max-delta: {max_delta!r} must be a number strictly between 0 and 1")
-        share = values.get("share-evaluation-counts", False)
-        if not isinstance(share, bool):
-            raise ConfigError(f"{source} share-evaluation-counts: {share!r} must be true or false")
-        return cls(max_epsilon=max_epsilon, max_delta=float(max_delta), share_evaluation_counts=share)
+        share, secure = (values.get(key, False) for key in ("share-evaluation-counts", "secure-aggregation"))
+        for key, value in (("share-evaluation-counts", share), ("secure-aggregation", secure)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{source} {key}: {value!r} must be true or false")
+        return cls(
+            max_epsilon=max_epsilon, max_delta=float(max_delta), share_evaluation_counts=share,
+            secure_aggregation=secure,
+        )
 
     def check(self, privacy: PrivacyConfig) -> None:
         """Refuse, naming the key, a run whose privacy request this site has not agreed to."""
@@ -68,6 +73,14 @@ class SiteTerms:
         if privacy.delta > self.max_delta:
             raise PrivacyTermsError(
                 f"the run config asks for delta={privacy.delta:g}, above this site's max-delta {self.max_delta:g}"
+            )
+
+    def check_sent_in_clear(self) -> None:
+        """Refuse to send this site's prompt and head unmasked if its terms require secure aggregation."""
+        if self.secure_aggregation:
+            raise PrivacyTermsError(
+                "this site's secure-aggregation is true: it sends its prompt and head only through secure "
+                "aggregation, and this round asked for them in clear (run the federation with secure-aggregation=true)"
             )
 
     def check_evaluation_shared(self) -> None:

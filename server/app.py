@@ -1,4 +1,11 @@
-"""The coordinator's Flower ServerApp: read the run config, run the federation."""
+"""The coordinator's Flower ServerApp: read the run config, run the federation.
+
+A MedTuneError (no hospital ever trained, a damaged checkpoint, a bad setting) leaves `main` as it
+is: Flower then ends the run as failed (`flwr ls`: finished:failed, the message as its details;
+exit code 201) and logs it as one line, `ServerApp raised an exception: <message>`, without the
+traceback (quiet_libraries, medtune/logs.py). `medtune simulate` prints the same error as its one
+`error:` line.
+"""
 
 from __future__ import annotations
 

@@ -38,7 +38,8 @@ from medtune.metrics import Evaluation, pool
 from medtune.label_prior import initial_model
 from medtune.federation.results import RESULTS_FILE, HospitalRound, RoundRecord, RunResults, print_round
 from medtune.run_config import RunSettings
-from medtune.state import ExchangedStateSpec
+from medtune.state import STATE_DTYPE, ExchangedStateSpec, update_norm
+from medtune.federation.secure_aggregation import secure_mean
 from medtune.stopping import recording
 from medtune.ledger_record import LedgerRecord, Spend
 from medtune.federation.wire import (
@@ -209,6 +210,8 @@ class Federation:
         ready, hospitals = self._ask_ready(server_round, nodes, sent, config)
         if not self._enough_to_train(server_round, ready, hospitals):
             return None
+        if federation.secure_aggregation:
+            return self._secure_round(server_round, ready, hospitals, config)
         # Nodes refused for their name get the instruction too: its record tells them why, in their own log.
         messages = [self._instruction(MessageType.TRAIN, node, sent, config) for node in ready + sorted(self.refused_nodes & set(nodes))]
         accepted: list[CheckedUpdate] = []
@@ -237,10 +240,48 @@ class Federation:
     def _instruction(self, kind: str, node: int, sent: ArrayRecord, config: ConfigRecord) -> Message:
         """One node's query or train message: the global state, the round's config, and the coordinator's
         record of that node's hospital's ledger (none while the node has not yet said who it is)."""
+        content = RecordDict({ARRAYS: sent, "config": self._node_config(node, config)})
+        return Message(content, dst_node_id=node, message_type=kind)
+
+    def _node_config(self, node: int, config: ConfigRecord) -> ConfigRecord:
+        """The round's config for one node, with the coordinator's record of its hospital's ledger."""
         record = self._ledger_record(node)
-        if record is not None:
-            config = ConfigRecord({**config, LEDGER_RECORD: record_to_wire(record)})
-        return Message(RecordDict({ARRAYS: sent, "config": config}), dst_node_id=node, message_type=kind)
+        return config if record is None else ConfigRecord({**config, LEDGER_RECORD: record_to_wire(record)})
+
+    def _secure_round(
+        self, server_round: int, ready: list[int], hospitals: list[HospitalRound], config: ConfigRecord
+    ) -> tuple[list[HospitalRound], list[CheckedUpdate], bool]:
+        """A round through SecAgg+: the coordinator gets the weighted mean of the ready hospitals' prompts and
+        heads, and each one's clear report (name, epsilon, delta, steps), never one hospital's arrays."""
+        federation = self.settings.federation
+        instructions = {node: (self.arrays, dict(self._node_config(node, config))) for node in ready}
+        result = secure_mean(self.grid, server_round, instructions, federation.secagg_max_weight, federation.round_timeout)
+        for node in ready:
+            report = result.reports.get(node)
+            name = self._row_name(server_round, node, str(report["hospital"]) if report else self._node_name(node))
+            record = HospitalRound(name=name, status=FAILED, node=str(node), bytes_down=to_record(self.arrays).count_bytes())
+            if report is None:
+                record.reason = "dropped out of the secure aggregation round; the details are in the site's own log"
+                self._event(f"round {server_round}: {name} failed: {record.reason}")
+            else:
+                record.status = TRAINED
+                record.epsilon = read_epsilon(report.get("epsilon", 0.0), f"secure report of {name}", spent=True)
+                record.delta, record.steps = float(report.get("delta", 0.0)), int(report.get("steps", 0))
+            hospitals.append(record)
+        aggregated = result.mean is not None and len(result.reports) >= federation.min_hospitals
+        accepted: list[CheckedUpdate] = []
+        if aggregated:
+            mean = {name: np.asarray(array, dtype=STATE_DTYPE) for name, array in result.mean.items()}
+            checked = self.spec.check(mean, source=f"round {server_round} secure aggregate")
+            accepted = [CheckedUpdate("secure-aggregate", 0, checked, 1, update_norm(checked, self.arrays))]
+            self.arrays = dict(self.spec.check(aggregate(self.strategy, server_round, accepted), source="aggregate"))
+        else:
+            self._event(
+                f"round {server_round}: the secure aggregation ended with {len(result.reports)} masked update(s), "
+                f"fewer than min-hospitals={federation.min_hospitals} or below its threshold; round skipped, the "
+                "global state is kept"
+            )
+        return sorted(hospitals, key=lambda h: h.name), accepted, aggregated
 
     def _ledger_record(self, node: int) -> LedgerRecord | None:
         """What this run recorded of the ledger of the hospital `node` claims to be, and that hospital's node."""

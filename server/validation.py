@@ -9,7 +9,7 @@ hospital; the strategy then sees only clean copies of the accepted updates (serv
 What a reply must be:
 - exactly the exchanged state (names, shapes, float32, finite values: `ExchangedStateSpec.check`)
   and exactly the metrics `medtune.federation.wire.train_reply` sends, nothing else;
-- within `max-update-norm` of the global state it was trained from (see `update_norm`);
+- within `max-update-norm` of the global state it was trained from (see `medtune.state.update_norm`);
 - from a hospital whose name is a plain name (it names the file its update is kept in);
 - trained on a plausible number of records: a whole number from 1 to `max-examples`. The count is
   the hospital's train-split size (it weights the hospital in FedAvg), so the cap bounds how much
@@ -27,7 +27,7 @@ from flwr.app import Message
 from medtune.epsilon import EpsilonError, read_epsilon
 from medtune.errors import StateError
 from medtune.run_config import FederationConfig
-from medtune.state import HOSPITAL_NAME, ExchangedStateSpec
+from medtune.state import HOSPITAL_NAME, ExchangedStateSpec, update_norm
 from medtune.federation.wire import ARRAYS, METRICS, TRAIN_METRICS, from_record
 
 
@@ -40,27 +40,6 @@ class CheckedUpdate:
     arrays: "OrderedDict[str, np.ndarray]"
     examples: int
     norm: float
-
-
-def update_norm(update: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
-    """L2 norm of (update - reference) over all exchanged arrays at once, computed in float64.
-
-    The distance moved in one round rather than the norm of the whole state: the prompt starts as
-    vocabulary embeddings, so the state's own norm depends on the backbone and says nothing about
-    one hospital's step, while the distance moved is what one hospital can push the aggregate by.
-    An honest hospital's distance is bounded by its optimiser: Adam moves each coordinate by about
-    the learning rate per step (at most ~3x), so a round moves the state by at most about
-    3 x lr x steps x sqrt(parameters), and under DP noise by far less.
-    Measured on the default run (full MiniLM-L6, prompt at layer 5, P=16, 8,069 parameters, lr 0.01,
-    1 local epoch = 5 to 8 steps a round, epsilon 8, 5 rounds, seed 0): 1.1 to 3.1 for every hospital
-    and round, against a worst case of about 40; the tiny test federation moves 1.6 to 1.8 (earlier
-    2-layer recipe: 3.4 to 4.3). The default `max-update-norm` = 100 is 30x the measured distance and above
-    that worst case, so no honest default update is refused, while a scaled, garbled or runaway
-    update (1e3 and up) is. Raise it for larger learning rates, more local epochs or much larger
-    hospitals (`update_norm` in results.json shows each accepted update's distance).
-    """
-    squares = sum(np.sum(np.square(update[name].astype(np.float64) - reference[name])) for name in reference)
-    return float(np.sqrt(squares))
 
 
 def _examples(value: object, hospital: str, maximum: int) -> int:

@@ -8,6 +8,7 @@ real per-hospital files and ledgers. The real Simulation Engine is exercised in 
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -62,7 +63,8 @@ class FakeGrid:
         replies = []
         for message in messages:
             message.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # Flower's grids stamp ids on sending
-            reply = self.nodes[message.metadata.dst_node_id](message)
+            delivered = copy.deepcopy(message)  # each node gets its own copy, as after serialisation
+            reply = self.nodes[message.metadata.dst_node_id](delivered)
             if reply is not None:  # None: the node never answers
                 replies.append(reply)
         return replies
@@ -391,8 +393,7 @@ class RealHospital:
         self.context = Context(run_id=1, node_id=node_id, node_config=node_config, state=RecordDict(), run_config=config)
 
     def __call__(self, message: Message) -> Message:
-        handlers = {MessageType.QUERY: client_app.query, MessageType.TRAIN: client_app.train}
-        return handlers.get(message.metadata.message_type, client_app.evaluate)(message, self.context)
+        return client_app.app(message, self.context)  # the ClientApp with its mods, as a SuperNode calls it
 
 
 def site_files(tmp_path: Path) -> list[Path]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -147,3 +148,26 @@ def test_recipes_form_an_axis_whose_cells_carry_every_key_of_their_recipe(tiny_b
         SweepConfig(**{**sweep.__dict__, "recipes": {"bad": {"prompt-layers": 5}}})
     with pytest.raises(ConfigError, match=r"\['prompt-layer'\] are set both by \[axes\] and by \[recipes\]"):
         SweepConfig(**{**sweep.__dict__, "axes": {"prompt-layer": (0, 5)}})
+
+
+@pytest.mark.parametrize(
+    ("axis", "values", "message"),
+    [
+        ("prompt-length", (4, 200), "prompt-length) 200 = 232 tokens exceeds the 160 positions of the backbone"),
+        ("prompt-layer", (3, 9), "prompt-layer) = 9 is outside 0..6"),
+        ("records-per-hospital", (40, 10), "synth.mean_records must be at least 20, got 10"),
+    ],
+)
+def test_an_axis_value_out_of_range_is_refused_before_any_cell_runs(
+    axis: str, values: tuple, message: str, tiny_backbone_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def must_not_run(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a cell ran before every cell's settings were checked")
+
+    monkeypatch.setattr(sweep_module, "run_cell", must_not_run)
+    sweep = SweepConfig(**{**tiny_sweep(tiny_backbone_dir).__dict__, "axes": {axis: values}})
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=re.escape(message)) as refused:
+        run_sweep(sweep, out, progress=False)
+    assert f"cell pooled_eps-inf_{axis}-{values[1]}_seed-0" in str(refused.value)  # the first cell of that value
+    assert not out.exists()  # no grid file, no feature cache, no cell

@@ -183,6 +183,27 @@ def plan_cells(sweep: SweepConfig) -> list[Cell]:
     return cells
 
 
+def cell_settings(cell: Cell, sweep: SweepConfig) -> RunSettings:
+    """The settings a cell runs with, as its runner reads them (a federated run adds its own `out`)."""
+    return settings_from_run_config(resolve_run_config(sweep.scenario, cell.overrides(sweep)))
+
+
+def check_cells(sweep: SweepConfig, cells: list[Cell]) -> None:
+    """Every cell's settings, built and checked as its runner would before starting, before the first cell runs.
+
+    An axis value out of range (a prompt layer past the backbone, a prompt too long for its
+    positions, too few records per hospital) is refused at once, naming its cell, never after the
+    cells before it have run.
+    """
+    from medtune.federation.simulation import check_before_start
+
+    for cell in cells:
+        try:
+            check_before_start(cell_settings(cell, sweep))
+        except MedTuneError as error:
+            raise ConfigError(f"sweep '{sweep.name}', cell {cell.id}: {error} (checked before running any cell)") from None
+
+
 def _finished_run(out: Path, settings: RunSettings) -> bool:
     """Whether `out` holds a simulation of exactly these settings that ran every round.
 
@@ -250,7 +271,7 @@ def _baseline(cell: Cell, sweep: SweepConfig) -> dict[str, Any]:
     from medtune.experiments.baselines import local_only, majority_label, pooled, zero_shot
 
     started = time.monotonic()
-    settings = settings_from_run_config(resolve_run_config(sweep.scenario, cell.overrides(sweep)))
+    settings = cell_settings(cell, sweep)
     if cell.method == "local":
         result = local_only(settings, cell.epsilon)
     elif cell.method == "pooled":
@@ -319,17 +340,18 @@ def run_sweep(sweep: SweepConfig, out: Path, progress: bool = True) -> list[dict
 
     from medtune.experiments.sweep_report import write_report
 
-    check_same_grid(sweep, out)
     # Every cell reads the same hospitals: one feature cache for the whole sweep (keyed by content,
     # so cells of other settings never share an entry).
-    sweep = replace(sweep, run_config={"cache-dir": str((out / "feature-cache").resolve()), **sweep.run_config})
-    cells = plan_cells(sweep)
+    shared = replace(sweep, run_config={"cache-dir": str((out / "feature-cache").resolve()), **sweep.run_config})
+    cells = plan_cells(shared)
+    check_cells(shared, cells)
+    check_same_grid(sweep, out)  # the grid as its file gives it: the cache folder is this directory's own
     rows = []
     with tqdm(total=len(cells), desc=f"sweep {sweep.name}", unit="run", disable=not progress) as bar:
         for cell in cells:
             done = out / "cells" / f"{cell.id}.json"
             bar.set_postfix_str(cell.id)
-            rows.append(read_json(done) if done.is_file() else run_cell(cell, sweep, out))
+            rows.append(read_json(done) if done.is_file() else run_cell(cell, shared, out))
             bar.update(1)
-    write_report(sweep, rows, out)
+    write_report(shared, rows, out)
     return rows

@@ -23,7 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from medtune.errors import (
     CodeNotApprovedError, ConfigError, DataError, EvaluationWithheldError, HospitalNameError, LedgerError,
-    MedTuneError, PrivacyBudgetError, PrivacyTermsError, StateError,
+    MedTuneError, PrivacyBudgetError, PrivacyTermsError, SecureAggregationError, StateError,
 )
 from medtune.epsilon import EpsilonError, read_epsilon
 from medtune.files import json_ready
@@ -74,10 +74,20 @@ def train_reply(report: TrainReport, hospital: str) -> RecordDict:
     return content
 
 
+def clear_report(report: TrainReport, hospital: str) -> dict[str, object]:
+    """What a hospital tells the coordinator in clear in a secure round: who it is and its ledger's totals
+    (the coordinator's record of each ledger needs them). Its arrays and example count travel masked."""
+    return {
+        "hospital": hospital, "status": TRAINED, "epsilon": float(report.epsilon), "delta": float(report.delta),
+        "steps": int(report.steps),
+    }
+
+
 # What a failing site may tell the coordinator: a fixed category per error kind, nothing else.
 FAILURE_CATEGORIES = (
     (CodeNotApprovedError, "code not approved by the site"),
     (HospitalNameError, "hospital name held by another node"),
+    (SecureAggregationError, "update outside the secure aggregation's range"),
     (EvaluationWithheldError, "evaluation counts withheld by the site's terms"),
     (PrivacyTermsError, "privacy terms refused"),
     (DataError, "records file refused"),

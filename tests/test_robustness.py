@@ -845,7 +845,7 @@ def test_a_stop_after_the_sites_trained_costs_no_budget(
     resumed = federate(real_grid(files, tmp_path, config), {**config, "resume": str(tmp_path / "run")})
     straight_dir = tmp_path / "straight"
     straight_config = {**config, "out": str(straight_dir / "run")}
-    straight = federate(real_grid(files, straight_dir, straight_config), straight_config)
+    federate(real_grid(files, straight_dir, straight_config), straight_config)
 
     assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3] and all(r["aggregated"] for r in resumed["rounds"])
     assert "hospital_3: round 2 was trained from this global state before; its update is sent again" in caplog.text

@@ -107,6 +107,8 @@ def query(message: Message, context: Context) -> Message:
     """"Can you take part in this round?", answered before anyone spends: nothing is trained or written."""
     try:
         site = site_for(context)
+        if not site.settings.federation.secure_aggregation:  # a plain run: would this site send in clear?
+            check_sent_in_clear(context)
         ready = site.can_take_part(plain_instruction(message, context))
     except Exception as error:  # noqa: BLE001 - every failure leaves the site as a category only
         return failed(message, context, error)

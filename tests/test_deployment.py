@@ -213,14 +213,16 @@ def modified_app(root: Path) -> Path:
     return copy
 
 
-def site_file(site: Path, name: str, link_port: int, ca: Path, approved_fabs: tuple[str, ...] = ()) -> Path:
-    """A hospital's site file, as docs/deployment.md writes it."""
+def site_file(
+    site: Path, name: str, link_port: int, ca: Path, approved_fabs: tuple[str, ...] = (), **terms: object
+) -> Path:
+    """A hospital's site file, as docs/deployment.md writes it (`terms`: more of the site's own keys)."""
     values = {
         "hospital": name, "superlink": f"127.0.0.1:{link_port}", "root-certificates": str(ca),
         "auth-key": str(site / "keys" / name), "data-path": str(site / "data" / "notes.csv"),
         "text-column": "text", "label-column": "label",
         "ledger-path": str(site / "ledger.json"), "max-epsilon": SITE_MAX_EPSILON, "runtime-port": free_port(),
-        "flower-home": str(site / "flwr"), "approved-fabs": list(approved_fabs),
+        "flower-home": str(site / "flwr"), "approved-fabs": list(approved_fabs), **terms,
     }
     path = site / "site.toml"
     path.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items()))

@@ -30,12 +30,12 @@ from medtune.errors import MedTuneError, StateError
 from medtune.hospitals import hospital_name
 from medtune.logs import quiet_libraries
 from medtune.site import Instruction, RoundOutcome, Site
-from medtune.state import update_norm
+from medtune.state import EXCHANGED_NAMES, update_norm
 from medtune.federation.secure_aggregation import (
-    SecureLimits, is_secure, secure_instruction, secure_reply, site_mod,
+    COUNTS, COUNTS_SCALE, PURPOSE, SecureLimits, is_secure, secure_instruction, secure_reply, site_mod,
 )
 from medtune.federation.wire import (
-    ARRAYS, TrainReport, clear_report, evaluate_reply, failed_reply, failure_reason, from_record, ready_reply,
+    ARRAYS, TrainReport, clear_report, counts_vector, evaluate_reply, failed_reply, failure_reason, from_record, ready_reply,
     record_from_wire, train_reply,
 )
 
@@ -119,29 +119,55 @@ def query(message: Message, context: Context) -> Message:
 def train(message: Message, context: Context) -> Message:
     """A plain round sends the update in clear; a secure round (SecAgg+'s collect stage) hands it to the
     site's mod to be masked, after the site checked it as the coordinator no longer can."""
-    secure = is_secure(message)
+    if is_secure(message):
+        return secure_answer(message, context)
     try:
         site = site_for(context)
-        if secure:
-            instruction = instruction_of(*secure_instruction(message), context)
-        else:
-            check_sent_in_clear(context)
-            instruction = plain_instruction(message, context)
+        check_sent_in_clear(context)
+        instruction = plain_instruction(message, context)
         outcome = site.train_round(instruction)
-        if secure and outcome.trained:
-            check_own_update(site, instruction, outcome)
-            SecureLimits.of(context).check(outcome.arrays, outcome.examples)
     except Exception as error:  # noqa: BLE001 - every failure leaves the site as a category only
         return failed(message, context, error)
+    log_outcome(site, instruction, outcome)
+    return Message(train_reply(report_of(outcome), site.name), reply_to=message)
+
+
+def secure_answer(message: Message, context: Context) -> Message:
+    """SecAgg+'s collect stage: this site's update, or its test counts, checked and handed to the mod to mask."""
+    try:
+        site = site_for(context)
+        arrays, config = secure_instruction(message)
+        limits = SecureLimits.of(context)
+        if config.get(PURPOSE) == "evaluate":
+            check_evaluation_shared(context)
+            evaluation = site.evaluate(arrays)
+            log.info("%s: round %s, own test split: accuracy %.3f, macro-F1 %.3f (%d records; only the federation's "
+                     "totals leave the site)", site.name, config.get("server-round"), evaluation.accuracy,
+                     evaluation.macro_f1, evaluation.examples)
+            counts = {COUNTS: counts_vector(evaluation) / float(config[COUNTS_SCALE])}
+            limits.check(counts, 1)
+            return Message(secure_reply(counts, (COUNTS,), 1, {"hospital": site.name, "status": "evaluated"}),
+                           reply_to=message)
+        instruction = instruction_of(arrays, config, context)
+        outcome = site.train_round(instruction)
+        if outcome.trained:
+            check_own_update(site, instruction, outcome)
+            limits.check(outcome.arrays, outcome.examples)
+    except Exception as error:  # noqa: BLE001 - every failure leaves the site as a category only
+        return failed(message, context, error)
+    log_outcome(site, instruction, outcome)
+    if not outcome.trained:
+        return Message(train_reply(report_of(outcome), site.name), reply_to=message)  # the mod drops the site
+    report = clear_report(report_of(outcome), site.name)
+    return Message(secure_reply(outcome.arrays, EXCHANGED_NAMES, outcome.examples, report), reply_to=message)
+
+
+def log_outcome(site: Site, instruction: Instruction, outcome: RoundOutcome) -> None:
     if not outcome.trained:  # the ledger's numbers stay in the site's log; the reply says only "stopped"
         log.info("%s stops: %s", site.name, outcome.stop_reason)
     elif outcome.resent:
         log.info("%s: round %s was trained from this global state before; its update is sent again, no new step",
                  site.name, instruction.server_round)
-    report = report_of(outcome)
-    if secure and outcome.trained:
-        return Message(secure_reply(outcome.arrays, outcome.examples, clear_report(report, site.name)), reply_to=message)
-    return Message(train_reply(report, site.name), reply_to=message)
 
 
 def check_own_update(site: Site, instruction: Instruction, outcome: RoundOutcome) -> None:

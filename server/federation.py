@@ -39,7 +39,7 @@ from medtune.label_prior import initial_model
 from medtune.federation.results import RESULTS_FILE, HospitalRound, RoundRecord, RunResults, print_round
 from medtune.run_config import RunSettings
 from medtune.state import STATE_DTYPE, ExchangedStateSpec, update_norm
-from medtune.federation.secure_aggregation import secure_mean
+from medtune.federation.secure_aggregation import COUNTS, COUNTS_SCALE, PURPOSE, secure_mean
 from medtune.stopping import recording
 from medtune.ledger_record import LedgerRecord, Spend
 from medtune.federation.wire import (
@@ -52,6 +52,7 @@ from medtune.federation.wire import (
     STOPPED,
     TRAINED,
     evaluation_from_reply,
+    from_counts_vector,
     hospital_of,
     record_to_wire,
     to_record,
@@ -480,6 +481,8 @@ class Federation:
             atomic_write_bytes(folder / f"{update.hospital}.safetensors", save_safetensors(dict(update.arrays)))
 
     def _evaluate_round(self, server_round: int, hospitals: list[HospitalRound]) -> Evaluation | None:
+        if self.settings.federation.secure_aggregation:
+            return self._secure_evaluation(server_round)
         sent = to_record(self.arrays)
         messages = [
             m
@@ -507,6 +510,26 @@ class Federation:
             evaluations.append(evaluation)
         hospitals[:] = sorted(by_name.values(), key=lambda h: h.name)
         return pool(evaluations) if evaluations else None
+
+    def _secure_evaluation(self, server_round: int) -> Evaluation | None:
+        """The federation's pooled test counts through SecAgg+: their sum, never one hospital's (whose own
+        figures stay in its log). None when fewer than 3 hospitals, or fewer than the threshold, answer."""
+        federation = self.settings.federation
+        nodes = [node for node in self.grid.get_node_ids() if node not in self.refused_nodes]
+        if len(nodes) < 3:
+            self._event(f"round {server_round}: secure evaluation needs 3 hospitals, {len(nodes)} connected; skipped")
+            return None
+        scale = float(federation.secagg_max_weight)
+        config = {"server-round": server_round, PURPOSE: "evaluate", COUNTS_SCALE: scale}
+        result = secure_mean(
+            self.grid, server_round, {node: (self.arrays, config) for node in nodes}, max_weight=1,
+            timeout=federation.round_timeout, names=(COUNTS,),
+        )
+        if result.mean is None:
+            self._event(f"round {server_round}: the secure evaluation did not complete (too few hospitals answered)")
+            return None
+        total = np.asarray(result.mean[COUNTS], dtype=np.float64) * len(result.reports) * scale
+        return from_counts_vector(total, self.settings.data.labels)
 
     def _save(self, server_round: int) -> None:
         settings = self.settings

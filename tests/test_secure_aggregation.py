@@ -96,6 +96,13 @@ def test_the_secure_mean_is_plain_fedavg_and_the_server_sees_no_single_update(
     assert {h["name"]: h["status"] for h in results["rounds"][0]["hospitals"]} == {
         f"hospital_{i}": "trained" for i in (1, 2, 3)
     }
+    # Evaluation counts are summed the same way: the pooled figures equal the plain run's, exactly (whole
+    # counts), while no hospital's own accuracy reaches the coordinator.
+    plain_round = json.loads((tmp_path / "plain" / "results.json").read_text())["rounds"][0]
+    secure_round = results["rounds"][0]
+    assert (secure_round["accuracy"], secure_round["macro_f1"]) == (plain_round["accuracy"], plain_round["macro_f1"])
+    assert abs(secure_round["loss"] - plain_round["loss"]) < 1e-3
+    assert all(h["accuracy"] is None and h["test_examples"] == 0 for h in secure_round["hospitals"])
 
     # What the server-side code received: no arrays in clear, no example count, only the allowed clear report.
     plain_updates = [
@@ -113,6 +120,7 @@ def test_the_secure_mean_is_plain_fedavg_and_the_server_sees_no_single_update(
                 assert record["num_examples"] == 0
         if "fitres.metrics" in reply.content.config_records:
             assert set(reply.content.config_records["fitres.metrics"]) <= ALLOWED_CLEAR
+        assert "metrics" not in reply.content.metric_records  # no plain evaluation reply: no per-class counts
     kept = sorted(p.name for p in (tmp_path / "secure" / "updates" / "round_001").iterdir())
     assert kept == ["secure-aggregate.safetensors"]  # the coordinator has only the aggregate to keep
 

@@ -17,6 +17,11 @@ prompts and heads, never one hospital's arrays or example count. Flower does the
 - `secure_instruction` / `secure_reply` read and write the legacy FitIns / FitRes shape the mod
   expects, so the ClientApp's train handler stays one function.
 
+Evaluation counts go the same way, in a second SecAgg+ pass after each round's training
+(`PURPOSE` = "evaluate" in the instruction's config): each site masks its per-class counts and
+summed loss (medtune.federation.wire.counts_vector, scaled by 1 / `COUNTS_SCALE`) with weight 1,
+and the coordinator learns only the federation's totals, all that accuracy and macro-F1 need.
+
 What still crosses in clear, per hospital, in a secure round: its name and status, and the
 ledger's epsilon, delta and steps (the coordinator's record of each ledger, medtune/ledger_record.py,
 needs them). Every private or legacy name used is listed in `LEGACY_NAMES` and checked by a test.
@@ -81,6 +86,9 @@ CLIPPING_RANGE = 8.0
 QUANTIZATION_RANGE = 2**24
 MODULUS_RANGE = 2**32
 MAX_HOSPITALS = MODULUS_RANGE // QUANTIZATION_RANGE
+PURPOSE = "secure-purpose"  # in a secure instruction's config: "train", or "evaluate" (sum the test counts)
+COUNTS = "counts"  # the one array of a secure evaluation: per-class counts and the summed loss
+COUNTS_SCALE = "counts-scale"  # in an evaluation instruction's config: counts are divided by it before masking
 SETTINGS_KEY = "medtune.secure-aggregation"  # the setup a site accepted, kept in its Context for the collect stage
 FITINS_ARRAYS = "fitins.parameters"
 FITRES_EXAMPLES = "fitres.num_examples"
@@ -99,9 +107,13 @@ class SecureRound:
 class _Instructions(Strategy):
     """The legacy Strategy the workflow drives: each node gets its own instruction, and the mean is kept."""
 
-    def __init__(self, grid: Grid, instructions: dict[int, tuple[dict[str, np.ndarray], dict[str, object]]]) -> None:
+    def __init__(
+        self, grid: Grid, instructions: dict[int, tuple[dict[str, np.ndarray], dict[str, object]]],
+        names: tuple[str, ...],
+    ) -> None:
         self.grid = grid
         self.instructions = instructions
+        self.names = names  # the arrays the sites send back, in order
         self.result = SecureRound(mean=None, reports={}, dropped=len(instructions))
 
     def initialize_parameters(self, client_manager):  # noqa: ANN001, ANN201 - legacy signature
@@ -109,13 +121,16 @@ class _Instructions(Strategy):
 
     def configure_fit(self, server_round, parameters, client_manager):  # noqa: ANN001, ANN201
         return [
-            (GridClientProxy(node, self.grid, 0), FitIns(ndarrays_to_parameters(_ordered(arrays)), dict(config)))
+            (
+                GridClientProxy(node, self.grid, 0),
+                FitIns(ndarrays_to_parameters(_ordered(arrays, EXCHANGED_NAMES)), dict(config)),
+            )
             for node, (arrays, config) in self.instructions.items()
         ]
 
     def aggregate_fit(self, server_round, results, failures):  # noqa: ANN001, ANN201
         if results:  # every result carries the same unmasked mean
-            mean = dict(zip(EXCHANGED_NAMES, parameters_to_ndarrays(results[0][1].parameters), strict=True))
+            mean = dict(zip(self.names, parameters_to_ndarrays(results[0][1].parameters), strict=True))
             reports = {proxy.node_id: dict(fitres.metrics) for proxy, fitres in results}
             self.result = SecureRound(mean=mean, reports=reports, dropped=len(self.instructions) - len(results))
         return None, {}
@@ -130,8 +145,8 @@ class _Instructions(Strategy):
         return None
 
 
-def _ordered(arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
-    return [np.asarray(arrays[name]) for name in EXCHANGED_NAMES]
+def _ordered(arrays: dict[str, np.ndarray], names: tuple[str, ...]) -> list[np.ndarray]:
+    return [np.asarray(arrays[name]) for name in names]
 
 
 def threshold_for(hospitals: int) -> int:
@@ -142,17 +157,18 @@ def threshold_for(hospitals: int) -> int:
 
 def secure_mean(
     grid: Grid, server_round: int, instructions: dict[int, tuple[dict[str, np.ndarray], dict[str, object]]],
-    max_weight: int, timeout: float,
+    max_weight: int, timeout: float, names: tuple[str, ...] = EXCHANGED_NAMES,
 ) -> SecureRound:
-    """Run one round's SecAgg+ over `instructions` (node -> global arrays and config); the unmasked mean.
+    """Run one SecAgg+ pass over `instructions` (node -> global arrays and config); the unmasked weighted
+    mean of the arrays `names` the sites send back.
 
     A hospital that drops out before sending its masked vector is left out of the mean; with fewer
-    than the threshold left, the round yields no mean and nothing half-aggregated is kept.
+    than the threshold left, the pass yields no mean and nothing half-aggregated is kept.
     """
     hospitals = len(instructions)
     if not 3 <= hospitals <= MAX_HOSPITALS:
         raise StateError(f"secure aggregation needs 3 to {MAX_HOSPITALS} hospitals in a round, got {hospitals}")
-    strategy = _Instructions(grid, instructions)
+    strategy = _Instructions(grid, instructions, names)
     state = RecordDict(
         {
             MAIN_CONFIGS_RECORD: ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round}),
@@ -215,9 +231,13 @@ class SecureLimits:
             )
 
 
-def secure_reply(arrays: dict[str, np.ndarray], examples: int, report: dict[str, object]) -> RecordDict:
-    """A collect-stage reply in the FitRes shape `secaggplus_mod` masks; `report` is what crosses in clear."""
-    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(_ordered(arrays)), int(examples), dict(report))
+def secure_reply(
+    arrays: dict[str, np.ndarray], names: tuple[str, ...], examples: int, report: dict[str, object]
+) -> RecordDict:
+    """A collect-stage reply in the FitRes shape `secaggplus_mod` masks (arrays in the order of `names`, as
+    the coordinator reads them back); `report` is what crosses in clear."""
+    parameters = ndarrays_to_parameters(_ordered(arrays, names))
+    fitres = FitRes(Status(Code.OK, ""), parameters, int(examples), dict(report))
     return compat.fitres_to_recorddict(fitres, keep_input=False)
 
 

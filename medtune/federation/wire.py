@@ -158,6 +158,23 @@ def evaluate_reply(evaluation: Evaluation, hospital: str) -> RecordDict:
     )
 
 
+def counts_vector(evaluation: Evaluation) -> np.ndarray:
+    """A hospital's evaluation as one vector, for secure summation: per-class support, predictions and
+    correct ones, then the summed loss. Sums of these vectors pool hospitals exactly (`from_counts_vector`)."""
+    per_class = evaluation.per_class
+    counts = [c.support for c in per_class] + [c.predicted for c in per_class] + [c.correct for c in per_class]
+    return np.array([*counts, evaluation.loss * evaluation.examples], dtype=np.float64)
+
+
+def from_counts_vector(total: np.ndarray, labels: tuple[str, ...]) -> Evaluation:
+    """The pooled evaluation from the sum of the hospitals' `counts_vector`s (counts rounded to whole records)."""
+    k = len(labels)
+    counts = [max(0, int(round(float(value)))) for value in total[: 3 * k]]
+    support, predicted, correct = counts[:k], counts[k : 2 * k], counts[2 * k :]
+    examples = sum(support)
+    return from_counts(labels, support, predicted, correct, loss=float(total[3 * k]) / examples if examples else 0.0)
+
+
 def evaluation_from_reply(message: Message, labels: tuple[str, ...]) -> Evaluation:
     metrics = message.content[METRICS]
     return from_counts(

@@ -30,7 +30,7 @@ from flwr.app import Context, RecordDict
 from flwr.supercore.exit import ExitCode
 from safetensors.numpy import load_file
 
-from medtune.certs import make_node_keys, make_server_certificates
+from medtune.certs import ServerCertificates, make_node_keys, make_server_certificates
 from medtune.code_approval import APP_PACKAGES
 from medtune.errors import ConfigError, EvaluationWithheldError, PrivacyTermsError
 from medtune.federation.wire import failure_reason
@@ -239,32 +239,43 @@ def site_files_now(sites: dict[str, Path]) -> list[str]:
     )
 
 
+def coordinator_processes(root: Path) -> Processes:
+    """The scenario's process table: logs under root/logs, the coordinator's Flower home under root/coordinator."""
+    (root / "logs").mkdir()
+    env = {
+        **os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1",
+        "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_HOME": str(root / "coordinator" / "flwr"),
+    }
+    return Processes(env, root / "logs")
+
+
+def start_superlink(processes: Processes, coordinator: Path, link_port: int) -> ServerCertificates:
+    """The coordinator: certificates, a SuperLink with TLS and node authentication, the `flwr` connection."""
+    certs = make_server_certificates(coordinator / "certificates", ["127.0.0.1"])
+    processes.start("superlink", [
+        str(BIN / "flower-superlink"),
+        "--ssl-ca-certfile", str(certs.ca_cert), "--ssl-certfile", str(certs.server_cert),
+        "--ssl-keyfile", str(certs.server_key), "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation", "--isolation", "subprocess",
+        "--database", str(coordinator / "state.db"), "--host", "127.0.0.1", "--port", str(link_port),
+    ])
+    (coordinator / "flwr").mkdir(parents=True)
+    (coordinator / "flwr" / "config.toml").write_text(
+        f'[superlink.consortium]\naddress = "127.0.0.1:{link_port}"\nroot-certificates = "{certs.ca_cert}"\n'
+    )
+    return certs
+
+
 @pytest.fixture(scope="module")
 def deployment(tiny_backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     root = tmp_path_factory.mktemp("deployment")
-    coordinator, out, logs = root / "coordinator", root / "coordinator" / "out", root / "logs"
-    logs.mkdir()
+    coordinator, out = root / "coordinator", root / "coordinator" / "out"
     link_port = free_port()
-    env = {
-        **os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1",
-        "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_HOME": str(coordinator / "flwr"),
-    }
-    processes = Processes(env, logs)
+    processes = coordinator_processes(root)
     markers = [str(root), f"127.0.0.1:{link_port}"]
     try:
-        # Coordinator: certificates, the SuperLink, the `flwr` connection.
-        certs = make_server_certificates(coordinator / "certificates", ["127.0.0.1"])
-        processes.start("superlink", [
-            str(BIN / "flower-superlink"),
-            "--ssl-ca-certfile", str(certs.ca_cert), "--ssl-certfile", str(certs.server_cert),
-            "--ssl-keyfile", str(certs.server_key), "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation", "--isolation", "subprocess",
-            "--database", str(coordinator / "state.db"), "--host", "127.0.0.1", "--port", str(link_port),
-        ])
-        (coordinator / "flwr").mkdir(parents=True)
-        (coordinator / "flwr" / "config.toml").write_text(
-            f'[superlink.consortium]\naddress = "127.0.0.1:{link_port}"\nroot-certificates = "{certs.ca_cert}"\n'
-        )
+        certs = start_superlink(processes, coordinator, link_port)
         # Sites: records, a key pair and a site file each; h1-h3 are registered, "rogue" is not.
         records = write_hospitals(SynthConfig(hospitals=3, mean_records=40, seed=0), root / "synthetic")
         sites = {name: root / f"site-{name}" for name in (*HOSPITALS, "rogue", APPROVING)}

@@ -7,17 +7,17 @@ coordinator keeps only the aggregate of each round.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from medtune.certs import make_node_keys, make_server_certificates
+from medtune.certs import make_node_keys
 from medtune.synth import SynthConfig, write_hospitals
 from test_deployment import (
-    BIN, HOSPITALS, Processes, finish, flwr_run, free_port, leftovers, read_json, run_config, site_file,
+    BIN, HOSPITALS, coordinator_processes, finish, flwr_run, free_port, leftovers, read_json, run_config, site_file,
+    start_superlink,
 )
 
 pytestmark = pytest.mark.slow
@@ -34,28 +34,12 @@ class SecureDeployment:
 @pytest.fixture(scope="module")
 def secure_deployment(tiny_backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureDeployment]:
     root = tmp_path_factory.mktemp("secure-deployment")
-    coordinator, logs = root / "coordinator", root / "logs"
-    logs.mkdir()
+    coordinator = root / "coordinator"
     link_port = free_port()
-    env = {
-        **os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1",
-        "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_HOME": str(coordinator / "flwr"),
-    }
-    processes = Processes(env, logs)
+    processes = coordinator_processes(root)
     markers = [str(root), f"127.0.0.1:{link_port}"]
     try:
-        certs = make_server_certificates(coordinator / "certificates", ["127.0.0.1"])
-        processes.start("superlink", [
-            str(BIN / "flower-superlink"),
-            "--ssl-ca-certfile", str(certs.ca_cert), "--ssl-certfile", str(certs.server_cert),
-            "--ssl-keyfile", str(certs.server_key), "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation", "--isolation", "subprocess",
-            "--database", str(coordinator / "state.db"), "--host", "127.0.0.1", "--port", str(link_port),
-        ])
-        (coordinator / "flwr").mkdir(parents=True)
-        (coordinator / "flwr" / "config.toml").write_text(
-            f'[superlink.consortium]\naddress = "127.0.0.1:{link_port}"\nroot-certificates = "{certs.ca_cert}"\n'
-        )
+        certs = start_superlink(processes, coordinator, link_port)
         records = write_hospitals(SynthConfig(hospitals=3, mean_records=40, seed=0), root / "synthetic")
         sites = {name: root / f"site-{name}" for name in HOSPITALS}
         for (name, site), source in zip(sites.items(), records, strict=True):

@@ -1,14 +1,14 @@
 """Replay the hostile-user catalogue against the `medtune` command line, as a new user would meet it.
 
-    python tests/hostile_catalogue.py            # every case (about 6 minutes on 2 cores)
-    python tests/hostile_catalogue.py --quick    # the cases that need no simulation (under a minute)
+    python tests/hostile_catalogue.py            # all 54 cases (22 minutes on 2 cores, 2026-12-03)
+    python tests/hostile_catalogue.py --quick    # the 42 that need no simulation (5 to 8 minutes)
 
 Each case runs the real command in a subprocess, with a time limit, in a fresh folder, and is judged
 on four counts: a raw traceback, a hang (the time limit passed), a silently wrong result (a run that
 should have been refused succeeded, or a value was accepted), and lost data (a file that had to
 survive changed or vanished, or a ledger that records fewer DP steps than were taken). The table
 ends with the four counts; the exit status is 1 if any is not zero. Not part of `pytest`: the unit
-tests cover each case in-process; this is the end-to-end replay of issue 14's catalogue.
+tests cover each case in-process; this is the end-to-end replay of the catalogues of issues 14 and 22.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +33,10 @@ PYTHON = sys.executable
 # A small but real federation: the embedded MiniLM cut to 2 layers, 40 notes per hospital.
 SMALL_RUN = "num-layers=2 prompt-layer=1 max-length=32 records-per-hospital=40 rounds=3"
 NOTES = "text,label\n" + "chest pain radiating to the left arm,cardiology\nwheezing at night,pulmonology\n" * 6
+# As many notes as NOTES (so the same sampling), other words: records a NOTES ledger was not made for.
+OTHER_NOTES = "text,label\n" + "crushing pain behind the sternum,cardiology\ndry cough for two weeks,pulmonology\n" * 6
+# `medtune train` cut as small: the same 2-layer MiniLM, one pass.
+SMALL_TRAIN = ("--num-layers", "2", "--prompt-layer", "1", "--max-length", "32", "--epochs", "1")
 
 
 @dataclass
@@ -52,12 +57,13 @@ class Verdict:
 
 def medtune(
     *args: str, cwd: Path, limit: float = 120.0, interrupt_after: Callable[[], bool] | None = None,
-    interrupt: signal.Signals = signal.SIGINT,
+    interrupt: signal.Signals = signal.SIGINT, env: dict[str, str] | None = None,
 ) -> Outcome:
-    """Run `medtune ARGS`; with `interrupt_after`, send `interrupt` once it returns True."""
+    """Run `medtune ARGS` (with `env` added to the environment); with `interrupt_after`, send
+    `interrupt` once it returns True."""
     started = time.monotonic()
     helpers: list[psutil.Process] = []
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     process = subprocess.Popen(
         [PYTHON, "-m", "medtune.cli", *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
     )
@@ -75,6 +81,25 @@ def medtune(
         process.kill()
         _, stderr = process.communicate()
         return Outcome(None, stderr, time.monotonic() - started, helpers)
+
+
+def succeeded(outcome: Outcome, what: str) -> Verdict:
+    """The expected answer to input that must work: exit 0, no traceback."""
+    verdict = Verdict(traceback="Traceback" in outcome.stderr, hang=outcome.status is None)
+    if not verdict.hang and outcome.status != 0:
+        verdict.wrong = f"{what}: exit {outcome.status}; stderr ends {outcome.stderr[-300:]!r}"
+    return verdict
+
+
+def worst(*verdicts: Verdict) -> Verdict:
+    """One verdict for a case made of several commands: every problem of each."""
+    total = Verdict()
+    for verdict in verdicts:
+        total.traceback |= verdict.traceback
+        total.hang |= verdict.hang
+        total.wrong = total.wrong or verdict.wrong
+        total.lost = total.lost or verdict.lost
+    return total
 
 
 def refused(outcome: Outcome, message: str) -> Verdict:
@@ -116,6 +141,18 @@ def ledger_steps(out: Path) -> dict[str, int]:
 
 def trained_rounds(out: Path) -> dict[str, list[int]]:
     return {p.parent.name: json.loads(p.read_text())["trained_rounds"] for p in sorted(out.glob("sites/*/ledger.json"))}
+
+
+def ledger_digests(out: Path) -> dict[str, str]:
+    """Every site ledger's bytes, readable or not."""
+    return {p.parent.name: digest(p) for p in sorted(out.glob("sites/*/ledger.json"))}
+
+
+def site_status(out: Path, hospital: str) -> dict[int, tuple[str, str]]:
+    """Per round of results.json: `hospital`'s status and reason."""
+    results = json.loads((out / "results.json").read_text())
+    return {r["round"]: (h["status"], h.get("reason", "")) for r in results["rounds"] for h in r["hospitals"]
+            if h["name"] == hospital}
 
 
 def recorded_steps(out: Path) -> dict[str, int]:
@@ -199,6 +236,175 @@ def quick_cases(work: Path) -> dict[str, Callable[[], Verdict]]:
         return refused(medtune("audit", "--run", str(one_label_run), "--hospital", "hospital_1", cwd=work),
                        "a `medtune train` run")
 
+    def train(out: Path, *extra: str, data: Path = notes, env: dict[str, str] | None = None) -> Outcome:
+        return medtune("train", "--data", str(data), "--out", str(out), *SMALL_TRAIN, *extra, cwd=work, env=env)
+
+    first_run = work / "l1"
+
+    def trained_once() -> Verdict:
+        """`medtune train --out l1`, run once: the base of the cases that need a finished local run."""
+        if (first_run / "ledger.json").exists() and (first_run / "checkpoint" / "meta.json").exists():
+            return Verdict()
+        return succeeded(train(first_run), "the first `medtune train --out l1`")
+
+    def other_ledger_keeps_out_ledger() -> Verdict:
+        verdict = trained_once()
+        if verdict.wrong or verdict.hang:
+            return verdict
+        kept = digest(first_run / "ledger.json")
+        other = work / "other.json"
+        verdict = worst(verdict, succeeded(train(first_run, "--ledger", str(other)), "train --ledger other.json"))
+        if digest(first_run / "ledger.json") != kept:
+            verdict.lost = "l1/ledger.json changed although --ledger named other.json"
+        elif not other.is_file() or json.loads(other.read_text()).get("steps", 0) < 1:
+            verdict.wrong = verdict.wrong or "other.json holds no ledger of the new run's steps"
+        return verdict
+
+    def ledger_of_other_records() -> Verdict:
+        first = work / "records-a"
+        made = succeeded(train(first), "the first run")
+        if made.wrong or made.hang:
+            return made
+        ledger = first / "ledger.json"
+        kept = digest(ledger)
+        other_notes = work / "other-notes.csv"
+        other_notes.write_text(OTHER_NOTES, encoding="utf-8")
+        verdict = worst(made, refused(train(work / "records-b", "--ledger", str(ledger), data=other_notes),
+                                      "was made for other records"))
+        if digest(ledger) != kept:
+            verdict.lost = "the refused run changed the other records' ledger"
+        return verdict
+
+    def number_case(flag: str, value: str, message: str) -> Callable[[], Verdict]:
+        def case() -> Verdict:
+            out = work / f"out-number-{flag.strip('-')}-{len(value)}"
+            verdict = refused(medtune("train", "--data", str(notes), "--out", str(out), *SMALL_TRAIN, flag, value,
+                                      cwd=work), message)
+            if out.exists():
+                verdict.wrong = verdict.wrong or f"{out} was made for a refused run"
+            return verdict
+
+        return case
+
+    def simulate_refused_early(run_config: str, message: str) -> Callable[[], Verdict]:
+        """Refused in one line before Flower starts: no Ray worker, not even the out directory."""
+
+        def case() -> Verdict:
+            out = work / f"sim-early-{abs(hash(run_config)) % 10**8}"
+            outcome = medtune("simulate", "--out", str(out), "--run-config", run_config, cwd=work)
+            verdict = refused(outcome, message)
+            if out.exists() or "ClientAppActor" in outcome.stderr:
+                verdict.wrong = verdict.wrong or f"the run got past its checks ({out} made or a worker started)"
+            return verdict
+
+        return case
+
+    def remembered_noise(value: object) -> Callable[[], Verdict]:
+        """A memo of noise searches whose every value was replaced by `value`: searched again, same sigma."""
+
+        def case() -> Verdict:
+            tag = hashlib.sha256(repr(value).encode()).hexdigest()[:8]
+            cache = work / f"xdg-cache-{tag}"
+            env = {"XDG_CACHE_HOME": str(cache)}
+            first = work / f"memo-first-{tag}"
+            verdict = succeeded(train(first, env=env), "the first run")
+            memo = cache / "medtune" / "noise-multipliers.json"
+            if verdict.wrong or verdict.hang or not memo.is_file():
+                verdict.wrong = verdict.wrong or f"the first run wrote no {memo}"
+                return verdict
+            sigma = json.loads((first / "ledger.json").read_text())["noise_multiplier"]
+            truth = json.loads(memo.read_text())
+            memo.write_text(json.dumps({key: value for key in truth}), encoding="utf-8")
+            second = work / f"memo-second-{tag}"
+            verdict = succeeded(train(second, env=env), f"a run on a memo of {value!r}")
+            if verdict.wrong or verdict.hang:
+                return verdict
+            again = json.loads((second / "ledger.json").read_text())["noise_multiplier"]
+            if again != sigma:
+                verdict.wrong = f"with every remembered value {value!r}: noise multiplier {again}, the first run's {sigma}"
+            elif json.loads(memo.read_text()) != truth:
+                verdict.wrong = f"the memo was not searched again: it holds {memo.read_text()[:200]!r}"
+            return verdict
+
+        return case
+
+    def reversed_checkpoint_labels() -> Verdict:
+        verdict = trained_once()
+        if verdict.wrong or verdict.hang:
+            return verdict
+        edited = work / "reversed-checkpoint"
+        shutil.copytree(first_run / "checkpoint", edited, dirs_exist_ok=True)
+        meta = json.loads((edited / "meta.json").read_text())
+        meta["labels"] = list(reversed(meta["labels"]))
+        (edited / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+        return refused(medtune("predict", "--checkpoint", str(edited), "--text", "chest pain", cwd=work), "differ from")
+
+    def edited_feature_cache() -> Verdict:
+        import numpy as np
+
+        out = work / "edited-cache"
+        verdict = succeeded(train(out), "the first run")
+        caches = sorted(out.glob("features/*/offsets.npy"))
+        if verdict.wrong or verdict.hang or not caches:
+            verdict.wrong = verdict.wrong or f"no feature cache under {out / 'features'}"
+            return verdict
+        originals = {path: path.read_bytes() for path in caches}
+        for path in caches:  # one record boundary moved by a token: loadable, same length, same end
+            offsets = np.load(path)
+            offsets[1] += 1
+            np.save(path, offsets)
+        again = train(out, "--ledger", str(work / "edited-cache-ledger.json"))
+        verdict = succeeded(again, "the run on an edited cache")
+        if not verdict.wrong and not ("offsets.npy does not match its recorded checksum" in again.stderr
+                                      and "rebuilding it" in again.stderr):
+            verdict.wrong = f"no rebuild of the edited cache was logged; stderr ends {again.stderr[-300:]!r}"
+        elif not verdict.wrong and any(path.read_bytes() != kept for path, kept in originals.items()):
+            verdict.wrong = "an edited offsets.npy is still in the cache"
+        return verdict
+
+    def sweep_axis_out_of_range() -> Verdict:
+        path = work / "hostile-sweep.toml"
+        path.write_text(
+            'name = "hostile"\nscenario = "default"\nepsilons = [8.0]\nseeds = [0]\n\n[run-config]\n'
+            'num-layers = 2\nprompt-layer = 1\nmax-length = 32\nrecords-per-hospital = 40\nhospitals = 2\nrounds = 1\n\n'
+            "[axes]\nprompt-layer = [1, 9]\n",
+            encoding="utf-8",
+        )
+        out = work / "sweep-out"
+        outcome = medtune("benchmark", "sweep", "--sweep", str(path), "--out", str(out), cwd=work)
+        verdict = refused(outcome, "is outside 0..")
+        if not verdict.wrong and "prompt-layer-9" not in outcome.stderr:
+            verdict.wrong = f"the refusal names no cell of prompt-layer 9: {outcome.stderr[-200:]!r}"
+        if out.exists():
+            verdict.wrong = verdict.wrong or f"{out} was made: a cell ran or was prepared"
+        return verdict
+
+    def audit_out_under_a_file() -> Verdict:
+        blocker = work / "a-file"
+        blocker.write_text("", encoding="utf-8")
+        # --run names nothing: a refusal that names the run instead came after the audit started
+        return refused(medtune("audit", "--run", str(work / "no-such-run"), "--hospital", "hospital_1",
+                               "--out", str(blocker / "audit.json"), cwd=work), "cannot be written")
+
+    def prompt_too_long() -> Verdict:
+        out = work / "long-prompt"
+        verdict = refused(train(out, "--prompt-length", "600"), "exceeds the")
+        if (out / "features").exists():
+            verdict.wrong = verdict.wrong or "a feature cache folder was made before the refusal"
+        return verdict
+
+    def long_note() -> Verdict:
+        path = work / "long-note.csv"
+        path.write_text(NOTES + '"' + "chest pain " * 20_000 + '",cardiology\n', encoding="utf-8")  # 215 KiB
+        out = work / "long-note"
+        verdict = succeeded(train(out, data=path), "a note over 128 KiB")
+        if not verdict.wrong and not verdict.hang:
+            metrics = json.loads((out / "metrics.json").read_text())
+            read = metrics["train"]["examples"] + metrics["test"]["examples"]
+            if read != 13:
+                verdict.wrong = f"{read} of 13 records were trained or tested on"
+        return verdict
+
     return {
         "train: one label only (trains, with a warning)": one_label_only,
         "audit on a `medtune train` directory": audit_a_train_directory,
@@ -225,6 +431,29 @@ def quick_cases(work: Path) -> dict[str, Callable[[], Verdict]]:
             medtune("certs", "node", "--hospital", "st mary", "--out", str(work / "keys"), cwd=work), "use 1-64 letters"
         ),
         "audit without --hospital": lambda: refused(medtune("audit", "--run", str(work), cwd=work), "--hospital"),
+        # issue 22
+        "train --ledger other.json after train --out l1: l1's ledger kept": other_ledger_keeps_out_ledger,
+        "train: a ledger made for other records": ledger_of_other_records,
+        "train: --seed -1": number_case("--seed", "-1", "train.seed must be a whole number"),
+        "train: --seed 99999999999999999999999": number_case("--seed", "99999999999999999999999",
+                                                             "train.seed must be a whole number"),
+        "simulate: dirichlet-alpha=nan": simulate_refused_early("dirichlet-alpha=nan", "must be a finite number"),
+        "simulate: dirichlet-alpha=inf": simulate_refused_early("dirichlet-alpha=inf", "must be a finite number"),
+        "simulate: proximal-mu=nan with fedprox": simulate_refused_early('strategy="fedprox" proximal-mu=nan',
+                                                                         "must be a finite number"),
+        "simulate: round-timeout=nan": simulate_refused_early("round-timeout=nan", "must be a finite number"),
+        "simulate: epsilon=1.0 epsilon=50.0": simulate_refused_early("epsilon=1.0 epsilon=50.0", "is given twice"),
+        "simulate: gpus-per-hospital=0.5 without a GPU": simulate_refused_early("gpus-per-hospital=0.5",
+                                                                                "has no CUDA GPU"),
+        "train: remembered noise multipliers all 1e6": remembered_noise(1e6),
+        "train: remembered noise multipliers all 'Infinity'": remembered_noise("Infinity"),
+        "train: remembered noise multipliers all 1e300": remembered_noise(1e300),
+        "predict: checkpoint meta.json labels reversed": reversed_checkpoint_labels,
+        "train: feature cache offsets.npy edited": edited_feature_cache,
+        "benchmark sweep: an axis value out of range": sweep_axis_out_of_range,
+        "audit: --out under a file": audit_out_under_a_file,
+        "train: --prompt-length 600": prompt_too_long,
+        "train: a note over 128 KiB": long_note,
     }
 
 
@@ -237,6 +466,15 @@ def run_cases(work: Path) -> dict[str, Callable[[], Verdict]]:
         return medtune("simulate", "--out", str(out), "--run-config", run_config, *extra, cwd=work, limit=600, **kw)
 
     finished = work / "finished"
+    straight: dict[str, int] = {}
+
+    def straight_steps() -> dict[str, int]:
+        """Each site's ledger steps after a straight run of SMALL_RUN (the finished run, made once)."""
+        if not straight:
+            if not (finished / "results.json").exists():
+                simulate(finished)
+            straight.update(ledger_steps(finished))
+        return straight
 
     def rerun_without_resume() -> Verdict:
         first = simulate(finished)
@@ -265,7 +503,8 @@ def run_cases(work: Path) -> dict[str, Callable[[], Verdict]]:
 
     def stopped_in_round_2_then_resumed(name: str, interrupt: signal.Signals) -> Callable[[], Verdict]:
         """A stop during round 2: within seconds, nothing of round 2 recorded, no Ray process left, and
-        --resume finishes every round with each ledger counting at least the steps recorded."""
+        --resume finishes every round, each ledger counting exactly a straight run's steps (a stop costs
+        nothing: the round it cut short is not charged twice)."""
 
         def case() -> Verdict:
             out = work / name
@@ -291,17 +530,19 @@ def run_cases(work: Path) -> dict[str, Callable[[], Verdict]]:
                 verdict.wrong = verdict.wrong or "no Ray process was seen before the stop"
             elif mine:
                 verdict.wrong = verdict.wrong or f"Ray processes {mine} outlived the {interrupt.name} by 3 s"
-            # A hospital that trained round 2 before the stop spent that budget: its update reached the
-            # coordinator, which never recorded it. The resume then trains round 2 again, and a run
-            # planned to the last step may have no budget left for round 3; it must say so.
-            spent_on_the_lost_round = [h for h, rounds in trained_rounds(out).items() if 2 in rounds]
             resumed = simulate(out, "--resume", str(out))
+            verdict.traceback |= "Traceback" in resumed.stderr
+            verdict.hang |= resumed.status is None
             final = [r["round"] for r in json.loads((out / "results.json").read_text())["rounds"]]
-            explained = spent_on_the_lost_round and "privacy budget spent" in resumed.stderr
-            if resumed.status != 0 or final[:2] != [1, 2] or (final != [1, 2, 3] and not explained):
-                verdict.lost = f"after --resume: exit {resumed.status}, rounds {final}"
+            if resumed.status != 0 or final != [1, 2, 3]:
+                verdict.lost = f"after --resume: exit {resumed.status}, rounds {final}; stderr ends {resumed.stderr[-300:]!r}"
             elif any(ledger_steps(out)[h] < s for h, s in recorded_steps(out).items()):
                 verdict.lost = f"ledgers {ledger_steps(out)} below recorded {recorded_steps(out)}"
+            elif ledger_steps(out) != straight_steps():
+                verdict.wrong = verdict.wrong or (
+                    f"after the stop and --resume the ledgers count {ledger_steps(out)} steps; a straight run's "
+                    f"count {straight_steps()}"
+                )
             return verdict
 
         return case
@@ -314,6 +555,95 @@ def run_cases(work: Path) -> dict[str, Callable[[], Verdict]]:
         verdict = Verdict(traceback="Traceback" in resumed.stderr, hang=resumed.status is None)
         if (out / "sites" / "hospital_1" / "ledger.json").exists():
             verdict.lost = "a fresh ledger replaced the deleted one"
+        return verdict
+
+    def refused_site_on_resume(name: str, edit: Callable[[Path], None], hospital: str, message: str,
+                               ) -> Callable[[], Verdict]:
+        """After round 1, `edit` a site's files; the resume refuses `hospital` every later round (its log
+        saying `message`), leaves its ledger as it is, and the other hospitals train every round."""
+
+        def case() -> Verdict:
+            out = work / name
+            first = simulate(out, settings="until-round=1")
+            if first.status != 0:
+                return Verdict(traceback="Traceback" in first.stderr, hang=first.status is None,
+                               wrong=f"round 1 failed: {first.stderr[-300:]!r}")
+            edit(out / "sites" / hospital)
+            ledger = out / "sites" / hospital / "ledger.json"
+            kept = digest(ledger)
+            resumed = simulate(out, "--resume", str(out))
+            verdict = succeeded(resumed, "the resume")
+            if verdict.hang:
+                return verdict
+            final = [r["round"] for r in json.loads((out / "results.json").read_text())["rounds"]]
+            refusals = {r: status for r, status in site_status(out, hospital).items() if r > 1}
+            others = {h: site_status(out, h) for h in ("hospital_1", "hospital_2", "hospital_3") if h != hospital}
+            if digest(ledger) != kept:
+                verdict.lost = f"{hospital}'s ledger changed ({kept[:12]} -> {digest(ledger)[:12]})"
+            elif final != [1, 2, 3]:
+                verdict.wrong = verdict.wrong or f"rounds {final} after --resume"
+            elif sorted(refusals) != [2, 3] or any(
+                status != "failed" or not reason.startswith("privacy ledger refused") for status, reason in refusals.values()
+            ):
+                verdict.wrong = verdict.wrong or f"{hospital} in rounds 2-3: {refusals}"
+            elif message not in resumed.stderr:
+                verdict.wrong = verdict.wrong or f"no site log line says {message!r}"
+            elif any(status != "trained" for rounds in others.values() for status, _ in rounds.values()):
+                verdict.wrong = verdict.wrong or f"the other hospitals did not train every round: {others}"
+            elif hospital in trained_rounds(out) and trained_rounds(out)[hospital] != [1]:
+                verdict.wrong = verdict.wrong or f"{hospital} trained rounds {trained_rounds(out)[hospital]}"
+            return verdict
+
+        return case
+
+    def wipe(site: Path) -> None:
+        (site / "ledger.json").unlink()
+        (site / "ledger.optimizer.safetensors").unlink()
+
+    def claim_little_noise(recompute_checksum: bool) -> Callable[[Path], None]:
+        def edit(site: Path) -> None:
+            state = json.loads((site / "ledger.json").read_text())
+            for entry in state["history"]:
+                entry[0] = 1000.0  # noise multiplier 1000: the history now claims almost no epsilon spent
+            if recompute_checksum:
+                from medtune.privacy import ledger_checksum
+
+                state["checksum"] = ledger_checksum(state)
+            (site / "ledger.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+
+        return edit
+
+    def sites_ledger_to_train() -> Verdict:
+        straight_steps()  # the finished run
+        ledger = finished / "sites" / "hospital_1" / "ledger.json"
+        kept = digest(ledger)
+        notes = work / "notes-for-a-site-ledger.csv"
+        notes.write_text(NOTES, encoding="utf-8")
+        verdict = refused(
+            medtune("train", "--data", str(notes), "--out", str(work / "local-on-site-ledger"), *SMALL_TRAIN,
+                    "--ledger", str(ledger), cwd=work),
+            "is the privacy ledger of hospital 'hospital_1', not of 'local'",
+        )
+        if digest(ledger) != kept:
+            verdict.lost = "the refused `medtune train` changed hospital_1's ledger"
+        return verdict
+
+    def too_few_ready_hospitals() -> Verdict:
+        out = work / "min-hospitals-3"
+        first = simulate(out, settings="min-hospitals=3 until-round=1")
+        if first.status != 0:
+            return Verdict(traceback="Traceback" in first.stderr, hang=first.status is None,
+                           wrong=f"round 1 failed: {first.stderr[-300:]!r}")
+        (out / "sites" / "hospital_3" / "ledger.json").write_text("garbage{{", encoding="utf-8")
+        before = ledger_digests(out)
+        stopped = simulate(out, "--resume", str(out), settings="min-hospitals=3")
+        verdict = Verdict(traceback="Traceback" in stopped.stderr, hang=stopped.status is None)
+        lines = [line for line in stopped.stderr.splitlines() if "error:" in line]
+        if not verdict.hang and (stopped.status in (0, None) or len(lines) != 1
+                                 or "hospital_3" not in lines[0] or "privacy ledger refused" not in lines[0]):
+            verdict.wrong = f"exit {stopped.status}, error lines {lines}; stderr ends {stopped.stderr[-200:]!r}"
+        if ledger_digests(out) != before:
+            verdict.lost = "a ledger changed although no round could aggregate"
         return verdict
 
     def resume_edge_cases() -> Verdict:
@@ -344,6 +674,15 @@ def run_cases(work: Path) -> dict[str, Callable[[], Verdict]]:
         "SIGTERM in round 2, then --resume": stopped_in_round_2_then_resumed("terminated", signal.SIGTERM),
         "SIGKILL in round 2, then --resume": stopped_in_round_2_then_resumed("killed", signal.SIGKILL),
         "resume after a ledger was deleted": deleted_ledger_on_resume,
+        # issue 22
+        "resume after a site folder was wiped (ledger and optimizer state)": refused_site_on_resume(
+            "wiped-site", wipe, "hospital_2", "privacy ledger missing, but the coordinator records"),
+        "resume after a ledger history claimed noise 1000 (checksum left)": refused_site_on_resume(
+            "little-noise", claim_little_noise(False), "hospital_1", "damaged privacy ledger"),
+        "resume after a ledger history claimed noise 1000 (checksum recomputed)": refused_site_on_resume(
+            "little-noise-resealed", claim_little_noise(True), "hospital_1", "privacy ledger's history gives epsilon="),
+        "train --ledger <a simulated site's ledger>": sites_ledger_to_train,
+        "min-hospitals=3, one ledger unreadable: stop, no ledger charged": too_few_ready_hospitals,
         "resume: outside out, other settings, edited round, lost results.json": resume_edge_cases,
     }
 

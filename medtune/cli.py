@@ -20,6 +20,7 @@ from medtune.config import (
     ModelConfig,
     PrivacyConfig,
     TrainConfig,
+    check_fits_backbone,
     config_from_dict,
     field_kinds,
     run_config_key,
@@ -27,7 +28,8 @@ from medtune.config import (
 from medtune.defaults import key_help, run_defaults
 from medtune.epsilon import read_epsilon
 from medtune.errors import ConfigError, MedTuneError
-from medtune.logs import quiet_libraries
+from medtune.files import atomic_write_json, check_writable
+from medtune.logs import quiet_libraries, show_medtune_lines
 from medtune.stopping import EXIT_STATUS
 from medtune.synth import SynthConfig
 
@@ -173,6 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--steps", type=int, default=8, help="timed training steps per setting")
     perf.add_argument("--out", type=Path, help="also write the table as JSON here")
     perf.add_argument("--backbone", help="a local Hugging Face encoder directory (default: the embedded MiniLM)")
+    perf.add_argument(
+        "--records",
+        help="instead of throughput: run `medtune train --epochs 1` on a synthetic site of this many records (comma-"
+        "separated: one run each) and print its peak anonymous memory, wall time and feature-cache size on disk",
+    )
+    perf.add_argument("--work", type=Path, default=Path("runs/benchmark/site-memory"),
+                      help="with --records: where the records, the run and (while it runs) its cache go")
+    perf.add_argument("train_args", nargs="*",
+                      help="with --records, after --: flags for medtune train, e.g. -- --max-length 32")
     baselines = bench.add_parser(
         "baselines", help="local-only, pooled and majority-label references for a scenario, or for a run (--run)"
     )
@@ -226,6 +237,7 @@ def _cmd_synth(args: argparse.Namespace) -> None:
     flags = {"hospitals": args.hospitals, "mean_records": args.records, "dirichlet_alpha": args.alpha,
              "label_noise": args.label_noise, "seed": args.seed}
     config = SynthConfig(**{name: value for name, value in flags.items() if value is not None})
+    check_writable(args.out, folder=True)
     for path in write_hospitals(config, args.out):
         print(path)
     print(f"labels: {','.join(LABELS)}")
@@ -234,6 +246,7 @@ def _cmd_synth(args: argparse.Namespace) -> None:
 def _cmd_server_certs(args: argparse.Namespace) -> None:
     from medtune.certs import make_server_certificates
 
+    check_writable(args.out, folder=True)
     files = make_server_certificates(args.out, args.host, rotate=args.rotate)
     print(f"CA certificate (give to every site and `flwr` user): {files.ca_cert}")
     print(f"CA key (keep offline at the coordinator): {files.ca_key}")
@@ -243,6 +256,7 @@ def _cmd_server_certs(args: argparse.Namespace) -> None:
 def _cmd_node_keys(args: argparse.Namespace) -> None:
     from medtune.certs import make_node_keys
 
+    check_writable(args.out, folder=True)
     keys = make_node_keys(args.out, args.hospital)
     print(f"private key (stays at the site, --auth-supernode-private-key): {keys.private_key}")
     print(f"public key (send to the coordinator for `flwr supernode register`): {keys.public_key}")
@@ -297,11 +311,14 @@ def _cmd_train(args: argparse.Namespace) -> None:
     model = config_from_dict(ModelConfig, _given(args, ModelConfig))
     privacy = config_from_dict(PrivacyConfig, _given(args, PrivacyConfig))
     train = config_from_dict(TrainConfig, _given(args, TrainConfig))
+    check_fits_backbone(model)  # before any record is encoded or cached
+    ledger_path = args.ledger or args.out / "ledger.json"
+    check_writable(args.out, folder=True)
+    check_writable(ledger_path, folder=False, flag="--ledger")
     default_hospital = SynthConfig(hospitals=1, mean_records=1500, dirichlet_alpha=100.0, seed=train.seed)
     path = args.data or write_hospitals(default_hospital, args.out / "synthetic")[0]
     records = read_records(path, data)
     backbone = load_backbone(model.backbone, model.num_layers, train.device)
-    ledger_path = args.ledger or args.out / "ledger.json"
     print(f"{path}: {len(records)} records; backbone {backbone.name}; target epsilon={privacy.epsilon}")
     run = run_local(
         records, data, model, privacy, train, backbone=backbone, ledger_path=ledger_path, cache_dir=args.out / "features"
@@ -316,9 +333,26 @@ def _cmd_train(args: argparse.Namespace) -> None:
     )
 
 
+def _record_counts(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        message = f"--records: expected whole numbers separated by commas (e.g. 2000,8000), got '{text}'"
+        raise ConfigError(message) from None
+
+
 def _cmd_perf(args: argparse.Namespace) -> None:
     from medtune.experiments.perf import run_perf
 
+    if args.records is not None:
+        from medtune.experiments.site_memory import run_site_memory
+
+        run_site_memory(_record_counts(args.records), args.work, args.train_args, args.out)
+        return
+    if args.train_args:
+        raise ConfigError(
+            f"benchmark perf: flags after -- ({' '.join(args.train_args)}) are for medtune train; add --records N"
+        )
     run_perf(
         layers=[int(x) for x in args.layers.split(",")],
         max_lengths=[int(x) for x in args.max_lengths.split(",")],
@@ -332,12 +366,13 @@ def _cmd_perf(args: argparse.Namespace) -> None:
 
 def _cmd_baselines(args: argparse.Namespace) -> None:
     from medtune.experiments.baselines import load_run, local_only, majority_label, pooled, score_global_model, zero_shot
-    from medtune.files import atomic_write_json
     from medtune.run_config import parse_overrides, resolve_run_config, settings_from_run_config
 
     figures = []
     if args.run is not None and (args.scenario or args.run_config):
         raise ConfigError("--run takes the run's own settings (from its results.json); drop --scenario and --run-config")
+    if args.out:
+        check_writable(args.out, folder=False)
     if args.run is not None:
         settings, _ = load_run(args.run)
         figures += score_global_model(args.run)
@@ -369,6 +404,7 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
         changes["seeds"] = tuple(parse_seed(s) for s in args.seeds.split(","))
     sweep = replace(sweep, **changes)
     out = args.out or Path("runs/benchmark") / sweep.name
+    check_writable(out, folder=True)
     run_sweep(sweep, out)
     print(f"wrote {out}/results.csv, results.json, report.md and accuracy_vs_epsilon.png")
 
@@ -383,14 +419,16 @@ def _cmd_tune(args: argparse.Namespace) -> None:
     sweep = read_sweep(args.sweep)
     sweep = replace(sweep, run_config={**sweep.run_config, **parse_overrides(args.run_config)})
     out = args.out or Path("runs/tuning") / sweep.name
+    check_writable(out, folder=True)
     run_tuning(sweep, parse_grid(args.grid), read_epsilon(args.epsilon, "--epsilon"), out)
     print(f"wrote {out}/tuning.json")
 
 
 def _cmd_audit(args: argparse.Namespace) -> None:
     from medtune.experiments.audit import audit_run
-    from medtune.files import atomic_write_json
 
+    if args.out:
+        check_writable(args.out, folder=False)
     result = audit_run(args.run, args.hospital)
     print(
         f"{args.hospital}: {result.members} members, {result.non_members} non-members; mean loss "
@@ -406,6 +444,7 @@ def _cmd_difficulty(args: argparse.Namespace) -> None:
 
     train = config_from_dict(TrainConfig, _given(args, TrainConfig))
     model = config_from_dict(ModelConfig, _given(args, ModelConfig))
+    check_fits_backbone(model)
     hospitals = {} if args.hospitals is None else {"hospitals": args.hospitals}
     run_difficulty(SynthConfig(**hospitals, seed=train.seed), model, train)
 
@@ -419,6 +458,7 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
     flags = {"rounds": args.rounds, "epsilon": epsilon, "seed": args.seed, "until-round": args.until_round}
     overrides.update({key: value for key, value in flags.items() if value is not None})
     if args.out is not None:
+        check_writable(args.out, folder=True)
         overrides["out"] = str(args.out)
     if args.resume is not None:
         overrides["resume"] = str(args.resume)
@@ -453,7 +493,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
-    quiet_libraries()
     handlers = {
         ("data", "synth"): _cmd_synth,
         ("certs", "server"): _cmd_server_certs,
@@ -473,6 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     groups = ("data_command", "bench_command", "certs_command", "site_command")
     key = (args.command, next((getattr(args, group) for group in groups if hasattr(args, group)), None))
+    quiet_libraries()
+    if key != ("site", "run"):  # a site's runner logs with timestamps of its own (client/site_runner.py)
+        show_medtune_lines()
     try:
         status = handlers[key](args)  # None, or an exit status of its own (`site run`, `site review`)
     except KeyboardInterrupt:  # Ctrl-C in any other command (a simulation stops itself: medtune/stopping.py)

@@ -12,8 +12,10 @@ import io
 import json
 import logging
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -24,34 +26,47 @@ from medtune.config import DataConfig
 from medtune.errors import DataError
 
 SUPPORTED_SUFFIXES = (".csv", ".jsonl", ".parquet")
+TOKENIZE_CHUNK = 256  # records per tokenizer call: bounds its per-token Python and Rust objects
+PARQUET_BATCH = 4096  # rows decoded at a time
 
 log = logging.getLogger("medtune.data")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: no per-record __dict__, about 100 bytes a record less
 class Record:
     text: str
     label: int
 
 
-def _decode_utf8(path: Path, raw: bytes) -> str:
+Rows = tuple[list[str], Iterator[tuple[int, dict]]]  # a file's columns, and its rows numbered from 1
+
+
+def _not_utf8(path: Path) -> DataError:
+    """The first byte of `path` that is not UTF-8, by line and offset: the streaming decoder saw only a chunk."""
+    offset = 0
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                bad = line[error.start : error.start + 1].hex()
+                return DataError(
+                    f"{path} line {number}: not valid UTF-8 (byte 0x{bad} at offset {offset + error.start}); "
+                    "save the file as UTF-8"
+                )
+            offset += len(line)
+    return DataError(f"{path}: not valid UTF-8; save the file as UTF-8")
+
+
+def _csv_rows(path: Path, handle: BinaryIO) -> Rows:
+    # Python's csv refuses a field over 128 KiB; a note as long as the file is read (max-length
+    # truncates it), never refused.
+    csv.field_size_limit(max(csv.field_size_limit(), path.stat().st_size + 1))
+    reader = csv.DictReader(io.TextIOWrapper(handle, encoding="utf-8-sig", newline=""))
     try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        bad = raw[error.start : error.start + 1].hex()
-        raise DataError(
-            f"{path} line {line}: not valid UTF-8 (byte 0x{bad} at offset {error.start}); "
-            "save the file as UTF-8"
-        ) from None
-
-
-def _csv_rows(path: Path, text: str) -> tuple[list[str], Iterator[tuple[int, dict]]]:
-    # Python's csv refuses a field over 128 KiB; the whole file is in memory already, so a note as long as
-    # the file is read (max-length truncates it), never refused.
-    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    columns = reader.fieldnames or []
+        columns = reader.fieldnames or []
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
     repeated = sorted({column for column in columns if columns.count(column) > 1})
     if repeated:
         raise DataError(f"{path} header: column(s) {repeated} appear more than once; rename or remove the copies")
@@ -64,37 +79,69 @@ def _csv_rows(path: Path, text: str) -> tuple[list[str], Iterator[tuple[int, dic
                 yield number, row
         except csv.Error as error:
             raise DataError(f"{path} row {reader.line_num}: malformed CSV ({error})") from None
+        except UnicodeDecodeError:
+            raise _not_utf8(path) from None
 
     return list(columns), rows()
 
 
-def _jsonl_rows(path: Path, text: str) -> tuple[list[str], Iterator[tuple[int, dict]]]:
-    parsed: list[tuple[int, dict]] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+def _jsonl_rows(path: Path, handle: BinaryIO) -> Rows:
+    """Two passes over the file: the first checks every line and gathers the columns, the second yields the rows."""
+    text = io.TextIOWrapper(handle, encoding="utf-8-sig")
+
+    def objects() -> Iterator[tuple[int, dict]]:
+        text.seek(0)
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path} row {number}: not valid JSON ({error.msg} at column {error.colno})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path} row {number}: expected a JSON object, got {type(obj).__name__}")
-        parsed.append((number, obj))
-    columns = sorted({key for _, obj in parsed for key in obj})
-    return columns, iter(parsed)
+            for number, line in enumerate(text, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line.rstrip("\n"))  # without its newline: the error's column counts along the line
+                except json.JSONDecodeError as error:
+                    raise DataError(
+                        f"{path} row {number}: not valid JSON ({error.msg} at column {error.colno})"
+                    ) from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{path} row {number}: expected a JSON object, got {type(obj).__name__}")
+                yield number, obj
+        except UnicodeDecodeError:
+            raise _not_utf8(path) from None
+
+    columns = sorted({key for _, obj in objects() for key in obj})
+    return columns, objects()
 
 
-def _parquet_rows(path: Path) -> tuple[list[str], Iterator[tuple[int, dict]]]:
+def _parquet_rows(path: Path) -> Rows:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        table = pq.ParquetFile(path)
     except Exception as error:  # pyarrow raises several unrelated types for corrupt files
         raise DataError(f"{path}: cannot read as Parquet ({error})") from None
-    return list(table.column_names), ((i, row) for i, row in enumerate(table.to_pylist(), start=1))
+
+    def rows() -> Iterator[tuple[int, dict]]:
+        number = 0
+        try:
+            for batch in table.iter_batches(batch_size=PARQUET_BATCH):
+                for row in batch.to_pylist():
+                    number += 1
+                    yield number, row
+        except Exception as error:  # a damaged row group shows only when it is read
+            raise DataError(f"{path}: cannot read as Parquet ({error})") from None
+
+    return list(table.schema_arrow.names), rows()
 
 
-def _read_rows(path: Path) -> tuple[list[str], Iterator[tuple[int, dict]]]:
+def _is_blank(handle: BinaryIO) -> bool:
+    """True if the file holds nothing but whitespace; leaves it at its start."""
+    blank = all(not chunk.strip() for chunk in iter(lambda: handle.read(1 << 16), b""))
+    handle.seek(0)
+    return blank
+
+
+@contextmanager
+def _read_rows(path: Path) -> Iterator[Rows]:
+    """A file's columns and rows, read as they are used: a large site's file is never in memory whole."""
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
         raise DataError(f"{path}: unsupported file type '{suffix}'; use one of {list(SUPPORTED_SUFFIXES)}")
@@ -103,21 +150,28 @@ def _read_rows(path: Path) -> tuple[list[str], Iterator[tuple[int, dict]]]:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     if suffix == ".parquet":
-        return _parquet_rows(path)
+        yield _parquet_rows(path)
+        return
     try:
-        raw = path.read_bytes()
+        handle = path.open("rb")
     except OSError as error:
         raise DataError(f"{path}: cannot read file ({error.strerror})") from None
-    if not raw.strip():
-        raise DataError(f"{path}: file is empty")
-    text = _decode_utf8(path, raw)
-    return _csv_rows(path, text) if suffix == ".csv" else _jsonl_rows(path, text)
+    with handle:
+        if _is_blank(handle):
+            raise DataError(f"{path}: file is empty")
+        yield _csv_rows(path, handle) if suffix == ".csv" else _jsonl_rows(path, handle)
 
 
 def read_records(path: str | Path, config: DataConfig) -> list[Record]:
     """Every record of one file, with labels mapped to the federation's label list."""
     path = Path(path)
-    columns, rows = _read_rows(path)
+    with _read_rows(path) as table:
+        return _checked_records(path, table, config)
+
+
+def _checked_records(path: Path, table: Rows, config: DataConfig) -> list[Record]:
+    """Each row as a Record, or the first problem as a DataError naming its row."""
+    columns, rows = table
     for role, column in (("text", config.text_column), ("label", config.label_column)):
         if column not in columns:
             raise DataError(
@@ -150,15 +204,15 @@ def read_records(path: str | Path, config: DataConfig) -> list[Record]:
 def read_texts(path: str | Path, text_column: str) -> list[str]:
     """Just the texts of a file, for prediction: no label column needed."""
     path = Path(path)
-    columns, rows = _read_rows(path)
-    if text_column not in columns:
-        raise DataError(f"{path}: missing text column '{text_column}' (columns found: {columns})")
-    texts = []
-    for number, row in rows:
-        text = row.get(text_column)
-        if text is None or not str(text).strip():
-            raise DataError(f"{path} row {number}: text in column '{text_column}' is empty")
-        texts.append(str(text))
+    with _read_rows(path) as (columns, rows):
+        if text_column not in columns:
+            raise DataError(f"{path}: missing text column '{text_column}' (columns found: {columns})")
+        texts = []
+        for number, row in rows:
+            text = row.get(text_column)
+            if text is None or not str(text).strip():
+                raise DataError(f"{path} row {number}: text in column '{text_column}' is empty")
+            texts.append(str(text))
     if not texts:
         raise DataError(f"{path}: has a header but no records")
     return texts
@@ -198,18 +252,44 @@ def train_test_split(records: Sequence[Record], test_fraction: float, seed: int)
 
 
 class TokenizedRecords(Dataset):
-    """Records tokenized once, truncated to max_length, kept unpadded until batching."""
+    """Records tokenized once, truncated to max_length, kept unpadded until batching.
+
+    All token ids sit in one flat array (uint16 when the vocabulary fits, else int32) with offsets:
+    record i is ids[offsets[i]:offsets[i + 1]]. A list of per-record tensors cost about 47 KiB a
+    record at 128 tokens once the tokenizer's own per-token objects were counted (docs/benchmarks.md,
+    "Memory at a large site"); the tokenizer therefore sees TOKENIZE_CHUNK records at a time.
+    """
 
     def __init__(self, records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
-        encoded = tokenizer([r.text for r in records], truncation=True, max_length=max_length)
-        self.input_ids = [torch.tensor(ids, dtype=torch.long) for ids in encoded["input_ids"]]
+        self.ids = np.empty(len(records) * max_length, dtype=np.uint16 if len(tokenizer) <= 1 << 16 else np.int32)
+        self.offsets = np.zeros(len(records) + 1, dtype=np.int64)
+        filled = 0
+        for start in range(0, len(records), TOKENIZE_CHUNK):
+            chunk = records[start : start + TOKENIZE_CHUNK]
+            encoded = tokenizer(
+                [r.text for r in chunk], truncation=True, max_length=max_length,
+                return_attention_mask=False, return_token_type_ids=False,
+            )["input_ids"]
+            for row, ids in enumerate(encoded, start=start):
+                self.ids[filled : filled + len(ids)] = ids
+                filled += len(ids)
+                self.offsets[row + 1] = filled
+        self.ids = self.ids[:filled].copy()  # the unused tail of the max-length sized buffer is given back
         self.labels = torch.tensor([r.label for r in records], dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.input_ids[index], self.labels[index]
+        return torch.from_numpy(self.ids_of(index).astype(np.int64)), self.labels[index]
+
+    def ids_of(self, index: int) -> np.ndarray:
+        """Record `index`'s token ids, a view into the flat array."""
+        return self.ids[self.offsets[index] : self.offsets[index + 1]]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
 
 
 class PadToLongest:

@@ -83,9 +83,10 @@ class CacheKey:
 
 
 def tokens_digest(tokens: TokenizedRecords) -> str:
+    """Every record's token ids as int64 bytes, as before ids were stored compactly: older caches stay valid."""
     digest = hashlib.sha256()
-    for ids in tokens.input_ids:
-        digest.update(ids.numpy().astype(np.int64).tobytes())
+    for index in range(len(tokens)):
+        digest.update(tokens.ids_of(index).astype(np.int64).tobytes())
         digest.update(b"|")
     return digest.hexdigest()
 
@@ -100,23 +101,19 @@ def file_sha256(path: Path) -> str:
 
 def _fill(hidden: np.ndarray, offsets: np.ndarray, tokens: TokenizedRecords, backbone: Backbone, layer: int) -> None:
     """Run blocks 0..layer-1 over every record, longest first in batches, into `hidden`."""
-    order = sorted(range(len(tokens)), key=lambda i: -len(tokens.input_ids[i]))
+    order = np.argsort(-tokens.lengths, kind="stable")  # stable: equal lengths keep the records' order
     collate = PadToLongest(backbone.tokenizer.pad_token_id)
     device = next(backbone.encoder.parameters()).device
     # A large site takes minutes here: records/s and the time left, on a terminal (disable=None: not in logs).
     with tqdm(total=len(order), desc="feature cache", unit="record", disable=None, leave=False) as bar:
         for start in range(0, len(order), ENCODE_BATCH):
-            batch = order[start : start + ENCODE_BATCH]
+            batch = order[start : start + ENCODE_BATCH].tolist()
             padded = collate([tokens[i] for i in batch])
             ids, mask = padded["inputs"].to(device), padded["attention_mask"].to(device)
             states = hidden_states_at(backbone.encoder, ids, mask, layer).float().cpu().numpy()
             for row, index in enumerate(batch):
                 hidden[offsets[index] : offsets[index + 1]] = states[row, : offsets[index + 1] - offsets[index]]
             bar.update(len(batch))
-
-
-def _offsets(tokens: TokenizedRecords) -> np.ndarray:
-    return np.concatenate([[0], np.cumsum([len(ids) for ids in tokens.input_ids])]).astype(np.int64)
 
 
 def _load(directory: Path, key: CacheKey, labels: torch.Tensor) -> HiddenStates | None:
@@ -143,7 +140,7 @@ def _build(directory: Path, key: CacheKey, tokens: TokenizedRecords, backbone: B
     partial = directory.with_name(f"{directory.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    offsets = _offsets(tokens)
+    offsets = tokens.offsets
     try:
         hidden = np.lib.format.open_memmap(
             partial / HIDDEN_FILE, mode="w+", dtype=STORAGE_DTYPE, shape=(int(offsets[-1]), backbone.hidden_size)
@@ -183,7 +180,7 @@ def record_inputs(
     if layer == 0:
         return tokens
     if cache_root is None:
-        offsets = _offsets(tokens)
+        offsets = tokens.offsets
         hidden = np.empty((int(offsets[-1]), backbone.hidden_size), dtype=STORAGE_DTYPE)
         _fill(hidden, offsets, tokens, backbone, layer)
         return HiddenStates(hidden, offsets, tokens.labels)

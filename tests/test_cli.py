@@ -50,12 +50,30 @@ def test_recipe_settings_outside_the_backbone_are_one_line_before_any_work(tmp_p
 
     base = ["simulate", "--out", str(tmp_path / "sim"), "--run-config"]
     assert main([*base, f'backbone="{tiny_backbone_dir}" prompt-layer=9']) == 2
-    assert "prompt-layer = 9 is outside 0..6: the backbone has 6 layers" in capsys.readouterr().err
+    assert "prompt-layer) = 9 is outside 0..6: the backbone" in capsys.readouterr().err
     assert main([*base, 'label-descriptions="chest|lungs"']) == 2
     assert "gives 2 descriptions for 5 labels" in capsys.readouterr().err
     assert main([*base, "gpus-per-hospital=-1.0"]) == 2
     assert "gpus-per-hospital must be" in capsys.readouterr().err
     assert not (tmp_path / "sim").exists()
+
+
+def test_a_prompt_too_long_for_the_backbone_is_refused_before_any_feature_cache(tmp_path, capsys, tiny_backbone_dir):
+    notes = tmp_path / "notes.csv"
+    notes.write_text("text,label\n" + "chest pain,cardiology\nwheezing,pulmonology\n" * 5, encoding="utf-8")
+    too_long = ["--prompt-length", "150", "--max-length", "32", "--prompt-layer", "3"]  # 182 > 160 positions
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(notes), "--backbone", str(tiny_backbone_dir), *too_long, "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert "prompt-length) 150 = 182 tokens exceeds the 160 positions of the backbone" in err
+    assert not run.exists()  # no feature cache (nor anything else) left behind
+
+    sim = tmp_path / "sim"
+    assert main(["simulate", "--out", str(sim), "--run-config",
+                 f'backbone="{tiny_backbone_dir}" prompt-length=150 max-length=32 prompt-layer=3']) == 2
+    assert "exceeds the 160 positions" in capsys.readouterr().err
+    assert not sim.exists()
 
 
 def test_simulate_refuses_settings_that_would_hang_or_mislead_before_flower_starts(tmp_path, capsys, tiny_backbone_dir):
@@ -142,18 +160,31 @@ def test_wrong_values_are_one_line_errors_not_silent_results(tmp_path, capsys, t
     assert not (tmp_path / "keys").exists()
 
 
-def test_an_out_directory_that_cannot_be_written_is_one_line(tmp_path, capsys, tiny_backbone_dir):
+def test_an_out_directory_that_cannot_be_written_is_one_line_before_any_work(tmp_path, capsys, tiny_backbone_dir):
     notes = tmp_path / "notes.csv"
     notes.write_text("text,label\n" + "chest pain,cardiology\nwheezing,pulmonology\n" * 5, encoding="utf-8")
     blocked = tmp_path / "a-file"  # a path the OS refuses to make a folder under, even for root
     blocked.write_text("", encoding="utf-8")
-    for command in (["train", "--data", str(notes)], ["simulate", "--run-config", "rounds=1"]):
-        argv = [*command, "--backbone", str(tiny_backbone_dir)] if command[0] == "train" else command
-        if command[0] == "simulate":
-            argv = [*command[:2], f'rounds=1 backbone="{tiny_backbone_dir}" num-layers=2 prompt-layer=1']
-        assert main([*argv, "--out", str(blocked / "run")]) == 2, command
+    sweep = tmp_path / "tiny.toml"
+    sweep.write_text(f'epsilons = [8.0]\nseeds = [0]\n[run-config]\nbackbone = "{tiny_backbone_dir}"\n', encoding="utf-8")
+    nowhere = str(tmp_path / "no-run")  # the work would fail on it: the --out check must come first
+    commands = {
+        "train": ["train", "--data", str(notes), "--backbone", str(tiny_backbone_dir)],
+        "simulate": ["simulate", "--run-config", f'rounds=1 backbone="{tiny_backbone_dir}" num-layers=2 prompt-layer=1'],
+        "sweep": ["benchmark", "sweep", "--sweep", str(sweep)],
+        "tune": ["benchmark", "tune", "--sweep", str(sweep), "--grid", "prompt-layer=[0,5]"],
+        "synth": ["data", "synth"],
+        "audit": ["audit", "--run", nowhere, "--hospital", "hospital_1"],
+        "baselines": ["benchmark", "baselines", "--run", nowhere],
+    }
+    for name, argv in commands.items():
+        out = blocked / ("run.json" if name in ("audit", "baselines") else "run")
+        assert main([*argv, "--out", str(out)]) == 2, name
         err = capsys.readouterr().err
-        assert err.startswith("error: ") and str(blocked) in err and "Traceback" not in err, err
+        assert err.startswith(f"error: --out {out}: cannot be written") and "Traceback" not in err, (name, err)
+    assert main(["train", "--data", str(notes), "--ledger", str(blocked / "ledger.json"), "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --ledger {blocked / 'ledger.json'}: cannot be written")
+    assert not (tmp_path / "run").exists()  # the check leaves no folder behind
 
 
 def test_certs_server_never_replaces_a_key_unless_asked(tmp_path, capsys):
@@ -238,3 +269,33 @@ def test_ctrl_c_in_a_command_is_one_line_and_status_130(monkeypatch, capsys):
     assert main(["data", "synth", "--out", "unused"]) == 130
     err = capsys.readouterr().err
     assert err.startswith("interrupted: stopped by SIGINT before `medtune data synth` finished") and "Traceback" not in err
+
+
+def test_train_says_when_it_builds_a_feature_cache(tmp_path, capsys, tiny_backbone_dir):
+    import re
+
+    notes = tmp_path / "notes.csv"
+    notes.write_text("text,label\n" + "chest pain,cardiology\nwheezing,pulmonology\n" * 10, encoding="utf-8")
+    argv = ["train", "--data", str(notes), "--backbone", str(tiny_backbone_dir), "--max-length", "16", "--epochs", "1",
+            "--prompt-layer", "3", "--out", str(tmp_path / "run")]
+    built = re.compile(r"^feature cache .*/run/features/\w+: \d+ records, [\d.]+ KiB per record \(blocks below layer 3\)$")
+    assert main(argv) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("feature cache")]
+    assert len(lines) == 2 and all(built.match(line) for line in lines), lines  # the training and the test split
+    assert main([*argv, "--ledger", str(tmp_path / "second.json")]) == 0, capsys.readouterr().err  # same records: caches found
+    assert "feature cache" not in capsys.readouterr().err
+
+
+def test_an_interrupted_sweep_says_so_once(tmp_path, capsys, monkeypatch, tiny_backbone_dir):
+    from medtune.experiments import sweep as sweep_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_module, "run_cell", interrupted)
+    sweep = tmp_path / "tiny.toml"
+    sweep.write_text(f'epsilons = [8.0]\nseeds = [0]\n[run-config]\nbackbone = "{tiny_backbone_dir}"\n', encoding="utf-8")
+    assert main(["benchmark", "sweep", "--sweep", str(sweep), "--out", str(tmp_path / "sweep")]) == 130
+    err = capsys.readouterr().err
+    assert err.count("interrupted:") == 1 and "before `medtune benchmark sweep` finished" in err, err
+    assert "Traceback" not in err

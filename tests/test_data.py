@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from medtune.config import DataConfig
+import medtune.data as data_module
 from medtune.data import PadToLongest, Record, TokenizedRecords, read_records, train_test_split
 from medtune.errors import DataError
 
@@ -62,6 +65,22 @@ def test_non_utf8_bytes_name_the_line(tmp_path):
         read_records(path, CONFIG)
 
 
+def test_files_are_read_as_a_stream_yet_name_the_row_or_line_far_into_them(tmp_path, monkeypatch):
+    """Decoding and Parquet batches see a part of the file at a time; errors still count from its start."""
+    lines = [b"\xef\xbb\xbftext,label\r\n"] + [b"chest pain,cardiology\r\n"] * 20_000
+    lines[15_000] = b"caf\xe9 au lait spots,neurology\r\n"
+    path = tmp_path / "notes.csv"
+    path.write_bytes(b"".join(lines))
+    offset = sum(len(line) for line in lines[:15_000]) + 3
+    with pytest.raises(DataError, match=rf"notes.csv line 15001: not valid UTF-8 \(byte 0xe9 at offset {offset}\)"):
+        read_records(path, CONFIG)
+    monkeypatch.setattr(data_module, "PARQUET_BATCH", 100)
+    texts = ["chest pain"] * 999 + [" "]
+    pq.write_table(pa.table({"text": texts, "label": ["cardiology"] * 1000}), tmp_path / "notes.parquet", row_group_size=300)
+    with pytest.raises(DataError, match="notes.parquet row 1000: text in column 'text' is empty"):
+        read_records(tmp_path / "notes.parquet", CONFIG)
+
+
 def test_unreadable_files_are_named(tmp_path):
     with pytest.raises(DataError, match="missing.csv: file not found"):
         read_records(tmp_path / "missing.csv", CONFIG)
@@ -98,6 +117,35 @@ def test_batches_pad_to_the_longest_text_and_truncate_to_max_length(tiny_backbon
     assert batch["inputs"].shape == (2, longest) and longest < 16
     assert batch["attention_mask"][0].sum() == len(dataset[0][0])
     assert batch["inputs"][0, -1] == tokenizer.pad_token_id
+
+
+def test_token_ids_are_held_in_one_flat_array_of_two_byte_ids(tiny_backbone, monkeypatch):
+    """A site of a million records keeps its token ids in memory: 2 bytes a token, not an object per record or id."""
+    monkeypatch.setattr(data_module, "TOKENIZE_CHUNK", 7)  # several tokenizer calls, records crossing their edges
+    tokenizer = tiny_backbone.tokenizer
+    records = [Record("chest pain " * n, n % 2) for n in range(1, 30)]
+    dataset = TokenizedRecords(records, tokenizer, max_length=16)
+    one_by_one = [tokenizer(r.text, truncation=True, max_length=16)["input_ids"] for r in records]
+    assert dataset.ids.dtype == np.uint16 and dataset.ids.base is None  # owns just its tokens, no max-length buffer
+    assert dataset.ids.nbytes == 2 * sum(len(ids) for ids in one_by_one)
+    assert [dataset[i][0].tolist() for i in range(len(records))] == one_by_one
+    assert dataset[0][0].dtype == torch.long and [int(dataset[i][1]) for i in range(29)] == [r.label for r in records]
+
+
+class _LargeVocabulary:
+    """A tokenizer whose ids pass 65,535, as a multilingual vocabulary's do."""
+
+    def __len__(self) -> int:
+        return 250_002
+
+    def __call__(self, texts: list[str], **_: object) -> dict[str, list[list[int]]]:
+        return {"input_ids": [[0, 70_000 + len(text), 2] for text in texts]}
+
+
+def test_ids_past_two_bytes_are_kept_whole():
+    dataset = TokenizedRecords([Record("a", 0), Record("abc", 1)], _LargeVocabulary(), max_length=8)
+    assert dataset.ids.dtype == np.int32
+    assert dataset[1][0].tolist() == [0, 70_003, 2]
 
 
 def test_a_note_longer_than_pythons_csv_field_limit_is_read(tmp_path):

@@ -38,7 +38,8 @@ from medtune.train import new_ledger, train_local
 SEEDED = NoiseSource.seeded(0, "perf")
 
 
-def _long_records(count: int) -> list[Record]:
+def long_records(count: int) -> list[Record]:
+    """Synthetic notes joined four to a record (about 130 words): every record fills 128 tokens."""
     notes = [text for text, _ in generate_hospitals(SynthConfig(hospitals=1, mean_records=max(40, 4 * count)))[0]]
     return [Record(text=" ".join(notes[4 * i : 4 * i + 4]), label=i % len(LABELS)) for i in range(count)]
 
@@ -109,7 +110,7 @@ def run_perf(
     device = resolve_device("auto")
     peak = matmul_flops_per_s(device)
     rows = []
-    records = _long_records(batch_size * steps)
+    records = long_records(batch_size * steps)
     for depth, max_length, prompt_layer in itertools.product(layers, max_lengths, prompt_layers):
         if prompt_layer > depth:
             continue

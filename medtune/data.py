@@ -2,6 +2,9 @@
 
 Rows are numbered from 1 for the first record (the CSV header is not a row). Every problem is
 raised as a DataError naming the file, the row and what is wrong; nothing is skipped silently.
+
+A site may hold a million records, so a file is read as a stream, and past its text a record
+costs 2 bytes a token: token ids sit in one flat array, not in an object per record or per id.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ PARQUET_BATCH = 4096  # rows decoded at a time
 log = logging.getLogger("medtune.data")
 
 
-@dataclass(frozen=True, slots=True)  # slots: no per-record __dict__, about 100 bytes a record less
+@dataclass(frozen=True, slots=True)  # slots: no per-record __dict__ (56 bytes a record, not 96)
 class Record:
     text: str
     label: int
@@ -255,9 +258,9 @@ class TokenizedRecords(Dataset):
     """Records tokenized once, truncated to max_length, kept unpadded until batching.
 
     All token ids sit in one flat array (uint16 when the vocabulary fits, else int32) with offsets:
-    record i is ids[offsets[i]:offsets[i + 1]]. A list of per-record tensors cost about 47 KiB a
-    record at 128 tokens once the tokenizer's own per-token objects were counted (docs/benchmarks.md,
-    "Memory at a large site"); the tokenizer therefore sees TOKENIZE_CHUNK records at a time.
+    record i is ids[offsets[i]:offsets[i + 1]]. A tensor per record, built from the tokenizer's output
+    for every record at once, left 46 KiB a record in the process at 128 tokens (docs/benchmarks.md,
+    "Memory at a large site"); the tokenizer now sees TOKENIZE_CHUNK records at a time.
     """
 
     def __init__(self, records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:

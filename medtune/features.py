@@ -135,6 +135,25 @@ def _load(directory: Path, key: CacheKey, labels: torch.Tensor) -> HiddenStates 
     return HiddenStates(hidden, offsets, labels)
 
 
+def _reserve(path: Path, directory: Path) -> None:
+    """Claim the file's whole size on disk before it is filled.
+
+    Writing into a memory map on a full disk kills the process (SIGBUS) half-way through the build,
+    with no message and the half-built folder left behind; claimed up front, a short disk is an error.
+    """
+    if not hasattr(os, "posix_fallocate"):  # macOS: written as it is filled, as before
+        return
+    with path.open("r+b") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        try:
+            os.posix_fallocate(handle.fileno(), 0, size)
+        except OSError as error:
+            raise DataError(
+                f"feature cache {directory}: needs {size / 2**30:.2f} GiB on its disk ({error.strerror}); free that "
+                "space, give the cache a bigger disk (cache-dir; --out for medtune train) or lower max-length"
+            ) from None
+
+
 def _build(directory: Path, key: CacheKey, tokens: TokenizedRecords, backbone: Backbone, layer: int) -> None:
     """Write the cache beside its final place, then move it there in one step."""
     partial = directory.with_name(f"{directory.name}.partial-{os.getpid()}")
@@ -145,6 +164,7 @@ def _build(directory: Path, key: CacheKey, tokens: TokenizedRecords, backbone: B
         hidden = np.lib.format.open_memmap(
             partial / HIDDEN_FILE, mode="w+", dtype=STORAGE_DTYPE, shape=(int(offsets[-1]), backbone.hidden_size)
         )
+        _reserve(partial / HIDDEN_FILE, directory)
         _fill(hidden, offsets, tokens, backbone, layer)
         hidden.flush()
         del hidden

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -10,7 +13,8 @@ import torch
 
 import medtune.features as features
 from medtune.config import ModelConfig
-from medtune.data import Record
+from medtune.data import Record, TokenizedRecords
+from medtune.errors import DataError
 from medtune.features import HIDDEN_FILE, OFFSETS_FILE, HiddenStates, record_inputs
 
 TEXTS = ["chest pain radiating to the left arm", "wheezing", "melena and epigastric pain for two days", "aphasia"]
@@ -118,3 +122,27 @@ def test_a_cache_build_stopped_half_way_leaves_nothing_behind(tiny_backbone, tmp
     assert list(tmp_path.iterdir()) == []  # no .partial-PID folder
     monkeypatch.undo()
     assert len(record_inputs(tiny_backbone, CONFIG, RECORDS, tmp_path)) == len(RECORDS)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="the cache's size is claimed up front where the OS can")
+def test_a_disk_too_small_for_the_cache_is_an_error_before_any_record_is_encoded(tiny_backbone, tmp_path, builds,
+                                                                                   monkeypatch):
+    """Filling a memory map on a full disk would kill the process (SIGBUS) mid-build; claimed first, it is one message."""
+
+    def full_disk(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(features.os, "posix_fallocate", full_disk)
+    with pytest.raises(DataError, match=r"feature cache .*: needs 0\.00 GiB on its disk \(No space left on device\)"):
+        record_inputs(tiny_backbone, CONFIG, RECORDS, tmp_path)
+    assert not builds and list(tmp_path.iterdir()) == []
+
+
+def test_compact_token_ids_hash_as_before_so_existing_caches_are_found(tiny_backbone):
+    """The cache folder's name covers each record's ids as int64 bytes, as when ids were kept one tensor a record."""
+    expected = hashlib.sha256()
+    for record in RECORDS:
+        ids = tiny_backbone.tokenizer(record.text, truncation=True, max_length=16)["input_ids"]
+        expected.update(np.asarray(ids, dtype=np.int64).tobytes() + b"|")
+    tokens = TokenizedRecords(RECORDS, tiny_backbone.tokenizer, max_length=16)
+    assert features.tokens_digest(tokens) == expected.hexdigest()

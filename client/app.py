@@ -140,7 +140,7 @@ def secure_answer(message: Message, context: Context) -> Message:
         limits = SecureLimits.of(context)
         if config.get(PURPOSE) == "evaluate":
             check_evaluation_shared(context)
-            evaluation = site.evaluate(arrays)
+            evaluation = site.evaluate(arrays, int(config["server-round"]))
             log.info("%s: round %s, own test split: accuracy %.3f, macro-F1 %.3f (%d records; only the federation's "
                      "totals leave the site)", site.name, config.get("server-round"), evaluation.accuracy,
                      evaluation.macro_f1, evaluation.examples)
@@ -187,7 +187,7 @@ def evaluate(message: Message, context: Context) -> Message:
     try:
         check_evaluation_shared(context)
         site = site_for(context)
-        evaluation = site.evaluate(from_record(message.content[ARRAYS]))
+        evaluation = site.evaluate(from_record(message.content[ARRAYS]), int(message.content["config"]["server-round"]))
     except Exception as error:  # noqa: BLE001 - every failure leaves the site as a category only
         return failed(message, context, error)
     return Message(evaluate_reply(evaluation, site.name), reply_to=message)

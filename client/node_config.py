@@ -25,7 +25,7 @@ from flwr.app import Context
 from medtune.data import read_records, warn_if_thin
 from medtune.errors import ConfigError
 from medtune.state import check_hospital_name
-from medtune.hospitals import simulated_hospital
+from medtune.hospitals import simulated_hospital, simulated_ledger_path
 from medtune.noise import NoiseSource
 from medtune.run_config import RunSettings, settings_from_run_config
 from medtune.site import Site
@@ -37,10 +37,6 @@ DEPLOYMENT_KEYS = ("hospital", "data-path", "ledger-path", "text-column", "label
 OPTIONAL_KEYS = ("cache-dir", *TERMS_KEYS)
 
 _sites: dict[str, Site] = {}
-
-
-def simulated_ledger_path(out: Path, hospital: str) -> Path:
-    return out / "sites" / hospital / "ledger.json"
 
 
 def site_terms(node_config: dict[str, Any]) -> SiteTerms:
@@ -70,6 +66,11 @@ def _deployed_site(settings: RunSettings, node_config: dict[str, Any]) -> Site:
         )
     # The site's terms are checked before any record is read: a refused run leaves no trace at the site.
     terms.check(settings.privacy)
+    if settings.audit.canaries:  # canaries would bend this site's training to the coordinator's design
+        raise ConfigError(
+            f"hospital {hospital}: the run config asks for audit canaries (audit-canaries = {settings.audit.canaries}); "
+            "only a simulated hospital plants them (`medtune audit`), a deployed site never does"
+        )
     data = replace(
         settings.data, text_column=str(node_config["text-column"]), label_column=str(node_config["label-column"])
     )
@@ -120,8 +121,10 @@ def site_for(context: Context) -> Site:
             hospital = simulated_hospital(settings, int(node_config[PARTITION_ID]))
             ledger = simulated_ledger_path(settings.out, hospital.name)
             noise = NoiseSource.seeded(settings.seed, hospital.name)
+            audited = settings.audit.canaries > 0 and hospital.name == settings.audit.hospital
             _sites[key] = Site(
-                hospital.name, hospital.records, settings, ledger, noise=noise, cache_dir=settings.cache_dir
+                hospital.name, hospital.records, settings, ledger, noise=noise, cache_dir=settings.cache_dir,
+                audited=audited,
             )
         else:
             _sites[key] = _deployed_site(settings, node_config)

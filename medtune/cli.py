@@ -158,13 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = commands.add_parser(
         "audit",
-        help="membership-inference attack (loss threshold) on a simulated run's global prompt and head",
-        description="Members are the hospital's training records, non-members its held-out test records. "
-        "Prints the attack's AUC (0.5 = chance) and its true-positive rate at 1% false positives.",
+        help="privacy audits: an epsilon lower bound from canaries (--canaries), or a membership-inference attack (--run)",
+        description="--canaries M: simulate the federation (its --scenario and --run-config) with M canaries of each "
+        "kind at one hospital and certify, at 95%% confidence, an epsilon the mechanism cannot be below, beside the "
+        "ledger's epsilon (white box: gradient canaries scored by the updates the coordinator received; black box: "
+        "input canaries scored by the final model's loss). --score OUT scores such a run again. --run RUN --hospital "
+        "H: the loss-threshold membership attack (AUC, TPR at 1%% FPR) on a finished simulated run.",
     )
-    audit.add_argument("--run", type=Path, required=True, help="a `medtune simulate` out directory or checkpoint")
-    audit.add_argument("--hospital", required=True, help="the target hospital (hospital_1, ...)")
-    audit.add_argument("--out", type=Path, help="also write the result as JSON here")
+    audit.add_argument("--canaries", type=int, help="M canaries of each kind: run an epsilon audit into --out")
+    audit.add_argument("--scenario", default="default", help="with --canaries: the audited federation's scenario")
+    audit.add_argument("--run-config", default="", help="with --canaries: its overrides, as for flwr: 'key=value ...'")
+    audit.add_argument("--score", type=Path, help="score a finished `medtune audit --canaries` run again")
+    audit.add_argument("--run", type=Path, help="membership attack: a `medtune simulate` out directory or checkpoint")
+    audit.add_argument("--hospital", help="the audited hospital (default for --canaries: hospital_1)")
+    audit.add_argument("--out", type=Path, help="--canaries: the run's out directory; --run: also write JSON here")
 
     bench = commands.add_parser("benchmark", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     perf = bench.add_parser("perf", help="training and inference throughput, with and without DP")
@@ -425,8 +432,33 @@ def _cmd_tune(args: argparse.Namespace) -> None:
 
 
 def _cmd_audit(args: argparse.Namespace) -> None:
+    chosen = [flag for flag, value in (("--canaries", args.canaries), ("--score", args.score), ("--run", args.run))
+              if value is not None]
+    if len(chosen) != 1:
+        raise ConfigError(f"medtune audit takes one of --canaries M, --score OUT or --run RUN; got {chosen or 'none'}")
+    if args.run is not None:
+        _membership_attack(args)
+        return
+    from medtune.experiments.canary_audit import audit_lines, run_audit, score_audit
+
+    if args.score is not None:
+        report = score_audit(args.score)
+    else:
+        from medtune.run_config import parse_overrides
+
+        if args.out is None:
+            raise ConfigError("medtune audit --canaries needs --out: the audit's run is kept there to be scored again")
+        check_writable(args.out, folder=True)
+        overrides = {**parse_overrides(args.run_config), "out": str(args.out)}
+        report = run_audit(args.scenario, overrides, args.canaries, args.hospital or "hospital_1")
+    print("\n".join(audit_lines(report)))
+
+
+def _membership_attack(args: argparse.Namespace) -> None:
     from medtune.experiments.audit import audit_run
 
+    if args.hospital is None:
+        raise ConfigError("medtune audit --run needs --hospital: the hospital whose records are attacked")
     if args.out:
         check_writable(args.out, folder=False)
     result = audit_run(args.run, args.hospital)
@@ -450,6 +482,8 @@ def _cmd_difficulty(args: argparse.Namespace) -> None:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> None:
+    from medtune.files import read_json
+    from medtune.own_evaluations import print_own_scores
     from medtune.run_config import parse_overrides
     from medtune.federation.simulation import simulate
 
@@ -464,6 +498,7 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
         overrides["resume"] = str(args.resume)
         overrides.setdefault("out", str(args.resume if (args.resume / "checkpoints").is_dir() else args.resume.parents[1]))
     results = simulate(args.scenario, overrides, cpus_per_hospital=args.cpus_per_hospital)
+    print_own_scores(results.parent, int(read_json(results)["config"]["hospitals"]))
     print(f"wrote {results} and {results.parent / 'checkpoints'}")
 
 

@@ -174,6 +174,20 @@ class TrainConfig:
         )
 
 
+@dataclass(frozen=True)
+class AuditConfig:
+    """An epsilon audit's canaries (`medtune audit --canaries M`, medtune/canaries.py): M of each kind at one
+    simulated hospital. 0 is every normal run; a deployed site refuses any other value."""
+
+    canaries: int = from_pyproject("audit-canaries")
+    hospital: str = from_pyproject("audit-hospital")
+
+    def __post_init__(self) -> None:
+        _require(self.canaries == 0 or self.canaries >= 2,
+                 f"audit-canaries must be 0 (no audit) or at least 2 (an audit compares canaries in and out), got "
+                 f"{self.canaries}")
+
+
 def check_fits_backbone(model: ModelConfig) -> None:
     """The bounds only the backbone can judge, read from its config file (no weights) where settings are
     read: a recipe it cannot run is refused before any record is encoded or any feature cache is built.

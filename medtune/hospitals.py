@@ -22,6 +22,12 @@ def hospital_name(partition_id: int) -> str:
     return f"hospital_{partition_id + 1}"
 
 
+def simulated_ledger_path(out: Path, hospital: str) -> Path:
+    """Where a simulated hospital keeps its ledger, under the run's out directory (its site folder holds
+    the ledger's companions too: optimizer state, own scores, feature cache)."""
+    return out / "sites" / hospital / "ledger.json"
+
+
 @dataclass(frozen=True)
 class HospitalData:
     name: str

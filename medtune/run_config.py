@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from medtune.config import (
+    AuditConfig,
     DataConfig,
     ModelConfig,
     PrivacyConfig,
@@ -138,6 +139,7 @@ class RunSettings:
     train: TrainConfig
     cache_dir: Path | None  # simulated sites' feature caches (None: each site's own folder)
     gpus_per_hospital: float
+    audit: AuditConfig
     run_config: dict[str, Any]
 
     @property
@@ -211,6 +213,7 @@ def settings_from_run_config(config: dict[str, Any]) -> RunSettings:
         train=_config_from(config, TrainConfig, renamed={"epochs": "local-epochs"}),
         cache_dir=Path(cache_dir) if cache_dir else None,
         gpus_per_hospital=gpus,
+        audit=_config_from(config, AuditConfig, renamed={"canaries": "audit-canaries", "hospital": "audit-hospital"}),
         run_config=dict(config),
     )
     if settings.federation.min_hospitals > settings.source.hospitals:

@@ -22,6 +22,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from medtune.backbone import Backbone, load_backbone, resolve_device
+from medtune.canaries import GradientCanaries, planted_input_canaries
 from medtune.data import Record, train_test_split
 from medtune.errors import LedgerError, PrivacyBudgetError
 from medtune.evaluation import evaluate
@@ -33,6 +34,7 @@ from medtune.locks import exclusive
 from medtune.metrics import Evaluation
 from medtune.model import PromptClassifier
 from medtune.noise import NoiseSource
+from medtune.own_evaluations import OwnEvaluations
 from medtune.privacy import PrivacyLedger
 from medtune.run_config import RunSettings
 from medtune.sent_update import SentUpdate, SentUpdateFile
@@ -81,7 +83,7 @@ class Site:
 
     def __init__(
         self, name: str, records: list[Record], settings: RunSettings, ledger_path: Path, *, noise: NoiseSource,
-        cache_dir: Path | None = None,
+        cache_dir: Path | None = None, audited: bool = False,
     ) -> None:
         self.name = name
         self.noise = noise
@@ -89,6 +91,8 @@ class Site:
         self.ledger_path = ledger_path
         self.backbone = cached_backbone(settings.model.backbone, settings.model.num_layers, settings.train.device)
         train_records, test_records = train_test_split(records, settings.data.test_fraction, settings.seed)
+        if audited:  # an audit's input canaries join the training split (medtune/canaries.py)
+            train_records = train_records + planted_input_canaries(settings, name, train_records, self.backbone)
         self.records = records_digest(train_records)  # the ledger is tied to exactly these records
         cache = cache_dir or ledger_path.parent / "features"
         self.train_set = record_inputs(self.backbone, settings.model, train_records, cache)
@@ -97,6 +101,11 @@ class Site:
         # The local optimizer's moments live beside the ledger and, like it, never leave the site.
         self.optimizer_path = ledger_path.with_name(f"{ledger_path.stem}.optimizer.safetensors")
         self.sent_update = SentUpdateFile(ledger_path)
+        self.own_evaluations = OwnEvaluations(ledger_path)
+        self.gradient_canaries = None if not audited else GradientCanaries.draw(
+            settings.audit.canaries, self.spec, settings.seed, name, clip=settings.privacy.max_grad_norm,
+            sample_rate=SamplingPlan.for_records(len(self.train_set), settings.train.batch_size).sample_rate,
+        )
 
     @property
     def spec(self) -> ExchangedStateSpec:
@@ -192,7 +201,7 @@ class Site:
             result = train_local(
                 model, self.train_set, ledger, self.settings.train, self.pad, seed=self.noise.seed_for(ledger.steps),
                 progress=False, proximal=proximal, optimizer_state=self._optimizer_state(),
-                secure_noise=self.noise.is_secret,
+                secure_noise=self.noise.is_secret, canaries=self.gradient_canaries,
             )
             # The ledger reaches the site's disk before the update can leave the site, and before the
             # copy kept for a repeated round (which is sent only if the ledger shows its steps).
@@ -203,7 +212,11 @@ class Site:
             self.sent_update.write(SentUpdate(instruction.server_round, digest, ledger.steps, result.examples, update))
         return RoundOutcome(arrays=update, examples=result.examples, ledger=ledger)
 
-    def evaluate(self, arrays: dict[str, np.ndarray]) -> Evaluation:
-        """The global state on this hospital's held-out test split."""
+    def evaluate(self, arrays: dict[str, np.ndarray], server_round: int) -> Evaluation:
+        """The global state on this hospital's held-out test split, kept in the site's own record of its scores."""
         model = self._model(arrays)
-        return evaluate(model, self.test_set, self.settings.data.labels, self.pad, resolve_device(self.settings.train.device))
+        evaluation = evaluate(
+            model, self.test_set, self.settings.data.labels, self.pad, resolve_device(self.settings.train.device)
+        )
+        self.own_evaluations.record(server_round, evaluation)
+        return evaluation

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from medtune.backbone import resolve_device
+from medtune.canaries import GradientCanaries
 from medtune.config import PrivacyConfig, TrainConfig
 from medtune.data import PadToLongest
 from medtune.features import RecordInputs
@@ -112,11 +113,14 @@ class RandomStreams:
     sampling: int
     noise: int
     other: int  # Python, NumPy and torch's global generators (dropout is off; nothing private uses them)
+    canaries: int  # an audit's canaries joining steps (medtune/canaries.py), sampled as records are
 
     @classmethod
     def from_seed(cls, seed: int) -> "RandomStreams":
-        sampling, noise, other = (int(s) for s in np.random.SeedSequence(seed).generate_state(3, dtype=np.uint64))
-        return cls(sampling=sampling, noise=noise, other=other)
+        sampling, noise, other, canaries = (
+            int(s) for s in np.random.SeedSequence(seed).generate_state(4, dtype=np.uint64)
+        )
+        return cls(sampling=sampling, noise=noise, other=other, canaries=canaries)
 
 
 def new_ledger(privacy: PrivacyConfig, num_records: int, train: TrainConfig, rounds: int) -> PrivacyLedger:
@@ -132,6 +136,12 @@ def _batch_loss(model: PromptClassifier, batch: dict[str, torch.Tensor], device:
     return F.cross_entropy(logits, labels, reduction="sum") / max(1, labels.shape[0])
 
 
+def _records_in(batch: dict[str, torch.Tensor] | list[torch.Tensor]) -> int:
+    """Records in a batch. Opacus hands an empty Poisson batch over as a list of empty tensors, whatever
+    the dataset's items are, so a list is an empty batch."""
+    return 0 if isinstance(batch, list) else int(batch["labels"].shape[0])
+
+
 def _noise_only_step(model: PromptClassifier, device: torch.device) -> torch.Tensor:
     """An empty Poisson batch is still a DP step: zero per-sample gradients, then clip (nothing) and noise.
 
@@ -140,6 +150,23 @@ def _noise_only_step(model: PromptClassifier, device: torch.device) -> torch.Ten
     for parameter in model.trainable_parameters():
         parameter.grad_sample = torch.zeros((0, *parameter.shape), device=device, dtype=parameter.dtype)
     return torch.zeros((), device=device)
+
+
+def _plant_canaries(
+    model: PromptClassifier, canaries: GradientCanaries, generator: torch.Generator, private: bool, size: int
+) -> None:
+    """This step's sampled audit canaries join the batch as records do: under DP as per-sample gradients,
+    which Opacus then clips and noises with the records' own; without DP, into the batch's mean gradient."""
+    rows = canaries.sampled_gradients(model, generator)
+    for name, parameter in model.exchanged_tensors().items():
+        extra = rows[name]
+        if private:
+            current = parameter.grad_sample
+            current = torch.cat(current) if isinstance(current, list) else current
+            parameter.grad_sample = torch.cat([current, extra])
+        elif len(extra):
+            grad = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
+            parameter.grad = (grad * size + extra.sum(0)) / (size + len(extra))
 
 
 def _check_plan(dataset: RecordInputs, ledger: PrivacyLedger, train: TrainConfig) -> tuple[SamplingPlan, int]:
@@ -186,8 +213,9 @@ def _make_private(
 def _run_steps(
     model: PromptClassifier, optimizer: torch.optim.Optimizer, loader: DataLoader, train: TrainConfig,
     total_steps: int, device: torch.device, proximal: ProximalPull | None, progress: bool,
+    canaries: tuple[GradientCanaries, torch.Generator, bool] | None = None,
 ) -> tuple[float, int]:
-    """The loop: `train.epochs` passes of (zero grads, loss, backward, DP step, FedProx pull).
+    """The loop: `train.epochs` passes of (zero grads, loss, backward, [audit canaries], DP step, FedProx pull).
 
     Returns the summed loss and the number of records sampled.
     """
@@ -196,12 +224,14 @@ def _run_steps(
         for _ in range(train.epochs):
             for batch in loader:
                 optimizer.zero_grad(set_to_none=True)
-                size = int(batch["labels"].shape[0])
+                size = _records_in(batch)
                 if size == 0:
                     loss = _noise_only_step(model, device)
                 else:
                     loss = _batch_loss(model, batch, device)
                     loss.backward()
+                if canaries is not None:
+                    _plant_canaries(model, *canaries, size=size)
                 optimizer.step()
                 if proximal is not None:
                     proximal.apply(model, train.learning_rate)
@@ -223,6 +253,7 @@ def train_local(
     proximal: ProximalPull | None = None,
     optimizer_state: dict[str, torch.Tensor] | None = None,
     secure_noise: bool = False,
+    canaries: GradientCanaries | None = None,
 ) -> TrainResult:
     """Train prompt and head for `train.epochs` epochs; refuse if that would pass the privacy target.
 
@@ -231,7 +262,7 @@ def train_local(
     never leave the site. Without them every round would restart Adam, whose first steps are
     sign-like (each moves every coordinate by the full learning rate, mostly along DP noise).
     `seed` seeds sampling and noise, as independent streams; a deployed site passes a secret one
-    (medtune/noise.py).
+    (medtune/noise.py). `canaries` plants an audit's gradient canaries (medtune/canaries.py; simulation only).
     """
     device = resolve_device(train.device)
     streams = RandomStreams.from_seed(seed)
@@ -253,7 +284,12 @@ def train_local(
     if ledger.config.is_private:
         hooks, optimizer, loader = _make_private(model, adam, loader, ledger, device, streams.noise, secure_noise)
     try:
-        total_loss, examples = _run_steps(model, optimizer, loader, train, total_steps, device, proximal, progress)
+        planted = None if canaries is None else (
+            canaries, torch.Generator().manual_seed(streams.canaries), ledger.config.is_private
+        )
+        total_loss, examples = _run_steps(
+            model, optimizer, loader, train, total_steps, device, proximal, progress, planted
+        )
     finally:
         if hooks is not None:
             hooks.cleanup()

@@ -36,7 +36,9 @@ from medtune.errors import CheckpointError, FederationError, StateError
 from medtune.files import atomic_write_bytes, json_ready
 from medtune.metrics import Evaluation, pool
 from medtune.label_prior import initial_model
-from medtune.federation.results import RESULTS_FILE, HospitalRound, RoundRecord, RunResults, print_round
+from medtune.federation.results import (
+    RESULTS_FILE, SENT_STATE, HospitalRound, RoundRecord, RunResults, print_round, updates_folder,
+)
 from medtune.run_config import RunSettings
 from medtune.state import STATE_DTYPE, ExchangedStateSpec, update_norm
 from medtune.federation.secure_aggregation import COUNTS, COUNTS_SCALE, PURPOSE, secure_mean
@@ -164,6 +166,7 @@ class Federation:
         self._wait_for_hospitals()
         for server_round in range(self.first_round, settings.last_round + 1):
             started = time.monotonic()
+            sent = dict(self.arrays)
             trained = self._train_round(server_round)
             if trained is None:  # the hospitals that can still pay for a round are too few: the run is over
                 break
@@ -178,12 +181,13 @@ class Federation:
                 worst_accuracy=min((h.accuracy for h in hospitals if h.accuracy is not None), default=None),
                 wall_seconds=time.monotonic() - started,
                 hospitals=hospitals,
+                secure=settings.federation.secure_aggregation,
             )
             with recording():  # a stopped run records nothing of the interrupted round
                 self.results.rounds.append(record)
                 print_round(record, rounds, self.console)
                 if self.settings.run_config.get("keep-updates"):
-                    self._keep_updates(server_round, accepted)
+                    self._keep_updates(server_round, sent, accepted)
                 if self._trained_ever():
                     self._save(server_round)
                 else:
@@ -474,9 +478,11 @@ class Federation:
         except (TypeError, ValueError, OverflowError, EpsilonError):
             pass  # a malformed value: the update checks reject a trained reply and say why
 
-    def _keep_updates(self, server_round: int, accepted: list[CheckedUpdate]) -> None:
-        """Each accepted update as safetensors, for audit: exactly what left each hospital."""
-        folder = self.settings.out / "updates" / f"round_{server_round:03d}"
+    def _keep_updates(self, server_round: int, sent: dict[str, np.ndarray], accepted: list[CheckedUpdate]) -> None:
+        """Each accepted update as safetensors, for audit: exactly what left each hospital, and the global state
+        it was trained from (SENT_STATE: no hospital name starts with '_')."""
+        folder = updates_folder(self.settings.out, server_round)
+        atomic_write_bytes(folder / SENT_STATE, save_safetensors(sent))
         for update in accepted:
             atomic_write_bytes(folder / f"{update.hospital}.safetensors", save_safetensors(dict(update.arrays)))
 

@@ -96,6 +96,6 @@ def test_a_secure_run_with_tls_and_authentication_completes_two_rounds(secure_de
         assert all(rows[name]["steps"] > 0 for name in HOSPITALS)  # the clear report the ledger record needs
     for server_round in (1, 2):
         kept = sorted(p.name for p in (secure_deployment.secure / "updates" / f"round_{server_round:03d}").iterdir())
-        assert kept == ["secure-aggregate.safetensors"]
+        assert kept == ["_sent.safetensors", "secure-aggregate.safetensors"]  # the state it sent, and only the sum
     for name, site in secure_deployment.sites.items():
         assert read_json(site / "ledger.json")["trained_rounds"] == [1, 2], name

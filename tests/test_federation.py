@@ -14,8 +14,11 @@ from safetensors.numpy import load_file
 
 from medtune.checkpoint import load_checkpoint
 from medtune.federation.simulation import simulate
+from medtune.run_config import resolve_run_config
 from medtune.state import ExchangedStateSpec
 from conftest import tiny_recipe
+from test_robustness import federate, task_identity  # noqa: F401 - the fixture is used
+from test_secure_aggregation import sites
 
 HOSPITALS = ("hospital_1", "hospital_2", "hospital_3")
 
@@ -114,15 +117,20 @@ def test_epsilon_grows_and_equals_one_accountant_over_all_steps(two_rounds: Path
             assert math.isclose(round_seen["epsilon"], accountant.get_epsilon(delta=1e-5), rel_tol=1e-9)
 
 
-@pytest.mark.slow
 def test_resume_matches_an_uninterrupted_run_and_a_spent_budget_stops(
     tiny_backbone_dir: Path, tmp_path: Path
 ) -> None:
+    """Real sites (their ClientApp, ledgers and optimizer state), in-process: Ray adds nothing to resume."""
+
+    def run(out: Path, **extra: object) -> None:
+        config = resolve_run_config("default", tiny_run(tiny_backbone_dir, out, **extra))
+        federate(sites(config, 3), config)
+
     interrupted, straight = tmp_path / "interrupted", tmp_path / "straight"
-    simulate("default", tiny_run(tiny_backbone_dir, interrupted, rounds=3, **{"until-round": 2}))
+    run(interrupted, rounds=3, **{"until-round": 2})
     assert [r["round"] for r in results(interrupted)["rounds"]] == [1, 2]
-    simulate("default", tiny_run(tiny_backbone_dir, interrupted, rounds=3, resume=str(interrupted)))
-    simulate("default", tiny_run(tiny_backbone_dir, straight, rounds=3))
+    run(interrupted, rounds=3, resume=str(interrupted))
+    run(straight, rounds=3)
 
     resumed = load_checkpoint(interrupted / "checkpoints" / "round_003").arrays
     uninterrupted = load_checkpoint(straight / "checkpoints" / "round_003").arrays
@@ -133,7 +141,7 @@ def test_resume_matches_an_uninterrupted_run_and_a_spent_budget_stops(
 
     # The ledgers were planned for 3 rounds: a 4th round would pass epsilon=8, so every hospital stops.
     before = {name: ledger(straight, name) for name in HOSPITALS}
-    simulate("default", tiny_run(tiny_backbone_dir, straight, rounds=4, resume=str(straight)))
+    run(straight, rounds=4, resume=str(straight))
     record = results(straight)
     assert [r["round"] for r in record["rounds"]] == [1, 2, 3]
     assert any("every hospital's privacy budget is spent" in event for event in record["events"])

@@ -218,6 +218,7 @@ def test_a_reply_with_a_path_for_a_name_is_rejected(tiny_backbone_dir: Path, tmp
     results = federate(FakeGrid(nodes), config)
     assert "not a valid hospital name" in hospitals_of(results, 1)["../../hospital_3"]["reason"]
     assert sorted(p.name for p in (tmp_path / "run" / "updates" / "round_001").iterdir()) == [
+        "_sent.safetensors",  # the global state the round sent
         "hospital_1.safetensors",
         "hospital_2.safetensors",
     ]

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from rich.console import Console
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
@@ -19,6 +20,8 @@ import client.app as client_app
 from medtune.checkpoint import load_checkpoint
 from medtune.errors import ConfigError
 from medtune.federation.private_api import missing_names
+from medtune.federation.results import RunResults, round_table
+from medtune.own_evaluations import simulated_scores
 from medtune.federation.secure_aggregation import LEGACY_NAMES, QUANTIZATION_RANGE, CLIPPING_RANGE
 from medtune.run_config import settings_from_run_config
 from server.federation import checkpoint_dir
@@ -103,11 +106,19 @@ def test_the_secure_mean_is_plain_fedavg_and_the_server_sees_no_single_update(
     assert (secure_round["accuracy"], secure_round["macro_f1"]) == (plain_round["accuracy"], plain_round["macro_f1"])
     assert abs(secure_round["loss"] - plain_round["loss"]) < 1e-3
     assert all(h["accuracy"] is None and h["test_examples"] == 0 for h in secure_round["hospitals"])
+    # Each site kept its own score, the one a plain run's coordinator sees; the coordinator's table says "hidden".
+    own = simulated_scores(tmp_path / "secure", 3)
+    assert {name: scores[1].accuracy for name, scores in own.items()} == {
+        h["name"]: h["accuracy"] for h in plain_round["hospitals"]
+    }
+    console = Console(record=True, width=200)
+    console.print(round_table(RunResults.load(tmp_path / "secure", 1).rounds[0], 1))
+    assert "worst hospital hidden" in console.export_text()
 
     # What the server-side code received: no arrays in clear, no example count, only the allowed clear report.
     plain_updates = [
         np.concatenate([a.ravel() for a in load_arrays(path).values()])
-        for path in sorted((tmp_path / "plain" / "updates" / "round_001").glob("*.safetensors"))
+        for path in sorted((tmp_path / "plain" / "updates" / "round_001").glob("hospital_*.safetensors"))
     ]
     assert len(plain_updates) == 3
     for reply in grid.received:
@@ -122,7 +133,7 @@ def test_the_secure_mean_is_plain_fedavg_and_the_server_sees_no_single_update(
             assert set(reply.content.config_records["fitres.metrics"]) <= ALLOWED_CLEAR
         assert "metrics" not in reply.content.metric_records  # no plain evaluation reply: no per-class counts
     kept = sorted(p.name for p in (tmp_path / "secure" / "updates" / "round_001").iterdir())
-    assert kept == ["secure-aggregate.safetensors"]  # the coordinator has only the aggregate to keep
+    assert kept == ["_sent.safetensors", "secure-aggregate.safetensors"]  # the state it sent, and only the sum
 
 
 def load_arrays(path: Path) -> dict[str, np.ndarray]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -66,22 +67,26 @@ def test_same_seed_same_result(tiny_backbone):
     assert runs[0].evaluation == runs[1].evaluation
 
 
-def test_empty_poisson_batches_are_still_counted_noisy_steps(tiny_backbone):
-    """With an expected batch of 1 among 20 records, about a third of Poisson batches are empty."""
+@pytest.mark.parametrize("prompt_layer", [0, 5])  # token ids, and hidden states below the prompt (another item shape)
+def test_empty_poisson_batches_are_still_counted_noisy_steps(tiny_backbone, prompt_layer, tmp_path):
+    """With an expected batch of 1 among 20 records, about a third of Poisson batches are empty, the first
+    one of a round included (Opacus then hands it over as a bare list): seeds 0 to 5 meet both cases."""
     from medtune.features import record_inputs
     from medtune.model import PromptClassifier
     from medtune.train import new_ledger, train_local
 
-    model = PromptClassifier(tiny_backbone, MODEL, len(LABELS), seed=0)
-    dataset = record_inputs(tiny_backbone, MODEL, _records(count=20))
+    model_config = replace(MODEL, prompt_layer=prompt_layer)
+    dataset = record_inputs(tiny_backbone, model_config, _records(count=20), tmp_path)  # as a site: from its cache
     train = TrainConfig(epochs=3, batch_size=1)
-    ledger = new_ledger(PrivacyConfig(epsilon=20.0), len(dataset), train, rounds=1)
-    before = model.exchanged_state()
-    result = train_local(model, dataset, ledger, train, tiny_backbone.tokenizer.pad_token_id, seed=0, progress=False)
-    assert result.steps == ledger.steps == 60
-    assert ledger.exhausted and 0 < ledger.epsilon <= 20.0
-    assert all(np.all(np.isfinite(a)) for a in model.exchanged_state().values())
-    assert not np.array_equal(before["prompt"], model.exchanged_state()["prompt"])
+    for seed in range(6):
+        model = PromptClassifier(tiny_backbone, model_config, len(LABELS), seed=0)
+        ledger = new_ledger(PrivacyConfig(epsilon=20.0), len(dataset), train, rounds=1)
+        before = model.exchanged_state()
+        result = train_local(model, dataset, ledger, train, tiny_backbone.tokenizer.pad_token_id, seed=seed, progress=False)
+        assert result.steps == ledger.steps == 60
+        assert ledger.exhausted and 0 < ledger.epsilon <= 20.0
+        assert all(np.all(np.isfinite(a)) for a in model.exchanged_state().values())
+        assert not np.array_equal(before["prompt"], model.exchanged_state()["prompt"])
 
 
 def test_poisson_sampling_and_dp_noise_draw_from_independent_streams(tiny_backbone, monkeypatch):
@@ -104,7 +109,7 @@ def test_poisson_sampling_and_dp_noise_draw_from_independent_streams(tiny_backbo
     run_local(_records(count=64), DATA, MODEL, PrivacyConfig(epsilon=8.0), train, backbone=tiny_backbone, progress=False)
     assert seen["noise"] != seen["sampling"]
     streams = RandomStreams.from_seed(123)
-    assert len({streams.sampling, streams.noise, streams.other}) == 3
+    assert len({streams.sampling, streams.noise, streams.other, streams.canaries}) == 4
     assert streams == RandomStreams.from_seed(123)  # still reproducible from the round's seed
 
 

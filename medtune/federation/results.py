@@ -19,8 +19,15 @@ from rich.table import Table
 from medtune.epsilon import NO_DP, EpsilonError, read_epsilon
 from medtune.errors import CheckpointError
 from medtune.files import atomic_write_json
+from medtune.federation.wire import FAILED
 
 RESULTS_FILE = "results.json"
+SENT_STATE = "_sent.safetensors"  # with keep-updates: the global state a round's updates were trained from
+
+
+def updates_folder(out: Path, server_round: int) -> Path:
+    """Where `keep-updates` keeps one round's received updates (`<hospital>.safetensors`) and SENT_STATE."""
+    return out / "updates" / f"round_{server_round:03d}"
 
 
 @dataclass
@@ -54,6 +61,7 @@ class RoundRecord:
     worst_accuracy: float | None
     wall_seconds: float
     hospitals: list[HospitalRound]
+    secure: bool = False  # through secure aggregation: each hospital's examples and scores are hidden from the coordinator
 
 
 def _hospital_round(stored: dict[str, Any], path: Path) -> HospitalRound:
@@ -110,24 +118,29 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+HIDDEN = "hidden"  # what secure aggregation keeps from the coordinator, in its table
+
+
 def round_table(record: RoundRecord, rounds: int) -> Table:
     """The compact per-round table: global metrics in the title, one row per hospital."""
+    worst = HIDDEN if record.secure else _fmt(record.worst_accuracy)
     title = (
         f"round {record.round}/{rounds}: accuracy {_fmt(record.accuracy)}  macro-F1 {_fmt(record.macro_f1)}  "
-        f"worst hospital {_fmt(record.worst_accuracy)}  ({record.wall_seconds:.1f} s"
+        f"worst hospital {worst}  ({record.wall_seconds:.1f} s"
         f"{'' if record.aggregated else ', not aggregated: too few valid updates'})"
     )
     table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False, box=None)
     for column in ("hospital", "status", "n", "epsilon", "acc", "F1", "KiB down", "KiB up"):
         table.add_column(column, justify="left" if column in ("hospital", "status") else "right", no_wrap=True)
     for h in record.hospitals:
+        hidden = record.secure and h.status != FAILED
         table.add_row(
             h.name,
             h.status,
-            str(h.examples),
+            HIDDEN if hidden else str(h.examples),
             _fmt(h.epsilon, 2),
-            _fmt(h.accuracy),
-            _fmt(h.macro_f1),
+            HIDDEN if hidden else _fmt(h.accuracy),
+            HIDDEN if hidden else _fmt(h.macro_f1),
             f"{h.bytes_down / 1024:.1f}",
             f"{h.bytes_up / 1024:.1f}",
         )

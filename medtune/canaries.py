@@ -1,0 +1,120 @@
+"""Audit canaries (`medtune audit --canaries M`): known signals planted at one simulated hospital, so
+that an auditor can test whether its DP training hides a record as well as its ledger's epsilon says.
+
+Each of the M canaries of a kind is included with probability 1/2, independently, drawn from the
+run seed: the auditor, who ran the simulation, knows which were in (Steinke, Nasr and Jagielski,
+"Privacy Auditing with One (1) Training Run", 2023). A canary that is in is a record of the
+hospital's training set in every way DP-SGD can tell:
+
+- **gradient canaries** (white box): canary i is one coordinate direction d_i of the flattened prompt
+  and head, of norm equal to the clipping bound C. Each step, an included canary is Poisson-sampled
+  at the hospital's sampling rate, and when sampled its per-sample gradient C·d_i joins the batch's
+  per-sample gradients before Opacus clips and noises them (medtune/train.py's ordinary step).
+- **input canaries** (black box): records of random vocabulary words with a random label; the
+  included ones join the hospital's training split.
+
+Only a simulated site plants canaries (`audit-canaries` in the run config); a deployed site
+refuses a run config that asks for them (client/node_config.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from medtune.backbone import Backbone
+from medtune.data import Record
+from medtune.errors import ConfigError
+from medtune.model import PromptClassifier
+from medtune.state import EXCHANGED_NAMES, ExchangedStateSpec
+
+if TYPE_CHECKING:
+    from medtune.run_config import RunSettings
+
+INPUT_WORDS = 40  # words of an input canary: enough to fill a typical note's first sentences
+
+
+def _generator(seed: int, hospital: str, purpose: str) -> np.random.Generator:
+    """The auditor's own stream for one purpose at one hospital, independent of training's streams and of
+    each other (which canaries are in must not depend on what they are)."""
+    tag = int.from_bytes(hashlib.sha256(f"{hospital}/{purpose}".encode()).digest()[:8], "little")
+    return np.random.default_rng([seed, tag])
+
+
+def included_bits(count: int, seed: int, hospital: str, kind: str) -> np.ndarray:
+    """Which of `count` canaries of `kind` are in: each with probability 1/2, independently."""
+    return _generator(seed, hospital, f"{kind} in").random(count) < 0.5
+
+
+@dataclass(frozen=True)
+class GradientCanaries:
+    """M coordinate directions of the flattened (prompt, head.weight, head.bias), and which are in."""
+
+    directions: np.ndarray  # (M,) distinct flat indices into the exchanged state, in EXCHANGED_NAMES order
+    included: np.ndarray  # (M,) bool
+    clip: float  # C: each canary's gradient norm, the records' clipping bound
+    sample_rate: float  # the Poisson rate at which an included canary joins a step, as a record does
+
+    @classmethod
+    def draw(cls, count: int, spec: ExchangedStateSpec, seed: int, hospital: str, clip: float,
+             sample_rate: float) -> "GradientCanaries":
+        size = sum(int(np.prod(shape)) for shape in spec.shapes.values())
+        if count > size:
+            raise ConfigError(
+                f"audit-canaries = {count} is more than the {size} coordinates of the prompt and head; each gradient "
+                "canary needs a coordinate of its own: give at most that many"
+            )
+        directions = _generator(seed, hospital, "gradient directions").choice(size, size=count, replace=False)
+        return cls(np.sort(directions), included_bits(count, seed, hospital, "gradient"), clip, sample_rate)
+
+    def sampled_gradients(self, model: PromptClassifier, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """This step's sampled canaries as per-sample gradient rows, one tensor (rows, *shape) per parameter."""
+        chosen = torch.rand(len(self.directions), generator=generator).numpy() < self.sample_rate
+        hits = self.directions[chosen & self.included]
+        rows, offset = {}, 0
+        for name, tensor in model.exchanged_tensors().items():
+            block = torch.zeros((len(hits), tensor.numel()), dtype=tensor.dtype, device=tensor.device)
+            inside = (hits >= offset) & (hits < offset + tensor.numel())
+            block[np.flatnonzero(inside), torch.from_numpy(hits[inside] - offset)] = self.clip
+            rows[name] = block.reshape(len(hits), *tensor.shape)
+            offset += tensor.numel()
+        return rows
+
+    def scores(self, updates: list[dict[str, np.ndarray]]) -> np.ndarray:
+        """Each canary's score from the updates the coordinator received (sent state minus reply, per round):
+        a sampled canary's gradient pushes its coordinate down, so the sum of the descents along it."""
+        total = np.zeros(len(self.directions))
+        for descent in updates:  # flattened in EXCHANGED_NAMES order, whatever order the file kept them in
+            flat = np.concatenate([np.asarray(descent[name], dtype=np.float64).ravel() for name in EXCHANGED_NAMES])
+            total += flat[self.directions]
+        return total
+
+
+def input_canaries(count: int, vocabulary: list[str], num_labels: int, seed: int, hospital: str) -> list[Record]:
+    """M records of random vocabulary words with a random label: no real record resembles them."""
+    rng = _generator(seed, hospital, "input records")
+    words = rng.choice(len(vocabulary), size=(count, INPUT_WORDS))
+    labels = rng.integers(num_labels, size=count)
+    return [Record(" ".join(vocabulary[w] for w in row), int(label)) for row, label in zip(words, labels, strict=True)]
+
+
+def planted_input_canaries(settings: RunSettings, hospital: str, train_records: list[Record], backbone: Backbone) -> list[Record]:
+    """The input canaries that are in, for the audited hospital's training split; M is refused when the
+    split cannot carry it (canaries would outnumber the hospital's own records)."""
+    count = settings.audit.canaries
+    if count > len(train_records):
+        raise ConfigError(
+            f"audit-canaries = {count} is more than {hospital}'s {len(train_records)} training records: the canaries "
+            "would outnumber them; give at most that many, or audit a larger hospital"
+        )
+    records = input_canaries(count, word_vocabulary(backbone.tokenizer), len(settings.data.labels), settings.seed, hospital)
+    return [record for record, inside in zip(records, included_bits(count, settings.seed, hospital, "input"), strict=True) if inside]
+
+
+def word_vocabulary(tokenizer) -> list[str]:  # noqa: ANN001 - any Hugging Face tokenizer
+    """The tokenizer's whole-word alphabetic entries, in a fixed order: the words input canaries are made of."""
+    return sorted(token for token in tokenizer.get_vocab() if token.isalpha() and token.isascii() and len(token) > 2)

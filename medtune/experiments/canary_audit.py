@@ -1,0 +1,163 @@
+"""`medtune audit --canaries M`: an empirical lower bound on one hospital's epsilon, from one simulated run.
+
+The run is the federation being audited (its scenario and run config), with M canaries of each kind
+planted at the audited hospital (medtune/canaries.py) and every received update kept
+(`keep-updates`). Then:
+
+- **white box**: each gradient canary is scored by the descent of the hospital's updates along its
+  direction, summed over rounds: exactly what the coordinator receives (`updates/round_NNN/`);
+- **black box**: each input canary is scored by minus its loss under the final global model.
+
+Each score list goes to the one-run test (medtune/epsilon_audit.py), which certifies, at 95%
+confidence, an epsilon the mechanism cannot be below. It is printed and written to `audit.json`
+beside the hospital's ledger epsilon; a bound above the ledger's means the noise, the sampling or
+the accounting is broken. The run stays in its out directory, so `medtune audit --score OUT` scores
+it again from what it kept.
+
+Under secure aggregation the coordinator never sees one hospital's update, so white box is refused
+and black box runs alone. A deployed run cannot be audited: the auditor must plant the canaries and
+read the updates, which only a simulation of the same federation allows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from medtune.canaries import GradientCanaries, included_bits, input_canaries, word_vocabulary
+from medtune.errors import ConfigError
+from medtune.epsilon import read_epsilon
+from medtune.epsilon_audit import EpsilonBound, audit_scores
+from medtune.files import atomic_write_json, read_json
+from medtune.federation.results import RESULTS_FILE, SENT_STATE, updates_folder
+from medtune.hospitals import hospital_name, simulated_ledger_path
+from medtune.ledger_file import read_ledger
+from medtune.run_config import RunSettings, settings_from_run_config
+from medtune.state import ExchangedStateSpec
+
+AUDIT_FILE = "audit.json"
+WHITE_BOX_REFUSED = "white box refused: secure aggregation hides each hospital's update from the coordinator"
+
+
+def audit_overrides(canaries: int, hospital: str) -> dict[str, Any]:
+    """What an audit run adds to the audited federation's run config."""
+    if canaries < 2:
+        raise ConfigError(f"--canaries must be at least 2 (an audit compares canaries in and out), got {canaries}")
+    return {"audit-canaries": canaries, "audit-hospital": hospital, "keep-updates": True}
+
+
+def check_audit_settings(settings: RunSettings) -> None:
+    """Refused before the run starts: an audit needs canaries and a hospital of this federation."""
+    names = [hospital_name(i) for i in range(settings.source.hospitals)]
+    if settings.audit.hospital not in names:
+        raise ConfigError(f"--hospital {settings.audit.hospital!r} is not in this federation; its hospitals are {names}")
+
+
+def run_audit(scenario: str | None, overrides: dict[str, Any], canaries: int, hospital: str) -> dict[str, Any]:
+    """Simulate the federation with canaries at `hospital`, then score it."""
+    from medtune.federation.simulation import simulate
+    from medtune.run_config import resolve_run_config
+
+    config = {**overrides, **audit_overrides(canaries, hospital)}
+    check_audit_settings(settings_from_run_config(resolve_run_config(scenario, config)))
+    results = simulate(scenario, config)
+    return score_audit(results.parent)
+
+
+def _settings(out: Path) -> RunSettings:
+    results = out / RESULTS_FILE
+    if not results.is_file():
+        raise ConfigError(f"{out}: no {RESULTS_FILE}; give the out directory of a finished `medtune audit --canaries` run")
+    settings = settings_from_run_config(read_json(results)["config"])
+    if settings.audit.canaries == 0:
+        raise ConfigError(
+            f"{out}: a run without canaries cannot be audited; an epsilon audit needs a simulation of the federation "
+            "with canaries planted and every update kept: run `medtune audit --canaries M` with its run config (a "
+            "deployed run's hospitals plant no canaries, and its auditor sees no single update)"
+        )
+    return settings
+
+
+def _ledger_epsilon(settings: RunSettings, out: Path) -> float:
+    path = simulated_ledger_path(out, settings.audit.hospital)
+    ledger = read_ledger(path)
+    if ledger is None:
+        raise ConfigError(f"{out}: the audited hospital's ledger {path} is missing; the run cannot be scored")
+    return read_epsilon(ledger.epsilon, str(path), spent=True)
+
+
+def white_box_scores(settings: RunSettings, out: Path, canaries: GradientCanaries) -> np.ndarray:
+    """Each gradient canary's summed descent over the rounds in which the coordinator got the hospital's update."""
+    descents = []
+    for server_round in range(1, settings.federation.rounds + 1):
+        folder = updates_folder(out, server_round)
+        reply = folder / f"{settings.audit.hospital}.safetensors"
+        if reply.is_file():
+            sent, received = load_file(str(folder / SENT_STATE)), load_file(str(reply))
+            descents.append({name: sent[name].astype(np.float64) - received[name] for name in sent})
+    if not descents:
+        raise ConfigError(f"{out}: no kept update of {settings.audit.hospital}; it never trained in this run")
+    return canaries.scores(descents)
+
+
+def black_box_scores(settings: RunSettings, out: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Minus each input canary's loss under the final global model, and which canaries were in."""
+    from medtune.backbone import resolve_device
+    from medtune.checkpoint import model_from_checkpoint
+    from medtune.experiments.audit import per_record_losses
+    from medtune.features import record_inputs
+
+    checkpoint, model, backbone = model_from_checkpoint(out, device=settings.train.device)
+    count, hospital = settings.audit.canaries, settings.audit.hospital
+    records = input_canaries(count, word_vocabulary(backbone.tokenizer), len(settings.data.labels), settings.seed, hospital)
+    dataset = record_inputs(backbone, checkpoint.model, records)
+    losses = per_record_losses(model, dataset, backbone.tokenizer.pad_token_id, resolve_device(settings.train.device))
+    return -losses, included_bits(count, settings.seed, hospital, "input")
+
+
+def score_audit(out: Path) -> dict[str, Any]:
+    """Both audits of a finished canary run, from what it kept; written to OUT/audit.json."""
+    from medtune.backbone import load_backbone
+
+    settings = _settings(out)
+    ledger_epsilon = _ledger_epsilon(settings, out)
+    delta = settings.privacy.delta
+    report: dict[str, Any] = {"hospital": settings.audit.hospital, "canaries": settings.audit.canaries,
+                              "ledger_epsilon": ledger_epsilon, "delta": delta}
+    if settings.federation.secure_aggregation:
+        report["white_box"] = {"refused": WHITE_BOX_REFUSED}
+    else:
+        backbone = load_backbone(settings.model.backbone, settings.model.num_layers, "cpu")
+        spec = ExchangedStateSpec(settings.model.prompt_length, backbone.hidden_size, len(settings.data.labels))
+        canaries = GradientCanaries.draw(settings.audit.canaries, spec, settings.seed, settings.audit.hospital,
+                                         clip=settings.privacy.max_grad_norm, sample_rate=1.0)
+        report["white_box"] = asdict(audit_scores(white_box_scores(settings, out, canaries), canaries.included, delta))
+    scores, included = black_box_scores(settings, out)
+    report["black_box"] = asdict(audit_scores(scores, included, delta))
+    atomic_write_json(out / AUDIT_FILE, report)
+    return report
+
+
+def audit_lines(report: dict[str, Any]) -> list[str]:
+    """The audit as a reader wants it: each mode's bound beside the ledger's epsilon, and a verdict."""
+    ledger = report["ledger_epsilon"]
+    lines = [f"{report['hospital']}: ledger epsilon {ledger:.3g} (delta {report['delta']:g}), {report['canaries']} "
+             "canaries of each kind"]
+    for mode in ("white_box", "black_box"):
+        found = report[mode]
+        name = mode.replace("_", " ")
+        if "refused" in found:
+            lines.append(found["refused"])
+            continue
+        result = EpsilonBound(**found)
+        lines.append(f"{name}: epsilon >= {result.epsilon:.3f} at {result.confidence:.0%} confidence "
+                     f"({result.v} of {result.r} guesses right, k = {result.k} each side, m = {result.m})")
+        if result.epsilon > ledger and not math.isinf(ledger):
+            lines.append(f"audited lower bound {result.epsilon:.3f} exceeds the ledger's epsilon {ledger:.3g}: the "
+                         "mechanism or the accounting is wrong")
+    return lines

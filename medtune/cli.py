@@ -14,6 +14,7 @@ from typing import Any
 
 from medtune.config import (
     ACCOUNTANTS,
+    AUDIT_MODES,
     HEAD_INITS,
     PROMPT_INITS,
     DataConfig,
@@ -171,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--score", type=Path, help="score a finished `medtune audit --canaries` run again")
     audit.add_argument("--run", type=Path, help="membership attack: a `medtune simulate` out directory or checkpoint")
     audit.add_argument("--hospital", help="the audited hospital (default for --canaries: hospital_1)")
+    audit.add_argument("--mode", choices=AUDIT_MODES, default="both",
+                       help="with --canaries: white-box (gradient canaries), black-box (input canaries: M at most the "
+                       "hospital's training records) or both in one run")
     audit.add_argument("--out", type=Path, help="--canaries: the run's out directory; --run: also write JSON here")
 
     bench = commands.add_parser("benchmark", help="benchmarks").add_subparsers(dest="bench_command", required=True)
@@ -450,7 +454,7 @@ def _cmd_audit(args: argparse.Namespace) -> None:
             raise ConfigError("medtune audit --canaries needs --out: the audit's run is kept there to be scored again")
         check_writable(args.out, folder=True)
         overrides = {**parse_overrides(args.run_config), "out": str(args.out)}
-        report = run_audit(args.scenario, overrides, args.canaries, args.hospital or "hospital_1")
+        report = run_audit(args.scenario, overrides, args.canaries, args.hospital or "hospital_1", args.mode)
     print("\n".join(audit_lines(report)))
 
 

@@ -20,6 +20,7 @@ from medtune.errors import ConfigError
 PROMPT_INITS = ("vocab", "random")
 HEAD_INITS = ("label-names", "random")
 ACCOUNTANTS = ("prv", "rdp")
+AUDIT_MODES = ("both", "white-box", "black-box")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -181,8 +182,18 @@ class AuditConfig:
 
     canaries: int = from_pyproject("audit-canaries")
     hospital: str = from_pyproject("audit-hospital")
+    mode: str = from_pyproject("audit-mode")
+
+    @property
+    def white_box(self) -> bool:
+        return self.canaries > 0 and self.mode in ("both", "white-box")
+
+    @property
+    def black_box(self) -> bool:
+        return self.canaries > 0 and self.mode in ("both", "black-box")
 
     def __post_init__(self) -> None:
+        _require(self.mode in AUDIT_MODES, f"audit-mode must be one of {AUDIT_MODES}, got {self.mode!r}")
         _require(self.canaries == 0 or self.canaries >= 2,
                  f"audit-canaries must be 0 (no audit) or at least 2 (an audit compares canaries in and out), got "
                  f"{self.canaries}")

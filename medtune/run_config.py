@@ -213,7 +213,7 @@ def settings_from_run_config(config: dict[str, Any]) -> RunSettings:
         train=_config_from(config, TrainConfig, renamed={"epochs": "local-epochs"}),
         cache_dir=Path(cache_dir) if cache_dir else None,
         gpus_per_hospital=gpus,
-        audit=_config_from(config, AuditConfig, renamed={"canaries": "audit-canaries", "hospital": "audit-hospital"}),
+        audit=_config_from(config, AuditConfig, renamed={"canaries": "audit-canaries", "hospital": "audit-hospital", "mode": "audit-mode"}),
         run_config=dict(config),
     )
     if settings.federation.min_hospitals > settings.source.hospitals:

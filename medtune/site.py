@@ -91,7 +91,7 @@ class Site:
         self.ledger_path = ledger_path
         self.backbone = cached_backbone(settings.model.backbone, settings.model.num_layers, settings.train.device)
         train_records, test_records = train_test_split(records, settings.data.test_fraction, settings.seed)
-        if audited:  # an audit's input canaries join the training split (medtune/canaries.py)
+        if audited and settings.audit.black_box:  # an audit's input canaries join the training split (medtune/canaries.py)
             train_records = train_records + planted_input_canaries(settings, name, train_records, self.backbone)
         self.records = records_digest(train_records)  # the ledger is tied to exactly these records
         cache = cache_dir or ledger_path.parent / "features"
@@ -102,7 +102,7 @@ class Site:
         self.optimizer_path = ledger_path.with_name(f"{ledger_path.stem}.optimizer.safetensors")
         self.sent_update = SentUpdateFile(ledger_path)
         self.own_evaluations = OwnEvaluations(ledger_path)
-        self.gradient_canaries = None if not audited else GradientCanaries.draw(
+        self.gradient_canaries = None if not (audited and settings.audit.white_box) else GradientCanaries.draw(
             settings.audit.canaries, self.spec, settings.seed, name, clip=settings.privacy.max_grad_norm,
             sample_rate=SamplingPlan.for_records(len(self.train_set), settings.train.batch_size).sample_rate,
         )

@@ -31,6 +31,7 @@ from safetensors.numpy import load_file
 
 from medtune.canaries import GradientCanaries, included_bits, input_canaries, word_vocabulary
 from medtune.errors import ConfigError
+from medtune.defaults import run_defaults
 from medtune.epsilon import read_epsilon
 from medtune.epsilon_audit import EpsilonBound, audit_scores
 from medtune.files import atomic_write_json, read_json
@@ -44,26 +45,31 @@ AUDIT_FILE = "audit.json"
 WHITE_BOX_REFUSED = "white box refused: secure aggregation hides each hospital's update from the coordinator"
 
 
-def audit_overrides(canaries: int, hospital: str) -> dict[str, Any]:
+def audit_overrides(canaries: int, hospital: str, mode: str) -> dict[str, Any]:
     """What an audit run adds to the audited federation's run config."""
     if canaries < 2:
         raise ConfigError(f"--canaries must be at least 2 (an audit compares canaries in and out), got {canaries}")
-    return {"audit-canaries": canaries, "audit-hospital": hospital, "keep-updates": True}
+    return {"audit-canaries": canaries, "audit-hospital": hospital, "audit-mode": mode, "keep-updates": True}
 
 
 def check_audit_settings(settings: RunSettings) -> None:
-    """Refused before the run starts: an audit needs canaries and a hospital of this federation."""
+    """Refused before the run starts: a hospital that is not in the federation, or a white-box audit that
+    secure aggregation makes impossible."""
     names = [hospital_name(i) for i in range(settings.source.hospitals)]
     if settings.audit.hospital not in names:
         raise ConfigError(f"--hospital {settings.audit.hospital!r} is not in this federation; its hospitals are {names}")
+    if settings.federation.secure_aggregation and settings.audit.mode == "white-box":
+        raise ConfigError(f"{WHITE_BOX_REFUSED}; audit with --mode black-box (or both, which runs black box alone)")
 
 
-def run_audit(scenario: str | None, overrides: dict[str, Any], canaries: int, hospital: str) -> dict[str, Any]:
+def run_audit(
+    scenario: str | None, overrides: dict[str, Any], canaries: int, hospital: str, mode: str
+) -> dict[str, Any]:
     """Simulate the federation with canaries at `hospital`, then score it."""
     from medtune.federation.simulation import simulate
     from medtune.run_config import resolve_run_config
 
-    config = {**overrides, **audit_overrides(canaries, hospital)}
+    config = {**overrides, **audit_overrides(canaries, hospital, mode)}
     check_audit_settings(settings_from_run_config(resolve_run_config(scenario, config)))
     results = simulate(scenario, config)
     return score_audit(results.parent)
@@ -73,7 +79,8 @@ def _settings(out: Path) -> RunSettings:
     results = out / RESULTS_FILE
     if not results.is_file():
         raise ConfigError(f"{out}: no {RESULTS_FILE}; give the out directory of a finished `medtune audit --canaries` run")
-    settings = settings_from_run_config(read_json(results)["config"])
+    # A run from before the audit keys existed reads as having none (the shipped defaults fill them).
+    settings = settings_from_run_config({**run_defaults(), **read_json(results)["config"]})
     if settings.audit.canaries == 0:
         raise ConfigError(
             f"{out}: a run without canaries cannot be audited; an epsilon audit needs a simulation of the federation "
@@ -129,16 +136,17 @@ def score_audit(out: Path) -> dict[str, Any]:
     delta = settings.privacy.delta
     report: dict[str, Any] = {"hospital": settings.audit.hospital, "canaries": settings.audit.canaries,
                               "ledger_epsilon": ledger_epsilon, "delta": delta}
-    if settings.federation.secure_aggregation:
+    if settings.audit.white_box and settings.federation.secure_aggregation:
         report["white_box"] = {"refused": WHITE_BOX_REFUSED}
-    else:
+    elif settings.audit.white_box:
         backbone = load_backbone(settings.model.backbone, settings.model.num_layers, "cpu")
         spec = ExchangedStateSpec(settings.model.prompt_length, backbone.hidden_size, len(settings.data.labels))
         canaries = GradientCanaries.draw(settings.audit.canaries, spec, settings.seed, settings.audit.hospital,
                                          clip=settings.privacy.max_grad_norm, sample_rate=1.0)
         report["white_box"] = asdict(audit_scores(white_box_scores(settings, out, canaries), canaries.included, delta))
-    scores, included = black_box_scores(settings, out)
-    report["black_box"] = asdict(audit_scores(scores, included, delta))
+    if settings.audit.black_box:
+        scores, included = black_box_scores(settings, out)
+        report["black_box"] = asdict(audit_scores(scores, included, delta))
     atomic_write_json(out / AUDIT_FILE, report)
     return report
 
@@ -149,6 +157,8 @@ def audit_lines(report: dict[str, Any]) -> list[str]:
     lines = [f"{report['hospital']}: ledger epsilon {ledger:.3g} (delta {report['delta']:g}), {report['canaries']} "
              "canaries of each kind"]
     for mode in ("white_box", "black_box"):
+        if mode not in report:
+            continue
         found = report[mode]
         name = mode.replace("_", " ")
         if "refused" in found:

@@ -218,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--seeds", help="comma-separated seeds (default: the sweep file's)")
     sweep.add_argument("--run-config", default="", help="more overrides for every run: 'key=value key2=value2'")
     sweep.add_argument("--out", type=Path, help="output directory (default: runs/benchmark/<sweep name>)")
+    sweep.add_argument("--audit-canaries", type=int,
+                       help="make each federated cell a white-box epsilon audit with this many canaries at hospital_1 "
+                       "(medtune audit) and add the column 'epsilon audited (lower bound)'; the canaries move that "
+                       "hospital's updates, so these cells' accuracy is an audited run's")
     tune = bench.add_parser(
         "tune",
         help="score recipes (prompt layer, learning rate, ...) on validation parts of the hospitals' training splits",
@@ -405,10 +409,13 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
     from medtune.run_config import parse_overrides
+    from medtune.experiments.canary_audit import audit_overrides
     from medtune.experiments.sweep import parse_seed, read_sweep, run_sweep
 
     sweep = read_sweep(args.sweep)
     changes: dict[str, Any] = {"run_config": {**sweep.run_config, **parse_overrides(args.run_config)}}
+    if args.audit_canaries is not None:
+        changes["run_config"].update(audit_overrides(args.audit_canaries, "hospital_1", "white-box"))
     if args.epsilons:
         changes["epsilons"] = tuple(read_epsilon(e, "--epsilons") for e in args.epsilons.split(","))
     if args.seeds:

@@ -12,9 +12,9 @@ from pathlib import Path
 import opacus.optimizers.optimizer as opacus_optimizer
 import pytest
 
-from medtune.errors import ConfigError
+from medtune.errors import ConfigError, FederationError
 from medtune.experiments.canary_audit import audit_lines, score_audit
-from test_robustness import federate, run_config, task_identity  # noqa: F401 - the fixture is used
+from test_robustness import federate, real_grid, run_config, site_files, task_identity  # noqa: F401 - the fixture is used
 from test_secure_aggregation import sites
 
 CANARIES = 200  # of the tiny model's 293 prompt and head coordinates
@@ -64,3 +64,34 @@ def test_a_run_without_canaries_is_refused_with_what_an_audit_needs(tiny_backbon
     federate(sites(config, 1), config)
     with pytest.raises(ConfigError, match="a run without canaries cannot be audited"):
         score_audit(tmp_path / "plain")
+
+
+def test_a_deployed_site_refuses_a_run_config_that_asks_for_canaries(
+    tiny_backbone_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Canaries bend a site's training to the coordinator's design: only a simulated hospital plants them."""
+    config = run_config(tiny_backbone_dir, tmp_path / "run", hospitals=3, **{"audit-canaries": 10})
+    with pytest.raises(FederationError, match="site configuration refused"):
+        federate(real_grid(site_files(tmp_path), tmp_path, config), config)
+    assert "only a simulated hospital plants them" in caplog.text
+    assert not list((tmp_path / "sites").glob("*/ledger.json"))  # refused before any ledger was made
+
+
+def test_bad_audit_requests_are_refused_in_one_line_before_anything_runs(tiny_backbone_dir: Path, tmp_path: Path) -> None:
+    from medtune.experiments.canary_audit import audit_overrides, check_audit_settings
+    from medtune.run_config import settings_from_run_config
+
+    def settings(canaries: int, mode: str, hospital: str = "hospital_1", **extra: object):  # noqa: ANN202
+        return settings_from_run_config(
+            run_config(tiny_backbone_dir, tmp_path, hospitals=3, **audit_overrides(canaries, hospital, mode), **extra)
+        )
+
+    with pytest.raises(ConfigError, match="--canaries must be at least 2"):
+        audit_overrides(1, "hospital_1", "both")
+    with pytest.raises(ConfigError, match="is more than hospital_1's .* training records"):
+        check_audit_settings(settings(5000, "black-box"))
+    check_audit_settings(settings(250, "white-box"))  # gradient canaries need coordinates, not records
+    with pytest.raises(ConfigError, match="'hospital_9' is not in this federation"):
+        check_audit_settings(settings(10, "white-box", hospital="hospital_9"))
+    with pytest.raises(ConfigError, match="white box refused: secure aggregation"):
+        check_audit_settings(settings(10, "white-box", **{"secure-aggregation": True, "min-hospitals": 3}))

@@ -16,6 +16,7 @@ from medtune.federation import simulation as simulate_module
 from medtune.experiments import sweep as sweep_module
 from medtune.errors import ConfigError
 from medtune.experiments.baselines import majority_label, splits
+from medtune.experiments.canary_audit import audit_overrides
 from medtune.run_config import resolve_run_config, settings_from_run_config
 from medtune.experiments.sweep import SweepConfig, plan_cells, run_sweep
 from conftest import tiny_recipe
@@ -46,6 +47,8 @@ def test_sweep_writes_results_report_and_plot_and_resumes(
     tiny_backbone_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sweep = tiny_sweep(tiny_backbone_dir)
+    # An audited sweep (medtune benchmark sweep --audit-canaries): each federated cell is an epsilon audit.
+    sweep = SweepConfig(**{**sweep.__dict__, "run_config": {**sweep.run_config, **audit_overrides(100, "hospital_1", "white-box")}})
     rows = run_sweep(sweep, tmp_path, progress=False)
     assert len(rows) == 7
 
@@ -60,6 +63,8 @@ def test_sweep_writes_results_report_and_plot_and_resumes(
     for row in summary.itertuples():
         assert 0.0 <= row.accuracy_mean <= 1.0
     assert 0 < by_cell[("federated", 8.0)].epsilon_spent_mean <= 8.0
+    assert 0 <= by_cell[("federated", 8.0)].epsilon_audited_mean <= by_cell[("federated", 8.0)].epsilon_spent_mean
+    assert math.isnan(by_cell[("local", 8.0)].epsilon_audited_mean)  # only federated cells are audit runs
     assert 0 < by_cell[("local", 8.0)].epsilon_spent_mean <= 8.0
     assert by_cell[("federated", 8.0)].rounds_mean == 2
     assert by_cell[("federated", 8.0)].bytes_per_hospital_round_mean > 0
@@ -78,7 +83,7 @@ def test_sweep_writes_results_report_and_plot_and_resumes(
     federated = by_cell[("federated", 8.0)]
     assert 0.0 <= federated.own_mix_accuracy_mean <= 1.0 and 0.0 <= federated.own_mix_macro_f1_mean <= 1.0
     assert math.isnan(by_cell[("local", 8.0)].own_mix_accuracy_mean)  # only the shared model gets a site's mix
-    assert "federated + own label mix" in report
+    assert "federated + own label mix" in report and "ε audited (lower bound)" in report
 
     def must_not_run(*args: object, **kwargs: object) -> None:
         raise AssertionError("a finished run ran again")

@@ -60,6 +60,17 @@ def check_audit_settings(settings: RunSettings) -> None:
         raise ConfigError(f"--hospital {settings.audit.hospital!r} is not in this federation; its hospitals are {names}")
     if settings.federation.secure_aggregation and settings.audit.mode == "white-box":
         raise ConfigError(f"{WHITE_BOX_REFUSED}; audit with --mode black-box (or both, which runs black box alone)")
+    if settings.audit.black_box:
+        from medtune.data import train_test_split
+        from medtune.hospitals import simulated_hospital
+
+        records = simulated_hospital(settings, names.index(settings.audit.hospital)).records
+        train, _ = train_test_split(records, settings.data.test_fraction, settings.seed)
+        if settings.audit.canaries > len(train):
+            raise ConfigError(
+                f"--canaries {settings.audit.canaries} is more than {settings.audit.hospital}'s {len(train)} training "
+                "records: black-box canaries would outnumber them; give at most that many, or --mode white-box"
+            )
 
 
 def run_audit(
@@ -149,6 +160,12 @@ def score_audit(out: Path) -> dict[str, Any]:
         report["black_box"] = asdict(audit_scores(scores, included, delta))
     atomic_write_json(out / AUDIT_FILE, report)
     return report
+
+
+def audited_epsilon(report: dict[str, Any]) -> float:
+    """The larger certified bound of the modes that ran (a sweep's "epsilon audited" column)."""
+    return max((report[mode]["epsilon"] for mode in ("white_box", "black_box") if "epsilon" in report.get(mode, {})),
+               default=0.0)
 
 
 def audit_lines(report: dict[str, Any]) -> list[str]:

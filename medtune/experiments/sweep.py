@@ -226,12 +226,17 @@ def _finished_run(out: Path, settings: RunSettings) -> bool:
 
 def _federated(cell: Cell, sweep: SweepConfig, runs: Path) -> dict[str, Any]:
     from medtune.experiments.baselines import score_global_model
+    from medtune.experiments.canary_audit import audited_epsilon, check_audit_settings, score_audit
     from medtune.federation.results import RunResults
+    from medtune.own_evaluations import simulated_scores
     from medtune.federation.simulation import simulate
 
     out = (runs / cell.id).resolve()  # as simulate() records it: a relative --out must still find its runs
     overrides = {**cell.overrides(sweep), "out": str(out)}
     settings = settings_from_run_config(resolve_run_config(sweep.scenario, overrides))
+    if settings.audit.canaries:  # an audited sweep: each federated cell is an audit run (medtune audit)
+        overrides["keep-updates"] = True
+        check_audit_settings(settings)
     started = time.monotonic()
     reused = _finished_run(out, settings)
     if not reused:
@@ -246,6 +251,9 @@ def _federated(cell: Cell, sweep: SweepConfig, runs: Path) -> dict[str, Any]:
     last = rounds[-1]
     hospital_rounds = [h for r in results.rounds for h in r.hospitals]
     accuracies = [h.accuracy for h in last.hospitals if h.accuracy is not None]
+    if last.secure:  # the coordinator never saw a hospital's own score: the simulated sites' own records
+        own = simulated_scores(out, settings.source.hospitals)
+        accuracies = [scores[last.round].accuracy for scores in own.values() if last.round in scores]
     epsilons = results.epsilon_per_hospital()
     communicated = sum(h.bytes_up + h.bytes_down for h in hospital_rounds)
     _, own_mix = score_global_model(out)
@@ -264,6 +272,7 @@ def _federated(cell: Cell, sweep: SweepConfig, runs: Path) -> dict[str, Any]:
         "bytes_total": communicated,
         "bytes_per_hospital_round": communicated / max(1, len(hospital_rounds)),
         "wall_seconds": wall,
+        **({"epsilon_audited": audited_epsilon(score_audit(out))} if settings.audit.canaries else {}),
     }
 
 

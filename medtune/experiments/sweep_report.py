@@ -30,6 +30,7 @@ METRICS = (
     "own_mix_macro_f1",
     "own_mix_mean_hospital_accuracy",
     "epsilon_spent",
+    "epsilon_audited",
     "rounds",
     "wall_seconds",
     "bytes_per_hospital_round",
@@ -150,6 +151,7 @@ def _markdown_table(summary: pd.DataFrame, axes: list[str]) -> str:
 
     header = [*axes, "method", "ε target", "seeds", "accuracy", "macro-F1", "worst hospital",
               "accuracy on every hospital's test", "federated + own label mix: accuracy (own test; the mix is not covered by ε)", "ε spent (max)",
+              "ε audited (lower bound)",
               "KiB / hospital / round", "wall s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in summary.iterrows():
@@ -163,6 +165,7 @@ def _markdown_table(summary: pd.DataFrame, axes: list[str]) -> str:
             pm(row, "accuracy_on_all_hospitals"),
             pm(row, "own_mix_accuracy") if row["method"] == "federated" else "—",
             "—" if row["method"] in NO_EPSILON else pm(row, "epsilon_spent", 2),
+            pm(row, "epsilon_audited", 2) if row["method"] == "federated" else "—",
             f"{row['bytes_per_hospital_round_mean'] / 1024:.1f}" if row["method"] == "federated" else "0",
             f"{row['wall_seconds_mean']:.0f}",
         ]

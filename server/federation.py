@@ -264,7 +264,10 @@ class Federation:
         for node in ready:
             report = result.reports.get(node)
             name = self._row_name(server_round, node, str(report["hospital"]) if report else self._node_name(node))
-            record = HospitalRound(name=name, status=FAILED, node=str(node), bytes_down=to_record(self.arrays).count_bytes())
+            record = HospitalRound(
+                name=name, status=FAILED, node=str(node), bytes_down=result.bytes_down.get(node, 0),
+                bytes_up=result.bytes_up.get(node, 0),
+            )
             if report is None:
                 record.reason = "dropped out of the secure aggregation round; the details are in the site's own log"
                 self._event(f"round {server_round}: {name} failed: {record.reason}")

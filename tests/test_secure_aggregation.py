@@ -106,6 +106,11 @@ def test_the_secure_mean_is_plain_fedavg_and_the_server_sees_no_single_update(
     assert (secure_round["accuracy"], secure_round["macro_f1"]) == (plain_round["accuracy"], plain_round["macro_f1"])
     assert abs(secure_round["loss"] - plain_round["loss"]) < 1e-3
     assert all(h["accuracy"] is None and h["test_examples"] == 0 for h in secure_round["hospitals"])
+    # Each hospital's bytes over every SecAgg+ stage: more than the plain exchange, as the masked vector is
+    # 64-bit integers and each hospital also receives its neighbours' keys and shares.
+    plain_rows = {h["name"]: h for h in plain_round["hospitals"]}
+    for h in secure_round["hospitals"]:
+        assert h["bytes_up"] > plain_rows[h["name"]]["bytes_up"] > 0 and h["bytes_down"] > 0
     # Each site kept its own score, the one a plain run's coordinator sees; the coordinator's table says "hidden".
     own = simulated_scores(tmp_path / "secure", 3)
     assert {name: scores[1].accuracy for name, scores in own.items()} == {

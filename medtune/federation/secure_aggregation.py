@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.serde import recorddict_to_proto
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.compat.grid_client_proxy import GridClientProxy
@@ -56,6 +58,7 @@ log = logging.getLogger("medtune.secure_aggregation")
 # Every legacy or private Flower name this module relies on (tests/test_secure_aggregation.py checks them).
 LEGACY_NAMES = (
     ("flwr.server.workflow", "SecAggPlusWorkflow"),
+    ("flwr.common.serde", "recorddict_to_proto"),
     ("flwr.server.compat.legacy_context", "LegacyContext"),
     ("flwr.server.compat.grid_client_proxy", "GridClientProxy"),
     ("flwr.server.strategy", "Strategy.configure_fit"),
@@ -102,6 +105,36 @@ class SecureRound:
     mean: dict[str, np.ndarray] | None
     reports: dict[int, dict[str, object]]
     dropped: int
+    bytes_down: dict[int, int] = field(default_factory=dict)  # per node, every stage of the pass
+    bytes_up: dict[int, int] = field(default_factory=dict)
+
+
+def content_bytes(content: RecordDict) -> int:
+    """The bytes a message's records take on the wire, as Flower serialises them (SecAgg+'s configs hold
+    lists, which ConfigRecord.count_bytes refuses)."""
+    return recorddict_to_proto(content).ByteSize()
+
+
+class _CountingGrid:
+    """The grid the workflow talks through, counting each node's bytes both ways over every SecAgg+ stage."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.down: Counter[int] = Counter()
+        self.up: Counter[int] = Counter()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages, timeout=None):  # noqa: ANN001, ANN201 - Grid's signature
+        messages = list(messages)
+        for message in messages:
+            self.down[message.metadata.dst_node_id] += content_bytes(message.content)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            if not reply.has_error():
+                self.up[reply.metadata.src_node_id] += content_bytes(reply.content)
+        return replies
 
 
 class _Instructions(Strategy):
@@ -168,6 +201,7 @@ def secure_mean(
     hospitals = len(instructions)
     if not 3 <= hospitals <= MAX_HOSPITALS:
         raise StateError(f"secure aggregation needs 3 to {MAX_HOSPITALS} hospitals in a round, got {hospitals}")
+    grid = _CountingGrid(grid)  # type: ignore[assignment] - it answers every Grid call the workflow makes
     strategy = _Instructions(grid, instructions, names)
     state = RecordDict(
         {
@@ -182,7 +216,7 @@ def secure_mean(
         timeout=timeout,
     )
     workflow(grid, context)
-    return strategy.result
+    return replace(strategy.result, bytes_down=dict(grid.down), bytes_up=dict(grid.up))
 
 
 # --- the site's side ------------------------------------------------------------------------------

@@ -171,8 +171,9 @@ def audited_epsilon(report: dict[str, Any]) -> float:
 def audit_lines(report: dict[str, Any]) -> list[str]:
     """The audit as a reader wants it: each mode's bound beside the ledger's epsilon, and a verdict."""
     ledger = report["ledger_epsilon"]
+    kinds = " and ".join(mode.replace("_", " ") for mode in ("white_box", "black_box") if mode in report)
     lines = [f"{report['hospital']}: ledger epsilon {ledger:.3g} (delta {report['delta']:g}), {report['canaries']} "
-             "canaries of each kind"]
+             f"canaries per audit ({kinds})"]
     for mode in ("white_box", "black_box"):
         if mode not in report:
             continue

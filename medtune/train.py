@@ -25,6 +25,7 @@ from medtune.config import PrivacyConfig, TrainConfig
 from medtune.data import PadToLongest
 from medtune.features import RecordInputs
 from medtune.errors import PrivacyBudgetError
+from medtune.heap import keep_heap_compact
 from medtune.model import PromptClassifier
 from medtune.privacy import PrivacyLedger
 from medtune.prompt_grad_sampler import soft_prompt_grad_sample  # noqa: F401  (registers it with Opacus)
@@ -264,6 +265,7 @@ def train_local(
     `seed` seeds sampling and noise, as independent streams; a deployed site passes a secret one
     (medtune/noise.py). `canaries` plants an audit's gradient canaries (medtune/canaries.py; simulation only).
     """
+    keep_heap_compact()  # else the heap's peak climbs with the steps (medtune/heap.py)
     device = resolve_device(train.device)
     streams = RandomStreams.from_seed(seed)
     seed_everything(streams.other)

@@ -19,9 +19,10 @@ from rich.table import Table
 from medtune.epsilon import NO_DP, EpsilonError, read_epsilon
 from medtune.errors import CheckpointError
 from medtune.files import atomic_write_json
-from medtune.federation.wire import FAILED
 
 RESULTS_FILE = "results.json"
+# A hospital's status in a round, as replies carry it (medtune/federation/wire.py) and the record keeps it.
+TRAINED, STOPPED, FAILED, REJECTED = "trained", "stopped", "failed", "rejected"
 SENT_STATE = "_sent.safetensors"  # with keep-updates: the global state a round's updates were trained from
 
 

@@ -27,13 +27,14 @@ from medtune.errors import (
 )
 from medtune.epsilon import EpsilonError, read_epsilon
 from medtune.files import json_ready
+from medtune.federation.results import FAILED, REJECTED, STOPPED, TRAINED  # noqa: F401 - the statuses replies carry
 from medtune.ledger_record import LedgerRecord, Spend
 from medtune.metrics import Evaluation, from_counts
 
 ARRAYS = "arrays"
 METRICS = "metrics"
 HOSPITAL = "hospital"
-TRAINED, STOPPED, FAILED, REJECTED, READY = "trained", "stopped", "failed", "rejected", "ready"
+READY = "ready"
 LEDGER_RECORD = "ledger-record"
 BUDGET_SPENT = "its next round would pass its epsilon target"  # a stopped site's reason: fixed text, as failures'
 TRAIN_METRICS = ("num-examples", "epsilon", "delta", "steps")  # exactly what train_reply sends

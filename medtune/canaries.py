@@ -10,6 +10,8 @@ hospital's training set in every way DP-SGD can tell:
   and head, of norm equal to the clipping bound C. Each step, an included canary is Poisson-sampled
   at the hospital's sampling rate, and when sampled its per-sample gradient C·d_i joins the batch's
   per-sample gradients before Opacus clips and noises them (medtune/train.py's ordinary step).
+  Each step is read as DP's own adversary would (`PlantedCanaries`), and the readings are kept
+  beside the site's ledger (`ledger.canary-steps.npy`).
 - **input canaries** (black box): records of random vocabulary words with a random label; the
   included ones join the hospital's training split.
 
@@ -20,7 +22,9 @@ refuses a run config that asks for them (client/node_config.py).
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,6 +33,7 @@ import torch
 from medtune.backbone import Backbone
 from medtune.data import Record
 from medtune.errors import ConfigError
+from medtune.files import atomic_write_bytes
 from medtune.model import PromptClassifier
 from medtune.state import EXCHANGED_NAMES, ExchangedStateSpec
 
@@ -92,6 +97,85 @@ class GradientCanaries:
             flat = np.concatenate([np.asarray(descent[name], dtype=np.float64).ravel() for name in EXCHANGED_NAMES])
             total += flat[self.directions]
         return total
+
+
+class PlantedCanaries:
+    """One training call's gradient canaries: planted into each step, and each step read as a white-box auditor
+    reads it.
+
+    The auditor is DP's own adversary: it sees every step's released (noised) gradient and knows every
+    other record's clipped gradient, so it subtracts the records' part at each canary's coordinate and
+    is left with the canaries' part plus the noise. DP must hide a canary even from it; the sum of
+    these observations over the steps is the canary's white-box score.
+    """
+
+    def __init__(self, canaries: GradientCanaries, seed: int, private: bool) -> None:
+        self.canaries = canaries
+        self.private = private
+        self.generator = torch.Generator().manual_seed(seed)
+        self.observations: list[np.ndarray] = []  # one (M,) row per step
+        self._records_part = np.zeros(len(canaries.directions))
+
+    def _at_directions(self, rows: list[torch.Tensor]) -> torch.Tensor:
+        """(rows, M): each row's values at the canary coordinates, from per-tensor (rows, *shape) blocks."""
+        flat = torch.cat([block.reshape(len(block), -1) for block in rows], dim=1)
+        return flat[:, torch.from_numpy(self.canaries.directions)].double()
+
+    def plant(self, model: PromptClassifier, size: int) -> None:
+        """After backward, before the optimizer's step: note the records' part, then add this step's sampled
+        canaries as records join a batch. Under DP as per-sample gradients, which Opacus then clips and noises
+        with the records' own; without DP into the batch's summed gradient (the loss is a mean over `size`)."""
+        tensors = model.exchanged_tensors()
+        if self.private:
+            samples = [torch.cat(t.grad_sample) if isinstance(t.grad_sample, list) else t.grad_sample
+                       for t in tensors.values()]
+            clipped = torch.zeros(len(self.canaries.directions), dtype=torch.float64)
+            if len(samples[0]):  # Opacus's own clipping factor of each record: the auditor knows the records
+                norms = torch.stack([s.reshape(len(s), -1).norm(2, dim=-1) for s in samples], dim=1).norm(2, dim=1)
+                factors = (self.canaries.clip / (norms + 1e-6)).clamp(max=1.0).double()
+                clipped = (self._at_directions(samples) * factors[:, None]).sum(0)
+            self._records_part = clipped.numpy()
+        else:
+            grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in tensors.values()]
+            self._records_part = (self._at_directions([g[None] for g in grads])[0] * size).numpy()
+        rows = self.canaries.sampled_gradients(model, self.generator)
+        for name, parameter in tensors.items():
+            extra = rows[name]
+            if self.private:
+                current = parameter.grad_sample
+                current = torch.cat(current) if isinstance(current, list) else current
+                parameter.grad_sample = torch.cat([current, extra])
+            elif len(extra):
+                grad = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
+                parameter.grad = grad + extra.sum(0) / max(1, size)
+
+    def observe(self, model: PromptClassifier, scale: float) -> None:
+        """After the step: the released gradient at each canary's coordinate, as a sum (times `scale`, the
+        step's divisor), less the records' part."""
+        released = self._at_directions([t.grad[None] for t in model.exchanged_tensors().values()])[0] * scale
+        self.observations.append(released.numpy() - self._records_part)
+
+
+def canary_steps_path(ledger_path: Path) -> Path:
+    """Where an audited simulated site keeps its white-box observations, one row per step, beside its ledger."""
+    return ledger_path.with_name(f"{ledger_path.stem}.canary-steps.npy")
+
+
+def append_canary_steps(ledger_path: Path, observations: np.ndarray) -> None:
+    """Add one round's step rows to the site's observations (written whole, atomically)."""
+    path = canary_steps_path(ledger_path)
+    rows = np.concatenate([read_canary_steps(path), observations]) if path.is_file() else observations
+    buffer = io.BytesIO()
+    np.save(buffer, rows, allow_pickle=False)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def read_canary_steps(path: Path) -> np.ndarray:
+    """The (steps, M) observations an audited site kept; a damaged file is named."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{path}: the audit's step observations cannot be read ({error})") from None
 
 
 def input_canaries(count: int, vocabulary: list[str], num_labels: int, seed: int, hospital: str) -> list[Record]:

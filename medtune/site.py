@@ -22,7 +22,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from medtune.backbone import Backbone, load_backbone, resolve_device
-from medtune.canaries import GradientCanaries, planted_input_canaries
+from medtune.canaries import GradientCanaries, append_canary_steps, planted_input_canaries
 from medtune.data import Record, train_test_split
 from medtune.errors import LedgerError, PrivacyBudgetError
 from medtune.evaluation import evaluate
@@ -207,6 +207,8 @@ class Site:
             # copy kept for a repeated round (which is sent only if the ledger shows its steps).
             atomic_write_json(self.ledger_path, ledger.state_dict())
             atomic_write_bytes(self.optimizer_path, save_tensors(result.optimizer_state))
+            if result.canary_observations is not None:
+                append_canary_steps(self.ledger_path, result.canary_observations)
             update = dict(model.exchanged_state())
             digest = state_digest(arrays)
             self.sent_update.write(SentUpdate(instruction.server_round, digest, ledger.steps, result.examples, update))

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from medtune.backbone import resolve_device
-from medtune.canaries import GradientCanaries
+from medtune.canaries import GradientCanaries, PlantedCanaries
 from medtune.config import PrivacyConfig, TrainConfig
 from medtune.data import PadToLongest
 from medtune.features import RecordInputs
@@ -52,6 +52,7 @@ class TrainResult:
     epsilon: float
     delta: float
     optimizer_state: dict[str, torch.Tensor]  # Adam's moments after the last step (see train_local)
+    canary_observations: np.ndarray | None = None  # (steps, M): an audit's white-box reading (medtune/canaries.py)
 
     def metrics(self) -> dict[str, float]:
         """The figures worth reporting (the optimizer state stays at the site, unreported)."""
@@ -153,23 +154,6 @@ def _noise_only_step(model: PromptClassifier, device: torch.device) -> torch.Ten
     return torch.zeros((), device=device)
 
 
-def _plant_canaries(
-    model: PromptClassifier, canaries: GradientCanaries, generator: torch.Generator, private: bool, size: int
-) -> None:
-    """This step's sampled audit canaries join the batch as records do: under DP as per-sample gradients,
-    which Opacus then clips and noises with the records' own; without DP, into the batch's mean gradient."""
-    rows = canaries.sampled_gradients(model, generator)
-    for name, parameter in model.exchanged_tensors().items():
-        extra = rows[name]
-        if private:
-            current = parameter.grad_sample
-            current = torch.cat(current) if isinstance(current, list) else current
-            parameter.grad_sample = torch.cat([current, extra])
-        elif len(extra):
-            grad = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
-            parameter.grad = (grad * size + extra.sum(0)) / (size + len(extra))
-
-
 def _check_plan(dataset: RecordInputs, ledger: PrivacyLedger, train: TrainConfig) -> tuple[SamplingPlan, int]:
     """The round's sampling plan and step count, refused before any step if it would break the ledger's promise."""
     plan = SamplingPlan.for_records(len(dataset), train.batch_size)
@@ -214,7 +198,7 @@ def _make_private(
 def _run_steps(
     model: PromptClassifier, optimizer: torch.optim.Optimizer, loader: DataLoader, train: TrainConfig,
     total_steps: int, device: torch.device, proximal: ProximalPull | None, progress: bool,
-    canaries: tuple[GradientCanaries, torch.Generator, bool] | None = None,
+    canaries: PlantedCanaries | None = None,
 ) -> tuple[float, int]:
     """The loop: `train.epochs` passes of (zero grads, loss, backward, [audit canaries], DP step, FedProx pull).
 
@@ -232,8 +216,10 @@ def _run_steps(
                     loss = _batch_loss(model, batch, device)
                     loss.backward()
                 if canaries is not None:
-                    _plant_canaries(model, *canaries, size=size)
+                    canaries.plant(model, size)
                 optimizer.step()
+                if canaries is not None:  # Opacus divides the noised sum by the expected batch size
+                    canaries.observe(model, getattr(optimizer, "expected_batch_size", None) or max(1, size))
                 if proximal is not None:
                     proximal.apply(model, train.learning_rate)
                 total_loss += float(loss.detach()) * size
@@ -286,9 +272,7 @@ def train_local(
     if ledger.config.is_private:
         hooks, optimizer, loader = _make_private(model, adam, loader, ledger, device, streams.noise, secure_noise)
     try:
-        planted = None if canaries is None else (
-            canaries, torch.Generator().manual_seed(streams.canaries), ledger.config.is_private
-        )
+        planted = None if canaries is None else PlantedCanaries(canaries, streams.canaries, ledger.config.is_private)
         total_loss, examples = _run_steps(
             model, optimizer, loader, train, total_steps, device, proximal, progress, planted
         )
@@ -306,4 +290,5 @@ def train_local(
         epsilon=ledger.epsilon,
         delta=ledger.config.delta,
         optimizer_state=flat_optimizer_state(adam),
+        canary_observations=None if planted is None else np.stack(planted.observations),
     )

@@ -4,8 +4,14 @@ The run is the federation being audited (its scenario and run config), with M ca
 planted at the audited hospital (medtune/canaries.py) and every received update kept
 (`keep-updates`). Then:
 
-- **white box**: each gradient canary is scored by the descent of the hospital's updates along its
-  direction, summed over rounds: exactly what the coordinator receives (`updates/round_NNN/`);
+- **white box**: each gradient canary is scored by what DP's own adversary reads at the audited
+  hospital: every step's released (noised) gradient at the canary's coordinate, less the part of
+  the other records, whose clipped gradients it knows; summed over all the hospital's steps
+  (`ledger.canary-steps.npy` beside the site's ledger, written during the run);
+- **coordinator's view**: the same canaries scored by the descent of the hospital's updates along
+  their directions, summed over rounds: exactly what the coordinator receives
+  (`updates/round_NNN/`). Weaker (Adam reshapes each step and the records' gradients stay in), it
+  says what a curious coordinator could learn;
 - **black box**: each input canary is scored by minus its loss under the final global model.
 
 Each score list goes to the one-run test (medtune/epsilon_audit.py), which certifies, at 95%
@@ -14,8 +20,8 @@ beside the hospital's ledger epsilon; a bound above the ledger's means the noise
 the accounting is broken. The run stays in its out directory, so `medtune audit --score OUT` scores
 it again from what it kept.
 
-Under secure aggregation the coordinator never sees one hospital's update, so white box is refused
-and black box runs alone. A deployed run cannot be audited: the auditor must plant the canaries and
+Under secure aggregation the coordinator never sees one hospital's update, so its view is not
+audited; white box and black box still are. A deployed run cannot be audited: the auditor must plant the canaries and
 read the updates, which only a simulation of the same federation allows.
 """
 
@@ -29,7 +35,9 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file
 
-from medtune.canaries import GradientCanaries, included_bits, input_canaries, word_vocabulary
+from medtune.canaries import (
+    GradientCanaries, canary_steps_path, included_bits, input_canaries, read_canary_steps, word_vocabulary,
+)
 from medtune.errors import ConfigError
 from medtune.defaults import run_defaults
 from medtune.epsilon import read_epsilon
@@ -42,7 +50,9 @@ from medtune.run_config import RunSettings, settings_from_run_config
 from medtune.state import ExchangedStateSpec
 
 AUDIT_FILE = "audit.json"
-WHITE_BOX_REFUSED = "white box refused: secure aggregation hides each hospital's update from the coordinator"
+# The report's audits, as a reader names them: every step seen (DP's adversary), the coordinator's rounds, the final model.
+MODES = {"white_box": "white box", "coordinator_view": "coordinator's view", "black_box": "black box"}
+COORDINATOR_VIEW_REFUSED = "coordinator's view not audited: secure aggregation hides each hospital's update from it"
 
 
 def audit_overrides(canaries: int, hospital: str, mode: str) -> dict[str, Any]:
@@ -53,13 +63,11 @@ def audit_overrides(canaries: int, hospital: str, mode: str) -> dict[str, Any]:
 
 
 def check_audit_settings(settings: RunSettings) -> None:
-    """Refused before the run starts: a hospital that is not in the federation, or a white-box audit that
-    secure aggregation makes impossible."""
+    """Refused before the run starts: a hospital that is not in the federation, or more black-box canaries than
+    its training records."""
     names = [hospital_name(i) for i in range(settings.source.hospitals)]
     if settings.audit.hospital not in names:
         raise ConfigError(f"--hospital {settings.audit.hospital!r} is not in this federation; its hospitals are {names}")
-    if settings.federation.secure_aggregation and settings.audit.mode == "white-box":
-        raise ConfigError(f"{WHITE_BOX_REFUSED}; audit with --mode black-box (or both, which runs black box alone)")
     if settings.audit.black_box:
         from medtune.data import train_test_split
         from medtune.hospitals import simulated_hospital
@@ -109,7 +117,18 @@ def _ledger_epsilon(settings: RunSettings, out: Path) -> float:
     return read_epsilon(ledger.epsilon, str(path), spent=True)
 
 
-def white_box_scores(settings: RunSettings, out: Path, canaries: GradientCanaries) -> np.ndarray:
+def white_box_scores(settings: RunSettings, out: Path) -> np.ndarray:
+    """Each gradient canary's summed observation over every step the audited hospital took (medtune/canaries.py)."""
+    path = canary_steps_path(simulated_ledger_path(out, settings.audit.hospital))
+    if not path.is_file():
+        raise ConfigError(f"{out}: no step observations of {settings.audit.hospital} ({path}); it never trained in this run")
+    steps = read_canary_steps(path)
+    if steps.ndim != 2 or steps.shape[1] != settings.audit.canaries:
+        raise ConfigError(f"{path}: expected (steps, {settings.audit.canaries}) observations, found shape {steps.shape}")
+    return steps.sum(axis=0)
+
+
+def coordinator_scores(settings: RunSettings, out: Path, canaries: GradientCanaries) -> np.ndarray:
     """Each gradient canary's summed descent over the rounds in which the coordinator got the hospital's update."""
     descents = []
     for server_round in range(1, settings.federation.rounds + 1):
@@ -139,7 +158,7 @@ def black_box_scores(settings: RunSettings, out: Path) -> tuple[np.ndarray, np.n
 
 
 def score_audit(out: Path) -> dict[str, Any]:
-    """Both audits of a finished canary run, from what it kept; written to OUT/audit.json."""
+    """The audits of a finished canary run, from what it kept; written to OUT/audit.json."""
     from medtune.backbone import load_backbone
 
     settings = _settings(out)
@@ -147,14 +166,18 @@ def score_audit(out: Path) -> dict[str, Any]:
     delta = settings.privacy.delta
     report: dict[str, Any] = {"hospital": settings.audit.hospital, "canaries": settings.audit.canaries,
                               "ledger_epsilon": ledger_epsilon, "delta": delta}
-    if settings.audit.white_box and settings.federation.secure_aggregation:
-        report["white_box"] = {"refused": WHITE_BOX_REFUSED}
-    elif settings.audit.white_box:
-        backbone = load_backbone(settings.model.backbone, settings.model.num_layers, "cpu")
-        spec = ExchangedStateSpec(settings.model.prompt_length, backbone.hidden_size, len(settings.data.labels))
-        canaries = GradientCanaries.draw(settings.audit.canaries, spec, settings.seed, settings.audit.hospital,
-                                         clip=settings.privacy.max_grad_norm, sample_rate=1.0)
-        report["white_box"] = asdict(audit_scores(white_box_scores(settings, out, canaries), canaries.included, delta))
+    if settings.audit.white_box:
+        included = included_bits(settings.audit.canaries, settings.seed, settings.audit.hospital, "gradient")
+        report["white_box"] = asdict(audit_scores(white_box_scores(settings, out), included, delta))
+        if settings.federation.secure_aggregation:
+            report["coordinator_view"] = {"refused": COORDINATOR_VIEW_REFUSED}
+        else:
+            backbone = load_backbone(settings.model.backbone, settings.model.num_layers, "cpu")
+            spec = ExchangedStateSpec(settings.model.prompt_length, backbone.hidden_size, len(settings.data.labels))
+            canaries = GradientCanaries.draw(settings.audit.canaries, spec, settings.seed, settings.audit.hospital,
+                                             clip=settings.privacy.max_grad_norm, sample_rate=1.0)
+            scores = coordinator_scores(settings, out, canaries)
+            report["coordinator_view"] = asdict(audit_scores(scores, canaries.included, delta))
     if settings.audit.black_box:
         scores, included = black_box_scores(settings, out)
         report["black_box"] = asdict(audit_scores(scores, included, delta))
@@ -164,21 +187,19 @@ def score_audit(out: Path) -> dict[str, Any]:
 
 def audited_epsilon(report: dict[str, Any]) -> float:
     """The larger certified bound of the modes that ran (a sweep's "epsilon audited" column)."""
-    return max((report[mode]["epsilon"] for mode in ("white_box", "black_box") if "epsilon" in report.get(mode, {})),
-               default=0.0)
+    return max((report[mode]["epsilon"] for mode in MODES if "epsilon" in report.get(mode, {})), default=0.0)
 
 
 def audit_lines(report: dict[str, Any]) -> list[str]:
     """The audit as a reader wants it: each mode's bound beside the ledger's epsilon, and a verdict."""
     ledger = report["ledger_epsilon"]
-    kinds = " and ".join(mode.replace("_", " ") for mode in ("white_box", "black_box") if mode in report)
+    kinds = " and ".join(MODES[mode] for mode in MODES if mode in report)
     lines = [f"{report['hospital']}: ledger epsilon {ledger:.3g} (delta {report['delta']:g}), {report['canaries']} "
              f"canaries per audit ({kinds})"]
-    for mode in ("white_box", "black_box"):
+    for mode, name in MODES.items():
         if mode not in report:
             continue
         found = report[mode]
-        name = mode.replace("_", " ")
         if "refused" in found:
             lines.append(found["refused"])
             continue

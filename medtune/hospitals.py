@@ -42,20 +42,40 @@ def simulated_hospital(settings: RunSettings, partition_id: int) -> HospitalData
             f"partition {partition_id} does not exist: the scenario has {count} hospitals; "
             f"run the simulation with num-supernodes = hospitals = {count}"
         )
-    if settings.source.is_synthetic:
-        label_index = {label: i for i, label in enumerate(settings.data.labels)}
-        notes = generate_hospitals(settings.source.synth_config(settings.seed))[partition_id]
-        unknown = sorted({label for _, label in notes} - set(label_index))
-        if unknown:
-            raise ConfigError(f"the synthetic notes use labels {unknown} missing from the run's label list")
-        records = [Record(text=text, label=label_index[label]) for text, label in notes]
-    else:
-        records = partition_file(Path(settings.source.source), settings, partition_id)
-    return HospitalData(name=hospital_name(partition_id), records=records)
+    return simulated_hospitals(settings)[partition_id]
 
 
-def partition_file(path: Path, settings: RunSettings, partition_id: int) -> list[Record]:
-    """One hospital's share of a user file, by a seeded Dirichlet split over the labels."""
+_built: dict[str, list[HospitalData]] = {}  # this process's scenario: its hospitals, built once
+
+
+def simulated_hospitals(settings: RunSettings) -> list[HospitalData]:
+    """Every simulated hospital of the scenario, built once per process and handed out by index.
+
+    The generator and the partitioner each see the whole source once, so set-up grows linearly with
+    the number of hospitals (a simulation process serves many of them, one call each).
+    """
+    source = Path(settings.source.source) if not settings.source.is_synthetic else None
+    stamp = (source.stat().st_mtime_ns, source.stat().st_size) if source is not None and source.is_file() else None
+    key = repr((settings.source, settings.data, settings.seed, stamp))
+    if key not in _built:
+        _built.clear()
+        shares = _synthetic_records(settings) if source is None else _file_shares(source, settings)
+        _built[key] = [HospitalData(hospital_name(i), records) for i, records in enumerate(shares)]
+    return _built[key]
+
+
+def _synthetic_records(settings: RunSettings) -> list[list[Record]]:
+    """Each hospital's generated notes as records of the run's labels."""
+    label_index = {label: i for i, label in enumerate(settings.data.labels)}
+    hospitals = generate_hospitals(settings.source.synth_config(settings.seed))
+    unknown = sorted({label for notes in hospitals for _, label in notes} - set(label_index))
+    if unknown:
+        raise ConfigError(f"the synthetic notes use labels {unknown} missing from the run's label list")
+    return [[Record(text=text, label=label_index[label]) for text, label in notes] for notes in hospitals]
+
+
+def _file_shares(path: Path, settings: RunSettings) -> list[list[Record]]:
+    """Each hospital's share of a user file, by one seeded Dirichlet split over the labels."""
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner
 
@@ -71,14 +91,13 @@ def partition_file(path: Path, settings: RunSettings, partition_id: int) -> list
         seed=settings.seed,
     )
     partitioner.dataset = Dataset.from_dict({"row": list(range(len(records))), "label": [r.label for r in records]})
-    try:
-        rows = partitioner.load_partition(partition_id)["row"]
+    try:  # the partitioner splits all rows on its first load, then hands out each share
+        return [[records[row] for row in partitioner.load_partition(i)["row"]] for i in range(count)]
     except ValueError as error:
         raise DataError(
             f"{path}: cannot split {len(records)} records into {count} hospitals with dirichlet-alpha="
             f"{settings.source.dirichlet_alpha} ({error}); use fewer hospitals or a larger alpha"
         ) from None
-    return [records[row] for row in rows]
 
 
 def check_hospitals(settings: RunSettings) -> list[HospitalData]:
@@ -88,7 +107,7 @@ def check_hospitals(settings: RunSettings) -> list[HospitalData]:
     here with the same one-line error `medtune train` gives, instead of a federation of hospitals
     that all fail. Data that trains but probably not as meant (one label only, one record) is warned about.
     """
-    hospitals = [simulated_hospital(settings, i) for i in range(settings.source.hospitals)]
+    hospitals = simulated_hospitals(settings)
     for hospital in hospitals:
         try:
             train, _ = train_test_split(hospital.records, settings.data.test_fraction, settings.seed)

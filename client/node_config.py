@@ -25,7 +25,8 @@ from flwr.app import Context
 from medtune.data import read_records, warn_if_thin
 from medtune.errors import ConfigError
 from medtune.state import check_hospital_name
-from medtune.hospitals import simulated_hospital, simulated_ledger_path
+from medtune.federation.partitions import simulated_hospital
+from medtune.hospitals import simulated_ledger_path
 from medtune.noise import NoiseSource
 from medtune.run_config import RunSettings, settings_from_run_config
 from medtune.site import Site

@@ -32,7 +32,7 @@ from medtune.errors import ConfigError, MedTuneError
 from medtune.files import atomic_write_json, check_writable
 from medtune.logs import quiet_libraries, show_medtune_lines
 from medtune.stopping import EXIT_STATUS
-from medtune.synth import SynthConfig
+from medtune.synth_config import SynthConfig
 
 
 # Flags are derived from the config dataclasses' fields: `prompt_length` becomes --prompt-length,

@@ -30,7 +30,7 @@ from medtune.config import (
 from medtune.defaults import run_defaults
 from medtune.epsilon import NO_DP, read_epsilon
 from medtune.errors import ConfigError
-from medtune.synth import LABELS, SynthConfig
+from medtune.synth_config import LABELS, SynthConfig
 
 UNBOUNDED_KEYS = {"max-update-norm"}  # float keys where inf means "no bound" (epsilon: medtune/epsilon.py)
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean")
@@ -226,7 +226,7 @@ def settings_from_run_config(config: dict[str, Any]) -> RunSettings:
     # Bounds kept by other objects, checked here too, so that no run, sweep cell or site starts on them:
     check_fits_backbone(settings.model)  # prompt-layer, num-layers, max-length + prompt-length
     if settings.source.is_synthetic:
-        settings.source.synth_config(settings.seed)  # records-per-hospital (medtune/synth.py)
+        settings.source.synth_config(settings.seed)  # records-per-hospital (medtune/synth_config.py)
     return settings
 
 

@@ -248,7 +248,7 @@ def test_training_data_of_one_label_or_one_record_trains_with_a_warning(tmp_path
         assert main(argv) == 0
     assert "this site trains on 10 record(s) of 1 label(s)" in caplog.text
 
-    from medtune.hospitals import check_hospitals
+    from medtune.federation.partitions import check_hospitals
     from medtune.run_config import resolve_run_config, settings_from_run_config
 
     caplog.clear()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from medtune.errors import ConfigError
-from medtune.hospitals import simulated_hospital
+from medtune.federation.partitions import simulated_hospital
 from medtune.run_config import resolve_run_config, settings_from_run_config
 from medtune.synth import LABELS
 
@@ -40,7 +40,7 @@ def test_unknown_run_config_key_is_named() -> None:
 def test_set_up_reads_the_source_once_however_many_hospitals(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Checking every hospital and handing each its share generates (or reads and splits) the source once:
     set-up grows linearly with the number of hospitals, not with its square."""
-    import medtune.hospitals as hospitals
+    import medtune.federation.partitions as hospitals
 
     calls = {"generate": 0, "read": 0}
     generate, read = hospitals.generate_hospitals, hospitals.read_records

@@ -93,7 +93,7 @@ def audit_run(out: Path, hospital: str) -> AuditResult:
     from medtune.data import train_test_split
     from medtune.features import record_inputs
     from medtune.hospitals import hospital_name
-    from medtune.hospitals import simulated_hospital
+    from medtune.federation.partitions import simulated_hospital
     from medtune.run_config import settings_from_run_config
 
     checkpoint = load_checkpoint(find_checkpoint(out))

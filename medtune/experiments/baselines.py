@@ -32,7 +32,7 @@ from medtune.checkpoint import find_checkpoint, load_checkpoint, model_from_chec
 from medtune.data import Record, train_test_split
 from medtune.errors import ConfigError
 from medtune.features import RecordInputs, record_inputs
-from medtune.hospitals import simulated_hospital
+from medtune.federation.partitions import simulated_hospital
 from medtune.label_mix import apply_label_mix, label_mix, mix_bias
 from medtune.label_prior import ZeroShotClassifier, initial_model
 from medtune.evaluation import evaluate, predict_logits
@@ -74,7 +74,9 @@ class BaselineResult:
             "worst_hospital_accuracy": min(e.accuracy for e in self.per_hospital.values()),
             "accuracy_on_all_hospitals": self.everyone.accuracy,
             "macro_f1_on_all_hospitals": self.everyone.macro_f1,
-            "per_hospital": {name: {"accuracy": e.accuracy, "macro_f1": e.macro_f1} for name, e in self.per_hospital.items()},
+            "per_hospital": {
+                name: {"accuracy": e.accuracy, "macro_f1": e.macro_f1} for name, e in self.per_hospital.items()
+            },
         }
 
 
@@ -127,7 +129,8 @@ def each_hospital_scored(
     `scorer_of(split)` gives the model of `split`'s hospital. Its own test split makes `per_hospital`
     and `pooled`; every hospital's test split, pooled over all models, makes `everyone`.
     """
-    per_hospital, everyone = {}, []
+    per_hospital: dict[str, Evaluation] = {}
+    everyone: list[Evaluation] = []
     for own in all_splits:
         score = scorer_of(own)
         on_each = {other.name: score(other) for other in all_splits}
@@ -200,7 +203,9 @@ def load_run(run: Path) -> tuple[RunSettings, RunResults]:
     path = find_checkpoint(run)
     config = load_checkpoint(path).extra.get("config")
     if not isinstance(config, dict):
-        raise ConfigError(f"{path}: its meta.json carries no run config; give the out directory of a `medtune simulate` run")
+        raise ConfigError(
+            f"{path}: its meta.json carries no run config; give the out directory of a `medtune simulate` run"
+        )
     return settings_from_run_config(config), RunResults.load(run, up_to_round=sys.maxsize)
 
 
@@ -235,7 +240,9 @@ def score_global_model(run: Path) -> tuple[BaselineResult, BaselineResult]:
         mix = label_mix([r.label for r in split.train], len(settings.data.labels))
         own = predict_logits(model, _inputs(settings, backbone, split.train), backbone.tokenizer.pad_token_id, device)
         bias = mix_bias(own, mix)
-        return lambda other: score_logits(apply_label_mix(tests[other.name][0], bias), tests[other.name][1], settings.data.labels)
+        return lambda other: score_logits(
+            apply_label_mix(tests[other.name][0], bias), tests[other.name][1], settings.data.labels
+        )
 
     return (
         each_hospital_scored("federated (global model)", all_splits, as_it_is, spent),

@@ -70,7 +70,7 @@ def check_audit_settings(settings: RunSettings) -> None:
         raise ConfigError(f"--hospital {settings.audit.hospital!r} is not in this federation; its hospitals are {names}")
     if settings.audit.black_box:
         from medtune.data import train_test_split
-        from medtune.hospitals import simulated_hospital
+        from medtune.federation.partitions import simulated_hospital
 
         records = simulated_hospital(settings, names.index(settings.audit.hospital)).records
         train, _ = train_test_split(records, settings.data.test_fraction, settings.seed)

@@ -27,7 +27,7 @@ from typing import Any
 from medtune.backbone import configured_depth
 from medtune.checkpoint import check_resume_location
 from medtune.errors import ConfigError, MedTuneError
-from medtune.hospitals import check_hospitals
+from medtune.federation.partitions import check_hospitals
 from medtune.locks import exclusive
 from medtune.federation.flower_engine import run_in_process
 from medtune.federation.results import RESULTS_FILE

@@ -35,8 +35,8 @@ from medtune.federation.secure_aggregation import (
     COUNTS, COUNTS_SCALE, PURPOSE, SecureLimits, is_secure, secure_instruction, secure_reply, site_mod,
 )
 from medtune.federation.wire import (
-    ARRAYS, TrainReport, clear_report, counts_vector, evaluate_reply, failed_reply, failure_reason, from_record, ready_reply,
-    record_from_wire, train_reply,
+    ARRAYS, TrainReport, clear_report, counts_vector, evaluate_reply, failed_reply, failure_reason, from_record,
+    ready_reply, record_from_wire, scalar, train_reply,
 )
 
 quiet_libraries()
@@ -91,15 +91,16 @@ def instruction_of(arrays: dict[str, np.ndarray], config: ConfigRecord, context:
     """A query or train message's content as the site reads it: the global state, the round, the ledger record."""
     return Instruction(
         arrays=arrays,
-        server_round=int(config["server-round"]),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        server_round=int(scalar(config["server-round"])),
+        proximal_mu=float(scalar(config.get("proximal-mu", 0.0))),
         record=record_from_wire(config),
         node=int(context.node_id),
     )
 
 
 def plain_instruction(message: Message, context: Context) -> Instruction:
-    return instruction_of(from_record(message.content[ARRAYS]), message.content["config"], context)
+    content = message.content
+    return instruction_of(from_record(content.array_records[ARRAYS]), content.config_records["config"], context)
 
 
 @app.query()
@@ -140,23 +141,23 @@ def secure_answer(message: Message, context: Context) -> Message:
         limits = SecureLimits.of(context)
         if config.get(PURPOSE) == "evaluate":
             check_evaluation_shared(context)
-            evaluation = site.evaluate(arrays, int(config["server-round"]))
+            evaluation = site.evaluate(arrays, int(scalar(config["server-round"])))
             log.info("%s: round %s, own test split: accuracy %.3f, macro-F1 %.3f (%d records; only the federation's "
                      "totals leave the site)", site.name, config.get("server-round"), evaluation.accuracy,
                      evaluation.macro_f1, evaluation.examples)
-            counts = {COUNTS: counts_vector(evaluation) / float(config[COUNTS_SCALE])}
+            counts = {COUNTS: counts_vector(evaluation) / float(scalar(config[COUNTS_SCALE]))}
             limits.check(counts, 1)
             return Message(secure_reply(counts, (COUNTS,), 1, {"hospital": site.name, "status": "evaluated"}),
                            reply_to=message)
         instruction = instruction_of(arrays, config, context)
         outcome = site.train_round(instruction)
-        if outcome.trained:
-            check_own_update(site, instruction, outcome)
+        if outcome.arrays is not None:  # it trained
+            check_own_update(site, instruction, outcome.arrays)
             limits.check(outcome.arrays, outcome.examples)
     except Exception as error:  # noqa: BLE001 - every failure leaves the site as a category only
         return failed(message, context, error)
     log_outcome(site, instruction, outcome)
-    if not outcome.trained:
+    if outcome.arrays is None:  # it did not train
         return Message(train_reply(report_of(outcome), site.name), reply_to=message)  # the mod drops the site
     report = clear_report(report_of(outcome), site.name)
     return Message(secure_reply(outcome.arrays, EXCHANGED_NAMES, outcome.examples, report), reply_to=message)
@@ -170,11 +171,11 @@ def log_outcome(site: Site, instruction: Instruction, outcome: RoundOutcome) -> 
                  site.name, instruction.server_round)
 
 
-def check_own_update(site: Site, instruction: Instruction, outcome: RoundOutcome) -> None:
-    """The checks the coordinator makes on a plain update, made by the site itself before masking."""
+def check_own_update(site: Site, instruction: Instruction, arrays: dict[str, np.ndarray]) -> None:
+    """The checks the coordinator makes on a plain update (`arrays`), made by the site itself before masking."""
     federation = site.settings.federation
-    site.spec.check(outcome.arrays, source=f"{site.name}'s own update")
-    norm = update_norm(outcome.arrays, instruction.arrays)
+    site.spec.check(arrays, source=f"{site.name}'s own update")
+    norm = update_norm(arrays, instruction.arrays)
     if not norm <= federation.max_update_norm:
         raise StateError(
             f"{site.name}'s own update moved the global state by L2 norm {norm:.4g}, more than max-update-norm="
@@ -187,7 +188,9 @@ def evaluate(message: Message, context: Context) -> Message:
     try:
         check_evaluation_shared(context)
         site = site_for(context)
-        evaluation = site.evaluate(from_record(message.content[ARRAYS]), int(message.content["config"]["server-round"]))
+        content = message.content
+        arrays = from_record(content.array_records[ARRAYS])
+        evaluation = site.evaluate(arrays, int(scalar(content.config_records["config"]["server-round"])))
     except Exception as error:  # noqa: BLE001 - every failure leaves the site as a category only
         return failed(message, context, error)
     return Message(evaluate_reply(evaluation, site.name), reply_to=message)

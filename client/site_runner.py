@@ -125,7 +125,12 @@ def run_site(site: SiteFile) -> int:
         supernode_command(site, secret_file), start_new_session=True,
         preexec_fn=_end_with_this_process if sys.platform == "linux" else None,
     )
-    threading.Thread(target=lambda: (supernode.wait(), stop.set()), daemon=True).start()
+
+    def stop_when_supernode_ends() -> None:
+        supernode.wait()
+        stop.set()
+
+    threading.Thread(target=stop_when_supernode_ends, daemon=True).start()
     try:
         _wait_for_port(site.runtime_port, supernode, timeout=120)
         print(

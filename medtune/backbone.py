@@ -7,12 +7,16 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from medtune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 DEFAULT_BACKBONE_NAME = "all-MiniLM-L6-v2 (embedded)"
 
@@ -21,7 +25,7 @@ DEFAULT_BACKBONE_NAME = "all-MiniLM-L6-v2 (embedded)"
 class Backbone:
     """A frozen encoder, its tokenizer, and where it came from."""
 
-    encoder: nn.Module
+    encoder: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     name: str
     path: str
@@ -129,7 +133,7 @@ def hidden_states_at(
     encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int
 ) -> torch.Tensor:
     """The input of transformer block `layer` (1..depth) for each token: embeddings, then blocks 0..layer-1."""
-    embedded = encoder.embeddings(input_ids=input_ids)
+    embedded = encoder.get_submodule("embeddings")(input_ids=input_ids)
     return run_layers(encoder, embedded, attention_mask, 0, layer)
 
 
@@ -200,12 +204,12 @@ def count_parameters(encoder: nn.Module) -> int:
 
 
 @torch.no_grad()
-def vocabulary_embeddings(encoder: nn.Module, count: int, generator: torch.Generator) -> torch.Tensor:
+def vocabulary_embeddings(encoder: PreTrainedModel, count: int, generator: torch.Generator) -> torch.Tensor:
     """Embeddings of `count` real vocabulary tokens drawn at random, for prompt initialisation.
 
     Drawn from the upper part of the vocabulary to skip [PAD], [unused*] and special tokens.
     """
-    table = encoder.get_input_embeddings().weight
+    table = encoder.get_input_embeddings().get_parameter("weight")
     vocab_size = table.shape[0]
     low = min(2000, vocab_size // 2)
     ids = torch.randint(low, vocab_size, (count,), generator=generator)

@@ -35,6 +35,7 @@ from medtune.data import Record
 from medtune.errors import ConfigError
 from medtune.files import atomic_write_bytes
 from medtune.model import PromptClassifier
+from medtune.prompt_grad_sampler import per_sample_gradients, set_per_sample_gradients
 from medtune.state import EXCHANGED_NAMES, ExchangedStateSpec
 
 if TYPE_CHECKING:
@@ -127,8 +128,7 @@ class PlantedCanaries:
         with the records' own; without DP into the batch's summed gradient (the loss is a mean over `size`)."""
         tensors = model.exchanged_tensors()
         if self.private:
-            samples = [torch.cat(t.grad_sample) if isinstance(t.grad_sample, list) else t.grad_sample
-                       for t in tensors.values()]
+            samples = [per_sample_gradients(t) for t in tensors.values()]
             clipped = torch.zeros(len(self.canaries.directions), dtype=torch.float64)
             if len(samples[0]):  # Opacus's own clipping factor of each record: the auditor knows the records
                 norms = torch.stack([s.reshape(len(s), -1).norm(2, dim=-1) for s in samples], dim=1).norm(2, dim=1)
@@ -142,9 +142,7 @@ class PlantedCanaries:
         for name, parameter in tensors.items():
             extra = rows[name]
             if self.private:
-                current = parameter.grad_sample
-                current = torch.cat(current) if isinstance(current, list) else current
-                parameter.grad_sample = torch.cat([current, extra])
+                set_per_sample_gradients(parameter, torch.cat([per_sample_gradients(parameter), extra]))
             elif len(extra):
                 grad = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
                 parameter.grad = grad + extra.sum(0) / max(1, size)
@@ -152,7 +150,8 @@ class PlantedCanaries:
     def observe(self, model: PromptClassifier, scale: float) -> None:
         """After the step: the released gradient at each canary's coordinate, as a sum (times `scale`, the
         step's divisor), less the records' part."""
-        released = self._at_directions([t.grad[None] for t in model.exchanged_tensors().values()])[0] * scale
+        grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in model.exchanged_tensors().values()]
+        released = self._at_directions([g[None] for g in grads])[0] * scale
         self.observations.append(released.numpy() - self._records_part)
 
 

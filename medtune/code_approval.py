@@ -98,7 +98,7 @@ def review(fab: bytes, installed: InstalledCode, source: str) -> CodeReview:
     added = tuple(sorted(set(code) - set(installed.files)))
     removed = tuple(sorted(set(installed.files) - set(code)))
     changed = tuple(sorted(p for p in set(code) & set(installed.files) if code[p] != installed.files[p]))
-    diff = []
+    diff: list[str] = []
     for path in sorted((*added, *removed, *changed)):
         before = installed.files.get(path, b"").decode("utf-8", errors="replace").splitlines(keepends=True)
         after = code.get(path, b"").decode("utf-8", errors="replace").splitlines(keepends=True)

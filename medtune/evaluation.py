@@ -8,7 +8,6 @@ from torch.utils.data import DataLoader
 from medtune.data import PadToLongest
 from medtune.features import RecordInputs
 from medtune.metrics import Evaluation, score_logits
-from medtune.model import PromptClassifier
 
 
 @torch.no_grad()
@@ -20,11 +19,11 @@ def predict_logits(
     chunks = [
         model(batch["inputs"].to(device), batch["attention_mask"].to(device)).float().cpu() for batch in loader
     ]
-    return torch.cat(chunks) if chunks else torch.empty(0, len(model.head.bias))
+    return torch.cat(chunks) if chunks else torch.empty(0, len(model.get_parameter("head.bias")))
 
 
 def evaluate(
-    model: PromptClassifier,
+    model: torch.nn.Module,  # a PromptClassifier, or any module from (inputs, attention mask) to logits with a head
     dataset: RecordInputs,
     label_names: tuple[str, ...],
     pad_token_id: int,

@@ -12,6 +12,7 @@ and the head are trainable, and only they are exchanged.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import cast
 
 import numpy as np
 import torch
@@ -114,7 +115,8 @@ class PromptClassifier(nn.Module):
         return self.head(self.features(inputs, attention_mask))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [self.prompt.embedding, self.head.weight, self.head.bias]
+        # torch's stubs type Linear.weight as a Tensor; it is a Parameter (Linear.__init__ makes it one)
+        return [self.prompt.embedding, cast(nn.Parameter, self.head.weight), self.head.bias]
 
     def exchanged_tensors(self) -> "OrderedDict[str, torch.Tensor]":
         """The live trainable tensors under their exchanged-state names."""

@@ -174,7 +174,7 @@ def _config_from(config: dict[str, Any], cls: type, renamed: dict[str, str] | No
     values = {
         name: _take(config, (renamed or {}).get(name, run_config_key(name)), kind)
         for name, kind in field_kinds(cls).items()
-        if name not in given
+        if name not in given and kind is not None  # the label lists' readers give them
     }
     return cls(**values, **given)
 

@@ -28,7 +28,7 @@ from medtune.errors import PrivacyBudgetError
 from medtune.heap import keep_heap_compact
 from medtune.model import PromptClassifier
 from medtune.privacy import PrivacyLedger
-from medtune.prompt_grad_sampler import soft_prompt_grad_sample  # noqa: F401  (registers it with Opacus)
+from medtune.prompt_grad_sampler import set_per_sample_gradients
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ def _noise_only_step(model: PromptClassifier, device: torch.device) -> torch.Ten
     The encoder cannot run on zero records, so the empty per-sample gradients are set directly.
     """
     for parameter in model.trainable_parameters():
-        parameter.grad_sample = torch.zeros((0, *parameter.shape), device=device, dtype=parameter.dtype)
+        set_per_sample_gradients(parameter, torch.zeros((0, *parameter.shape), device=device, dtype=parameter.dtype))
     return torch.zeros((), device=device)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -57,10 +58,14 @@ from medtune.federation.wire import (
     from_counts_vector,
     hospital_of,
     record_to_wire,
+    scalar,
     to_record,
 )
 from server.strategy import aggregate, build_strategy, restore_strategy_state, save_strategy_state, trimming_note
 from server.validation import CheckedUpdate, check_train_reply
+
+if TYPE_CHECKING:
+    from flwr.app import ConfigRecordValues
 
 log = logging.getLogger("medtune.server")
 
@@ -72,7 +77,11 @@ def changed_settings(original: dict, now: dict) -> dict[str, tuple]:
     """Run-config keys whose value differs between the run's start and its resumption: {key: (then, now)}."""
     keys = (set(original) | set(now)) - RESUMABLE_KEYS
     # `original` was read back from JSON, where inf is "inf": compare both as they are written.
-    return {key: (original.get(key), now.get(key)) for key in sorted(keys) if json_ready(original.get(key)) != json_ready(now.get(key))}
+    return {
+        key: (original.get(key), now.get(key))
+        for key in sorted(keys)
+        if json_ready(original.get(key)) != json_ready(now.get(key))
+    }
 
 
 def checkpoint_dir(out: Path, server_round: int) -> Path:
@@ -210,7 +219,9 @@ class Federation:
         federation = self.settings.federation
         sent = to_record(self.arrays)
         planned = list(self.strategy.configure_train(server_round, sent, ConfigRecord(), self.grid))
-        config = planned[0].content["config"] if planned else ConfigRecord({"server-round": server_round})
+        config = (
+            planned[0].content.config_records["config"] if planned else ConfigRecord({"server-round": server_round})
+        )
         nodes = [m.metadata.dst_node_id for m in planned if m.metadata.dst_node_id not in self.stopped]
         ready, hospitals = self._ask_ready(server_round, nodes, sent, config)
         if not self._enough_to_train(server_round, ready, hospitals):
@@ -218,7 +229,10 @@ class Federation:
         if federation.secure_aggregation:
             return self._secure_round(server_round, ready, hospitals, config)
         # Nodes refused for their name get the instruction too: its record tells them why, in their own log.
-        messages = [self._instruction(MessageType.TRAIN, node, sent, config) for node in ready + sorted(self.refused_nodes & set(nodes))]
+        messages = [
+            self._instruction(MessageType.TRAIN, node, sent, config)
+            for node in ready + sorted(self.refused_nodes & set(nodes))
+        ]
         accepted: list[CheckedUpdate] = []
         for reply, node, (name, status, reason) in self._exchange(server_round, "training", messages):
             record = HospitalRound(
@@ -260,7 +274,9 @@ class Federation:
         heads, and each one's clear report (name, epsilon, delta, steps), never one hospital's arrays."""
         federation = self.settings.federation
         instructions = {node: (self.arrays, dict(self._node_config(node, config))) for node in ready}
-        result = secure_mean(self.grid, server_round, instructions, federation.secagg_max_weight, federation.round_timeout)
+        result = secure_mean(
+            self.grid, server_round, instructions, federation.secagg_max_weight, federation.round_timeout
+        )
         for node in ready:
             report = result.reports.get(node)
             name = self._row_name(server_round, node, str(report["hospital"]) if report else self._node_name(node))
@@ -278,7 +294,7 @@ class Federation:
             hospitals.append(record)
         aggregated = result.mean is not None and len(result.reports) >= federation.min_hospitals
         accepted: list[CheckedUpdate] = []
-        if aggregated:
+        if aggregated and result.mean is not None:
             mean = {name: np.asarray(array, dtype=STATE_DTYPE) for name, array in result.mean.items()}
             checked = self.spec.check(mean, source=f"round {server_round} secure aggregate")
             accepted = [CheckedUpdate("secure-aggregate", 0, checked, 1, update_norm(checked, self.arrays))]
@@ -301,7 +317,8 @@ class Federation:
             Spend(record.round, row.steps, row.epsilon)
             for record in self.results.rounds
             for row in record.hospitals
-            if row.name == name and row.status in (TRAINED, STOPPED, REJECTED) and row.steps > 0 and row.epsilon is not None
+            if row.name == name and row.status in (TRAINED, STOPPED, REJECTED) and row.steps > 0
+            and row.epsilon is not None
         )
         return LedgerRecord(hospital=name, node=bound, spends=spends if bound == node else ())
 
@@ -454,7 +471,9 @@ class Federation:
             record.bytes_up = arrays.count_bytes()
         try:
             if status != TRAINED:
-                raise StateError(f"reply from {name} has status {status!r}, expected one of {[TRAINED, STOPPED, FAILED]}")
+                raise StateError(
+                    f"reply from {name} has status {status!r}, expected one of {[TRAINED, STOPPED, FAILED]}"
+                )
             update = check_train_reply(reply, name, self.spec, self.arrays, self.settings.federation)
         except StateError as error:
             record.status, record.reason = REJECTED, str(error)
@@ -474,10 +493,10 @@ class Federation:
         if metrics is None:
             return
         try:
-            record.examples = int(metrics.get("num-examples", 0))
+            record.examples = int(scalar(metrics.get("num-examples", 0)))
             record.epsilon = read_epsilon(metrics.get("epsilon", 0.0), "", spent=True)
-            record.delta = float(metrics.get("delta", 0.0))
-            record.steps = int(metrics.get("steps", 0))
+            record.delta = float(scalar(metrics.get("delta", 0.0)))
+            record.steps = int(scalar(metrics.get("steps", 0)))
         except (TypeError, ValueError, OverflowError, EpsilonError):
             pass  # a malformed value: the update checks reject a trained reply and say why
 
@@ -529,7 +548,7 @@ class Federation:
             self._event(f"round {server_round}: secure evaluation needs 3 hospitals, {len(nodes)} connected; skipped")
             return None
         scale = float(federation.secagg_max_weight)
-        config = {"server-round": server_round, PURPOSE: "evaluate", COUNTS_SCALE: scale}
+        config: dict[str, ConfigRecordValues] = {"server-round": server_round, PURPOSE: "evaluate", COUNTS_SCALE: scale}
         result = secure_mean(
             self.grid, server_round, {node: (self.arrays, config) for node in nodes}, max_weight=1,
             timeout=federation.round_timeout, names=(COUNTS,),

@@ -15,6 +15,7 @@ resumed run continues them exactly; the other strategies keep nothing between ro
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
@@ -34,8 +35,19 @@ MOMENT_PREFIXES = ("m_t/", "v_t/")
 STRATEGY_FILE = "strategy.safetensors"
 
 
+class _CommonArguments(TypedDict):
+    """The keyword arguments every strategy MedTune builds is given."""
+
+    fraction_train: float
+    fraction_evaluate: float
+    min_train_nodes: int
+    min_evaluate_nodes: int
+    min_available_nodes: int
+    weighted_by_key: str
+
+
 def build_strategy(federation: FederationConfig) -> FedAvg:
-    common = dict(
+    common = _CommonArguments(
         fraction_train=1.0,
         fraction_evaluate=1.0,
         min_train_nodes=federation.min_hospitals,

@@ -69,16 +69,18 @@ def check_train_reply(
             f"update from {hospital}: must hold array record '{ARRAYS}' and metric record '{METRICS}' only; got "
             f"arrays {sorted(content.array_records)}, metrics {sorted(content.metric_records)}"
         )
-    metrics = content[METRICS]
+    metrics = content.metric_records[METRICS]
     if set(metrics) != set(TRAIN_METRICS):
-        raise StateError(f"update from {hospital}: metrics must be exactly {list(TRAIN_METRICS)}; got {sorted(metrics)}")
+        raise StateError(
+            f"update from {hospital}: metrics must be exactly {list(TRAIN_METRICS)}; got {sorted(metrics)}"
+        )
     examples = _examples(metrics["num-examples"], hospital, federation.max_examples)
     try:
         read_epsilon(metrics["epsilon"], f"update from {hospital}", spent=True)
     except EpsilonError as error:
         raise StateError(str(error)) from None
     try:
-        received = from_record(content[ARRAYS])
+        received = from_record(content.array_records[ARRAYS])
     except Exception as error:  # a crafted Array's bytes may not deserialise; numpy raises several types
         raise StateError(f"update from {hospital}: arrays cannot be read ({type(error).__name__}: {error})") from None
     arrays = spec.check(received, source=f"update from {hospital}")

@@ -202,7 +202,8 @@ def test_train_and_simulate_share_the_defaults_of_pyproject_and_every_config_fie
     """No default is written twice: the dataclasses and `medtune train`'s flags take theirs from pyproject.toml."""
     import dataclasses
 
-    from medtune.cli import NOT_FLAGS, build_parser
+    from medtune.cli import build_parser
+    from medtune.cli.flags import NOT_FLAGS
     from medtune.config import DataConfig, ModelConfig, PrivacyConfig, TrainConfig
     from medtune.run_config import resolve_run_config, settings_from_run_config
 
@@ -260,7 +261,7 @@ def test_training_data_of_one_label_or_one_record_trains_with_a_warning(tmp_path
 
 
 def test_ctrl_c_in_a_command_is_one_line_and_status_130(monkeypatch, capsys):
-    import medtune.cli as cli
+    import medtune.cli.data_commands as cli
 
     def interrupted(args):
         raise KeyboardInterrupt

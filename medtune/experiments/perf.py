@@ -18,6 +18,7 @@ import itertools
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -109,7 +110,7 @@ def run_perf(
 ) -> list[dict]:
     device = resolve_device("auto")
     peak = matmul_flops_per_s(device)
-    rows = []
+    rows: list[dict[str, Any]] = []  # one JSON row per configuration: numbers, the device's name, None
     records = long_records(batch_size * steps)
     for depth, max_length, prompt_layer in itertools.product(layers, max_lengths, prompt_layers):
         if prompt_layer > depth:
@@ -152,7 +153,9 @@ def run_perf(
                 "full_finetune_bytes_up_per_round": full,
             }
         )
-    table = Table(title=f"MedTune throughput ({_device_name(device)}, {torch.get_num_threads()} threads, batch {batch_size})")
+    table = Table(
+        title=f"MedTune throughput ({_device_name(device)}, {torch.get_num_threads()} threads, batch {batch_size})"
+    )
     columns = ("layers", "max len", "prompt layer", "cache/s", "train/s", "train DP/s", "DP/plain", "DP secret noise/s",
                "secret/seeded", "inference/s", "GFLOP/s (of peak)",
                "KiB up/round", "full FT MiB/round")
@@ -170,7 +173,8 @@ def run_perf(
             f"{row['train_dp_secret_noise_samples_per_s']:.1f}",
             f"{row['secret_over_seeded']:.2f}",
             f"{row['inference_samples_per_s']:.1f}",
-            f"{row['achieved_gflop_per_s']:.1f} ({row['achieved_over_peak']:.0%} of {row['matmul_peak_gflop_per_s']:.0f})",
+            f"{row['achieved_gflop_per_s']:.1f} ({row['achieved_over_peak']:.0%} of "
+            f"{row['matmul_peak_gflop_per_s']:.0f})",
             f"{row['bytes_up_per_round'] / 1024:.1f}",
             f"{row['full_finetune_bytes_up_per_round'] / 2**20:.1f}",
         )

@@ -30,9 +30,10 @@ needs them). Every private or legacy name used is listed in `LEGACY_NAMES` and c
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
@@ -50,8 +51,11 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
 from medtune.errors import PrivacyTermsError, SecureAggregationError, StateError
-from medtune.federation.wire import hospital_of
+from medtune.federation.wire import hospital_of, scalar
 from medtune.state import EXCHANGED_NAMES
+
+if TYPE_CHECKING:
+    from flwr.app import ConfigRecordValues, ConfigScalar
 
 log = logging.getLogger("medtune.secure_aggregation")
 
@@ -103,7 +107,7 @@ class SecureRound:
     complete), each contributing node's clear report, and how many nodes dropped out."""
 
     mean: dict[str, np.ndarray] | None
-    reports: dict[int, dict[str, object]]
+    reports: dict[int, dict[str, ConfigScalar]]  # the FitRes metrics each node sent in clear
     dropped: int
     bytes_down: dict[int, int] = field(default_factory=dict)  # per node, every stage of the pass
     bytes_up: dict[int, int] = field(default_factory=dict)
@@ -141,7 +145,7 @@ class _Instructions(Strategy):
     """The legacy Strategy the workflow drives: each node gets its own instruction, and the mean is kept."""
 
     def __init__(
-        self, grid: Grid, instructions: dict[int, tuple[dict[str, np.ndarray], dict[str, object]]],
+        self, grid: Grid, instructions: dict[int, tuple[dict[str, np.ndarray], dict[str, ConfigRecordValues]]],
         names: tuple[str, ...],
     ) -> None:
         self.grid = grid
@@ -189,7 +193,8 @@ def threshold_for(hospitals: int) -> int:
 
 
 def secure_mean(
-    grid: Grid, server_round: int, instructions: dict[int, tuple[dict[str, np.ndarray], dict[str, object]]],
+    grid: Grid, server_round: int,
+    instructions: dict[int, tuple[dict[str, np.ndarray], dict[str, ConfigRecordValues]]],
     max_weight: int, timeout: float, names: tuple[str, ...] = EXCHANGED_NAMES,
 ) -> SecureRound:
     """Run one SecAgg+ pass over `instructions` (node -> global arrays and config); the unmasked weighted
@@ -201,8 +206,10 @@ def secure_mean(
     hospitals = len(instructions)
     if not 3 <= hospitals <= MAX_HOSPITALS:
         raise StateError(f"secure aggregation needs 3 to {MAX_HOSPITALS} hospitals in a round, got {hospitals}")
-    grid = _CountingGrid(grid)  # type: ignore[assignment] - it answers every Grid call the workflow makes
-    strategy = _Instructions(grid, instructions, names)
+    counting = _CountingGrid(grid)
+    # Flower types the workflow's grid as the Grid ABC; the wrapper answers every Grid call by delegation.
+    counted = cast(Grid, counting)
+    strategy = _Instructions(counted, instructions, names)
     state = RecordDict(
         {
             MAIN_CONFIGS_RECORD: ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round}),
@@ -215,8 +222,8 @@ def secure_mean(
         clipping_range=CLIPPING_RANGE, quantization_range=QUANTIZATION_RANGE, modulus_range=MODULUS_RANGE,
         timeout=timeout,
     )
-    workflow(grid, context)
-    return replace(strategy.result, bytes_down=dict(grid.down), bytes_up=dict(grid.up))
+    workflow(counted, context)
+    return replace(strategy.result, bytes_down=dict(counting.down), bytes_up=dict(counting.up))
 
 
 # --- the site's side ------------------------------------------------------------------------------
@@ -248,7 +255,9 @@ class SecureLimits:
         if SETTINGS_KEY not in context.state.config_records:
             raise StateError("secure round: the collect stage came before this site accepted a setup")
         accepted = context.state.config_records[SETTINGS_KEY]
-        return cls(max_weight=float(accepted["max-weight"]), clipping_range=float(accepted["clipping-range"]))
+        return cls(
+            max_weight=float(scalar(accepted["max-weight"])), clipping_range=float(scalar(accepted["clipping-range"]))
+        )
 
     def check(self, arrays: dict[str, np.ndarray], examples: int) -> None:
         """Refuse an update SecAgg+ would distort: a weight above max-weight overflows, a value past the range clips."""
@@ -266,7 +275,7 @@ class SecureLimits:
 
 
 def secure_reply(
-    arrays: dict[str, np.ndarray], names: tuple[str, ...], examples: int, report: dict[str, object]
+    arrays: dict[str, np.ndarray], names: tuple[str, ...], examples: int, report: Mapping[str, ConfigScalar]
 ) -> RecordDict:
     """A collect-stage reply in the FitRes shape `secaggplus_mod` masks (arrays in the order of `names`, as
     the coordinator reads them back); `report` is what crosses in clear."""
@@ -277,8 +286,10 @@ def secure_reply(
 
 def _check_setup(configs: ConfigRecord) -> None:
     """Refuse SecAgg+ parameters under which the masking would not hide this site, or the sum could wrap."""
-    hospitals, shares, threshold = (int(configs[key]) for key in (Key.SAMPLE_NUMBER, Key.SHARE_NUMBER, Key.THRESHOLD))
-    target, modulus = int(configs[Key.TARGET_RANGE]), int(configs[Key.MOD_RANGE])
+    hospitals, shares, threshold = (
+        int(scalar(configs[key])) for key in (Key.SAMPLE_NUMBER, Key.SHARE_NUMBER, Key.THRESHOLD)
+    )
+    target, modulus = int(scalar(configs[Key.TARGET_RANGE])), int(scalar(configs[Key.MOD_RANGE]))
     problems = []
     if hospitals < 3:
         problems.append(f"{hospitals} hospitals (at least 3 are needed to hide one among the others)")
@@ -302,7 +313,10 @@ def site_mod(refusal: Callable[[Exception], str]) -> Callable[[Message, Context,
             if stage == Stage.SETUP:
                 _check_setup(configs)
                 context.state.config_records[SETTINGS_KEY] = ConfigRecord(
-                    {"max-weight": float(configs[Key.MAX_WEIGHT]), "clipping-range": float(configs[Key.CLIPPING_RANGE])}
+                    {
+                        "max-weight": float(scalar(configs[Key.MAX_WEIGHT])),
+                        "clipping-range": float(scalar(configs[Key.CLIPPING_RANGE])),
+                    }
                 )
             reply = secaggplus_mod(message, context, _masked_only(call_next))
         except _NotMasked as dropped:  # the handler refused: its category is the reason the site drops out

@@ -18,10 +18,14 @@ import logging
 import subprocess
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from flwr.app import Context, Message
 
 from medtune.federation.private_api import missing_arguments, missing_names
+
+if TYPE_CHECKING:  # annotations only: at run time the private runtime is imported where it is used
+    from flwr.supercore.runtime import RuntimeHttpClient
 
 log = logging.getLogger("medtune.site")
 
@@ -64,7 +68,7 @@ def missing_private_names() -> list[str]:
     return missing
 
 
-def _client(runtime_address: str, interceptors: list, give_up_after: float | None = None) -> object:
+def _client(runtime_address: str, interceptors: list, give_up_after: float | None = None) -> RuntimeHttpClient:
     """A Runtime API client on loopback; `give_up_after` bounds its retries (seconds), None retries for ever."""
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
@@ -89,7 +93,8 @@ def run_task(runtime_address: str, token: str, answer: Answer) -> None:
     from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
     client = _client(
-        runtime_address, [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), RuntimeTokenHttpInterceptor(token)]
+        runtime_address,
+        [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), RuntimeTokenHttpInterceptor(token)],
     )
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     heartbeat.start()

@@ -2,8 +2,8 @@
 
 Server -> hospital (query, train and evaluate): `arrays` (the global exchanged state) and `config`;
 with query and train the config also holds `ledger-record`, the coordinator's record of that
-hospital's ledger (medtune/ledger_record.py, as JSON text), for every node whose hospital it knows. A query asks "can you take
-part in this round?" before anyone spends: the reply is `ready`, `stopped` or `failed`.
+hospital's ledger (medtune/ledger_record.py, as JSON text), for every node whose hospital it knows.
+A query asks "can you take part in this round?" before anyone spends: the reply is `ready`, `stopped` or `failed`.
 Hospital -> server after training: `arrays` (its new prompt and head, nothing else), `metrics`
 (num-examples, epsilon, delta, steps) and `hospital` (its name and status). The training loss stays at
 the site: computed on its records without clipping or noise, it is outside epsilon.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -30,6 +31,9 @@ from medtune.files import json_ready
 from medtune.federation.results import FAILED, REJECTED, STOPPED, TRAINED  # noqa: F401 - the statuses replies carry
 from medtune.ledger_record import LedgerRecord, Spend
 from medtune.metrics import Evaluation, from_counts
+
+if TYPE_CHECKING:
+    from flwr.app import ConfigRecordValues, ConfigScalar, MetricRecordValues
 
 ARRAYS = "arrays"
 METRICS = "metrics"
@@ -48,6 +52,16 @@ def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: array.numpy() for name, array in record.items()}
 
 
+def scalar(value: ConfigRecordValues) -> ConfigScalar:
+    """A config or metric record value that is one number, text or bytes, as int() and float() read it.
+
+    A list is refused with a TypeError, as int() and float() refuse it.
+    """
+    if isinstance(value, list):
+        raise TypeError(f"expected a single value, got a list of {len(value)}")
+    return value
+
+
 @dataclass(frozen=True)
 class TrainReport:
     """What a hospital reports after a round: plain numbers, and its new arrays unless it stopped."""
@@ -61,7 +75,7 @@ class TrainReport:
 
 def train_reply(report: TrainReport, hospital: str) -> RecordDict:
     content = RecordDict()
-    metrics = {
+    metrics: dict[str, MetricRecordValues] = {
         "num-examples": int(report.examples),
         "epsilon": float(report.epsilon),  # inf (no DP) travels as itself: records carry IEEE floats
         "delta": float(report.delta),
@@ -75,7 +89,7 @@ def train_reply(report: TrainReport, hospital: str) -> RecordDict:
     return content
 
 
-def clear_report(report: TrainReport, hospital: str) -> dict[str, object]:
+def clear_report(report: TrainReport, hospital: str) -> dict[str, ConfigScalar]:
     """What a hospital tells the coordinator in clear in a secure round: who it is and its ledger's totals
     (the coordinator's record of each ledger needs them). Its arrays and example count travel masked."""
     return {
@@ -176,21 +190,29 @@ def from_counts_vector(total: np.ndarray, labels: tuple[str, ...]) -> Evaluation
     return from_counts(labels, support, predicted, correct, loss=float(total[3 * k]) / examples if examples else 0.0)
 
 
+def _counts(metrics: MetricRecord, key: str) -> list[int]:
+    """A per-class count list of an evaluation reply; one number instead of a list is a TypeError."""
+    value = metrics[key]
+    if not isinstance(value, list):
+        raise TypeError(f"metric {key!r} must be a list of per-class counts, got {type(value).__name__}")
+    return [int(count) for count in value]
+
+
 def evaluation_from_reply(message: Message, labels: tuple[str, ...]) -> Evaluation:
-    metrics = message.content[METRICS]
+    metrics = message.content.metric_records[METRICS]
     return from_counts(
         labels,
-        support=list(metrics["support"]),
-        predicted=list(metrics["predicted"]),
-        correct=list(metrics["correct"]),
-        loss=float(metrics["loss"]),
+        support=_counts(metrics, "support"),
+        predicted=_counts(metrics, "predicted"),
+        correct=_counts(metrics, "correct"),
+        loss=float(scalar(metrics["loss"])),
     )
 
 
 def hospital_of(message: Message, unnamed: str) -> tuple[str, str, str]:
     """(name, status, reason) of a reply; a reply that names no hospital (an error) is called `unnamed`."""
     if message.has_error():
-        return unnamed, FAILED, message.error.reason
+        return unnamed, FAILED, message.error.reason or ""  # Flower's Error may carry no reason
     info = message.content.config_records.get(HOSPITAL)
     if info is None:
         return unnamed, FAILED, "reply carries no hospital record"

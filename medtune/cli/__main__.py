@@ -1,0 +1,7 @@
+"""`python -m medtune.cli`."""
+
+import sys
+
+from medtune.cli import main
+
+sys.exit(main())

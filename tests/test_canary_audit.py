@@ -15,7 +15,7 @@ import pytest
 
 from medtune.errors import ConfigError, FederationError
 from medtune.experiments.canary_audit import audit_lines, score_audit
-from test_robustness import federate, real_grid, run_config, site_files, task_identity  # noqa: F401 - the fixture is used
+from federation_harness import federate, real_grid, run_config, site_files, task_identity  # noqa: F401 - the fixture is used
 from test_secure_aggregation import sites
 
 CANARIES = 200  # of the tiny model's 293 prompt and head coordinates

@@ -140,7 +140,7 @@ class Processes:
 
 def leftovers(markers: list[str]) -> list[str]:
     """Flower processes still running whose command line names one of this test's ports or paths."""
-    listing = subprocess.run(["pgrep", "-af", FLOWER_PROCESSES], capture_output=True, text=True).stdout
+    listing = subprocess.run(["pgrep", "-af", FLOWER_PROCESSES], capture_output=True, text=True, timeout=60).stdout
     return [line for line in listing.splitlines() if any(marker in line for marker in markers)]
 
 

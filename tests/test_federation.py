@@ -17,7 +17,7 @@ from medtune.federation.simulation import simulate
 from medtune.run_config import resolve_run_config
 from medtune.state import ExchangedStateSpec
 from conftest import tiny_recipe
-from test_robustness import federate, task_identity  # noqa: F401 - the fixture is used
+from federation_harness import federate, task_identity  # noqa: F401 - the fixture is used
 from test_secure_aggregation import sites
 
 HOSPITALS = ("hospital_1", "hospital_2", "hospital_3")
@@ -258,7 +258,8 @@ def test_the_coordinator_imports_no_records_training_or_opacus_code() -> None:
     import sys
 
     probe = "import sys, server.app; print(' '.join(sorted(sys.modules)))"
-    loaded = set(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split())
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=300)
+    loaded = set(done.stdout.split())
     forbidden = {"medtune.data", "medtune.train", "medtune.features", "medtune.site", "medtune.standalone", "opacus"}
     assert not loaded & forbidden, sorted(loaded & forbidden)
     assert "server.federation" in loaded  # the probe did import the coordinator
@@ -272,11 +273,11 @@ def test_the_learning_core_imports_no_flower() -> None:
     probe = (
         "import importlib, pkgutil, sys, medtune\n"
         "names = [m.name for m in pkgutil.walk_packages(medtune.__path__, 'medtune.') "
-        "if not m.name.startswith('medtune.federation')]\n"
+        "if not m.name.startswith('medtune.federation') and not m.name.endswith('.__main__')]\n"  # runs a command
         "for name in names: importlib.import_module(name)\n"
         "print(len(names), ' '.join(sorted(n for n in sys.modules if n.split('.')[0] in ('flwr', 'ray'))))"
     )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=300).stdout.split()
     assert int(out[0]) > 30, out[0]  # every core and experiments module was imported
     assert out[1:] == [], out[1:]
 
@@ -293,15 +294,38 @@ def test_every_private_flower_name_medtune_simulate_calls_exists_in_the_installe
     assert flower_engine.missing_private_names() == ["_run_simulation(renamed=...)"]
 
 
-def test_flower_leaves_a_running_ray_alone_so_medtune_keeps_its_stop_handler() -> None:
+def test_flower_leaves_a_running_ray_alone_so_medtune_keeps_its_stop_handler(monkeypatch) -> None:
     """`start_ray` starts Ray before Flower and puts the SIGTERM handler back that `ray.init` replaces;
     that works only while Flower's Ray backend starts Ray just when it is not running, with the
-    arguments MedTune mirrors (its backend config's init_args and the PYTHONPATH runtime env)."""
-    import inspect
+    arguments MedTune mirrors (its backend config's init_args and the PYTHONPATH runtime env).
 
-    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+    Both are run against a stand-in `ray` that records what they ask of it (no Ray is started)."""
+    import os
+    import sys
+    from contextlib import nullcontext
 
-    source = inspect.getsource(RayBackend.init_ray)
-    assert "if not ray.is_initialized():" in source
-    assert 'runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}' in source
-    assert 'ray_init_args.setdefault("include_dashboard", False)' in source
+    import ray
+
+    from medtune.federation import flower_engine, helper_processes
+    from flower_internals import start_ray_as_flowers_backend
+
+    started: list[dict] = []
+    monkeypatch.setattr(ray, "init", lambda **arguments: started.append(arguments))
+    monkeypatch.setattr(helper_processes, "ray_helpers_marked", nullcontext)  # no watcher process for no Ray
+    backend_config = {"init_args": {"num_cpus": 2, "object_store_memory": 10**8}, "client_resources": {"num_cpus": 1}}
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    start_ray_as_flowers_backend(backend_config)
+    assert started == []  # a running Ray (MedTune's, with its stop handler back) is left alone
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    for start in (start_ray_as_flowers_backend, flower_engine.start_ray):
+        monkeypatch.setenv("PYTHONPATH", "/the/users/own/path")
+        start(backend_config)
+    flowers, medtunes = started
+    assert medtunes == flowers  # MedTune starts Ray exactly as Flower would have
+    pythonpath = os.pathsep.join([*sys.path, "/the/users/own/path"])
+    assert flowers == {
+        "runtime_env": {"env_vars": {"PYTHONPATH": pythonpath}}, "include_dashboard": False,
+        "num_cpus": 2, "object_store_memory": 10**8,
+    }

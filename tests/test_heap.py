@@ -32,7 +32,7 @@ print(anon() - base)
 
 def retained_mib(mode: str) -> int:
     done = subprocess.run([sys.executable, "-c", PATTERN, mode], capture_output=True, text=True, check=True,
-                          cwd=Path(__file__).resolve().parents[1])
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)
     return int(done.stdout.strip())
 
 

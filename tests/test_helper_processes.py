@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import psutil
 
@@ -34,11 +36,41 @@ DRIVER = textwrap.dedent(
 )
 
 
+WAIT = 30.0  # seconds for any one step of the driver; each wait below fails after it, saying which
+
+
+def _kill(processes: list[psutil.Process]) -> None:
+    """Kill what this test started and is still running, its descendants first."""
+    descendants = []
+    for process in processes:
+        try:
+            descendants += process.children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+    for process in [*descendants, *processes]:
+        try:
+            if process.is_running():
+                process.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def _start() -> tuple[subprocess.Popen, list[psutil.Process], psutil.Process]:
     driver = subprocess.Popen([sys.executable, "-c", DRIVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    helper, parent, bystander = (psutil.Process(pid) for pid in json.loads(driver.stdout.readline()))
-    while not parent.children():  # the shell has started its sleep
-        pass
+    started: list[psutil.Process] = []
+    try:
+        if not select.select([driver.stdout], [], [], WAIT)[0]:
+            raise AssertionError(f"the driver printed no helper pids within {WAIT} s")
+        helper, parent, bystander = started = [psutil.Process(pid) for pid in json.loads(driver.stdout.readline())]
+        deadline = time.monotonic() + WAIT
+        while not parent.children():  # the shell has started its sleep
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the helper shell (pid {parent.pid}) started no child within {WAIT} s")
+            time.sleep(0.01)
+    except BaseException:
+        driver.kill()
+        _kill(started)
+        raise
     return driver, [helper, parent, *parent.children()], bystander
 
 
@@ -57,14 +89,17 @@ def _ends(how: str) -> None:
         else:
             driver.stdin.write("\n")  # a normal exit (not communicate(): the bystander holds the driver's stdout)
             driver.stdin.close()
-        driver.wait()
+        try:
+            driver.wait(timeout=WAIT)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the driver did not exit within {WAIT} s ({how})") from None
         _, alive = psutil.wait_procs(helpers, timeout=15)
         assert not alive, f"helpers outlived the simulation's process: {[p.pid for p in alive]}"
         assert bystander.is_running() and bystander.status() != psutil.STATUS_ZOMBIE
     finally:
-        for process in [*helpers, bystander]:
-            if process.is_running():
-                process.kill()
+        if driver.poll() is None:
+            driver.kill()
+        _kill([*helpers, bystander])
 
 
 def test_a_sigkilled_simulation_leaves_no_helper_process_behind_and_spares_the_rest() -> None:

@@ -24,9 +24,15 @@ def _calibrated_logits(x: np.ndarray, trained_mix: np.ndarray) -> torch.Tensor:
 
 
 def test_label_mix_is_smoothed_label_frequencies() -> None:
-    mix = label_mix([0, 0, 0, 2], num_labels=4)
-    assert mix == pytest.approx([4 / 8, 1 / 8, 2 / 8, 1 / 8])  # add-one: the unseen labels 1 and 3 keep mass
-    assert mix.sum() == pytest.approx(1.0)
+    """Add-one smoothing, by hand: (count of the label + 1) / (number of records + number of labels)."""
+    # 7 records over 3 labels: counts 1, 4, 2; smoothed 2/10, 5/10, 3/10.
+    assert label_mix([1, 0, 1, 2, 1, 2, 1], num_labels=3).tolist() == pytest.approx([0.2, 0.5, 0.3], abs=1e-15)
+    # 4 records over 4 labels: counts 3, 0, 1, 0; the unseen labels 1 and 3 keep 1/8 each.
+    assert label_mix([0, 0, 0, 2], num_labels=4).tolist() == pytest.approx([4 / 8, 1 / 8, 2 / 8, 1 / 8], abs=1e-15)
+    # No records at all: the uniform mix.
+    assert label_mix([], num_labels=5).tolist() == pytest.approx([0.2] * 5, abs=1e-15)
+    with pytest.raises(ValueError, match="label index 3 is outside the 3 labels"):
+        label_mix([0, 3], num_labels=3)
 
 
 def test_the_matched_bias_makes_the_model_predict_the_sites_mix_on_the_sites_records() -> None:

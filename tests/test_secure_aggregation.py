@@ -6,6 +6,7 @@ in-process grid that records every reply the server-side code receives.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from medtune.own_evaluations import simulated_scores
 from medtune.federation.secure_aggregation import LEGACY_NAMES, QUANTIZATION_RANGE, CLIPPING_RANGE
 from medtune.run_config import settings_from_run_config
 from server.federation import checkpoint_dir
-from test_robustness import FakeGrid, federate, run_config, task_identity  # noqa: F401 - the fixture is used
+from federation_harness import FakeGrid, federate, run_config, task_identity  # noqa: F401 - the fixture is used
 
 ALLOWED_CLEAR = {"hospital", "status", "epsilon", "delta", "steps"}
 
@@ -116,7 +117,7 @@ def test_the_secure_mean_is_plain_fedavg_and_the_server_sees_no_single_update(
     assert {name: scores[1].accuracy for name, scores in own.items()} == {
         h["name"]: h["accuracy"] for h in plain_round["hospitals"]
     }
-    console = Console(record=True, width=200)
+    console = Console(record=True, width=200, file=io.StringIO())  # the table as shown, kept off the test's output
     console.print(round_table(RunResults.load(tmp_path / "secure", 1).rounds[0], 1))
     assert "worst hospital hidden" in console.export_text()
 
@@ -162,7 +163,7 @@ def test_a_hospital_that_dies_mid_round_does_not_stall_it(tiny_backbone_dir: Pat
 def test_a_site_requiring_secure_aggregation_refuses_a_plain_round_and_a_weak_setup(
     tiny_backbone_dir: Path, tmp_path: Path
 ) -> None:
-    from test_robustness import site_files
+    from federation_harness import site_files
 
     files = site_files(tmp_path)
     config = run_config(tiny_backbone_dir, tmp_path / "run", hospitals=1, **{"min-hospitals": 1})

@@ -34,12 +34,34 @@ def tiny_sweep(backbone: Path) -> SweepConfig:
 
 
 def test_grid_has_every_baseline_on_the_same_seeds(tiny_backbone_dir: Path) -> None:
-    sweep = SweepConfig(**{**tiny_sweep(tiny_backbone_dir).__dict__, "seeds": (0, 1), "axes": {"hospitals": (2, 3)}})
+    """The cells medtune/experiments/sweep.py documents, for every seed and every value of an axis: pooled,
+    majority and zero-shot without DP, and local and federated at each epsilon (ascending) and without DP;
+    seed 0's cells all come before seed 1's."""
+    grid = {"epsilons": (8.0, 1.0), "seeds": (0, 1), "axes": {"hospitals": (2, 3)}}
+    sweep = SweepConfig(**{**tiny_sweep(tiny_backbone_dir).__dict__, **grid})
+    every_setting = [
+        ("pooled", math.inf), ("majority", math.inf), ("zero-shot", math.inf),
+        ("local", 1.0), ("local", 8.0), ("local", math.inf),
+        ("federated", 1.0), ("federated", 8.0), ("federated", math.inf),
+    ]
+    expected = [
+        (method, epsilon, seed, (("hospitals", hospitals),))
+        for seed in (0, 1) for hospitals in (2, 3) for method, epsilon in every_setting
+    ]
     cells = plan_cells(sweep)
-    kinds = {(c.method, c.epsilon) for c in cells}
-    assert kinds == {("pooled", math.inf), ("majority", math.inf), ("zero-shot", math.inf), ("local", 8.0),
-                     ("local", math.inf), ("federated", 8.0), ("federated", math.inf)}
-    assert len(cells) == 2 * 2 * 7 and len({c.id for c in cells}) == len(cells)
+    assert [(c.method, c.epsilon, c.seed, c.axes) for c in cells] == expected  # none missing, none extra, in order
+    assert [c.id for c in cells[:9]] == [
+        "pooled_eps-inf_hospitals-2_seed-0", "majority_eps-inf_hospitals-2_seed-0",
+        "zero-shot_eps-inf_hospitals-2_seed-0",
+        "local_eps-1_hospitals-2_seed-0", "local_eps-8_hospitals-2_seed-0", "local_eps-inf_hospitals-2_seed-0",
+        "federated_eps-1_hospitals-2_seed-0", "federated_eps-8_hospitals-2_seed-0",
+        "federated_eps-inf_hospitals-2_seed-0",
+    ]
+    assert len({c.id for c in cells}) == len(cells) == 36  # each cell's results file is its own
+    for cell in cells:  # each cell runs with its own seed, axis value and epsilon
+        overrides = cell.overrides(sweep)
+        ran_with = (overrides["seed"], overrides["hospitals"], overrides["epsilon"])
+        assert ran_with == (cell.seed, dict(cell.axes)["hospitals"], cell.epsilon)
 
 
 @pytest.mark.slow

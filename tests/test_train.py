@@ -47,10 +47,10 @@ def _majority_rate(run) -> float:
 def test_tiny_bert_learns_clearly_above_chance(tiny_backbone, epsilon):
     train = TrainConfig(epochs=4, batch_size=64, learning_rate=5e-2)
     run = run_local(_records(), DATA, MODEL, PrivacyConfig(epsilon=epsilon), train, backbone=tiny_backbone, progress=False)
-    print(f"epsilon={epsilon}: accuracy {run.evaluation.accuracy:.3f}, macro-F1 {run.evaluation.macro_f1:.3f}, "
-          f"majority {_majority_rate(run):.3f}, spent {run.ledger.epsilon}")
-    assert run.evaluation.accuracy > _majority_rate(run) + 0.3
-    assert run.evaluation.macro_f1 > 0.5  # chance on 5 balanced labels is about 0.2
+    scored = (f"epsilon={epsilon}: accuracy {run.evaluation.accuracy:.3f}, macro-F1 {run.evaluation.macro_f1:.3f}, "
+              f"majority {_majority_rate(run):.3f}, spent {run.ledger.epsilon}")
+    assert run.evaluation.accuracy > _majority_rate(run) + 0.3, scored
+    assert run.evaluation.macro_f1 > 0.5, scored  # chance on 5 balanced labels is about 0.2
     if math.isfinite(epsilon):
         assert 0 < run.ledger.epsilon <= epsilon
         assert run.ledger.exhausted

@@ -47,3 +47,17 @@ def test_importing_the_coordinator_loads_no_note_generator_and_no_partitioner() 
     loaded = set(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split())
     assert "server.federation" in loaded  # the probe did import the coordinator
     assert not loaded & {"medtune.synth", "medtune.federation.partitions", "flwr_datasets"}, sorted(loaded)
+
+
+def test_the_readme_layout_table_names_every_module() -> None:
+    """A newcomer finds each module in the README's layout table, under its room."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    section = readme[readme.index("## Layout"):].split("\n## ")[0]
+    rows = [row.split("|") for row in section.splitlines() if row.startswith("| `")]
+    rooms = {row[1].strip().strip("`"): row[2] for row in rows}
+    missing = []
+    for room in ("medtune/", "medtune/cli/", "medtune/federation/", "medtune/experiments/", "client/", "server/"):
+        for path in sorted((PACKAGE.parent / room).glob("*.py")):
+            if path.stem not in ("__init__", "__main__") and f"`{path.stem}`" not in rooms.get(room, ""):
+                missing.append(f"{room}{path.name}")
+    assert not missing, missing

@@ -27,17 +27,34 @@ from flwr.clientapp import ClientApp
 
 from client.node_config import PARTITION_ID, check_evaluation_shared, check_sent_in_clear, site_for
 from medtune.errors import MedTuneError, StateError
+from medtune.federation.secure_aggregation import (
+    COUNTS,
+    COUNTS_SCALE,
+    PURPOSE,
+    SecureLimits,
+    is_secure,
+    secure_instruction,
+    secure_reply,
+    site_mod,
+)
+from medtune.federation.wire import (
+    ARRAYS,
+    TrainReport,
+    clear_report,
+    counts_vector,
+    evaluate_reply,
+    failed_reply,
+    failure_reason,
+    from_record,
+    ready_reply,
+    record_from_wire,
+    scalar,
+    train_reply,
+)
 from medtune.hospitals import hospital_name
 from medtune.logs import quiet_libraries
 from medtune.site import Instruction, RoundOutcome, Site
 from medtune.state import EXCHANGED_NAMES, update_norm
-from medtune.federation.secure_aggregation import (
-    COUNTS, COUNTS_SCALE, PURPOSE, SecureLimits, is_secure, secure_instruction, secure_reply, site_mod,
-)
-from medtune.federation.wire import (
-    ARRAYS, TrainReport, clear_report, counts_vector, evaluate_reply, failed_reply, failure_reason, from_record,
-    ready_reply, record_from_wire, scalar, train_reply,
-)
 
 quiet_libraries()
 log = logging.getLogger("medtune.site")
@@ -61,7 +78,9 @@ def failed(message: Message, context: Context, error: Exception) -> Message:
     if isinstance(error, MedTuneError):
         log.error("%s cannot take part: %s", hospital, error)
     else:
-        log.error("%s cannot take part: unexpected %s", hospital, type(error).__name__, exc_info=error)
+        log.error(
+            "%s cannot take part: unexpected %s", hospital, type(error).__name__, exc_info=error
+        )
         error = MedTuneError(f"{type(error).__name__}: {error}")
     return Message(failed_reply(hospital, error), reply_to=message)
 
@@ -87,7 +106,9 @@ def report_of(outcome: RoundOutcome) -> TrainReport:
     )
 
 
-def instruction_of(arrays: dict[str, np.ndarray], config: ConfigRecord, context: Context) -> Instruction:
+def instruction_of(
+    arrays: dict[str, np.ndarray], config: ConfigRecord, context: Context
+) -> Instruction:
     """A query or train message's content as the site reads it: the global state, the round, the ledger record."""
     return Instruction(
         arrays=arrays,
@@ -100,15 +121,19 @@ def instruction_of(arrays: dict[str, np.ndarray], config: ConfigRecord, context:
 
 def plain_instruction(message: Message, context: Context) -> Instruction:
     content = message.content
-    return instruction_of(from_record(content.array_records[ARRAYS]), content.config_records["config"], context)
+    return instruction_of(
+        from_record(content.array_records[ARRAYS]), content.config_records["config"], context
+    )
 
 
 @app.query()
 def query(message: Message, context: Context) -> Message:
-    """"Can you take part in this round?", answered before anyone spends: nothing is trained or written."""
+    """ "Can you take part in this round?", answered before anyone spends: nothing is trained or written."""
     try:
         site = site_for(context)
-        if not site.settings.federation.secure_aggregation:  # a plain run: would this site send in clear?
+        if (
+            not site.settings.federation.secure_aggregation
+        ):  # a plain run: would this site send in clear?
             check_sent_in_clear(context)
         ready = site.can_take_part(plain_instruction(message, context))
     except Exception as error:  # noqa: BLE001 - every failure leaves the site as a category only
@@ -142,13 +167,21 @@ def secure_answer(message: Message, context: Context) -> Message:
         if config.get(PURPOSE) == "evaluate":
             check_evaluation_shared(context)
             evaluation = site.evaluate(arrays, int(scalar(config["server-round"])))
-            log.info("%s: round %s, own test split: accuracy %.3f, macro-F1 %.3f (%d records; only the federation's "
-                     "totals leave the site)", site.name, config.get("server-round"), evaluation.accuracy,
-                     evaluation.macro_f1, evaluation.examples)
+            log.info(
+                "%s: round %s, own test split: accuracy %.3f, macro-F1 %.3f (%d records; only the federation's "
+                "totals leave the site)",
+                site.name,
+                config.get("server-round"),
+                evaluation.accuracy,
+                evaluation.macro_f1,
+                evaluation.examples,
+            )
             counts = {COUNTS: counts_vector(evaluation) / float(scalar(config[COUNTS_SCALE]))}
             limits.check(counts, 1)
-            return Message(secure_reply(counts, (COUNTS,), 1, {"hospital": site.name, "status": "evaluated"}),
-                           reply_to=message)
+            return Message(
+                secure_reply(counts, (COUNTS,), 1, {"hospital": site.name, "status": "evaluated"}),
+                reply_to=message,
+            )
         instruction = instruction_of(arrays, config, context)
         outcome = site.train_round(instruction)
         if outcome.arrays is not None:  # it trained
@@ -158,17 +191,26 @@ def secure_answer(message: Message, context: Context) -> Message:
         return failed(message, context, error)
     log_outcome(site, instruction, outcome)
     if outcome.arrays is None:  # it did not train
-        return Message(train_reply(report_of(outcome), site.name), reply_to=message)  # the mod drops the site
+        return Message(
+            train_reply(report_of(outcome), site.name), reply_to=message
+        )  # the mod drops the site
     report = clear_report(report_of(outcome), site.name)
-    return Message(secure_reply(outcome.arrays, EXCHANGED_NAMES, outcome.examples, report), reply_to=message)
+    return Message(
+        secure_reply(outcome.arrays, EXCHANGED_NAMES, outcome.examples, report), reply_to=message
+    )
 
 
 def log_outcome(site: Site, instruction: Instruction, outcome: RoundOutcome) -> None:
-    if not outcome.trained:  # the ledger's numbers stay in the site's log; the reply says only "stopped"
+    if (
+        not outcome.trained
+    ):  # the ledger's numbers stay in the site's log; the reply says only "stopped"
         log.info("%s stops: %s", site.name, outcome.stop_reason)
     elif outcome.resent:
-        log.info("%s: round %s was trained from this global state before; its update is sent again, no new step",
-                 site.name, instruction.server_round)
+        log.info(
+            "%s: round %s was trained from this global state before; its update is sent again, no new step",
+            site.name,
+            instruction.server_round,
+        )
 
 
 def check_own_update(site: Site, instruction: Instruction, arrays: dict[str, np.ndarray]) -> None:
@@ -190,7 +232,9 @@ def evaluate(message: Message, context: Context) -> Message:
         site = site_for(context)
         content = message.content
         arrays = from_record(content.array_records[ARRAYS])
-        evaluation = site.evaluate(arrays, int(scalar(content.config_records["config"]["server-round"])))
+        evaluation = site.evaluate(
+            arrays, int(scalar(content.config_records["config"]["server-round"]))
+        )
     except Exception as error:  # noqa: BLE001 - every failure leaves the site as a category only
         return failed(message, context, error)
     return Message(evaluate_reply(evaluation, site.name), reply_to=message)

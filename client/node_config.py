@@ -24,13 +24,13 @@ from flwr.app import Context
 
 from medtune.data import read_records, warn_if_thin
 from medtune.errors import ConfigError
-from medtune.state import check_hospital_name
 from medtune.federation.partitions import simulated_hospital
 from medtune.hospitals import simulated_ledger_path
 from medtune.noise import NoiseSource
 from medtune.run_config import RunSettings, settings_from_run_config
 from medtune.site import Site
 from medtune.site_terms import TERMS_KEYS, SiteTerms
+from medtune.state import check_hospital_name
 
 PARTITION_ID = "partition-id"
 # The site names the columns it lets MedTune read: the coordinator's run config never chooses them.
@@ -67,20 +67,30 @@ def _deployed_site(settings: RunSettings, node_config: dict[str, Any]) -> Site:
         )
     # The site's terms are checked before any record is read: a refused run leaves no trace at the site.
     terms.check(settings.privacy)
-    if settings.audit.canaries:  # canaries would bend this site's training to the coordinator's design
+    if (
+        settings.audit.canaries
+    ):  # canaries would bend this site's training to the coordinator's design
         raise ConfigError(
             f"hospital {hospital}: the run config asks for audit canaries (audit-canaries = {settings.audit.canaries}); "
             "only a simulated hospital plants them (`medtune audit`), a deployed site never does"
         )
     data = replace(
-        settings.data, text_column=str(node_config["text-column"]), label_column=str(node_config["label-column"])
+        settings.data,
+        text_column=str(node_config["text-column"]),
+        label_column=str(node_config["label-column"]),
     )
     records = read_records(paths["data-path"], data)
     # The coordinator's run config never names a path on a site's disk: the cache goes where the
     # node config says, or beside the ledger.
-    cache = Path(str(node_config["cache-dir"])).expanduser() if node_config.get("cache-dir") else None
+    cache = (
+        Path(str(node_config["cache-dir"])).expanduser() if node_config.get("cache-dir") else None
+    )
     site = Site(
-        hospital, records, replace(settings, data=data), paths["ledger-path"], noise=NoiseSource.secret(hospital),
+        hospital,
+        records,
+        replace(settings, data=data),
+        paths["ledger-path"],
+        noise=NoiseSource.secret(hospital),
         cache_dir=cache,
     )
     warn_if_thin(hospital, site.train_set.labels.tolist())
@@ -124,7 +134,12 @@ def site_for(context: Context) -> Site:
             noise = NoiseSource.seeded(settings.seed, hospital.name)
             audited = settings.audit.canaries > 0 and hospital.name == settings.audit.hospital
             _sites[key] = Site(
-                hospital.name, hospital.records, settings, ledger, noise=noise, cache_dir=settings.cache_dir,
+                hospital.name,
+                hospital.records,
+                settings,
+                ledger,
+                noise=noise,
+                cache_dir=settings.cache_dir,
                 audited=audited,
             )
         else:

@@ -99,7 +99,9 @@ def configured_depth(path: str | None, num_layers: int | None) -> int:
     try:
         config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
-        raise ConfigError(f"cannot read a Hugging Face encoder config from {directory}: {error}") from error
+        raise ConfigError(
+            f"cannot read a Hugging Face encoder config from {directory}: {error}"
+        ) from error
     full = int(getattr(config, "num_hidden_layers", getattr(config, "n_layers", 0)))
     return min(full, num_layers) if num_layers else full
 
@@ -114,7 +116,11 @@ def attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Te
 
 
 def run_layers(
-    encoder: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int, stop: int | None = None
+    encoder: nn.Module,
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    start: int,
+    stop: int | None = None,
 ) -> torch.Tensor:
     """Run transformer blocks start..stop-1 on hidden states, as the encoder's own forward would.
 
@@ -138,7 +144,9 @@ def hidden_states_at(
 
 
 @torch.no_grad()
-def sentence_embeddings(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def sentence_embeddings(
+    encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """Mean over non-padding tokens of the full encoder's last hidden states (sentence-transformers style)."""
     hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
@@ -149,7 +157,9 @@ def truncate_layers(encoder: nn.Module, num_layers: int) -> None:
     """Keep only the first `num_layers` transformer blocks, in place."""
     layers = _layer_list(encoder)
     if num_layers > len(layers):
-        raise ConfigError(f"model.num_layers={num_layers} but the backbone has only {len(layers)} layers")
+        raise ConfigError(
+            f"model.num_layers={num_layers} but the backbone has only {len(layers)} layers"
+        )
     del layers[num_layers:]
     for attribute in ("num_hidden_layers", "n_layers"):
         if hasattr(encoder.config, attribute):
@@ -163,7 +173,9 @@ def freeze(encoder: nn.Module) -> None:
     encoder.eval()
 
 
-def load_backbone(path: str | None = None, num_layers: int | None = None, device: str = "cpu") -> Backbone:
+def load_backbone(
+    path: str | None = None, num_layers: int | None = None, device: str = "cpu"
+) -> Backbone:
     """Load a local Hugging Face encoder checkpoint offline, truncate it, freeze it and place it on `device`.
 
     Nothing is downloaded: a missing or incomplete directory is an error, not a hub request.
@@ -176,9 +188,13 @@ def load_backbone(path: str | None = None, num_layers: int | None = None, device
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         # float32 whatever the checkpoint stores: DP gradients and the CPU kernels need full precision.
-        encoder = AutoModel.from_pretrained(str(directory), local_files_only=True, dtype=torch.float32)
+        encoder = AutoModel.from_pretrained(
+            str(directory), local_files_only=True, dtype=torch.float32
+        )
     except (OSError, ValueError, KeyError) as error:
-        raise ConfigError(f"cannot load a Hugging Face encoder from {directory}: {error}") from error
+        raise ConfigError(
+            f"cannot load a Hugging Face encoder from {directory}: {error}"
+        ) from error
     if num_layers is not None:
         truncate_layers(encoder, num_layers)
     freeze(encoder)
@@ -204,7 +220,9 @@ def count_parameters(encoder: nn.Module) -> int:
 
 
 @torch.no_grad()
-def vocabulary_embeddings(encoder: PreTrainedModel, count: int, generator: torch.Generator) -> torch.Tensor:
+def vocabulary_embeddings(
+    encoder: PreTrainedModel, count: int, generator: torch.Generator
+) -> torch.Tensor:
     """Embeddings of `count` real vocabulary tokens drawn at random, for prompt initialisation.
 
     Drawn from the upper part of the vocabulary to skip [PAD], [unused*] and special tokens.

@@ -60,30 +60,49 @@ def included_bits(count: int, seed: int, hospital: str, kind: str) -> np.ndarray
 class GradientCanaries:
     """M coordinate directions of the flattened (prompt, head.weight, head.bias), and which are in."""
 
-    directions: np.ndarray  # (M,) distinct flat indices into the exchanged state, in EXCHANGED_NAMES order
+    directions: (
+        np.ndarray
+    )  # (M,) distinct flat indices into the exchanged state, in EXCHANGED_NAMES order
     included: np.ndarray  # (M,) bool
     clip: float  # C: each canary's gradient norm, the records' clipping bound
-    sample_rate: float  # the Poisson rate at which an included canary joins a step, as a record does
+    sample_rate: (
+        float  # the Poisson rate at which an included canary joins a step, as a record does
+    )
 
     @classmethod
-    def draw(cls, count: int, spec: ExchangedStateSpec, seed: int, hospital: str, clip: float,
-             sample_rate: float) -> "GradientCanaries":
+    def draw(
+        cls,
+        count: int,
+        spec: ExchangedStateSpec,
+        seed: int,
+        hospital: str,
+        clip: float,
+        sample_rate: float,
+    ) -> "GradientCanaries":
         size = sum(int(np.prod(shape)) for shape in spec.shapes.values())
         if count > size:
             raise ConfigError(
                 f"audit-canaries = {count} is more than the {size} coordinates of the prompt and head; each gradient "
                 "canary needs a coordinate of its own: give at most that many"
             )
-        directions = _generator(seed, hospital, "gradient directions").choice(size, size=count, replace=False)
-        return cls(np.sort(directions), included_bits(count, seed, hospital, "gradient"), clip, sample_rate)
+        directions = _generator(seed, hospital, "gradient directions").choice(
+            size, size=count, replace=False
+        )
+        return cls(
+            np.sort(directions), included_bits(count, seed, hospital, "gradient"), clip, sample_rate
+        )
 
-    def sampled_gradients(self, model: PromptClassifier, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def sampled_gradients(
+        self, model: PromptClassifier, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
         """This step's sampled canaries as per-sample gradient rows, one tensor (rows, *shape) per parameter."""
         chosen = torch.rand(len(self.directions), generator=generator).numpy() < self.sample_rate
         hits = self.directions[chosen & self.included]
         rows, offset = {}, 0
         for name, tensor in model.exchanged_tensors().items():
-            block = torch.zeros((len(hits), tensor.numel()), dtype=tensor.dtype, device=tensor.device)
+            block = torch.zeros(
+                (len(hits), tensor.numel()), dtype=tensor.dtype, device=tensor.device
+            )
             inside = (hits >= offset) & (hits < offset + tensor.numel())
             block[np.flatnonzero(inside), torch.from_numpy(hits[inside] - offset)] = self.clip
             rows[name] = block.reshape(len(hits), *tensor.shape)
@@ -94,8 +113,12 @@ class GradientCanaries:
         """Each canary's score from the updates the coordinator received (sent state minus reply, per round):
         a sampled canary's gradient pushes its coordinate down, so the sum of the descents along it."""
         total = np.zeros(len(self.directions))
-        for descent in updates:  # flattened in EXCHANGED_NAMES order, whatever order the file kept them in
-            flat = np.concatenate([np.asarray(descent[name], dtype=np.float64).ravel() for name in EXCHANGED_NAMES])
+        for (
+            descent
+        ) in updates:  # flattened in EXCHANGED_NAMES order, whatever order the file kept them in
+            flat = np.concatenate(
+                [np.asarray(descent[name], dtype=np.float64).ravel() for name in EXCHANGED_NAMES]
+            )
             total += flat[self.directions]
         return total
 
@@ -130,19 +153,27 @@ class PlantedCanaries:
         if self.private:
             samples = [per_sample_gradients(t) for t in tensors.values()]
             clipped = torch.zeros(len(self.canaries.directions), dtype=torch.float64)
-            if len(samples[0]):  # Opacus's own clipping factor of each record: the auditor knows the records
-                norms = torch.stack([s.reshape(len(s), -1).norm(2, dim=-1) for s in samples], dim=1).norm(2, dim=1)
+            if len(
+                samples[0]
+            ):  # Opacus's own clipping factor of each record: the auditor knows the records
+                norms = torch.stack(
+                    [s.reshape(len(s), -1).norm(2, dim=-1) for s in samples], dim=1
+                ).norm(2, dim=1)
                 factors = (self.canaries.clip / (norms + 1e-6)).clamp(max=1.0).double()
                 clipped = (self._at_directions(samples) * factors[:, None]).sum(0)
             self._records_part = clipped.numpy()
         else:
-            grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in tensors.values()]
+            grads = [
+                t.grad if t.grad is not None else torch.zeros_like(t) for t in tensors.values()
+            ]
             self._records_part = (self._at_directions([g[None] for g in grads])[0] * size).numpy()
         rows = self.canaries.sampled_gradients(model, self.generator)
         for name, parameter in tensors.items():
             extra = rows[name]
             if self.private:
-                set_per_sample_gradients(parameter, torch.cat([per_sample_gradients(parameter), extra]))
+                set_per_sample_gradients(
+                    parameter, torch.cat([per_sample_gradients(parameter), extra])
+                )
             elif len(extra):
                 grad = parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
                 parameter.grad = grad + extra.sum(0) / max(1, size)
@@ -150,7 +181,10 @@ class PlantedCanaries:
     def observe(self, model: PromptClassifier, scale: float) -> None:
         """After the step: the released gradient at each canary's coordinate, as a sum (times `scale`, the
         step's divisor), less the records' part."""
-        grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in model.exchanged_tensors().values()]
+        grads = [
+            t.grad if t.grad is not None else torch.zeros_like(t)
+            for t in model.exchanged_tensors().values()
+        ]
         released = self._at_directions([g[None] for g in grads])[0] * scale
         self.observations.append(released.numpy() - self._records_part)
 
@@ -163,7 +197,9 @@ def canary_steps_path(ledger_path: Path) -> Path:
 def append_canary_steps(ledger_path: Path, observations: np.ndarray) -> None:
     """Add one round's step rows to the site's observations (written whole, atomically)."""
     path = canary_steps_path(ledger_path)
-    rows = np.concatenate([read_canary_steps(path), observations]) if path.is_file() else observations
+    rows = (
+        np.concatenate([read_canary_steps(path), observations]) if path.is_file() else observations
+    )
     buffer = io.BytesIO()
     np.save(buffer, rows, allow_pickle=False)
     atomic_write_bytes(path, buffer.getvalue())
@@ -174,18 +210,27 @@ def read_canary_steps(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"{path}: the audit's step observations cannot be read ({error})") from None
+        raise ConfigError(
+            f"{path}: the audit's step observations cannot be read ({error})"
+        ) from None
 
 
-def input_canaries(count: int, vocabulary: list[str], num_labels: int, seed: int, hospital: str) -> list[Record]:
+def input_canaries(
+    count: int, vocabulary: list[str], num_labels: int, seed: int, hospital: str
+) -> list[Record]:
     """M records of random vocabulary words with a random label: no real record resembles them."""
     rng = _generator(seed, hospital, "input records")
     words = rng.choice(len(vocabulary), size=(count, INPUT_WORDS))
     labels = rng.integers(num_labels, size=count)
-    return [Record(" ".join(vocabulary[w] for w in row), int(label)) for row, label in zip(words, labels, strict=True)]
+    return [
+        Record(" ".join(vocabulary[w] for w in row), int(label))
+        for row, label in zip(words, labels, strict=True)
+    ]
 
 
-def planted_input_canaries(settings: RunSettings, hospital: str, train_records: list[Record], backbone: Backbone) -> list[Record]:
+def planted_input_canaries(
+    settings: RunSettings, hospital: str, train_records: list[Record], backbone: Backbone
+) -> list[Record]:
     """The input canaries that are in, for the audited hospital's training split; M is refused when the
     split cannot carry it (canaries would outnumber the hospital's own records)."""
     count = settings.audit.canaries
@@ -194,10 +239,26 @@ def planted_input_canaries(settings: RunSettings, hospital: str, train_records: 
             f"audit-canaries = {count} is more than {hospital}'s {len(train_records)} training records: the canaries "
             "would outnumber them; give at most that many, or audit a larger hospital"
         )
-    records = input_canaries(count, word_vocabulary(backbone.tokenizer), len(settings.data.labels), settings.seed, hospital)
-    return [record for record, inside in zip(records, included_bits(count, settings.seed, hospital, "input"), strict=True) if inside]
+    records = input_canaries(
+        count,
+        word_vocabulary(backbone.tokenizer),
+        len(settings.data.labels),
+        settings.seed,
+        hospital,
+    )
+    return [
+        record
+        for record, inside in zip(
+            records, included_bits(count, settings.seed, hospital, "input"), strict=True
+        )
+        if inside
+    ]
 
 
 def word_vocabulary(tokenizer) -> list[str]:  # noqa: ANN001 - any Hugging Face tokenizer
     """The tokenizer's whole-word alphabetic entries, in a fixed order: the words input canaries are made of."""
-    return sorted(token for token in tokenizer.get_vocab() if token.isalpha() and token.isascii() and len(token) > 2)
+    return sorted(
+        token
+        for token in tokenizer.get_vocab()
+        if token.isalpha() and token.isascii() and len(token) > 2
+    )

@@ -65,7 +65,9 @@ def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
 def _subject_names(hosts: list[str]) -> list[x509.GeneralName]:
     """Each host as an IP-address SAN if it parses as one, else as a DNS-name SAN."""
     if not hosts:
-        raise ConfigError("a server certificate needs at least one --host (the SuperLink's DNS name or IP address)")
+        raise ConfigError(
+            "a server certificate needs at least one --host (the SuperLink's DNS name or IP address)"
+        )
     names: list[x509.GeneralName] = []
     for host in hosts:
         try:
@@ -75,12 +77,16 @@ def _subject_names(hosts: list[str]) -> list[x509.GeneralName]:
     return names
 
 
-def _load_or_make_ca(out: Path, now: datetime.datetime) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def _load_or_make_ca(
+    out: Path, now: datetime.datetime
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """The CA under `out`, made if absent: re-issuing a server certificate keeps every site's trust."""
     cert_path, key_path = out / CA_CERT, out / CA_KEY
     if cert_path.exists() != key_path.exists():
         present, absent = (cert_path, key_path) if cert_path.exists() else (key_path, cert_path)
-        raise ConfigError(f"{present} exists but {absent} does not; restore it or remove both to make a new CA")
+        raise ConfigError(
+            f"{present} exists but {absent} does not; restore it or remove both to make a new CA"
+        )
     if cert_path.exists():
         try:
             certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
@@ -88,7 +94,9 @@ def _load_or_make_ca(out: Path, now: datetime.datetime) -> tuple[x509.Certificat
         except (OSError, ValueError, TypeError) as error:
             raise ConfigError(f"{out}: cannot read the CA ({CA_CERT}, {CA_KEY}): {error}") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise ConfigError(f"{key_path}: expected an elliptic-curve CA key, got {type(key).__name__}")
+            raise ConfigError(
+                f"{key_path}: expected an elliptic-curve CA key, got {type(key).__name__}"
+            )
         return certificate, key
     key = ec.generate_private_key(CURVE())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "MedTune consortium CA")])
@@ -122,7 +130,9 @@ def _load_or_make_ca(out: Path, now: datetime.datetime) -> tuple[x509.Certificat
     return certificate, key
 
 
-def make_server_certificates(out: Path, hosts: list[str], rotate: bool = False) -> ServerCertificates:
+def make_server_certificates(
+    out: Path, hosts: list[str], rotate: bool = False
+) -> ServerCertificates:
     """A consortium CA (kept if already under `out`) and a SuperLink certificate for `hosts`.
 
     An existing SuperLink key and certificate are replaced only when asked (`rotate`): SuperNodes
@@ -130,7 +140,9 @@ def make_server_certificates(out: Path, hosts: list[str], rotate: bool = False) 
     """
     existing = [str(out / name) for name in (SERVER_KEY, SERVER_CERT) if (out / name).exists()]
     if existing and not rotate:
-        raise ConfigError(f"{existing} already exist; pass --rotate to replace the SuperLink's key and certificate")
+        raise ConfigError(
+            f"{existing} already exist; pass --rotate to replace the SuperLink's key and certificate"
+        )
     names = _subject_names(hosts)
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_cert, ca_key = _load_or_make_ca(out, now)
@@ -166,9 +178,13 @@ def make_node_keys(out: Path, hospital: str) -> NodeKeys:
         )
     key = ec.generate_private_key(CURVE())
     private = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
     )
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
     atomic_write_bytes(files.private_key, private)
     _write_public(files.public_key, public + f" medtune-{hospital}\n".encode())
     return files

@@ -59,7 +59,9 @@ def save_checkpoint(directory: str | Path, checkpoint: Checkpoint) -> Path:
     directory = Path(directory)
     checked = checkpoint.spec.check(checkpoint.arrays, source=str(directory))
     labels = json.dumps(list(checkpoint.labels))
-    atomic_write_bytes(directory / STATE_FILE, save_safetensors(dict(checked), metadata={LABELS_KEY: labels}))
+    atomic_write_bytes(
+        directory / STATE_FILE, save_safetensors(dict(checked), metadata={LABELS_KEY: labels})
+    )
     meta = {
         "labels": list(checkpoint.labels),
         "model": config_to_dict(checkpoint.model),
@@ -77,7 +79,9 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
     state_path, meta_path = directory / STATE_FILE, directory / META_FILE
     for path in (state_path, meta_path):
         if not path.is_file():
-            raise CheckpointError(f"{path}: missing; a checkpoint directory needs {STATE_FILE} and {META_FILE}")
+            raise CheckpointError(
+                f"{path}: missing; a checkpoint directory needs {STATE_FILE} and {META_FILE}"
+            )
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         labels = tuple(str(label) for label in meta.pop("labels"))
@@ -85,12 +89,16 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
         backbone_name = str(meta.pop("backbone_name"))
         backbone_hash = str(meta.pop("backbone_hash"))
     except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise CheckpointError(f"{meta_path}: corrupted metadata ({type(error).__name__}: {error})") from None
+        raise CheckpointError(
+            f"{meta_path}: corrupted metadata ({type(error).__name__}: {error})"
+        ) from None
     try:
         raw = state_path.read_bytes()
         arrays = load_safetensors(raw)
         saved_labels = _state_labels(raw)
-    except Exception as error:  # safetensors raises its own error types for truncated or garbled files
+    except (
+        Exception
+    ) as error:  # safetensors raises its own error types for truncated or garbled files
         raise CheckpointError(f"{state_path}: corrupted state file ({error})") from None
     if saved_labels is not None and saved_labels != labels:
         raise CheckpointError(
@@ -112,9 +120,15 @@ def find_checkpoint(path: str | Path) -> Path:
         return path
     if (path / "checkpoint" / META_FILE).is_file():
         return path / "checkpoint"
-    rounds = sorted(round_dir for round_dir in (path / "checkpoints").glob("round_*") if (round_dir / META_FILE).is_file())
+    rounds = sorted(
+        round_dir
+        for round_dir in (path / "checkpoints").glob("round_*")
+        if (round_dir / META_FILE).is_file()
+    )
     if not rounds:
-        raise CheckpointError(f"{path}: no checkpoint here (expected meta.json, checkpoint/ or checkpoints/round_NNN/)")
+        raise CheckpointError(
+            f"{path}: no checkpoint here (expected meta.json, checkpoint/ or checkpoints/round_NNN/)"
+        )
     return rounds[-1]
 
 
@@ -146,6 +160,8 @@ def model_from_checkpoint(
             f"{path}: trained on backbone {checkpoint.backbone_name} with a different weights hash; "
             "give the backbone it was trained on (predict: --backbone)"
         )
-    model = PromptClassifier(loaded, config, len(checkpoint.labels), seed=0)  # the seed is overwritten just below
+    model = PromptClassifier(
+        loaded, config, len(checkpoint.labels), seed=0
+    )  # the seed is overwritten just below
     model.load_exchanged_state(checkpoint.arrays, source=str(path))
     return checkpoint, model, loaded

@@ -21,7 +21,9 @@ from pathlib import Path
 from medtune.errors import CodeNotApprovedError
 
 APP_PACKAGES = ("medtune", "client", "server", "simulations")
-MAX_CODE_BYTES = 64 * 2**20  # uncompressed Python in a FAB: MedTune's is about 0.4 MB; more is refused unread
+MAX_CODE_BYTES = (
+    64 * 2**20
+)  # uncompressed Python in a FAB: MedTune's is about 0.4 MB; more is refused unread
 
 
 def fab_hash(fab: bytes) -> str:
@@ -40,12 +42,16 @@ def fab_code(fab: bytes, source: str) -> dict[str, bytes]:
             entries = [info for info in archive.infolist() if info.filename.endswith(".py")]
             unpacked = sum(info.file_size for info in entries)
             if unpacked > MAX_CODE_BYTES:
-                raise CodeNotApprovedError(f"{source}: {unpacked} bytes of Python unpacked, over {MAX_CODE_BYTES}")
+                raise CodeNotApprovedError(
+                    f"{source}: {unpacked} bytes of Python unpacked, over {MAX_CODE_BYTES}"
+                )
             return {info.filename: archive.read(info) for info in entries}
     except CodeNotApprovedError:
         raise
     except Exception as error:  # noqa: BLE001 - zipfile raises zlib.error, NotImplementedError, RuntimeError, ...
-        raise CodeNotApprovedError(f"{source}: not a readable FAB ({type(error).__name__}: {error})") from None
+        raise CodeNotApprovedError(
+            f"{source}: not a readable FAB ({type(error).__name__}: {error})"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -86,9 +92,15 @@ class CodeReview:
         """One line: what differs, for the site's log."""
         if self.same_as_installed:
             return f"FAB {self.fab_hash[:12]}: its Python code is the installed MedTune's"
-        parts = [f"{len(files)} {what} ({', '.join(files[:3])}{', ...' if len(files) > 3 else ''})"
-                 for what, files in (("changed", self.changed), ("added", self.added), ("missing", self.removed))
-                 if files]
+        parts = [
+            f"{len(files)} {what} ({', '.join(files[:3])}{', ...' if len(files) > 3 else ''})"
+            for what, files in (
+                ("changed", self.changed),
+                ("added", self.added),
+                ("missing", self.removed),
+            )
+            if files
+        ]
         return f"FAB {self.fab_hash[:12]}: Python code differs from the installed MedTune: {'; '.join(parts)}"
 
 
@@ -97,10 +109,16 @@ def review(fab: bytes, installed: InstalledCode, source: str) -> CodeReview:
     code = fab_code(fab, source)
     added = tuple(sorted(set(code) - set(installed.files)))
     removed = tuple(sorted(set(installed.files) - set(code)))
-    changed = tuple(sorted(p for p in set(code) & set(installed.files) if code[p] != installed.files[p]))
+    changed = tuple(
+        sorted(p for p in set(code) & set(installed.files) if code[p] != installed.files[p])
+    )
     diff: list[str] = []
     for path in sorted((*added, *removed, *changed)):
-        before = installed.files.get(path, b"").decode("utf-8", errors="replace").splitlines(keepends=True)
+        before = (
+            installed.files.get(path, b"")
+            .decode("utf-8", errors="replace")
+            .splitlines(keepends=True)
+        )
         after = code.get(path, b"").decode("utf-8", errors="replace").splitlines(keepends=True)
         diff.extend(difflib.unified_diff(before, after, f"installed/{path}", f"fab/{path}"))
     return CodeReview(fab_hash(fab), added, removed, changed, "".join(diff))

@@ -57,12 +57,18 @@ class ModelConfig:
             self.num_layers is None or self.num_layers >= 1,
             f"model.num_layers must be at least 1 (or unset to keep all layers), got {self.num_layers}",
         )
-        _require(self.prompt_length >= 1, f"model.prompt_length must be at least 1, got {self.prompt_length}")
+        _require(
+            self.prompt_length >= 1,
+            f"model.prompt_length must be at least 1, got {self.prompt_length}",
+        )
         _require(
             self.prompt_init in PROMPT_INITS,
             f"model.prompt_init must be one of {list(PROMPT_INITS)}, got {self.prompt_init!r}",
         )
-        _require(self.max_length >= 2, f"model.max_length must be at least 2 tokens, got {self.max_length}")
+        _require(
+            self.max_length >= 2,
+            f"model.max_length must be at least 2 tokens, got {self.max_length}",
+        )
         _require(
             self.prompt_layer >= 0,
             f"model.prompt_layer (prompt-layer) must be 0 (input) or a layer number, got {self.prompt_layer}",
@@ -91,11 +97,18 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(str(label) for label in self.labels))
-        _require(len(self.labels) >= 2, f"data.labels needs at least 2 labels, got {list(self.labels)}")
-        _require(all(label.strip() for label in self.labels), f"data.labels has an empty label name: {list(self.labels)}")
+        _require(
+            len(self.labels) >= 2, f"data.labels needs at least 2 labels, got {list(self.labels)}"
+        )
+        _require(
+            all(label.strip() for label in self.labels),
+            f"data.labels has an empty label name: {list(self.labels)}",
+        )
         duplicates = sorted({label for label in self.labels if self.labels.count(label) > 1})
         _require(not duplicates, f"data.labels lists {duplicates} more than once")
-        object.__setattr__(self, "label_descriptions", tuple(str(d).strip() for d in self.label_descriptions))
+        object.__setattr__(
+            self, "label_descriptions", tuple(str(d).strip() for d in self.label_descriptions)
+        )
         if self.label_descriptions and len(self.label_descriptions) != len(self.labels):
             missing = self.labels[len(self.label_descriptions) :]
             problem = (
@@ -122,7 +135,9 @@ class PrivacyConfig:
     epsilon = inf turns DP off (no clipping, no noise): the non-private baseline.
     """
 
-    epsilon: float = from_pyproject("epsilon")  # a flag's text ("8", "inf") is read by medtune/epsilon.py
+    epsilon: float = from_pyproject(
+        "epsilon"
+    )  # a flag's text ("8", "inf") is read by medtune/epsilon.py
     delta: float = from_pyproject("delta")
     max_grad_norm: float = from_pyproject("max-grad-norm")
     accountant: str = from_pyproject("accountant")
@@ -130,7 +145,10 @@ class PrivacyConfig:
     def __post_init__(self) -> None:
         # A positive number, or inf for no DP (given as a number or as text); -inf, NaN and 0 are refused.
         object.__setattr__(self, "epsilon", read_epsilon(self.epsilon, "privacy.epsilon"))
-        _require(0.0 < self.delta < 1.0, f"privacy.delta must be strictly between 0 and 1, got {self.delta}")
+        _require(
+            0.0 < self.delta < 1.0,
+            f"privacy.delta must be strictly between 0 and 1, got {self.delta}",
+        )
         _require(
             self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm),
             f"privacy.max_grad_norm must be a positive number, got {self.max_grad_norm}",
@@ -155,7 +173,9 @@ class TrainConfig:
 
     # Alone (`medtune train`), a hospital makes the passes it makes in the default federation; in a
     # federation, `local-epochs` per round (medtune/run_config.py).
-    epochs: int = from_pyproject("local-epochs", lambda local_epochs: default("rounds") * local_epochs)
+    epochs: int = from_pyproject(
+        "local-epochs", lambda local_epochs: default("rounds") * local_epochs
+    )
     batch_size: int = from_pyproject("batch-size")
     learning_rate: float = from_pyproject("learning-rate")
     seed: int = from_pyproject("seed")
@@ -163,8 +183,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, f"train.epochs must be at least 1, got {self.epochs}")
-        _require(self.batch_size >= 1, f"train.batch_size must be at least 1, got {self.batch_size}")
-        _require(0 <= self.seed < 2**32, f"train.seed must be a whole number from 0 to 2**32 - 1, got {self.seed}")
+        _require(
+            self.batch_size >= 1, f"train.batch_size must be at least 1, got {self.batch_size}"
+        )
+        _require(
+            0 <= self.seed < 2**32,
+            f"train.seed must be a whole number from 0 to 2**32 - 1, got {self.seed}",
+        )
         _require(
             self.learning_rate > 0 and math.isfinite(self.learning_rate),
             f"train.learning_rate must be a positive number, got {self.learning_rate}",
@@ -193,10 +218,14 @@ class AuditConfig:
         return self.canaries > 0 and self.mode in ("both", "black-box")
 
     def __post_init__(self) -> None:
-        _require(self.mode in AUDIT_MODES, f"audit-mode must be one of {AUDIT_MODES}, got {self.mode!r}")
-        _require(self.canaries == 0 or self.canaries >= 2,
-                 f"audit-canaries must be 0 (no audit) or at least 2 (an audit compares canaries in and out), got "
-                 f"{self.canaries}")
+        _require(
+            self.mode in AUDIT_MODES, f"audit-mode must be one of {AUDIT_MODES}, got {self.mode!r}"
+        )
+        _require(
+            self.canaries == 0 or self.canaries >= 2,
+            f"audit-canaries must be 0 (no audit) or at least 2 (an audit compares canaries in and out), got "
+            f"{self.canaries}",
+        )
 
 
 def check_fits_backbone(model: ModelConfig) -> None:
@@ -217,9 +246,13 @@ def check_fits_backbone(model: ModelConfig) -> None:
     try:
         config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
-        raise ConfigError(f"cannot read a Hugging Face encoder config from {directory}: {error}") from None
+        raise ConfigError(
+            f"cannot read a Hugging Face encoder config from {directory}: {error}"
+        ) from None
     full = int(getattr(config, "num_hidden_layers", getattr(config, "n_layers", 0)))
-    positions = int(getattr(config, "max_position_embeddings", 512))  # as medtune/backbone.py reads it
+    positions = int(
+        getattr(config, "max_position_embeddings", 512)
+    )  # as medtune/backbone.py reads it
     _require(
         model.num_layers is None or model.num_layers <= full,
         f"model.num_layers (num-layers) = {model.num_layers}, but the backbone {name} has only {full} layers",
@@ -243,7 +276,10 @@ def field_kinds(config: type) -> dict[str, type | None]:
     run-config key and a CLI flag carry it; None for the label lists (tuples, spelt by their readers)."""
     hints = typing.get_type_hints(config)
     plain = (bool, int, float, str)
-    return {f.name: next((kind for kind in plain if hints[f.name] in (kind, kind | None)), None) for f in fields(config)}
+    return {
+        f.name: next((kind for kind in plain if hints[f.name] in (kind, kind | None)), None)
+        for f in fields(config)
+    }
 
 
 def run_config_key(field_name: str) -> str:
@@ -256,13 +292,18 @@ def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"{cls.__name__} has no field(s) {unknown}; known fields are {sorted(known)}")
+        raise ConfigError(
+            f"{cls.__name__} has no field(s) {unknown}; known fields are {sorted(known)}"
+        )
     return cls(**values)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
     """Plain, JSON-friendly dict of a config (tuples become lists)."""
-    return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(config).items()}
+    return {
+        key: list(value) if isinstance(value, tuple) else value
+        for key, value in asdict(config).items()
+    }
 
 
 __all__ = [

@@ -41,7 +41,9 @@ class Record:
     label: int
 
 
-Rows = tuple[list[str], Iterator[tuple[int, dict]]]  # a file's columns, and its rows numbered from 1
+Rows = tuple[
+    list[str], Iterator[tuple[int, dict]]
+]  # a file's columns, and its rows numbered from 1
 
 
 def _not_utf8(path: Path) -> DataError:
@@ -72,13 +74,17 @@ def _csv_rows(path: Path, handle: BinaryIO) -> Rows:
         raise _not_utf8(path) from None
     repeated = sorted({column for column in columns if columns.count(column) > 1})
     if repeated:
-        raise DataError(f"{path} header: column(s) {repeated} appear more than once; rename or remove the copies")
+        raise DataError(
+            f"{path} header: column(s) {repeated} appear more than once; rename or remove the copies"
+        )
 
     def rows() -> Iterator[tuple[int, dict]]:
         try:
             for number, row in enumerate(reader, start=1):
                 if None in row:
-                    raise DataError(f"{path} row {number}: has more fields than the header's {len(columns)}")
+                    raise DataError(
+                        f"{path} row {number}: has more fields than the header's {len(columns)}"
+                    )
                 yield number, row
         except csv.Error as error:
             raise DataError(f"{path} row {reader.line_num}: malformed CSV ({error})") from None
@@ -99,13 +105,17 @@ def _jsonl_rows(path: Path, handle: BinaryIO) -> Rows:
                 if not line.strip():
                     continue
                 try:
-                    obj = json.loads(line.rstrip("\n"))  # without its newline: the error's column counts along the line
+                    obj = json.loads(
+                        line.rstrip("\n")
+                    )  # without its newline: the error's column counts along the line
                 except json.JSONDecodeError as error:
                     raise DataError(
                         f"{path} row {number}: not valid JSON ({error.msg} at column {error.colno})"
                     ) from None
                 if not isinstance(obj, dict):
-                    raise DataError(f"{path} row {number}: expected a JSON object, got {type(obj).__name__}")
+                    raise DataError(
+                        f"{path} row {number}: expected a JSON object, got {type(obj).__name__}"
+                    )
                 yield number, obj
         except UnicodeDecodeError:
             raise _not_utf8(path) from None
@@ -147,9 +157,13 @@ def _read_rows(path: Path) -> Iterator[Rows]:
     """A file's columns and rows, read as they are used: a large site's file is never in memory whole."""
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
-        raise DataError(f"{path}: unsupported file type '{suffix}'; use one of {list(SUPPORTED_SUFFIXES)}")
+        raise DataError(
+            f"{path}: unsupported file type '{suffix}'; use one of {list(SUPPORTED_SUFFIXES)}"
+        )
     if path.is_dir():
-        raise DataError(f"{path}: is a directory; give the records file itself (one of {list(SUPPORTED_SUFFIXES)})")
+        raise DataError(
+            f"{path}: is a directory; give the records file itself (one of {list(SUPPORTED_SUFFIXES)})"
+        )
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     if suffix == ".parquet":
@@ -209,7 +223,9 @@ def read_texts(path: str | Path, text_column: str) -> list[str]:
     path = Path(path)
     with _read_rows(path) as (columns, rows):
         if text_column not in columns:
-            raise DataError(f"{path}: missing text column '{text_column}' (columns found: {columns})")
+            raise DataError(
+                f"{path}: missing text column '{text_column}' (columns found: {columns})"
+            )
         texts = []
         for number, row in rows:
             text = row.get(text_column)
@@ -228,7 +244,9 @@ def _label_to_str(label: object) -> str:
     return str(label).strip()
 
 
-def train_test_split(records: Sequence[Record], test_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+def train_test_split(
+    records: Sequence[Record], test_fraction: float, seed: int
+) -> tuple[list[Record], list[Record]]:
     """Deterministic split by seed; records with identical text always land on the same side.
 
     Grouping by text keeps a duplicated note (or an abstract listed once per label) from leaking
@@ -263,21 +281,30 @@ class TokenizedRecords(Dataset):
     "Memory at a large site"); the tokenizer now sees TOKENIZE_CHUNK records at a time.
     """
 
-    def __init__(self, records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
-        self.ids = np.empty(len(records) * max_length, dtype=np.uint16 if len(tokenizer) <= 1 << 16 else np.int32)
+    def __init__(
+        self, records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, max_length: int
+    ) -> None:
+        self.ids = np.empty(
+            len(records) * max_length, dtype=np.uint16 if len(tokenizer) <= 1 << 16 else np.int32
+        )
         self.offsets = np.zeros(len(records) + 1, dtype=np.int64)
         filled = 0
         for start in range(0, len(records), TOKENIZE_CHUNK):
             chunk = records[start : start + TOKENIZE_CHUNK]
             encoded = tokenizer(
-                [r.text for r in chunk], truncation=True, max_length=max_length,
-                return_attention_mask=False, return_token_type_ids=False,
+                [r.text for r in chunk],
+                truncation=True,
+                max_length=max_length,
+                return_attention_mask=False,
+                return_token_type_ids=False,
             )["input_ids"]
             for row, ids in enumerate(encoded, start=start):
                 self.ids[filled : filled + len(ids)] = ids
                 filled += len(ids)
                 self.offsets[row + 1] = filled
-        self.ids = self.ids[:filled].copy()  # the unused tail of the max-length sized buffer is given back
+        self.ids = self.ids[
+            :filled
+        ].copy()  # the unused tail of the max-length sized buffer is given back
         self.labels = torch.tensor([r.label for r in records], dtype=torch.long)
 
     def __len__(self) -> int:
@@ -323,5 +350,7 @@ def warn_if_thin(who: str, train_labels: Sequence[int]) -> None:
     if len(train_labels) == 1 or len(set(train_labels)) == 1:
         log.warning(
             "%s trains on %d record(s) of %d label(s): its model will learn little beyond that",
-            who, len(train_labels), len(set(train_labels)),
+            who,
+            len(train_labels),
+            len(set(train_labels)),
         )

@@ -32,7 +32,9 @@ def defaults_text() -> str:
     try:
         return shipped.read_text(encoding="utf-8")
     except OSError as error:
-        raise ConfigError(f"{shipped}: unreadable ({error.strerror or error}); reinstall MedTune") from None
+        raise ConfigError(
+            f"{shipped}: unreadable ({error.strerror or error}); reinstall MedTune"
+        ) from None
 
 
 @functools.cache
@@ -64,7 +66,11 @@ def from_pyproject(key: str, convert: Callable[[Any], Any] = lambda value: value
 
 def key_comments(table: str) -> dict[str, str]:
     """The comment of each `key = value  # comment` line of a TOML table's text, by key."""
-    return {match[1]: match[2].strip() for line in table.splitlines() if (match := _COMMENTED_KEY.match(line))}
+    return {
+        match[1]: match[2].strip()
+        for line in table.splitlines()
+        if (match := _COMMENTED_KEY.match(line))
+    }
 
 
 @functools.cache

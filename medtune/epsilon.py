@@ -39,7 +39,9 @@ def read_epsilon(value: Any, source: str, spent: bool = False) -> float:
         try:
             epsilon = math.inf if text == NO_DP else float(text)
         except ValueError:
-            raise EpsilonError(f"{where}epsilon {value!r} is not a number (write {NO_DP} for no DP)") from None
+            raise EpsilonError(
+                f"{where}epsilon {value!r} is not a number (write {NO_DP} for no DP)"
+            ) from None
         if epsilon == math.inf and text != NO_DP:
             raise EpsilonError(f"{where}epsilon {value!r}: no DP is written {NO_DP}, and only so")
     else:

@@ -159,7 +159,9 @@ def _checked_canaries(scores: np.ndarray, included: np.ndarray) -> tuple[np.ndar
         raise ConfigError(f"canary scores are not numbers: {error}") from None
     included = np.asarray(included)
     if scores.ndim != 1 or scores.shape != included.shape:
-        raise ConfigError(f"need one score per canary: scores {scores.shape}, included {included.shape}")
+        raise ConfigError(
+            f"need one score per canary: scores {scores.shape}, included {included.shape}"
+        )
     if included.dtype != bool:
         raise ConfigError(f"included must be a bool array, got dtype {included.dtype}")
     if len(scores) < 2:
@@ -168,7 +170,9 @@ def _checked_canaries(scores: np.ndarray, included: np.ndarray) -> tuple[np.ndar
     if bad:
         raise ConfigError(f"{bad} of {len(scores)} canary scores are not finite (NaN or inf)")
     if included.all() or not included.any():
-        raise ConfigError(f"need both included and excluded canaries, got {int(included.sum())} of {len(scores)} in")
+        raise ConfigError(
+            f"need both included and excluded canaries, got {int(included.sum())} of {len(scores)} in"
+        )
     return scores, included
 
 

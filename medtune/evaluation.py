@@ -12,12 +12,19 @@ from medtune.metrics import Evaluation, score_logits
 
 @torch.no_grad()
 def predict_logits(
-    model: torch.nn.Module, dataset: RecordInputs, pad_token_id: int, device: torch.device, batch_size: int = 64
+    model: torch.nn.Module,
+    dataset: RecordInputs,
+    pad_token_id: int,
+    device: torch.device,
+    batch_size: int = 64,
 ) -> torch.Tensor:
     model.to(device).eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=PadToLongest(pad_token_id))
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, collate_fn=PadToLongest(pad_token_id)
+    )
     chunks = [
-        model(batch["inputs"].to(device), batch["attention_mask"].to(device)).float().cpu() for batch in loader
+        model(batch["inputs"].to(device), batch["attention_mask"].to(device)).float().cpu()
+        for batch in loader
     ]
     return torch.cat(chunks) if chunks else torch.empty(0, len(model.get_parameter("head.bias")))
 
@@ -29,4 +36,6 @@ def evaluate(
     pad_token_id: int,
     device: torch.device,
 ) -> Evaluation:
-    return score_logits(predict_logits(model, dataset, pad_token_id, device), dataset.labels, label_names)
+    return score_logits(
+        predict_logits(model, dataset, pad_token_id, device), dataset.labels, label_names
+    )

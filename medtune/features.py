@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from medtune.backbone import Backbone, check_prompt_layer, hidden_states_at
 from medtune.config import ModelConfig
@@ -37,7 +37,9 @@ from medtune.files import atomic_write_json
 
 log = logging.getLogger("medtune.features")
 
-CACHE_FORMAT = "medtune-feature-cache/2"  # 2: a checksum for every file (1: hidden.npy only; rebuilt)
+CACHE_FORMAT = (
+    "medtune-feature-cache/2"  # 2: a checksum for every file (1: hidden.npy only; rebuilt)
+)
 STORAGE_DTYPE = np.float16  # halves the cache; the prompt and head still train in float32
 HIDDEN_FILE, OFFSETS_FILE, META_FILE = "hidden.npy", "offsets.npy", "meta.json"
 CHECKED_FILES = (HIDDEN_FILE, OFFSETS_FILE)
@@ -48,7 +50,9 @@ class HiddenStates(Dataset):
     """Each record's cached hidden states (tokens x hidden, float32 on read) and its label."""
 
     def __init__(self, hidden: np.ndarray, offsets: np.ndarray, labels: torch.Tensor) -> None:
-        self.hidden = hidden  # (all tokens, hidden size): a read-only memory map or an in-memory array
+        self.hidden = (
+            hidden  # (all tokens, hidden size): a read-only memory map or an in-memory array
+        )
         self.offsets = offsets  # record i is hidden[offsets[i]:offsets[i + 1]]
         self.labels = labels
 
@@ -57,14 +61,18 @@ class HiddenStates(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         start, stop = int(self.offsets[index]), int(self.offsets[index + 1])
-        return torch.from_numpy(np.asarray(self.hidden[start:stop], dtype=np.float32)), self.labels[index]
+        return torch.from_numpy(np.asarray(self.hidden[start:stop], dtype=np.float32)), self.labels[
+            index
+        ]
 
     @property
     def bytes_per_record(self) -> float:
         return self.hidden.nbytes / max(1, len(self))
 
 
-RecordInputs = TokenizedRecords | HiddenStates  # what a PromptClassifier reads, per its prompt layer
+RecordInputs = (
+    TokenizedRecords | HiddenStates
+)  # what a PromptClassifier reads, per its prompt layer
 
 
 @dataclass(frozen=True)
@@ -99,20 +107,32 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fill(hidden: np.ndarray, offsets: np.ndarray, tokens: TokenizedRecords, backbone: Backbone, layer: int) -> None:
+def _fill(
+    hidden: np.ndarray,
+    offsets: np.ndarray,
+    tokens: TokenizedRecords,
+    backbone: Backbone,
+    layer: int,
+) -> None:
     """Run blocks 0..layer-1 over every record, longest first in batches, into `hidden`."""
-    order = np.argsort(-tokens.lengths, kind="stable")  # stable: equal lengths keep the records' order
+    order = np.argsort(
+        -tokens.lengths, kind="stable"
+    )  # stable: equal lengths keep the records' order
     collate = PadToLongest(backbone.tokenizer.pad_token_id)
     device = next(backbone.encoder.parameters()).device
     # A large site takes minutes here: records/s and the time left, on a terminal (disable=None: not in logs).
-    with tqdm(total=len(order), desc="feature cache", unit="record", disable=None, leave=False) as bar:
+    with tqdm(
+        total=len(order), desc="feature cache", unit="record", disable=None, leave=False
+    ) as bar:
         for start in range(0, len(order), ENCODE_BATCH):
             batch = order[start : start + ENCODE_BATCH].tolist()
             padded = collate([tokens[i] for i in batch])
             ids, mask = padded["inputs"].to(device), padded["attention_mask"].to(device)
             states = hidden_states_at(backbone.encoder, ids, mask, layer).float().cpu().numpy()
             for row, index in enumerate(batch):
-                hidden[offsets[index] : offsets[index + 1]] = states[row, : offsets[index + 1] - offsets[index]]
+                hidden[offsets[index] : offsets[index + 1]] = states[
+                    row, : offsets[index + 1] - offsets[index]
+                ]
             bar.update(len(batch))
 
 
@@ -122,7 +142,9 @@ def _load(directory: Path, key: CacheKey, labels: torch.Tensor) -> HiddenStates 
         meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
         if meta.get("format") != CACHE_FORMAT or meta.get("key") != key.__dict__:
             raise ValueError("it was made for another backbone, layer or set of records")
-        for name in CHECKED_FILES:  # every file the cache is read from: offsets move record boundaries
+        for (
+            name
+        ) in CHECKED_FILES:  # every file the cache is read from: offsets move record boundaries
             if file_sha256(directory / name) != meta["sha256"][name]:
                 raise ValueError(f"{name} does not match its recorded checksum")
         hidden = np.load(directory / HIDDEN_FILE, mmap_mode="r")
@@ -154,7 +176,9 @@ def _reserve(path: Path, directory: Path) -> None:
             ) from None
 
 
-def _build(directory: Path, key: CacheKey, tokens: TokenizedRecords, backbone: Backbone, layer: int) -> None:
+def _build(
+    directory: Path, key: CacheKey, tokens: TokenizedRecords, backbone: Backbone, layer: int
+) -> None:
     """Write the cache beside its final place, then move it there in one step."""
     partial = directory.with_name(f"{directory.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
@@ -162,7 +186,10 @@ def _build(directory: Path, key: CacheKey, tokens: TokenizedRecords, backbone: B
     offsets = tokens.offsets
     try:
         hidden = np.lib.format.open_memmap(
-            partial / HIDDEN_FILE, mode="w+", dtype=STORAGE_DTYPE, shape=(int(offsets[-1]), backbone.hidden_size)
+            partial / HIDDEN_FILE,
+            mode="w+",
+            dtype=STORAGE_DTYPE,
+            shape=(int(offsets[-1]), backbone.hidden_size),
         )
         _reserve(partial / HIDDEN_FILE, directory)
         _fill(hidden, offsets, tokens, backbone, layer)
@@ -172,7 +199,9 @@ def _build(directory: Path, key: CacheKey, tokens: TokenizedRecords, backbone: B
         atomic_write_json(
             partial / META_FILE,
             {
-                "format": CACHE_FORMAT, "key": key.__dict__, "records": len(tokens),
+                "format": CACHE_FORMAT,
+                "key": key.__dict__,
+                "records": len(tokens),
                 "sha256": {name: file_sha256(partial / name) for name in CHECKED_FILES},
             },
         )
@@ -187,7 +216,10 @@ def _build(directory: Path, key: CacheKey, tokens: TokenizedRecords, backbone: B
 
 
 def record_inputs(
-    backbone: Backbone, config: ModelConfig, records: Sequence[Record], cache_root: Path | None = None
+    backbone: Backbone,
+    config: ModelConfig,
+    records: Sequence[Record],
+    cache_root: Path | None = None,
 ) -> RecordInputs:
     """The dataset a PromptClassifier of `config` trains and predicts on, for these records.
 
@@ -217,9 +249,14 @@ def record_inputs(
         _build(directory, key, tokens, backbone, layer)
         cached = _load(directory, key, tokens.labels)
         if cached is None:
-            raise DataError(f"feature cache {directory} could not be written and read back; check that disk")
+            raise DataError(
+                f"feature cache {directory} could not be written and read back; check that disk"
+            )
         log.info(
             "feature cache %s: %d records, %.1f KiB per record (blocks below layer %d)",
-            directory, len(cached), cached.bytes_per_record / 1024, layer,
+            directory,
+            len(cached),
+            cached.bytes_per_record / 1024,
+            layer,
         )
     return cached

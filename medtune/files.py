@@ -57,7 +57,9 @@ def read_json(path: str | Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise MedTuneError(f"{path}: cannot be read as JSON ({error}); restore it or delete it to redo that step") from None
+        raise MedTuneError(
+            f"{path}: cannot be read as JSON ({error}); restore it or delete it to redo that step"
+        ) from None
 
 
 def safetensors_metadata(raw: bytes) -> dict[str, str]:
@@ -90,8 +92,12 @@ def check_writable(path: str | Path, folder: bool, flag: str = "--out") -> None:
         os.unlink(probe)
     except OSError as error:
         where = f" ({error.filename})" if error.filename and Path(error.filename) != path else ""
-        raise ConfigError(f"{flag} {path}: cannot be written{where}: {error.strerror or error}") from None
+        raise ConfigError(
+            f"{flag} {path}: cannot be written{where}: {error.strerror or error}"
+        ) from None
     finally:
         for directory in reversed(made):
-            with contextlib.suppress(OSError):  # another process put something there meanwhile: keep it
+            with contextlib.suppress(
+                OSError
+            ):  # another process put something there meanwhile: keep it
                 directory.rmdir()

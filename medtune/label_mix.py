@@ -39,7 +39,12 @@ def label_mix(labels: Sequence[int], num_labels: int) -> np.ndarray:
     return (counts + 1.0) / (counts.sum() + num_labels)
 
 
-def mix_bias(site_logits: torch.Tensor, mix: np.ndarray, tolerance: float = 1e-6, max_iterations: int = 10_000) -> np.ndarray:
+def mix_bias(
+    site_logits: torch.Tensor,
+    mix: np.ndarray,
+    tolerance: float = 1e-6,
+    max_iterations: int = 10_000,
+) -> np.ndarray:
     """The per-label bias b with mean softmax(site_logits + b) = mix: the model re-weighted to the site's mix.
 
     `site_logits` are the shared model's logits on the site's own records (those `mix` was counted
@@ -47,21 +52,30 @@ def mix_bias(site_logits: torch.Tensor, mix: np.ndarray, tolerance: float = 1e-6
     records, so b is defined up to a constant and is returned with mean 0.
     """
     if site_logits.ndim != 2 or site_logits.shape[0] == 0 or site_logits.shape[1] != len(mix):
-        raise ValueError(f"need the model's logits on at least one of the site's records for {len(mix)} labels")
+        raise ValueError(
+            f"need the model's logits on at least one of the site's records for {len(mix)} labels"
+        )
     logits = site_logits.detach().to(torch.float64).cpu()
     if not torch.isfinite(logits).all():
-        raise ValueError("the model's logits on the site's records are not all finite; the checkpoint is damaged")
+        raise ValueError(
+            "the model's logits on the site's records are not all finite; the checkpoint is damaged"
+        )
     wanted = torch.log(torch.as_tensor(mix, dtype=torch.float64))
     bias = torch.zeros(len(mix), dtype=torch.float64)
     for _ in range(max_iterations):
-        predicted = torch.logsumexp(torch.log_softmax(logits + bias, dim=1), dim=0) - np.log(len(logits))
+        predicted = torch.logsumexp(torch.log_softmax(logits + bias, dim=1), dim=0) - np.log(
+            len(logits)
+        )
         step = wanted - predicted
         bias += step
         if float(step.abs().max()) < tolerance:
             break
     else:
-        log.warning("the label-mix bias did not settle in %d steps (last change %.2g); using it as it is",
-                    max_iterations, float(step.abs().max()))
+        log.warning(
+            "the label-mix bias did not settle in %d steps (last change %.2g); using it as it is",
+            max_iterations,
+            float(step.abs().max()),
+        )
     return (bias - bias.mean()).numpy()
 
 

@@ -25,29 +25,41 @@ from medtune.model import PromptClassifier
 def label_texts(data: DataConfig) -> tuple[str, ...]:
     """Each label's description, or the label itself (underscores read as spaces) where none is given."""
     descriptions = data.label_descriptions or ("",) * len(data.labels)
-    return tuple(d or label.replace("_", " ") for label, d in zip(data.labels, descriptions, strict=True))
+    return tuple(
+        d or label.replace("_", " ") for label, d in zip(data.labels, descriptions, strict=True)
+    )
 
 
 @torch.no_grad()
 def label_name_head(backbone: Backbone, texts: tuple[str, ...], max_length: int) -> torch.Tensor:
     """(labels, hidden) unit rows: each label text's standardised sentence embedding."""
-    encoded = backbone.tokenizer(list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    encoded = backbone.tokenizer(
+        list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+    )
     device = next(backbone.encoder.parameters()).device
-    pooled = sentence_embeddings(
-        backbone.encoder, encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
-    ).float().cpu()
+    pooled = (
+        sentence_embeddings(
+            backbone.encoder, encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+        )
+        .float()
+        .cpu()
+    )
     standardised = F.layer_norm(pooled, pooled.shape[-1:])
     return standardised / standardised.norm(dim=1, keepdim=True)
 
 
 @torch.no_grad()
-def set_label_name_head(head: nn.Linear, backbone: Backbone, model: ModelConfig, data: DataConfig) -> None:
+def set_label_name_head(
+    head: nn.Linear, backbone: Backbone, model: ModelConfig, data: DataConfig
+) -> None:
     """Overwrite a head with the label texts' embeddings and a zero bias."""
     head.weight.copy_(label_name_head(backbone, label_texts(data), model.max_length))
     head.bias.zero_()
 
 
-def initial_model(backbone: Backbone, model: ModelConfig, data: DataConfig, seed: int) -> PromptClassifier:
+def initial_model(
+    backbone: Backbone, model: ModelConfig, data: DataConfig, seed: int
+) -> PromptClassifier:
     """The federation's (or a lone hospital's) starting prompt and head, as `model.head_init` asks."""
     classifier = PromptClassifier(backbone, model, len(data.labels), seed=seed)
     if model.head_init == "label-names":

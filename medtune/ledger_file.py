@@ -25,7 +25,9 @@ def records_digest(records: Sequence[Record]) -> str:
     digest = hashlib.sha256()
     for record in records:
         text = record.text.encode("utf-8")
-        digest.update(len(text).to_bytes(8, "little") + text + int(record.label).to_bytes(8, "little"))
+        digest.update(
+            len(text).to_bytes(8, "little") + text + int(record.label).to_bytes(8, "little")
+        )
     return digest.hexdigest()
 
 
@@ -36,13 +38,22 @@ def read_ledger(path: Path) -> PrivacyLedger | None:
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise LedgerError(f"{path}: unreadable privacy ledger ({error}); refusing to start a fresh one") from None
+        raise LedgerError(
+            f"{path}: unreadable privacy ledger ({error}); refusing to start a fresh one"
+        ) from None
     return PrivacyLedger.from_state_dict(state, source=str(path))
 
 
 def load_or_create_ledger(
-    path: Path | None, privacy: PrivacyConfig, num_records: int, train: TrainConfig, rounds: int, *,
-    hospital: str, records: str, record: LedgerRecord | None = None,
+    path: Path | None,
+    privacy: PrivacyConfig,
+    num_records: int,
+    train: TrainConfig,
+    rounds: int,
+    *,
+    hospital: str,
+    records: str,
+    record: LedgerRecord | None = None,
 ) -> PrivacyLedger:
     """The ledger stored at `path` if there is one, else a fresh one; either way it must be `hospital`'s,
     made for the training records whose `records_digest` is `records`, and agree with the coordinator's

@@ -38,15 +38,23 @@ def exclusive(path: Path, what: str) -> Iterator[None]:
     try:
         handle = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as error:
-        raise MedTuneError(f"{lock}: cannot create the lock for {what} ({error.strerror})") from None
+        raise MedTuneError(
+            f"{lock}: cannot create the lock for {what} ({error.strerror})"
+        ) from None
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(handle, 200, 0).decode(errors="replace").strip() or "another process"
-            raise LockedError(f"{path}: {what} is in use by {holder}; wait for it to end, or use another path") from None
+            raise LockedError(
+                f"{path}: {what} is in use by {holder}; wait for it to end, or use another path"
+            ) from None
         os.ftruncate(handle, 0)
-        os.pwrite(handle, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}".encode(), 0)
+        os.pwrite(
+            handle,
+            f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}".encode(),
+            0,
+        )
         yield
     finally:
         os.close(handle)  # closing drops the lock

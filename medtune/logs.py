@@ -14,7 +14,11 @@ import warnings
 
 from medtune.errors import MedTuneError
 
-SILENCED_WARNINGS = ("Secure RNG turned off", "Full backward hook is firing", "Optimal order is the largest alpha")
+SILENCED_WARNINGS = (
+    "Secure RNG turned off",
+    "Full backward hook is firing",
+    "Optimal order is the largest alpha",
+)
 
 
 class OneLineErrors(logging.Filter):
@@ -39,7 +43,11 @@ class AboveProgressBars(logging.Handler):
 
         try:
             tqdm.write(self.format(record), file=sys.stderr)
-        except (OSError, ValueError, TypeError):  # a closed stream, a bad format: reported by logging, never raised
+        except (
+            OSError,
+            ValueError,
+            TypeError,
+        ):  # a closed stream, a bad format: reported by logging, never raised
             self.handleError(record)
 
 
@@ -53,7 +61,9 @@ def quiet_libraries() -> None:
     for message in SILENCED_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
     # The PRV accountant takes log(0) on purpose at the edge of its grid; its result is exact.
-    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"opacus\.accountants\.analysis\.prv")
+    warnings.filterwarnings(
+        "ignore", category=RuntimeWarning, module=r"opacus\.accountants\.analysis\.prv"
+    )
     logging.getLogger("opacus").setLevel(logging.ERROR)
     flower = logging.getLogger("flwr")
     flower.setLevel(logging.WARNING)

@@ -39,7 +39,9 @@ class Evaluation:
         return asdict(self)
 
 
-def summarize(labels: np.ndarray, predictions: np.ndarray, loss: float, label_names: tuple[str, ...]) -> Evaluation:
+def summarize(
+    labels: np.ndarray, predictions: np.ndarray, loss: float, label_names: tuple[str, ...]
+) -> Evaluation:
     """Metrics from true and predicted label indices."""
     return from_counts(
         label_names,
@@ -51,7 +53,11 @@ def summarize(labels: np.ndarray, predictions: np.ndarray, loss: float, label_na
 
 
 def from_counts(
-    label_names: tuple[str, ...], support: list[int], predicted: list[int], correct: list[int], loss: float
+    label_names: tuple[str, ...],
+    support: list[int],
+    predicted: list[int],
+    correct: list[int],
+    loss: float,
 ) -> Evaluation:
     """Metrics from per-class counts, so several hospitals' test sets can be pooled exactly.
 
@@ -86,7 +92,9 @@ def pool(evaluations: list[Evaluation]) -> Evaluation:
     )
 
 
-def score_logits(logits: torch.Tensor, labels: torch.Tensor, label_names: tuple[str, ...]) -> Evaluation:
+def score_logits(
+    logits: torch.Tensor, labels: torch.Tensor, label_names: tuple[str, ...]
+) -> Evaluation:
     """Metrics of given logits, so one model's logits can be scored under several label mixes."""
     loss = F.cross_entropy(logits, labels).item() if len(labels) else 0.0
     return summarize(labels.numpy(), logits.argmax(dim=1).numpy(), loss, label_names)

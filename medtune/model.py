@@ -19,7 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medtune.backbone import Backbone, check_prompt_layer, hidden_states_at, run_layers, vocabulary_embeddings
+from medtune.backbone import (
+    Backbone,
+    check_prompt_layer,
+    hidden_states_at,
+    run_layers,
+    vocabulary_embeddings,
+)
 from medtune.config import ModelConfig
 from medtune.errors import ConfigError
 from medtune.state import HEAD_BIAS, HEAD_WEIGHT, PROMPT, ExchangedStateSpec
@@ -84,7 +90,9 @@ class PromptClassifier(nn.Module):
             return input_ids
         return hidden_states_at(self.encoder, input_ids, attention_mask, self.config.prompt_layer)
 
-    def features(self, inputs: torch.Tensor, attention_mask: torch.Tensor, with_prompt: bool = True) -> torch.Tensor:
+    def features(
+        self, inputs: torch.Tensor, attention_mask: torch.Tensor, with_prompt: bool = True
+    ) -> torch.Tensor:
         """Standardised mean-pooled encoder output, with the prompt in place (or without, for zero-shot)."""
         layer = self.config.prompt_layer
         if layer == 0:
@@ -98,10 +106,14 @@ class PromptClassifier(nn.Module):
             hidden = inputs.to(self.head.weight.dtype)
         if with_prompt:
             hidden = self.prompt(hidden)
-            prompt_mask = attention_mask.new_ones(attention_mask.shape[0], self.config.prompt_length)
+            prompt_mask = attention_mask.new_ones(
+                attention_mask.shape[0], self.config.prompt_length
+            )
             attention_mask = torch.cat([prompt_mask, attention_mask], dim=1)
         if layer == 0:
-            hidden = self.encoder(inputs_embeds=hidden, attention_mask=attention_mask).last_hidden_state
+            hidden = self.encoder(
+                inputs_embeds=hidden, attention_mask=attention_mask
+            ).last_hidden_state
         else:
             hidden = run_layers(self.encoder, hidden, attention_mask, layer)
         weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
@@ -121,7 +133,11 @@ class PromptClassifier(nn.Module):
     def exchanged_tensors(self) -> "OrderedDict[str, torch.Tensor]":
         """The live trainable tensors under their exchanged-state names."""
         return OrderedDict(
-            [(PROMPT, self.prompt.embedding), (HEAD_WEIGHT, self.head.weight), (HEAD_BIAS, self.head.bias)]
+            [
+                (PROMPT, self.prompt.embedding),
+                (HEAD_WEIGHT, self.head.weight),
+                (HEAD_BIAS, self.head.bias),
+            ]
         )
 
     def exchanged_state(self) -> "OrderedDict[str, np.ndarray]":

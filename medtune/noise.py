@@ -53,4 +53,6 @@ class NoiseSource:
         if self.run_seed is None:
             return secrets.randbits(64)
         hospital = zlib.crc32(self.hospital.encode())
-        return int(np.random.SeedSequence([self.run_seed, hospital, steps_taken]).generate_state(1)[0])
+        return int(
+            np.random.SeedSequence([self.run_seed, hospital, steps_taken]).generate_state(1)[0]
+        )

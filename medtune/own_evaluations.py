@@ -43,14 +43,20 @@ class OwnEvaluations:
         if not self.path.exists():
             return {}
         try:
-            return {int(r): OwnScore(float(s["accuracy"]), float(s["macro_f1"]), int(s["examples"]))
-                    for r, s in read_json(self.path).items()}
+            return {
+                int(r): OwnScore(float(s["accuracy"]), float(s["macro_f1"]), int(s["examples"]))
+                for r, s in read_json(self.path).items()
+            }
         except (AttributeError, KeyError, TypeError, ValueError) as error:
-            raise MedTuneError(f"{self.path}: unreadable own evaluation record ({type(error).__name__}: {error})") from None
+            raise MedTuneError(
+                f"{self.path}: unreadable own evaluation record ({type(error).__name__}: {error})"
+            ) from None
 
     def record(self, server_round: int, evaluation: Evaluation) -> None:
         scores = self.read()
-        scores[server_round] = OwnScore(evaluation.accuracy, evaluation.macro_f1, evaluation.examples)
+        scores[server_round] = OwnScore(
+            evaluation.accuracy, evaluation.macro_f1, evaluation.examples
+        )
         atomic_write_json(self.path, {str(r): vars(s) for r, s in sorted(scores.items())})
 
 
@@ -63,15 +69,23 @@ def simulated_scores(out: Path, hospitals: int) -> dict[str, dict[int, OwnScore]
 def own_scores_table(scores: dict[str, dict[int, OwnScore]]) -> Table:
     """Per round: each hospital's own accuracy and the worst of them, as the sites recorded them."""
     rounds = sorted({r for by_round in scores.values() for r in by_round})
-    table = Table(title="each hospital's own test split, from the sites' own records (the coordinator never saw these)",
-                  title_justify="left", show_edge=False, pad_edge=False, box=None)
+    table = Table(
+        title="each hospital's own test split, from the sites' own records (the coordinator never saw these)",
+        title_justify="left",
+        show_edge=False,
+        pad_edge=False,
+        box=None,
+    )
     for column in ("round", *scores, "worst"):
         table.add_column(column, justify="right", no_wrap=True)
     for server_round in rounds:
         row = [scores[h].get(server_round) for h in scores]
         known = [s.accuracy for s in row if s is not None]
-        table.add_row(str(server_round), *("-" if s is None else f"{s.accuracy:.3f}" for s in row),
-                      f"{min(known):.3f}" if known else "-")
+        table.add_row(
+            str(server_round),
+            *("-" if s is None else f"{s.accuracy:.3f}" for s in row),
+            f"{min(known):.3f}" if known else "-",
+        )
     return table
 
 

@@ -46,19 +46,28 @@ class SiteMix:
 
 
 def site_label_mix(
-    checkpoint_path: Path, records_path: Path, text_column: str, label_column: str, backbone: str | None = None
+    checkpoint_path: Path,
+    records_path: Path,
+    text_column: str,
+    label_column: str,
+    backbone: str | None = None,
 ) -> SiteMix:
     """The label mix of a hospital's own labelled records, and the shared model's bias matched to it."""
     checkpoint, model, loaded = model_from_checkpoint(checkpoint_path, backbone)
     labels = checkpoint.labels
-    records = read_records(records_path, DataConfig(labels=labels, text_column=text_column, label_column=label_column))
+    records = read_records(
+        records_path, DataConfig(labels=labels, text_column=text_column, label_column=label_column)
+    )
     mix = label_mix([r.label for r in records], len(labels))
     bias = mix_bias(_logits(model, loaded, checkpoint.model, records), mix)
     return SiteMix(dict(zip(labels, mix.tolist(), strict=True)), bias)
 
 
 def predict_texts(
-    checkpoint_path: Path, texts: list[str], backbone: str | None = None, site: SiteMix | None = None
+    checkpoint_path: Path,
+    texts: list[str],
+    backbone: str | None = None,
+    site: SiteMix | None = None,
 ) -> list[Prediction]:
     """Label and probabilities per text; `site` re-weights them to a hospital's own label mix."""
     checkpoint, model, loaded = model_from_checkpoint(checkpoint_path, backbone)
@@ -68,11 +77,17 @@ def predict_texts(
     probabilities = torch.softmax(logits, dim=1).numpy()
     labels = checkpoint.labels
     return [
-        Prediction(text, labels[int(row.argmax())], {label: float(p) for label, p in zip(labels, row, strict=True)})
+        Prediction(
+            text,
+            labels[int(row.argmax())],
+            {label: float(p) for label, p in zip(labels, row, strict=True)},
+        )
         for text, row in zip(texts, probabilities, strict=True)
     ]
 
 
-def _logits(model: PromptClassifier, backbone: Backbone, config: ModelConfig, records: list[Record]) -> torch.Tensor:
+def _logits(
+    model: PromptClassifier, backbone: Backbone, config: ModelConfig, records: list[Record]
+) -> torch.Tensor:
     dataset = record_inputs(backbone, config, records)
     return predict_logits(model, dataset, backbone.tokenizer.pad_token_id, resolve_device("auto"))

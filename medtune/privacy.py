@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import opacus
-
 from opacus.accountants import create_accountant
 from opacus.accountants.accountant import IAccountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -79,25 +78,37 @@ def _read_memo(path: Path) -> dict[str, float]:
         memo = json.loads(path.read_text(encoding="utf-8"))
         return {str(k): float(v) for k, v in memo.items()}
     except (OSError, ValueError, TypeError, AttributeError) as error:
-        log.warning("%s is damaged (%s); searching noise multipliers afresh and rewriting it", path, error)
+        log.warning(
+            "%s is damaged (%s); searching noise multipliers afresh and rewriting it", path, error
+        )
         return {}
 
 
-SEARCH_TOLERANCE = 0.01  # the noise search stops within this much below the target; a remembered sigma must too
+SEARCH_TOLERANCE = (
+    0.01  # the noise search stops within this much below the target; a remembered sigma must too
+)
 
 
-def _gives_target(sigma: float, accountant: str, epsilon: float, delta: float, sample_rate: float, steps: int) -> bool:
+def _gives_target(
+    sigma: float, accountant: str, epsilon: float, delta: float, sample_rate: float, steps: int
+) -> bool:
     """Whether `sigma` spends epsilon within [target - SEARCH_TOLERANCE, target] over `steps`."""
     if not (math.isfinite(sigma) and sigma > 0):
         return False
     try:
         spent = epsilon_of(accountant, ((sigma, sample_rate, steps),), delta)
-    except (RuntimeError, ValueError, OverflowError):  # the accountant cannot evaluate it (e.g. a huge sigma)
+    except (
+        RuntimeError,
+        ValueError,
+        OverflowError,
+    ):  # the accountant cannot evaluate it (e.g. a huge sigma)
         return False
     return epsilon - SEARCH_TOLERANCE <= spent <= epsilon
 
 
-def noise_multiplier_for(accountant: str, epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+def noise_multiplier_for(
+    accountant: str, epsilon: float, delta: float, sample_rate: float, steps: int
+) -> float:
     """The noise multiplier Opacus's search gives for this target, remembered across processes.
 
     A remembered value is used only if one accountant evaluation confirms it gives the target over
@@ -112,11 +123,19 @@ def noise_multiplier_for(accountant: str, epsilon: float, delta: float, sample_r
     if remembered is not None:
         if _gives_target(remembered, accountant, epsilon, delta, sample_rate, steps):
             return remembered
-        log.warning("%s: remembered noise multiplier %s does not give epsilon=%s; searching again", path, remembered,
-                    epsilon)
+        log.warning(
+            "%s: remembered noise multiplier %s does not give epsilon=%s; searching again",
+            path,
+            remembered,
+            epsilon,
+        )
     sigma = float(
         get_noise_multiplier(
-            target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant,
+            target_epsilon=epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
             epsilon_tolerance=SEARCH_TOLERANCE,
         )
     )
@@ -141,14 +160,22 @@ class PrivacyLedger:
         self.planned_steps = int(planned_steps)
         self.accountant: IAccountant = create_accountant(mechanism=config.accountant)
         self.non_private_steps = 0
-        self.hospital: str | None = None  # whose spending this is: a ledger serves one hospital only
-        self.records: str | None = None  # digest of the records it was made for (medtune/ledger_file.py)
+        self.hospital: str | None = (
+            None  # whose spending this is: a ledger serves one hospital only
+        )
+        self.records: str | None = (
+            None  # digest of the records it was made for (medtune/ledger_file.py)
+        )
         self.trained_rounds: list[int] = []  # federated rounds this hospital trained, in order
         self.events: list[str] = []  # what the step history alone does not explain
         if config.is_private:
             try:
                 self.noise_multiplier = noise_multiplier_for(
-                    config.accountant, config.epsilon, config.delta, self.sample_rate, self.planned_steps
+                    config.accountant,
+                    config.epsilon,
+                    config.delta,
+                    self.sample_rate,
+                    self.planned_steps,
                 )
             except ValueError as error:
                 raise PrivacyBudgetError(
@@ -276,8 +303,14 @@ class PrivacyLedger:
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], source: str = "ledger") -> "PrivacyLedger":
         """Rebuild a ledger exactly; a malformed one is an error, never a silent fresh start."""
-        if not isinstance(state, dict) or state.get("format") not in (LEDGER_FORMAT, LEDGER_FORMAT_2, LEDGER_FORMAT_1):
-            raise LedgerError(f"{source}: not a MedTune privacy ledger (expected format '{LEDGER_FORMAT}')")
+        if not isinstance(state, dict) or state.get("format") not in (
+            LEDGER_FORMAT,
+            LEDGER_FORMAT_2,
+            LEDGER_FORMAT_1,
+        ):
+            raise LedgerError(
+                f"{source}: not a MedTune privacy ledger (expected format '{LEDGER_FORMAT}')"
+            )
         if state["format"] == LEDGER_FORMAT and state.get("checksum") != ledger_checksum(state):
             raise LedgerError(
                 f"{source}: damaged privacy ledger (its checksum does not match its contents): the file was "
@@ -301,7 +334,9 @@ class PrivacyLedger:
             ledger.noise_multiplier = float(state["noise_multiplier"])
             ledger.non_private_steps = int(state["non_private_steps"])
             ledger.accountant = create_accountant(mechanism=config.accountant)
-            ledger.accountant.history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
+            ledger.accountant.history = [
+                (float(s), float(q), int(n)) for s, q, n in state["history"]
+            ]
             recorded_steps = int(state["steps"])
             hospital = state.get("hospital")
             ledger.hospital = None if hospital is None else str(hospital)
@@ -310,9 +345,18 @@ class PrivacyLedger:
             ledger.trained_rounds = [int(r) for r in state.get("trained_rounds", [])]
             ledger.events = [str(e) for e in state.get("events", [])]
         except (KeyError, TypeError, ValueError, ConfigError) as error:
-            raise LedgerError(f"{source}: corrupted ledger ({type(error).__name__}: {error})") from None
-        negative_steps = ledger.non_private_steps < 0 or any(steps < 0 for _, _, steps in ledger.accountant.history)
-        if not 0.0 < ledger.sample_rate <= 1.0 or ledger.planned_steps < 1 or ledger.noise_multiplier < 0 or negative_steps:
+            raise LedgerError(
+                f"{source}: corrupted ledger ({type(error).__name__}: {error})"
+            ) from None
+        negative_steps = ledger.non_private_steps < 0 or any(
+            steps < 0 for _, _, steps in ledger.accountant.history
+        )
+        if (
+            not 0.0 < ledger.sample_rate <= 1.0
+            or ledger.planned_steps < 1
+            or ledger.noise_multiplier < 0
+            or negative_steps
+        ):
             raise LedgerError(
                 f"{source}: corrupted ledger (sample rate {ledger.sample_rate}, planned steps {ledger.planned_steps}, "
                 f"noise multiplier {ledger.noise_multiplier} or a step count is out of range)"

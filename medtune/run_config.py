@@ -32,7 +32,9 @@ from medtune.epsilon import NO_DP, read_epsilon
 from medtune.errors import ConfigError
 from medtune.synth_config import LABELS, SynthConfig
 
-UNBOUNDED_KEYS = {"max-update-norm"}  # float keys where inf means "no bound" (epsilon: medtune/epsilon.py)
+UNBOUNDED_KEYS = {
+    "max-update-norm"
+}  # float keys where inf means "no bound" (epsilon: medtune/epsilon.py)
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean")
 SYNTHETIC = "synthetic"
 
@@ -77,9 +79,13 @@ class FederationConfig:
         if self.round_timeout <= 0:
             raise ConfigError(f"round-timeout must be positive seconds, got {self.round_timeout}")
         if not 0.0 <= self.trim_fraction < 0.5:
-            raise ConfigError(f"trim-fraction must be in [0, 0.5) (cut from each tail), got {self.trim_fraction}")
+            raise ConfigError(
+                f"trim-fraction must be in [0, 0.5) (cut from each tail), got {self.trim_fraction}"
+            )
         if not self.max_update_norm > 0:
-            raise ConfigError(f"max-update-norm must be positive (inf = no bound), got {self.max_update_norm}")
+            raise ConfigError(
+                f"max-update-norm must be positive (inf = no bound), got {self.max_update_norm}"
+            )
         if self.max_examples < 1:
             raise ConfigError(f"max-examples must be at least 1, got {self.max_examples}")
         if self.secagg_max_weight < 1:
@@ -145,7 +151,11 @@ class RunSettings:
     @property
     def last_round(self) -> int:
         """The last round this invocation runs: `until-round` when set, else all rounds."""
-        return min(self.until_round, self.federation.rounds) if self.until_round else self.federation.rounds
+        return (
+            min(self.until_round, self.federation.rounds)
+            if self.until_round
+            else self.federation.rounds
+        )
 
 
 def _take(config: dict[str, Any], key: str, kind: type) -> Any:
@@ -154,7 +164,10 @@ def _take(config: dict[str, Any], key: str, kind: type) -> Any:
     value = config[key]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if key in UNBOUNDED_KEYS and value in (NO_DP, math.inf):  # +inf, also as MedTune writes it in JSON
+    if key in UNBOUNDED_KEYS and value in (
+        NO_DP,
+        math.inf,
+    ):  # +inf, also as MedTune writes it in JSON
         return math.inf
     if kind is float and isinstance(value, float) and not math.isfinite(value):
         # NaN passes every `<= 0` check after this one: each number is refused here, where it is read.
@@ -166,7 +179,9 @@ def _take(config: dict[str, Any], key: str, kind: type) -> Any:
     return value
 
 
-def _config_from(config: dict[str, Any], cls: type, renamed: dict[str, str] | None = None, **given: Any) -> Any:
+def _config_from(
+    config: dict[str, Any], cls: type, renamed: dict[str, str] | None = None, **given: Any
+) -> Any:
     """A config dataclass from the run-config keys named after its fields (`prompt_length` <- `prompt-length`).
 
     `renamed` maps the few fields whose key differs; `given` are fields the caller has already read.
@@ -182,9 +197,13 @@ def _config_from(config: dict[str, Any], cls: type, renamed: dict[str, str] | No
 def settings_from_run_config(config: dict[str, Any]) -> RunSettings:
     """Validated settings from Flower's flat run config; a wrong key or value names itself."""
     labels_text = _take(config, "labels", str)
-    labels = tuple(label.strip() for label in labels_text.split(",")) if labels_text.strip() else LABELS
+    labels = (
+        tuple(label.strip() for label in labels_text.split(",")) if labels_text.strip() else LABELS
+    )
     if "" in labels:
-        raise ConfigError(f"run config 'labels' = {labels_text!r} has an empty label name; list names separated by commas")
+        raise ConfigError(
+            f"run config 'labels' = {labels_text!r} has an empty label name; list names separated by commas"
+        )
     if "epsilon" not in config:
         raise ConfigError("run config has no 'epsilon'; it must be set in [tool.flwr.app.config]")
     epsilon = read_epsilon(config["epsilon"], "run config 'epsilon'")
@@ -193,7 +212,9 @@ def settings_from_run_config(config: dict[str, Any]) -> RunSettings:
     cache_dir = _take(config, "cache-dir", str)
     gpus = _take(config, "gpus-per-hospital", float)
     if gpus < 0 or (gpus > 1 and not gpus.is_integer()):
-        raise ConfigError(f"gpus-per-hospital must be a fraction of one GPU or a whole number of GPUs, got {gpus}")
+        raise ConfigError(
+            f"gpus-per-hospital must be a fraction of one GPU or a whole number of GPUs, got {gpus}"
+        )
     settings = RunSettings(
         scenario=_take(config, "scenario", str),
         seed=_take(config, "seed", int),
@@ -206,14 +227,24 @@ def settings_from_run_config(config: dict[str, Any]) -> RunSettings:
             config,
             DataConfig,
             labels=labels,
-            label_descriptions=tuple(d.strip() for d in descriptions.split("|")) if descriptions.strip() else (),
+            label_descriptions=tuple(d.strip() for d in descriptions.split("|"))
+            if descriptions.strip()
+            else (),
         ),
         model=_config_from(config, ModelConfig),
         privacy=_config_from(config, PrivacyConfig, epsilon=epsilon),
         train=_config_from(config, TrainConfig, renamed={"epochs": "local-epochs"}),
         cache_dir=Path(cache_dir) if cache_dir else None,
         gpus_per_hospital=gpus,
-        audit=_config_from(config, AuditConfig, renamed={"canaries": "audit-canaries", "hospital": "audit-hospital", "mode": "audit-mode"}),
+        audit=_config_from(
+            config,
+            AuditConfig,
+            renamed={
+                "canaries": "audit-canaries",
+                "hospital": "audit-hospital",
+                "mode": "audit-mode",
+            },
+        ),
         run_config=dict(config),
     )
     if settings.federation.min_hospitals > settings.source.hospitals:
@@ -222,18 +253,26 @@ def settings_from_run_config(config: dict[str, Any]) -> RunSettings:
             "no round could ever aggregate"
         )
     if settings.until_round < 0:
-        raise ConfigError(f"until-round must be 0 (run every round) or a round number, got {settings.until_round}")
+        raise ConfigError(
+            f"until-round must be 0 (run every round) or a round number, got {settings.until_round}"
+        )
     # Bounds kept by other objects, checked here too, so that no run, sweep cell or site starts on them:
     check_fits_backbone(settings.model)  # prompt-layer, num-layers, max-length + prompt-length
     if settings.source.is_synthetic:
-        settings.source.synth_config(settings.seed)  # records-per-hospital (medtune/synth_config.py)
+        settings.source.synth_config(
+            settings.seed
+        )  # records-per-hospital (medtune/synth_config.py)
     return settings
 
 
 def named_toml(name_or_path: str, folder: Path, kind: str) -> Path:
     """A shipped TOML file by name (`folder/<name>.toml`) or a user's file by path."""
     candidate = Path(name_or_path)
-    path = candidate if candidate.suffix == ".toml" or candidate.exists() else folder / f"{name_or_path}.toml"
+    path = (
+        candidate
+        if candidate.suffix == ".toml" or candidate.exists()
+        else folder / f"{name_or_path}.toml"
+    )
     if not path.is_file():
         known = sorted(p.stem for p in folder.glob("*.toml"))
         raise ConfigError(f"{kind} {name_or_path!r} not found ({path}); shipped {kind}s: {known}")
@@ -261,7 +300,9 @@ def check_keys(overrides: dict[str, Any], source: str) -> None:
     defaults = run_defaults()
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
-        raise ConfigError(f"{source}: unknown run-config key(s) {unknown}; known keys: {sorted(defaults)}")
+        raise ConfigError(
+            f"{source}: unknown run-config key(s) {unknown}; known keys: {sorted(defaults)}"
+        )
 
 
 _OVERRIDE_TOKEN = re.compile(r"""(\S+?)=('[^']*'|"[^"]*"|\S+)|(\S+)""")
@@ -277,7 +318,9 @@ def parse_overrides(text: str) -> dict[str, Any]:
     for match in _OVERRIDE_TOKEN.finditer(text):
         key, value, stray = match.groups()
         if stray is not None:
-            raise ConfigError(f"--run-config {text!r}: {stray!r} is not key=value (values go after '=', no spaces)")
+            raise ConfigError(
+                f"--run-config {text!r}: {stray!r} is not key=value (values go after '=', no spaces)"
+            )
         if key in overrides:  # `epsilon=1.0 epsilon=50.0` must never quietly run at 50
             raise ConfigError(f"--run-config {text!r}: {key} is given twice; give each key once")
         try:

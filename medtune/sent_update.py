@@ -40,7 +40,11 @@ class SentUpdate:
 
     def answers(self, server_round: int, global_digest: str, ledger_steps: int) -> bool:
         """Whether this is the reply to the instruction (round, global state) at the ledger's current count."""
-        return (self.round, self.global_digest, self.steps) == (server_round, global_digest, ledger_steps)
+        return (self.round, self.global_digest, self.steps) == (
+            server_round,
+            global_digest,
+            ledger_steps,
+        )
 
 
 class SentUpdateFile:
@@ -57,15 +61,23 @@ class SentUpdateFile:
             raw = self.path.read_bytes()
             meta = json.loads(safetensors_metadata(raw)[META_KEY])
             return SentUpdate(
-                round=int(meta["round"]), global_digest=str(meta["global"]), steps=int(meta["steps"]),
-                examples=int(meta["examples"]), arrays=load(raw),
+                round=int(meta["round"]),
+                global_digest=str(meta["global"]),
+                steps=int(meta["steps"]),
+                examples=int(meta["examples"]),
+                arrays=load(raw),
             )
         except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
             log.warning("%s is damaged (%s); it is not sent again", self.path, error)
             return None
 
     def write(self, update: SentUpdate) -> None:
-        meta = {"round": update.round, "global": update.global_digest, "steps": update.steps, "examples": update.examples}
+        meta = {
+            "round": update.round,
+            "global": update.global_digest,
+            "steps": update.steps,
+            "examples": update.examples,
+        }
         atomic_write_bytes(self.path, save(update.arrays, metadata={META_KEY: json.dumps(meta)}))
 
     def delete(self) -> None:

@@ -82,17 +82,32 @@ class Site:
     """
 
     def __init__(
-        self, name: str, records: list[Record], settings: RunSettings, ledger_path: Path, *, noise: NoiseSource,
-        cache_dir: Path | None = None, audited: bool = False,
+        self,
+        name: str,
+        records: list[Record],
+        settings: RunSettings,
+        ledger_path: Path,
+        *,
+        noise: NoiseSource,
+        cache_dir: Path | None = None,
+        audited: bool = False,
     ) -> None:
         self.name = name
         self.noise = noise
         self.settings = settings
         self.ledger_path = ledger_path
-        self.backbone = cached_backbone(settings.model.backbone, settings.model.num_layers, settings.train.device)
-        train_records, test_records = train_test_split(records, settings.data.test_fraction, settings.seed)
-        if audited and settings.audit.black_box:  # an audit's input canaries join the training split (medtune/canaries.py)
-            train_records = train_records + planted_input_canaries(settings, name, train_records, self.backbone)
+        self.backbone = cached_backbone(
+            settings.model.backbone, settings.model.num_layers, settings.train.device
+        )
+        train_records, test_records = train_test_split(
+            records, settings.data.test_fraction, settings.seed
+        )
+        if (
+            audited and settings.audit.black_box
+        ):  # an audit's input canaries join the training split (medtune/canaries.py)
+            train_records = train_records + planted_input_canaries(
+                settings, name, train_records, self.backbone
+            )
         self.records = records_digest(train_records)  # the ledger is tied to exactly these records
         cache = cache_dir or ledger_path.parent / "features"
         self.train_set = record_inputs(self.backbone, settings.model, train_records, cache)
@@ -102,15 +117,29 @@ class Site:
         self.optimizer_path = ledger_path.with_name(f"{ledger_path.stem}.optimizer.safetensors")
         self.sent_update = SentUpdateFile(ledger_path)
         self.own_evaluations = OwnEvaluations(ledger_path)
-        self.gradient_canaries = None if not (audited and settings.audit.white_box) else GradientCanaries.draw(
-            settings.audit.canaries, self.spec, settings.seed, name, clip=settings.privacy.max_grad_norm,
-            sample_rate=SamplingPlan.for_records(len(self.train_set), settings.train.batch_size).sample_rate,
+        self.gradient_canaries = (
+            None
+            if not (audited and settings.audit.white_box)
+            else GradientCanaries.draw(
+                settings.audit.canaries,
+                self.spec,
+                settings.seed,
+                name,
+                clip=settings.privacy.max_grad_norm,
+                sample_rate=SamplingPlan.for_records(
+                    len(self.train_set), settings.train.batch_size
+                ).sample_rate,
+            )
         )
 
     @property
     def spec(self) -> ExchangedStateSpec:
         """The exchanged state's names and shapes for this federation: what this site's update must be."""
-        return ExchangedStateSpec(self.settings.model.prompt_length, self.backbone.hidden_size, len(self.settings.data.labels))
+        return ExchangedStateSpec(
+            self.settings.model.prompt_length,
+            self.backbone.hidden_size,
+            len(self.settings.data.labels),
+        )
 
     def _optimizer_state(self) -> dict[str, torch.Tensor] | None:
         if not self.optimizer_path.is_file():
@@ -124,7 +153,9 @@ class Site:
             ) from None
 
     def _model(self, arrays: dict[str, np.ndarray]) -> PromptClassifier:
-        model = PromptClassifier(self.backbone, self.settings.model, len(self.settings.data.labels), self.settings.seed)
+        model = PromptClassifier(
+            self.backbone, self.settings.model, len(self.settings.data.labels), self.settings.seed
+        )
         model.load_exchanged_state(arrays, source=f"global state sent to {self.name}")
         return model
 
@@ -142,13 +173,22 @@ class Site:
                 "hospital has trained before; restore the ledger (a fresh one would forget the epsilon spent)"
             )
         return load_or_create_ledger(
-            self.ledger_path, settings.privacy, len(self.train_set), settings.train, settings.federation.rounds,
-            hospital=self.name, records=self.records, record=record,
+            self.ledger_path,
+            settings.privacy,
+            len(self.train_set),
+            settings.train,
+            settings.federation.rounds,
+            hospital=self.name,
+            records=self.records,
+            record=record,
         )
 
     def _steps_per_round(self) -> int:
         train = self.settings.train
-        return train.epochs * SamplingPlan.for_records(len(self.train_set), train.batch_size).steps_per_epoch
+        return (
+            train.epochs
+            * SamplingPlan.for_records(len(self.train_set), train.batch_size).steps_per_epoch
+        )
 
     def can_take_part(self, instruction: Instruction) -> bool:
         """Whether this site would send an update for `instruction`: its stored one, or one it can afford.
@@ -170,7 +210,9 @@ class Site:
     def _stored_answer(self, instruction: Instruction, ledger: PrivacyLedger) -> SentUpdate | None:
         """The update this site already sent for `instruction`, if the ledger shows its steps and nothing since."""
         stored = self.sent_update.read()
-        if stored is None or not stored.answers(instruction.server_round, state_digest(instruction.arrays), ledger.steps):
+        if stored is None or not stored.answers(
+            instruction.server_round, state_digest(instruction.arrays), ledger.steps
+        ):
             return None
         return stored
 
@@ -186,7 +228,9 @@ class Site:
             ledger = self.ledger(instruction.record)
             stored = self._stored_answer(instruction, ledger)
             if stored is not None:
-                return RoundOutcome(arrays=stored.arrays, examples=stored.examples, ledger=ledger, resent=True)
+                return RoundOutcome(
+                    arrays=stored.arrays, examples=stored.examples, ledger=ledger, resent=True
+                )
             self.sent_update.delete()  # another round has started: the last update is no longer an answer
             steps = self._steps_per_round()
             try:
@@ -199,9 +243,17 @@ class Site:
             proximal = ProximalPull(mu, dict(arrays)) if mu > 0 else None
             ledger.start_round(instruction.server_round)
             result = train_local(
-                model, self.train_set, ledger, self.settings.train, self.pad, seed=self.noise.seed_for(ledger.steps),
-                progress=False, proximal=proximal, optimizer_state=self._optimizer_state(),
-                secure_noise=self.noise.is_secret, canaries=self.gradient_canaries,
+                model,
+                self.train_set,
+                ledger,
+                self.settings.train,
+                self.pad,
+                seed=self.noise.seed_for(ledger.steps),
+                progress=False,
+                proximal=proximal,
+                optimizer_state=self._optimizer_state(),
+                secure_noise=self.noise.is_secret,
+                canaries=self.gradient_canaries,
             )
             # The ledger reaches the site's disk before the update can leave the site, and before the
             # copy kept for a repeated round (which is sent only if the ledger shows its steps).
@@ -211,14 +263,20 @@ class Site:
                 append_canary_steps(self.ledger_path, result.canary_observations)
             update = dict(model.exchanged_state())
             digest = state_digest(arrays)
-            self.sent_update.write(SentUpdate(instruction.server_round, digest, ledger.steps, result.examples, update))
+            self.sent_update.write(
+                SentUpdate(instruction.server_round, digest, ledger.steps, result.examples, update)
+            )
         return RoundOutcome(arrays=update, examples=result.examples, ledger=ledger)
 
     def evaluate(self, arrays: dict[str, np.ndarray], server_round: int) -> Evaluation:
         """The global state on this hospital's held-out test split, kept in the site's own record of its scores."""
         model = self._model(arrays)
         evaluation = evaluate(
-            model, self.test_set, self.settings.data.labels, self.pad, resolve_device(self.settings.train.device)
+            model,
+            self.test_set,
+            self.settings.data.labels,
+            self.pad,
+            resolve_device(self.settings.train.device),
         )
         self.own_evaluations.record(server_round, evaluation)
         return evaluation

@@ -41,10 +41,32 @@ from medtune.errors import ConfigError
 from medtune.site_terms import TERMS_KEYS, SiteTerms
 from medtune.state import check_hospital_name
 
-NODE_CONFIG_KEYS = ("hospital", "data-path", "ledger-path", "text-column", "label-column", "cache-dir", *TERMS_KEYS)
-SITE_ONLY_KEYS = ("superlink", "root-certificates", "auth-key", "approved-fabs", "runtime-port", "flower-home")
+NODE_CONFIG_KEYS = (
+    "hospital",
+    "data-path",
+    "ledger-path",
+    "text-column",
+    "label-column",
+    "cache-dir",
+    *TERMS_KEYS,
+)
+SITE_ONLY_KEYS = (
+    "superlink",
+    "root-certificates",
+    "auth-key",
+    "approved-fabs",
+    "runtime-port",
+    "flower-home",
+)
 REQUIRED_KEYS = (
-    "hospital", "superlink", "root-certificates", "auth-key", "data-path", "text-column", "label-column", "ledger-path",
+    "hospital",
+    "superlink",
+    "root-certificates",
+    "auth-key",
+    "data-path",
+    "text-column",
+    "label-column",
+    "ledger-path",
     "max-epsilon",
 )
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
@@ -104,7 +126,9 @@ def read_site_file(path: Path) -> SiteFile:
         raise ConfigError(f"{path}: not a readable TOML site file ({error})") from None
     unknown = sorted(set(values) - {*NODE_CONFIG_KEYS, *SITE_ONLY_KEYS})
     if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {unknown}; known keys: {[*NODE_CONFIG_KEYS, *SITE_ONLY_KEYS]}")
+        raise ConfigError(
+            f"{path}: unknown key(s) {unknown}; known keys: {[*NODE_CONFIG_KEYS, *SITE_ONLY_KEYS]}"
+        )
     missing = [key for key in REQUIRED_KEYS if key not in values]
     if missing:
         raise ConfigError(
@@ -129,16 +153,22 @@ def read_site_file(path: Path) -> SiteFile:
             try:
                 check(file_path.read_bytes())
             except OSError as error:
-                raise ConfigError(f"{where(key)}: cannot read {file_path} ({error.strerror or error})") from None
+                raise ConfigError(
+                    f"{where(key)}: cannot read {file_path} ({error.strerror or error})"
+                ) from None
             except (ValueError, TypeError) as error:
-                raise ConfigError(f"{where(key)}: {file_path} is not what this key needs ({error})") from None
+                raise ConfigError(
+                    f"{where(key)}: {file_path} is not what this key needs ({error})"
+                ) from None
         return file_path
 
     hospital = check_hospital_name(text("hospital"), source=where("hospital"))
     superlink = text("superlink")
     match = _ADDRESS.match(superlink)
     if not match or not 0 < int(match.group(2)) < 65536:
-        raise ConfigError(f"{where('superlink')}: {superlink!r} must be HOST:PORT, e.g. superlink.example:9093")
+        raise ConfigError(
+            f"{where('superlink')}: {superlink!r} must be HOST:PORT, e.g. superlink.example:9093"
+        )
     root_certificates = file("root-certificates", x509.load_pem_x509_certificate)
     auth_key = file("auth-key", lambda data: load_ssh_private_key(data, password=None))
     data_path = file("data-path")
@@ -148,8 +178,11 @@ def read_site_file(path: Path) -> SiteFile:
     if not ledger_path.parent.is_dir():
         raise ConfigError(f"{where('ledger-path')}: its folder {ledger_path.parent} does not exist")
     node_config: dict[str, Any] = {
-        "hospital": hospital, "data-path": str(data_path), "ledger-path": str(ledger_path),
-        "text-column": text("text-column"), "label-column": text("label-column"),
+        "hospital": hospital,
+        "data-path": str(data_path),
+        "ledger-path": str(ledger_path),
+        "text-column": text("text-column"),
+        "label-column": text("label-column"),
     }
     if "cache-dir" in values:
         node_config["cache-dir"] = str(file("cache-dir"))
@@ -158,14 +191,24 @@ def read_site_file(path: Path) -> SiteFile:
     node_config["max-epsilon"] = terms.max_epsilon
 
     approved = values.get("approved-fabs", [])
-    if not isinstance(approved, list) or not all(isinstance(h, str) and _SHA256.match(h.lower()) for h in approved):
-        raise ConfigError(f"{where('approved-fabs')}: must be a list of FAB SHA-256 hashes (64 hex digits each)")
+    if not isinstance(approved, list) or not all(
+        isinstance(h, str) and _SHA256.match(h.lower()) for h in approved
+    ):
+        raise ConfigError(
+            f"{where('approved-fabs')}: must be a list of FAB SHA-256 hashes (64 hex digits each)"
+        )
     port = values.get("runtime-port", DEFAULT_RUNTIME_PORT)
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise ConfigError(f"{where('runtime-port')}: {port!r} must be a port number")
     flower_home = Path(text("flower-home")).expanduser() if "flower-home" in values else None
     return SiteFile(
-        path=path, node_config=node_config, superlink=superlink, root_certificates=root_certificates,
-        auth_key=auth_key, approved_fabs=frozenset(h.lower() for h in approved), runtime_port=port,
-        flower_home=flower_home, terms=terms,
+        path=path,
+        node_config=node_config,
+        superlink=superlink,
+        root_certificates=root_certificates,
+        auth_key=auth_key,
+        approved_fabs=frozenset(h.lower() for h in approved),
+        runtime_port=port,
+        flower_home=flower_home,
+        terms=terms,
     )

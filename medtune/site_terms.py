@@ -23,7 +23,9 @@ from medtune.epsilon import NO_DP, read_epsilon, show_epsilon
 from medtune.errors import ConfigError, EvaluationWithheldError, PrivacyTermsError
 
 TERMS_KEYS = ("max-epsilon", "max-delta", "share-evaluation-counts", "secure-aggregation")
-DEFAULT_MAX_DELTA = 1e-5  # the usual ceiling; a site with over 100,000 records should set a smaller one
+DEFAULT_MAX_DELTA = (
+    1e-5  # the usual ceiling; a site with over 100,000 records should set a smaller one
+)
 
 
 @dataclass(frozen=True)
@@ -32,8 +34,12 @@ class SiteTerms:
 
     max_epsilon: float | None  # None: not configured, so nothing is trained; inf: consent to no DP
     max_delta: float = DEFAULT_MAX_DELTA
-    share_evaluation_counts: bool = False  # they are outside epsilon: shared only with the site's consent
-    secure_aggregation: bool = False  # true: the site sends its prompt and head only masked (SecAgg+), never in clear
+    share_evaluation_counts: bool = (
+        False  # they are outside epsilon: shared only with the site's consent
+    )
+    secure_aggregation: bool = (
+        False  # true: the site sends its prompt and head only masked (SecAgg+), never in clear
+    )
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any], source: str) -> "SiteTerms":
@@ -42,14 +48,24 @@ class SiteTerms:
         if values.get("max-epsilon") not in (None, ""):
             max_epsilon = read_epsilon(values["max-epsilon"], f"{source} max-epsilon")
         max_delta = values.get("max-delta", DEFAULT_MAX_DELTA)
-        if isinstance(max_delta, bool) or not isinstance(max_delta, (int, float)) or not 0.0 < max_delta < 1.0:
-            raise ConfigError(f"{source} max-delta: {max_delta!r} must be a number strictly between 0 and 1")
-        share, secure = (values.get(key, False) for key in ("share-evaluation-counts", "secure-aggregation"))
+        if (
+            isinstance(max_delta, bool)
+            or not isinstance(max_delta, (int, float))
+            or not 0.0 < max_delta < 1.0
+        ):
+            raise ConfigError(
+                f"{source} max-delta: {max_delta!r} must be a number strictly between 0 and 1"
+            )
+        share, secure = (
+            values.get(key, False) for key in ("share-evaluation-counts", "secure-aggregation")
+        )
         for key, value in (("share-evaluation-counts", share), ("secure-aggregation", secure)):
             if not isinstance(value, bool):
                 raise ConfigError(f"{source} {key}: {value!r} must be true or false")
         return cls(
-            max_epsilon=max_epsilon, max_delta=float(max_delta), share_evaluation_counts=share,
+            max_epsilon=max_epsilon,
+            max_delta=float(max_delta),
+            share_evaluation_counts=share,
             secure_aggregation=secure,
         )
 

@@ -16,18 +16,17 @@ from medtune.backbone import Backbone, load_backbone, resolve_device, weights_ha
 from medtune.checkpoint import Checkpoint, save_checkpoint
 from medtune.config import DataConfig, ModelConfig, PrivacyConfig, TrainConfig, config_to_dict
 from medtune.data import Record, train_test_split, warn_if_thin
+from medtune.evaluation import evaluate
 from medtune.features import record_inputs
 from medtune.files import atomic_write_json
 from medtune.label_prior import initial_model
-from medtune.evaluation import evaluate
-from medtune.metrics import Evaluation
+from medtune.ledger_file import load_or_create_ledger, records_digest
 from medtune.locks import exclusive
+from medtune.metrics import Evaluation
 from medtune.model import PromptClassifier
 from medtune.noise import NoiseSource
 from medtune.privacy import PrivacyLedger
-from medtune.ledger_file import load_or_create_ledger, records_digest
 from medtune.train import TrainResult, train_local
-
 
 # The hospital a `medtune train` ledger belongs to: a federated site's ledger (hospital_1, ...) is refused.
 LOCAL_HOSPITAL = "local"
@@ -56,7 +55,9 @@ def run_local(
 
     `cache_dir` keeps the frozen blocks' output per record on disk (see medtune/features.py).
     """
-    backbone = backbone or load_backbone(model_config.backbone, model_config.num_layers, train.device)
+    backbone = backbone or load_backbone(
+        model_config.backbone, model_config.num_layers, train.device
+    )
     train_records, test_records = train_test_split(records, data.test_fraction, train.seed)
     warn_if_thin("this site", [record.label for record in train_records])
     train_set = record_inputs(backbone, model_config, train_records, cache_dir)
@@ -65,9 +66,16 @@ def run_local(
     pad = backbone.tokenizer.pad_token_id
     # The ledger is held from reading to writing back: a second process training on it meanwhile
     # would have its steps overwritten.
-    with exclusive(ledger_path, "this privacy ledger") if ledger_path is not None else nullcontext():
+    with (
+        exclusive(ledger_path, "this privacy ledger") if ledger_path is not None else nullcontext()
+    ):
         ledger = load_or_create_ledger(
-            ledger_path, privacy, len(train_set), train, rounds=1, hospital=LOCAL_HOSPITAL,
+            ledger_path,
+            privacy,
+            len(train_set),
+            train,
+            rounds=1,
+            hospital=LOCAL_HOSPITAL,
             records=records_digest(train_records),
         )
         # seeded noise, reproducible by seed; a second run on one ledger draws fresh noise (medtune/noise.py)
@@ -98,7 +106,9 @@ def save_local_run(run: LocalRun, out: Path, backbone: Backbone, configs: dict[s
     )
 
 
-def all_configs(data: DataConfig, model: ModelConfig, privacy: PrivacyConfig, train: TrainConfig) -> dict[str, Any]:
+def all_configs(
+    data: DataConfig, model: ModelConfig, privacy: PrivacyConfig, train: TrainConfig
+) -> dict[str, Any]:
     return {
         "data": config_to_dict(data),
         "model": config_to_dict(model),

@@ -19,7 +19,11 @@ from medtune.errors import ConfigError, StateError
 PROMPT = "prompt"
 HEAD_WEIGHT = "head.weight"
 HEAD_BIAS = "head.bias"
-EXCHANGED_NAMES = (PROMPT, HEAD_WEIGHT, HEAD_BIAS)  # their order wherever the state travels as a list
+EXCHANGED_NAMES = (
+    PROMPT,
+    HEAD_WEIGHT,
+    HEAD_BIAS,
+)  # their order wherever the state travels as a list
 STATE_DTYPE = np.dtype(np.float32)
 
 # A hospital's name is the one identity that crosses the wire with its state. The coordinator names
@@ -37,7 +41,6 @@ def check_hospital_name(hospital: str, source: str) -> str:
     return hospital
 
 
-
 @dataclass(frozen=True)
 class ExchangedStateSpec:
     """Names, shapes and dtype of the exchanged state for one federation."""
@@ -48,7 +51,11 @@ class ExchangedStateSpec:
 
     @property
     def shapes(self) -> "OrderedDict[str, tuple[int, ...]]":
-        shapes = ((self.prompt_length, self.hidden_size), (self.num_labels, self.hidden_size), (self.num_labels,))
+        shapes = (
+            (self.prompt_length, self.hidden_size),
+            (self.num_labels, self.hidden_size),
+            (self.num_labels,),
+        )
         return OrderedDict(zip(EXCHANGED_NAMES, shapes, strict=True))
 
     @property
@@ -58,7 +65,9 @@ class ExchangedStateSpec:
     def num_bytes(self) -> int:
         return sum(int(np.prod(shape)) for shape in self.shapes.values()) * STATE_DTYPE.itemsize
 
-    def check(self, arrays: dict[str, np.ndarray], source: str = "state") -> "OrderedDict[str, np.ndarray]":
+    def check(
+        self, arrays: dict[str, np.ndarray], source: str = "state"
+    ) -> "OrderedDict[str, np.ndarray]":
         """Return the arrays in canonical order, or raise naming the first mismatch.
 
         Checks names, shapes, dtype and finiteness: nothing else may pass for the exchanged state.
@@ -76,7 +85,9 @@ class ExchangedStateSpec:
             if array.shape != shape:
                 raise StateError(f"{source}: '{name}' has shape {array.shape}, expected {shape}")
             if array.dtype != STATE_DTYPE:
-                raise StateError(f"{source}: '{name}' has dtype {array.dtype}, expected {STATE_DTYPE}")
+                raise StateError(
+                    f"{source}: '{name}' has dtype {array.dtype}, expected {STATE_DTYPE}"
+                )
             if not np.all(np.isfinite(array)):
                 raise StateError(f"{source}: '{name}' contains NaN or infinite values")
             checked[name] = array
@@ -110,5 +121,7 @@ def update_norm(update: dict[str, np.ndarray], reference: dict[str, np.ndarray])
     update (1e3 and up) is. Raise it for larger learning rates, more local epochs or much larger
     hospitals (`update_norm` in results.json shows each accepted update's distance).
     """
-    squares = sum(np.sum(np.square(update[name].astype(np.float64) - reference[name])) for name in reference)
+    squares = sum(
+        np.sum(np.square(update[name].astype(np.float64) - reference[name])) for name in reference
+    )
     return float(np.sqrt(squares))

@@ -20,33 +20,73 @@ import numpy as np
 
 from medtune.synth_config import LABELS, SynthConfig
 
-
 # symptom -> (surface forms, abbreviation, services it points to)
 SYMPTOMS: dict[str, tuple[tuple[str, ...], str, tuple[str, ...]]] = {
-    "chest_pain": (("chest pain", "chest discomfort", "chest pressure", "substernal pain"), "CP",
-                   ("cardiology", "pulmonology", "gastroenterology")),
-    "dyspnea": (("shortness of breath", "dyspnea", "difficulty breathing", "breathlessness"), "SOB",
-                ("cardiology", "pulmonology", "infectious_disease")),
-    "dizziness": (("dizziness", "lightheadedness", "near-syncope", "vertigo"), "dizzy",
-                  ("cardiology", "neurology")),
-    "syncope": (("syncope", "a syncopal episode", "passing out", "loss of consciousness"), "LOC",
-                ("cardiology", "neurology")),
-    "palpitations": (("palpitations", "racing heart", "heart fluttering"), "palps", ("cardiology",)),
-    "cough": (("cough", "productive cough", "dry cough", "persistent cough"), "cough",
-              ("pulmonology", "infectious_disease")),
-    "fever": (("fever", "fevers and chills", "subjective fevers", "rigors"), "fever",
-              ("infectious_disease", "pulmonology", "gastroenterology")),
-    "nausea": (("nausea", "nausea and vomiting", "emesis", "queasiness"), "N/V",
-               ("gastroenterology", "neurology", "cardiology", "infectious_disease")),
-    "abdominal_pain": (("abdominal pain", "epigastric pain", "belly pain", "RUQ pain"), "abd pain",
-                       ("gastroenterology", "infectious_disease")),
-    "headache": (("headache", "severe headache", "head pain"), "HA", ("neurology", "infectious_disease")),
-    "weakness": (("weakness", "generalized weakness", "fatigue", "malaise"), "weak",
-                 ("neurology", "cardiology", "infectious_disease")),
-    "confusion": (("confusion", "altered mental status", "disorientation"), "AMS",
-                  ("neurology", "infectious_disease")),
-    "diarrhea": (("diarrhea", "loose stools", "watery stools"), "diarrhea",
-                 ("gastroenterology", "infectious_disease")),
+    "chest_pain": (
+        ("chest pain", "chest discomfort", "chest pressure", "substernal pain"),
+        "CP",
+        ("cardiology", "pulmonology", "gastroenterology"),
+    ),
+    "dyspnea": (
+        ("shortness of breath", "dyspnea", "difficulty breathing", "breathlessness"),
+        "SOB",
+        ("cardiology", "pulmonology", "infectious_disease"),
+    ),
+    "dizziness": (
+        ("dizziness", "lightheadedness", "near-syncope", "vertigo"),
+        "dizzy",
+        ("cardiology", "neurology"),
+    ),
+    "syncope": (
+        ("syncope", "a syncopal episode", "passing out", "loss of consciousness"),
+        "LOC",
+        ("cardiology", "neurology"),
+    ),
+    "palpitations": (
+        ("palpitations", "racing heart", "heart fluttering"),
+        "palps",
+        ("cardiology",),
+    ),
+    "cough": (
+        ("cough", "productive cough", "dry cough", "persistent cough"),
+        "cough",
+        ("pulmonology", "infectious_disease"),
+    ),
+    "fever": (
+        ("fever", "fevers and chills", "subjective fevers", "rigors"),
+        "fever",
+        ("infectious_disease", "pulmonology", "gastroenterology"),
+    ),
+    "nausea": (
+        ("nausea", "nausea and vomiting", "emesis", "queasiness"),
+        "N/V",
+        ("gastroenterology", "neurology", "cardiology", "infectious_disease"),
+    ),
+    "abdominal_pain": (
+        ("abdominal pain", "epigastric pain", "belly pain", "RUQ pain"),
+        "abd pain",
+        ("gastroenterology", "infectious_disease"),
+    ),
+    "headache": (
+        ("headache", "severe headache", "head pain"),
+        "HA",
+        ("neurology", "infectious_disease"),
+    ),
+    "weakness": (
+        ("weakness", "generalized weakness", "fatigue", "malaise"),
+        "weak",
+        ("neurology", "cardiology", "infectious_disease"),
+    ),
+    "confusion": (
+        ("confusion", "altered mental status", "disorientation"),
+        "AMS",
+        ("neurology", "infectious_disease"),
+    ),
+    "diarrhea": (
+        ("diarrhea", "loose stools", "watery stools"),
+        "diarrhea",
+        ("gastroenterology", "infectious_disease"),
+    ),
     "wheezing": (("wheezing", "chest tightness"), "wheeze", ("pulmonology",)),
     "numbness": (("numbness", "tingling", "paresthesias"), "numb", ("neurology",)),
 }
@@ -100,11 +140,20 @@ HISTORY = {
     "pulmonology": ("COPD", "asthma", "OSA", "prior PE"),
     "gastroenterology": ("GERD", "peptic ulcer disease", "cirrhosis", "IBD"),
     "neurology": ("prior stroke", "epilepsy", "migraine", "TIA"),
-    "infectious_disease": ("HIV on ART", "recurrent UTIs", "prior MRSA bacteremia", "diabetes with foot ulcer"),
+    "infectious_disease": (
+        "HIV on ART",
+        "recurrent UTIs",
+        "prior MRSA bacteremia",
+        "diabetes with foot ulcer",
+    ),
 }
 
 NEGATION_STYLES = (
-    "denies {}", "no {}", "negative for {}", "{} absent", "(-) {}",
+    "denies {}",
+    "no {}",
+    "negative for {}",
+    "{} absent",
+    "(-) {}",
 )
 TEMPLATES = (
     "{age}{sex} presents with {symptoms}. {history} {findings} {negatives} Plan: {plan}",
@@ -114,10 +163,20 @@ TEMPLATES = (
     "{age}{sex}, {history_short}. c/o {symptoms}. {negatives} {findings} -> {plan}",
 )
 PLANS = (
-    "admit for further workup", "consult the relevant service", "observe overnight and reassess",
-    "discharge with close follow-up", "repeat labs in the morning", "start empiric therapy and monitor",
+    "admit for further workup",
+    "consult the relevant service",
+    "observe overnight and reassess",
+    "discharge with close follow-up",
+    "repeat labs in the morning",
+    "start empiric therapy and monitor",
 )
-ONSETS = ("onset this morning", "gradual over a week", "sudden onset at rest", "worse with exertion", "intermittent for days")
+ONSETS = (
+    "onset this morning",
+    "gradual over a week",
+    "sudden onset at rest",
+    "worse with exertion",
+    "intermittent for days",
+)
 
 
 @dataclass(frozen=True)
@@ -132,7 +191,9 @@ class HospitalStyle:
     def draw(cls, rng: np.random.Generator) -> "HospitalStyle":
         templates = tuple(rng.choice(TEMPLATES, size=2, replace=False))
         negations = tuple(rng.choice(NEGATION_STYLES, size=2, replace=False))
-        return cls(templates=templates, abbreviation_rate=float(rng.uniform(0.0, 0.7)), negations=negations)
+        return cls(
+            templates=templates, abbreviation_rate=float(rng.uniform(0.0, 0.7)), negations=negations
+        )
 
 
 def _symptom_phrase(key: str, style: HospitalStyle, rng: np.random.Generator) -> str:
@@ -142,7 +203,12 @@ def _symptom_phrase(key: str, style: HospitalStyle, rng: np.random.Generator) ->
 
 def _note(label: str, style: HospitalStyle, rng: np.random.Generator) -> str:
     compatible = [key for key, (_, _, services) in SYMPTOMS.items() if label in services]
-    symptoms = [str(s) for s in rng.choice(compatible, size=min(len(compatible), int(rng.integers(1, 4))), replace=False)]
+    symptoms = [
+        str(s)
+        for s in rng.choice(
+            compatible, size=min(len(compatible), int(rng.integers(1, 4))), replace=False
+        )
+    ]
     # Deciding findings: none in a third of notes (the presentation alone must decide).
     n_findings = int(rng.choice([0, 1, 2], p=[0.35, 0.45, 0.2]))
     own = FINDINGS[label]
@@ -151,7 +217,9 @@ def _note(label: str, style: HospitalStyle, rng: np.random.Generator) -> str:
     negatives = []
     for other in rng.choice(others, size=int(rng.integers(1, 3)), replace=False):
         negated = FINDINGS[str(other)][int(rng.integers(len(FINDINGS[str(other)])))][1]
-        negatives.append(str(rng.choice(style.negations)).format(negated) if rng.random() < 0.5 else negated)
+        negatives.append(
+            str(rng.choice(style.negations)).format(negated) if rng.random() < 0.5 else negated
+        )
     # A misleading positive: a distractor service's finding as past history or an incidental finding.
     history_service = str(rng.choice(LABELS)) if rng.random() < 0.6 else label
     history_item = str(rng.choice(HISTORY[history_service]))

@@ -23,8 +23,8 @@ from medtune.backbone import resolve_device
 from medtune.canaries import GradientCanaries, PlantedCanaries
 from medtune.config import PrivacyConfig, TrainConfig
 from medtune.data import PadToLongest
-from medtune.features import RecordInputs
 from medtune.errors import PrivacyBudgetError
+from medtune.features import RecordInputs
 from medtune.heap import keep_heap_compact
 from medtune.model import PromptClassifier
 from medtune.privacy import PrivacyLedger
@@ -52,12 +52,19 @@ class TrainResult:
     epsilon: float
     delta: float
     optimizer_state: dict[str, torch.Tensor]  # Adam's moments after the last step (see train_local)
-    canary_observations: np.ndarray | None = None  # (steps, M): an audit's white-box reading (medtune/canaries.py)
+    canary_observations: np.ndarray | None = (
+        None  # (steps, M): an audit's white-box reading (medtune/canaries.py)
+    )
 
     def metrics(self) -> dict[str, float]:
         """The figures worth reporting (the optimizer state stays at the site, unreported)."""
-        return {"loss": self.loss, "steps": self.steps, "examples": self.examples, "epsilon": self.epsilon,
-                "delta": self.delta}
+        return {
+            "loss": self.loss,
+            "steps": self.steps,
+            "examples": self.examples,
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+        }
 
 
 def flat_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -69,12 +76,16 @@ def flat_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, torch.Te
     }
 
 
-def load_flat_optimizer_state(optimizer: torch.optim.Optimizer, flat: dict[str, torch.Tensor]) -> None:
+def load_flat_optimizer_state(
+    optimizer: torch.optim.Optimizer, flat: dict[str, torch.Tensor]
+) -> None:
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in flat.items():
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    optimizer.load_state_dict(
+        {"state": state, "param_groups": optimizer.state_dict()["param_groups"]}
+    )
 
 
 @dataclass(frozen=True)
@@ -125,13 +136,19 @@ class RandomStreams:
         return cls(sampling=sampling, noise=noise, other=other, canaries=canaries)
 
 
-def new_ledger(privacy: PrivacyConfig, num_records: int, train: TrainConfig, rounds: int) -> PrivacyLedger:
+def new_ledger(
+    privacy: PrivacyConfig, num_records: int, train: TrainConfig, rounds: int
+) -> PrivacyLedger:
     """A fresh ledger whose noise is derived for the hospital's whole participation."""
     plan = SamplingPlan.for_records(num_records, train.batch_size)
-    return PrivacyLedger(privacy, plan.sample_rate, planned_steps=rounds * train.epochs * plan.steps_per_epoch)
+    return PrivacyLedger(
+        privacy, plan.sample_rate, planned_steps=rounds * train.epochs * plan.steps_per_epoch
+    )
 
 
-def _batch_loss(model: PromptClassifier, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+def _batch_loss(
+    model: PromptClassifier, batch: dict[str, torch.Tensor], device: torch.device
+) -> torch.Tensor:
     labels = batch["labels"].to(device)
     logits = model(batch["inputs"].to(device), batch["attention_mask"].to(device))
     # Mean over the records actually sampled; an empty Poisson batch gives a zero loss (still a DP step).
@@ -150,14 +167,20 @@ def _noise_only_step(model: PromptClassifier, device: torch.device) -> torch.Ten
     The encoder cannot run on zero records, so the empty per-sample gradients are set directly.
     """
     for parameter in model.trainable_parameters():
-        set_per_sample_gradients(parameter, torch.zeros((0, *parameter.shape), device=device, dtype=parameter.dtype))
+        set_per_sample_gradients(
+            parameter, torch.zeros((0, *parameter.shape), device=device, dtype=parameter.dtype)
+        )
     return torch.zeros((), device=device)
 
 
-def _check_plan(dataset: RecordInputs, ledger: PrivacyLedger, train: TrainConfig) -> tuple[SamplingPlan, int]:
+def _check_plan(
+    dataset: RecordInputs, ledger: PrivacyLedger, train: TrainConfig
+) -> tuple[SamplingPlan, int]:
     """The round's sampling plan and step count, refused before any step if it would break the ledger's promise."""
     plan = SamplingPlan.for_records(len(dataset), train.batch_size)
-    if ledger.config.is_private and not math.isclose(plan.sample_rate, ledger.sample_rate, rel_tol=1e-9):
+    if ledger.config.is_private and not math.isclose(
+        plan.sample_rate, ledger.sample_rate, rel_tol=1e-9
+    ):
         raise PrivacyBudgetError(
             f"this hospital's ledger was planned for sampling rate {ledger.sample_rate:.6f} but its training set "
             f"now gives {plan.sample_rate:.6f}; its records or batch size changed mid-federation"
@@ -168,8 +191,13 @@ def _check_plan(dataset: RecordInputs, ledger: PrivacyLedger, train: TrainConfig
 
 
 def _make_private(
-    model: PromptClassifier, optimizer: torch.optim.Optimizer, loader: DataLoader, ledger: PrivacyLedger,
-    device: torch.device, noise_seed: int, secure_noise: bool,
+    model: PromptClassifier,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    ledger: PrivacyLedger,
+    device: torch.device,
+    noise_seed: int,
+    secure_noise: bool,
 ) -> tuple[Any, torch.optim.Optimizer, DataLoader]:
     """Opacus's DP-SGD around model, optimizer and loader: Poisson batches, per-sample clipping, noise.
 
@@ -196,8 +224,14 @@ def _make_private(
 
 
 def _run_steps(
-    model: PromptClassifier, optimizer: torch.optim.Optimizer, loader: DataLoader, train: TrainConfig,
-    total_steps: int, device: torch.device, proximal: ProximalPull | None, progress: bool,
+    model: PromptClassifier,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    train: TrainConfig,
+    total_steps: int,
+    device: torch.device,
+    proximal: ProximalPull | None,
+    progress: bool,
     canaries: PlantedCanaries | None = None,
 ) -> tuple[float, int]:
     """The loop: `train.epochs` passes of (zero grads, loss, backward, [audit canaries], DP step, FedProx pull).
@@ -205,7 +239,9 @@ def _run_steps(
     Returns the summed loss and the number of records sampled.
     """
     total_loss, examples = 0.0, 0
-    with tqdm(total=total_steps, desc="local training", unit="step", disable=not progress, leave=False) as bar:
+    with tqdm(
+        total=total_steps, desc="local training", unit="step", disable=not progress, leave=False
+    ) as bar:
         for _ in range(train.epochs):
             for batch in loader:
                 optimizer.zero_grad(set_to_none=True)
@@ -219,7 +255,9 @@ def _run_steps(
                     canaries.plant(model, size)
                 optimizer.step()
                 if canaries is not None:  # Opacus divides the noised sum by the expected batch size
-                    canaries.observe(model, getattr(optimizer, "expected_batch_size", None) or max(1, size))
+                    canaries.observe(
+                        model, getattr(optimizer, "expected_batch_size", None) or max(1, size)
+                    )
                 if proximal is not None:
                     proximal.apply(model, train.learning_rate)
                 total_loss += float(loss.detach()) * size
@@ -262,7 +300,9 @@ def train_local(
         batch_size=train.batch_size,
         shuffle=True,
         collate_fn=PadToLongest(pad_token_id),
-        generator=torch.Generator().manual_seed(streams.sampling),  # Opacus's Poisson sampler draws from it
+        generator=torch.Generator().manual_seed(
+            streams.sampling
+        ),  # Opacus's Poisson sampler draws from it
     )
     adam = torch.optim.Adam(model.trainable_parameters(), lr=train.learning_rate)
     if optimizer_state:
@@ -270,9 +310,15 @@ def train_local(
     optimizer: torch.optim.Optimizer = adam
     hooks = None
     if ledger.config.is_private:
-        hooks, optimizer, loader = _make_private(model, adam, loader, ledger, device, streams.noise, secure_noise)
+        hooks, optimizer, loader = _make_private(
+            model, adam, loader, ledger, device, streams.noise, secure_noise
+        )
     try:
-        planted = None if canaries is None else PlantedCanaries(canaries, streams.canaries, ledger.config.is_private)
+        planted = (
+            None
+            if canaries is None
+            else PlantedCanaries(canaries, streams.canaries, ledger.config.is_private)
+        )
         total_loss, examples = _run_steps(
             model, optimizer, loader, train, total_steps, device, proximal, progress, planted
         )

@@ -34,17 +34,16 @@ from medtune.checkpoint import (
 )
 from medtune.epsilon import EpsilonError, read_epsilon
 from medtune.errors import CheckpointError, FederationError, StateError
-from medtune.files import atomic_write_bytes, json_ready
-from medtune.metrics import Evaluation, pool
-from medtune.label_prior import initial_model
 from medtune.federation.results import (
-    RESULTS_FILE, SENT_STATE, HospitalRound, RoundRecord, RunResults, print_round, updates_folder,
+    RESULTS_FILE,
+    SENT_STATE,
+    HospitalRound,
+    RoundRecord,
+    RunResults,
+    print_round,
+    updates_folder,
 )
-from medtune.run_config import RunSettings
-from medtune.state import STATE_DTYPE, ExchangedStateSpec, update_norm
 from medtune.federation.secure_aggregation import COUNTS, COUNTS_SCALE, PURPOSE, secure_mean
-from medtune.stopping import recording
-from medtune.ledger_record import LedgerRecord, Spend
 from medtune.federation.wire import (
     ARRAYS,
     FAILED,
@@ -61,7 +60,20 @@ from medtune.federation.wire import (
     scalar,
     to_record,
 )
-from server.strategy import aggregate, build_strategy, restore_strategy_state, save_strategy_state, trimming_note
+from medtune.files import atomic_write_bytes, json_ready
+from medtune.label_prior import initial_model
+from medtune.ledger_record import LedgerRecord, Spend
+from medtune.metrics import Evaluation, pool
+from medtune.run_config import RunSettings
+from medtune.state import STATE_DTYPE, ExchangedStateSpec, update_norm
+from medtune.stopping import recording
+from server.strategy import (
+    aggregate,
+    build_strategy,
+    restore_strategy_state,
+    save_strategy_state,
+    trimming_note,
+)
 from server.validation import CheckedUpdate, check_train_reply
 
 if TYPE_CHECKING:
@@ -70,7 +82,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("medtune.server")
 
 
-RESUMABLE_KEYS = {"resume", "until-round", "rounds", "out"}  # what a resumed run may set differently
+RESUMABLE_KEYS = {
+    "resume",
+    "until-round",
+    "rounds",
+    "out",
+}  # what a resumed run may set differently
 
 
 def changed_settings(original: dict, now: dict) -> dict[str, tuple]:
@@ -99,15 +116,25 @@ class Federation:
         self.backbone_hash = weights_hash(self.backbone.encoder)
         self.strategy = build_strategy(settings.federation)
         labels = settings.data.labels
-        self.spec = ExchangedStateSpec(settings.model.prompt_length, self.backbone.hidden_size, len(labels))
+        self.spec = ExchangedStateSpec(
+            settings.model.prompt_length, self.backbone.hidden_size, len(labels)
+        )
         self.stopped: set[int] = set()  # nodes no longer sent training rounds
-        self.excluded: set[str] = set()  # hospitals whose ledger went back: they spend without a true record
+        self.excluded: set[str] = (
+            set()
+        )  # hospitals whose ledger went back: they spend without a true record
         self.claims: dict[int, str] = {}  # node id -> the hospital name it last answered with
-        self.bindings: dict[str, int] = {}  # hospital name -> the one node that is that hospital in this run
-        self.refused_nodes: set[int] = set()  # nodes claiming a name bound to another connected node
+        self.bindings: dict[
+            str, int
+        ] = {}  # hospital name -> the one node that is that hospital in this run
+        self.refused_nodes: set[int] = (
+            set()
+        )  # nodes claiming a name bound to another connected node
         self.results = RunResults(config=settings.run_config)
         self.arrays, self.first_round = self._initial_state()
-        for record in self.results.rounds:  # a resumed run keeps each hospital on the node it last trained from
+        for record in (
+            self.results.rounds
+        ):  # a resumed run keeps each hospital on the node it last trained from
             for row in record.hospitals:
                 if row.node and row.status in (TRAINED, STOPPED):
                     self.bindings[row.name] = int(row.node)
@@ -126,7 +153,9 @@ class Federation:
         try:
             done = int(checkpoint.extra["round"])
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path / META_FILE}: corrupted metadata (no round number)") from None
+            raise CheckpointError(
+                f"{path / META_FILE}: corrupted metadata (no round number)"
+            ) from None
         if path.name != f"round_{done:03d}" or not 1 <= done <= settings.federation.rounds:
             raise CheckpointError(
                 f"{path / META_FILE}: says round {done}, but the checkpoint is {path.name} of a run of "
@@ -138,7 +167,10 @@ class Federation:
                 f"{path}: this run was started with other settings ({changed}); resume with the run's original "
                 "--run-config (only rounds and until-round may change)"
             )
-        if checkpoint.backbone_hash != self.backbone_hash or checkpoint.labels != settings.data.labels:
+        if (
+            checkpoint.backbone_hash != self.backbone_hash
+            or checkpoint.labels != settings.data.labels
+        ):
             raise CheckpointError(
                 f"{path}: made with backbone {checkpoint.backbone_name} (hash {checkpoint.backbone_hash[:12]}) and "
                 f"labels {list(checkpoint.labels)}; this run has hash {self.backbone_hash[:12]} and labels "
@@ -177,7 +209,9 @@ class Federation:
             started = time.monotonic()
             sent = dict(self.arrays)
             trained = self._train_round(server_round)
-            if trained is None:  # the hospitals that can still pay for a round are too few: the run is over
+            if (
+                trained is None
+            ):  # the hospitals that can still pay for a round are too few: the run is over
                 break
             hospitals, accepted, aggregated = trained
             global_eval = self._evaluate_round(server_round, hospitals)
@@ -187,7 +221,9 @@ class Federation:
                 accuracy=global_eval.accuracy if global_eval else None,
                 macro_f1=global_eval.macro_f1 if global_eval else None,
                 loss=global_eval.loss if global_eval else None,
-                worst_accuracy=min((h.accuracy for h in hospitals if h.accuracy is not None), default=None),
+                worst_accuracy=min(
+                    (h.accuracy for h in hospitals if h.accuracy is not None), default=None
+                ),
                 wall_seconds=time.monotonic() - started,
                 hospitals=hospitals,
                 secure=settings.federation.secure_aggregation,
@@ -213,16 +249,22 @@ class Federation:
         """Whether any round so far aggregated updates: before that, a checkpoint would be the untrained model."""
         return any(r.aggregated for r in self.results.rounds)
 
-    def _train_round(self, server_round: int) -> tuple[list[HospitalRound], list[CheckedUpdate], bool] | None:
+    def _train_round(
+        self, server_round: int
+    ) -> tuple[list[HospitalRound], list[CheckedUpdate], bool] | None:
         """One round's training exchange and aggregation: the hospitals' records, the valid updates, and
         whether they were aggregated (at least min-hospitals). None: too few can pay for the round."""
         federation = self.settings.federation
         sent = to_record(self.arrays)
         planned = list(self.strategy.configure_train(server_round, sent, ConfigRecord(), self.grid))
         config = (
-            planned[0].content.config_records["config"] if planned else ConfigRecord({"server-round": server_round})
+            planned[0].content.config_records["config"]
+            if planned
+            else ConfigRecord({"server-round": server_round})
         )
-        nodes = [m.metadata.dst_node_id for m in planned if m.metadata.dst_node_id not in self.stopped]
+        nodes = [
+            m.metadata.dst_node_id for m in planned if m.metadata.dst_node_id not in self.stopped
+        ]
         ready, hospitals = self._ask_ready(server_round, nodes, sent, config)
         if not self._enough_to_train(server_round, ready, hospitals):
             return None
@@ -234,10 +276,15 @@ class Federation:
             for node in ready + sorted(self.refused_nodes & set(nodes))
         ]
         accepted: list[CheckedUpdate] = []
-        for reply, node, (name, status, reason) in self._exchange(server_round, "training", messages):
+        for reply, node, (name, status, reason) in self._exchange(
+            server_round, "training", messages
+        ):
             record = HospitalRound(
-                name=self._row_name(server_round, node, name), status=status, reason=reason,
-                bytes_down=sent.count_bytes(), node=str(node),
+                name=self._row_name(server_round, node, name),
+                status=status,
+                reason=reason,
+                bytes_down=sent.count_bytes(),
+                node=str(node),
             )
             update = self._read_train_reply(server_round, reply, record, node)
             if update is not None:
@@ -248,7 +295,9 @@ class Federation:
         aggregated = len(accepted) >= federation.min_hospitals
         if aggregated:
             new_arrays = aggregate(self.strategy, server_round, accepted)
-            self.arrays = dict(self.spec.check(new_arrays, source=f"round {server_round} aggregate"))
+            self.arrays = dict(
+                self.spec.check(new_arrays, source=f"round {server_round} aggregate")
+            )
         else:
             self._event(
                 f"round {server_round}: {len(accepted)} valid update(s), fewer than min-hospitals="
@@ -256,7 +305,9 @@ class Federation:
             )
         return sorted(hospitals, key=lambda h: h.name), accepted, aggregated
 
-    def _instruction(self, kind: str, node: int, sent: ArrayRecord, config: ConfigRecord) -> Message:
+    def _instruction(
+        self, kind: str, node: int, sent: ArrayRecord, config: ConfigRecord
+    ) -> Message:
         """One node's query or train message: the global state, the round's config, and the coordinator's
         record of that node's hospital's ledger (none while the node has not yet said who it is)."""
         content = RecordDict({ARRAYS: sent, "config": self._node_config(node, config)})
@@ -265,23 +316,42 @@ class Federation:
     def _node_config(self, node: int, config: ConfigRecord) -> ConfigRecord:
         """The round's config for one node, with the coordinator's record of its hospital's ledger."""
         record = self._ledger_record(node)
-        return config if record is None else ConfigRecord({**config, LEDGER_RECORD: record_to_wire(record)})
+        return (
+            config
+            if record is None
+            else ConfigRecord({**config, LEDGER_RECORD: record_to_wire(record)})
+        )
 
     def _secure_round(
-        self, server_round: int, ready: list[int], hospitals: list[HospitalRound], config: ConfigRecord
+        self,
+        server_round: int,
+        ready: list[int],
+        hospitals: list[HospitalRound],
+        config: ConfigRecord,
     ) -> tuple[list[HospitalRound], list[CheckedUpdate], bool]:
         """A round through SecAgg+: the coordinator gets the weighted mean of the ready hospitals' prompts and
         heads, and each one's clear report (name, epsilon, delta, steps), never one hospital's arrays."""
         federation = self.settings.federation
-        instructions = {node: (self.arrays, dict(self._node_config(node, config))) for node in ready}
+        instructions = {
+            node: (self.arrays, dict(self._node_config(node, config))) for node in ready
+        }
         result = secure_mean(
-            self.grid, server_round, instructions, federation.secagg_max_weight, federation.round_timeout
+            self.grid,
+            server_round,
+            instructions,
+            federation.secagg_max_weight,
+            federation.round_timeout,
         )
         for node in ready:
             report = result.reports.get(node)
-            name = self._row_name(server_round, node, str(report["hospital"]) if report else self._node_name(node))
+            name = self._row_name(
+                server_round, node, str(report["hospital"]) if report else self._node_name(node)
+            )
             record = HospitalRound(
-                name=name, status=FAILED, node=str(node), bytes_down=result.bytes_down.get(node, 0),
+                name=name,
+                status=FAILED,
+                node=str(node),
+                bytes_down=result.bytes_down.get(node, 0),
                 bytes_up=result.bytes_up.get(node, 0),
             )
             if report is None:
@@ -289,16 +359,29 @@ class Federation:
                 self._event(f"round {server_round}: {name} failed: {record.reason}")
             else:
                 record.status = TRAINED
-                record.epsilon = read_epsilon(report.get("epsilon", 0.0), f"secure report of {name}", spent=True)
-                record.delta, record.steps = float(report.get("delta", 0.0)), int(report.get("steps", 0))
+                record.epsilon = read_epsilon(
+                    report.get("epsilon", 0.0), f"secure report of {name}", spent=True
+                )
+                record.delta, record.steps = (
+                    float(report.get("delta", 0.0)),
+                    int(report.get("steps", 0)),
+                )
             hospitals.append(record)
         aggregated = result.mean is not None and len(result.reports) >= federation.min_hospitals
         accepted: list[CheckedUpdate] = []
         if aggregated and result.mean is not None:
-            mean = {name: np.asarray(array, dtype=STATE_DTYPE) for name, array in result.mean.items()}
+            mean = {
+                name: np.asarray(array, dtype=STATE_DTYPE) for name, array in result.mean.items()
+            }
             checked = self.spec.check(mean, source=f"round {server_round} secure aggregate")
-            accepted = [CheckedUpdate("secure-aggregate", 0, checked, 1, update_norm(checked, self.arrays))]
-            self.arrays = dict(self.spec.check(aggregate(self.strategy, server_round, accepted), source="aggregate"))
+            accepted = [
+                CheckedUpdate("secure-aggregate", 0, checked, 1, update_norm(checked, self.arrays))
+            ]
+            self.arrays = dict(
+                self.spec.check(
+                    aggregate(self.strategy, server_round, accepted), source="aggregate"
+                )
+            )
         else:
             self._event(
                 f"round {server_round}: the secure aggregation ended with {len(result.reports)} masked update(s), "
@@ -317,7 +400,9 @@ class Federation:
             Spend(record.round, row.steps, row.epsilon)
             for record in self.results.rounds
             for row in record.hospitals
-            if row.name == name and row.status in (TRAINED, STOPPED, REJECTED) and row.steps > 0
+            if row.name == name
+            and row.status in (TRAINED, STOPPED, REJECTED)
+            and row.steps > 0
             and row.epsilon is not None
         )
         return LedgerRecord(hospital=name, node=bound, spends=spends if bound == node else ())
@@ -336,16 +421,30 @@ class Federation:
         for _ in range(2):
             unknown = {node for node in asking if node not in self.claims}
             replies = self._exchange(
-                server_round, "readiness", [self._instruction(MessageType.QUERY, node, sent, config) for node in asking]
+                server_round,
+                "readiness",
+                [self._instruction(MessageType.QUERY, node, sent, config) for node in asking],
             )
-            for reply, node, (name, status, reason) in sorted(replies, key=lambda answer: answer[1]):
-                answers[node] = (self._row_name(server_round, node, name), status, reason)  # ties: lowest node id
-            asking = [node for node in unknown if node in self.claims and answers.get(node, ("", ""))[1] == READY]
+            for reply, node, (name, status, reason) in sorted(
+                replies, key=lambda answer: answer[1]
+            ):
+                answers[node] = (
+                    self._row_name(server_round, node, name),
+                    status,
+                    reason,
+                )  # ties: lowest node id
+            asking = [
+                node
+                for node in unknown
+                if node in self.claims and answers.get(node, ("", ""))[1] == READY
+            ]
             if not asking:
                 break
         ready, absent = [], []
         for node in nodes:
-            name, status, reason = answers.get(node, (self._node_name(node), FAILED, "no reply to the readiness query"))
+            name, status, reason = answers.get(
+                node, (self._node_name(node), FAILED, "no reply to the readiness query")
+            )
             if status == READY and node not in self.refused_nodes:
                 ready.append(node)
                 continue
@@ -357,11 +456,16 @@ class Federation:
                 self._event(f"round {server_round}: {name} stopped training: privacy budget spent")
                 continue
             if status != FAILED:
-                absent[-1].status, absent[-1].reason = FAILED, f"answered {status!r} to the readiness query"
+                absent[-1].status, absent[-1].reason = (
+                    FAILED,
+                    f"answered {status!r} to the readiness query",
+                )
             self._event(f"round {server_round}: {name} failed: {absent[-1].reason}")
         return ready, absent
 
-    def _enough_to_train(self, server_round: int, ready: list[int], absent: list[HospitalRound]) -> bool:
+    def _enough_to_train(
+        self, server_round: int, ready: list[int], absent: list[HospitalRound]
+    ) -> bool:
         """Whether the ready hospitals can reach min-hospitals; if not, none is asked to spend.
 
         When only spent budgets keep the others out, the run is over; when any hospital failed, the
@@ -370,16 +474,22 @@ class Federation:
         needed = self.settings.federation.min_hospitals
         if len(ready) >= needed:
             return True
-        ready_names = ", ".join(sorted(self.claims.get(node, self._node_name(node)) for node in ready)) or "none"
+        ready_names = (
+            ", ".join(sorted(self.claims.get(node, self._node_name(node)) for node in ready))
+            or "none"
+        )
         failing = [h for h in absent if h.status != STOPPED]
         if not failing:
             self._event(
-                f"round {server_round}: every hospital's privacy budget is spent; stopping the run" if not ready else
-                f"round {server_round}: the hospitals whose budget can pay for another round ({ready_names}) are fewer "
+                f"round {server_round}: every hospital's privacy budget is spent; stopping the run"
+                if not ready
+                else f"round {server_round}: the hospitals whose budget can pay for another round ({ready_names}) are fewer "
                 f"than min-hospitals={needed}; every other hospital's privacy budget is spent; stopping the run"
             )
             return False
-        why = "; ".join(f"{h.name}: {h.reason or h.status}" for h in sorted(absent, key=lambda h: h.name))
+        why = "; ".join(
+            f"{h.name}: {h.reason or h.status}" for h in sorted(absent, key=lambda h: h.name)
+        )
         self._event(
             f"round {server_round}: only {len(ready)} hospital(s) can take part ({ready_names}), fewer than "
             f"min-hospitals={needed}; none was asked to train. Not taking part: {why}"
@@ -403,7 +513,9 @@ class Federation:
         bound = self.bindings.get(name)
         if bound is None or bound == node or bound not in set(self.grid.get_node_ids()):
             if bound not in (None, node):
-                self._event(f"round {server_round}: {name} now answers from node {node} (node {bound} has left)")
+                self._event(
+                    f"round {server_round}: {name} now answers from node {node} (node {bound} has left)"
+                )
             self.bindings[name] = node
             self.refused_nodes.discard(node)
             return name
@@ -429,7 +541,9 @@ class Federation:
         """
         timeout = self.settings.federation.round_timeout
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids are set on sending
+        sent_to = {
+            m.metadata.message_id: m.metadata.dst_node_id for m in messages
+        }  # ids are set on sending
         named = []
         for reply in replies:
             node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
@@ -437,7 +551,9 @@ class Federation:
         answered = {reply.metadata.reply_to_message_id for reply in replies}
         silent = sorted(self._node_name(n) for m, n in sent_to.items() if m not in answered)
         if silent:
-            self._event(f"round {server_round}: no {purpose} reply within {timeout} s from {', '.join(silent)}")
+            self._event(
+                f"round {server_round}: no {purpose} reply within {timeout} s from {', '.join(silent)}"
+            )
         return named
 
     def _read_train_reply(
@@ -449,7 +565,10 @@ class Federation:
             self._event(f"round {server_round}: {name} failed: {record.reason}")
             return None
         if node in self.refused_nodes:
-            record.status, record.reason = REJECTED, f"another node holds the name {self.claims[node]}"
+            record.status, record.reason = (
+                REJECTED,
+                f"another node holds the name {self.claims[node]}",
+            )
             return None
         self._read_train_metrics(reply, record)
         recorded = self._recorded_steps(name)
@@ -463,18 +582,24 @@ class Federation:
             self.excluded.add(name)
             return None
         if status == STOPPED:
-            self._event(f"round {server_round}: {name} stopped training: privacy budget spent ({record.reason})")
+            self._event(
+                f"round {server_round}: {name} stopped training: privacy budget spent ({record.reason})"
+            )
             return None
         arrays = reply.content.array_records.get(ARRAYS)
         if arrays is not None:
-            record.received = {key: {"shape": list(a.shape), "dtype": str(a.dtype)} for key, a in arrays.items()}
+            record.received = {
+                key: {"shape": list(a.shape), "dtype": str(a.dtype)} for key, a in arrays.items()
+            }
             record.bytes_up = arrays.count_bytes()
         try:
             if status != TRAINED:
                 raise StateError(
                     f"reply from {name} has status {status!r}, expected one of {[TRAINED, STOPPED, FAILED]}"
                 )
-            update = check_train_reply(reply, name, self.spec, self.arrays, self.settings.federation)
+            update = check_train_reply(
+                reply, name, self.spec, self.arrays, self.settings.federation
+            )
         except StateError as error:
             record.status, record.reason = REJECTED, str(error)
             self._event(f"round {server_round}: rejected the update from {name}: {error}")
@@ -484,7 +609,10 @@ class Federation:
 
     def _recorded_steps(self, hospital: str) -> int:
         """The most DP steps this run has seen `hospital`'s ledger report: a ledger may never go below it."""
-        return max((h.steps for r in self.results.rounds for h in r.hospitals if h.name == hospital), default=0)
+        return max(
+            (h.steps for r in self.results.rounds for h in r.hospitals if h.name == hospital),
+            default=0,
+        )
 
     @staticmethod
     def _read_train_metrics(reply: Message, record: HospitalRound) -> None:
@@ -500,15 +628,21 @@ class Federation:
         except (TypeError, ValueError, OverflowError, EpsilonError):
             pass  # a malformed value: the update checks reject a trained reply and say why
 
-    def _keep_updates(self, server_round: int, sent: dict[str, np.ndarray], accepted: list[CheckedUpdate]) -> None:
+    def _keep_updates(
+        self, server_round: int, sent: dict[str, np.ndarray], accepted: list[CheckedUpdate]
+    ) -> None:
         """Each accepted update as safetensors, for audit: exactly what left each hospital, and the global state
         it was trained from (SENT_STATE: no hospital name starts with '_')."""
         folder = updates_folder(self.settings.out, server_round)
         atomic_write_bytes(folder / SENT_STATE, save_safetensors(sent))
         for update in accepted:
-            atomic_write_bytes(folder / f"{update.hospital}.safetensors", save_safetensors(dict(update.arrays)))
+            atomic_write_bytes(
+                folder / f"{update.hospital}.safetensors", save_safetensors(dict(update.arrays))
+            )
 
-    def _evaluate_round(self, server_round: int, hospitals: list[HospitalRound]) -> Evaluation | None:
+    def _evaluate_round(
+        self, server_round: int, hospitals: list[HospitalRound]
+    ) -> Evaluation | None:
         if self.settings.federation.secure_aggregation:
             return self._secure_evaluation(server_round)
         sent = to_record(self.arrays)
@@ -519,11 +653,15 @@ class Federation:
         ]
         by_name = {h.name: h for h in hospitals}
         evaluations = []
-        for reply, node, (name, status, reason) in self._exchange(server_round, "evaluation", messages):
+        for reply, node, (name, status, reason) in self._exchange(
+            server_round, "evaluation", messages
+        ):
             name = self._row_name(server_round, node, name)
             if node in self.refused_nodes:
                 continue  # it claimed a name another node holds: its numbers are not that hospital's
-            record = by_name.setdefault(name, HospitalRound(name=name, status="evaluated", node=str(node)))
+            record = by_name.setdefault(
+                name, HospitalRound(name=name, status="evaluated", node=str(node))
+            )
             record.bytes_down += sent.count_bytes()
             if status == FAILED:
                 record.reason = record.reason or reason
@@ -531,7 +669,10 @@ class Federation:
             try:
                 evaluation = evaluation_from_reply(reply, self.settings.data.labels)
             except (KeyError, TypeError, ValueError) as error:
-                record.reason = record.reason or f"unreadable evaluation reply ({type(error).__name__}: {error})"
+                record.reason = (
+                    record.reason
+                    or f"unreadable evaluation reply ({type(error).__name__}: {error})"
+                )
                 continue
             record.test_examples = evaluation.examples
             record.accuracy, record.macro_f1 = evaluation.accuracy, evaluation.macro_f1
@@ -545,16 +686,28 @@ class Federation:
         federation = self.settings.federation
         nodes = [node for node in self.grid.get_node_ids() if node not in self.refused_nodes]
         if len(nodes) < 3:
-            self._event(f"round {server_round}: secure evaluation needs 3 hospitals, {len(nodes)} connected; skipped")
+            self._event(
+                f"round {server_round}: secure evaluation needs 3 hospitals, {len(nodes)} connected; skipped"
+            )
             return None
         scale = float(federation.secagg_max_weight)
-        config: dict[str, ConfigRecordValues] = {"server-round": server_round, PURPOSE: "evaluate", COUNTS_SCALE: scale}
+        config: dict[str, ConfigRecordValues] = {
+            "server-round": server_round,
+            PURPOSE: "evaluate",
+            COUNTS_SCALE: scale,
+        }
         result = secure_mean(
-            self.grid, server_round, {node: (self.arrays, config) for node in nodes}, max_weight=1,
-            timeout=federation.round_timeout, names=(COUNTS,),
+            self.grid,
+            server_round,
+            {node: (self.arrays, config) for node in nodes},
+            max_weight=1,
+            timeout=federation.round_timeout,
+            names=(COUNTS,),
         )
         if result.mean is None:
-            self._event(f"round {server_round}: the secure evaluation did not complete (too few hospitals answered)")
+            self._event(
+                f"round {server_round}: the secure evaluation did not complete (too few hospitals answered)"
+            )
             return None
         total = np.asarray(result.mean[COUNTS], dtype=np.float64) * len(result.reports) * scale
         return from_counts_vector(total, self.settings.data.labels)
@@ -562,7 +715,9 @@ class Federation:
     def _save(self, server_round: int) -> None:
         settings = self.settings
         directory = checkpoint_dir(settings.out, server_round)
-        save_strategy_state(self.strategy, directory)  # before the checkpoint's meta.json marks it complete
+        save_strategy_state(
+            self.strategy, directory
+        )  # before the checkpoint's meta.json marks it complete
         save_checkpoint(
             directory,
             Checkpoint(
@@ -571,7 +726,11 @@ class Federation:
                 model=settings.model,
                 backbone_name=self.backbone.name,
                 backbone_hash=self.backbone_hash,
-                extra={"round": server_round, "rounds": settings.federation.rounds, "config": settings.run_config},
+                extra={
+                    "round": server_round,
+                    "rounds": settings.federation.rounds,
+                    "config": settings.run_config,
+                },
             ),
         )
         self.results.save(settings.out)

@@ -24,10 +24,10 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
 from medtune.errors import CheckpointError
+from medtune.federation.wire import ARRAYS, METRICS, to_record
 from medtune.files import atomic_write_bytes
 from medtune.run_config import FederationConfig
 from medtune.state import STATE_DTYPE
-from medtune.federation.wire import ARRAYS, METRICS, to_record
 from server.validation import CheckedUpdate
 
 WEIGHT_KEY = "num-examples"
@@ -60,7 +60,9 @@ def build_strategy(federation: FederationConfig) -> FedAvg:
     if federation.strategy == "fedadam":
         # Hospitals' local steps are already Adam steps; a small server step with tau ~ 1e-3 is the
         # setting Reddi et al. recommend for prompt-sized models.
-        return FedAdam(eta=federation.server_learning_rate, eta_l=federation.server_learning_rate, **common)
+        return FedAdam(
+            eta=federation.server_learning_rate, eta_l=federation.server_learning_rate, **common
+        )
     if federation.strategy == "fedmedian":
         return FedMedian(**common)
     if federation.strategy == "trimmed-mean":
@@ -79,7 +81,9 @@ def trimming_note(federation: FederationConfig, hospitals: int) -> str | None:
     )
 
 
-def aggregate(strategy: FedAvg, server_round: int, updates: list[CheckedUpdate]) -> dict[str, np.ndarray]:
+def aggregate(
+    strategy: FedAvg, server_round: int, updates: list[CheckedUpdate]
+) -> dict[str, np.ndarray]:
     """The strategy's new global state from checked updates only, as the exchanged state's float32.
 
     Updates go in by hospital name, not in the order Flower sampled or received them, so the float
@@ -89,7 +93,12 @@ def aggregate(strategy: FedAvg, server_round: int, updates: list[CheckedUpdate])
     """
     messages = [
         Message(
-            RecordDict({ARRAYS: to_record(update.arrays), METRICS: MetricRecord({WEIGHT_KEY: update.examples})}),
+            RecordDict(
+                {
+                    ARRAYS: to_record(update.arrays),
+                    METRICS: MetricRecord({WEIGHT_KEY: update.examples}),
+                }
+            ),
             dst_node_id=update.node_id,
             message_type=MessageType.TRAIN,
         )
@@ -117,9 +126,13 @@ def restore_strategy_state(strategy: FedAvg, directory: Path) -> None:
         return
     try:
         state = load_safetensors(path.read_bytes())
-    except Exception as error:  # safetensors raises its own error types for truncated or garbled files
+    except (
+        Exception
+    ) as error:  # safetensors raises its own error types for truncated or garbled files
         raise CheckpointError(f"{path}: corrupted strategy state ({error})") from None
     for prefix, attribute in zip(MOMENT_PREFIXES, ("m_t", "v_t"), strict=True):
-        moments = {name[len(prefix) :]: array for name, array in state.items() if name.startswith(prefix)}
+        moments = {
+            name[len(prefix) :]: array for name, array in state.items() if name.startswith(prefix)
+        }
         if moments:
             setattr(strategy, attribute, moments)

@@ -26,9 +26,9 @@ from flwr.app import Message
 
 from medtune.epsilon import EpsilonError, read_epsilon
 from medtune.errors import StateError
+from medtune.federation.wire import ARRAYS, METRICS, TRAIN_METRICS, from_record
 from medtune.run_config import FederationConfig
 from medtune.state import HOSPITAL_NAME, ExchangedStateSpec, update_norm
-from medtune.federation.wire import ARRAYS, METRICS, TRAIN_METRICS, from_record
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,9 @@ class CheckedUpdate:
 
 def _examples(value: object, hospital: str, maximum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise StateError(f"update from {hospital}: num-examples must be a whole number, got {value!r}")
+        raise StateError(
+            f"update from {hospital}: num-examples must be a whole number, got {value!r}"
+        )
     if not 1 <= value <= maximum:
         raise StateError(
             f"update from {hospital}: claims {value} training examples; a hospital must train on between 1 and "
@@ -63,7 +65,9 @@ def check_train_reply(
     """The reply's update if it passes every check; otherwise a StateError naming hospital and reason."""
     content = reply.content
     if not HOSPITAL_NAME.fullmatch(hospital):
-        raise StateError(f"update from {hospital!r}: not a valid hospital name (pattern {HOSPITAL_NAME.pattern})")
+        raise StateError(
+            f"update from {hospital!r}: not a valid hospital name (pattern {HOSPITAL_NAME.pattern})"
+        )
     if set(content.array_records) != {ARRAYS} or set(content.metric_records) != {METRICS}:
         raise StateError(
             f"update from {hospital}: must hold array record '{ARRAYS}' and metric record '{METRICS}' only; got "
@@ -81,8 +85,12 @@ def check_train_reply(
         raise StateError(str(error)) from None
     try:
         received = from_record(content.array_records[ARRAYS])
-    except Exception as error:  # a crafted Array's bytes may not deserialise; numpy raises several types
-        raise StateError(f"update from {hospital}: arrays cannot be read ({type(error).__name__}: {error})") from None
+    except (
+        Exception
+    ) as error:  # a crafted Array's bytes may not deserialise; numpy raises several types
+        raise StateError(
+            f"update from {hospital}: arrays cannot be read ({type(error).__name__}: {error})"
+        ) from None
     arrays = spec.check(received, source=f"update from {hospital}")
     norm = update_norm(arrays, global_arrays)
     if not norm <= federation.max_update_norm:

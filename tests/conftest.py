@@ -24,7 +24,12 @@ torch.set_num_threads(2)
 # Remembered noise searches go to a folder of this test session, never the user's own cache
 # (set before any simulation starts, so Ray's workers inherit it).
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="medtune-test-cache-")
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "vocab.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 
 
 def tiny_recipe(backbone: Path) -> dict[str, Any]:

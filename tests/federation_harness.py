@@ -18,17 +18,24 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import tiny_recipe
+from flower_internals import set_task_identity, stamp_message_id
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 import client.app as client_app
+from medtune.federation.wire import (
+    ARRAYS,
+    HOSPITAL,
+    METRICS,
+    evaluate_reply,
+    from_record,
+    ready_reply,
+    to_record,
+)
 from medtune.metrics import from_counts
 from medtune.run_config import resolve_run_config, settings_from_run_config
 from medtune.synth import LABELS, SynthConfig, write_hospitals
-from medtune.federation.wire import ARRAYS, HOSPITAL, METRICS, evaluate_reply, from_record, ready_reply, to_record
 from server.federation import Federation
-from conftest import tiny_recipe
-from flower_internals import set_task_identity, stamp_message_id
-
 
 Node = Callable[[Message], Message]
 Arrays = dict[str, np.ndarray]
@@ -49,11 +56,15 @@ class FakeGrid:
     def get_node_ids(self) -> Iterable[int]:
         return list(self.nodes)
 
-    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], timeout: float | None = None
+    ) -> list[Message]:
         replies = []
         for message in messages:
             stamp_message_id(message, uuid.uuid4().hex)  # Flower's grids stamp ids on sending
-            delivered = copy.deepcopy(message)  # each node gets its own copy, as after serialisation
+            delivered = copy.deepcopy(
+                message
+            )  # each node gets its own copy, as after serialisation
             reply = self.nodes[message.metadata.dst_node_id](delivered)
             if reply is not None:  # None: the node never answers
                 replies.append(reply)
@@ -93,7 +104,9 @@ def honest(arrays: Arrays, metrics: dict[str, Any]) -> None:
 class CraftedHospital:
     """Replies with the global state plus a small seeded step, or a tampered version of it."""
 
-    def __init__(self, name: str, examples: int, tamper: Tamper = honest, step: float = 0.01) -> None:
+    def __init__(
+        self, name: str, examples: int, tamper: Tamper = honest, step: float = 0.01
+    ) -> None:
         self.name, self.examples, self.tamper, self.step = name, examples, tamper, step
         self.sent: dict[int, Arrays] = {}  # round -> the arrays this hospital sent
 
@@ -110,7 +123,12 @@ class CraftedHospital:
             for k, v in from_record(message.content[ARRAYS]).items()
         }
         steps = 3 * server_round  # a real ledger grows by every round's steps
-        metrics: dict[str, Any] = {"num-examples": self.examples, "epsilon": 1.0, "delta": 1e-5, "steps": steps}
+        metrics: dict[str, Any] = {
+            "num-examples": self.examples,
+            "epsilon": 1.0,
+            "delta": 1e-5,
+            "steps": steps,
+        }
         self.tamper(arrays, metrics)
         self.sent[server_round] = arrays
         content = RecordDict(
@@ -127,10 +145,18 @@ class RealHospital:
     """The real ClientApp handlers, as a deployed SuperNode runs them (its own file and ledger)."""
 
     def __init__(self, node_id: int, node_config: dict[str, str], config: dict[str, Any]) -> None:
-        self.context = Context(run_id=1, node_id=node_id, node_config=node_config, state=RecordDict(), run_config=config)
+        self.context = Context(
+            run_id=1,
+            node_id=node_id,
+            node_config=node_config,
+            state=RecordDict(),
+            run_config=config,
+        )
 
     def __call__(self, message: Message) -> Message:
-        return client_app.app(message, self.context)  # the ClientApp with its mods, as a SuperNode calls it
+        return client_app.app(
+            message, self.context
+        )  # the ClientApp with its mods, as a SuperNode calls it
 
 
 def site_files(tmp_path: Path) -> list[Path]:
@@ -143,9 +169,14 @@ def real_grid(files: list[Path], tmp_path: Path, config: dict[str, Any]) -> Fake
             i: RealHospital(
                 i,
                 {
-                    "hospital": f"hospital_{i}", "data-path": str(path), "ledger-path": str(ledger_path(tmp_path, i)),
-                    "text-column": "text", "label-column": "label",
-                    "max-epsilon": config["epsilon"],  # each site's ceiling: what these runs ask for
+                    "hospital": f"hospital_{i}",
+                    "data-path": str(path),
+                    "ledger-path": str(ledger_path(tmp_path, i)),
+                    "text-column": "text",
+                    "label-column": "label",
+                    "max-epsilon": config[
+                        "epsilon"
+                    ],  # each site's ceiling: what these runs ask for
                     "share-evaluation-counts": True,  # these sites consent to report their test counts
                 },
                 config,
@@ -159,9 +190,13 @@ def ledger_path(tmp_path: Path, number: int) -> Path:
     return tmp_path / "sites" / f"hospital_{number}" / "ledger.json"
 
 
-def first_round_of(backbone: Path, tmp_path: Path, rounds: int) -> tuple[list[Path], dict[str, Any]]:
+def first_round_of(
+    backbone: Path, tmp_path: Path, rounds: int
+) -> tuple[list[Path], dict[str, Any]]:
     """Three real hospitals train round 1 of `rounds` and stop; returns their files and the config that resumes."""
     files = site_files(tmp_path)
-    config = run_config(backbone, tmp_path / "run", hospitals=3, rounds=rounds, **{"until-round": 1})
+    config = run_config(
+        backbone, tmp_path / "run", hospitals=3, rounds=rounds, **{"until-round": 1}
+    )
     federate(real_grid(files, tmp_path, config), config)
     return files, {**config, "until-round": 0, "resume": str(tmp_path / "run")}

@@ -38,7 +38,9 @@ from flwr.app import Message
 SERVERAPP_EXCEPTION_LOG = 'log(ERROR, "%s raised an exception", exc_entity, exc_info=ex)'
 
 
-def set_task_identity(monkeypatch: pytest.MonkeyPatch, task_id: int, run_id: int, node_id: int) -> None:
+def set_task_identity(
+    monkeypatch: pytest.MonkeyPatch, task_id: int, run_id: int, node_id: int
+) -> None:
     """The identity Flower's runtimes give the running task, set for this test and restored after it (1)."""
     from flwr.supercore.task_identity import TaskIdentity
 

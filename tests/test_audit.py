@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from medtune.experiments.audit import attack_auc, audit_model, tpr_at_fpr
 from medtune.config import ModelConfig, PrivacyConfig, TrainConfig
 from medtune.data import Record
+from medtune.experiments.audit import attack_auc, audit_model, tpr_at_fpr
 from medtune.features import record_inputs
 from medtune.model import PromptClassifier
 from medtune.train import new_ledger, train_local
@@ -29,7 +29,9 @@ def test_attack_scores_behave_at_the_extremes() -> None:
     assert attack_auc(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 1.0
     assert attack_auc(np.array([1.0, 2.0]), np.array([1.0, 2.0])) == 0.5
     non_members = np.linspace(0, 1, 200)
-    assert tpr_at_fpr(np.array([2.0, 0.5]), non_members) == 0.5  # only the score above every non-member's top 1%
+    assert (
+        tpr_at_fpr(np.array([2.0, 0.5]), non_members) == 0.5
+    )  # only the score above every non-member's top 1%
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,9 @@ def audited(tiny_backbone):
             model = PromptClassifier(tiny_backbone, config, num_labels=5, seed=0)
             ledger = new_ledger(PrivacyConfig(epsilon=epsilon), len(member_set), train, rounds=1)
             train_local(model, member_set, ledger, train, pad, seed=seed, progress=False)
-            results[epsilon].append(audit_model(model, member_set, non_member_set, pad, torch.device("cpu")))
+            results[epsilon].append(
+                audit_model(model, member_set, non_member_set, pad, torch.device("cpu"))
+            )
     return results
 
 
@@ -68,14 +72,34 @@ def test_dp_at_epsilon_one_brings_the_attack_near_chance(audited) -> None:
     assert auc < audited[math.inf][0].auc - 0.15
 
 
-def test_auditing_a_single_site_training_run_says_what_audit_needs(tmp_path, tiny_backbone_dir, capsys) -> None:
+def test_auditing_a_single_site_training_run_says_what_audit_needs(
+    tmp_path, tiny_backbone_dir, capsys
+) -> None:
     from medtune.cli import main
 
     notes = tmp_path / "notes.csv"
-    notes.write_text("text,label\n" + "chest pain,cardiology\nwheezing,pulmonology\n" * 6, encoding="utf-8")
+    notes.write_text(
+        "text,label\n" + "chest pain,cardiology\nwheezing,pulmonology\n" * 6, encoding="utf-8"
+    )
     run = tmp_path / "run"
-    assert main(["train", "--data", str(notes), "--backbone", str(tiny_backbone_dir), "--out", str(run),
-                 "--epochs", "1", "--prompt-layer", "6"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(notes),
+                "--backbone",
+                str(tiny_backbone_dir),
+                "--out",
+                str(run),
+                "--epochs",
+                "1",
+                "--prompt-layer",
+                "6",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["audit", "--run", str(run), "--hospital", "hospital_1"]) == 2
     err = capsys.readouterr().err

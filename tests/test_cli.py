@@ -11,7 +11,9 @@ from medtune.synth import LABELS
 
 
 def test_synth_writes_one_csv_per_hospital_with_skewed_sizes(tmp_path, capsys):
-    assert main(["data", "synth", "--hospitals", "4", "--records", "100", "--out", str(tmp_path)]) == 0
+    assert (
+        main(["data", "synth", "--hospitals", "4", "--records", "100", "--out", str(tmp_path)]) == 0
+    )
     files = sorted(tmp_path.glob("hospital_*.csv"))
     assert [f.name for f in files] == [f"hospital_{i}.csv" for i in range(1, 5)]
     sizes = []
@@ -26,24 +28,58 @@ def test_synth_writes_one_csv_per_hospital_with_skewed_sizes(tmp_path, capsys):
 def test_train_on_a_bad_file_prints_one_clear_error(tmp_path, capsys, tiny_backbone_dir):
     bad = tmp_path / "notes.csv"
     bad.write_text("text,label\nchest pain,cardiology\nheadache,cardio\n", encoding="utf-8")
-    status = main(["train", "--data", str(bad), "--backbone", str(tiny_backbone_dir), "--out", str(tmp_path / "run")])
+    status = main(
+        [
+            "train",
+            "--data",
+            str(bad),
+            "--backbone",
+            str(tiny_backbone_dir),
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     err = capsys.readouterr().err
     assert status == 2
-    assert err.startswith("error: ") and "notes.csv row 2: label 'cardio' is not in the federation's label list" in err
+    assert (
+        err.startswith("error: ")
+        and "notes.csv row 2: label 'cardio' is not in the federation's label list" in err
+    )
     assert "Traceback" not in err
     assert not (tmp_path / "run" / "ledger.json").exists()
 
 
 def test_bad_config_value_is_named(tmp_path, capsys):
     assert main(["train", "--epsilon", "-1", "--out", str(tmp_path)]) == 2
-    assert "privacy.epsilon: epsilon '-1' must be positive; only inf (+infinity) means no DP" in capsys.readouterr().err
+    assert (
+        "privacy.epsilon: epsilon '-1' must be positive; only inf (+infinity) means no DP"
+        in capsys.readouterr().err
+    )
 
 
-def test_recipe_settings_outside_the_backbone_are_one_line_before_any_work(tmp_path, capsys, tiny_backbone_dir):
+def test_recipe_settings_outside_the_backbone_are_one_line_before_any_work(
+    tmp_path, capsys, tiny_backbone_dir
+):
     notes = tmp_path / "notes.csv"
-    notes.write_text("text,label\n" + "chest pain,cardiology\nwheezing,pulmonology\n" * 5, encoding="utf-8")
-    assert main(["train", "--data", str(notes), "--backbone", str(tiny_backbone_dir), "--prompt-layer", "7",
-                 "--out", str(tmp_path / "run")]) == 2
+    notes.write_text(
+        "text,label\n" + "chest pain,cardiology\nwheezing,pulmonology\n" * 5, encoding="utf-8"
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(notes),
+                "--backbone",
+                str(tiny_backbone_dir),
+                "--prompt-layer",
+                "7",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "prompt-layer) = 7 is outside 0..6: the backbone" in err and "Traceback" not in err
     assert not (tmp_path / "run" / "features").exists()  # refused before caching anything
@@ -58,25 +94,62 @@ def test_recipe_settings_outside_the_backbone_are_one_line_before_any_work(tmp_p
     assert not (tmp_path / "sim").exists()
 
 
-def test_a_prompt_too_long_for_the_backbone_is_refused_before_any_feature_cache(tmp_path, capsys, tiny_backbone_dir):
+def test_a_prompt_too_long_for_the_backbone_is_refused_before_any_feature_cache(
+    tmp_path, capsys, tiny_backbone_dir
+):
     notes = tmp_path / "notes.csv"
-    notes.write_text("text,label\n" + "chest pain,cardiology\nwheezing,pulmonology\n" * 5, encoding="utf-8")
-    too_long = ["--prompt-length", "150", "--max-length", "32", "--prompt-layer", "3"]  # 182 > 160 positions
+    notes.write_text(
+        "text,label\n" + "chest pain,cardiology\nwheezing,pulmonology\n" * 5, encoding="utf-8"
+    )
+    too_long = [
+        "--prompt-length",
+        "150",
+        "--max-length",
+        "32",
+        "--prompt-layer",
+        "3",
+    ]  # 182 > 160 positions
     run = tmp_path / "run"
-    assert main(["train", "--data", str(notes), "--backbone", str(tiny_backbone_dir), *too_long, "--out", str(run)]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(notes),
+                "--backbone",
+                str(tiny_backbone_dir),
+                *too_long,
+                "--out",
+                str(run),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
     assert "prompt-length) 150 = 182 tokens exceeds the 160 positions of the backbone" in err
     assert not run.exists()  # no feature cache (nor anything else) left behind
 
     sim = tmp_path / "sim"
-    assert main(["simulate", "--out", str(sim), "--run-config",
-                 f'backbone="{tiny_backbone_dir}" prompt-length=150 max-length=32 prompt-layer=3']) == 2
+    assert (
+        main(
+            [
+                "simulate",
+                "--out",
+                str(sim),
+                "--run-config",
+                f'backbone="{tiny_backbone_dir}" prompt-length=150 max-length=32 prompt-layer=3',
+            ]
+        )
+        == 2
+    )
     assert "exceeds the 160 positions" in capsys.readouterr().err
     assert not sim.exists()
 
 
-def test_simulate_refuses_settings_that_would_hang_or_mislead_before_flower_starts(tmp_path, capsys, tiny_backbone_dir):
+def test_simulate_refuses_settings_that_would_hang_or_mislead_before_flower_starts(
+    tmp_path, capsys, tiny_backbone_dir
+):
     sim = tmp_path / "sim"
     base = ["simulate", "--out", str(sim), "--run-config"]
     cases = {
@@ -100,12 +173,30 @@ def test_simulate_refuses_settings_that_would_hang_or_mislead_before_flower_star
     import torch
 
     if not torch.cuda.is_available():  # Ray used to wait for ever for the GPU
-        cases["gpus-per-hospital=0.5"] = "gpus-per-hospital = 0.5, but this machine has no CUDA GPU; use 0"
+        cases["gpus-per-hospital=0.5"] = (
+            "gpus-per-hospital = 0.5, but this machine has no CUDA GPU; use 0"
+        )
     for overrides, message in cases.items():
         assert main([*base, f'backbone="{tiny_backbone_dir}" {overrides}']) == 2, overrides
         err = capsys.readouterr().err
-        assert err.startswith("error: ") and message in err and "Traceback" not in err, (overrides, err)
-    assert main(["simulate", "--out", str(sim), "--cpus-per-hospital", "0", "--run-config", f'backbone="{tiny_backbone_dir}"']) == 2
+        assert err.startswith("error: ") and message in err and "Traceback" not in err, (
+            overrides,
+            err,
+        )
+    assert (
+        main(
+            [
+                "simulate",
+                "--out",
+                str(sim),
+                "--cpus-per-hospital",
+                "0",
+                "--run-config",
+                f'backbone="{tiny_backbone_dir}"',
+            ]
+        )
+        == 2
+    )
     assert "cpus-per-hospital must be positive" in capsys.readouterr().err
     assert not sim.exists()
 
@@ -114,16 +205,38 @@ def test_simulate_never_overwrites_or_shares_a_run(tmp_path, capsys, tiny_backbo
     from medtune.locks import exclusive
 
     sim = tmp_path / "sim"
-    run = ["simulate", "--out", str(sim), "--run-config", f'backbone="{tiny_backbone_dir}" num-layers=2 prompt-layer=1']
+    run = [
+        "simulate",
+        "--out",
+        str(sim),
+        "--run-config",
+        f'backbone="{tiny_backbone_dir}" num-layers=2 prompt-layer=1',
+    ]
     (sim / "checkpoints").mkdir(parents=True)
     (sim / "results.json").write_text('{"rounds": [1]}', encoding="utf-8")
     assert main(run) == 2
-    assert f"{sim} already holds a run (results.json); continue it with --resume" in capsys.readouterr().err
+    assert (
+        f"{sim} already holds a run (results.json); continue it with --resume"
+        in capsys.readouterr().err
+    )
     assert (sim / "results.json").read_text(encoding="utf-8") == '{"rounds": [1]}'  # untouched
 
     other = tmp_path / "busy"
-    with exclusive(other, "another run's out directory"):  # as a second `medtune simulate` would hold it
-        assert main(["simulate", "--out", str(other), "--run-config", f'backbone="{tiny_backbone_dir}" num-layers=2 prompt-layer=1']) == 2
+    with exclusive(
+        other, "another run's out directory"
+    ):  # as a second `medtune simulate` would hold it
+        assert (
+            main(
+                [
+                    "simulate",
+                    "--out",
+                    str(other),
+                    "--run-config",
+                    f'backbone="{tiny_backbone_dir}" num-layers=2 prompt-layer=1',
+                ]
+            )
+            == 2
+        )
     err = capsys.readouterr().err
     assert f"{other}: this run's out directory is in use by pid" in err and "Traceback" not in err
 
@@ -137,40 +250,77 @@ def test_wrong_values_are_one_line_errors_not_silent_results(tmp_path, capsys, t
     cases = []
     duplicated = tmp_path / "dup.csv"
     duplicated.write_text("text,label,text\nchest pain,cardiology,wheezing\n", encoding="utf-8")
-    cases.append((["train", "--data", str(duplicated)], "dup.csv header: column(s) ['text'] appear more than once"))
+    cases.append(
+        (
+            ["train", "--data", str(duplicated)],
+            "dup.csv header: column(s) ['text'] appear more than once",
+        )
+    )
     numeric = tmp_path / "num.jsonl"
     numeric.write_text('{"text": 12345, "label": "cardiology"}\n', encoding="utf-8")
-    cases.append((["train", "--data", str(numeric)], "num.jsonl row 1: text in column 'text' is a int, not a string"))
+    cases.append(
+        (
+            ["train", "--data", str(numeric)],
+            "num.jsonl row 1: text in column 'text' is a int, not a string",
+        )
+    )
     folder = tmp_path / "notes.csv"
     folder.mkdir()
-    cases.append((["train", "--data", str(folder)], "notes.csv: is a directory; give the records file itself"))
+    cases.append(
+        (
+            ["train", "--data", str(folder)],
+            "notes.csv: is a directory; give the records file itself",
+        )
+    )
     good = tmp_path / "good.csv"
-    good.write_text("text,label\n" + "chest pain,cardiology\nwheezing,pulmonology\n" * 5, encoding="utf-8")
+    good.write_text(
+        "text,label\n" + "chest pain,cardiology\nwheezing,pulmonology\n" * 5, encoding="utf-8"
+    )
     import torch
 
     if not torch.cuda.is_available():
         cases.append((["train", "--device", "cuda", "--data", str(good)], "sees no CUDA GPU"))
-    cases.append((["predict", "--checkpoint", str(tmp_path), "--text", " "], "--text number 1 is empty"))
-    cases.append((["certs", "node", "--hospital", "st mary\n", "--out", str(tmp_path / "keys")], "--hospital 'st mary\\n': use 1-64"))
+    cases.append(
+        (["predict", "--checkpoint", str(tmp_path), "--text", " "], "--text number 1 is empty")
+    )
+    cases.append(
+        (
+            ["certs", "node", "--hospital", "st mary\n", "--out", str(tmp_path / "keys")],
+            "--hospital 'st mary\\n': use 1-64",
+        )
+    )
     for argv, message in cases:
         argv = [*argv, "--backbone", str(tiny_backbone_dir)] if argv[0] == "train" else argv
-        assert main([*argv, *(["--out", str(tmp_path / "run")] if argv[0] == "train" else [])]) == 2, argv
+        assert (
+            main([*argv, *(["--out", str(tmp_path / "run")] if argv[0] == "train" else [])]) == 2
+        ), argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and "Traceback" not in err, (argv, err)
     assert not (tmp_path / "keys").exists()
 
 
-def test_an_out_directory_that_cannot_be_written_is_one_line_before_any_work(tmp_path, capsys, tiny_backbone_dir):
+def test_an_out_directory_that_cannot_be_written_is_one_line_before_any_work(
+    tmp_path, capsys, tiny_backbone_dir
+):
     notes = tmp_path / "notes.csv"
-    notes.write_text("text,label\n" + "chest pain,cardiology\nwheezing,pulmonology\n" * 5, encoding="utf-8")
+    notes.write_text(
+        "text,label\n" + "chest pain,cardiology\nwheezing,pulmonology\n" * 5, encoding="utf-8"
+    )
     blocked = tmp_path / "a-file"  # a path the OS refuses to make a folder under, even for root
     blocked.write_text("", encoding="utf-8")
     sweep = tmp_path / "tiny.toml"
-    sweep.write_text(f'epsilons = [8.0]\nseeds = [0]\n[run-config]\nbackbone = "{tiny_backbone_dir}"\n', encoding="utf-8")
+    sweep.write_text(
+        f'epsilons = [8.0]\nseeds = [0]\n[run-config]\nbackbone = "{tiny_backbone_dir}"\n',
+        encoding="utf-8",
+    )
     nowhere = str(tmp_path / "no-run")  # the work would fail on it: the --out check must come first
     commands = {
         "train": ["train", "--data", str(notes), "--backbone", str(tiny_backbone_dir)],
-        "simulate": ["simulate", "--run-config", f'rounds=1 backbone="{tiny_backbone_dir}" num-layers=2 prompt-layer=1'],
+        "simulate": [
+            "simulate",
+            "--run-config",
+            f'rounds=1 backbone="{tiny_backbone_dir}" num-layers=2 prompt-layer=1',
+        ],
         "sweep": ["benchmark", "sweep", "--sweep", str(sweep)],
         "tune": ["benchmark", "tune", "--sweep", str(sweep), "--grid", "prompt-layer=[0,5]"],
         "synth": ["data", "synth"],
@@ -181,9 +331,26 @@ def test_an_out_directory_that_cannot_be_written_is_one_line_before_any_work(tmp
         out = blocked / ("run.json" if name in ("audit", "baselines") else "run")
         assert main([*argv, "--out", str(out)]) == 2, name
         err = capsys.readouterr().err
-        assert err.startswith(f"error: --out {out}: cannot be written") and "Traceback" not in err, (name, err)
-    assert main(["train", "--data", str(notes), "--ledger", str(blocked / "ledger.json"), "--out", str(tmp_path / "run")]) == 2
-    assert capsys.readouterr().err.startswith(f"error: --ledger {blocked / 'ledger.json'}: cannot be written")
+        assert (
+            err.startswith(f"error: --out {out}: cannot be written") and "Traceback" not in err
+        ), (name, err)
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(notes),
+                "--ledger",
+                str(blocked / "ledger.json"),
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 2
+    )
+    assert capsys.readouterr().err.startswith(
+        f"error: --ledger {blocked / 'ledger.json'}: cannot be written"
+    )
     assert not (tmp_path / "run").exists()  # the check leaves no folder behind
 
 
@@ -211,25 +378,55 @@ def test_train_and_simulate_share_the_defaults_of_pyproject_and_every_config_fie
     assert ModelConfig() == simulated.model and PrivacyConfig() == simulated.privacy
     assert DataConfig(labels=simulated.data.labels) == simulated.data
     # Alone, a hospital makes the passes it makes over the default federation's rounds.
-    assert TrainConfig() == dataclasses.replace(simulated.train, epochs=simulated.train.epochs * simulated.federation.rounds)
+    assert TrainConfig() == dataclasses.replace(
+        simulated.train, epochs=simulated.train.epochs * simulated.federation.rounds
+    )
     args = build_parser().parse_args(["train"])
     for config in (DataConfig, ModelConfig, PrivacyConfig, TrainConfig):
         for field in dataclasses.fields(config):
             if field.name not in NOT_FLAGS:
-                assert getattr(args, field.name) is None, field.name  # unset: the dataclass default applies
-    given = build_parser().parse_args(["train", "--prompt-length", "4", "--lr", "0.5", "--epsilon", "inf"])
-    assert (given.prompt_length, given.learning_rate, PrivacyConfig(epsilon=given.epsilon).epsilon) == (4, 0.5, math.inf)
+                assert getattr(args, field.name) is None, (
+                    field.name
+                )  # unset: the dataclass default applies
+    given = build_parser().parse_args(
+        ["train", "--prompt-length", "4", "--lr", "0.5", "--epsilon", "inf"]
+    )
+    assert (
+        given.prompt_length,
+        given.learning_rate,
+        PrivacyConfig(epsilon=given.epsilon).epsilon,
+    ) == (4, 0.5, math.inf)
 
 
 def test_train_takes_the_label_list_and_descriptions_from_their_flags(tmp_path, tiny_backbone_dir):
     notes = tmp_path / "notes.csv"
-    notes.write_text("text,label\n" + "chest pain radiating,yes\nno complaints today,no\n" * 20, encoding="utf-8")
+    notes.write_text(
+        "text,label\n" + "chest pain radiating,yes\nno complaints today,no\n" * 20, encoding="utf-8"
+    )
     out = tmp_path / "run"
-    argv = ["train", "--data", str(notes), "--labels", "yes,no", "--label-descriptions", "a finding|no finding",
-            "--backbone", str(tiny_backbone_dir), "--max-length", "16", "--epochs", "1", "--out", str(out)]
+    argv = [
+        "train",
+        "--data",
+        str(notes),
+        "--labels",
+        "yes,no",
+        "--label-descriptions",
+        "a finding|no finding",
+        "--backbone",
+        str(tiny_backbone_dir),
+        "--max-length",
+        "16",
+        "--epochs",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     data = json.loads((out / "metrics.json").read_text())["config"]["data"]
-    assert data["labels"] == ["yes", "no"] and data["label_descriptions"] == ["a finding", "no finding"]
+    assert data["labels"] == ["yes", "no"] and data["label_descriptions"] == [
+        "a finding",
+        "no finding",
+    ]
 
 
 def test_simulate_reads_its_epsilon_flag_as_every_entry_point_does(tmp_path, capsys):
@@ -239,12 +436,28 @@ def test_simulate_reads_its_epsilon_flag_as_every_entry_point_does(tmp_path, cap
     assert not (tmp_path / "run").exists()
 
 
-def test_training_data_of_one_label_or_one_record_trains_with_a_warning(tmp_path, caplog, tiny_backbone_dir):
+def test_training_data_of_one_label_or_one_record_trains_with_a_warning(
+    tmp_path, caplog, tiny_backbone_dir
+):
     """It trains (a site may really see one condition), but a model of one label is rarely what was meant."""
     notes = tmp_path / "notes.csv"
-    notes.write_text("text,label\n" + "".join(f"chest pain {i},cardiology\n" for i in range(12)), encoding="utf-8")
-    argv = ["train", "--data", str(notes), "--backbone", str(tiny_backbone_dir), "--max-length", "16", "--epochs", "1",
-            "--out", str(tmp_path / "run")]
+    notes.write_text(
+        "text,label\n" + "".join(f"chest pain {i},cardiology\n" for i in range(12)),
+        encoding="utf-8",
+    )
+    argv = [
+        "train",
+        "--data",
+        str(notes),
+        "--backbone",
+        str(tiny_backbone_dir),
+        "--max-length",
+        "16",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     with caplog.at_level("WARNING", logger="medtune.data"):
         assert main(argv) == 0
     assert "this site trains on 10 record(s) of 1 label(s)" in caplog.text
@@ -253,8 +466,17 @@ def test_training_data_of_one_label_or_one_record_trains_with_a_warning(tmp_path
     from medtune.run_config import resolve_run_config, settings_from_run_config
 
     caplog.clear()
-    settings = settings_from_run_config(resolve_run_config(None, {
-        "data-source": str(notes), "hospitals": 2, "min-hospitals": 1, "backbone": str(tiny_backbone_dir)}))
+    settings = settings_from_run_config(
+        resolve_run_config(
+            None,
+            {
+                "data-source": str(notes),
+                "hospitals": 2,
+                "min-hospitals": 1,
+                "backbone": str(tiny_backbone_dir),
+            },
+        )
+    )
     with caplog.at_level("WARNING", logger="medtune.data"):
         check_hospitals(settings)
     assert "hospital_1 trains on" in caplog.text and "of 1 label(s)" in caplog.text
@@ -269,21 +491,47 @@ def test_ctrl_c_in_a_command_is_one_line_and_status_130(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_cmd_synth", interrupted)
     assert main(["data", "synth", "--out", "unused"]) == 130
     err = capsys.readouterr().err
-    assert err.startswith("interrupted: stopped by SIGINT before `medtune data synth` finished") and "Traceback" not in err
+    assert (
+        err.startswith("interrupted: stopped by SIGINT before `medtune data synth` finished")
+        and "Traceback" not in err
+    )
 
 
 def test_train_says_when_it_builds_a_feature_cache(tmp_path, capsys, tiny_backbone_dir):
     import re
 
     notes = tmp_path / "notes.csv"
-    notes.write_text("text,label\n" + "chest pain,cardiology\nwheezing,pulmonology\n" * 10, encoding="utf-8")
-    argv = ["train", "--data", str(notes), "--backbone", str(tiny_backbone_dir), "--max-length", "16", "--epochs", "1",
-            "--prompt-layer", "3", "--out", str(tmp_path / "run")]
-    built = re.compile(r"^feature cache .*/run/features/\w+: \d+ records, [\d.]+ KiB per record \(blocks below layer 3\)$")
+    notes.write_text(
+        "text,label\n" + "chest pain,cardiology\nwheezing,pulmonology\n" * 10, encoding="utf-8"
+    )
+    argv = [
+        "train",
+        "--data",
+        str(notes),
+        "--backbone",
+        str(tiny_backbone_dir),
+        "--max-length",
+        "16",
+        "--epochs",
+        "1",
+        "--prompt-layer",
+        "3",
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    built = re.compile(
+        r"^feature cache .*/run/features/\w+: \d+ records, [\d.]+ KiB per record \(blocks below layer 3\)$"
+    )
     assert main(argv) == 0
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("feature cache")]
-    assert len(lines) == 2 and all(built.match(line) for line in lines), lines  # the training and the test split
-    assert main([*argv, "--ledger", str(tmp_path / "second.json")]) == 0, capsys.readouterr().err  # same records: caches found
+    lines = [
+        line for line in capsys.readouterr().err.splitlines() if line.startswith("feature cache")
+    ]
+    assert len(lines) == 2 and all(built.match(line) for line in lines), (
+        lines
+    )  # the training and the test split
+    assert main([*argv, "--ledger", str(tmp_path / "second.json")]) == 0, (
+        capsys.readouterr().err
+    )  # same records: caches found
     assert "feature cache" not in capsys.readouterr().err
 
 
@@ -295,8 +543,15 @@ def test_an_interrupted_sweep_says_so_once(tmp_path, capsys, monkeypatch, tiny_b
 
     monkeypatch.setattr(sweep_module, "run_cell", interrupted)
     sweep = tmp_path / "tiny.toml"
-    sweep.write_text(f'epsilons = [8.0]\nseeds = [0]\n[run-config]\nbackbone = "{tiny_backbone_dir}"\n', encoding="utf-8")
-    assert main(["benchmark", "sweep", "--sweep", str(sweep), "--out", str(tmp_path / "sweep")]) == 130
+    sweep.write_text(
+        f'epsilons = [8.0]\nseeds = [0]\n[run-config]\nbackbone = "{tiny_backbone_dir}"\n',
+        encoding="utf-8",
+    )
+    assert (
+        main(["benchmark", "sweep", "--sweep", str(sweep), "--out", str(tmp_path / "sweep")]) == 130
+    )
     err = capsys.readouterr().err
-    assert err.count("interrupted:") == 1 and "before `medtune benchmark sweep` finished" in err, err
+    assert err.count("interrupted:") == 1 and "before `medtune benchmark sweep` finished" in err, (
+        err
+    )
     assert "Traceback" not in err

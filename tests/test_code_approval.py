@@ -30,9 +30,14 @@ def installed() -> InstalledCode:
     return InstalledCode.read()
 
 
-def test_the_installed_code_is_every_python_file_of_medtunes_packages(installed: InstalledCode) -> None:
+def test_the_installed_code_is_every_python_file_of_medtunes_packages(
+    installed: InstalledCode,
+) -> None:
     assert {path.split("/", 1)[0] for path in installed.files} == set(APP_PACKAGES)
-    assert installed.files["client/app.py"] == (Path(__file__).parents[1] / "client" / "app.py").read_bytes()
+    assert (
+        installed.files["client/app.py"]
+        == (Path(__file__).parents[1] / "client" / "app.py").read_bytes()
+    )
     assert not [path for path in installed.files if "__pycache__" in path]
 
 
@@ -61,7 +66,10 @@ def test_a_fab_whose_code_differs_in_any_file_is_refused_and_the_difference_show
     else:
         del files["medtune/noise.py"]
     fab = fab_of(files)
-    with pytest.raises(CodeNotApprovedError, match=rf"{fab_hash(fab)[:12]}: Python code differs .*{re.escape(summary)}"):
+    with pytest.raises(
+        CodeNotApprovedError,
+        match=rf"{fab_hash(fab)[:12]}: Python code differs .*{re.escape(summary)}",
+    ):
         CodePolicy().check(fab, installed, source="coordinator.fab")
     if edit == "changed":
         assert "+open('/tmp/marker', 'w')" in review(fab, installed, "coordinator.fab").diff
@@ -70,12 +78,20 @@ def test_a_fab_whose_code_differs_in_any_file_is_refused_and_the_difference_show
 def test_only_a_listed_hash_is_approved_and_garbage_is_not_a_fab(installed: InstalledCode) -> None:
     fab = fab_of({**installed.files, "client/app.py": b"print('new version')\n"})
     assert CodePolicy(frozenset({fab_hash(fab)})).approves_hash(fab_hash(fab).upper())
-    assert not CodePolicy(frozenset({fab_hash(fab)})).approves_hash(fab_hash(fab_of(installed.files)))
+    assert not CodePolicy(frozenset({fab_hash(fab)})).approves_hash(
+        fab_hash(fab_of(installed.files))
+    )
     with pytest.raises(CodeNotApprovedError, match="garbage.fab: not a readable FAB"):
         review(b"not a zip", installed, "garbage.fab")
-    damaged = bytearray(fab_of({"client/app.py": bytes(range(256)) * 64}, compression=zipfile.ZIP_DEFLATED))
-    middle = damaged.index(b"client/app.py") + len("client/app.py") + 20  # inside the deflate stream
-    damaged[middle:middle + 16] = b"\xff" * 16  # zlib.error, not BadZipFile: still a refusal, never a crash
+    damaged = bytearray(
+        fab_of({"client/app.py": bytes(range(256)) * 64}, compression=zipfile.ZIP_DEFLATED)
+    )
+    middle = (
+        damaged.index(b"client/app.py") + len("client/app.py") + 20
+    )  # inside the deflate stream
+    damaged[middle : middle + 16] = (
+        b"\xff" * 16
+    )  # zlib.error, not BadZipFile: still a refusal, never a crash
     with pytest.raises(CodeNotApprovedError, match="damaged.fab: not a readable FAB"):
         review(bytes(damaged), installed, "damaged.fab")
 
@@ -84,9 +100,15 @@ def test_medtune_site_review_prints_the_hash_and_the_diff(
     installed: InstalledCode, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "new.fab"
-    path.write_bytes(fab_of({**installed.files, "server/app.py": installed.files["server/app.py"] + b"# new\n"}))
+    path.write_bytes(
+        fab_of({**installed.files, "server/app.py": installed.files["server/app.py"] + b"# new\n"})
+    )
     assert main(["site", "review", str(path)]) == 1  # like diff(1): the code differs
     out = capsys.readouterr().out
-    assert f"sha256 {fab_hash(path.read_bytes())}" in out and "+# new" in out and "1 changed (server/app.py)" in out
+    assert (
+        f"sha256 {fab_hash(path.read_bytes())}" in out
+        and "+# new" in out
+        and "1 changed (server/app.py)" in out
+    )
     assert main(["site", "review", str(tmp_path / "absent.fab")]) == 2
     assert "absent.fab: cannot read the FAB" in capsys.readouterr().err

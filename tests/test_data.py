@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from medtune.config import DataConfig
 import medtune.data as data_module
+from medtune.config import DataConfig
 from medtune.data import PadToLongest, Record, TokenizedRecords, read_records, train_test_split
 from medtune.errors import DataError
 
@@ -29,7 +29,12 @@ def test_reads_csv_jsonl_and_parquet_with_configured_columns(tmp_path):
     config = DataConfig(labels=("1", "2"), text_column="note", label_column="dx")
     csv_path = _csv(tmp_path, 'note,dx\n"CP, radiating",1\nfacial droop,2\n')
     jsonl_path = tmp_path / "notes.jsonl"
-    jsonl_path.write_text(json.dumps({"note": "CP", "dx": 1}) + "\n\n" + json.dumps({"note": "droop", "dx": "2"}) + "\n")
+    jsonl_path.write_text(
+        json.dumps({"note": "CP", "dx": 1})
+        + "\n\n"
+        + json.dumps({"note": "droop", "dx": "2"})
+        + "\n"
+    )
     parquet_path = tmp_path / "notes.parquet"
     pq.write_table(pa.table({"note": ["CP", "droop"], "dx": [1, 2]}), parquet_path)
     assert read_records(csv_path, config) == [Record("CP, radiating", 0), Record("facial droop", 1)]
@@ -40,15 +45,25 @@ def test_reads_csv_jsonl_and_parquet_with_configured_columns(tmp_path):
 @pytest.mark.parametrize(
     "body, message",
     [
-        ("text,label\nchest pain,cardiology\nheadache,cardio\n",
-         "notes.csv row 2: label 'cardio' is not in the federation's label list ['cardiology', 'neurology']"),
-        ("note,label\nchest pain,cardiology\n",
-         "notes.csv: missing text column 'text' (columns found: ['note', 'label'])"),
+        (
+            "text,label\nchest pain,cardiology\nheadache,cardio\n",
+            "notes.csv row 2: label 'cardio' is not in the federation's label list ['cardiology', 'neurology']",
+        ),
+        (
+            "note,label\nchest pain,cardiology\n",
+            "notes.csv: missing text column 'text' (columns found: ['note', 'label'])",
+        ),
         ("text,diagnosis\nchest pain,cardiology\n", "notes.csv: missing label column 'label'"),
         ("", "notes.csv: file is empty"),
         ("text,label\n", "notes.csv: has a header but no records"),
-        ("text,label\nchest pain,cardiology\n  ,neurology\n", "notes.csv row 2: text in column 'text' is empty"),
-        ("text,label\nchest pain,cardiology,extra\n", "notes.csv row 1: has more fields than the header's 2"),
+        (
+            "text,label\nchest pain,cardiology\n  ,neurology\n",
+            "notes.csv row 2: text in column 'text' is empty",
+        ),
+        (
+            "text,label\nchest pain,cardiology,extra\n",
+            "notes.csv row 1: has more fields than the header's 2",
+        ),
     ],
 )
 def test_each_bad_csv_gets_its_specific_error(tmp_path, body, message):
@@ -72,11 +87,17 @@ def test_files_are_read_as_a_stream_yet_name_the_row_or_line_far_into_them(tmp_p
     path = tmp_path / "notes.csv"
     path.write_bytes(b"".join(lines))
     offset = sum(len(line) for line in lines[:15_000]) + 3
-    with pytest.raises(DataError, match=rf"notes.csv line 15001: not valid UTF-8 \(byte 0xe9 at offset {offset}\)"):
+    with pytest.raises(
+        DataError, match=rf"notes.csv line 15001: not valid UTF-8 \(byte 0xe9 at offset {offset}\)"
+    ):
         read_records(path, CONFIG)
     monkeypatch.setattr(data_module, "PARQUET_BATCH", 100)
     texts = ["chest pain"] * 999 + [" "]
-    pq.write_table(pa.table({"text": texts, "label": ["cardiology"] * 1000}), tmp_path / "notes.parquet", row_group_size=300)
+    pq.write_table(
+        pa.table({"text": texts, "label": ["cardiology"] * 1000}),
+        tmp_path / "notes.parquet",
+        row_group_size=300,
+    )
     with pytest.raises(DataError, match="notes.parquet row 1000: text in column 'text' is empty"):
         read_records(tmp_path / "notes.parquet", CONFIG)
 
@@ -97,7 +118,10 @@ def test_unreadable_files_are_named(tmp_path):
 
 
 def test_split_is_deterministic_and_keeps_duplicate_texts_together():
-    records = [Record(f"note {i}", i % 2) for i in range(50)] + [Record("note 7", 1), Record("note 8", 0)]
+    records = [Record(f"note {i}", i % 2) for i in range(50)] + [
+        Record("note 7", 1),
+        Record("note 8", 0),
+    ]
     train_a, test_a = train_test_split(records, 0.2, seed=3)
     train_b, test_b = train_test_split(records, 0.2, seed=3)
     assert (train_a, test_a) == (train_b, test_b)
@@ -109,7 +133,11 @@ def test_split_is_deterministic_and_keeps_duplicate_texts_together():
 
 def test_batches_pad_to_the_longest_text_and_truncate_to_max_length(tiny_backbone):
     tokenizer = tiny_backbone.tokenizer
-    records = [Record("short", 0), Record("a somewhat longer clinical note", 1), Record("word " * 200, 0)]
+    records = [
+        Record("short", 0),
+        Record("a somewhat longer clinical note", 1),
+        Record("word " * 200, 0),
+    ]
     dataset = TokenizedRecords(records, tokenizer, max_length=16)
     assert len(dataset[2][0]) == 16
     batch = PadToLongest(tokenizer.pad_token_id)([dataset[0], dataset[1]])
@@ -121,15 +149,21 @@ def test_batches_pad_to_the_longest_text_and_truncate_to_max_length(tiny_backbon
 
 def test_token_ids_are_held_in_one_flat_array_of_two_byte_ids(tiny_backbone, monkeypatch):
     """A site of a million records keeps its token ids in memory: 2 bytes a token, not an object per record or id."""
-    monkeypatch.setattr(data_module, "TOKENIZE_CHUNK", 7)  # several tokenizer calls, records crossing their edges
+    monkeypatch.setattr(
+        data_module, "TOKENIZE_CHUNK", 7
+    )  # several tokenizer calls, records crossing their edges
     tokenizer = tiny_backbone.tokenizer
     records = [Record("chest pain " * n, n % 2) for n in range(1, 30)]
     dataset = TokenizedRecords(records, tokenizer, max_length=16)
     one_by_one = [tokenizer(r.text, truncation=True, max_length=16)["input_ids"] for r in records]
-    assert dataset.ids.dtype == np.uint16 and dataset.ids.base is None  # owns just its tokens, no max-length buffer
+    assert (
+        dataset.ids.dtype == np.uint16 and dataset.ids.base is None
+    )  # owns just its tokens, no max-length buffer
     assert dataset.ids.nbytes == 2 * sum(len(ids) for ids in one_by_one)
     assert [dataset[i][0].tolist() for i in range(len(records))] == one_by_one
-    assert dataset[0][0].dtype == torch.long and [int(dataset[i][1]) for i in range(29)] == [r.label for r in records]
+    assert dataset[0][0].dtype == torch.long and [int(dataset[i][1]) for i in range(29)] == [
+        r.label for r in records
+    ]
 
 
 class _LargeVocabulary:
@@ -152,6 +186,8 @@ def test_a_note_longer_than_pythons_csv_field_limit_is_read(tmp_path):
     """Python's csv refuses fields over 128 KiB by default; a long discharge summary is a record, not an error."""
     long_note = "patient stable on ward. " * 8000  # about 190 KiB
     path = tmp_path / "notes.csv"
-    path.write_text(f"text,label\n\"{long_note}\",cardiology\nchest pain,cardiology\n", encoding="utf-8")
+    path.write_text(
+        f'text,label\n"{long_note}",cardiology\nchest pain,cardiology\n', encoding="utf-8"
+    )
     records = read_records(path, CONFIG)
     assert [len(record.text) for record in records] == [len(long_note), len("chest pain")]

@@ -25,21 +25,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import tiny_recipe
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 from flwr.app import Context, RecordDict
 from flwr.supercore.exit import ExitCode
 from safetensors.numpy import load_file
 
+from client.node_config import check_evaluation_shared, site_for
 from medtune.certs import ServerCertificates, make_node_keys, make_server_certificates
 from medtune.code_approval import APP_PACKAGES
+from medtune.defaults import run_defaults
 from medtune.errors import ConfigError, EvaluationWithheldError, PrivacyTermsError
 from medtune.federation.wire import failure_reason
-from medtune.defaults import run_defaults
-from client.node_config import check_evaluation_shared, site_for
 from medtune.state import ExchangedStateSpec
 from medtune.synth import SynthConfig, write_hospitals
-from conftest import tiny_recipe
 
 BIN = Path(sys.executable).parent
 PROJECT_DIR = Path(__file__).resolve().parents[1]  # the checkout `flwr run` packs into a FAB
@@ -95,11 +95,17 @@ class Processes:
         self.env, self.logs = env, logs
         self.running: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, args: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         with (self.logs / f"{name}.log").open("wb") as log:
             process = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **(env or {})},
-                cwd=PROJECT_DIR, start_new_session=True,
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**self.env, **(env or {})},
+                cwd=PROJECT_DIR,
+                start_new_session=True,
             )
         self.running[name] = process
         return process
@@ -111,7 +117,9 @@ class Processes:
         deadline = time.monotonic() + timeout
         while text not in self.log(name):
             if self.running[name].poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{name} never logged {text!r}; its log:\n{self.log(name)[-3000:]}")
+                raise AssertionError(
+                    f"{name} never logged {text!r}; its log:\n{self.log(name)[-3000:]}"
+                )
             time.sleep(0.2)
 
     def stop(self, name: str) -> None:
@@ -140,7 +148,9 @@ class Processes:
 
 def leftovers(markers: list[str]) -> list[str]:
     """Flower processes still running whose command line names one of this test's ports or paths."""
-    listing = subprocess.run(["pgrep", "-af", FLOWER_PROCESSES], capture_output=True, text=True, timeout=60).stdout
+    listing = subprocess.run(
+        ["pgrep", "-af", FLOWER_PROCESSES], capture_output=True, text=True, timeout=60
+    ).stdout
     return [line for line in listing.splitlines() if any(marker in line for marker in markers)]
 
 
@@ -156,12 +166,18 @@ class Deployment:
     rejoined_node_id: str
     ledger_after_run_a: dict[str, dict]
     refused: dict[str, Path]  # out directory of each refused run, by case
-    markers_after_refusals: list[str]  # sites where the coordinator's modified code ran before any approval
+    markers_after_refusals: list[
+        str
+    ]  # sites where the coordinator's modified code ran before any approval
     approved: Path  # out directory of the modified FAB's run once h4 approved it
     approving_site: Path
-    left_by_refused_runs: list[str]  # files any site had after the refused runs (none expected but its keys)
+    left_by_refused_runs: list[
+        str
+    ]  # files any site had after the refused runs (none expected but its keys)
     modified_fab_hash: str
-    ledgers_after_run_b: dict[str, dict]  # before the approved run (h1-h3 refuse it, so nothing changes)
+    ledgers_after_run_b: dict[
+        str, dict
+    ]  # before the approved run (h1-h3 refuse it, so nothing changes)
 
 
 def read_json(path: Path) -> dict:
@@ -172,14 +188,31 @@ def run_config(backbone: Path, out: Path, **extra: object) -> str:
     """Tiny settings. The round timeout is only a ceiling: a stopped SuperNode is reported unavailable
     at once, so no round waits for it, and a loaded 2-core machine can take a minute per round."""
     values = {
-        **tiny_recipe(backbone), "hospitals": 3, "min-hospitals": 2, "epsilon": STRICTER_EPSILON, "rounds": 3,
-        "keep-updates": True, "round-timeout": 120.0, "out": str(out), **extra,
+        **tiny_recipe(backbone),
+        "hospitals": 3,
+        "min-hospitals": 2,
+        "epsilon": STRICTER_EPSILON,
+        "rounds": 3,
+        "keep-updates": True,
+        "round-timeout": 120.0,
+        "out": str(out),
+        **extra,
     }
     return "\n".join(f"{key} = {json.dumps(value)}" for key, value in values.items()) + "\n"
 
 
-def flwr_run(processes: Processes, name: str, config: Path, coordinator_home: Path, app: Path = PROJECT_DIR) -> None:
-    args = [str(BIN / "flwr"), "run", str(app), "consortium", "--run-config", str(config), "--stream"]
+def flwr_run(
+    processes: Processes, name: str, config: Path, coordinator_home: Path, app: Path = PROJECT_DIR
+) -> None:
+    args = [
+        str(BIN / "flwr"),
+        "run",
+        str(app),
+        "consortium",
+        "--run-config",
+        str(config),
+        "--stream",
+    ]
     processes.start(name, args, env={"FLWR_HOME": str(coordinator_home)})
 
 
@@ -208,22 +241,40 @@ def modified_app(root: Path) -> Path:
     copy.mkdir()
     shutil.copy(PROJECT_DIR / "pyproject.toml", copy / "pyproject.toml")
     for package in APP_PACKAGES:
-        shutil.copytree(PROJECT_DIR / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            PROJECT_DIR / package, copy / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
     app = copy / "client" / "app.py"
-    app.write_text(app.read_text() + f"\nimport os as _os, pathlib as _p\n_p.Path(_os.environ['FLWR_HOME']).parent.joinpath({MARKER!r}).write_text('ran')\n")
+    app.write_text(
+        app.read_text()
+        + f"\nimport os as _os, pathlib as _p\n_p.Path(_os.environ['FLWR_HOME']).parent.joinpath({MARKER!r}).write_text('ran')\n"
+    )
     return copy
 
 
 def site_file(
-    site: Path, name: str, link_port: int, ca: Path, approved_fabs: tuple[str, ...] = (), **terms: object
+    site: Path,
+    name: str,
+    link_port: int,
+    ca: Path,
+    approved_fabs: tuple[str, ...] = (),
+    **terms: object,
 ) -> Path:
     """A hospital's site file, as docs/deployment.md writes it (`terms`: more of the site's own keys)."""
     values = {
-        "hospital": name, "superlink": f"127.0.0.1:{link_port}", "root-certificates": str(ca),
-        "auth-key": str(site / "keys" / name), "data-path": str(site / "data" / "notes.csv"),
-        "text-column": "text", "label-column": "label",
-        "ledger-path": str(site / "ledger.json"), "max-epsilon": SITE_MAX_EPSILON, "runtime-port": free_port(),
-        "flower-home": str(site / "flwr"), "approved-fabs": list(approved_fabs), **terms,
+        "hospital": name,
+        "superlink": f"127.0.0.1:{link_port}",
+        "root-certificates": str(ca),
+        "auth-key": str(site / "keys" / name),
+        "data-path": str(site / "data" / "notes.csv"),
+        "text-column": "text",
+        "label-column": "label",
+        "ledger-path": str(site / "ledger.json"),
+        "max-epsilon": SITE_MAX_EPSILON,
+        "runtime-port": free_port(),
+        "flower-home": str(site / "flwr"),
+        "approved-fabs": list(approved_fabs),
+        **terms,
     }
     path = site / "site.toml"
     path.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items()))
@@ -235,7 +286,9 @@ def site_files_now(sites: dict[str, Path]) -> list[str]:
     secret and kept FABs included)."""
     kept = {"keys", "data", "site.toml", "flwr"}
     return sorted(
-        str(path.relative_to(site.parent)) for site in sites.values() for path in site.rglob("*")
+        str(path.relative_to(site.parent))
+        for site in sites.values()
+        for path in site.rglob("*")
         if path.is_file() and path.relative_to(site).parts[0] not in kept
     )
 
@@ -244,8 +297,11 @@ def coordinator_processes(root: Path) -> Processes:
     """The scenario's process table: logs under root/logs, the coordinator's Flower home under root/coordinator."""
     (root / "logs").mkdir()
     env = {
-        **os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1",
-        "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "OMP_NUM_THREADS": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
         "FLWR_HOME": str(root / "coordinator" / "flwr"),
     }
     return Processes(env, root / "logs")
@@ -254,13 +310,28 @@ def coordinator_processes(root: Path) -> Processes:
 def start_superlink(processes: Processes, coordinator: Path, link_port: int) -> ServerCertificates:
     """The coordinator: certificates, a SuperLink with TLS and node authentication, the `flwr` connection."""
     certs = make_server_certificates(coordinator / "certificates", ["127.0.0.1"])
-    processes.start("superlink", [
-        str(BIN / "flower-superlink"),
-        "--ssl-ca-certfile", str(certs.ca_cert), "--ssl-certfile", str(certs.server_cert),
-        "--ssl-keyfile", str(certs.server_key), "--enable-supernode-auth",
-        "--disable-runtime-dependency-installation", "--isolation", "subprocess",
-        "--database", str(coordinator / "state.db"), "--host", "127.0.0.1", "--port", str(link_port),
-    ])
+    processes.start(
+        "superlink",
+        [
+            str(BIN / "flower-superlink"),
+            "--ssl-ca-certfile",
+            str(certs.ca_cert),
+            "--ssl-certfile",
+            str(certs.server_cert),
+            "--ssl-keyfile",
+            str(certs.server_key),
+            "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation",
+            "--isolation",
+            "subprocess",
+            "--database",
+            str(coordinator / "state.db"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(link_port),
+        ],
+    )
     (coordinator / "flwr").mkdir(parents=True)
     (coordinator / "flwr" / "config.toml").write_text(
         f'[superlink.consortium]\naddress = "127.0.0.1:{link_port}"\nroot-certificates = "{certs.ca_cert}"\n'
@@ -269,7 +340,9 @@ def start_superlink(processes: Processes, coordinator: Path, link_port: int) -> 
 
 
 @pytest.fixture(scope="module")
-def deployment(tiny_backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def deployment(
+    tiny_backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Deployment]:
     root = tmp_path_factory.mktemp("deployment")
     coordinator, out = root / "coordinator", root / "coordinator" / "out"
     link_port = free_port()
@@ -278,7 +351,9 @@ def deployment(tiny_backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory
     try:
         certs = start_superlink(processes, coordinator, link_port)
         # Sites: records, a key pair and a site file each; h1-h3 are registered, "rogue" is not.
-        records = write_hospitals(SynthConfig(hospitals=3, mean_records=40, seed=0), root / "synthetic")
+        records = write_hospitals(
+            SynthConfig(hospitals=3, mean_records=40, seed=0), root / "synthetic"
+        )
         sites = {name: root / f"site-{name}" for name in (*HOSPITALS, "rogue", APPROVING)}
         for (name, site), source in zip(sites.items(), [*records, records[0], records[1]]):
             (site / "data").mkdir(parents=True)
@@ -286,9 +361,16 @@ def deployment(tiny_backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory
             make_node_keys(site / "keys", name)
         processes.wait_for_log("superlink", "Uvicorn running on https://127.0.0.1", timeout=60)
         for name in (*HOSPITALS, APPROVING):
-            processes.start(f"register-{name}", [
-                str(BIN / "flwr"), "supernode", "register", str(sites[name] / "keys" / f"{name}.pub"), "consortium",
-            ])
+            processes.start(
+                f"register-{name}",
+                [
+                    str(BIN / "flwr"),
+                    "supernode",
+                    "register",
+                    str(sites[name] / "keys" / f"{name}.pub"),
+                    "consortium",
+                ],
+            )
         for name in (*HOSPITALS, APPROVING):
             finish(processes, f"register-{name}", timeout=60)
 
@@ -310,7 +392,10 @@ def deployment(tiny_backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory
         # Runs the sites refuse, before any honest run: the coordinator's modified code, then privacy
         # requests above the sites' terms. Each is one round; no site may read a record or take a step.
         modified = modified_app(root)
-        refused = {case: coordinator / f"refused-{case}" for case in ("modified-code", "no-dp", "above-ceiling")}
+        refused = {
+            case: coordinator / f"refused-{case}"
+            for case in ("modified-code", "no-dp", "above-ceiling")
+        }
         cases = {
             "modified-code": ({}, modified),
             "no-dp": ({"epsilon": "inf"}, PROJECT_DIR),
@@ -322,7 +407,9 @@ def deployment(tiny_backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory
             flwr_run(processes, f"run-{case}", config, coordinator / "flwr", app=app)
             finish(processes, f"run-{case}", timeout=240, expect_success=False)
         left_by_refused_runs = site_files_now({name: sites[name] for name in HOSPITALS})
-        markers_after_refusals = sorted(name for name, site in sites.items() if (site / MARKER).exists())
+        markers_after_refusals = sorted(
+            name for name, site in sites.items() if (site / MARKER).exists()
+        )
         modified_fab_hash = next((sites["h1"] / "refused-fabs").glob("*.fab")).stem
 
         # Run A: rounds 1-2 of 3; h3's SuperNode is killed as soon as round 1 is on record.
@@ -333,7 +420,9 @@ def deployment(tiny_backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory
         deadline = time.monotonic() + 240
         while not ((out / "results.json").is_file() and read_json(out / "results.json")["rounds"]):
             assert processes.running["run-a"].poll() is None, processes.log("run-a")[-3000:]
-            assert time.monotonic() < deadline, "round 1 never finished:\n" + processes.log("run-a")[-3000:]
+            assert time.monotonic() < deadline, (
+                "round 1 never finished:\n" + processes.log("run-a")[-3000:]
+            )
             time.sleep(0.2)
         processes.stop(KILLED)
         finish(processes, "run-a", timeout=240)
@@ -352,7 +441,9 @@ def deployment(tiny_backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory
         processes.wait_for_log(APPROVING, "SuperNode ID: ", timeout=90)
         approved = coordinator / "approved-at-h4"
         config = coordinator / "approved.toml"
-        config.write_text(run_config(tiny_backbone_dir, approved, rounds=1, hospitals=4, **{"min-hospitals": 1}))
+        config.write_text(
+            run_config(tiny_backbone_dir, approved, rounds=1, hospitals=4, **{"min-hospitals": 1})
+        )
         flwr_run(processes, "run-approved", config, coordinator / "flwr", app=modified)
         finish(processes, "run-approved", timeout=240, expect_success=False)
         yield Deployment(
@@ -405,26 +496,42 @@ def refused_reasons(out: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_the_coordinators_modified_code_is_refused_before_it_is_imported(deployment: Deployment) -> None:
-    assert deployment.markers_after_refusals == []  # the extra line in the coordinator's client/app.py never ran
+def test_the_coordinators_modified_code_is_refused_before_it_is_imported(
+    deployment: Deployment,
+) -> None:
+    assert (
+        deployment.markers_after_refusals == []
+    )  # the extra line in the coordinator's client/app.py never ran
     reasons = refused_reasons(deployment.refused["modified-code"])
     assert sorted(reasons) == list(HOSPITALS)
     for reason in reasons.values():
-        assert reason == "failed: code not approved by the site; the details are in the site's own log"
+        assert (
+            reason == "failed: code not approved by the site; the details are in the site's own log"
+        )
     for name, log in deployment.site_logs.items():
-        lines = [line for line in log.splitlines() if "code differs from the installed MedTune" in line]
-        assert lines  # one per message: the readiness query (h3's log is its first process's, killed in run A)
-        assert all("1 changed (client/app.py)" in line and "refused before any of it was imported" in line
-                   for line in lines)
+        lines = [
+            line for line in log.splitlines() if "code differs from the installed MedTune" in line
+        ]
+        assert (
+            lines
+        )  # one per message: the readiness query (h3's log is its first process's, killed in run A)
+        assert all(
+            "1 changed (client/app.py)" in line and "refused before any of it was imported" in line
+            for line in lines
+        )
         kept = deployment.sites[name] / "refused-fabs" / f"{deployment.modified_fab_hash}.fab"
         assert kept.is_file()  # kept for the site's IT: `medtune site review`
     assert not (deployment.refused["modified-code"] / "checkpoints").exists()
 
 
 @pytest.mark.slow
-def test_a_fab_the_site_approved_by_hash_runs_as_its_own_code_there_only(deployment: Deployment) -> None:
+def test_a_fab_the_site_approved_by_hash_runs_as_its_own_code_there_only(
+    deployment: Deployment,
+) -> None:
     reasons = refused_reasons(deployment.approved)
-    assert reasons[APPROVING].startswith("trained")  # h4 listed the FAB's hash: Flower's runner ran it
+    assert reasons[APPROVING].startswith(
+        "trained"
+    )  # h4 listed the FAB's hash: Flower's runner ran it
     assert {reasons[name] for name in HOSPITALS} == {
         "failed: code not approved by the site; the details are in the site's own log"
     }
@@ -435,18 +542,31 @@ def test_a_fab_the_site_approved_by_hash_runs_as_its_own_code_there_only(deploym
 
 
 @pytest.mark.slow
-def test_privacy_requests_above_a_sites_terms_are_refused_and_a_stricter_one_is_honoured(deployment: Deployment) -> None:
-    for case, key in (("no-dp", "epsilon=inf (no DP)"), ("above-ceiling", f"epsilon={2 * SITE_MAX_EPSILON:g}")):
+def test_privacy_requests_above_a_sites_terms_are_refused_and_a_stricter_one_is_honoured(
+    deployment: Deployment,
+) -> None:
+    for case, key in (
+        ("no-dp", "epsilon=inf (no DP)"),
+        ("above-ceiling", f"epsilon={2 * SITE_MAX_EPSILON:g}"),
+    ):
         reasons = refused_reasons(deployment.refused[case])
-        assert set(reasons.values()) == {"failed: privacy terms refused; the details are in the site's own log"}
+        assert set(reasons.values()) == {
+            "failed: privacy terms refused; the details are in the site's own log"
+        }
         for log in deployment.site_logs.values():
             assert any(key in line and "max-epsilon" in line for line in log.splitlines()), case
     # No refused run left a ledger, a feature cache or anything else at a site: no record was read, no step taken.
-    left = [f for f in deployment.left_by_refused_runs if "refused-fabs" not in f and not f.endswith(".superexec-secret")]
+    left = [
+        f
+        for f in deployment.left_by_refused_runs
+        if "refused-fabs" not in f and not f.endswith(".superexec-secret")
+    ]
     assert left == []
     for name, site in deployment.sites.items():
         ledger = read_json(site / "ledger.json")
-        assert ledger["epsilon_target"] == STRICTER_EPSILON  # the run's stricter request, under the ceiling of 8
+        assert (
+            ledger["epsilon_target"] == STRICTER_EPSILON
+        )  # the run's stricter request, under the ceiling of 8
         assert 0 < ledger["epsilon_spent"] <= STRICTER_EPSILON
 
 
@@ -454,22 +574,37 @@ def test_privacy_requests_above_a_sites_terms_are_refused_and_a_stricter_one_is_
 def test_two_rounds_send_only_the_prompt_and_head(deployment: Deployment) -> None:
     record = read_json(deployment.out / "results.json")
     first, second, third = record["rounds"]
-    expected = {name: {"shape": list(shape), "dtype": "float32"} for name, shape in SPEC.shapes.items()}
-    assert sorted(h["name"] for h in first["hospitals"] if h["status"] == "trained") == list(HOSPITALS)
+    expected = {
+        name: {"shape": list(shape), "dtype": "float32"} for name, shape in SPEC.shapes.items()
+    }
+    assert sorted(h["name"] for h in first["hospitals"] if h["status"] == "trained") == list(
+        HOSPITALS
+    )
     for round_record in (first, second, third):
         assert round_record["aggregated"]
         for trained in (h for h in round_record["hospitals"] if h["status"] == "trained"):
             assert trained["received"] == expected
             # No site consented to share its test counts (the default): none reached the coordinator.
             assert trained["accuracy"] is None and trained["test_examples"] == 0
-            assert trained["reason"] == "evaluation counts withheld by the site's terms; the details are in the site's own log"
+            assert (
+                trained["reason"]
+                == "evaluation counts withheld by the site's terms; the details are in the site's own log"
+            )
             assert "train_loss" not in trained  # computed without noise: it stays at the site
             assert SPEC.num_bytes() <= trained["bytes_up"] < SPEC.num_bytes() + 3 * 200
-            assert trained["bytes_down"] >= 2 * SPEC.num_bytes()  # the global state for training and evaluation
+            assert (
+                trained["bytes_down"] >= 2 * SPEC.num_bytes()
+            )  # the global state for training and evaluation
             folder = deployment.out / "updates" / f"round_{round_record['round']:03d}"
             update = load_file(str(folder / f"{trained['name']}.safetensors"))
-            assert {name: list(a.shape) for name, a in update.items()} == {n: e["shape"] for n, e in expected.items()}
-    assert sorted(p.name for p in (deployment.out / "checkpoints").iterdir()) == ["round_001", "round_002", "round_003"]
+            assert {name: list(a.shape) for name, a in update.items()} == {
+                n: e["shape"] for n, e in expected.items()
+            }
+    assert sorted(p.name for p in (deployment.out / "checkpoints").iterdir()) == [
+        "round_001",
+        "round_002",
+        "round_003",
+    ]
     assert not (deployment.out / "sites").exists()  # no ledger, no record at the coordinator
 
 
@@ -488,14 +623,21 @@ def test_each_site_keeps_its_ledger_and_reports_its_epsilon(deployment: Deployme
 @pytest.mark.slow
 def test_a_killed_site_rejoins_with_its_epsilon_where_it_was(deployment: Deployment) -> None:
     first, second, third = read_json(deployment.out / "results.json")["rounds"]
-    assert sorted(h["name"] for h in second["hospitals"] if h["status"] == "trained") == ["h1", "h2"]
+    assert sorted(h["name"] for h in second["hospitals"] if h["status"] == "trained") == [
+        "h1",
+        "h2",
+    ]
     assert second["aggregated"]  # min-hospitals = 2: the run went on without h3
-    assert deployment.rejoined_node_id == deployment.node_ids[KILLED]  # the same registered key, the same node
+    assert (
+        deployment.rejoined_node_id == deployment.node_ids[KILLED]
+    )  # the same registered key, the same node
     per_round = {name: hospital(first, name)["steps"] for name in HOSPITALS}
     before = deployment.ledger_after_run_a[KILLED]
     assert before["steps"] == per_round[KILLED]  # killed before it trained round 2
     rejoined = hospital(third, KILLED)
-    assert rejoined["steps"] == before["steps"] + per_round[KILLED]  # continued from its ledger, not reset
+    assert (
+        rejoined["steps"] == before["steps"] + per_round[KILLED]
+    )  # continued from its ledger, not reset
     assert rejoined["epsilon"] > before["epsilon_spent"] > 0
     for name in ("h1", "h2"):
         steps = [hospital(r, name)["steps"] for r in (first, second, third)]
@@ -505,13 +647,17 @@ def test_a_killed_site_rejoins_with_its_epsilon_where_it_was(deployment: Deploym
 def test_certificates_name_the_superlink_and_keys_are_never_replaced(tmp_path: Path) -> None:
     first = make_server_certificates(tmp_path / "certs", ["127.0.0.1", "superlink.example"])
     ca = first.ca_cert.read_bytes()
-    with pytest.raises(ConfigError, match="pass --rotate"):  # a key SuperNodes may have pinned is never replaced silently
+    with pytest.raises(
+        ConfigError, match="pass --rotate"
+    ):  # a key SuperNodes may have pinned is never replaced silently
         make_server_certificates(tmp_path / "certs", ["10.0.0.5"])
-    again = make_server_certificates(tmp_path / "certs", ["10.0.0.5"], rotate=True)  # a new host keeps the consortium CA
+    again = make_server_certificates(
+        tmp_path / "certs", ["10.0.0.5"], rotate=True
+    )  # a new host keeps the consortium CA
     assert again.ca_cert.read_bytes() == ca
-    names = x509.load_pem_x509_certificate(again.server_cert.read_bytes()).extensions.get_extension_for_class(
-        x509.SubjectAlternativeName
-    )
+    names = x509.load_pem_x509_certificate(
+        again.server_cert.read_bytes()
+    ).extensions.get_extension_for_class(x509.SubjectAlternativeName)
     assert [str(ip) for ip in names.value.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
     assert oct(first.ca_key.stat().st_mode & 0o777) == "0o600"
     keys = make_node_keys(tmp_path / "keys", "h1")
@@ -521,7 +667,10 @@ def test_certificates_name_the_superlink_and_keys_are_never_replaced(tmp_path: P
 
 
 SITE = {
-    "hospital": "h1", "data-path": "/srv/notes.csv", "ledger-path": "/srv/ledger.json", "text-column": "note",
+    "hospital": "h1",
+    "data-path": "/srv/notes.csv",
+    "ledger-path": "/srv/ledger.json",
+    "text-column": "note",
     "label-column": "specialty",
 }
 
@@ -531,14 +680,27 @@ SITE = {
     [
         ({**SITE, "data-path": "notes.csv"}, "must be absolute"),
         ({**SITE, "hospital": "../h1"}, "hospital '../h1': use 1-64"),
-        ({"hospital": "h1", "data-path": "/srv/notes.csv"}, r"lacks \['ledger-path', 'text-column', 'label-column'\]"),
-        ({**SITE, "maxepsilon": 8.0}, r"node config key\(s\) \['maxepsilon'\] are not MedTune's"),  # never ignored
+        (
+            {"hospital": "h1", "data-path": "/srv/notes.csv"},
+            r"lacks \['ledger-path', 'text-column', 'label-column'\]",
+        ),
+        (
+            {**SITE, "maxepsilon": 8.0},
+            r"node config key\(s\) \['maxepsilon'\] are not MedTune's",
+        ),  # never ignored
         ({**SITE, "max-epsilon": 0}, "node config max-epsilon: epsilon 0 must be positive"),
-        ({**SITE, "max-epsilon": 8.0, "max-delta": 1.5}, "node config max-delta: 1.5 must be a number strictly between"),
+        (
+            {**SITE, "max-epsilon": 8.0, "max-delta": 1.5},
+            "node config max-delta: 1.5 must be a number strictly between",
+        ),
     ],
 )
-def test_a_site_with_an_unusable_node_config_is_refused_by_name(node_config: dict, message: str) -> None:
-    context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_defaults())
+def test_a_site_with_an_unusable_node_config_is_refused_by_name(
+    node_config: dict, message: str
+) -> None:
+    context = Context(
+        run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_defaults()
+    )
     with pytest.raises(ConfigError, match=message):
         site_for(context)
 
@@ -547,31 +709,67 @@ def test_a_site_with_an_unusable_node_config_is_refused_by_name(node_config: dic
     ("max_epsilon", "asked", "refusal"),
     [
         (None, 8.0, "this site has set no max-epsilon, so it trains for no run"),
-        (8.0, "inf", 'the run config asks for epsilon=inf \\(no DP\\); this site\'s max-epsilon is 8, and training '
-                     'without DP needs max-epsilon = "inf"'),
+        (
+            8.0,
+            "inf",
+            "the run config asks for epsilon=inf \\(no DP\\); this site's max-epsilon is 8, and training "
+            'without DP needs max-epsilon = "inf"',
+        ),
         (8.0, 8.5, "the run config asks for epsilon=8.5, above this site's max-epsilon 8"),
     ],
 )
 def test_a_run_above_the_sites_privacy_terms_is_refused_before_its_records_are_read(
     max_epsilon: float | None, asked: object, refusal: str, tmp_path: Path
 ) -> None:
-    node_config = {**SITE, "data-path": str(tmp_path / "never-read.csv")}  # absent: reading it would be a DataError
+    node_config = {
+        **SITE,
+        "data-path": str(tmp_path / "never-read.csv"),
+    }  # absent: reading it would be a DataError
     if max_epsilon is not None:
         node_config["max-epsilon"] = max_epsilon
     context = Context(
-        run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={**run_defaults(), "epsilon": asked}
+        run_id=1,
+        node_id=1,
+        node_config=node_config,
+        state=RecordDict(),
+        run_config={**run_defaults(), "epsilon": asked},
     )
     with pytest.raises(PrivacyTermsError, match=refusal):
         site_for(context)
-    assert failure_reason(PrivacyTermsError(refusal)) == "privacy terms refused; the details are in the site's own log"
+    assert (
+        failure_reason(PrivacyTermsError(refusal))
+        == "privacy terms refused; the details are in the site's own log"
+    )
 
 
-@pytest.mark.parametrize("share", [None, False])  # None: the key left out, whose default keeps them at the site
-def test_a_site_that_withholds_its_evaluation_counts_sends_a_category_only(share: bool | None) -> None:
-    node_config = {**SITE, "max-epsilon": 8.0, **({} if share is None else {"share-evaluation-counts": share})}
-    context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_defaults())
-    with pytest.raises(EvaluationWithheldError, match="share-evaluation-counts is false") as refused:
+@pytest.mark.parametrize(
+    "share", [None, False]
+)  # None: the key left out, whose default keeps them at the site
+def test_a_site_that_withholds_its_evaluation_counts_sends_a_category_only(
+    share: bool | None,
+) -> None:
+    node_config = {
+        **SITE,
+        "max-epsilon": 8.0,
+        **({} if share is None else {"share-evaluation-counts": share}),
+    }
+    context = Context(
+        run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_defaults()
+    )
+    with pytest.raises(
+        EvaluationWithheldError, match="share-evaluation-counts is false"
+    ) as refused:
         check_evaluation_shared(context)
-    assert failure_reason(refused.value) == "evaluation counts withheld by the site's terms; the details are in the site's own log"
-    check_evaluation_shared(Context(run_id=1, node_id=1, node_config={**node_config, "share-evaluation-counts": True},
-                                    state=RecordDict(), run_config=run_defaults()))  # consent: no refusal
+    assert (
+        failure_reason(refused.value)
+        == "evaluation counts withheld by the site's terms; the details are in the site's own log"
+    )
+    check_evaluation_shared(
+        Context(
+            run_id=1,
+            node_id=1,
+            node_config={**node_config, "share-evaluation-counts": True},
+            state=RecordDict(),
+            run_config=run_defaults(),
+        )
+    )  # consent: no refusal

@@ -12,13 +12,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from test_deployment import (
+    BIN,
+    HOSPITALS,
+    coordinator_processes,
+    finish,
+    flwr_run,
+    free_port,
+    leftovers,
+    read_json,
+    run_config,
+    site_file,
+    start_superlink,
+)
 
 from medtune.certs import make_node_keys
 from medtune.synth import SynthConfig, write_hospitals
-from test_deployment import (
-    BIN, HOSPITALS, coordinator_processes, finish, flwr_run, free_port, leftovers, read_json, run_config, site_file,
-    start_superlink,
-)
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +41,9 @@ class SecureDeployment:
 
 
 @pytest.fixture(scope="module")
-def secure_deployment(tiny_backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureDeployment]:
+def secure_deployment(
+    tiny_backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SecureDeployment]:
     root = tmp_path_factory.mktemp("secure-deployment")
     coordinator = root / "coordinator"
     link_port = free_port()
@@ -40,7 +51,9 @@ def secure_deployment(tiny_backbone_dir: Path, tmp_path_factory: pytest.TempPath
     markers = [str(root), f"127.0.0.1:{link_port}"]
     try:
         certs = start_superlink(processes, coordinator, link_port)
-        records = write_hospitals(SynthConfig(hospitals=3, mean_records=40, seed=0), root / "synthetic")
+        records = write_hospitals(
+            SynthConfig(hospitals=3, mean_records=40, seed=0), root / "synthetic"
+        )
         sites = {name: root / f"site-{name}" for name in HOSPITALS}
         for (name, site), source in zip(sites.items(), records, strict=True):
             (site / "data").mkdir(parents=True)
@@ -48,28 +61,47 @@ def secure_deployment(tiny_backbone_dir: Path, tmp_path_factory: pytest.TempPath
             make_node_keys(site / "keys", name)
         processes.wait_for_log("superlink", "Uvicorn running on https://127.0.0.1", timeout=60)
         for name in HOSPITALS:
-            processes.start(f"register-{name}", [
-                str(BIN / "flwr"), "supernode", "register", str(sites[name] / "keys" / f"{name}.pub"), "consortium",
-            ])
+            processes.start(
+                f"register-{name}",
+                [
+                    str(BIN / "flwr"),
+                    "supernode",
+                    "register",
+                    str(sites[name] / "keys" / f"{name}.pub"),
+                    "consortium",
+                ],
+            )
             finish(processes, f"register-{name}", timeout=60)
         for name in HOSPITALS:
-            path = site_file(sites[name], name, link_port, certs.ca_cert, **{"secure-aggregation": True})
+            path = site_file(
+                sites[name], name, link_port, certs.ca_cert, **{"secure-aggregation": True}
+            )
             markers.append(str(path))
             processes.start(name, [str(BIN / "medtune"), "site", "run", str(path)])
         for name in HOSPITALS:
             processes.wait_for_log(name, "SuperNode ID: ", timeout=90)
 
         plain, secure = coordinator / "plain", coordinator / "secure"
-        (coordinator / "plain.toml").write_text(run_config(tiny_backbone_dir, plain, rounds=1, **{"min-hospitals": 3}))
+        (coordinator / "plain.toml").write_text(
+            run_config(tiny_backbone_dir, plain, rounds=1, **{"min-hospitals": 3})
+        )
         flwr_run(processes, "run-plain", coordinator / "plain.toml", coordinator / "flwr")
         finish(processes, "run-plain", timeout=240, expect_success=False)
         (coordinator / "secure.toml").write_text(
-            run_config(tiny_backbone_dir, secure, rounds=2, **{"min-hospitals": 3, "secure-aggregation": True})
+            run_config(
+                tiny_backbone_dir,
+                secure,
+                rounds=2,
+                **{"min-hospitals": 3, "secure-aggregation": True},
+            )
         )
         flwr_run(processes, "run-secure", coordinator / "secure.toml", coordinator / "flwr")
         finish(processes, "run-secure", timeout=400)
         yield SecureDeployment(
-            secure=secure, plain=plain, sites=sites, site_logs={name: processes.log(name) for name in HOSPITALS}
+            secure=secure,
+            plain=plain,
+            sites=sites,
+            site_logs={name: processes.log(name) for name in HOSPITALS},
         )
     finally:
         processes.stop_all()
@@ -77,15 +109,21 @@ def secure_deployment(tiny_backbone_dir: Path, tmp_path_factory: pytest.TempPath
         assert not still_running, f"processes left running: {still_running}"
 
 
-def test_a_site_that_requires_secure_aggregation_refuses_a_plain_round(secure_deployment: SecureDeployment) -> None:
+def test_a_site_that_requires_secure_aggregation_refuses_a_plain_round(
+    secure_deployment: SecureDeployment,
+) -> None:
     results = read_json(secure_deployment.plain / "results.json")
-    assert not results["rounds"]  # no one was asked to train: all three refused at the readiness query
+    assert not results[
+        "rounds"
+    ]  # no one was asked to train: all three refused at the readiness query
     assert any("privacy terms refused" in event for event in results["events"])
     for name in HOSPITALS:
         assert "only through secure aggregation" in secure_deployment.site_logs[name]
 
 
-def test_a_secure_run_with_tls_and_authentication_completes_two_rounds(secure_deployment: SecureDeployment) -> None:
+def test_a_secure_run_with_tls_and_authentication_completes_two_rounds(
+    secure_deployment: SecureDeployment,
+) -> None:
     results = read_json(secure_deployment.secure / "results.json")
     assert [r["round"] for r in results["rounds"]] == [1, 2]
     assert all(r["aggregated"] for r in results["rounds"])
@@ -93,9 +131,17 @@ def test_a_secure_run_with_tls_and_authentication_completes_two_rounds(secure_de
         rows = {h["name"]: h for h in record["hospitals"]}
         assert [rows[name]["status"] for name in HOSPITALS] == ["trained"] * 3
         assert all(rows[name]["examples"] == 0 and not rows[name]["received"] for name in HOSPITALS)
-        assert all(rows[name]["steps"] > 0 for name in HOSPITALS)  # the clear report the ledger record needs
+        assert all(
+            rows[name]["steps"] > 0 for name in HOSPITALS
+        )  # the clear report the ledger record needs
     for server_round in (1, 2):
-        kept = sorted(p.name for p in (secure_deployment.secure / "updates" / f"round_{server_round:03d}").iterdir())
-        assert kept == ["_sent.safetensors", "secure-aggregate.safetensors"]  # the state it sent, and only the sum
+        kept = sorted(
+            p.name
+            for p in (secure_deployment.secure / "updates" / f"round_{server_round:03d}").iterdir()
+        )
+        assert kept == [
+            "_sent.safetensors",
+            "secure-aggregate.safetensors",
+        ]  # the state it sent, and only the sum
     for name, site in secure_deployment.sites.items():
         assert read_json(site / "ledger.json")["trained_rounds"] == [1, 2], name

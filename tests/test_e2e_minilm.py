@@ -15,10 +15,37 @@ def test_medtune_train_on_embedded_minilm_with_dp(tmp_path, monkeypatch, capsys)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "run"
     data = tmp_path / "data"
-    assert main(["data", "synth", "--hospitals", "1", "--records", "1500", "--alpha", "100", "--out", str(data)]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "synth",
+                "--hospitals",
+                "1",
+                "--records",
+                "1500",
+                "--alpha",
+                "100",
+                "--out",
+                str(data),
+            ]
+        )
+        == 0
+    )
     status = main(
-        ["train", "--data", str(data / "hospital_1.csv"), "--epsilon", "8", "--epochs", "4",
-         "--batch-size", "64", "--out", str(out)]
+        [
+            "train",
+            "--data",
+            str(data / "hospital_1.csv"),
+            "--epsilon",
+            "8",
+            "--epochs",
+            "4",
+            "--batch-size",
+            "64",
+            "--out",
+            str(out),
+        ]
     )
     assert status == 0, capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
@@ -44,18 +71,23 @@ def test_the_label_name_prior_alone_beats_chance_on_real_text(tmp_path):
     from medtune.backbone import load_backbone
     from medtune.config import DataConfig, ModelConfig
     from medtune.data import Record
+    from medtune.evaluation import evaluate
     from medtune.features import record_inputs
     from medtune.label_prior import ZeroShotClassifier
-    from medtune.evaluation import evaluate
     from medtune.synth import LABELS, SynthConfig, generate_hospitals
 
-    notes = generate_hospitals(SynthConfig(hospitals=1, mean_records=300, dirichlet_alpha=100.0, seed=0))[0]
+    notes = generate_hospitals(
+        SynthConfig(hospitals=1, mean_records=300, dirichlet_alpha=100.0, seed=0)
+    )[0]
     records = [Record(text, LABELS.index(label)) for text, label in notes]
     backbone = load_backbone()
     model, data = ModelConfig(), DataConfig(labels=LABELS)
     scored = evaluate(
-        ZeroShotClassifier(backbone, model, data), record_inputs(backbone, model, records), LABELS,
-        backbone.tokenizer.pad_token_id, torch.device("cpu"),
+        ZeroShotClassifier(backbone, model, data),
+        record_inputs(backbone, model, records),
+        LABELS,
+        backbone.tokenizer.pad_token_id,
+        torch.device("cpu"),
     )
     shown = f"zero-shot on {len(records)} synthetic notes: accuracy {scored.accuracy:.3f}, macro-F1 {scored.macro_f1:.3f}"
     assert scored.accuracy > 1 / len(LABELS) + 0.1, shown  # measured 0.377 against chance 0.2

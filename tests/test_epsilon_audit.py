@@ -34,13 +34,19 @@ def test_all_correct_guesses_reach_the_analytic_ceiling() -> None:
     bound = epsilon_lower_bound(1000, 1000, 1000, delta=0.0)
     assert bound == pytest.approx(math.log(q / (1 - q)), abs=2 * TOLERANCE)
     assert bound == pytest.approx(max_certifiable_epsilon(1000), abs=2 * TOLERANCE)
-    assert bound == pytest.approx(math.log(1000 / math.log(20)), abs=0.02)  # the rule of thumb: about 5.81
+    assert bound == pytest.approx(
+        math.log(1000 / math.log(20)), abs=0.02
+    )  # the rule of thumb: about 5.81
     assert bound < math.log(1000 / math.log(20))
 
 
 def test_no_audit_passes_the_ceiling() -> None:
     ceiling = max_certifiable_epsilon(200)
-    bounds = [epsilon_lower_bound(200, r, v, delta=0.0) for r in (20, 100, 200) for v in range(r // 2, r + 1)]
+    bounds = [
+        epsilon_lower_bound(200, r, v, delta=0.0)
+        for r in (20, 100, 200)
+        for v in range(r // 2, r + 1)
+    ]
     assert max(bounds) == pytest.approx(ceiling, abs=2 * TOLERANCE)  # reached only by r = v = m
     assert max(bounds) <= ceiling
 
@@ -59,13 +65,18 @@ def test_more_correct_guesses_never_lower_the_bound() -> None:
 
 
 def test_a_larger_delta_never_raises_the_bound() -> None:
-    bounds = [epsilon_lower_bound(1000, 1000, 850, delta) for delta in (0.0, 1e-7, 1e-5, 1e-4, 5e-4, 0.01)]
+    bounds = [
+        epsilon_lower_bound(1000, 1000, 850, delta) for delta in (0.0, 1e-7, 1e-5, 1e-4, 5e-4, 0.01)
+    ]
     assert np.all(np.diff(bounds) <= 0)
     assert bounds[-1] < bounds[0] - 0.1  # and a large one visibly costs
 
 
 def test_a_higher_confidence_never_raises_the_bound() -> None:
-    bounds = [epsilon_lower_bound(1000, 1000, 850, 1e-5, significance) for significance in (0.2, 0.05, 0.01, 1e-4)]
+    bounds = [
+        epsilon_lower_bound(1000, 1000, 850, 1e-5, significance)
+        for significance in (0.2, 0.05, 0.01, 1e-4)
+    ]
     assert np.all(np.diff(bounds) < 0)
 
 
@@ -81,7 +92,9 @@ def test_perfect_scores_are_audited_at_the_bonferroni_level() -> None:
     assert (result.k, result.r, result.v, result.m) == (500, 1000, 1000, 1000)
     assert result.confidence == pytest.approx(0.95)
     # the best of 7 values of k is certified at 0.05 / 7, so just below the single-k ceiling
-    assert result.epsilon == pytest.approx(max_certifiable_epsilon(1000, 0.05 / 7), abs=2 * TOLERANCE)
+    assert result.epsilon == pytest.approx(
+        max_certifiable_epsilon(1000, 0.05 / 7), abs=2 * TOLERANCE
+    )
     assert result.epsilon < max_certifiable_epsilon(1000, 0.05)
 
 
@@ -89,7 +102,9 @@ def test_the_reported_k_is_the_best_and_recomputes() -> None:
     scores, included = _randomized_response(2.0, 1000, seed=3)
     result = audit_scores(scores, included, delta=1e-5, ks=(10, 100, 500))
     assert result.epsilon == epsilon_lower_bound(1000, result.r, result.v, 1e-5, 0.05 / 3)
-    alone = [audit_scores(scores, included, 1e-5, 0.05 / 3, ks=(k,)).epsilon for k in (10, 100, 500)]
+    alone = [
+        audit_scores(scores, included, 1e-5, 0.05 / 3, ks=(k,)).epsilon for k in (10, 100, 500)
+    ]
     assert result.epsilon == max(alone) > 0
 
 
@@ -109,8 +124,12 @@ def test_sound_and_powerful_on_randomized_response(epsilon: float) -> None:
     """Measured (seeds 0..999, m = 1000, default k): the bound passed the true epsilon in 2.0% of runs
     at eps = 1 and 1.8% at eps = 2 (the guarantee allows 5%), and averaged 0.81 and 1.72, close to
     the 0.82 and 1.76 that the expected v = q r of r = 1000 guesses certifies at 0.05 / 7."""
-    bounds = np.array([audit_scores(*_randomized_response(epsilon, 1000, seed), 0.0, seed=seed).epsilon
-                       for seed in range(TRIALS)])
+    bounds = np.array(
+        [
+            audit_scores(*_randomized_response(epsilon, 1000, seed), 0.0, seed=seed).epsilon
+            for seed in range(TRIALS)
+        ]
+    )
     # 5% plus 3 standard deviations of the share of 1000 runs: fails only if the audit is unsound
     assert np.mean(bounds > epsilon) <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / TRIALS)
     assert 0.75 * epsilon < bounds.mean() < epsilon
@@ -124,17 +143,42 @@ def test_sound_and_powerful_on_randomized_response(epsilon: float) -> None:
         (lambda: epsilon_lower_bound(100, 101, 50, 0.0), r"v=50, r=101, m=100"),
         (lambda: epsilon_lower_bound(100, 10, 5, 1.0), r"delta must be in \[0, 1\), got 1.0"),
         (lambda: epsilon_lower_bound(100, 10, 5, float("nan")), r"delta .* got nan"),
-        (lambda: epsilon_lower_bound(100, 10, 5, 0.0, significance=0.0), r"significance .* got 0.0"),
-        (lambda: epsilon_lower_bound(100, 10.5, 5, 0.0), r"r \(guesses\) must be an integer >= 0, got 10.5"),
+        (
+            lambda: epsilon_lower_bound(100, 10, 5, 0.0, significance=0.0),
+            r"significance .* got 0.0",
+        ),
+        (
+            lambda: epsilon_lower_bound(100, 10.5, 5, 0.0),
+            r"r \(guesses\) must be an integer >= 0, got 10.5",
+        ),
         (lambda: audit_scores(np.zeros(1), np.array([True]), 0.0), r"at least 2 canaries, got 1"),
-        (lambda: audit_scores(np.zeros(4), np.array([True, False, True]), 0.0), r"scores \(4,\), included \(3,\)"),
-        (lambda: audit_scores(np.array([0.0, np.nan, np.inf, 1.0]), np.array([True, False] * 2), 0.0),
-         r"2 of 4 canary scores are not finite"),
-        (lambda: audit_scores(np.zeros(4), np.ones(4, dtype=bool), 0.0), r"both included and excluded.* 4 of 4 in"),
-        (lambda: audit_scores(np.zeros(4), np.array([1, 0, 1, 0]), 0.0), r"bool array, got dtype int"),
-        (lambda: audit_scores(np.zeros(10), np.arange(10) < 5, 0.0, ks=(6,)), r"k=6 .* at least 12 canaries, got m=10"),
+        (
+            lambda: audit_scores(np.zeros(4), np.array([True, False, True]), 0.0),
+            r"scores \(4,\), included \(3,\)",
+        ),
+        (
+            lambda: audit_scores(
+                np.array([0.0, np.nan, np.inf, 1.0]), np.array([True, False] * 2), 0.0
+            ),
+            r"2 of 4 canary scores are not finite",
+        ),
+        (
+            lambda: audit_scores(np.zeros(4), np.ones(4, dtype=bool), 0.0),
+            r"both included and excluded.* 4 of 4 in",
+        ),
+        (
+            lambda: audit_scores(np.zeros(4), np.array([1, 0, 1, 0]), 0.0),
+            r"bool array, got dtype int",
+        ),
+        (
+            lambda: audit_scores(np.zeros(10), np.arange(10) < 5, 0.0, ks=(6,)),
+            r"k=6 .* at least 12 canaries, got m=10",
+        ),
         (lambda: audit_scores(np.zeros(10), np.arange(10) < 5, 0.0, ks=()), r"ks is empty"),
-        (lambda: audit_scores(np.zeros(10), np.arange(10) < 5, 0.0, ks=(2, 2.5)), r"k .* integer >= 1, got 2.5"),
+        (
+            lambda: audit_scores(np.zeros(10), np.arange(10) < 5, 0.0, ks=(2, 2.5)),
+            r"k .* integer >= 1, got 2.5",
+        ),
         (lambda: audit_scores(np.zeros(10), np.arange(10) < 5, "1e-5"), r"delta .* got '1e-5'"),
     ],
 )

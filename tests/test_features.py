@@ -17,7 +17,12 @@ from medtune.data import Record, TokenizedRecords
 from medtune.errors import DataError
 from medtune.features import HIDDEN_FILE, OFFSETS_FILE, HiddenStates, record_inputs
 
-TEXTS = ["chest pain radiating to the left arm", "wheezing", "melena and epigastric pain for two days", "aphasia"]
+TEXTS = [
+    "chest pain radiating to the left arm",
+    "wheezing",
+    "melena and epigastric pain for two days",
+    "aphasia",
+]
 RECORDS = [Record(t, i % 2) for i, t in enumerate(TEXTS)]
 CONFIG = ModelConfig(prompt_length=2, max_length=16, prompt_layer=3)
 
@@ -51,7 +56,9 @@ def test_cache_is_built_once_and_read_back_memory_mapped(tiny_backbone, tmp_path
         torch.testing.assert_close(first[i][0], second[i][0], rtol=0, atol=0)
         assert first[i][1] == RECORDS[i].label
     in_memory = record_inputs(tiny_backbone, CONFIG, RECORDS)
-    torch.testing.assert_close(in_memory[2][0], second[2][0], rtol=0, atol=0)  # same float16 numbers
+    torch.testing.assert_close(
+        in_memory[2][0], second[2][0], rtol=0, atol=0
+    )  # same float16 numbers
 
 
 @pytest.mark.parametrize(
@@ -68,7 +75,9 @@ def test_another_setting_never_reuses_the_cache(tiny_backbone, tmp_path, builds,
     assert len(builds) == 2 and len(_entries(tmp_path)) == 2
 
 
-def test_other_records_or_another_backbone_never_reuse_the_cache(tiny_backbone, tiny_backbone_dir, tmp_path, builds):
+def test_other_records_or_another_backbone_never_reuse_the_cache(
+    tiny_backbone, tiny_backbone_dir, tmp_path, builds
+):
     from medtune.backbone import load_backbone
 
     record_inputs(tiny_backbone, CONFIG, RECORDS, tmp_path)
@@ -90,8 +99,13 @@ def _move_a_record_boundary(path):
     np.save(path, offsets)
 
 
-@pytest.mark.parametrize(("damaged", "damage"), [(HIDDEN_FILE, _flip_last_numbers), (OFFSETS_FILE, _move_a_record_boundary)])
-def test_a_damaged_cache_is_rebuilt_with_its_path_named(tiny_backbone, tmp_path, builds, caplog, damaged, damage):
+@pytest.mark.parametrize(
+    ("damaged", "damage"),
+    [(HIDDEN_FILE, _flip_last_numbers), (OFFSETS_FILE, _move_a_record_boundary)],
+)
+def test_a_damaged_cache_is_rebuilt_with_its_path_named(
+    tiny_backbone, tmp_path, builds, caplog, damaged, damage
+):
     good = record_inputs(tiny_backbone, CONFIG, RECORDS, tmp_path)
     expected = [good[i][0].clone() for i in range(len(RECORDS))]
     directory = tmp_path / _entries(tmp_path)[0]
@@ -99,14 +113,19 @@ def test_a_damaged_cache_is_rebuilt_with_its_path_named(tiny_backbone, tmp_path,
     damage(directory / damaged)
     with caplog.at_level(logging.WARNING, logger="medtune.features"):
         rebuilt = record_inputs(tiny_backbone, CONFIG, RECORDS, tmp_path)
-    assert f"feature cache {directory} is damaged ({damaged} does not match its recorded checksum)" in caplog.text
+    assert (
+        f"feature cache {directory} is damaged ({damaged} does not match its recorded checksum)"
+        in caplog.text
+    )
     assert len(builds) == 2
     for i in range(len(RECORDS)):
         torch.testing.assert_close(rebuilt[i][0], expected[i], rtol=0, atol=0)
 
 
 def test_prompt_layer_zero_reads_token_ids_and_caches_nothing(tiny_backbone, tmp_path, builds):
-    dataset = record_inputs(tiny_backbone, ModelConfig(max_length=16, prompt_layer=0), RECORDS, tmp_path)
+    dataset = record_inputs(
+        tiny_backbone, ModelConfig(max_length=16, prompt_layer=0), RECORDS, tmp_path
+    )
     assert dataset[0][0].dtype == torch.long and not builds and not list(tmp_path.iterdir())
 
 
@@ -124,16 +143,23 @@ def test_a_cache_build_stopped_half_way_leaves_nothing_behind(tiny_backbone, tmp
     assert len(record_inputs(tiny_backbone, CONFIG, RECORDS, tmp_path)) == len(RECORDS)
 
 
-@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="the cache's size is claimed up front where the OS can")
-def test_a_disk_too_small_for_the_cache_is_an_error_before_any_record_is_encoded(tiny_backbone, tmp_path, builds,
-                                                                                   monkeypatch):
+@pytest.mark.skipif(
+    not hasattr(os, "posix_fallocate"),
+    reason="the cache's size is claimed up front where the OS can",
+)
+def test_a_disk_too_small_for_the_cache_is_an_error_before_any_record_is_encoded(
+    tiny_backbone, tmp_path, builds, monkeypatch
+):
     """Filling a memory map on a full disk would kill the process (SIGBUS) mid-build; claimed first, it is one message."""
 
     def full_disk(fd, offset, length):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(features.os, "posix_fallocate", full_disk)
-    with pytest.raises(DataError, match=r"feature cache .*: needs 0\.00 GiB on its disk \(No space left on device\)"):
+    with pytest.raises(
+        DataError,
+        match=r"feature cache .*: needs 0\.00 GiB on its disk \(No space left on device\)",
+    ):
         record_inputs(tiny_backbone, CONFIG, RECORDS, tmp_path)
     assert not builds and list(tmp_path.iterdir()) == []
 

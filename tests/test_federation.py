@@ -9,16 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_recipe
+from federation_harness import federate, task_identity  # noqa: F401 - the fixture is used
 from opacus.accountants import create_accountant
 from safetensors.numpy import load_file
+from test_secure_aggregation import sites
 
 from medtune.checkpoint import load_checkpoint
 from medtune.federation.simulation import simulate
 from medtune.run_config import resolve_run_config
 from medtune.state import ExchangedStateSpec
-from conftest import tiny_recipe
-from federation_harness import federate, task_identity  # noqa: F401 - the fixture is used
-from test_secure_aggregation import sites
 
 HOSPITALS = ("hospital_1", "hospital_2", "hospital_3")
 
@@ -55,19 +55,25 @@ def two_rounds(tiny_backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory
 @pytest.mark.slow
 def test_only_exchanged_state_crosses_the_wire(two_rounds: Path) -> None:
     spec = ExchangedStateSpec(prompt_length=4, hidden_size=32, num_labels=5)
-    expected = {name: {"shape": list(shape), "dtype": "float32"} for name, shape in spec.shapes.items()}
+    expected = {
+        name: {"shape": list(shape), "dtype": "float32"} for name, shape in spec.shapes.items()
+    }
     record = results(two_rounds)
     assert [r["round"] for r in record["rounds"]] == [1, 2]
     for round_record in record["rounds"]:
         assert sorted(h["name"] for h in round_record["hospitals"]) == list(HOSPITALS)
         for hospital in round_record["hospitals"]:
             assert hospital["status"] == "trained"
-            assert hospital["received"] == expected  # no backbone tensor, no text, no per-record gradient
+            assert (
+                hospital["received"] == expected
+            )  # no backbone tensor, no text, no per-record gradient
             # The arrays' bytes plus Flower's per-array header, nothing more.
             assert spec.num_bytes() <= hospital["bytes_up"] < spec.num_bytes() + 3 * 200
     for update in (two_rounds / "updates" / "round_001").glob("*.safetensors"):
         arrays = load_file(str(update))
-        assert {name: list(a.shape) for name, a in arrays.items()} == {n: e["shape"] for n, e in expected.items()}
+        assert {name: list(a.shape) for name, a in arrays.items()} == {
+            n: e["shape"] for n, e in expected.items()
+        }
 
 
 @pytest.mark.slow
@@ -77,8 +83,13 @@ def test_local_adam_moments_stay_at_the_site_and_carry_across_rounds(two_rounds:
     for name in HOSPITALS:
         moments = load_file(str(two_rounds / "sites" / name / "ledger.optimizer.safetensors"))
         shapes = list(spec.shapes.values())
-        for index, shape in enumerate(shapes):  # one entry per trainable tensor, in exchanged-state order
-            assert moments[f"{index}.exp_avg"].shape == shape and moments[f"{index}.exp_avg_sq"].shape == shape
+        for index, shape in enumerate(
+            shapes
+        ):  # one entry per trainable tensor, in exchanged-state order
+            assert (
+                moments[f"{index}.exp_avg"].shape == shape
+                and moments[f"{index}.exp_avg_sq"].shape == shape
+            )
             # Adam's step counter continued over both rounds instead of restarting each round.
             assert float(moments[f"{index}.step"]) == ledger(two_rounds, name)["steps"]
     for round_record in results(two_rounds)["rounds"]:
@@ -93,7 +104,9 @@ def test_aggregate_is_the_example_weighted_mean_of_the_replies(two_rounds: Path)
         weights = {h["name"]: h["examples"] for h in hospitals}
         total = sum(weights.values())
         updates = {
-            name: load_file(str(two_rounds / "updates" / f"round_{server_round:03d}" / f"{name}.safetensors"))
+            name: load_file(
+                str(two_rounds / "updates" / f"round_{server_round:03d}" / f"{name}.safetensors")
+            )
             for name in HOSPITALS
         }
         aggregate = load_checkpoint(two_rounds / "checkpoints" / f"round_{server_round:03d}").arrays
@@ -111,10 +124,16 @@ def test_epsilon_grows_and_equals_one_accountant_over_all_steps(two_rounds: Path
         assert seen[1]["steps"] == 2 * seen[0]["steps"]
         state = ledger(two_rounds, name)
         assert state["steps"] == seen[1]["steps"]
-        for round_seen in seen:  # one fresh accountant fed every step so far gives the reported epsilon
+        for (
+            round_seen
+        ) in seen:  # one fresh accountant fed every step so far gives the reported epsilon
             accountant = create_accountant("prv")
-            accountant.history = [(state["noise_multiplier"], state["sample_rate"], round_seen["steps"])]
-            assert math.isclose(round_seen["epsilon"], accountant.get_epsilon(delta=1e-5), rel_tol=1e-9)
+            accountant.history = [
+                (state["noise_multiplier"], state["sample_rate"], round_seen["steps"])
+            ]
+            assert math.isclose(
+                round_seen["epsilon"], accountant.get_epsilon(delta=1e-5), rel_tol=1e-9
+            )
 
 
 def test_resume_matches_an_uninterrupted_run_and_a_spent_budget_stops(
@@ -152,31 +171,45 @@ def test_resume_matches_an_uninterrupted_run_and_a_spent_budget_stops(
 
 
 @pytest.mark.slow
-def test_predict_uses_only_the_checkpoint_and_backbone(two_rounds: Path, tiny_backbone_dir: Path) -> None:
+def test_predict_uses_only_the_checkpoint_and_backbone(
+    two_rounds: Path, tiny_backbone_dir: Path
+) -> None:
     from medtune.backbone import embedded_backbone_path
     from medtune.errors import CheckpointError
     from medtune.predict import predict_texts
 
-    predictions = predict_texts(two_rounds, ["fever and productive cough", "sudden weakness of the left arm"])
+    predictions = predict_texts(
+        two_rounds, ["fever and productive cough", "sudden weakness of the left arm"]
+    )
     assert len(predictions) == 2
     for prediction in predictions:
         assert math.isclose(sum(prediction.probabilities.values()), 1.0, rel_tol=1e-5)
         assert prediction.label == max(prediction.probabilities, key=prediction.probabilities.get)
     with pytest.raises(CheckpointError, match="different weights hash"):
-        predict_texts(two_rounds, ["chest pain"], backbone=embedded_backbone_path())  # not the training backbone
+        predict_texts(
+            two_rounds, ["chest pain"], backbone=embedded_backbone_path()
+        )  # not the training backbone
 
 
 @pytest.mark.slow
-def test_a_hospital_can_reweight_predictions_to_its_own_label_mix(two_rounds: Path, tmp_path: Path, capsys) -> None:
+def test_a_hospital_can_reweight_predictions_to_its_own_label_mix(
+    two_rounds: Path, tmp_path: Path, capsys
+) -> None:
     from medtune.cli import main
     from medtune.predict import predict_texts, site_label_mix
 
     labels = load_checkpoint(two_rounds / "checkpoints" / "round_002").labels
     site = tmp_path / "site.csv"
     notes = [f"note {i} on chest pain" for i in range(30)] + ["note x on cough"]
-    site.write_text("text,label\n" + "".join(f"{n},{labels[0]}\n" for n in notes[:30]) + f"{notes[30]},{labels[1]}\n")
+    site.write_text(
+        "text,label\n"
+        + "".join(f"{n},{labels[0]}\n" for n in notes[:30])
+        + f"{notes[30]},{labels[1]}\n"
+    )
     mixed = site_label_mix(two_rounds, site, "text", "label")
-    assert mixed.mix[labels[0]] == pytest.approx(31 / 36) and mixed.mix[labels[1]] == pytest.approx(2 / 36)
+    assert mixed.mix[labels[0]] == pytest.approx(31 / 36) and mixed.mix[labels[1]] == pytest.approx(
+        2 / 36
+    )
     # Re-weighted, the model predicts the site's own mix on the site's own notes.
     on_site = predict_texts(two_rounds, notes, site=mixed)
     predicted_mix = {label: np.mean([p.probabilities[label] for p in on_site]) for label in labels}
@@ -184,14 +217,32 @@ def test_a_hospital_can_reweight_predictions_to_its_own_label_mix(two_rounds: Pa
 
     texts = ["fever and productive cough", "sudden weakness of the left arm"]
     shift = mixed.bias[0] - mixed.bias[1]
-    for plain, reweighted in zip(predict_texts(two_rounds, texts), predict_texts(two_rounds, texts, site=mixed), strict=True):
+    for plain, reweighted in zip(
+        predict_texts(two_rounds, texts), predict_texts(two_rounds, texts, site=mixed), strict=True
+    ):
         odds = lambda p: p.probabilities[labels[0]] / p.probabilities[labels[1]]  # noqa: E731
         assert odds(reweighted) / odds(plain) == pytest.approx(np.exp(shift), rel=1e-4)
 
     site.write_text(f"text,label\nnote a,{labels[0]}\nnote b,not-a-label\n")
-    assert main(["predict", "--checkpoint", str(two_rounds), "--text", "cough", "--label-mix", str(site)]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(two_rounds),
+                "--text",
+                "cough",
+                "--label-mix",
+                str(site),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
-    assert "site.csv row 2: label 'not-a-label' is not in the federation's label list" in err and "Traceback" not in err
+    assert (
+        "site.csv row 2: label 'not-a-label' is not in the federation's label list" in err
+        and "Traceback" not in err
+    )
 
 
 @pytest.mark.slow
@@ -203,10 +254,10 @@ def test_the_run_scored_offline_matches_what_the_hospitals_reported(two_rounds: 
     import torch
 
     from medtune.checkpoint import model_from_checkpoint
+    from medtune.evaluation import predict_logits
     from medtune.experiments.baselines import score_global_model, splits
     from medtune.features import record_inputs
     from medtune.label_mix import label_mix, mix_bias
-    from medtune.evaluation import predict_logits
     from medtune.run_config import settings_from_run_config
 
     record = results(two_rounds)
@@ -215,40 +266,54 @@ def test_the_run_scored_offline_matches_what_the_hospitals_reported(two_rounds: 
     last = record["rounds"][-1]
     assert offline.pooled.accuracy == pytest.approx(last["accuracy"])
     for hospital in last["hospitals"]:
-        assert offline.per_hospital[hospital["name"]].accuracy == pytest.approx(hospital["accuracy"])
+        assert offline.per_hospital[hospital["name"]].accuracy == pytest.approx(
+            hospital["accuracy"]
+        )
 
     _, model, backbone = model_from_checkpoint(two_rounds)
     for split in splits(settings):
         test = record_inputs(backbone, settings.model, split.test)
         logits = predict_logits(model, test, backbone.tokenizer.pad_token_id, torch.device("cpu"))
         own = record_inputs(backbone, settings.model, split.train)
-        own_logits = predict_logits(model, own, backbone.tokenizer.pad_token_id, torch.device("cpu"))
-        bias = mix_bias(own_logits, label_mix([r.label for r in split.train], len(settings.data.labels)))
+        own_logits = predict_logits(
+            model, own, backbone.tokenizer.pad_token_id, torch.device("cpu")
+        )
+        bias = mix_bias(
+            own_logits, label_mix([r.label for r in split.train], len(settings.data.labels))
+        )
         by_hand = (logits.numpy() + bias).argmax(1)
         expected = float((by_hand == test.labels.numpy()).mean())
         assert mixed.per_hospital[split.name].accuracy == pytest.approx(expected)
 
 
 @pytest.mark.slow
-def test_only_a_simulated_run_on_its_own_backbone_is_scored_again(two_rounds: Path, tmp_path: Path, capsys) -> None:
+def test_only_a_simulated_run_on_its_own_backbone_is_scored_again(
+    two_rounds: Path, tmp_path: Path, capsys
+) -> None:
     from medtune.cli import main
 
     assert main(["benchmark", "baselines", "--run", str(tmp_path)]) == 2
     assert "no results.json here" in capsys.readouterr().err
-    assert main(["benchmark", "baselines", "--run", str(two_rounds), "--run-config", "rounds=3"]) == 2
+    assert (
+        main(["benchmark", "baselines", "--run", str(two_rounds), "--run-config", "rounds=3"]) == 2
+    )
     assert "--run takes the run's own settings" in capsys.readouterr().err
 
     import shutil
 
-    from medtune.experiments.baselines import score_global_model
     from medtune.errors import ConfigError
+    from medtune.experiments.baselines import score_global_model
 
-    deployed = tmp_path / "deployed"  # a run whose record names a hospital these settings do not simulate
+    deployed = (
+        tmp_path / "deployed"
+    )  # a run whose record names a hospital these settings do not simulate
     shutil.copytree(two_rounds, deployed)
     record = results(deployed)
     record["rounds"][-1]["hospitals"][0]["name"] = "st_marys"
     (deployed / "results.json").write_text(json.dumps(record))
-    with pytest.raises(ConfigError, match=r"hospitals \['st_marys'\] that its settings do not simulate"):
+    with pytest.raises(
+        ConfigError, match=r"hospitals \['st_marys'\] that its settings do not simulate"
+    ):
         score_global_model(deployed)
 
 
@@ -258,9 +323,18 @@ def test_the_coordinator_imports_no_records_training_or_opacus_code() -> None:
     import sys
 
     probe = "import sys, server.app; print(' '.join(sorted(sys.modules)))"
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=300
+    )
     loaded = set(done.stdout.split())
-    forbidden = {"medtune.data", "medtune.train", "medtune.features", "medtune.site", "medtune.standalone", "opacus"}
+    forbidden = {
+        "medtune.data",
+        "medtune.train",
+        "medtune.features",
+        "medtune.site",
+        "medtune.standalone",
+        "opacus",
+    }
     assert not loaded & forbidden, sorted(loaded & forbidden)
     assert "server.federation" in loaded  # the probe did import the coordinator
 
@@ -277,19 +351,33 @@ def test_the_learning_core_imports_no_flower() -> None:
         "for name in names: importlib.import_module(name)\n"
         "print(len(names), ' '.join(sorted(n for n in sys.modules if n.split('.')[0] in ('flwr', 'ray'))))"
     )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=300).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=300
+    ).stdout.split()
     assert int(out[0]) > 30, out[0]  # every core and experiments module was imported
     assert out[1:] == [], out[1:]
 
 
-def test_every_private_flower_name_medtune_simulate_calls_exists_in_the_installed_flower(monkeypatch) -> None:
+def test_every_private_flower_name_medtune_simulate_calls_exists_in_the_installed_flower(
+    monkeypatch,
+) -> None:
     """`medtune simulate` uses Flower's private in-process runtime; a Flower release that moves it fails here."""
     from medtune.federation import flower_engine
 
     assert flower_engine.missing_private_names() == []
-    monkeypatch.setattr(flower_engine, "PRIVATE_NAMES", (*flower_engine.PRIVATE_NAMES, ("flwr.supercore.run", "Run.gone")))
-    monkeypatch.setattr(flower_engine, "RUN_SIMULATION_ARGUMENTS", (*flower_engine.RUN_SIMULATION_ARGUMENTS, "renamed"))
-    assert flower_engine.missing_private_names() == ["flwr.supercore.run.Run.gone"]  # names first, then arguments
+    monkeypatch.setattr(
+        flower_engine,
+        "PRIVATE_NAMES",
+        (*flower_engine.PRIVATE_NAMES, ("flwr.supercore.run", "Run.gone")),
+    )
+    monkeypatch.setattr(
+        flower_engine,
+        "RUN_SIMULATION_ARGUMENTS",
+        (*flower_engine.RUN_SIMULATION_ARGUMENTS, "renamed"),
+    )
+    assert flower_engine.missing_private_names() == [
+        "flwr.supercore.run.Run.gone"
+    ]  # names first, then arguments
     monkeypatch.setattr(flower_engine, "PRIVATE_NAMES", flower_engine.PRIVATE_NAMES[:-1])
     assert flower_engine.missing_private_names() == ["_run_simulation(renamed=...)"]
 
@@ -305,14 +393,19 @@ def test_flower_leaves_a_running_ray_alone_so_medtune_keeps_its_stop_handler(mon
     from contextlib import nullcontext
 
     import ray
+    from flower_internals import start_ray_as_flowers_backend
 
     from medtune.federation import flower_engine, helper_processes
-    from flower_internals import start_ray_as_flowers_backend
 
     started: list[dict] = []
     monkeypatch.setattr(ray, "init", lambda **arguments: started.append(arguments))
-    monkeypatch.setattr(helper_processes, "ray_helpers_marked", nullcontext)  # no watcher process for no Ray
-    backend_config = {"init_args": {"num_cpus": 2, "object_store_memory": 10**8}, "client_resources": {"num_cpus": 1}}
+    monkeypatch.setattr(
+        helper_processes, "ray_helpers_marked", nullcontext
+    )  # no watcher process for no Ray
+    backend_config = {
+        "init_args": {"num_cpus": 2, "object_store_memory": 10**8},
+        "client_resources": {"num_cpus": 1},
+    }
 
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     start_ray_as_flowers_backend(backend_config)
@@ -326,6 +419,8 @@ def test_flower_leaves_a_running_ray_alone_so_medtune_keeps_its_stop_handler(mon
     assert medtunes == flowers  # MedTune starts Ray exactly as Flower would have
     pythonpath = os.pathsep.join([*sys.path, "/the/users/own/path"])
     assert flowers == {
-        "runtime_env": {"env_vars": {"PYTHONPATH": pythonpath}}, "include_dashboard": False,
-        "num_cpus": 2, "object_store_memory": 10**8,
+        "runtime_env": {"env_vars": {"PYTHONPATH": pythonpath}},
+        "include_dashboard": False,
+        "num_cpus": 2,
+        "object_store_memory": 10**8,
     }

@@ -31,12 +31,20 @@ print(anon() - base)
 
 
 def retained_mib(mode: str) -> int:
-    done = subprocess.run([sys.executable, "-c", PATTERN, mode], capture_output=True, text=True, check=True,
-                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", PATTERN, mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=300,
+    )
     return int(done.stdout.strip())
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists() or sys.platform != "linux", reason="glibc on Linux")
+@pytest.mark.skipif(
+    not Path("/proc/self/status").exists() or sys.platform != "linux", reason="glibc on Linux"
+)
 def test_freed_large_buffers_go_back_to_the_system() -> None:
     assert retained_mib("default") >= 16  # glibc's own rule keeps them (so this test can fail)
     assert retained_mib("compact") <= 4

@@ -56,16 +56,22 @@ def _kill(processes: list[psutil.Process]) -> None:
 
 
 def _start() -> tuple[subprocess.Popen, list[psutil.Process], psutil.Process]:
-    driver = subprocess.Popen([sys.executable, "-c", DRIVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    driver = subprocess.Popen(
+        [sys.executable, "-c", DRIVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     started: list[psutil.Process] = []
     try:
         if not select.select([driver.stdout], [], [], WAIT)[0]:
             raise AssertionError(f"the driver printed no helper pids within {WAIT} s")
-        helper, parent, bystander = started = [psutil.Process(pid) for pid in json.loads(driver.stdout.readline())]
+        helper, parent, bystander = started = [
+            psutil.Process(pid) for pid in json.loads(driver.stdout.readline())
+        ]
         deadline = time.monotonic() + WAIT
         while not parent.children():  # the shell has started its sleep
             if time.monotonic() > deadline:
-                raise AssertionError(f"the helper shell (pid {parent.pid}) started no child within {WAIT} s")
+                raise AssertionError(
+                    f"the helper shell (pid {parent.pid}) started no child within {WAIT} s"
+                )
             time.sleep(0.01)
     except BaseException:
         driver.kill()
@@ -75,7 +81,11 @@ def _start() -> tuple[subprocess.Popen, list[psutil.Process], psutil.Process]:
 
 
 def _watchers(driver: subprocess.Popen) -> list[psutil.Process]:
-    return [p for p in psutil.Process(driver.pid).children() if "medtune.federation.helper_processes" in p.cmdline()]
+    return [
+        p
+        for p in psutil.Process(driver.pid).children()
+        if "medtune.federation.helper_processes" in p.cmdline()
+    ]
 
 
 def _ends(how: str) -> None:
@@ -83,11 +93,15 @@ def _ends(how: str) -> None:
     try:
         watchers = _watchers(driver)
         assert len(watchers) == 1
-        assert os.getsid(watchers[0].pid) != os.getsid(driver.pid)  # a group's Ctrl-C or SIGTERM misses it
+        assert os.getsid(watchers[0].pid) != os.getsid(
+            driver.pid
+        )  # a group's Ctrl-C or SIGTERM misses it
         if how == "sigkill":
             driver.send_signal(signal.SIGKILL)
         else:
-            driver.stdin.write("\n")  # a normal exit (not communicate(): the bystander holds the driver's stdout)
+            driver.stdin.write(
+                "\n"
+            )  # a normal exit (not communicate(): the bystander holds the driver's stdout)
             driver.stdin.close()
         try:
             driver.wait(timeout=WAIT)

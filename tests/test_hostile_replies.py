@@ -13,17 +13,25 @@ from typing import Any
 
 import numpy as np
 import pytest
+from federation_harness import (
+    Arrays,
+    CraftedHospital,
+    FakeGrid,
+    Tamper,
+    federate,
+    hospitals_of,
+    run_config,
+    task_identity,  # noqa: F401 - the autouse fixture, for every test here
+)
+from flower_internals import serverapp_runtime_logs_exceptions_as_replayed, set_source_node
 from flwr.app import Context, Error, Message, RecordDict
 from safetensors.numpy import load_file
 
 from medtune.checkpoint import load_checkpoint
 from medtune.errors import ConfigError, FederationError
-from medtune.run_config import resolve_run_config, settings_from_run_config
 from medtune.federation.wire import FAILED, REJECTED
+from medtune.run_config import resolve_run_config, settings_from_run_config
 from server.federation import checkpoint_dir
-from federation_harness import Arrays, CraftedHospital, FakeGrid, Tamper, federate, hospitals_of, run_config
-from federation_harness import task_identity  # noqa: F401 - the autouse fixture, for every test here
-from flower_internals import serverapp_runtime_logs_exceptions_as_replayed, set_source_node
 
 
 def _rename(arrays: Arrays, metrics: dict[str, Any]) -> None:
@@ -92,19 +100,31 @@ def test_a_hostile_reply_is_rejected_and_the_others_are_aggregated(
 
     seen = hospitals_of(results, 1)
     assert seen["hospital_3"]["status"] == "rejected"
-    assert "update from hospital_3" in seen["hospital_3"]["reason"] and reason in seen["hospital_3"]["reason"]
-    assert any(e.startswith("round 1: rejected the update from hospital_3") for e in results["events"])
+    assert (
+        "update from hospital_3" in seen["hospital_3"]["reason"]
+        and reason in seen["hospital_3"]["reason"]
+    )
+    assert any(
+        e.startswith("round 1: rejected the update from hospital_3") for e in results["events"]
+    )
     assert [seen[f"hospital_{i}"]["status"] for i in (1, 2)] == ["trained", "trained"]
     assert results["rounds"][0]["aggregated"] is True
     aggregate = load_checkpoint(checkpoint_dir(tmp_path, 1)).arrays
-    for name, array in aggregate.items():  # the example-weighted mean of the two honest updates alone
+    for (
+        name,
+        array,
+    ) in aggregate.items():  # the example-weighted mean of the two honest updates alone
         expected = 0.25 * good[1].sent[1][name] + 0.75 * good[2].sent[1][name]
         np.testing.assert_allclose(array, expected, rtol=1e-6, atol=1e-7)
 
 
-def test_a_reply_with_a_path_for_a_name_is_rejected(tiny_backbone_dir: Path, tmp_path: Path) -> None:
+def test_a_reply_with_a_path_for_a_name_is_rejected(
+    tiny_backbone_dir: Path, tmp_path: Path
+) -> None:
     nodes = {1: CraftedHospital("hospital_1", 100), 2: CraftedHospital("hospital_2", 100)}
-    nodes[3] = CraftedHospital("../../hospital_3", 100)  # would be kept as out/updates/round_001/../../hospital_3
+    nodes[3] = CraftedHospital(
+        "../../hospital_3", 100
+    )  # would be kept as out/updates/round_001/../../hospital_3
     config = run_config(tiny_backbone_dir, tmp_path / "run", hospitals=3, **{"keep-updates": True})
     results = federate(FakeGrid(nodes), config)
     assert "not a valid hospital name" in hospitals_of(results, 1)["../../hospital_3"]["reason"]
@@ -139,10 +159,19 @@ def test_a_node_that_dies_is_named_by_its_hospital(tiny_backbone_dir: Path, tmp_
         12: DiesAfterRound1("hospital_2", 100, silent=False),
         13: DiesAfterRound1("hospital_3", 100, silent=True),
     }
-    results = federate(FakeGrid(nodes), run_config(tiny_backbone_dir, tmp_path, hospitals=3, rounds=2, **{"min-hospitals": 1}))
+    results = federate(
+        FakeGrid(nodes),
+        run_config(tiny_backbone_dir, tmp_path, hospitals=3, rounds=2, **{"min-hospitals": 1}),
+    )
     second = hospitals_of(results, 2)
-    assert second["hospital_2"]["status"] == FAILED and second["hospital_2"]["reason"] == "the SuperNode stopped"
-    assert second["hospital_3"]["status"] == FAILED and second["hospital_3"]["reason"] == "no reply to the readiness query"
+    assert (
+        second["hospital_2"]["status"] == FAILED
+        and second["hospital_2"]["reason"] == "the SuperNode stopped"
+    )
+    assert (
+        second["hospital_3"]["status"] == FAILED
+        and second["hospital_3"]["reason"] == "no reply to the readiness query"
+    )
     assert "node 1" not in second
     assert "round 2: hospital_2 failed: the SuperNode stopped" in results["events"]
     assert "round 2: no readiness reply within 5.0 s from hospital_3" in results["events"]
@@ -154,16 +183,32 @@ def _nan_from_round_2(arrays: Arrays, metrics: dict[str, Any]) -> None:
         _nan(arrays, metrics)
 
 
-def test_too_few_valid_updates_skip_the_round_and_keep_the_global_state(tiny_backbone_dir: Path, tmp_path: Path) -> None:
+def test_too_few_valid_updates_skip_the_round_and_keep_the_global_state(
+    tiny_backbone_dir: Path, tmp_path: Path
+) -> None:
     hostile = CraftedHospital("hospital_2", 100, _nan_from_round_2)
-    grid = FakeGrid({1: CraftedHospital("hospital_1", 100), 2: hostile, 3: CraftedHospital("hospital_3", 100, _huge)})
+    grid = FakeGrid(
+        {
+            1: CraftedHospital("hospital_1", 100),
+            2: hostile,
+            3: CraftedHospital("hospital_3", 100, _huge),
+        }
+    )
     config = run_config(tiny_backbone_dir, tmp_path, hospitals=3, rounds=2)
     results = federate(grid, config)
 
-    assert [r["aggregated"] for r in results["rounds"]] == [True, False]  # min-hospitals = 2, one valid update in round 2
-    assert "round 2: 1 valid update(s), fewer than min-hospitals=2; round skipped, the global state is kept" in results["events"]
+    assert [r["aggregated"] for r in results["rounds"]] == [
+        True,
+        False,
+    ]  # min-hospitals = 2, one valid update in round 2
+    assert (
+        "round 2: 1 valid update(s), fewer than min-hospitals=2; round skipped, the global state is kept"
+        in results["events"]
+    )
     after_round_1 = load_checkpoint(checkpoint_dir(tmp_path, 1)).arrays
-    kept = load_checkpoint(checkpoint_dir(tmp_path, 2)).arrays  # the run went on, and the global state stayed
+    kept = load_checkpoint(
+        checkpoint_dir(tmp_path, 2)
+    ).arrays  # the run went on, and the global state stayed
     for name, array in after_round_1.items():
         np.testing.assert_array_equal(kept[name], array)
     assert hospitals_of(results, 2)["hospital_1"]["status"] == "trained"
@@ -198,10 +243,17 @@ def test_a_federation_error_ends_the_server_app_as_failed_with_one_line_and_no_t
     # The call in Flower's ServerApp runtime this test replays (a release that logs otherwise fails here).
     assert serverapp_runtime_logs_exceptions_as_replayed()
     grid = FakeGrid({i: CraftedHospital(f"hospital_{i}", 100, _nan) for i in (1, 2)})
-    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                      run_config=run_config(tiny_backbone_dir, tmp_path, hospitals=2))
+    context = Context(
+        run_id=1,
+        node_id=0,
+        node_config={},
+        state=RecordDict(),
+        run_config=run_config(tiny_backbone_dir, tmp_path, hospitals=2),
+    )
     shown = io.StringIO()
-    handler = logging.StreamHandler(shown)  # formats as Flower's console does: a traceback, if any, follows
+    handler = logging.StreamHandler(
+        shown
+    )  # formats as Flower's console does: a traceback, if any, follows
     logging.getLogger("flwr").addHandler(handler)
     try:
         with pytest.raises(FederationError) as raised:  # raised, so Flower marks the run as failed
@@ -210,7 +262,10 @@ def test_a_federation_error_ends_the_server_app_as_failed_with_one_line_and_no_t
     finally:
         logging.getLogger("flwr").removeHandler(handler)
     assert shown.getvalue() == f"ServerApp raised an exception: {raised.value}\n"
-    assert "no hospital trained in any round" in shown.getvalue() and "Traceback" not in shown.getvalue()
+    assert (
+        "no hospital trained in any round" in shown.getvalue()
+        and "Traceback" not in shown.getvalue()
+    )
 
 
 # --- robust aggregation ---------------------------------------------------------------------------
@@ -222,7 +277,9 @@ def _outlier(arrays: Arrays, metrics: dict[str, Any]) -> None:
         array += np.float32(2.0)
 
 
-@pytest.mark.parametrize(("strategy", "combine"), [("fedmedian", np.median), ("trimmed-mean", None)])
+@pytest.mark.parametrize(
+    ("strategy", "combine"), [("fedmedian", np.median), ("trimmed-mean", None)]
+)
 def test_robust_strategies_aggregate_only_the_checked_updates_unweighted(
     strategy: str, combine: Any, tiny_backbone_dir: Path, tmp_path: Path
 ) -> None:
@@ -230,12 +287,18 @@ def test_robust_strategies_aggregate_only_the_checked_updates_unweighted(
     nodes[4] = CraftedHospital("hospital_4", 10**6, _outlier)  # also claims the most examples
     nodes[5] = CraftedHospital("hospital_5", 100, _nan)  # rejected before any strategy sees it
     config = run_config(
-        tiny_backbone_dir, tmp_path, hospitals=5, strategy=strategy, **{"trim-fraction": 0.25, "keep-updates": True}
+        tiny_backbone_dir,
+        tmp_path,
+        hospitals=5,
+        strategy=strategy,
+        **{"trim-fraction": 0.25, "keep-updates": True},
     )
     results = federate(FakeGrid(nodes), config)
 
     assert hospitals_of(results, 1)["hospital_5"]["status"] == "rejected"
-    assert hospitals_of(results, 1)["hospital_4"]["update_norm"] > 30  # accepted: robustness is the strategy's job
+    assert (
+        hospitals_of(results, 1)["hospital_4"]["update_norm"] > 30
+    )  # accepted: robustness is the strategy's job
     sent = [nodes[i].sent[1] for i in (1, 2, 3, 4)]
     aggregate = load_checkpoint(checkpoint_dir(tmp_path, 1)).arrays
     for name, array in aggregate.items():
@@ -245,8 +308,15 @@ def test_robust_strategies_aggregate_only_the_checked_updates_unweighted(
         else:
             expected = combine(stacked, axis=0)
         np.testing.assert_allclose(array, expected, rtol=1e-6, atol=1e-7)
-        assert np.all(np.abs(array - np.stack([s[name] for s in sent[:3]]).mean(axis=0)) < 0.05)  # outlier ignored
-    for i in (1, 2, 3, 4):  # the strategy consumed its own copies: what each hospital sent is kept intact
+        assert np.all(
+            np.abs(array - np.stack([s[name] for s in sent[:3]]).mean(axis=0)) < 0.05
+        )  # outlier ignored
+    for i in (
+        1,
+        2,
+        3,
+        4,
+    ):  # the strategy consumed its own copies: what each hospital sent is kept intact
         kept = load_file(str(tmp_path / "updates" / "round_001" / f"hospital_{i}.safetensors"))
         for name, array in nodes[i].sent[1].items():
             np.testing.assert_array_equal(kept[name], array)
@@ -254,7 +324,10 @@ def test_robust_strategies_aggregate_only_the_checked_updates_unweighted(
 
 def test_trimmed_mean_says_when_it_cuts_nothing(tiny_backbone_dir: Path, tmp_path: Path) -> None:
     nodes = {i: CraftedHospital(f"hospital_{i}", 100) for i in (1, 2, 3)}
-    results = federate(FakeGrid(nodes), run_config(tiny_backbone_dir, tmp_path, hospitals=3, strategy="trimmed-mean"))
+    results = federate(
+        FakeGrid(nodes),
+        run_config(tiny_backbone_dir, tmp_path, hospitals=3, strategy="trimmed-mean"),
+    )
     assert any("trim-fraction 0.2 cuts nothing from 3 hospitals" in e for e in results["events"])
 
 
@@ -267,6 +340,8 @@ def test_trimmed_mean_says_when_it_cuts_nothing(tiny_backbone_dir: Path, tmp_pat
         ("strategy", "krum", "strategy must be one of"),
     ],
 )
-def test_robustness_settings_are_validated(key: str, value: Any, message: str, tmp_path: Path) -> None:
+def test_robustness_settings_are_validated(
+    key: str, value: Any, message: str, tmp_path: Path
+) -> None:
     with pytest.raises(ConfigError, match=message):
         settings_from_run_config(resolve_run_config(None, {key: value, "out": str(tmp_path)}))

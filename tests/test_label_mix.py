@@ -26,9 +26,13 @@ def _calibrated_logits(x: np.ndarray, trained_mix: np.ndarray) -> torch.Tensor:
 def test_label_mix_is_smoothed_label_frequencies() -> None:
     """Add-one smoothing, by hand: (count of the label + 1) / (number of records + number of labels)."""
     # 7 records over 3 labels: counts 1, 4, 2; smoothed 2/10, 5/10, 3/10.
-    assert label_mix([1, 0, 1, 2, 1, 2, 1], num_labels=3).tolist() == pytest.approx([0.2, 0.5, 0.3], abs=1e-15)
+    assert label_mix([1, 0, 1, 2, 1, 2, 1], num_labels=3).tolist() == pytest.approx(
+        [0.2, 0.5, 0.3], abs=1e-15
+    )
     # 4 records over 4 labels: counts 3, 0, 1, 0; the unseen labels 1 and 3 keep 1/8 each.
-    assert label_mix([0, 0, 0, 2], num_labels=4).tolist() == pytest.approx([4 / 8, 1 / 8, 2 / 8, 1 / 8], abs=1e-15)
+    assert label_mix([0, 0, 0, 2], num_labels=4).tolist() == pytest.approx(
+        [4 / 8, 1 / 8, 2 / 8, 1 / 8], abs=1e-15
+    )
     # No records at all: the uniform mix.
     assert label_mix([], num_labels=5).tolist() == pytest.approx([0.2] * 5, abs=1e-15)
     with pytest.raises(ValueError, match="label index 3 is outside the 3 labels"):
@@ -39,7 +43,9 @@ def test_the_matched_bias_makes_the_model_predict_the_sites_mix_on_the_sites_rec
     logits = 3 * torch.randn(400, 5, generator=torch.Generator().manual_seed(0))
     mix = np.array([0.5, 0.2, 0.15, 0.1, 0.05])
     bias = mix_bias(logits, mix)
-    assert torch.softmax(apply_label_mix(logits, bias), 1).mean(0).numpy() == pytest.approx(mix, abs=1e-5)
+    assert torch.softmax(apply_label_mix(logits, bias), 1).mean(0).numpy() == pytest.approx(
+        mix, abs=1e-5
+    )
     assert bias.mean() == pytest.approx(0.0, abs=1e-9)
 
 
@@ -72,7 +78,9 @@ def test_the_bias_recovers_bayes_rule_when_the_shared_models_own_mix_is_not_unif
     assert accuracy(apply_label_mix(logits, bias)) == pytest.approx(bayes_accuracy, abs=0.005)
     assert accuracy(apply_label_mix(logits, np.log(counted))) < bayes_accuracy - 0.03
     assert bayes_accuracy > accuracy(logits) + 0.1
-    assert bayes_accuracy > (labels == 0).mean()  # better than always predicting the site's majority label
+    assert (
+        bayes_accuracy > (labels == 0).mean()
+    )  # better than always predicting the site's majority label
 
 
 def test_logits_that_do_not_fit_the_mix_are_refused() -> None:

@@ -34,12 +34,18 @@ def _config(prompt_length: int = 4, prompt_layer: int = 5) -> ModelConfig:
     return ModelConfig(prompt_length=prompt_length, max_length=32, prompt_layer=prompt_layer)
 
 
-def _model(backbone, prompt_length: int = 4, seed: int = 0, prompt_layer: int = 5) -> PromptClassifier:
+def _model(
+    backbone, prompt_length: int = 4, seed: int = 0, prompt_layer: int = 5
+) -> PromptClassifier:
     return PromptClassifier(backbone, _config(prompt_length, prompt_layer), 5, seed=seed)
 
 
 def _batch(backbone, prompt_layer: int = 5) -> dict[str, torch.Tensor]:
-    dataset = record_inputs(backbone, _config(prompt_layer=prompt_layer), [Record(t, i % 5) for i, t in enumerate(TEXTS)])
+    dataset = record_inputs(
+        backbone,
+        _config(prompt_layer=prompt_layer),
+        [Record(t, i % 5) for i, t in enumerate(TEXTS)],
+    )
     return PadToLongest(backbone.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
 
 
@@ -59,8 +65,13 @@ def test_opacus_per_sample_gradients_match_brute_force_and_are_clipped(tiny_back
     optimizer = torch.optim.SGD(model.trainable_parameters(), lr=0.1)
     loader = DataLoader(list(range(len(TEXTS))), batch_size=len(TEXTS))
     hooks, dp_optimizer, _ = PrivacyEngine(accountant="prv").make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=0.0,
-        max_grad_norm=max_grad_norm, poisson_sampling=False, wrap_model=False,
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=0.0,
+        max_grad_norm=max_grad_norm,
+        poisson_sampling=False,
+        wrap_model=False,
     )
     model.train()
     logits = model(batch["inputs"], batch["attention_mask"])
@@ -92,7 +103,9 @@ def test_training_leaves_every_backbone_tensor_bitwise_unchanged(tiny_backbone):
     dataset = record_inputs(tiny_backbone, model.config, records)
     train = TrainConfig(epochs=2, batch_size=4, learning_rate=0.05)
     ledger = new_ledger(PrivacyConfig(epsilon=8.0), len(dataset), train, rounds=1)
-    train_local(model, dataset, ledger, train, tiny_backbone.tokenizer.pad_token_id, seed=0, progress=False)
+    train_local(
+        model, dataset, ledger, train, tiny_backbone.tokenizer.pad_token_id, seed=0, progress=False
+    )
     after = tiny_backbone.encoder.state_dict()
     assert before.keys() == after.keys()
     for name, tensor in before.items():
@@ -111,7 +124,11 @@ def test_exchanged_state_is_exactly_prompt_and_head(tiny_backbone):
     model = _model(tiny_backbone, prompt_length=4)
     state = model.exchanged_state()
     assert list(state) == [PROMPT, HEAD_WEIGHT, HEAD_BIAS]
-    assert state[PROMPT].shape == (4, 32) and state[HEAD_WEIGHT].shape == (5, 32) and state[HEAD_BIAS].shape == (5,)
+    assert (
+        state[PROMPT].shape == (4, 32)
+        and state[HEAD_WEIGHT].shape == (5, 32)
+        and state[HEAD_BIAS].shape == (5,)
+    )
     assert all(a.dtype == np.float32 for a in state.values())
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in model.trainable_parameters()}
@@ -123,8 +140,12 @@ def test_loading_exchanged_state_round_trips_and_rejects_anything_else(tiny_back
     for name, array in source.exchanged_state().items():
         np.testing.assert_array_equal(array, target.exchanged_state()[name])
     good = source.exchanged_state()
-    with pytest.raises(StateError, match="unexpected \\['encoder.embeddings.word_embeddings.weight'\\]"):
-        target.load_exchanged_state({**good, "encoder.embeddings.word_embeddings.weight": np.zeros((1, 1), np.float32)})
+    with pytest.raises(
+        StateError, match="unexpected \\['encoder.embeddings.word_embeddings.weight'\\]"
+    ):
+        target.load_exchanged_state(
+            {**good, "encoder.embeddings.word_embeddings.weight": np.zeros((1, 1), np.float32)}
+        )
     with pytest.raises(StateError, match="'prompt' has shape \\(3, 32\\), expected \\(4, 32\\)"):
         target.load_exchanged_state({**good, PROMPT: np.zeros((3, 32), np.float32)})
     with pytest.raises(StateError, match="'head.bias' contains NaN"):
@@ -134,12 +155,18 @@ def test_loading_exchanged_state_round_trips_and_rejects_anything_else(tiny_back
 
 
 def test_prompt_initialisation_from_vocabulary_and_random(tiny_backbone):
-    vocab = PromptClassifier(tiny_backbone, ModelConfig(prompt_length=4, prompt_init="vocab"), 5, seed=0)
+    vocab = PromptClassifier(
+        tiny_backbone, ModelConfig(prompt_length=4, prompt_init="vocab"), 5, seed=0
+    )
     table = tiny_backbone.encoder.get_input_embeddings().weight
     rows = vocab.prompt.embedding.detach()
     assert all(bool((table == row).all(dim=1).any()) for row in rows)
-    random = PromptClassifier(tiny_backbone, ModelConfig(prompt_length=4, prompt_init="random"), 5, seed=0)
-    assert not any(bool((table == row).all(dim=1).any()) for row in random.prompt.embedding.detach())
+    random = PromptClassifier(
+        tiny_backbone, ModelConfig(prompt_length=4, prompt_init="random"), 5, seed=0
+    )
+    assert not any(
+        bool((table == row).all(dim=1).any()) for row in random.prompt.embedding.detach()
+    )
 
 
 def test_truncation_keeps_first_layers_and_rejects_too_many(tiny_backbone_dir):
@@ -154,30 +181,47 @@ def test_prompt_plus_text_must_fit_the_position_table(tiny_backbone):
 
 
 @pytest.mark.parametrize("prompt_layer", range(7))
-def test_late_prompt_on_cached_states_equals_the_prompt_run_through_every_block(tiny_backbone, prompt_layer):
+def test_late_prompt_on_cached_states_equals_the_prompt_run_through_every_block(
+    tiny_backbone, prompt_layer
+):
     """Blocks below the prompt layer never see the prompt: caching their output changes nothing."""
     model = _model(tiny_backbone, prompt_layer=prompt_layer, seed=3)
     records = [Record(t, i % 5) for i, t in enumerate(TEXTS)]
     tokens = PadToLongest(tiny_backbone.tokenizer.pad_token_id)(
-        [record_inputs(tiny_backbone, _config(prompt_layer=0), records)[i] for i in range(len(records))]
+        [
+            record_inputs(tiny_backbone, _config(prompt_layer=0), records)[i]
+            for i in range(len(records))
+        ]
     )
-    on_the_fly = model(model.frozen_inputs(tokens["inputs"], tokens["attention_mask"]), tokens["attention_mask"])
+    on_the_fly = model(
+        model.frozen_inputs(tokens["inputs"], tokens["attention_mask"]), tokens["attention_mask"]
+    )
     cached = _batch(tiny_backbone, prompt_layer)  # float16 storage, as at a site
     from_cache = model(cached["inputs"], cached["attention_mask"])
     torch.testing.assert_close(from_cache, on_the_fly, atol=5e-3, rtol=1e-3)
     # and one record alone gives the same logits as in a padded batch
-    alone = model(cached["inputs"][5:6, : int(cached["attention_mask"][5].sum())], cached["attention_mask"][5:6, : int(cached["attention_mask"][5].sum())])
+    alone = model(
+        cached["inputs"][5:6, : int(cached["attention_mask"][5].sum())],
+        cached["attention_mask"][5:6, : int(cached["attention_mask"][5].sum())],
+    )
     torch.testing.assert_close(alone, from_cache[5:6], atol=1e-5, rtol=1e-4)
 
 
 def test_a_prompt_layer_beyond_the_backbone_names_the_key_and_the_depth(tiny_backbone):
-    with pytest.raises(ConfigError, match=r"prompt-layer\) = 7 is outside 0..6: the backbone .* has 6 layers"):
+    with pytest.raises(
+        ConfigError, match=r"prompt-layer\) = 7 is outside 0..6: the backbone .* has 6 layers"
+    ):
         _model(tiny_backbone, prompt_layer=7)
-    with pytest.raises(ConfigError, match=r"prompt_layer \(prompt-layer\) must be 0 \(input\) or a layer number, got -1"):
+    with pytest.raises(
+        ConfigError,
+        match=r"prompt_layer \(prompt-layer\) must be 0 \(input\) or a layer number, got -1",
+    ):
         _config(prompt_layer=-1)
 
 
-def test_a_checkpoint_becomes_a_model_only_on_the_backbone_it_was_trained_on(tmp_path, tiny_backbone, tiny_backbone_dir):
+def test_a_checkpoint_becomes_a_model_only_on_the_backbone_it_was_trained_on(
+    tmp_path, tiny_backbone, tiny_backbone_dir
+):
     """predict, audit and baselines all load through model_from_checkpoint: same arrays, hash checked."""
     from medtune.backbone import weights_hash
     from medtune.checkpoint import Checkpoint, model_from_checkpoint, save_checkpoint
@@ -185,7 +229,14 @@ def test_a_checkpoint_becomes_a_model_only_on_the_backbone_it_was_trained_on(tmp
 
     trained = _model(tiny_backbone, seed=3)
     config = replace(trained.config, backbone=str(tiny_backbone_dir))
-    saved = Checkpoint(trained.exchanged_state(), ("a", "b", "c", "d", "e"), config, "tiny", weights_hash(tiny_backbone.encoder), {})
+    saved = Checkpoint(
+        trained.exchanged_state(),
+        ("a", "b", "c", "d", "e"),
+        config,
+        "tiny",
+        weights_hash(tiny_backbone.encoder),
+        {},
+    )
     save_checkpoint(tmp_path / "good", saved)
     checkpoint, model, _ = model_from_checkpoint(tmp_path / "good", device="cpu")
     assert checkpoint.labels == saved.labels
@@ -205,10 +256,16 @@ def test_a_checkpoint_whose_label_list_was_edited_is_refused(tmp_path, tiny_back
 
     trained = _model(tiny_backbone, seed=3)
     labels = ("a", "b", "c", "d", "e")
-    save_checkpoint(tmp_path / "run", Checkpoint(trained.exchanged_state(), labels, trained.config, "tiny", "0" * 64, {}))
+    save_checkpoint(
+        tmp_path / "run",
+        Checkpoint(trained.exchanged_state(), labels, trained.config, "tiny", "0" * 64, {}),
+    )
     assert load_checkpoint(tmp_path / "run").labels == labels
     meta_path = tmp_path / "run" / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "labels": list(reversed(labels))}))
-    with pytest.raises(CheckpointError, match=r"meta.json: labels \['e', 'd', 'c', 'b', 'a'\] differ from \['a', 'b'"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"meta.json: labels \['e', 'd', 'c', 'b', 'a'\] differ from \['a', 'b'",
+    ):
         load_checkpoint(tmp_path / "run")

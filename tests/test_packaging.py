@@ -19,7 +19,9 @@ from medtune.federation.simulation import COMPONENTS, flower_app_dir
 from medtune.run_config import resolve_run_config
 
 # Flower's config and FAB modules import deprecated names of click (through typer) and pathspec: their chatter.
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:typer", "ignore::DeprecationWarning:pathspec")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::DeprecationWarning:typer", "ignore::DeprecationWarning:pathspec"
+)
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = ROOT / "pyproject.toml"
 TABLE = "[tool.flwr.app.config]"
@@ -41,11 +43,15 @@ def drift(declared: str, shipped: str) -> list[str]:
     differing = []
     for key in sorted(set(values[0]) | set(values[1])):
         sides = [
-            "missing" if key not in value else f"{value[key]!r} ({type(value[key]).__name__}) # {comment.get(key)}"
+            "missing"
+            if key not in value
+            else f"{value[key]!r} ({type(value[key]).__name__}) # {comment.get(key)}"
             for value, comment in zip(values, comments)
         ]
         if sides[0] != sides[1]:
-            differing.append(f"{key}: pyproject.toml {sides[0]} | medtune/run_defaults.toml {sides[1]}")
+            differing.append(
+                f"{key}: pyproject.toml {sides[0]} | medtune/run_defaults.toml {sides[1]}"
+            )
     return differing
 
 
@@ -59,8 +65,10 @@ def test_the_shipped_defaults_are_pyprojects_run_config_key_by_key():
 
 
 def test_a_drifted_default_or_comment_is_named_by_its_key():
-    declared = 'rounds = 5        # federation rounds\nseed = 0  # seeds everything\nepsilon = 8.0\n'
-    shipped = 'rounds = 5.0      # federation rounds\nseed = 0  # seeds all\n'
+    declared = (
+        "rounds = 5        # federation rounds\nseed = 0  # seeds everything\nepsilon = 8.0\n"
+    )
+    shipped = "rounds = 5.0      # federation rounds\nseed = 0  # seeds all\n"
     assert drift(declared, shipped) == [
         "epsilon: pyproject.toml 8.0 (float) # None | medtune/run_defaults.toml missing",
         "rounds: pyproject.toml 5 (int) # federation rounds | medtune/run_defaults.toml 5.0 (float) # federation rounds",
@@ -88,7 +96,9 @@ def package_files() -> set[str]:
     setuptools = pyproject()["tool"]["setuptools"]
     tops = [pattern.rstrip("*") for pattern in setuptools["packages"]["find"]["include"]]
     packages = sorted(
-        folder for top in tops for folder in [ROOT / top, *(ROOT / top).rglob("*")]
+        folder
+        for top in tops
+        for folder in [ROOT / top, *(ROOT / top).rglob("*")]
         if (folder / "__init__.py").is_file() and "__pycache__" not in folder.parts
     )
     files = {module for package in packages for module in package.glob("*.py")}
@@ -105,6 +115,10 @@ def test_the_fab_holds_exactly_the_wheels_packages_and_data_files():
     config = pyproject()
     fab = set(get_filtered_fab_paths(filter_paths_for_publish(collect_files(ROOT)), config))
     installed = package_files()
-    assert "medtune/run_defaults.toml" in installed and "simulations/scenarios/default.toml" in installed
-    assert fab == installed, f"in the FAB only: {sorted(fab - installed)}; in the wheel only: {sorted(installed - fab)}"
-
+    assert (
+        "medtune/run_defaults.toml" in installed
+        and "simulations/scenarios/default.toml" in installed
+    )
+    assert fab == installed, (
+        f"in the FAB only: {sorted(fab - installed)}; in the wheel only: {sorted(installed - fab)}"
+    )

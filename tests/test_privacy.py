@@ -20,7 +20,9 @@ def test_epsilon_equals_opacus_own_accountant_stepped_through_the_same_history(a
     """Opacus's accountant, fed one `step()` per DP step, against the ledger: after the steps taken, the
     steps still to come (`epsilon_after`), and a known history whose noise and sample rate change."""
     reference = {"prv": PRVAccountant, "rdp": RDPAccountant}[accountant]()
-    ledger = PrivacyLedger(PrivacyConfig(epsilon=3.0, delta=1e-5, accountant=accountant), 0.05, planned_steps=200)
+    ledger = PrivacyLedger(
+        PrivacyConfig(epsilon=3.0, delta=1e-5, accountant=accountant), 0.05, planned_steps=200
+    )
     predicted = ledger.epsilon_after(150)
     for _ in range(120):
         ledger.accountant.step(noise_multiplier=ledger.noise_multiplier, sample_rate=0.05)
@@ -33,13 +35,21 @@ def test_epsilon_equals_opacus_own_accountant_stepped_through_the_same_history(a
     assert ahead == predicted == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-9)
     assert 0 < ledger.epsilon < ahead <= 3.0
 
-    known = ((1.1, 0.01, 300), (0.8, 0.04, 25), (1.1, 0.01, 50))  # (noise multiplier, sample rate, steps)
+    known = (
+        (1.1, 0.01, 300),
+        (0.8, 0.04, 25),
+        (1.1, 0.01, 50),
+    )  # (noise multiplier, sample rate, steps)
     stepped = {"prv": PRVAccountant, "rdp": RDPAccountant}[accountant]()
     for sigma, rate, steps in known:
         for _ in range(steps):
             stepped.step(noise_multiplier=sigma, sample_rate=rate)
-    assert stepped.history == list(known)  # Opacus records runs of equal steps as these three entries
-    assert epsilon_of(accountant, known, 1e-5) == pytest.approx(stepped.get_epsilon(delta=1e-5), rel=1e-9)
+    assert stepped.history == list(
+        known
+    )  # Opacus records runs of equal steps as these three entries
+    assert epsilon_of(accountant, known, 1e-5) == pytest.approx(
+        stepped.get_epsilon(delta=1e-5), rel=1e-9
+    )
 
 
 def test_rdp_epsilon_matches_published_and_closed_form_values():
@@ -61,13 +71,17 @@ def test_rdp_epsilon_matches_published_and_closed_form_values():
     q = 256 / 60000
     for sigma, steps, published, pinned in ((1.12, 14062, 2.92, 2.5186), (1.2, 2343, 1.20, 0.9316)):
         rdp = compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=list(orders))
-        assert round(float(np.min(rdp - np.log(1e-5) / (orders - 1))), 2) == published  # the published figure
+        assert (
+            round(float(np.min(rdp - np.log(1e-5) / (orders - 1))), 2) == published
+        )  # the published figure
         epsilon = epsilon_of("rdp", ((sigma, q, steps),), 1e-5)
         assert epsilon == pytest.approx(pinned, abs=5e-5) and epsilon < published
 
     sigma, steps, delta = 4.0, 10, 1e-5
     rdp = steps * orders / (2 * sigma**2)
-    by_hand = np.min(rdp - (np.log(delta) + np.log(orders)) / (orders - 1) + np.log((orders - 1) / orders))
+    by_hand = np.min(
+        rdp - (np.log(delta) + np.log(orders)) / (orders - 1) + np.log((orders - 1) / orders)
+    )
     assert epsilon_of("rdp", ((sigma, 1.0, steps),), delta) == pytest.approx(by_hand, rel=1e-12)
     assert by_hand == pytest.approx(3.6171, abs=5e-5)
 
@@ -79,7 +93,9 @@ def test_rdp_epsilon_matches_published_and_closed_form_values():
 @pytest.mark.parametrize("accountant", ["prv", "rdp"])
 @pytest.mark.parametrize("target", [1.0, 8.0])
 def test_derived_noise_spends_at_most_the_target_over_the_planned_steps(accountant, target):
-    ledger = PrivacyLedger(PrivacyConfig(epsilon=target, accountant=accountant), 1 / 20, planned_steps=60)
+    ledger = PrivacyLedger(
+        PrivacyConfig(epsilon=target, accountant=accountant), 1 / 20, planned_steps=60
+    )
     fresh = create_accountant(mechanism=accountant)
     fresh.history = [(ledger.noise_multiplier, 1 / 20, 60)]
     spent = fresh.get_epsilon(delta=1e-5)
@@ -94,7 +110,10 @@ def test_training_past_the_target_is_refused_with_a_clear_message():
     for _ in range(30):
         ledger.accountant.step(noise_multiplier=ledger.noise_multiplier, sample_rate=0.1)
     assert ledger.exhausted and ledger.epsilon <= 2.0
-    with pytest.raises(PrivacyBudgetError, match=r"would spend epsilon=\d+\.\d+, past this hospital's target epsilon=2.0"):
+    with pytest.raises(
+        PrivacyBudgetError,
+        match=r"would spend epsilon=\d+\.\d+, past this hospital's target epsilon=2.0",
+    ):
         ledger.check_can_spend(10)
 
 
@@ -133,7 +152,9 @@ def test_an_edited_or_damaged_ledger_is_named_damaged_by_its_checksum():
     stored = json.loads(json.dumps(ledger.state_dict()))
     assert PrivacyLedger.from_state_dict(stored).steps == 1
     edited = {**stored, "history": [[1000.0, 0.05, 1]]}  # a past step made to claim far more noise
-    with pytest.raises(LedgerError, match=r"site/ledger.json: damaged privacy ledger \(its checksum"):
+    with pytest.raises(
+        LedgerError, match=r"site/ledger.json: damaged privacy ledger \(its checksum"
+    ):
         PrivacyLedger.from_state_dict(edited, source="site/ledger.json")
 
 
@@ -160,8 +181,15 @@ def test_infinite_epsilon_is_the_non_private_baseline_and_is_written_as_inf(tmp_
 def test_json_files_write_inf_as_inf_and_a_diverged_loss_as_null(tmp_path):
     """Strict JSON everywhere: no Infinity or NaN tokens that other readers reject."""
     path = tmp_path / "values.json"
-    atomic_write_json(path, {"epsilon": math.inf, "loss": math.nan, "low": -math.inf, "rounds": [1.5, math.inf]})
-    assert json.loads(path.read_text()) == {"epsilon": "inf", "loss": None, "low": None, "rounds": [1.5, "inf"]}
+    atomic_write_json(
+        path, {"epsilon": math.inf, "loss": math.nan, "low": -math.inf, "rounds": [1.5, math.inf]}
+    )
+    assert json.loads(path.read_text()) == {
+        "epsilon": "inf",
+        "loss": None,
+        "low": None,
+        "rounds": [1.5, "inf"],
+    }
     assert "Infinity" not in path.read_text() and "NaN" not in path.read_text()
 
 
@@ -169,15 +197,30 @@ def test_a_format_1_ledger_with_null_for_no_dp_is_still_read():
     """Older MedTune wrote epsilon = inf as null: those ledgers keep their history."""
     ledger = PrivacyLedger(PrivacyConfig(epsilon=math.inf), 0.05, planned_steps=100)
     ledger.record_non_private_steps(3)
-    old = {**ledger.state_dict(), "format": "medtune-privacy-ledger/1", "epsilon_target": None, "epsilon_spent": None}
+    old = {
+        **ledger.state_dict(),
+        "format": "medtune-privacy-ledger/1",
+        "epsilon_target": None,
+        "epsilon_spent": None,
+    }
     again = PrivacyLedger.from_state_dict(old)
     assert again.config.epsilon == math.inf and again.steps == 3
     with pytest.raises(LedgerError, match="epsilon"):
-        PrivacyLedger.from_state_dict(resealed({**ledger.state_dict(), "epsilon_target": None}))  # one spelling
+        PrivacyLedger.from_state_dict(
+            resealed({**ledger.state_dict(), "epsilon_target": None})
+        )  # one spelling
 
 
 @pytest.mark.parametrize(
-    "text, number", [("-inf", -math.inf), ("nan", math.nan), ("0", 0.0), ("-1", -1.0), ("infinity", None), ("", None)]
+    "text, number",
+    [
+        ("-inf", -math.inf),
+        ("nan", math.nan),
+        ("0", 0.0),
+        ("-1", -1.0),
+        ("infinity", None),
+        ("", None),
+    ],
 )
 def test_every_entry_point_refuses_an_epsilon_that_is_not_positive_or_inf(text, number):
     from medtune.epsilon import EpsilonError, read_epsilon
@@ -186,7 +229,9 @@ def test_every_entry_point_refuses_an_epsilon_that_is_not_positive_or_inf(text, 
     with pytest.raises(EpsilonError):
         read_epsilon(text, "test")
     with pytest.raises(EpsilonError, match="run config 'epsilon'"):
-        settings_from_run_config(resolve_run_config(None, {"epsilon": text if number is None else number}))
+        settings_from_run_config(
+            resolve_run_config(None, {"epsilon": text if number is None else number})
+        )
     stored = PrivacyLedger(PrivacyConfig(epsilon=8.0), 0.05, planned_steps=10).state_dict()
     with pytest.raises(LedgerError, match="epsilon"):
         PrivacyLedger.from_state_dict(resealed({**stored, "epsilon_target": text}))
@@ -195,15 +240,23 @@ def test_every_entry_point_refuses_an_epsilon_that_is_not_positive_or_inf(text, 
             PrivacyConfig(epsilon=number)
 
 
-def test_remembered_noise_equals_a_fresh_opacus_search_and_a_tampered_memo_is_not_trusted(tmp_path, monkeypatch, caplog):
+def test_remembered_noise_equals_a_fresh_opacus_search_and_a_tampered_memo_is_not_trusted(
+    tmp_path, monkeypatch, caplog
+):
     from opacus.accountants.utils import get_noise_multiplier
 
     from medtune import privacy
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     searches = []
-    monkeypatch.setattr(privacy, "get_noise_multiplier", lambda **kw: searches.append(kw) or get_noise_multiplier(**kw))
-    reference = get_noise_multiplier(target_epsilon=4.0, target_delta=1e-5, sample_rate=0.1, steps=40, accountant="prv")
+    monkeypatch.setattr(
+        privacy,
+        "get_noise_multiplier",
+        lambda **kw: searches.append(kw) or get_noise_multiplier(**kw),
+    )
+    reference = get_noise_multiplier(
+        target_epsilon=4.0, target_delta=1e-5, sample_rate=0.1, steps=40, accountant="prv"
+    )
     first = PrivacyLedger(PrivacyConfig(epsilon=4.0), 0.1, planned_steps=40)
     second = PrivacyLedger(PrivacyConfig(epsilon=4.0), 0.1, planned_steps=40)
     assert first.noise_multiplier == second.noise_multiplier == reference
@@ -214,7 +267,9 @@ def test_remembered_noise_equals_a_fresh_opacus_search_and_a_tampered_memo_is_no
     # Too little noise (would pass the target), far too much (1e6: accuracy lost for nothing), and values
     # the accountant cannot evaluate: each is searched again, never used, never a raw error.
     for tampered in (0.3, 1e6, 1e300, "Infinity", -1.0):
-        memo_path.write_text(json.dumps({key: tampered for key in memo}).replace('"Infinity"', "Infinity"))
+        memo_path.write_text(
+            json.dumps({key: tampered for key in memo}).replace('"Infinity"', "Infinity")
+        )
         privacy.epsilon_of.cache_clear()
         again = PrivacyLedger(PrivacyConfig(epsilon=4.0), 0.1, planned_steps=40)
         assert again.noise_multiplier == reference

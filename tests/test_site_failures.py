@@ -8,11 +8,18 @@ import json
 from pathlib import Path
 
 import pytest
+from federation_harness import (
+    federate,
+    hospitals_of,
+    ledger_path,
+    real_grid,
+    run_config,
+    site_files,
+    task_identity,  # noqa: F401 - the autouse fixture, for every test here
+)
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from medtune.federation.wire import ARRAYS, FAILED, HOSPITAL, to_record
-from federation_harness import federate, hospitals_of, ledger_path, real_grid, run_config, site_files
-from federation_harness import task_identity  # noqa: F401 - the autouse fixture, for every test here
 
 
 def test_a_hospital_with_a_bad_data_file_fails_each_round_while_the_others_finish(
@@ -31,16 +38,26 @@ def test_a_hospital_with_a_bad_data_file_fails_each_round_while_the_others_finis
         seen = hospitals_of(results, server_round)
         assert seen["hospital_3"]["status"] == FAILED
         # Not even the row leaves: with the label list its choice, the coordinator could read each record's value.
-        assert seen["hospital_3"]["reason"] == "records file refused; the details are in the site's own log"
+        assert (
+            seen["hospital_3"]["reason"]
+            == "records file refused; the details are in the site's own log"
+        )
         assert [seen[f"hospital_{i}"]["status"] for i in (1, 2)] == ["trained", "trained"]
         assert seen["hospital_1"]["accuracy"] is not None and seen["hospital_3"]["accuracy"] is None
         assert results["rounds"][server_round - 1]["aggregated"] is True
-        assert f"round {server_round}: hospital_3 failed: records file refused;" in " ".join(results["events"])
+        assert f"round {server_round}: hospital_3 failed: records file refused;" in " ".join(
+            results["events"]
+        )
     # The full message stays at the site: its log names file, row and value; the coordinator saw none of it.
     assert f"{files[2]} row 5: label 'cardio' is not in the federation's label list" in caplog.text
     assert "cardio" not in json.dumps(results) and str(files[2]) not in json.dumps(results)
-    assert not ledger_path(tmp_path, 3).exists()  # nothing was trained on the bad file, nothing spent
-    assert json.loads(ledger_path(tmp_path, 1).read_text())["steps"] == hospitals_of(results, 2)["hospital_1"]["steps"]
+    assert not ledger_path(
+        tmp_path, 3
+    ).exists()  # nothing was trained on the bad file, nothing spent
+    assert (
+        json.loads(ledger_path(tmp_path, 1).read_text())["steps"]
+        == hospitals_of(results, 2)["hospital_1"]["steps"]
+    )
 
 
 def test_an_unforeseen_error_at_a_site_leaves_it_as_a_category_only(
@@ -55,14 +72,23 @@ def test_an_unforeseen_error_at_a_site_leaves_it_as_a_category_only(
     grid.nodes[3].context.node_config["ledger-path"] = str(blocker / "ledger.json")
     results = federate(grid, config)
     seen = hospitals_of(results, 1)["hospital_3"]
-    assert (seen["status"], seen["reason"]) == (FAILED, "site error; the details are in the site's own log")
+    assert (seen["status"], seen["reason"]) == (
+        FAILED,
+        "site error; the details are in the site's own log",
+    )
     stored = json.dumps(results)
-    assert str(blocker) not in stored and "Error" not in stored  # no site path, no exception text at the coordinator
-    assert "hospital_3 cannot take part: unexpected" in caplog.text and str(blocker) in caplog.text  # the site's log
+    assert (
+        str(blocker) not in stored and "Error" not in stored
+    )  # no site path, no exception text at the coordinator
+    assert (
+        "hospital_3 cannot take part: unexpected" in caplog.text and str(blocker) in caplog.text
+    )  # the site's log
 
 
 def _missing_column(path: Path) -> None:
-    path.write_text(path.read_text(encoding="utf-8").replace("text,label", "note,label", 1), encoding="utf-8")
+    path.write_text(
+        path.read_text(encoding="utf-8").replace("text,label", "note,label", 1), encoding="utf-8"
+    )
 
 
 def _empty(path: Path) -> None:

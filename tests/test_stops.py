@@ -7,12 +7,18 @@ import json
 from pathlib import Path
 
 import pytest
-from flwr.app import Message, MessageType
-
 from federation_harness import (
-    CraftedHospital, FakeGrid, RealHospital, federate, ledger_path, real_grid, run_config, site_files,
+    CraftedHospital,
+    FakeGrid,
+    RealHospital,
+    federate,
+    ledger_path,
+    real_grid,
+    run_config,
+    site_files,
+    task_identity,  # noqa: F401 - the autouse fixture, for every test here
 )
-from federation_harness import task_identity  # noqa: F401 - the autouse fixture, for every test here
+from flwr.app import Message, MessageType
 
 
 class StopsTheRunInRound2(CraftedHospital):
@@ -26,7 +32,9 @@ class StopsTheRunInRound2(CraftedHospital):
         return super().__call__(message)
 
 
-def test_a_stop_signal_records_nothing_of_the_interrupted_round(tiny_backbone_dir: Path, tmp_path: Path) -> None:
+def test_a_stop_signal_records_nothing_of_the_interrupted_round(
+    tiny_backbone_dir: Path, tmp_path: Path
+) -> None:
     from medtune.stopping import STOP, Interrupted
 
     nodes = {1: CraftedHospital("hospital_1", 100), 2: StopsTheRunInRound2("hospital_2", 100)}
@@ -37,7 +45,9 @@ def test_a_stop_signal_records_nothing_of_the_interrupted_round(tiny_backbone_di
     finally:
         STOP.clear()
     recorded = json.loads((tmp_path / "results.json").read_text())
-    assert [r["round"] for r in recorded["rounds"]] == [1]  # round 2 left no trace: --resume repeats it
+    assert [r["round"] for r in recorded["rounds"]] == [
+        1
+    ]  # round 2 left no trace: --resume repeats it
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["round_001"]
 
 
@@ -48,7 +58,10 @@ class StopsAfterTraining(RealHospital):
         from medtune.stopping import STOP
 
         reply = super().__call__(message)
-        if message.metadata.message_type == MessageType.TRAIN and int(message.content["config"]["server-round"]) == 2:
+        if (
+            message.metadata.message_type == MessageType.TRAIN
+            and int(message.content["config"]["server-round"]) == 2
+        ):
             STOP.set()
         return reply
 
@@ -70,14 +83,23 @@ def test_a_stop_after_the_sites_trained_costs_no_budget(
             federate(grid, config)
     finally:
         STOP.clear()
-    resumed = federate(real_grid(files, tmp_path, config), {**config, "resume": str(tmp_path / "run")})
+    resumed = federate(
+        real_grid(files, tmp_path, config), {**config, "resume": str(tmp_path / "run")}
+    )
     straight_dir = tmp_path / "straight"
     straight_config = {**config, "out": str(straight_dir / "run")}
     federate(real_grid(files, straight_dir, straight_config), straight_config)
 
-    assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3] and all(r["aggregated"] for r in resumed["rounds"])
-    assert "hospital_3: round 2 was trained from this global state before; its update is sent again" in caplog.text
+    assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3] and all(
+        r["aggregated"] for r in resumed["rounds"]
+    )
+    assert (
+        "hospital_3: round 2 was trained from this global state before; its update is sent again"
+        in caplog.text
+    )
     for i in (1, 2, 3):
-        stopped, uninterrupted = (json.loads(ledger_path(base, i).read_text()) for base in (tmp_path, straight_dir))
+        stopped, uninterrupted = (
+            json.loads(ledger_path(base, i).read_text()) for base in (tmp_path, straight_dir)
+        )
         assert stopped["steps"] == uninterrupted["steps"] and stopped["trained_rounds"] == [1, 2, 3]
         assert stopped["epsilon_spent"] == uninterrupted["epsilon_spent"] <= 8.0

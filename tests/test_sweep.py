@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import tiny_recipe
 
-from medtune.federation import simulation as simulate_module
-from medtune.experiments import sweep as sweep_module
 from medtune.errors import ConfigError
+from medtune.experiments import sweep as sweep_module
 from medtune.experiments.baselines import majority_label, splits
 from medtune.experiments.canary_audit import audit_overrides
-from medtune.run_config import resolve_run_config, settings_from_run_config
 from medtune.experiments.sweep import SweepConfig, plan_cells, run_sweep
-from conftest import tiny_recipe
+from medtune.federation import simulation as simulate_module
+from medtune.run_config import resolve_run_config, settings_from_run_config
 
 
 def tiny_sweep(backbone: Path) -> SweepConfig:
@@ -28,7 +28,12 @@ def tiny_sweep(backbone: Path) -> SweepConfig:
         scenario="default",
         epsilons=(8.0,),
         seeds=(0,),
-        run_config={**tiny_recipe(backbone), "records-per-hospital": 40, "hospitals": 2, "rounds": 2},
+        run_config={
+            **tiny_recipe(backbone),
+            "records-per-hospital": 40,
+            "hospitals": 2,
+            "rounds": 2,
+        },
         axes={},
     )
 
@@ -40,21 +45,35 @@ def test_grid_has_every_baseline_on_the_same_seeds(tiny_backbone_dir: Path) -> N
     grid = {"epsilons": (8.0, 1.0), "seeds": (0, 1), "axes": {"hospitals": (2, 3)}}
     sweep = SweepConfig(**{**tiny_sweep(tiny_backbone_dir).__dict__, **grid})
     every_setting = [
-        ("pooled", math.inf), ("majority", math.inf), ("zero-shot", math.inf),
-        ("local", 1.0), ("local", 8.0), ("local", math.inf),
-        ("federated", 1.0), ("federated", 8.0), ("federated", math.inf),
+        ("pooled", math.inf),
+        ("majority", math.inf),
+        ("zero-shot", math.inf),
+        ("local", 1.0),
+        ("local", 8.0),
+        ("local", math.inf),
+        ("federated", 1.0),
+        ("federated", 8.0),
+        ("federated", math.inf),
     ]
     expected = [
         (method, epsilon, seed, (("hospitals", hospitals),))
-        for seed in (0, 1) for hospitals in (2, 3) for method, epsilon in every_setting
+        for seed in (0, 1)
+        for hospitals in (2, 3)
+        for method, epsilon in every_setting
     ]
     cells = plan_cells(sweep)
-    assert [(c.method, c.epsilon, c.seed, c.axes) for c in cells] == expected  # none missing, none extra, in order
+    assert [
+        (c.method, c.epsilon, c.seed, c.axes) for c in cells
+    ] == expected  # none missing, none extra, in order
     assert [c.id for c in cells[:9]] == [
-        "pooled_eps-inf_hospitals-2_seed-0", "majority_eps-inf_hospitals-2_seed-0",
+        "pooled_eps-inf_hospitals-2_seed-0",
+        "majority_eps-inf_hospitals-2_seed-0",
         "zero-shot_eps-inf_hospitals-2_seed-0",
-        "local_eps-1_hospitals-2_seed-0", "local_eps-8_hospitals-2_seed-0", "local_eps-inf_hospitals-2_seed-0",
-        "federated_eps-1_hospitals-2_seed-0", "federated_eps-8_hospitals-2_seed-0",
+        "local_eps-1_hospitals-2_seed-0",
+        "local_eps-8_hospitals-2_seed-0",
+        "local_eps-inf_hospitals-2_seed-0",
+        "federated_eps-1_hospitals-2_seed-0",
+        "federated_eps-8_hospitals-2_seed-0",
         "federated_eps-inf_hospitals-2_seed-0",
     ]
     assert len({c.id for c in cells}) == len(cells) == 36  # each cell's results file is its own
@@ -70,27 +89,58 @@ def test_sweep_writes_results_report_and_plot_and_resumes(
 ) -> None:
     sweep = tiny_sweep(tiny_backbone_dir)
     # An audited sweep (medtune benchmark sweep --audit-canaries): each federated cell is an epsilon audit.
-    sweep = SweepConfig(**{**sweep.__dict__, "run_config": {**sweep.run_config, **audit_overrides(100, "hospital_1", "white-box")}})
+    sweep = SweepConfig(
+        **{
+            **sweep.__dict__,
+            "run_config": {**sweep.run_config, **audit_overrides(100, "hospital_1", "white-box")},
+        }
+    )
     rows = run_sweep(sweep, tmp_path, progress=False)
     assert len(rows) == 7
 
     summary = pd.read_csv(tmp_path / "results.csv")
-    for column in ("method", "epsilon", "seeds", "accuracy_mean", "accuracy_std", "macro_f1_mean",
-                   "worst_hospital_accuracy_mean", "epsilon_spent_mean", "rounds_mean", "wall_seconds_mean",
-                   "bytes_per_hospital_round_mean", "bytes_total_mean"):
+    for column in (
+        "method",
+        "epsilon",
+        "seeds",
+        "accuracy_mean",
+        "accuracy_std",
+        "macro_f1_mean",
+        "worst_hospital_accuracy_mean",
+        "epsilon_spent_mean",
+        "rounds_mean",
+        "wall_seconds_mean",
+        "bytes_per_hospital_round_mean",
+        "bytes_total_mean",
+    ):
         assert column in summary.columns, column
     by_cell = {(row.method, float(row.epsilon)): row for row in summary.itertuples()}
-    assert set(by_cell) == {("pooled", math.inf), ("majority", math.inf), ("zero-shot", math.inf), ("local", 8.0),
-                            ("local", math.inf), ("federated", 8.0), ("federated", math.inf)}
+    assert set(by_cell) == {
+        ("pooled", math.inf),
+        ("majority", math.inf),
+        ("zero-shot", math.inf),
+        ("local", 8.0),
+        ("local", math.inf),
+        ("federated", 8.0),
+        ("federated", math.inf),
+    }
     for row in summary.itertuples():
         assert 0.0 <= row.accuracy_mean <= 1.0
     assert 0 < by_cell[("federated", 8.0)].epsilon_spent_mean <= 8.0
-    assert 0 <= by_cell[("federated", 8.0)].epsilon_audited_mean <= by_cell[("federated", 8.0)].epsilon_spent_mean
-    assert math.isnan(by_cell[("local", 8.0)].epsilon_audited_mean)  # only federated cells are audit runs
+    assert (
+        0
+        <= by_cell[("federated", 8.0)].epsilon_audited_mean
+        <= by_cell[("federated", 8.0)].epsilon_spent_mean
+    )
+    assert math.isnan(
+        by_cell[("local", 8.0)].epsilon_audited_mean
+    )  # only federated cells are audit runs
     assert 0 < by_cell[("local", 8.0)].epsilon_spent_mean <= 8.0
     assert by_cell[("federated", 8.0)].rounds_mean == 2
     assert by_cell[("federated", 8.0)].bytes_per_hospital_round_mean > 0
-    assert by_cell[("local", 8.0)].bytes_total_mean == 0  # nothing leaves a hospital that trains alone
+    assert (
+        by_cell[("local", 8.0)].bytes_total_mean == 0
+    )  # nothing leaves a hospital that trains alone
 
     record = json.loads((tmp_path / "results.json").read_text())
     assert len(record["runs"]) == 7 and len(record["summary"]) == 7
@@ -98,13 +148,20 @@ def test_sweep_writes_results_report_and_plot_and_resumes(
     assert by_cell[("zero-shot", math.inf)].epsilon_spent_mean == 0.0  # no record trained anything
     assert "| zero-shot | — |" in report
     caches = list((tmp_path / "feature-cache").iterdir())  # one cache for every cell, none per run
-    assert caches and not list((tmp_path / "runs" / "federated_eps-8_seed-0" / "sites").glob("*/features"))
+    assert caches and not list(
+        (tmp_path / "runs" / "federated_eps-8_seed-0" / "sites").glob("*/features")
+    )
     assert "accuracy_vs_epsilon.png" in report and "| federated | 8 |" in report
     assert (tmp_path / "accuracy_vs_epsilon.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     federated = by_cell[("federated", 8.0)]
-    assert 0.0 <= federated.own_mix_accuracy_mean <= 1.0 and 0.0 <= federated.own_mix_macro_f1_mean <= 1.0
-    assert math.isnan(by_cell[("local", 8.0)].own_mix_accuracy_mean)  # only the shared model gets a site's mix
+    assert (
+        0.0 <= federated.own_mix_accuracy_mean <= 1.0
+        and 0.0 <= federated.own_mix_macro_f1_mean <= 1.0
+    )
+    assert math.isnan(
+        by_cell[("local", 8.0)].own_mix_accuracy_mean
+    )  # only the shared model gets a site's mix
     assert "federated + own label mix" in report and "ε audited (lower bound)" in report
 
     def must_not_run(*args: object, **kwargs: object) -> None:
@@ -118,7 +175,9 @@ def test_sweep_writes_results_report_and_plot_and_resumes(
         patched.setattr("medtune.federation.simulation.simulate", must_not_run)
         rows = run_sweep(sweep, tmp_path, progress=False)
     rescored = json.loads(cell.read_text())
-    assert {k: v for k, v in rescored.items() if k != "wall_seconds"} == {k: v for k, v in scored.items() if k != "wall_seconds"}
+    assert {k: v for k, v in rescored.items() if k != "wall_seconds"} == {
+        k: v for k, v in scored.items() if k != "wall_seconds"
+    }
 
     # ... but a run made with other settings (here: its checkpoint says another learning rate) is not.
     meta = tmp_path / "runs" / "federated_eps-8_seed-0" / "checkpoints" / "round_002" / "meta.json"
@@ -128,7 +187,9 @@ def test_sweep_writes_results_report_and_plot_and_resumes(
     cell.unlink()
     simulated = []
     real_simulate = simulate_module.simulate
-    monkeypatch.setattr(simulate_module, "simulate", lambda *a, **k: simulated.append(a) or real_simulate(*a, **k))
+    monkeypatch.setattr(
+        simulate_module, "simulate", lambda *a, **k: simulated.append(a) or real_simulate(*a, **k)
+    )
     rows = run_sweep(sweep, tmp_path, progress=False)
     assert len(simulated) == 1
 
@@ -136,7 +197,9 @@ def test_sweep_writes_results_report_and_plot_and_resumes(
     assert run_sweep(sweep, tmp_path, progress=False) == rows
 
     # Cells of an edited grid must not be mixed with these: the same output directory is refused.
-    edited = SweepConfig(**{**sweep.__dict__, "run_config": {**sweep.run_config, "learning-rate": 0.01}})
+    edited = SweepConfig(
+        **{**sweep.__dict__, "run_config": {**sweep.run_config, "learning-rate": 0.01}}
+    )
     with pytest.raises(ConfigError, match="another sweep grid"):
         run_sweep(edited, tmp_path, progress=False)
 
@@ -150,7 +213,15 @@ def test_a_sweep_file_with_a_bad_epsilon_is_named(tmp_path: Path) -> None:
 
 def test_majority_label_scores_each_hospitals_own_label_mix(tmp_path: Path) -> None:
     settings = settings_from_run_config(
-        resolve_run_config(None, {"hospitals": 3, "records-per-hospital": 60, "dirichlet-alpha": 0.3, "out": str(tmp_path)})
+        resolve_run_config(
+            None,
+            {
+                "hospitals": 3,
+                "records-per-hospital": 60,
+                "dirichlet-alpha": 0.3,
+                "out": str(tmp_path),
+            },
+        )
     )
     result = majority_label(settings)
     for split in splits(settings):
@@ -162,31 +233,53 @@ def test_majority_label_scores_each_hospitals_own_label_mix(tmp_path: Path) -> N
     assert all(math.isinf(e) for e in result.epsilon_spent.values())
 
 
-def test_recipes_form_an_axis_whose_cells_carry_every_key_of_their_recipe(tiny_backbone_dir: Path) -> None:
-    recipes = {"late": {"prompt-layer": 5}, "shipped": {"num-layers": 2, "max-length": 16, "prompt-layer": 0}}
+def test_recipes_form_an_axis_whose_cells_carry_every_key_of_their_recipe(
+    tiny_backbone_dir: Path,
+) -> None:
+    recipes = {
+        "late": {"prompt-layer": 5},
+        "shipped": {"num-layers": 2, "max-length": 16, "prompt-layer": 0},
+    }
     sweep = SweepConfig(**{**tiny_sweep(tiny_backbone_dir).__dict__, "recipes": recipes})
     cells = plan_cells(sweep)
     assert {dict(c.axes)["recipe"] for c in cells} == {"late", "shipped"} and len(cells) == 2 * 7
-    shipped = next(c for c in cells if dict(c.axes)["recipe"] == "shipped" and c.method == "federated")
+    shipped = next(
+        c for c in cells if dict(c.axes)["recipe"] == "shipped" and c.method == "federated"
+    )
     overrides = shipped.overrides(sweep)
-    assert (overrides["num-layers"], overrides["max-length"], overrides["prompt-layer"]) == (2, 16, 0)
+    assert (overrides["num-layers"], overrides["max-length"], overrides["prompt-layer"]) == (
+        2,
+        16,
+        0,
+    )
     assert "recipe" not in overrides and sweep.axis_names == ["recipe"]
     with pytest.raises(ConfigError, match="recipe 'bad': unknown run-config key"):
         SweepConfig(**{**sweep.__dict__, "recipes": {"bad": {"prompt-layers": 5}}})
-    with pytest.raises(ConfigError, match=r"\['prompt-layer'\] are set both by \[axes\] and by \[recipes\]"):
+    with pytest.raises(
+        ConfigError, match=r"\['prompt-layer'\] are set both by \[axes\] and by \[recipes\]"
+    ):
         SweepConfig(**{**sweep.__dict__, "axes": {"prompt-layer": (0, 5)}})
 
 
 @pytest.mark.parametrize(
     ("axis", "values", "message"),
     [
-        ("prompt-length", (4, 200), "prompt-length) 200 = 232 tokens exceeds the 160 positions of the backbone"),
+        (
+            "prompt-length",
+            (4, 200),
+            "prompt-length) 200 = 232 tokens exceeds the 160 positions of the backbone",
+        ),
         ("prompt-layer", (3, 9), "prompt-layer) = 9 is outside 0..6"),
         ("records-per-hospital", (40, 10), "synth.mean_records must be at least 20, got 10"),
     ],
 )
 def test_an_axis_value_out_of_range_is_refused_before_any_cell_runs(
-    axis: str, values: tuple, message: str, tiny_backbone_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    axis: str,
+    values: tuple,
+    message: str,
+    tiny_backbone_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     def must_not_run(*args: object, **kwargs: object) -> None:
         raise AssertionError("a cell ran before every cell's settings were checked")
@@ -196,5 +289,7 @@ def test_an_axis_value_out_of_range_is_refused_before_any_cell_runs(
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match=re.escape(message)) as refused:
         run_sweep(sweep, out, progress=False)
-    assert f"cell pooled_eps-inf_{axis}-{values[1]}_seed-0" in str(refused.value)  # the first cell of that value
+    assert f"cell pooled_eps-inf_{axis}-{values[1]}_seed-0" in str(
+        refused.value
+    )  # the first cell of that value
     assert not out.exists()  # no grid file, no feature cache, no cell

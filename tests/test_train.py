@@ -24,7 +24,18 @@ KEYWORDS = {
     "neurology": ["aphasia", "seizure", "droop"],
     "infectious_disease": ["cultures", "antibiotics", "sepsis"],
 }
-FILLER = ["patient", "presents", "with", "pain", "fatigue", "today", "history", "of", "admitted", "stable"]
+FILLER = [
+    "patient",
+    "presents",
+    "with",
+    "pain",
+    "fatigue",
+    "today",
+    "history",
+    "of",
+    "admitted",
+    "stable",
+]
 
 
 def _records(seed: int = 0, count: int = 2000) -> list[Record]:
@@ -46,9 +57,19 @@ def _majority_rate(run) -> float:
 @pytest.mark.parametrize("epsilon", [math.inf, 8.0])
 def test_tiny_bert_learns_clearly_above_chance(tiny_backbone, epsilon):
     train = TrainConfig(epochs=4, batch_size=64, learning_rate=5e-2)
-    run = run_local(_records(), DATA, MODEL, PrivacyConfig(epsilon=epsilon), train, backbone=tiny_backbone, progress=False)
-    scored = (f"epsilon={epsilon}: accuracy {run.evaluation.accuracy:.3f}, macro-F1 {run.evaluation.macro_f1:.3f}, "
-              f"majority {_majority_rate(run):.3f}, spent {run.ledger.epsilon}")
+    run = run_local(
+        _records(),
+        DATA,
+        MODEL,
+        PrivacyConfig(epsilon=epsilon),
+        train,
+        backbone=tiny_backbone,
+        progress=False,
+    )
+    scored = (
+        f"epsilon={epsilon}: accuracy {run.evaluation.accuracy:.3f}, macro-F1 {run.evaluation.macro_f1:.3f}, "
+        f"majority {_majority_rate(run):.3f}, spent {run.ledger.epsilon}"
+    )
     assert run.evaluation.accuracy > _majority_rate(run) + 0.3, scored
     assert run.evaluation.macro_f1 > 0.5, scored  # chance on 5 balanced labels is about 0.2
     if math.isfinite(epsilon):
@@ -59,7 +80,15 @@ def test_tiny_bert_learns_clearly_above_chance(tiny_backbone, epsilon):
 def test_same_seed_same_result(tiny_backbone):
     train = TrainConfig(epochs=1, batch_size=32, seed=5)
     runs = [
-        run_local(_records()[:200], DATA, MODEL, PrivacyConfig(epsilon=3.0), train, backbone=tiny_backbone, progress=False)
+        run_local(
+            _records()[:200],
+            DATA,
+            MODEL,
+            PrivacyConfig(epsilon=3.0),
+            train,
+            backbone=tiny_backbone,
+            progress=False,
+        )
         for _ in range(2)
     ]
     for name, array in runs[0].model.exchanged_state().items():
@@ -67,7 +96,9 @@ def test_same_seed_same_result(tiny_backbone):
     assert runs[0].evaluation == runs[1].evaluation
 
 
-@pytest.mark.parametrize("prompt_layer", [0, 5])  # token ids, and hidden states below the prompt (another item shape)
+@pytest.mark.parametrize(
+    "prompt_layer", [0, 5]
+)  # token ids, and hidden states below the prompt (another item shape)
 def test_empty_poisson_batches_are_still_counted_noisy_steps(tiny_backbone, prompt_layer, tmp_path):
     """With an expected batch of 1 among 20 records, about a third of Poisson batches are empty, the first
     one of a round included (Opacus then hands it over as a bare list): seeds 0 to 5 meet both cases."""
@@ -76,13 +107,23 @@ def test_empty_poisson_batches_are_still_counted_noisy_steps(tiny_backbone, prom
     from medtune.train import new_ledger, train_local
 
     model_config = replace(MODEL, prompt_layer=prompt_layer)
-    dataset = record_inputs(tiny_backbone, model_config, _records(count=20), tmp_path)  # as a site: from its cache
+    dataset = record_inputs(
+        tiny_backbone, model_config, _records(count=20), tmp_path
+    )  # as a site: from its cache
     train = TrainConfig(epochs=3, batch_size=1)
     for seed in range(6):
         model = PromptClassifier(tiny_backbone, model_config, len(LABELS), seed=0)
         ledger = new_ledger(PrivacyConfig(epsilon=20.0), len(dataset), train, rounds=1)
         before = model.exchanged_state()
-        result = train_local(model, dataset, ledger, train, tiny_backbone.tokenizer.pad_token_id, seed=seed, progress=False)
+        result = train_local(
+            model,
+            dataset,
+            ledger,
+            train,
+            tiny_backbone.tokenizer.pad_token_id,
+            seed=seed,
+            progress=False,
+        )
         assert result.steps == ledger.steps == 60
         assert ledger.exhausted and 0 < ledger.epsilon <= 20.0
         assert all(np.all(np.isfinite(a)) for a in model.exchanged_state().values())
@@ -106,7 +147,15 @@ def test_poisson_sampling_and_dp_noise_draw_from_independent_streams(tiny_backbo
 
     monkeypatch.setattr(opacus.PrivacyEngine, "make_private", recording)
     train = TrainConfig(epochs=1, batch_size=32, seed=5)
-    run_local(_records(count=64), DATA, MODEL, PrivacyConfig(epsilon=8.0), train, backbone=tiny_backbone, progress=False)
+    run_local(
+        _records(count=64),
+        DATA,
+        MODEL,
+        PrivacyConfig(epsilon=8.0),
+        train,
+        backbone=tiny_backbone,
+        progress=False,
+    )
     assert seen["noise"] != seen["sampling"]
     streams = RandomStreams.from_seed(123)
     assert len({streams.sampling, streams.noise, streams.other, streams.canaries}) == 4
@@ -126,21 +175,49 @@ def test_medtune_train_continues_only_its_own_ledger_for_its_own_records(tiny_ba
     out, other = tmp_path / "l1", tmp_path / "other.json"
     out.mkdir()
     (out / "ledger.json").write_text("kept as it was")
-    run = run_local(_records(count=64), DATA, MODEL, privacy, train, backbone=tiny_backbone, ledger_path=other, progress=False)
+    run = run_local(
+        _records(count=64),
+        DATA,
+        MODEL,
+        privacy,
+        train,
+        backbone=tiny_backbone,
+        ledger_path=other,
+        progress=False,
+    )
     save_local_run(run, out, tiny_backbone, {"data": {"labels": list(LABELS)}})
     assert (out / "ledger.json").read_text() == "kept as it was"
     assert json.loads(other.read_text())["steps"] == run.ledger.steps > 0
 
     stored = other.read_bytes()
     with pytest.raises(LedgerError, match=f"{other} was made for other records"):
-        run_local(_records(seed=1, count=64), DATA, MODEL, privacy, train, backbone=tiny_backbone, ledger_path=other,
-                  progress=False)
+        run_local(
+            _records(seed=1, count=64),
+            DATA,
+            MODEL,
+            privacy,
+            train,
+            backbone=tiny_backbone,
+            ledger_path=other,
+            progress=False,
+        )
     assert other.read_bytes() == stored  # refused before any step
 
     federated = tmp_path / "hospital_1.json"
     ledger = PrivacyLedger.from_state_dict(json.loads(stored))
     ledger.hospital = "hospital_1"  # a simulated site's ledger, as `medtune simulate` writes it
     federated.write_text(json.dumps(ledger.state_dict()))
-    with pytest.raises(LedgerError, match=f"{federated} is the privacy ledger of hospital 'hospital_1', not of 'local'"):
-        run_local(_records(count=64), DATA, MODEL, privacy, train, backbone=tiny_backbone, ledger_path=federated,
-                  progress=False)
+    with pytest.raises(
+        LedgerError,
+        match=f"{federated} is the privacy ledger of hospital 'hospital_1', not of 'local'",
+    ):
+        run_local(
+            _records(count=64),
+            DATA,
+            MODEL,
+            privacy,
+            train,
+            backbone=tiny_backbone,
+            ledger_path=federated,
+            progress=False,
+        )

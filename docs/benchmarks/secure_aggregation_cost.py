@@ -30,7 +30,13 @@ import client.app as client_app
 from medtune.run_config import resolve_run_config, settings_from_run_config
 from server.federation import Federation
 
-SMALL = {"num-layers": 2, "prompt-layer": 1, "max-length": 32, "records-per-hospital": 40, "min-hospitals": 3}
+SMALL = {
+    "num-layers": 2,
+    "prompt-layer": 1,
+    "max-length": 32,
+    "records-per-hospital": 40,
+    "min-hospitals": 3,
+}
 
 
 def round_of(message: Message) -> int:
@@ -62,7 +68,9 @@ class CountingGrid:
             message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             server_round = round_of(message)
             self.count(server_round, "down", message)
-            reply = client_app.app(copy.deepcopy(message), self.contexts[message.metadata.dst_node_id])
+            reply = client_app.app(
+                copy.deepcopy(message), self.contexts[message.metadata.dst_node_id]
+            )
             self.count(server_round, "up", reply)
             replies.append(reply)
         return replies
@@ -70,26 +78,45 @@ class CountingGrid:
 
 def measure(hospitals: int, secure: bool, out: Path) -> dict[str, object]:
     config = resolve_run_config(
-        None, {**SMALL, "hospitals": hospitals, "rounds": 2, "out": str(out), "secure-aggregation": secure}
+        None,
+        {
+            **SMALL,
+            "hospitals": hospitals,
+            "rounds": 2,
+            "out": str(out),
+            "secure-aggregation": secure,
+        },
     )
     contexts = {
-        node: Context(run_id=1, node_id=node, node_config={"partition-id": node - 1}, state=RecordDict(),
-                      run_config=config)
+        node: Context(
+            run_id=1,
+            node_id=node,
+            node_config={"partition-id": node - 1},
+            state=RecordDict(),
+            run_config=config,
+        )
         for node in range(1, hospitals + 1)
     }
     grid = CountingGrid(contexts)
     results = Federation(grid, settings_from_run_config(config)).run()  # type: ignore[arg-type]
     second = results.rounds[1]
     return {
-        "hospitals": hospitals, "secure": secure, "aggregated": second.aggregated,
-        "accuracy": second.accuracy, "round_2_seconds": round(second.wall_seconds, 2),
+        "hospitals": hospitals,
+        "secure": secure,
+        "aggregated": second.aggregated,
+        "accuracy": second.accuracy,
+        "round_2_seconds": round(second.wall_seconds, 2),
         "kib_down_per_hospital": round(grid.bytes.get((2, "down"), 0) / hospitals / 1024, 1),
         "kib_up_per_hospital": round(grid.bytes.get((2, "up"), 0) / hospitals / 1024, 1),
     }
 
 
 def main() -> None:
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = 1, 1, 0  # what Flower's runtimes stamp
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = (
+        1,
+        1,
+        0,
+    )  # what Flower's runtimes stamp
     for hospitals in [int(arg) for arg in sys.argv[1:]] or [3, 10, 30]:
         for secure in (False, True):
             with tempfile.TemporaryDirectory() as folder:

@@ -23,10 +23,18 @@ from medtune.stopping import EXIT_STATUS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medtune", description="Federated DP prompt tuning on clinical text")
+    parser = argparse.ArgumentParser(
+        prog="medtune", description="Federated DP prompt tuning on clinical text"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (add_data_commands, add_site_commands, add_train_commands, add_simulate_command, add_audit_command,
-                add_benchmark_commands):
+    for add in (
+        add_data_commands,
+        add_site_commands,
+        add_train_commands,
+        add_simulate_command,
+        add_audit_command,
+        add_benchmark_commands,
+    ):
         add(commands)
     return parser
 
@@ -39,13 +47,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv)
     quiet_libraries()
-    if args.command_name != "site run":  # a site's runner logs with timestamps of its own (client/site_runner.py)
+    if (
+        args.command_name != "site run"
+    ):  # a site's runner logs with timestamps of its own (client/site_runner.py)
         show_medtune_lines()
     try:
-        status = args.handler(args)  # None, or an exit status of its own (`site run`, `site review`)
-    except KeyboardInterrupt:  # Ctrl-C in any other command (a simulation stops itself: medtune/stopping.py)
-        print(f"interrupted: stopped by SIGINT before `medtune {args.command_name}` finished; checkpoints, ledgers and results "
-              "are written whole (atomic rename), but a data file or plot it was writing may be cut short", file=sys.stderr)
+        status = args.handler(
+            args
+        )  # None, or an exit status of its own (`site run`, `site review`)
+    except (
+        KeyboardInterrupt
+    ):  # Ctrl-C in any other command (a simulation stops itself: medtune/stopping.py)
+        print(
+            f"interrupted: stopped by SIGINT before `medtune {args.command_name}` finished; checkpoints, ledgers and results "
+            "are written whole (atomic rename), but a data file or plot it was writing may be cut short",
+            file=sys.stderr,
+        )
         return EXIT_STATUS
     except MedTuneError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -21,25 +21,56 @@ def add_audit_command(commands: Any) -> None:
         "input canaries scored by the final model's loss). --score OUT scores such a run again. --run RUN --hospital "
         "H: the loss-threshold membership attack (AUC, TPR at 1%% FPR) on a finished simulated run.",
     )
-    audit.add_argument("--canaries", type=int, help="M canaries of each kind: run an epsilon audit into --out")
-    audit.add_argument("--scenario", default="default", help="with --canaries: the audited federation's scenario")
-    audit.add_argument("--run-config", default="", help="with --canaries: its overrides, as for flwr: 'key=value ...'")
-    audit.add_argument("--score", type=Path, help="score a finished `medtune audit --canaries` run again")
-    audit.add_argument("--run", type=Path, help="membership attack: a `medtune simulate` out directory or checkpoint")
-    audit.add_argument("--hospital", help="the audited hospital (default for --canaries: hospital_1)")
-    audit.add_argument("--mode", choices=AUDIT_MODES, default="both",
-                       help="with --canaries: white-box (gradient canaries), black-box (input canaries: M at most the "
-                       "hospital's training records) or both in one run")
-    audit.add_argument("--out", type=Path, help="--canaries: the run's out directory; --run: also write JSON here")
+    audit.add_argument(
+        "--canaries", type=int, help="M canaries of each kind: run an epsilon audit into --out"
+    )
+    audit.add_argument(
+        "--scenario", default="default", help="with --canaries: the audited federation's scenario"
+    )
+    audit.add_argument(
+        "--run-config",
+        default="",
+        help="with --canaries: its overrides, as for flwr: 'key=value ...'",
+    )
+    audit.add_argument(
+        "--score", type=Path, help="score a finished `medtune audit --canaries` run again"
+    )
+    audit.add_argument(
+        "--run",
+        type=Path,
+        help="membership attack: a `medtune simulate` out directory or checkpoint",
+    )
+    audit.add_argument(
+        "--hospital", help="the audited hospital (default for --canaries: hospital_1)"
+    )
+    audit.add_argument(
+        "--mode",
+        choices=AUDIT_MODES,
+        default="both",
+        help="with --canaries: white-box (gradient canaries), black-box (input canaries: M at most the "
+        "hospital's training records) or both in one run",
+    )
+    audit.add_argument(
+        "--out", type=Path, help="--canaries: the run's out directory; --run: also write JSON here"
+    )
 
     audit.set_defaults(handler=_cmd_audit, command_name="audit")
 
 
 def _cmd_audit(args: argparse.Namespace) -> None:
-    chosen = [flag for flag, value in (("--canaries", args.canaries), ("--score", args.score), ("--run", args.run))
-              if value is not None]
+    chosen = [
+        flag
+        for flag, value in (
+            ("--canaries", args.canaries),
+            ("--score", args.score),
+            ("--run", args.run),
+        )
+        if value is not None
+    ]
     if len(chosen) != 1:
-        raise ConfigError(f"medtune audit takes one of --canaries M, --score OUT or --run RUN; got {chosen or 'none'}")
+        raise ConfigError(
+            f"medtune audit takes one of --canaries M, --score OUT or --run RUN; got {chosen or 'none'}"
+        )
     if args.run is not None:
         _membership_attack(args)
         return
@@ -51,10 +82,14 @@ def _cmd_audit(args: argparse.Namespace) -> None:
         from medtune.run_config import parse_overrides
 
         if args.out is None:
-            raise ConfigError("medtune audit --canaries needs --out: the audit's run is kept there to be scored again")
+            raise ConfigError(
+                "medtune audit --canaries needs --out: the audit's run is kept there to be scored again"
+            )
         check_writable(args.out, folder=True)
         overrides = {**parse_overrides(args.run_config), "out": str(args.out)}
-        report = run_audit(args.scenario, overrides, args.canaries, args.hospital or "hospital_1", args.mode)
+        report = run_audit(
+            args.scenario, overrides, args.canaries, args.hospital or "hospital_1", args.mode
+        )
     print("\n".join(audit_lines(report)))
 
 
@@ -62,7 +97,9 @@ def _membership_attack(args: argparse.Namespace) -> None:
     from medtune.experiments.audit import audit_run
 
     if args.hospital is None:
-        raise ConfigError("medtune audit --run needs --hospital: the hospital whose records are attacked")
+        raise ConfigError(
+            "medtune audit --run needs --hospital: the hospital whose records are attacked"
+        )
     if args.out:
         check_writable(args.out, folder=False)
     result = audit_run(args.run, args.hospital)

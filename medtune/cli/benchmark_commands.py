@@ -21,32 +21,55 @@ from medtune.synth_config import SynthConfig
 
 
 def add_benchmark_commands(commands: Any) -> None:
-    bench = commands.add_parser("benchmark", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    bench = commands.add_parser("benchmark", help="benchmarks").add_subparsers(
+        dest="bench_command", required=True
+    )
     perf = bench.add_parser("perf", help="training and inference throughput, with and without DP")
     perf.add_argument("--layers", default="6", help="comma-separated backbone depths")
-    perf.add_argument("--max-lengths", default=str(run_defaults()["max-length"]), help="comma-separated token counts")
-    perf.add_argument("--prompt-layers", default="0,1,2,3,4,5,6", help="comma-separated prompt layers (0 = input)")
+    perf.add_argument(
+        "--max-lengths",
+        default=str(run_defaults()["max-length"]),
+        help="comma-separated token counts",
+    )
+    perf.add_argument(
+        "--prompt-layers", default="0,1,2,3,4,5,6", help="comma-separated prompt layers (0 = input)"
+    )
     perf.add_argument("--batch-size", type=int, default=16)
     perf.add_argument("--steps", type=int, default=8, help="timed training steps per setting")
     perf.add_argument("--out", type=Path, help="also write the table as JSON here")
-    perf.add_argument("--backbone", help="a local Hugging Face encoder directory (default: the embedded MiniLM)")
+    perf.add_argument(
+        "--backbone", help="a local Hugging Face encoder directory (default: the embedded MiniLM)"
+    )
     perf.add_argument(
         "--records",
         help="instead of throughput: run `medtune train --epochs 1` on a synthetic site of this many records (comma-"
         "separated: one run each) and print its peak anonymous memory, wall time and feature-cache size on disk",
     )
-    perf.add_argument("--work", type=Path, default=Path("runs/benchmark/site-memory"),
-                      help="with --records: where the records, the run and (while it runs) its cache go")
-    perf.add_argument("train_args", nargs="*",
-                      help="with --records, after --: flags for medtune train, e.g. -- --max-length 32")
-    baselines = bench.add_parser(
-        "baselines", help="local-only, pooled and majority-label references for a scenario, or for a run (--run)"
+    perf.add_argument(
+        "--work",
+        type=Path,
+        default=Path("runs/benchmark/site-memory"),
+        help="with --records: where the records, the run and (while it runs) its cache go",
     )
-    baselines.add_argument("--scenario", help="name in simulations/scenarios/ or a TOML path (default: default)")
-    baselines.add_argument("--run-config", default="", help="overrides, as for flwr: 'key=value key2=value2'")
+    perf.add_argument(
+        "train_args",
+        nargs="*",
+        help="with --records, after --: flags for medtune train, e.g. -- --max-length 32",
+    )
+    baselines = bench.add_parser(
+        "baselines",
+        help="local-only, pooled and majority-label references for a scenario, or for a run (--run)",
+    )
+    baselines.add_argument(
+        "--scenario", help="name in simulations/scenarios/ or a TOML path (default: default)"
+    )
+    baselines.add_argument(
+        "--run-config", default="", help="overrides, as for flwr: 'key=value key2=value2'"
+    )
     baselines.add_argument("--out", type=Path, help="also write the figures as JSON here")
     baselines.add_argument(
-        "--run", type=Path,
+        "--run",
+        type=Path,
         help="a `medtune simulate` out directory: take its settings, and add its final global model as it is "
         "and with each hospital's own label mix",
     )
@@ -57,15 +80,26 @@ def add_benchmark_commands(commands: Any) -> None:
         "writes results.csv, results.json, report.md and accuracy_vs_epsilon.png. Finished runs are kept in "
         "OUT/cells/, so an interrupted sweep resumes where it stopped.",
     )
-    sweep.add_argument("--sweep", default="synthetic", help="name in simulations/benchmarks/ or a TOML path")
-    sweep.add_argument("--epsilons", help="comma-separated epsilons, e.g. 1,3,8,inf (default: the sweep file's)")
+    sweep.add_argument(
+        "--sweep", default="synthetic", help="name in simulations/benchmarks/ or a TOML path"
+    )
+    sweep.add_argument(
+        "--epsilons", help="comma-separated epsilons, e.g. 1,3,8,inf (default: the sweep file's)"
+    )
     sweep.add_argument("--seeds", help="comma-separated seeds (default: the sweep file's)")
-    sweep.add_argument("--run-config", default="", help="more overrides for every run: 'key=value key2=value2'")
-    sweep.add_argument("--out", type=Path, help="output directory (default: runs/benchmark/<sweep name>)")
-    sweep.add_argument("--audit-canaries", type=int,
-                       help="make each federated cell a white-box epsilon audit with this many canaries at hospital_1 "
-                       "(medtune audit) and add the column 'epsilon audited (lower bound)'; the canaries move that "
-                       "hospital's updates, so these cells' accuracy is an audited run's")
+    sweep.add_argument(
+        "--run-config", default="", help="more overrides for every run: 'key=value key2=value2'"
+    )
+    sweep.add_argument(
+        "--out", type=Path, help="output directory (default: runs/benchmark/<sweep name>)"
+    )
+    sweep.add_argument(
+        "--audit-canaries",
+        type=int,
+        help="make each federated cell a white-box epsilon audit with this many canaries at hospital_1 "
+        "(medtune audit) and add the column 'epsilon audited (lower bound)'; the canaries move that "
+        "hospital's updates, so these cells' accuracy is an audited run's",
+    )
     tune = bench.add_parser(
         "tune",
         help="score recipes (prompt layer, learning rate, ...) on validation parts of the hospitals' training splits",
@@ -73,19 +107,35 @@ def add_benchmark_commands(commands: Any) -> None:
         "read), trains each combination of --grid with DP on the fit parts and prints validation accuracy, "
         "macro-F1 and DP training records/s. Writes OUT/tuning.json.",
     )
-    tune.add_argument("--sweep", default="synthetic", help="the hospitals and settings of this sweep file")
     tune.add_argument(
-        "--grid", action="append", required=True,
+        "--sweep", default="synthetic", help="the hospitals and settings of this sweep file"
+    )
+    tune.add_argument(
+        "--grid",
+        action="append",
+        required=True,
         help="run-config key and TOML list of values, e.g. 'prompt-layer=[0,3,5]' (repeatable: the grid is the product)",
     )
     tune.add_argument(
-        "--epsilon", default=str(run_defaults()["epsilon"]), help="each candidate's privacy target (inf: no DP)"
+        "--epsilon",
+        default=str(run_defaults()["epsilon"]),
+        help="each candidate's privacy target (inf: no DP)",
     )
-    tune.add_argument("--run-config", default="", help="more overrides for every candidate: 'key=value key2=value2'")
-    tune.add_argument("--out", type=Path, help="output directory (default: runs/tuning/<sweep name>)")
+    tune.add_argument(
+        "--run-config",
+        default="",
+        help="more overrides for every candidate: 'key=value key2=value2'",
+    )
+    tune.add_argument(
+        "--out", type=Path, help="output directory (default: runs/tuning/<sweep name>)"
+    )
     synth_defaults = SynthConfig()
-    difficulty = bench.add_parser("difficulty", help="synthetic data: pooled vs smallest hospital alone")
-    difficulty.add_argument("--hospitals", type=int, help=f"synthetic hospitals (default: {synth_defaults.hospitals})")
+    difficulty = bench.add_parser(
+        "difficulty", help="synthetic data: pooled vs smallest hospital alone"
+    )
+    difficulty.add_argument(
+        "--hospitals", type=int, help=f"synthetic hospitals (default: {synth_defaults.hospitals})"
+    )
     add_config_flags(difficulty.add_argument_group("model"), ModelConfig)
     add_config_flags(difficulty.add_argument_group("training"), TrainConfig)
     perf.set_defaults(handler=_cmd_perf, command_name="benchmark perf")
@@ -122,7 +172,9 @@ def _record_counts(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",")]
     except ValueError:
-        message = f"--records: expected whole numbers separated by commas (e.g. 2000,8000), got '{text}'"
+        message = (
+            f"--records: expected whole numbers separated by commas (e.g. 2000,8000), got '{text}'"
+        )
         raise ConfigError(message) from None
 
 
@@ -144,7 +196,9 @@ def _cmd_baselines(args: argparse.Namespace) -> None:
 
     figures: list[BaselineResult] = []
     if args.run is not None and (args.scenario or args.run_config):
-        raise ConfigError("--run takes the run's own settings (from its results.json); drop --scenario and --run-config")
+        raise ConfigError(
+            "--run takes the run's own settings (from its results.json); drop --scenario and --run-config"
+        )
     if args.out:
         check_writable(args.out, folder=False)
     if args.run is not None:
@@ -152,8 +206,15 @@ def _cmd_baselines(args: argparse.Namespace) -> None:
         figures += score_global_model(args.run)
     else:
         overrides = parse_overrides(args.run_config)
-        settings = settings_from_run_config(resolve_run_config(args.scenario or "default", overrides))
-    figures += [local_only(settings), pooled(settings), majority_label(settings), zero_shot(settings)]
+        settings = settings_from_run_config(
+            resolve_run_config(args.scenario or "default", overrides)
+        )
+    figures += [
+        local_only(settings),
+        pooled(settings),
+        majority_label(settings),
+        zero_shot(settings),
+    ]
     for result in figures:
         print(
             f"{result.name:34s} own test splits: accuracy {result.pooled.accuracy:.3f}  macro-F1 "
@@ -161,7 +222,9 @@ def _cmd_baselines(args: argparse.Namespace) -> None:
             f"test split: accuracy {result.everyone.accuracy:.3f}  macro-F1 {result.everyone.macro_f1:.3f}"
         )
     if args.out:
-        atomic_write_json(args.out, {"config": settings.run_config, "baselines": [r.to_dict() for r in figures]})
+        atomic_write_json(
+            args.out, {"config": settings.run_config, "baselines": [r.to_dict() for r in figures]}
+        )
 
 
 def _cmd_sweep(args: argparse.Namespace) -> None:
@@ -172,9 +235,13 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
     from medtune.run_config import parse_overrides
 
     sweep = read_sweep(args.sweep)
-    changes: dict[str, Any] = {"run_config": {**sweep.run_config, **parse_overrides(args.run_config)}}
+    changes: dict[str, Any] = {
+        "run_config": {**sweep.run_config, **parse_overrides(args.run_config)}
+    }
     if args.audit_canaries is not None:
-        changes["run_config"].update(audit_overrides(args.audit_canaries, "hospital_1", "white-box"))
+        changes["run_config"].update(
+            audit_overrides(args.audit_canaries, "hospital_1", "white-box")
+        )
     if args.epsilons:
         changes["epsilons"] = tuple(read_epsilon(e, "--epsilons") for e in args.epsilons.split(","))
     if args.seeds:

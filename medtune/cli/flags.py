@@ -18,13 +18,19 @@ from medtune.config import (
 )
 from medtune.defaults import key_help, run_defaults
 
-FLAG_ALIASES = {"num_layers": ("--layers",), "learning_rate": ("--lr",)}  # shorter spellings kept for users
+FLAG_ALIASES = {
+    "num_layers": ("--layers",),
+    "learning_rate": ("--lr",),
+}  # shorter spellings kept for users
 FLAG_CHOICES = {"prompt_init": PROMPT_INITS, "head_init": HEAD_INITS, "accountant": ACCOUNTANTS}
 FLAG_HELP = {
     "epochs": "passes over the records (default: rounds x local-epochs of the run config, as in the default federation)",
     "epsilon": "target epsilon for the whole participation (inf: no DP; default: the run config's epsilon)",
 }
-NOT_FLAGS = {"labels", "label_descriptions"}  # lists, given as --labels a,b and --label-descriptions 'x|y'
+NOT_FLAGS = {
+    "labels",
+    "label_descriptions",
+}  # lists, given as --labels a,b and --label-descriptions 'x|y'
 
 
 def add_config_flags(group: Any, config: type) -> None:
@@ -56,7 +62,13 @@ def given_flags(args: argparse.Namespace, config: type) -> dict[str, Any]:
 
 def add_data_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
-    group.add_argument("--data", type=Path, help="records file (.csv, .jsonl, .parquet); default: one synthetic hospital of 1,500 notes")
-    group.add_argument("--labels", help="comma-separated federation label list (default: the synthetic labels)")
+    group.add_argument(
+        "--data",
+        type=Path,
+        help="records file (.csv, .jsonl, .parquet); default: one synthetic hospital of 1,500 notes",
+    )
+    group.add_argument(
+        "--labels", help="comma-separated federation label list (default: the synthetic labels)"
+    )
     group.add_argument("--label-descriptions", help=key_help().get("label-descriptions"))
     add_config_flags(group, DataConfig)

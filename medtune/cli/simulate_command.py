@@ -17,15 +17,25 @@ def add_simulate_command(commands: Any) -> None:
         description="Same run as `flwr run .`: defaults from pyproject.toml's [tool.flwr.app.config], "
         "then the scenario file, then these flags and --run-config.",
     )
-    simulate.add_argument("--scenario", default="default", help="name in simulations/scenarios/ or a TOML path")
+    simulate.add_argument(
+        "--scenario", default="default", help="name in simulations/scenarios/ or a TOML path"
+    )
     simulate.add_argument("--rounds", type=int)
     simulate.add_argument("--epsilon", help="each hospital's target epsilon (inf: no DP)")
     simulate.add_argument("--seed", type=int)
-    simulate.add_argument("--out", type=Path, help="output directory (results.json, checkpoints/, sites/)")
-    simulate.add_argument("--resume", type=Path, help="continue from a checkpoint dir, or the latest under OUT")
+    simulate.add_argument(
+        "--out", type=Path, help="output directory (results.json, checkpoints/, sites/)"
+    )
+    simulate.add_argument(
+        "--resume", type=Path, help="continue from a checkpoint dir, or the latest under OUT"
+    )
     simulate.add_argument("--until-round", type=int, help="stop after this round (resume later)")
-    simulate.add_argument("--run-config", default="", help="more overrides, as for flwr: 'key=value key2=value2'")
-    simulate.add_argument("--cpus-per-hospital", type=float, default=1.0, help="Ray CPUs per simulated hospital")
+    simulate.add_argument(
+        "--run-config", default="", help="more overrides, as for flwr: 'key=value key2=value2'"
+    )
+    simulate.add_argument(
+        "--cpus-per-hospital", type=float, default=1.0, help="Ray CPUs per simulated hospital"
+    )
 
     simulate.set_defaults(handler=_cmd_simulate, command_name="simulate")
 
@@ -38,14 +48,22 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
 
     overrides = parse_overrides(args.run_config)
     epsilon = None if args.epsilon is None else read_epsilon(args.epsilon, "--epsilon")
-    flags = {"rounds": args.rounds, "epsilon": epsilon, "seed": args.seed, "until-round": args.until_round}
+    flags = {
+        "rounds": args.rounds,
+        "epsilon": epsilon,
+        "seed": args.seed,
+        "until-round": args.until_round,
+    }
     overrides.update({key: value for key, value in flags.items() if value is not None})
     if args.out is not None:
         check_writable(args.out, folder=True)
         overrides["out"] = str(args.out)
     if args.resume is not None:
         overrides["resume"] = str(args.resume)
-        overrides.setdefault("out", str(args.resume if (args.resume / "checkpoints").is_dir() else args.resume.parents[1]))
+        overrides.setdefault(
+            "out",
+            str(args.resume if (args.resume / "checkpoints").is_dir() else args.resume.parents[1]),
+        )
     results = simulate(args.scenario, overrides, cpus_per_hospital=args.cpus_per_hospital)
     print_own_scores(results.parent, int(read_json(results)["config"]["hospitals"]))
     print(f"wrote {results} and {results.parent / 'checkpoints'}")

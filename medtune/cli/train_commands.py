@@ -28,21 +28,32 @@ def add_train_commands(commands: Any) -> None:
     add_config_flags(train.add_argument_group("model"), ModelConfig)
     add_config_flags(train.add_argument_group("privacy"), PrivacyConfig)
     add_config_flags(train.add_argument_group("training"), TrainConfig)
-    train.add_argument("--ledger", type=Path, help="privacy ledger file to continue (default: OUT/ledger.json)")
+    train.add_argument(
+        "--ledger", type=Path, help="privacy ledger file to continue (default: OUT/ledger.json)"
+    )
     train.add_argument("--out", type=Path, default=Path("runs/local"))
 
     predict = commands.add_parser("predict", help="classify texts with a saved checkpoint")
-    predict.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory (or a run's out dir)")
+    predict.add_argument(
+        "--checkpoint", type=Path, required=True, help="checkpoint directory (or a run's out dir)"
+    )
     source = predict.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", action="append", help="a text to classify (repeatable)")
-    source.add_argument("--input", type=Path, help="records file (.csv, .jsonl, .parquet) with a text column")
+    source.add_argument(
+        "--input", type=Path, help="records file (.csv, .jsonl, .parquet) with a text column"
+    )
     predict.add_argument("--text-column", default=run_defaults()["text-column"])
     predict.add_argument(
-        "--label-mix", type=Path,
+        "--label-mix",
+        type=Path,
         help="this hospital's labelled records (.csv, .jsonl, .parquet): re-weight predictions to its label mix",
     )
-    predict.add_argument("--label-column", help="label column of the --label-mix file (default: label)")
-    predict.add_argument("--backbone", help="backbone directory, if not the one named in the checkpoint")
+    predict.add_argument(
+        "--label-column", help="label column of the --label-mix file (default: label)"
+    )
+    predict.add_argument(
+        "--backbone", help="backbone directory, if not the one named in the checkpoint"
+    )
 
     train.set_defaults(handler=_cmd_train, command_name="train")
     predict.set_defaults(handler=_cmd_predict, command_name="predict")
@@ -56,7 +67,10 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
     labels = tuple(args.labels.split(",")) if args.labels else LABELS
     descriptions = tuple(args.label_descriptions.split("|")) if args.label_descriptions else ()
-    data = config_from_dict(DataConfig, {"labels": labels, "label_descriptions": descriptions, **given_flags(args, DataConfig)})
+    data = config_from_dict(
+        DataConfig,
+        {"labels": labels, "label_descriptions": descriptions, **given_flags(args, DataConfig)},
+    )
     model = config_from_dict(ModelConfig, given_flags(args, ModelConfig))
     privacy = config_from_dict(PrivacyConfig, given_flags(args, PrivacyConfig))
     train = config_from_dict(TrainConfig, given_flags(args, TrainConfig))
@@ -64,13 +78,24 @@ def _cmd_train(args: argparse.Namespace) -> None:
     ledger_path = args.ledger or args.out / "ledger.json"
     check_writable(args.out, folder=True)
     check_writable(ledger_path, folder=False, flag="--ledger")
-    default_hospital = SynthConfig(hospitals=1, mean_records=1500, dirichlet_alpha=100.0, seed=train.seed)
+    default_hospital = SynthConfig(
+        hospitals=1, mean_records=1500, dirichlet_alpha=100.0, seed=train.seed
+    )
     path = args.data or write_hospitals(default_hospital, args.out / "synthetic")[0]
     records = read_records(path, data)
     backbone = load_backbone(model.backbone, model.num_layers, train.device)
-    print(f"{path}: {len(records)} records; backbone {backbone.name}; target epsilon={privacy.epsilon}")
+    print(
+        f"{path}: {len(records)} records; backbone {backbone.name}; target epsilon={privacy.epsilon}"
+    )
     run = run_local(
-        records, data, model, privacy, train, backbone=backbone, ledger_path=ledger_path, cache_dir=args.out / "features"
+        records,
+        data,
+        model,
+        privacy,
+        train,
+        backbone=backbone,
+        ledger_path=ledger_path,
+        cache_dir=args.out / "features",
     )
     save_local_run(run, args.out, backbone, all_configs(data, model, privacy, train))
     ev = run.evaluation
@@ -87,14 +112,22 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     from medtune.predict import predict_texts, site_label_mix
 
     if args.label_column is not None and args.label_mix is None:
-        raise ConfigError("--label-column names the label column of the --label-mix file; give --label-mix too")
+        raise ConfigError(
+            "--label-column names the label column of the --label-mix file; give --label-mix too"
+        )
     blank = [i for i, text in enumerate(args.text or [], start=1) if not text.strip()]
     if blank:
         raise ConfigError(f"--text number {blank[0]} is empty; give the note's text")
     texts = args.text or read_texts(args.input, args.text_column)
     site = None
     if args.label_mix is not None:
-        site = site_label_mix(args.checkpoint, args.label_mix, args.text_column, args.label_column or "label", args.backbone)
+        site = site_label_mix(
+            args.checkpoint,
+            args.label_mix,
+            args.text_column,
+            args.label_column or "label",
+            args.backbone,
+        )
         shown = "  ".join(f"{label}={share:.3f}" for label, share in site.mix.items())
         print(f"re-weighted to the label mix of {args.label_mix}: {shown}", file=sys.stderr)
     for prediction in predict_texts(args.checkpoint, texts, backbone=args.backbone, site=site):

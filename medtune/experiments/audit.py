@@ -22,9 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medtune.features import RecordInputs
 from medtune.errors import ConfigError
 from medtune.evaluation import predict_logits
+from medtune.features import RecordInputs
 from medtune.model import PromptClassifier
 
 
@@ -55,7 +55,9 @@ def attack_auc(member_scores: np.ndarray, non_member_scores: np.ndarray) -> floa
     return float(above + 0.5 * ties)
 
 
-def tpr_at_fpr(member_scores: np.ndarray, non_member_scores: np.ndarray, fpr: float = 0.01) -> float:
+def tpr_at_fpr(
+    member_scores: np.ndarray, non_member_scores: np.ndarray, fpr: float = 0.01
+) -> float:
     """Members flagged when the threshold lets at most `fpr` of non-members through."""
     ordered = np.sort(non_member_scores)[::-1]
     allowed = int(np.floor(fpr * len(ordered)))
@@ -73,7 +75,9 @@ def audit_model(
 ) -> AuditResult:
     """The loss-threshold attack on one model, members against non-members."""
     if len(members) == 0 or len(non_members) == 0:
-        raise ConfigError(f"an audit needs members and non-members; got {len(members)} and {len(non_members)}")
+        raise ConfigError(
+            f"an audit needs members and non-members; got {len(members)} and {len(non_members)}"
+        )
     member_losses = per_record_losses(model, members, pad_token_id, device)
     non_member_losses = per_record_losses(model, non_members, pad_token_id, device)
     return AuditResult(
@@ -92,8 +96,8 @@ def audit_run(out: Path, hospital: str) -> AuditResult:
     from medtune.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
     from medtune.data import train_test_split
     from medtune.features import record_inputs
-    from medtune.hospitals import hospital_name
     from medtune.federation.partitions import simulated_hospital
+    from medtune.hospitals import hospital_name
     from medtune.run_config import settings_from_run_config
 
     checkpoint = load_checkpoint(find_checkpoint(out))
@@ -108,7 +112,9 @@ def audit_run(out: Path, hospital: str) -> AuditResult:
         raise ConfigError(f"{out}: no hospital '{hospital}' in this run; its hospitals are {names}")
     records = simulated_hospital(settings, names.index(hospital)).records
     train, test = train_test_split(records, settings.data.test_fraction, settings.seed)
-    checkpoint, model, backbone = model_from_checkpoint(out, device=settings.train.device)  # backbone hash checked
+    checkpoint, model, backbone = model_from_checkpoint(
+        out, device=settings.train.device
+    )  # backbone hash checked
     return audit_model(
         model,
         record_inputs(backbone, checkpoint.model, train),

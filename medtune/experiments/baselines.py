@@ -31,15 +31,15 @@ from medtune.backbone import Backbone, load_backbone, resolve_device
 from medtune.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
 from medtune.data import Record, train_test_split
 from medtune.errors import ConfigError
+from medtune.evaluation import evaluate, predict_logits
 from medtune.features import RecordInputs, record_inputs
 from medtune.federation.partitions import simulated_hospital
+from medtune.federation.results import RESULTS_FILE, RunResults
 from medtune.label_mix import apply_label_mix, label_mix, mix_bias
 from medtune.label_prior import ZeroShotClassifier, initial_model
-from medtune.evaluation import evaluate, predict_logits
 from medtune.metrics import Evaluation, from_counts, pool, score_logits
 from medtune.model import PromptClassifier
 from medtune.noise import NoiseSource
-from medtune.federation.results import RESULTS_FILE, RunResults
 from medtune.run_config import RunSettings, settings_from_run_config
 from medtune.train import new_ledger, train_local
 
@@ -75,7 +75,8 @@ class BaselineResult:
             "accuracy_on_all_hospitals": self.everyone.accuracy,
             "macro_f1_on_all_hospitals": self.everyone.macro_f1,
             "per_hospital": {
-                name: {"accuracy": e.accuracy, "macro_f1": e.macro_f1} for name, e in self.per_hospital.items()
+                name: {"accuracy": e.accuracy, "macro_f1": e.macro_f1}
+                for name, e in self.per_hospital.items()
             },
         }
 
@@ -103,7 +104,9 @@ def _fit(
     config = replace(settings.train, epochs=settings.train.epochs * settings.federation.rounds)
     ledger = new_ledger(privacy, len(dataset), config, rounds=1)
     seed = NoiseSource.seeded(settings.seed, name).seed_for(0)
-    result = train_local(model, dataset, ledger, config, backbone.tokenizer.pad_token_id, seed=seed, progress=False)
+    result = train_local(
+        model, dataset, ledger, config, backbone.tokenizer.pad_token_id, seed=seed, progress=False
+    )
     return model, result.epsilon
 
 
@@ -112,7 +115,9 @@ def _inputs(settings: RunSettings, backbone: Backbone, records: list[Record]) ->
     return record_inputs(backbone, settings.model, records, settings.cache_dir)
 
 
-def _test(settings: RunSettings, backbone: Backbone, model: torch.nn.Module, split: Split) -> Evaluation:
+def _test(
+    settings: RunSettings, backbone: Backbone, model: torch.nn.Module, split: Split
+) -> Evaluation:
     dataset = _inputs(settings, backbone, split.test)
     device = resolve_device(settings.train.device)
     return evaluate(model, dataset, settings.data.labels, backbone.tokenizer.pad_token_id, device)
@@ -122,7 +127,10 @@ Scorer = Callable[[Split], Evaluation]  # one hospital's model, scored on a hosp
 
 
 def each_hospital_scored(
-    name: str, all_splits: list[Split], scorer_of: Callable[[Split], Scorer], spent: dict[str, float]
+    name: str,
+    all_splits: list[Split],
+    scorer_of: Callable[[Split], Scorer],
+    spent: dict[str, float],
 ) -> BaselineResult:
     """The one scoring loop for methods with a model per hospital (local, majority, global + own mix).
 
@@ -136,13 +144,17 @@ def each_hospital_scored(
         on_each = {other.name: score(other) for other in all_splits}
         per_hospital[own.name] = on_each[own.name]
         everyone += on_each.values()
-    return BaselineResult(name, pool(list(per_hospital.values())), per_hospital, spent, pool(everyone))
+    return BaselineResult(
+        name, pool(list(per_hospital.values())), per_hospital, spent, pool(everyone)
+    )
 
 
 def local_only(settings: RunSettings, epsilon: float | None = None) -> BaselineResult:
     """Each hospital alone; `epsilon` defaults to the run's target."""
     epsilon = settings.privacy.epsilon if epsilon is None else epsilon
-    backbone = load_backbone(settings.model.backbone, settings.model.num_layers, settings.train.device)
+    backbone = load_backbone(
+        settings.model.backbone, settings.model.num_layers, settings.train.device
+    )
     spent: dict[str, float] = {}
 
     def trained_alone(split: Split) -> Scorer:
@@ -155,9 +167,13 @@ def local_only(settings: RunSettings, epsilon: float | None = None) -> BaselineR
 
 def pooled(settings: RunSettings) -> BaselineResult:
     """All records in one place, no DP: the ceiling federation tries to reach."""
-    backbone = load_backbone(settings.model.backbone, settings.model.num_layers, settings.train.device)
+    backbone = load_backbone(
+        settings.model.backbone, settings.model.num_layers, settings.train.device
+    )
     all_splits = splits(settings)
-    model, _ = _fit(settings, backbone, [r for s in all_splits for r in s.train], math.inf, "pooled")
+    model, _ = _fit(
+        settings, backbone, [r for s in all_splits for r in s.train], math.inf, "pooled"
+    )
     per_hospital = {split.name: _test(settings, backbone, model, split) for split in all_splits}
     together = pool(list(per_hospital.values()))
     return BaselineResult("pooled (no DP)", together, per_hospital, {"pooled": math.inf}, together)
@@ -165,15 +181,23 @@ def pooled(settings: RunSettings) -> BaselineResult:
 
 def zero_shot(settings: RunSettings) -> BaselineResult:
     """No training: each record goes to the label whose text embeds closest (the label-name prior alone)."""
-    backbone = load_backbone(settings.model.backbone, settings.model.num_layers, settings.train.device)
+    backbone = load_backbone(
+        settings.model.backbone, settings.model.num_layers, settings.train.device
+    )
     model = ZeroShotClassifier(backbone, settings.model, settings.data)
-    per_hospital = {split.name: _test(settings, backbone, model, split) for split in splits(settings)}
+    per_hospital = {
+        split.name: _test(settings, backbone, model, split) for split in splits(settings)
+    }
     together = pool(list(per_hospital.values()))
     spent = {name: 0.0 for name in per_hospital}
-    return BaselineResult("zero-shot (label names, no training)", together, per_hospital, spent, together)
+    return BaselineResult(
+        "zero-shot (label names, no training)", together, per_hospital, spent, together
+    )
 
 
-def _constant(settings: RunSettings, label: int, prior: np.ndarray, test: list[Record]) -> Evaluation:
+def _constant(
+    settings: RunSettings, label: int, prior: np.ndarray, test: list[Record]
+) -> Evaluation:
     """Predicting `label` for every record; the loss is the log-loss of predicting `prior`."""
     labels = settings.data.labels
     support = [sum(r.label == i for r in test) for i in range(len(labels))]
@@ -188,7 +212,9 @@ def majority_label(settings: RunSettings) -> BaselineResult:
 
     def most_frequent(split: Split) -> Scorer:
         prior = label_mix([r.label for r in split.train], len(settings.data.labels))
-        label = int(np.argmax(prior))  # smoothing keeps the order of the counts; ties go to the first label
+        label = int(
+            np.argmax(prior)
+        )  # smoothing keeps the order of the counts; ties go to the first label
         return lambda other: _constant(settings, label, prior, other.test)
 
     all_splits = splits(settings)
@@ -199,7 +225,9 @@ def majority_label(settings: RunSettings) -> BaselineResult:
 def load_run(run: Path) -> tuple[RunSettings, RunResults]:
     """A `medtune simulate` out directory's settings (from its latest checkpoint) and record."""
     if not (run / RESULTS_FILE).is_file():
-        raise ConfigError(f"{run}: no {RESULTS_FILE} here; give the out directory of a `medtune simulate` run")
+        raise ConfigError(
+            f"{run}: no {RESULTS_FILE} here; give the out directory of a `medtune simulate` run"
+        )
     path = find_checkpoint(run)
     config = load_checkpoint(path).extra.get("config")
     if not isinstance(config, dict):
@@ -231,14 +259,19 @@ def score_global_model(run: Path) -> tuple[BaselineResult, BaselineResult]:
     tests = {}
     for split in all_splits:
         dataset = _inputs(settings, backbone, split.test)
-        tests[split.name] = (predict_logits(model, dataset, backbone.tokenizer.pad_token_id, device), dataset.labels)
+        tests[split.name] = (
+            predict_logits(model, dataset, backbone.tokenizer.pad_token_id, device),
+            dataset.labels,
+        )
 
     def as_it_is(split: Split) -> Scorer:
         return lambda other: score_logits(*tests[other.name], settings.data.labels)
 
     def with_own_mix(split: Split) -> Scorer:
         mix = label_mix([r.label for r in split.train], len(settings.data.labels))
-        own = predict_logits(model, _inputs(settings, backbone, split.train), backbone.tokenizer.pad_token_id, device)
+        own = predict_logits(
+            model, _inputs(settings, backbone, split.train), backbone.tokenizer.pad_token_id, device
+        )
         bias = mix_bias(own, mix)
         return lambda other: score_logits(
             apply_label_mix(tests[other.name][0], bias), tests[other.name][1], settings.data.labels

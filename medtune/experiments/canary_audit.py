@@ -36,14 +36,19 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from medtune.canaries import (
-    GradientCanaries, canary_steps_path, included_bits, input_canaries, read_canary_steps, word_vocabulary,
+    GradientCanaries,
+    canary_steps_path,
+    included_bits,
+    input_canaries,
+    read_canary_steps,
+    word_vocabulary,
 )
-from medtune.errors import ConfigError
 from medtune.defaults import run_defaults
 from medtune.epsilon import read_epsilon
 from medtune.epsilon_audit import EpsilonBound, audit_scores
-from medtune.files import atomic_write_json, read_json
+from medtune.errors import ConfigError
 from medtune.federation.results import RESULTS_FILE, SENT_STATE, updates_folder
+from medtune.files import atomic_write_json, read_json
 from medtune.hospitals import hospital_name, simulated_ledger_path
 from medtune.ledger_file import read_ledger
 from medtune.run_config import RunSettings, settings_from_run_config
@@ -51,15 +56,28 @@ from medtune.state import ExchangedStateSpec
 
 AUDIT_FILE = "audit.json"
 # The report's audits, as a reader names them: every step seen (DP's adversary), the coordinator's rounds, the final model.
-MODES = {"white_box": "white box", "coordinator_view": "coordinator's view", "black_box": "black box"}
-COORDINATOR_VIEW_REFUSED = "coordinator's view not audited: secure aggregation hides each hospital's update from it"
+MODES = {
+    "white_box": "white box",
+    "coordinator_view": "coordinator's view",
+    "black_box": "black box",
+}
+COORDINATOR_VIEW_REFUSED = (
+    "coordinator's view not audited: secure aggregation hides each hospital's update from it"
+)
 
 
 def audit_overrides(canaries: int, hospital: str, mode: str) -> dict[str, Any]:
     """What an audit run adds to the audited federation's run config."""
     if canaries < 2:
-        raise ConfigError(f"--canaries must be at least 2 (an audit compares canaries in and out), got {canaries}")
-    return {"audit-canaries": canaries, "audit-hospital": hospital, "audit-mode": mode, "keep-updates": True}
+        raise ConfigError(
+            f"--canaries must be at least 2 (an audit compares canaries in and out), got {canaries}"
+        )
+    return {
+        "audit-canaries": canaries,
+        "audit-hospital": hospital,
+        "audit-mode": mode,
+        "keep-updates": True,
+    }
 
 
 def check_audit_settings(settings: RunSettings) -> None:
@@ -67,7 +85,9 @@ def check_audit_settings(settings: RunSettings) -> None:
     its training records."""
     names = [hospital_name(i) for i in range(settings.source.hospitals)]
     if settings.audit.hospital not in names:
-        raise ConfigError(f"--hospital {settings.audit.hospital!r} is not in this federation; its hospitals are {names}")
+        raise ConfigError(
+            f"--hospital {settings.audit.hospital!r} is not in this federation; its hospitals are {names}"
+        )
     if settings.audit.black_box:
         from medtune.data import train_test_split
         from medtune.federation.partitions import simulated_hospital
@@ -97,7 +117,9 @@ def run_audit(
 def _settings(out: Path) -> RunSettings:
     results = out / RESULTS_FILE
     if not results.is_file():
-        raise ConfigError(f"{out}: no {RESULTS_FILE}; give the out directory of a finished `medtune audit --canaries` run")
+        raise ConfigError(
+            f"{out}: no {RESULTS_FILE}; give the out directory of a finished `medtune audit --canaries` run"
+        )
     # A run from before the audit keys existed reads as having none (the shipped defaults fill them).
     settings = settings_from_run_config({**run_defaults(), **read_json(results)["config"]})
     if settings.audit.canaries == 0:
@@ -113,7 +135,9 @@ def _ledger_epsilon(settings: RunSettings, out: Path) -> float:
     path = simulated_ledger_path(out, settings.audit.hospital)
     ledger = read_ledger(path)
     if ledger is None:
-        raise ConfigError(f"{out}: the audited hospital's ledger {path} is missing; the run cannot be scored")
+        raise ConfigError(
+            f"{out}: the audited hospital's ledger {path} is missing; the run cannot be scored"
+        )
     return read_epsilon(ledger.epsilon, str(path), spent=True)
 
 
@@ -121,10 +145,14 @@ def white_box_scores(settings: RunSettings, out: Path) -> np.ndarray:
     """Each gradient canary's summed observation over every step the audited hospital took (medtune/canaries.py)."""
     path = canary_steps_path(simulated_ledger_path(out, settings.audit.hospital))
     if not path.is_file():
-        raise ConfigError(f"{out}: no step observations of {settings.audit.hospital} ({path}); it never trained in this run")
+        raise ConfigError(
+            f"{out}: no step observations of {settings.audit.hospital} ({path}); it never trained in this run"
+        )
     steps = read_canary_steps(path)
     if steps.ndim != 2 or steps.shape[1] != settings.audit.canaries:
-        raise ConfigError(f"{path}: expected (steps, {settings.audit.canaries}) observations, found shape {steps.shape}")
+        raise ConfigError(
+            f"{path}: expected (steps, {settings.audit.canaries}) observations, found shape {steps.shape}"
+        )
     return steps.sum(axis=0)
 
 
@@ -138,7 +166,9 @@ def coordinator_scores(settings: RunSettings, out: Path, canaries: GradientCanar
             sent, received = load_file(str(folder / SENT_STATE)), load_file(str(reply))
             descents.append({name: sent[name].astype(np.float64) - received[name] for name in sent})
     if not descents:
-        raise ConfigError(f"{out}: no kept update of {settings.audit.hospital}; it never trained in this run")
+        raise ConfigError(
+            f"{out}: no kept update of {settings.audit.hospital}; it never trained in this run"
+        )
     return canaries.scores(descents)
 
 
@@ -151,9 +181,17 @@ def black_box_scores(settings: RunSettings, out: Path) -> tuple[np.ndarray, np.n
 
     checkpoint, model, backbone = model_from_checkpoint(out, device=settings.train.device)
     count, hospital = settings.audit.canaries, settings.audit.hospital
-    records = input_canaries(count, word_vocabulary(backbone.tokenizer), len(settings.data.labels), settings.seed, hospital)
+    records = input_canaries(
+        count,
+        word_vocabulary(backbone.tokenizer),
+        len(settings.data.labels),
+        settings.seed,
+        hospital,
+    )
     dataset = record_inputs(backbone, checkpoint.model, records)
-    losses = per_record_losses(model, dataset, backbone.tokenizer.pad_token_id, resolve_device(settings.train.device))
+    losses = per_record_losses(
+        model, dataset, backbone.tokenizer.pad_token_id, resolve_device(settings.train.device)
+    )
     return -losses, included_bits(count, settings.seed, hospital, "input")
 
 
@@ -164,18 +202,32 @@ def score_audit(out: Path) -> dict[str, Any]:
     settings = _settings(out)
     ledger_epsilon = _ledger_epsilon(settings, out)
     delta = settings.privacy.delta
-    report: dict[str, Any] = {"hospital": settings.audit.hospital, "canaries": settings.audit.canaries,
-                              "ledger_epsilon": ledger_epsilon, "delta": delta}
+    report: dict[str, Any] = {
+        "hospital": settings.audit.hospital,
+        "canaries": settings.audit.canaries,
+        "ledger_epsilon": ledger_epsilon,
+        "delta": delta,
+    }
     if settings.audit.white_box:
-        included = included_bits(settings.audit.canaries, settings.seed, settings.audit.hospital, "gradient")
+        included = included_bits(
+            settings.audit.canaries, settings.seed, settings.audit.hospital, "gradient"
+        )
         report["white_box"] = asdict(audit_scores(white_box_scores(settings, out), included, delta))
         if settings.federation.secure_aggregation:
             report["coordinator_view"] = {"refused": COORDINATOR_VIEW_REFUSED}
         else:
             backbone = load_backbone(settings.model.backbone, settings.model.num_layers, "cpu")
-            spec = ExchangedStateSpec(settings.model.prompt_length, backbone.hidden_size, len(settings.data.labels))
-            canaries = GradientCanaries.draw(settings.audit.canaries, spec, settings.seed, settings.audit.hospital,
-                                             clip=settings.privacy.max_grad_norm, sample_rate=1.0)
+            spec = ExchangedStateSpec(
+                settings.model.prompt_length, backbone.hidden_size, len(settings.data.labels)
+            )
+            canaries = GradientCanaries.draw(
+                settings.audit.canaries,
+                spec,
+                settings.seed,
+                settings.audit.hospital,
+                clip=settings.privacy.max_grad_norm,
+                sample_rate=1.0,
+            )
             scores = coordinator_scores(settings, out, canaries)
             report["coordinator_view"] = asdict(audit_scores(scores, canaries.included, delta))
     if settings.audit.black_box:
@@ -188,15 +240,21 @@ def score_audit(out: Path) -> dict[str, Any]:
 def audited_epsilon(report: dict[str, Any]) -> float:
     """A sweep's "epsilon audited" column: the white-box bound when it ran, else the black-box one. One mode
     chosen in advance, not the larger of several, keeps the column's 95% confidence."""
-    return next(report[mode]["epsilon"] for mode in ("white_box", "black_box") if "epsilon" in report.get(mode, {}))
+    return next(
+        report[mode]["epsilon"]
+        for mode in ("white_box", "black_box")
+        if "epsilon" in report.get(mode, {})
+    )
 
 
 def audit_lines(report: dict[str, Any]) -> list[str]:
     """The audit as a reader wants it: each mode's bound beside the ledger's epsilon, and a verdict."""
     ledger = report["ledger_epsilon"]
     kinds = " and ".join(MODES[mode] for mode in MODES if mode in report)
-    lines = [f"{report['hospital']}: ledger epsilon {ledger:.3g} (delta {report['delta']:g}), {report['canaries']} "
-             f"canaries per audit ({kinds})"]
+    lines = [
+        f"{report['hospital']}: ledger epsilon {ledger:.3g} (delta {report['delta']:g}), {report['canaries']} "
+        f"canaries per audit ({kinds})"
+    ]
     for mode, name in MODES.items():
         if mode not in report:
             continue
@@ -205,9 +263,13 @@ def audit_lines(report: dict[str, Any]) -> list[str]:
             lines.append(found["refused"])
             continue
         result = EpsilonBound(**found)
-        lines.append(f"{name}: epsilon >= {result.epsilon:.3f} at {result.confidence:.0%} confidence "
-                     f"({result.v} of {result.r} guesses right, k = {result.k} each side, m = {result.m})")
+        lines.append(
+            f"{name}: epsilon >= {result.epsilon:.3f} at {result.confidence:.0%} confidence "
+            f"({result.v} of {result.r} guesses right, k = {result.k} each side, m = {result.m})"
+        )
         if result.epsilon > ledger and not math.isinf(ledger):
-            lines.append(f"audited lower bound {result.epsilon:.3f} exceeds the ledger's epsilon {ledger:.3g}: the "
-                         "mechanism or the accounting is wrong")
+            lines.append(
+                f"audited lower bound {result.epsilon:.3f} exceeds the ledger's epsilon {ledger:.3g}: the "
+                "mechanism or the accounting is wrong"
+            )
     return lines

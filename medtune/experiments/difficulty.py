@@ -14,15 +14,17 @@ from rich.table import Table
 from medtune.backbone import load_backbone, resolve_device
 from medtune.config import ModelConfig, PrivacyConfig, TrainConfig
 from medtune.data import Record, train_test_split
-from medtune.features import record_inputs
 from medtune.evaluation import evaluate
+from medtune.features import record_inputs
 from medtune.metrics import Evaluation
 from medtune.model import PromptClassifier
 from medtune.synth import LABELS, SynthConfig, generate_hospitals
 from medtune.train import new_ledger, train_local
 
 
-def run_difficulty(synth: SynthConfig, model_config: ModelConfig, train: TrainConfig) -> dict[str, Evaluation]:
+def run_difficulty(
+    synth: SynthConfig, model_config: ModelConfig, train: TrainConfig
+) -> dict[str, Evaluation]:
     backbone = load_backbone(model_config.backbone, model_config.num_layers)
     pad = backbone.tokenizer.pad_token_id
     splits = [
@@ -44,7 +46,9 @@ def run_difficulty(synth: SynthConfig, model_config: ModelConfig, train: TrainCo
         results[f"{name}, {len(records)} train records"] = evaluate(
             model, pooled_test, LABELS, pad, resolve_device(train.device)
         )
-    table = Table(title=f"Synthetic difficulty (non-private, pooled test set of {len(pooled_test)} records)")
+    table = Table(
+        title=f"Synthetic difficulty (non-private, pooled test set of {len(pooled_test)} records)"
+    )
     for column in ("trained on", "accuracy", "macro-F1"):
         table.add_column(column)
     for name, evaluation in results.items():

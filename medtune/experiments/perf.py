@@ -27,34 +27,63 @@ from rich.table import Table
 from medtune.backbone import count_parameters, load_backbone, resolve_device
 from medtune.config import ModelConfig, PrivacyConfig, TrainConfig
 from medtune.data import PadToLongest, Record
+from medtune.evaluation import predict_logits
 from medtune.features import RecordInputs, record_inputs
 from medtune.files import atomic_write_json
-from medtune.evaluation import predict_logits
 from medtune.model import PromptClassifier
 from medtune.noise import NoiseSource
 from medtune.synth import LABELS, SynthConfig, generate_hospitals
 from medtune.train import new_ledger, train_local
-
 
 SEEDED = NoiseSource.seeded(0, "perf")
 
 
 def long_records(count: int) -> list[Record]:
     """Synthetic notes joined four to a record (about 130 words): every record fills 128 tokens."""
-    notes = [text for text, _ in generate_hospitals(SynthConfig(hospitals=1, mean_records=max(40, 4 * count)))[0]]
-    return [Record(text=" ".join(notes[4 * i : 4 * i + 4]), label=i % len(LABELS)) for i in range(count)]
+    notes = [
+        text
+        for text, _ in generate_hospitals(
+            SynthConfig(hospitals=1, mean_records=max(40, 4 * count))
+        )[0]
+    ]
+    return [
+        Record(text=" ".join(notes[4 * i : 4 * i + 4]), label=i % len(LABELS)) for i in range(count)
+    ]
 
 
-def _train_rate(model: PromptClassifier, dataset: RecordInputs, warmup: RecordInputs, epsilon: float,
-                batch_size: int, pad: int, noise: NoiseSource = SEEDED) -> float:
+def _train_rate(
+    model: PromptClassifier,
+    dataset: RecordInputs,
+    warmup: RecordInputs,
+    epsilon: float,
+    batch_size: int,
+    pad: int,
+    noise: NoiseSource = SEEDED,
+) -> float:
     """Training samples/s; `noise` is seeded (simulation) or secret, as a deployed site draws it."""
     train = TrainConfig(epochs=1, batch_size=batch_size, learning_rate=1e-3)
     privacy = PrivacyConfig(epsilon=epsilon)
-    train_local(model, warmup, new_ledger(privacy, len(warmup), train, 1), train, pad, seed=0, progress=False)
+    train_local(
+        model,
+        warmup,
+        new_ledger(privacy, len(warmup), train, 1),
+        train,
+        pad,
+        seed=0,
+        progress=False,
+    )
     ledger = new_ledger(privacy, len(dataset), train, 1)
     start = time.perf_counter()
-    result = train_local(model, dataset, ledger, train, pad, seed=noise.seed_for(0), progress=False,
-                         secure_noise=noise.is_secret)
+    result = train_local(
+        model,
+        dataset,
+        ledger,
+        train,
+        pad,
+        seed=noise.seed_for(0),
+        progress=False,
+        secure_noise=noise.is_secret,
+    )
     return result.examples / (time.perf_counter() - start)
 
 
@@ -84,7 +113,9 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_flops_per_sample(model: PromptClassifier, dataset: RecordInputs, batch_size: int, pad: int) -> float:
+def train_flops_per_sample(
+    model: PromptClassifier, dataset: RecordInputs, batch_size: int, pad: int
+) -> float:
     """FLOPs of one forward + backward pass per record, counted by torch (no DP bookkeeping)."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -105,12 +136,19 @@ def _device_name(device: torch.device) -> str:
 
 
 def run_perf(
-    layers: list[int], max_lengths: list[int], prompt_layers: list[int], batch_size: int, steps: int, out: Path | None,
+    layers: list[int],
+    max_lengths: list[int],
+    prompt_layers: list[int],
+    batch_size: int,
+    steps: int,
+    out: Path | None,
     backbone_path: str | None = None,
 ) -> list[dict]:
     device = resolve_device("auto")
     peak = matmul_flops_per_s(device)
-    rows: list[dict[str, Any]] = []  # one JSON row per configuration: numbers, the device's name, None
+    rows: list[
+        dict[str, Any]
+    ] = []  # one JSON row per configuration: numbers, the device's name, None
     records = long_records(batch_size * steps)
     for depth, max_length, prompt_layer in itertools.product(layers, max_lengths, prompt_layers):
         if prompt_layer > depth:
@@ -126,16 +164,22 @@ def run_perf(
         pad = backbone.tokenizer.pad_token_id
         plain = _train_rate(model, dataset, warmup, math.inf, batch_size, pad)
         private = _train_rate(model, dataset, warmup, 8.0, batch_size, pad)
-        secret = _train_rate(model, dataset, warmup, 8.0, batch_size, pad, NoiseSource.secret("perf"))
+        secret = _train_rate(
+            model, dataset, warmup, 8.0, batch_size, pad, NoiseSource.secret("perf")
+        )
         flops = train_flops_per_sample(model.to(device), dataset, batch_size, pad)
         exchanged = model.spec.num_bytes()
-        full = 4 * (count_parameters(backbone.encoder) + sum(p.numel() for p in model.head.parameters()))
+        full = 4 * (
+            count_parameters(backbone.encoder) + sum(p.numel() for p in model.head.parameters())
+        )
         rows.append(
             {
                 "layers": depth,
                 "max_length": max_length,
                 "prompt_layer": prompt_layer,
-                "inputs_samples_per_s": inputs_rate if prompt_layer else None,  # layer 0 has nothing to cache
+                "inputs_samples_per_s": inputs_rate
+                if prompt_layer
+                else None,  # layer 0 has nothing to cache
                 "batch_size": batch_size,
                 "device": _device_name(device),
                 "threads": torch.get_num_threads(),
@@ -156,9 +200,21 @@ def run_perf(
     table = Table(
         title=f"MedTune throughput ({_device_name(device)}, {torch.get_num_threads()} threads, batch {batch_size})"
     )
-    columns = ("layers", "max len", "prompt layer", "cache/s", "train/s", "train DP/s", "DP/plain", "DP secret noise/s",
-               "secret/seeded", "inference/s", "GFLOP/s (of peak)",
-               "KiB up/round", "full FT MiB/round")
+    columns = (
+        "layers",
+        "max len",
+        "prompt layer",
+        "cache/s",
+        "train/s",
+        "train DP/s",
+        "DP/plain",
+        "DP secret noise/s",
+        "secret/seeded",
+        "inference/s",
+        "GFLOP/s (of peak)",
+        "KiB up/round",
+        "full FT MiB/round",
+    )
     for column in columns:
         table.add_column(column, justify="right")
     for row in rows:

@@ -34,7 +34,9 @@ GOAL_BYTES_PER_RECORD = 2048
 def write_site(records: int, path: Path) -> Path:
     """A CSV of `records` synthetic long notes (columns text, label), the same for the same count."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")  # an interrupted write is never taken for the site
+    partial = path.with_name(
+        path.name + ".partial"
+    )  # an interrupted write is never taken for the site
     with partial.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["text", "label"])
@@ -78,14 +80,27 @@ def measure_site(records: int, work: Path, train_args: list[str]) -> dict:
     after it is measured (at 128 tokens it takes 96 KiB a record).
     """
     if records < 40:
-        raise ConfigError(f"--records must be at least 40 (a site needs train and test records), got {records}")
+        raise ConfigError(
+            f"--records must be at least 40 (a site needs train and test records), got {records}"
+        )
     data = work / f"site-{records}.csv"
     if not data.exists():
         write_site(records, data)
     out = work / f"run-{records}"
     shutil.rmtree(out, ignore_errors=True)
-    command = [sys.executable, "-m", "medtune.cli", "train", "--data", str(data), "--out", str(out), "--epochs", "1",
-               *train_args]
+    command = [
+        sys.executable,
+        "-m",
+        "medtune.cli",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        *train_args,
+    ]
     log = work / f"run-{records}.log"
     peak, wall, status = peak_rss_anon(command, log)
     if status != 0:
@@ -103,7 +118,9 @@ def measure_site(records: int, work: Path, train_args: list[str]) -> dict:
     }
 
 
-def run_site_memory(counts: list[int], work: Path, train_args: list[str], out: Path | None) -> list[dict]:
+def run_site_memory(
+    counts: list[int], work: Path, train_args: list[str], out: Path | None
+) -> list[dict]:
     """One run per record count, each printed as it ends; with two or more counts, the memory per extra record."""
     rows = []
     for records in counts:
@@ -120,8 +137,12 @@ def run_site_memory(counts: list[int], work: Path, train_args: list[str], out: P
         )
     if len(rows) > 1:
         low, high = min(rows, key=lambda r: r["records"]), max(rows, key=lambda r: r["records"])
-        slope = (high["peak_rss_anon_bytes"] - low["peak_rss_anon_bytes"]) / (high["records"] - low["records"])
-        print(f"from {low['records']:,} to {high['records']:,} records: {slope / 1024:,.2f} KiB of peak RssAnon a record")
+        slope = (high["peak_rss_anon_bytes"] - low["peak_rss_anon_bytes"]) / (
+            high["records"] - low["records"]
+        )
+        print(
+            f"from {low['records']:,} to {high['records']:,} records: {slope / 1024:,.2f} KiB of peak RssAnon a record"
+        )
     if out is not None:
         atomic_write_json(out, rows)
     return rows

@@ -75,7 +75,9 @@ class SweepConfig:
     def __post_init__(self) -> None:
         finite = [e for e in self.epsilons if math.isfinite(e)]
         if not finite or any(e <= 0 for e in finite):
-            raise ConfigError(f"sweep '{self.name}': epsilons must hold at least one positive finite value, got {self.epsilons}")
+            raise ConfigError(
+                f"sweep '{self.name}': epsilons must hold at least one positive finite value, got {self.epsilons}"
+            )
         if not self.seeds:
             raise ConfigError(f"sweep '{self.name}': seeds must not be empty")
         for key, values in self.axes.items():
@@ -83,15 +85,22 @@ class SweepConfig:
                 raise ConfigError(f"sweep '{self.name}': axis '{key}' has no values")
         recipe_keys = {key for recipe in self.recipes.values() for key in recipe}
         clashes = sorted(
-            {"epsilon", "seed", "out", "resume"} & (set(self.run_config) | set(self.axes) | recipe_keys | set(self.no_dp))
+            {"epsilon", "seed", "out", "resume"}
+            & (set(self.run_config) | set(self.axes) | recipe_keys | set(self.no_dp))
         )
         if clashes:
-            raise ConfigError(f"sweep '{self.name}': {clashes} are set by the sweep itself; remove them")
+            raise ConfigError(
+                f"sweep '{self.name}': {clashes} are set by the sweep itself; remove them"
+            )
         if RECIPE_AXIS in self.axes:
-            raise ConfigError(f"sweep '{self.name}': '{RECIPE_AXIS}' is the axis of [recipes]; name no axis so")
+            raise ConfigError(
+                f"sweep '{self.name}': '{RECIPE_AXIS}' is the axis of [recipes]; name no axis so"
+            )
         overlap = sorted(recipe_keys & set(self.axes))
         if overlap:
-            raise ConfigError(f"sweep '{self.name}': {overlap} are set both by [axes] and by [recipes]; keep one")
+            raise ConfigError(
+                f"sweep '{self.name}': {overlap} are set both by [axes] and by [recipes]; keep one"
+            )
         check_keys({**self.run_config, **self.axes}, source=f"sweep '{self.name}'")
         for recipe, overrides in self.recipes.items():
             check_keys(overrides, source=f"sweep '{self.name}' recipe '{recipe}'")
@@ -124,17 +133,23 @@ def read_sweep(name_or_path: str) -> SweepConfig:
         raise ConfigError(f"{path}: not valid TOML ({error})") from None
     unknown = sorted(set(raw) - SWEEP_KEYS)
     if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {unknown}; a sweep file has {sorted(SWEEP_KEYS)}")
+        raise ConfigError(
+            f"{path}: unknown key(s) {unknown}; a sweep file has {sorted(SWEEP_KEYS)}"
+        )
     axes = raw.get("axes", {})
     if not all(isinstance(v, list) for v in axes.values()):
         raise ConfigError(f"{path}: every entry of [axes] must be a list of values")
     recipes = raw.get("recipes", {})
     if not all(isinstance(v, dict) for v in recipes.values()):
-        raise ConfigError(f"{path}: every entry of [recipes] must be a table of run-config keys ([recipes.<name>])")
+        raise ConfigError(
+            f"{path}: every entry of [recipes] must be a table of run-config keys ([recipes.<name>])"
+        )
     return SweepConfig(
         name=str(raw.get("name", path.stem)),
         scenario=str(raw.get("scenario", "default")),
-        epsilons=tuple(read_epsilon(e, f"{path} epsilons") for e in raw.get("epsilons", [1.0, 3.0, 8.0, NO_DP])),
+        epsilons=tuple(
+            read_epsilon(e, f"{path} epsilons") for e in raw.get("epsilons", [1.0, 3.0, 8.0, NO_DP])
+        ),
         seeds=tuple(parse_seed(s) for s in raw.get("seeds", [0, 1, 2])),
         run_config=dict(raw.get("run-config", {})),
         axes={key: tuple(values) for key, values in axes.items()},
@@ -164,7 +179,14 @@ class Cell:
         recipe = sweep.recipes.get(axes.pop(RECIPE_AXIS, None), {})
         private = math.isfinite(self.epsilon) or self.method not in TRAINED_METHODS
         no_dp = {} if private else sweep.no_dp
-        return {**sweep.run_config, **recipe, **axes, **no_dp, "seed": self.seed, "epsilon": self.epsilon}
+        return {
+            **sweep.run_config,
+            **recipe,
+            **axes,
+            **no_dp,
+            "seed": self.seed,
+            "epsilon": self.epsilon,
+        }
 
 
 def plan_cells(sweep: SweepConfig) -> list[Cell]:
@@ -201,7 +223,9 @@ def check_cells(sweep: SweepConfig, cells: list[Cell]) -> None:
         try:
             check_before_start(cell_settings(cell, sweep))
         except MedTuneError as error:
-            raise ConfigError(f"sweep '{sweep.name}', cell {cell.id}: {error} (checked before running any cell)") from None
+            raise ConfigError(
+                f"sweep '{sweep.name}', cell {cell.id}: {error} (checked before running any cell)"
+            ) from None
 
 
 def _finished_run(out: Path, settings: RunSettings) -> bool:
@@ -210,8 +234,8 @@ def _finished_run(out: Path, settings: RunSettings) -> bool:
     A sweep interrupted between a run's end and its cell file, or a cell file deleted to be scored
     again, then costs a re-scoring instead of a new simulation. Anything else is simulated anew.
     """
-    from medtune.experiments.baselines import load_run
     from medtune.checkpoint import find_checkpoint
+    from medtune.experiments.baselines import load_run
 
     rounds = settings.federation.rounds
     try:
@@ -228,32 +252,44 @@ def _federated(cell: Cell, sweep: SweepConfig, runs: Path) -> dict[str, Any]:
     from medtune.experiments.baselines import score_global_model
     from medtune.experiments.canary_audit import audited_epsilon, check_audit_settings, score_audit
     from medtune.federation.results import RunResults
-    from medtune.own_evaluations import simulated_scores
     from medtune.federation.simulation import simulate
+    from medtune.own_evaluations import simulated_scores
 
-    out = (runs / cell.id).resolve()  # as simulate() records it: a relative --out must still find its runs
+    out = (
+        runs / cell.id
+    ).resolve()  # as simulate() records it: a relative --out must still find its runs
     overrides = {**cell.overrides(sweep), "out": str(out)}
     settings = settings_from_run_config(resolve_run_config(sweep.scenario, overrides))
-    if settings.audit.canaries:  # an audited sweep: each federated cell is an audit run (medtune audit)
+    if (
+        settings.audit.canaries
+    ):  # an audited sweep: each federated cell is an audit run (medtune audit)
         overrides["keep-updates"] = True
         check_audit_settings(settings)
     started = time.monotonic()
     reused = _finished_run(out, settings)
     if not reused:
-        shutil.rmtree(out, ignore_errors=True)  # a cell interrupted mid-run starts over, ledgers included
+        shutil.rmtree(
+            out, ignore_errors=True
+        )  # a cell interrupted mid-run starts over, ledgers included
         simulate(sweep.scenario, overrides)
     results = RunResults.load(out, up_to_round=sys.maxsize)
     # A re-scored run did not run now: its cost is the time its rounds took (without the engine's start).
     wall = sum(r.wall_seconds for r in results.rounds) if reused else time.monotonic() - started
     rounds = [r for r in results.rounds if r.accuracy is not None]
     if not rounds:
-        raise ConfigError(f"federated run {cell.id} finished no evaluated round; see {out}/results.json")
+        raise ConfigError(
+            f"federated run {cell.id} finished no evaluated round; see {out}/results.json"
+        )
     last = rounds[-1]
     hospital_rounds = [h for r in results.rounds for h in r.hospitals]
     accuracies = [h.accuracy for h in last.hospitals if h.accuracy is not None]
-    if last.secure:  # the coordinator never saw a hospital's own score: the simulated sites' own records
+    if (
+        last.secure
+    ):  # the coordinator never saw a hospital's own score: the simulated sites' own records
         own = simulated_scores(out, settings.source.hospitals)
-        accuracies = [scores[last.round].accuracy for scores in own.values() if last.round in scores]
+        accuracies = [
+            scores[last.round].accuracy for scores in own.values() if last.round in scores
+        ]
     epsilons = results.epsilon_per_hospital()
     communicated = sum(h.bytes_up + h.bytes_down for h in hospital_rounds)
     _, own_mix = score_global_model(out)
@@ -272,7 +308,11 @@ def _federated(cell: Cell, sweep: SweepConfig, runs: Path) -> dict[str, Any]:
         "bytes_total": communicated,
         "bytes_per_hospital_round": communicated / max(1, len(hospital_rounds)),
         "wall_seconds": wall,
-        **({"epsilon_audited": audited_epsilon(score_audit(out))} if settings.audit.canaries else {}),
+        **(
+            {"epsilon_audited": audited_epsilon(score_audit(out))}
+            if settings.audit.canaries
+            else {}
+        ),
     }
 
 
@@ -307,7 +347,11 @@ def _baseline(cell: Cell, sweep: SweepConfig) -> dict[str, Any]:
 
 def run_cell(cell: Cell, sweep: SweepConfig, out: Path) -> dict[str, Any]:
     """Run one cell and write `cells/<id>.json` atomically: a finished cell is never run twice."""
-    metrics = _federated(cell, sweep, out / "runs") if cell.method == "federated" else _baseline(cell, sweep)
+    metrics = (
+        _federated(cell, sweep, out / "runs")
+        if cell.method == "federated"
+        else _baseline(cell, sweep)
+    )
     row = {
         "cell": cell.id,
         "method": cell.method,
@@ -326,7 +370,11 @@ def check_same_grid(sweep: SweepConfig, out: Path) -> None:
     Cell ids name only method, epsilon, seed and axis values, so without this check a sweep edited
     between runs would silently mix old and new cells in one table. More epsilons or seeds are fine.
     """
-    identity = {"scenario": sweep.scenario, "run-config": sweep.run_config, "axes": {k: list(v) for k, v in sweep.axes.items()}}
+    identity = {
+        "scenario": sweep.scenario,
+        "run-config": sweep.run_config,
+        "axes": {k: list(v) for k, v in sweep.axes.items()},
+    }
     if sweep.recipes:
         identity["recipes"] = sweep.recipes
     if sweep.no_dp:
@@ -336,7 +384,9 @@ def check_same_grid(sweep: SweepConfig, out: Path) -> None:
         atomic_write_json(path, identity)
         return
     recorded = read_json(path)
-    if recorded != json_ready(identity):  # compared as written: an inf in the sweep file is "inf" there
+    if recorded != json_ready(
+        identity
+    ):  # compared as written: an inf in the sweep file is "inf" there
         raise ConfigError(
             f"{out} holds cells of another sweep grid ({path}: {recorded}); this sweep is {identity}. "
             "Give another --out, or delete that directory to start over"
@@ -351,12 +401,18 @@ def run_sweep(sweep: SweepConfig, out: Path, progress: bool = True) -> list[dict
 
     # Every cell reads the same hospitals: one feature cache for the whole sweep (keyed by content,
     # so cells of other settings never share an entry).
-    shared = replace(sweep, run_config={"cache-dir": str((out / "feature-cache").resolve()), **sweep.run_config})
+    shared = replace(
+        sweep, run_config={"cache-dir": str((out / "feature-cache").resolve()), **sweep.run_config}
+    )
     cells = plan_cells(shared)
     check_cells(shared, cells)
-    check_same_grid(sweep, out)  # the grid as its file gives it: the cache folder is this directory's own
+    check_same_grid(
+        sweep, out
+    )  # the grid as its file gives it: the cache folder is this directory's own
     rows = []
-    with tqdm(total=len(cells), desc=f"sweep {sweep.name}", unit="run", disable=not progress) as bar:
+    with tqdm(
+        total=len(cells), desc=f"sweep {sweep.name}", unit="run", disable=not progress
+    ) as bar:
         for cell in cells:
             done = out / "cells" / f"{cell.id}.json"
             bar.set_postfix_str(cell.id)

@@ -43,7 +43,10 @@ REFERENCE_STYLE = {
     "majority": ("grey", "-."),
     "zero-shot": ("tab:purple", "-."),
 }
-NO_EPSILON = ("majority", "zero-shot")  # references without a trained model: no privacy target to show
+NO_EPSILON = (
+    "majority",
+    "zero-shot",
+)  # references without a trained model: no privacy target to show
 PLOT_FILE = "accuracy_vs_epsilon.png"
 METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1"}
 # One plot row per metric; in each, the DP series as (method, metric column, colour, marker, legend
@@ -70,11 +73,15 @@ PLOT_ROWS = {
 def summarise(rows: list[dict[str, Any]], axes: list[str]) -> pd.DataFrame:
     """One row per (axes, method, epsilon): mean and std of every metric over seeds."""
     frame = pd.DataFrame(rows)
-    for metric in METRICS:  # cells written before a metric existed (or by a method without it) show NaN
+    for (
+        metric
+    ) in METRICS:  # cells written before a metric existed (or by a method without it) show NaN
         if metric not in frame:
             frame[metric] = math.nan
     frame["epsilon"] = frame["epsilon"].map(lambda value: read_epsilon(value, "sweep cell"))
-    frame["epsilon_spent"] = frame["epsilon_spent"].map(lambda value: read_epsilon(value, "sweep cell", spent=True))
+    frame["epsilon_spent"] = frame["epsilon_spent"].map(
+        lambda value: read_epsilon(value, "sweep cell", spent=True)
+    )
     keys = [*axes, "method", "epsilon"]
     grouped = frame.groupby(keys, sort=True)
     summary = grouped[list(METRICS)].agg(["mean", "std"])
@@ -99,7 +106,11 @@ def _plot(summary: pd.DataFrame, axes: list[str], path: Path) -> None:
 
     panels = list(summary.groupby(axes)) if axes else [((), summary)]
     figure, grid = plt.subplots(
-        len(PLOT_ROWS), len(panels), figsize=(5.5 * len(panels) + 4.0, 4.2 * len(PLOT_ROWS)), squeeze=False, sharey="row"
+        len(PLOT_ROWS),
+        len(panels),
+        figsize=(5.5 * len(panels) + 4.0, 4.2 * len(PLOT_ROWS)),
+        squeeze=False,
+        sharey="row",
     )
     for subplots, (row_metric, series) in zip(grid, PLOT_ROWS.items(), strict=True):
         for subplot, (key, panel) in zip(subplots, panels, strict=True):
@@ -108,8 +119,13 @@ def _plot(summary: pd.DataFrame, axes: list[str], path: Path) -> None:
                 points = private[private["method"] == method].sort_values("epsilon")
                 if len(points):
                     subplot.errorbar(
-                        points["epsilon"], points[f"{metric}_mean"], yerr=points[f"{metric}_std"].fillna(0.0),
-                        marker=marker, capsize=4, color=colour, label=_label(method, 1.0) + suffix,
+                        points["epsilon"],
+                        points[f"{metric}_mean"],
+                        yerr=points[f"{metric}_std"].fillna(0.0),
+                        marker=marker,
+                        capsize=4,
+                        color=colour,
+                        label=_label(method, 1.0) + suffix,
                         linestyle="-" if metric == row_metric else "--",
                     )
             for row in panel[panel["epsilon"].map(math.isinf)].itertuples():
@@ -119,7 +135,12 @@ def _plot(summary: pd.DataFrame, axes: list[str], path: Path) -> None:
                 for metric, colour, style, suffix in lines:
                     mean, std = getattr(row, f"{metric}_mean"), getattr(row, f"{metric}_std")
                     std = 0.0 if math.isnan(std) else std
-                    subplot.axhline(mean, color=colour, linestyle=style, label=_label(row.method, math.inf) + suffix)
+                    subplot.axhline(
+                        mean,
+                        color=colour,
+                        linestyle=style,
+                        label=_label(row.method, math.inf) + suffix,
+                    )
                     subplot.axhspan(mean - std, mean + std, color=colour, alpha=0.08)
             subplot.set_xscale("log")
             epsilons = sorted(private["epsilon"].unique())
@@ -131,7 +152,9 @@ def _plot(summary: pd.DataFrame, axes: list[str], path: Path) -> None:
             subplot.set_title(title or f"{METRIC_NAMES[row_metric]} vs privacy")
             subplot.grid(True, which="both", alpha=0.3)
         subplots[0].set_ylabel(f"test {METRIC_NAMES[row_metric]} (mean ± std over seeds)")
-        subplots[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")  # beside, not over, the data
+        subplots[-1].legend(
+            loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small"
+        )  # beside, not over, the data
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120, bbox_inches="tight")
@@ -149,15 +172,30 @@ def _markdown_table(summary: pd.DataFrame, axes: list[str]) -> str:
             return "—"  # a cell written before the metric existed
         return f"{mean:.{digits}f}" + ("" if math.isnan(std) else f" ± {std:.{digits}f}")
 
-    header = [*axes, "method", "ε target", "seeds", "accuracy", "macro-F1", "worst hospital",
-              "accuracy on every hospital's test", "federated + own label mix: accuracy (own test; the mix is not covered by ε)", "ε spent (max)",
-              "ε audited (lower bound)",
-              "KiB / hospital / round", "wall s"]
+    header = [
+        *axes,
+        "method",
+        "ε target",
+        "seeds",
+        "accuracy",
+        "macro-F1",
+        "worst hospital",
+        "accuracy on every hospital's test",
+        "federated + own label mix: accuracy (own test; the mix is not covered by ε)",
+        "ε spent (max)",
+        "ε audited (lower bound)",
+        "KiB / hospital / round",
+        "wall s",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in summary.iterrows():
         cells = [str(row[a]) for a in axes] + [
             row["method"],
-            "—" if row["method"] in NO_EPSILON else "∞ (no DP)" if math.isinf(row["epsilon"]) else f"{row['epsilon']:g}",
+            "—"
+            if row["method"] in NO_EPSILON
+            else "∞ (no DP)"
+            if math.isinf(row["epsilon"])
+            else f"{row['epsilon']:g}",
             str(row["seeds"]),
             pm(row, "accuracy"),
             pm(row, "macro_f1"),
@@ -166,7 +204,9 @@ def _markdown_table(summary: pd.DataFrame, axes: list[str]) -> str:
             pm(row, "own_mix_accuracy") if row["method"] == "federated" else "—",
             "—" if row["method"] in NO_EPSILON else pm(row, "epsilon_spent", 2),
             pm(row, "epsilon_audited", 2) if row["method"] == "federated" else "—",
-            f"{row['bytes_per_hospital_round_mean'] / 1024:.1f}" if row["method"] == "federated" else "0",
+            f"{row['bytes_per_hospital_round_mean'] / 1024:.1f}"
+            if row["method"] == "federated"
+            else "0",
             f"{row['wall_seconds_mean']:.0f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -216,9 +256,9 @@ def write_report(sweep: Any, rows: list[dict[str, Any]], out: Path) -> pd.DataFr
             "\"Accuracy on every hospital's test\" scores each local model on all hospitals' test splits: how "
             "well one hospital's model serves the whole federation's patients. \"majority\" has no model: each "
             "hospital predicts its most frequent training label, the score its label mix alone earns. "
-            "\"zero-shot\" has no training: each record goes to the label whose name or description the "
+            '"zero-shot" has no training: each record goes to the label whose name or description the '
             "untouched encoder embeds closest (the label-name prior the head starts from). "
-            "\"Federated + own label mix\" is the final global model re-weighted to each hospital's own training "
+            '"Federated + own label mix" is the final global model re-weighted to each hospital\'s own training '
             "label mix (a bias per label, matched so that its predictions over the hospital's training records "
             "follow their mix), on its own test split: how a hospital uses the shared model at home (the mix "
             "comes from the records without noise, so that model is not covered by ε). ε spent "

@@ -25,11 +25,11 @@ from medtune.backbone import load_backbone, resolve_device
 from medtune.data import Record, train_test_split
 from medtune.epsilon import show_epsilon
 from medtune.errors import ConfigError
+from medtune.evaluation import evaluate
+from medtune.experiments.sweep import SweepConfig
 from medtune.features import record_inputs
 from medtune.files import atomic_write_json
-from medtune.evaluation import evaluate
 from medtune.run_config import RunSettings, check_keys, resolve_run_config, settings_from_run_config
-from medtune.experiments.sweep import SweepConfig
 from medtune.train import new_ledger, train_local
 
 VALIDATION_FRACTION = 0.2
@@ -42,7 +42,9 @@ def parse_grid(lines: list[str]) -> dict[str, tuple[Any, ...]]:
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"--grid {lines}: not TOML 'key=[values]' lines ({error})") from None
     check_keys(grid, source="--grid")
-    return {key: tuple(value) if isinstance(value, list) else (value,) for key, value in grid.items()}
+    return {
+        key: tuple(value) if isinstance(value, list) else (value,) for key, value in grid.items()
+    }
 
 
 def validation_split(settings: RunSettings) -> tuple[list[Record], list[Record]]:
@@ -51,7 +53,9 @@ def validation_split(settings: RunSettings) -> tuple[list[Record], list[Record]]
 
     fit, validation = [], []
     for split in splits(settings):
-        hospital_fit, hospital_validation = train_test_split(split.train, VALIDATION_FRACTION, settings.seed + 1)
+        hospital_fit, hospital_validation = train_test_split(
+            split.train, VALIDATION_FRACTION, settings.seed + 1
+        )
         fit += hospital_fit
         validation += hospital_validation
     return fit, validation
@@ -61,7 +65,9 @@ def score_candidate(settings: RunSettings, cache: Path) -> dict[str, Any]:
     """Train one recipe on the fit parts and score it on the validation parts."""
     from medtune.label_prior import initial_model
 
-    backbone = load_backbone(settings.model.backbone, settings.model.num_layers, settings.train.device)
+    backbone = load_backbone(
+        settings.model.backbone, settings.model.num_layers, settings.train.device
+    )
     fit, validation = validation_split(settings)
     started = time.perf_counter()
     fit_set = record_inputs(backbone, settings.model, fit, cache)
@@ -75,7 +81,9 @@ def score_candidate(settings: RunSettings, cache: Path) -> dict[str, Any]:
     started = time.perf_counter()
     train_local(model, fit_set, ledger, train, pad, seed=settings.seed, progress=False)
     train_seconds = time.perf_counter() - started
-    scored = evaluate(model, validation_set, settings.data.labels, pad, resolve_device(settings.train.device))
+    scored = evaluate(
+        model, validation_set, settings.data.labels, pad, resolve_device(settings.train.device)
+    )
     return {
         "validation_accuracy": scored.accuracy,
         "validation_macro_f1": scored.macro_f1,
@@ -88,7 +96,9 @@ def score_candidate(settings: RunSettings, cache: Path) -> dict[str, Any]:
     }
 
 
-def run_tuning(sweep: SweepConfig, grid: dict[str, tuple[Any, ...]], epsilon: float, out: Path) -> list[dict[str, Any]]:
+def run_tuning(
+    sweep: SweepConfig, grid: dict[str, tuple[Any, ...]], epsilon: float, out: Path
+) -> list[dict[str, Any]]:
     """Score every combination of the grid on the sweep's hospitals (its first seed) at `epsilon`."""
     keys = sorted(grid)
     rows = []
@@ -98,13 +108,17 @@ def run_tuning(sweep: SweepConfig, grid: dict[str, tuple[Any, ...]], epsilon: fl
         overrides = {**sweep.run_config, **candidate, "seed": sweep.seeds[0], "epsilon": epsilon}
         settings = settings_from_run_config(resolve_run_config(sweep.scenario, overrides))
         rows.append({**candidate, **score_candidate(settings, cache)})
-        atomic_write_json(out / "tuning.json", {"sweep": sweep.name, "epsilon": epsilon, "rows": rows})
+        atomic_write_json(
+            out / "tuning.json", {"sweep": sweep.name, "epsilon": epsilon, "rows": rows}
+        )
     _print(sweep, keys, rows, epsilon)
     return rows
 
 
 def _print(sweep: SweepConfig, keys: list[str], rows: list[dict[str, Any]], epsilon: float) -> None:
-    table = Table(title=f"{sweep.name}: validation scores at epsilon={show_epsilon(epsilon)} (test splits untouched)")
+    table = Table(
+        title=f"{sweep.name}: validation scores at epsilon={show_epsilon(epsilon)} (test splits untouched)"
+    )
     columns = [*keys, "val. accuracy", "val. macro-F1", "train records/s", "inputs s", "train s"]
     for column in columns:
         table.add_column(column, justify="right")

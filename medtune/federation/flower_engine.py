@@ -38,8 +38,16 @@ PRIVATE_NAMES = (
 RUN_FIELDS = ("primary_task_id", "override_config", "federation_id")  # set on Flower's Run below
 # The keyword arguments this module passes to `_run_simulation`.
 RUN_SIMULATION_ARGUMENTS = (
-    "num_supernodes", "exit_event", "server_app_attr", "client_app_attr", "backend_name", "backend_config",
-    "server_app_context", "app_dir", "run", "is_app",
+    "num_supernodes",
+    "exit_event",
+    "server_app_attr",
+    "client_app_attr",
+    "backend_name",
+    "backend_config",
+    "server_app_context",
+    "app_dir",
+    "run",
+    "is_app",
 )
 
 
@@ -57,7 +65,11 @@ def missing_private_names() -> list[str]:
 
 
 def run_in_process(
-    run_config: dict[str, Any], hospitals: int, server_app: str, client_app: str, backend_config: dict[str, Any],
+    run_config: dict[str, Any],
+    hospitals: int,
+    server_app: str,
+    client_app: str,
+    backend_config: dict[str, Any],
     app_dir: Path,
 ) -> None:
     """One federation on the Ray backend, `hospitals` SuperNodes, in this process; returns when it ends."""
@@ -74,8 +86,14 @@ def run_in_process(
     run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
     run.override_config = run_config
     run.federation_id = NOOP_FEDERATION_ID
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
-    context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = (
+        1,
+        run.run_id,
+        SUPERLINK_NODE_ID,
+    )
+    context = Context(
+        run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
+    )
     start_ray(backend_config)
     _run_simulation(
         num_supernodes=hospitals,
@@ -116,7 +134,9 @@ def start_ray(backend_config: dict[str, Any]) -> None:
             with ray_helpers_marked():  # Ray's processes end with this one (helper_processes.py)
                 ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
         except SystemExit as ended:
-            if ended.code == signal.SIGTERM:  # Ray's own handler took a SIGTERM while Ray was starting
+            if (
+                ended.code == signal.SIGTERM
+            ):  # Ray's own handler took a SIGTERM while Ray was starting
                 stop_now(signal.SIGTERM)
             raise
     reclaim_signals()

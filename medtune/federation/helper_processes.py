@@ -46,7 +46,9 @@ def ray_helpers_marked() -> Iterator[None]:
         # process is gone.
         process = subprocess.Popen(
             [sys.executable, "-m", "medtune.federation.helper_processes", token],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
         )
         _watcher = (process, token)
     previous = os.environ.get(MARK)

@@ -45,7 +45,11 @@ def simulated_hospitals(settings: RunSettings) -> list[HospitalData]:
     the number of hospitals (a simulation process serves many of them, one call each).
     """
     source = Path(settings.source.source) if not settings.source.is_synthetic else None
-    stamp = (source.stat().st_mtime_ns, source.stat().st_size) if source is not None and source.is_file() else None
+    stamp = (
+        (source.stat().st_mtime_ns, source.stat().st_size)
+        if source is not None and source.is_file()
+        else None
+    )
     key = repr((settings.source, settings.data, settings.seed, stamp))
     if key not in _built:
         _built.clear()
@@ -60,8 +64,13 @@ def _synthetic_records(settings: RunSettings) -> list[list[Record]]:
     hospitals = generate_hospitals(settings.source.synth_config(settings.seed))
     unknown = sorted({label for notes in hospitals for _, label in notes} - set(label_index))
     if unknown:
-        raise ConfigError(f"the synthetic notes use labels {unknown} missing from the run's label list")
-    return [[Record(text=text, label=label_index[label]) for text, label in notes] for notes in hospitals]
+        raise ConfigError(
+            f"the synthetic notes use labels {unknown} missing from the run's label list"
+        )
+    return [
+        [Record(text=text, label=label_index[label]) for text, label in notes]
+        for notes in hospitals
+    ]
 
 
 def _file_shares(path: Path, settings: RunSettings) -> list[list[Record]]:
@@ -80,9 +89,13 @@ def _file_shares(path: Path, settings: RunSettings) -> list[list[Record]]:
         self_balancing=False,
         seed=settings.seed,
     )
-    partitioner.dataset = Dataset.from_dict({"row": list(range(len(records))), "label": [r.label for r in records]})
+    partitioner.dataset = Dataset.from_dict(
+        {"row": list(range(len(records))), "label": [r.label for r in records]}
+    )
     try:  # the partitioner splits all rows on its first load, then hands out each share
-        return [[records[row] for row in partitioner.load_partition(i)["row"]] for i in range(count)]
+        return [
+            [records[row] for row in partitioner.load_partition(i)["row"]] for i in range(count)
+        ]
     except ValueError as error:
         raise DataError(
             f"{path}: cannot split {len(records)} records into {count} hospitals with dirichlet-alpha="
@@ -100,7 +113,9 @@ def check_hospitals(settings: RunSettings) -> list[HospitalData]:
     hospitals = simulated_hospitals(settings)
     for hospital in hospitals:
         try:
-            train, _ = train_test_split(hospital.records, settings.data.test_fraction, settings.seed)
+            train, _ = train_test_split(
+                hospital.records, settings.data.test_fraction, settings.seed
+            )
         except DataError as error:
             raise DataError(f"{hospital.name}: {error}") from None
         warn_if_thin(hospital.name, [record.label for record in train])

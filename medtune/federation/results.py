@@ -23,7 +23,9 @@ from medtune.files import atomic_write_json
 RESULTS_FILE = "results.json"
 # A hospital's status in a round, as replies carry it (medtune/federation/wire.py) and the record keeps it.
 TRAINED, STOPPED, FAILED, REJECTED = "trained", "stopped", "failed", "rejected"
-SENT_STATE = "_sent.safetensors"  # with keep-updates: the global state a round's updates were trained from
+SENT_STATE = (
+    "_sent.safetensors"  # with keep-updates: the global state a round's updates were trained from
+)
 
 
 def updates_folder(out: Path, server_round: int) -> Path:
@@ -48,7 +50,9 @@ class HospitalRound:
     bytes_up: int = 0
     received: dict[str, Any] = field(default_factory=dict)  # array names -> shape and dtype
     reason: str = ""
-    update_norm: float | None = None  # L2 distance of an accepted update from the global state it was trained on
+    update_norm: float | None = (
+        None  # L2 distance of an accepted update from the global state it was trained on
+    )
     node: str = ""  # the Flower node it answered from (text: node ids are unsigned 64-bit)
 
 
@@ -69,8 +73,15 @@ def _hospital_round(stored: dict[str, Any], path: Path) -> HospitalRound:
     """A hospital's line as results.json stores it, its epsilon read back from text ("inf": no DP)."""
     epsilon = stored.get("epsilon")
     source = f"{path} {stored.get('name')}"
-    stored = {key: value for key, value in stored.items() if key != "train_loss"}  # written before it left the wire
-    return HospitalRound(**{**stored, "epsilon": None if epsilon is None else read_epsilon(epsilon, source, spent=True)})
+    stored = {
+        key: value for key, value in stored.items() if key != "train_loss"
+    }  # written before it left the wire
+    return HospitalRound(
+        **{
+            **stored,
+            "epsilon": None if epsilon is None else read_epsilon(epsilon, source, spent=True),
+        }
+    )
 
 
 @dataclass
@@ -100,7 +111,9 @@ class RunResults:
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
             rounds = [
-                RoundRecord(**{**r, "hospitals": [_hospital_round(h, path) for h in r["hospitals"]]})
+                RoundRecord(
+                    **{**r, "hospitals": [_hospital_round(h, path) for h in r["hospitals"]]}
+                )
                 for r in raw["rounds"]
                 if r["round"] <= up_to_round
             ]
@@ -108,7 +121,9 @@ class RunResults:
         except FileNotFoundError:
             return cls(config={})
         except (OSError, ValueError, KeyError, TypeError, EpsilonError) as error:
-            raise CheckpointError(f"{path}: corrupted run results ({type(error).__name__}: {error})") from None
+            raise CheckpointError(
+                f"{path}: corrupted run results ({type(error).__name__}: {error})"
+            ) from None
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -132,7 +147,9 @@ def round_table(record: RoundRecord, rounds: int) -> Table:
     )
     table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False, box=None)
     for column in ("hospital", "status", "n", "epsilon", "acc", "F1", "KiB down", "KiB up"):
-        table.add_column(column, justify="left" if column in ("hospital", "status") else "right", no_wrap=True)
+        table.add_column(
+            column, justify="left" if column in ("hospital", "status") else "right", no_wrap=True
+        )
     for h in record.hospitals:
         hidden = record.secure and h.status != FAILED
         table.add_row(

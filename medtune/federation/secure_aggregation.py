@@ -30,17 +30,26 @@ needs them). Every private or legacy name used is listed in `LEGACY_NAMES` and c
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, cast
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.serde import recorddict_to_proto
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.common.serde import recorddict_to_proto
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
@@ -95,7 +104,9 @@ MODULUS_RANGE = 2**32
 MAX_HOSPITALS = MODULUS_RANGE // QUANTIZATION_RANGE
 PURPOSE = "secure-purpose"  # in a secure instruction's config: "train", or "evaluate" (sum the test counts)
 COUNTS = "counts"  # the one array of a secure evaluation: per-class counts and the summed loss
-COUNTS_SCALE = "counts-scale"  # in an evaluation instruction's config: counts are divided by it before masking
+COUNTS_SCALE = (
+    "counts-scale"  # in an evaluation instruction's config: counts are divided by it before masking
+)
 SETTINGS_KEY = "medtune.secure-aggregation"  # the setup a site accepted, kept in its Context for the collect stage
 FITINS_ARRAYS = "fitins.parameters"
 FITRES_EXAMPLES = "fitres.num_examples"
@@ -145,7 +156,9 @@ class _Instructions(Strategy):
     """The legacy Strategy the workflow drives: each node gets its own instruction, and the mean is kept."""
 
     def __init__(
-        self, grid: Grid, instructions: dict[int, tuple[dict[str, np.ndarray], dict[str, ConfigRecordValues]]],
+        self,
+        grid: Grid,
+        instructions: dict[int, tuple[dict[str, np.ndarray], dict[str, ConfigRecordValues]]],
         names: tuple[str, ...],
     ) -> None:
         self.grid = grid
@@ -167,9 +180,13 @@ class _Instructions(Strategy):
 
     def aggregate_fit(self, server_round, results, failures):  # noqa: ANN001, ANN201
         if results:  # every result carries the same unmasked mean
-            mean = dict(zip(self.names, parameters_to_ndarrays(results[0][1].parameters), strict=True))
+            mean = dict(
+                zip(self.names, parameters_to_ndarrays(results[0][1].parameters), strict=True)
+            )
             reports = {proxy.node_id: dict(fitres.metrics) for proxy, fitres in results}
-            self.result = SecureRound(mean=mean, reports=reports, dropped=len(self.instructions) - len(results))
+            self.result = SecureRound(
+                mean=mean, reports=reports, dropped=len(self.instructions) - len(results)
+            )
         return None, {}
 
     def configure_evaluate(self, server_round, parameters, client_manager):  # noqa: ANN001, ANN201
@@ -193,9 +210,12 @@ def threshold_for(hospitals: int) -> int:
 
 
 def secure_mean(
-    grid: Grid, server_round: int,
+    grid: Grid,
+    server_round: int,
     instructions: dict[int, tuple[dict[str, np.ndarray], dict[str, ConfigRecordValues]]],
-    max_weight: int, timeout: float, names: tuple[str, ...] = EXCHANGED_NAMES,
+    max_weight: int,
+    timeout: float,
+    names: tuple[str, ...] = EXCHANGED_NAMES,
 ) -> SecureRound:
     """Run one SecAgg+ pass over `instructions` (node -> global arrays and config); the unmasked weighted
     mean of the arrays `names` the sites send back.
@@ -205,7 +225,9 @@ def secure_mean(
     """
     hospitals = len(instructions)
     if not 3 <= hospitals <= MAX_HOSPITALS:
-        raise StateError(f"secure aggregation needs 3 to {MAX_HOSPITALS} hospitals in a round, got {hospitals}")
+        raise StateError(
+            f"secure aggregation needs 3 to {MAX_HOSPITALS} hospitals in a round, got {hospitals}"
+        )
     counting = _CountingGrid(grid)
     # Flower types the workflow's grid as the Grid ABC; the wrapper answers every Grid call by delegation.
     counted = cast(Grid, counting)
@@ -216,10 +238,16 @@ def secure_mean(
             MAIN_PARAMS_RECORD: ArrayRecord(),
         }
     )
-    context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=state, run_config={}), strategy=strategy)
+    context = LegacyContext(
+        Context(run_id=0, node_id=0, node_config={}, state=state, run_config={}), strategy=strategy
+    )
     workflow = SecAggPlusWorkflow(
-        num_shares=hospitals, reconstruction_threshold=threshold_for(hospitals), max_weight=float(max_weight),
-        clipping_range=CLIPPING_RANGE, quantization_range=QUANTIZATION_RANGE, modulus_range=MODULUS_RANGE,
+        num_shares=hospitals,
+        reconstruction_threshold=threshold_for(hospitals),
+        max_weight=float(max_weight),
+        clipping_range=CLIPPING_RANGE,
+        quantization_range=QUANTIZATION_RANGE,
+        modulus_range=MODULUS_RANGE,
         timeout=timeout,
     )
     workflow(counted, context)
@@ -239,7 +267,9 @@ def secure_instruction(message: Message) -> tuple[dict[str, np.ndarray], ConfigR
     fitins = compat.recorddict_to_fitins(message.content, keep_input=True)
     arrays = parameters_to_ndarrays(fitins.parameters)
     if len(arrays) != len(EXCHANGED_NAMES):
-        raise StateError(f"secure round: {len(arrays)} arrays sent, expected {len(EXCHANGED_NAMES)} {EXCHANGED_NAMES}")
+        raise StateError(
+            f"secure round: {len(arrays)} arrays sent, expected {len(EXCHANGED_NAMES)} {EXCHANGED_NAMES}"
+        )
     return dict(zip(EXCHANGED_NAMES, arrays, strict=True)), ConfigRecord(dict(fitins.config))
 
 
@@ -253,10 +283,13 @@ class SecureLimits:
     @classmethod
     def of(cls, context: Context) -> "SecureLimits":
         if SETTINGS_KEY not in context.state.config_records:
-            raise StateError("secure round: the collect stage came before this site accepted a setup")
+            raise StateError(
+                "secure round: the collect stage came before this site accepted a setup"
+            )
         accepted = context.state.config_records[SETTINGS_KEY]
         return cls(
-            max_weight=float(scalar(accepted["max-weight"])), clipping_range=float(scalar(accepted["clipping-range"]))
+            max_weight=float(scalar(accepted["max-weight"])),
+            clipping_range=float(scalar(accepted["clipping-range"])),
         )
 
     def check(self, arrays: dict[str, np.ndarray], examples: int) -> None:
@@ -275,7 +308,10 @@ class SecureLimits:
 
 
 def secure_reply(
-    arrays: dict[str, np.ndarray], names: tuple[str, ...], examples: int, report: Mapping[str, ConfigScalar]
+    arrays: dict[str, np.ndarray],
+    names: tuple[str, ...],
+    examples: int,
+    report: Mapping[str, ConfigScalar],
 ) -> RecordDict:
     """A collect-stage reply in the FitRes shape `secaggplus_mod` masks (arrays in the order of `names`, as
     the coordinator reads them back); `report` is what crosses in clear."""
@@ -292,19 +328,27 @@ def _check_setup(configs: ConfigRecord) -> None:
     target, modulus = int(scalar(configs[Key.TARGET_RANGE])), int(scalar(configs[Key.MOD_RANGE]))
     problems = []
     if hospitals < 3:
-        problems.append(f"{hospitals} hospitals (at least 3 are needed to hide one among the others)")
+        problems.append(
+            f"{hospitals} hospitals (at least 3 are needed to hide one among the others)"
+        )
     if threshold <= shares // 2:
         problems.append(f"threshold {threshold} of {shares} shares (more than half are needed)")
     if hospitals * target > modulus:
-        problems.append(f"{hospitals} x quantisation range {target} exceeds the modulus {modulus} (the sum could wrap)")
+        problems.append(
+            f"{hospitals} x quantisation range {target} exceeds the modulus {modulus} (the sum could wrap)"
+        )
     if problems:
         raise PrivacyTermsError("secure aggregation setup refused: " + "; ".join(problems))
 
 
-def site_mod(refusal: Callable[[Exception], str]) -> Callable[[Message, Context, Callable], Message]:
+def site_mod(
+    refusal: Callable[[Exception], str],
+) -> Callable[[Message, Context, Callable], Message]:
     """The site's SecAgg+ mod; `refusal` turns any error into the fixed category that may leave the site."""
 
-    def mod(message: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    def mod(
+        message: Message, context: Context, call_next: Callable[[Message, Context], Message]
+    ) -> Message:
         configs = message.content.config_records.get(RECORD_KEY_CONFIGS)
         if message.metadata.message_type != MessageType.TRAIN or configs is None:
             return call_next(message, context)  # a plain round, a query or an evaluation
@@ -319,12 +363,18 @@ def site_mod(refusal: Callable[[Exception], str]) -> Callable[[Message, Context,
                     }
                 )
             reply = secaggplus_mod(message, context, _masked_only(call_next))
-        except _NotMasked as dropped:  # the handler refused: its category is the reason the site drops out
-            return Message(Error(code=0, reason=hospital_of(dropped.reply, "")[2]), reply_to=message)
+        except (
+            _NotMasked
+        ) as dropped:  # the handler refused: its category is the reason the site drops out
+            return Message(
+                Error(code=0, reason=hospital_of(dropped.reply, "")[2]), reply_to=message
+            )
         except Exception as error:  # noqa: BLE001 - the site drops out with a category; the details stay in its log
             log.error("secure aggregation stage %s: %s: %s", stage, type(error).__name__, error)
             return Message(Error(code=0, reason=refusal(error)), reply_to=message)
-        if stage == Stage.COLLECT_MASKED_VECTORS:  # the count already travels inside the masked vector
+        if (
+            stage == Stage.COLLECT_MASKED_VECTORS
+        ):  # the count already travels inside the masked vector
             reply.content.metric_records[FITRES_EXAMPLES] = MetricRecord({"num_examples": 0})
         return reply
 
@@ -339,7 +389,9 @@ class _NotMasked(Exception):
         self.reply = reply
 
 
-def _masked_only(call_next: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+def _masked_only(
+    call_next: Callable[[Message, Context], Message],
+) -> Callable[[Message, Context], Message]:
     def handler(message: Message, context: Context) -> Message:
         reply = call_next(message, context)
         if reply.has_error() or FITRES_EXAMPLES not in reply.content.metric_records:

@@ -26,12 +26,12 @@ from typing import Any
 
 from medtune.backbone import configured_depth
 from medtune.checkpoint import check_resume_location
-from medtune.errors import ConfigError, MedTuneError
-from medtune.federation.partitions import check_hospitals
-from medtune.locks import exclusive
-from medtune.federation.flower_engine import run_in_process
-from medtune.federation.results import RESULTS_FILE
 from medtune.defaults import defaults_text
+from medtune.errors import ConfigError, MedTuneError
+from medtune.federation.flower_engine import run_in_process
+from medtune.federation.partitions import check_hospitals
+from medtune.federation.results import RESULTS_FILE
+from medtune.locks import exclusive
 from medtune.run_config import RunSettings, resolve_run_config, settings_from_run_config
 from medtune.stopping import stop_on_signals
 
@@ -57,7 +57,9 @@ clientapp = "{clientapp}"
 {config}"""
 
 
-def simulation_backend(num_cpus_per_hospital: float, num_gpus_per_hospital: float = 0.0) -> dict[str, Any]:
+def simulation_backend(
+    num_cpus_per_hospital: float, num_gpus_per_hospital: float = 0.0
+) -> dict[str, Any]:
     """Ray resources per simulated hospital; torch inside each worker uses that many threads.
 
     A GPU share (`gpus-per-hospital`, e.g. 0.5 = two hospitals per GPU) makes Ray run no more
@@ -66,11 +68,17 @@ def simulation_backend(num_cpus_per_hospital: float, num_gpus_per_hospital: floa
     """
     return {
         "client_resources": {"num_cpus": num_cpus_per_hospital, "num_gpus": num_gpus_per_hospital},
-        "init_args": {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": True},
+        "init_args": {
+            "include_dashboard": False,
+            "logging_level": logging.ERROR,
+            "log_to_driver": True,
+        },
     }
 
 
-def simulate(scenario: str | None, overrides: dict[str, Any], cpus_per_hospital: float = 1.0) -> Path:
+def simulate(
+    scenario: str | None, overrides: dict[str, Any], cpus_per_hospital: float = 1.0
+) -> Path:
     """Run a scenario to completion; returns the path of results.json."""
     config = resolve_run_config(scenario, overrides)
     # Server and simulated hospitals must agree on one absolute out directory (Ray workers have
@@ -82,7 +90,9 @@ def simulate(scenario: str | None, overrides: dict[str, Any], cpus_per_hospital:
     check_before_start(settings)
     check_hospitals(settings)
     if cpus_per_hospital <= 0:
-        raise ConfigError(f"cpus-per-hospital must be positive (Ray CPUs per simulated hospital), got {cpus_per_hospital}")
+        raise ConfigError(
+            f"cpus-per-hospital must be positive (Ray CPUs per simulated hospital), got {cpus_per_hospital}"
+        )
     check_out_directory(settings)
     settings.out.mkdir(parents=True, exist_ok=True)
     afterwards = (
@@ -133,7 +143,9 @@ def check_out_directory(settings: RunSettings) -> None:
     if settings.resume is not None:
         check_resume_location(out, settings.resume)
         return
-    earlier = [path for path in (out / RESULTS_FILE, out / "checkpoints", out / "sites") if path.exists()]
+    earlier = [
+        path for path in (out / RESULTS_FILE, out / "checkpoints", out / "sites") if path.exists()
+    ]
     if earlier:
         raise ConfigError(
             f"{out} already holds a run ({earlier[0].name}); continue it with --resume {out}, or give another --out "
@@ -152,7 +164,9 @@ def check_before_start(settings: RunSettings) -> None:
     if settings.gpus_per_hospital > 0:
         import torch
 
-        if not torch.cuda.is_available():  # Ray would wait for ever for a GPU it cannot place a hospital on
+        if (
+            not torch.cuda.is_available()
+        ):  # Ray would wait for ever for a GPU it cannot place a hospital on
             raise ConfigError(
                 f"gpus-per-hospital = {settings.gpus_per_hospital:g}, but this machine has no CUDA GPU; use 0"
             )
@@ -170,4 +184,3 @@ def flower_app_dir() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="medtune-app-") as folder:
         (Path(folder) / "pyproject.toml").write_text(manifest, encoding="utf-8")
         yield Path(folder)
-

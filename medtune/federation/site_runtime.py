@@ -47,8 +47,16 @@ PRIVATE_NAMES = (
     ("flwr.supernode.runtime.run_clientapp", "push_task_output"),
 )
 ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"  # the call SuperExec auth signs
-ACQUIRE_RETRY_SECONDS = 10.0  # a claim that fails this long ends the loop once the SuperNode has exited
-CLIENT_ARGUMENTS = ("server_address", "insecure", "root_certificates", "interceptors", "retry_invoker")
+ACQUIRE_RETRY_SECONDS = (
+    10.0  # a claim that fails this long ends the loop once the SuperNode has exited
+)
+CLIENT_ARGUMENTS = (
+    "server_address",
+    "insecure",
+    "root_certificates",
+    "interceptors",
+    "retry_invoker",
+)
 
 # What to do with a task's message, given its context and the FAB's bytes: the reply to push.
 Answer = Callable[[Message, Context, bytes], Message]
@@ -62,13 +70,19 @@ def missing_private_names() -> list[str]:
         from flwr.supercore.runtime import RuntimeHttpClient
 
         missing += missing_arguments(
-            RuntimeHttpClient.from_server_address, "RuntimeHttpClient.from_server_address", CLIENT_ARGUMENTS
+            RuntimeHttpClient.from_server_address,
+            "RuntimeHttpClient.from_server_address",
+            CLIENT_ARGUMENTS,
         )
-        missing += missing_arguments(RetryInvoker, "RetryInvoker", ("max_time",))  # set on its instance below
+        missing += missing_arguments(
+            RetryInvoker, "RetryInvoker", ("max_time",)
+        )  # set on its instance below
     return missing
 
 
-def _client(runtime_address: str, interceptors: list, give_up_after: float | None = None) -> RuntimeHttpClient:
+def _client(
+    runtime_address: str, interceptors: list, give_up_after: float | None = None
+) -> RuntimeHttpClient:
     """A Runtime API client on loopback; `give_up_after` bounds its retries (seconds), None retries for ever."""
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
@@ -76,7 +90,10 @@ def _client(runtime_address: str, interceptors: list, give_up_after: float | Non
     retry = make_simple_http_retry_invoker()
     retry.max_time = give_up_after
     return RuntimeHttpClient.from_server_address(
-        server_address=runtime_address, insecure=True, root_certificates=None, interceptors=interceptors,
+        server_address=runtime_address,
+        insecure=True,
+        root_certificates=None,
+        interceptors=interceptors,
         retry_invoker=retry,
     )
 
@@ -89,17 +106,26 @@ def run_task(runtime_address: str, token: str, answer: Answer) -> None:
     """
     from flwr.common.constant import SubStatus
     from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+    from flwr.supercore.interceptors import (
+        RuntimeTokenHttpInterceptor,
+        RuntimeVersionHttpInterceptor,
+    )
     from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
     client = _client(
         runtime_address,
-        [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), RuntimeTokenHttpInterceptor(token)],
+        [
+            RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+            RuntimeTokenHttpInterceptor(token),
+        ],
     )
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     heartbeat.start()
     context: Context | None = None
-    status, details = SubStatus.FAILED, "the site's runner failed before replying; see the site's log"
+    status, details = (
+        SubStatus.FAILED,
+        "the site's runner failed before replying; see the site's log",
+    )
     try:
         message, context, _, fab = pull_task_input(client)
         push_message(client, answer(message, context, fab.content), context)
@@ -113,12 +139,24 @@ def run_task(runtime_address: str, token: str, answer: Answer) -> None:
 def hand_off(runtime_address: str, token: str) -> None:
     """An approved FAB runs as Flower runs any app: `flwr-clientapp`, with runtime installs disabled."""
     subprocess.run(
-        ["flwr-clientapp", "--runtime-api-address", runtime_address, "--token", token, "--insecure"], check=False
+        [
+            "flwr-clientapp",
+            "--runtime-api-address",
+            runtime_address,
+            "--token",
+            token,
+            "--insecure",
+        ],
+        check=False,
     )
 
 
 def serve(
-    runtime_address: str, secret: bytes, answer: Answer, approved: Callable[[str], bool], stop: threading.Event,
+    runtime_address: str,
+    secret: bytes,
+    answer: Answer,
+    approved: Callable[[str], bool],
+    stop: threading.Event,
     poll_seconds: float = 0.5,
 ) -> None:
     """Claim the SuperNode's tasks one at a time until `stop` is set; `secret` signs each claim.
@@ -128,7 +166,10 @@ def serve(
     """
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.constant import TaskType
-    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
+    from flwr.supercore.interceptors import (
+        RuntimeVersionHttpInterceptor,
+        SuperExecAuthHttpInterceptor,
+    )
 
     client = _client(
         runtime_address,
@@ -141,23 +182,35 @@ def serve(
     try:
         while not stop.is_set():
             try:
-                claimed = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+                claimed = client.AcquireTask(
+                    AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+                )
             except Exception as error:  # noqa: BLE001 - the SuperNode is unreachable: end if it has exited
                 if stop.is_set():
                     break
-                log.warning("the SuperNode's Runtime API did not answer for %.0f s (%s); still trying",
-                            ACQUIRE_RETRY_SECONDS, error)
+                log.warning(
+                    "the SuperNode's Runtime API did not answer for %.0f s (%s); still trying",
+                    ACQUIRE_RETRY_SECONDS,
+                    error,
+                )
                 continue
             if not (claimed.HasField("task") and claimed.token):
                 stop.wait(poll_seconds)
                 continue
             try:
                 if approved(claimed.task.fab_hash):
-                    log.info("FAB %s is in approved-fabs: Flower's runner runs it", claimed.task.fab_hash[:12])
+                    log.info(
+                        "FAB %s is in approved-fabs: Flower's runner runs it",
+                        claimed.task.fab_hash[:12],
+                    )
                     hand_off(runtime_address, claimed.token)
                 else:
                     run_task(runtime_address, claimed.token, answer)
             except Exception:  # noqa: BLE001 - one task that fails (its end is pushed) never ends the site
-                log.exception("task %s of run %s failed; the site goes on", claimed.task.task_id, claimed.task.run_id)
+                log.exception(
+                    "task %s of run %s failed; the site goes on",
+                    claimed.task.task_id,
+                    claimed.task.run_id,
+                )
     finally:
         client.close()

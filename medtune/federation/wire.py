@@ -22,13 +22,22 @@ from typing import TYPE_CHECKING
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from medtune.errors import (
-    CodeNotApprovedError, ConfigError, DataError, EvaluationWithheldError, HospitalNameError, LedgerError,
-    MedTuneError, PrivacyBudgetError, PrivacyTermsError, SecureAggregationError, StateError,
-)
 from medtune.epsilon import EpsilonError, read_epsilon
-from medtune.files import json_ready
+from medtune.errors import (
+    CodeNotApprovedError,
+    ConfigError,
+    DataError,
+    EvaluationWithheldError,
+    HospitalNameError,
+    LedgerError,
+    MedTuneError,
+    PrivacyBudgetError,
+    PrivacyTermsError,
+    SecureAggregationError,
+    StateError,
+)
 from medtune.federation.results import FAILED, REJECTED, STOPPED, TRAINED  # noqa: F401 - the statuses replies carry
+from medtune.files import json_ready
 from medtune.ledger_record import LedgerRecord, Spend
 from medtune.metrics import Evaluation, from_counts
 
@@ -77,7 +86,9 @@ def train_reply(report: TrainReport, hospital: str) -> RecordDict:
     content = RecordDict()
     metrics: dict[str, MetricRecordValues] = {
         "num-examples": int(report.examples),
-        "epsilon": float(report.epsilon),  # inf (no DP) travels as itself: records carry IEEE floats
+        "epsilon": float(
+            report.epsilon
+        ),  # inf (no DP) travels as itself: records carry IEEE floats
         "delta": float(report.delta),
         "steps": int(report.steps),
     }
@@ -93,7 +104,10 @@ def clear_report(report: TrainReport, hospital: str) -> dict[str, ConfigScalar]:
     """What a hospital tells the coordinator in clear in a secure round: who it is and its ledger's totals
     (the coordinator's record of each ledger needs them). Its arrays and example count travel masked."""
     return {
-        "hospital": hospital, "status": TRAINED, "epsilon": float(report.epsilon), "delta": float(report.delta),
+        "hospital": hospital,
+        "status": TRAINED,
+        "epsilon": float(report.epsilon),
+        "delta": float(report.delta),
         "steps": int(report.steps),
     }
 
@@ -115,7 +129,9 @@ FAILURE_CATEGORIES = (
 
 def record_to_wire(record: LedgerRecord) -> str:
     """The coordinator's record of a ledger as one config value (JSON text): the same in plain and secure rounds."""
-    spends = [[spend.round, spend.steps, json_ready(float(spend.epsilon))] for spend in record.spends]
+    spends = [
+        [spend.round, spend.steps, json_ready(float(spend.epsilon))] for spend in record.spends
+    ]
     return json.dumps({"hospital": record.hospital, "node": str(record.node), "spends": spends})
 
 
@@ -127,17 +143,24 @@ def record_from_wire(config: ConfigRecord | dict) -> LedgerRecord | None:
     try:
         record = json.loads(str(wired))
         spends = tuple(
-            Spend(int(r), int(n), read_epsilon(e, "ledger record", spent=True)) for r, n, e in record["spends"]
+            Spend(int(r), int(n), read_epsilon(e, "ledger record", spent=True))
+            for r, n, e in record["spends"]
         )
-        return LedgerRecord(hospital=str(record["hospital"]), node=int(str(record["node"])), spends=spends)
+        return LedgerRecord(
+            hospital=str(record["hospital"]), node=int(str(record["node"])), spends=spends
+        )
     except (KeyError, TypeError, ValueError, EpsilonError) as error:
-        raise StateError(f"the coordinator's ledger record is malformed ({type(error).__name__}: {error})") from None
+        raise StateError(
+            f"the coordinator's ledger record is malformed ({type(error).__name__}: {error})"
+        ) from None
 
 
 def ready_reply(hospital: str, ready: bool) -> RecordDict:
     """A site's answer to "can you take part?": ready, or stopped (its budget cannot pay the round)."""
     status, reason = (READY, "") if ready else (STOPPED, BUDGET_SPENT)
-    return RecordDict({HOSPITAL: ConfigRecord({"name": hospital, "status": status, "reason": reason})})
+    return RecordDict(
+        {HOSPITAL: ConfigRecord({"name": hospital, "status": status, "reason": reason})}
+    )
 
 
 def failure_reason(error: MedTuneError) -> str:
@@ -147,13 +170,21 @@ def failure_reason(error: MedTuneError) -> str:
     reports nausea...'`); those stay in the site's own log. Not even the row leaves: the coordinator
     chooses the label list, so the first row refused would tell it, run by run, each record's value.
     """
-    category = next((text for kind, text in FAILURE_CATEGORIES if isinstance(error, kind)), "site error")
+    category = next(
+        (text for kind, text in FAILURE_CATEGORIES if isinstance(error, kind)), "site error"
+    )
     return f"{category}; the details are in the site's own log"
 
 
 def failed_reply(hospital: str, error: MedTuneError) -> RecordDict:
     """A hospital that cannot take part this round says which kind of failure, and sends nothing else."""
-    return RecordDict({HOSPITAL: ConfigRecord({"name": hospital, "status": FAILED, "reason": failure_reason(error)})})
+    return RecordDict(
+        {
+            HOSPITAL: ConfigRecord(
+                {"name": hospital, "status": FAILED, "reason": failure_reason(error)}
+            )
+        }
+    )
 
 
 def evaluate_reply(evaluation: Evaluation, hospital: str) -> RecordDict:
@@ -177,7 +208,11 @@ def counts_vector(evaluation: Evaluation) -> np.ndarray:
     """A hospital's evaluation as one vector, for secure summation: per-class support, predictions and
     correct ones, then the summed loss. Sums of these vectors pool hospitals exactly (`from_counts_vector`)."""
     per_class = evaluation.per_class
-    counts = [c.support for c in per_class] + [c.predicted for c in per_class] + [c.correct for c in per_class]
+    counts = (
+        [c.support for c in per_class]
+        + [c.predicted for c in per_class]
+        + [c.correct for c in per_class]
+    )
     return np.array([*counts, evaluation.loss * evaluation.examples], dtype=np.float64)
 
 
@@ -187,14 +222,22 @@ def from_counts_vector(total: np.ndarray, labels: tuple[str, ...]) -> Evaluation
     counts = [max(0, int(round(float(value)))) for value in total[: 3 * k]]
     support, predicted, correct = counts[:k], counts[k : 2 * k], counts[2 * k :]
     examples = sum(support)
-    return from_counts(labels, support, predicted, correct, loss=float(total[3 * k]) / examples if examples else 0.0)
+    return from_counts(
+        labels,
+        support,
+        predicted,
+        correct,
+        loss=float(total[3 * k]) / examples if examples else 0.0,
+    )
 
 
 def _counts(metrics: MetricRecord, key: str) -> list[int]:
     """A per-class count list of an evaluation reply; one number instead of a list is a TypeError."""
     value = metrics[key]
     if not isinstance(value, list):
-        raise TypeError(f"metric {key!r} must be a list of per-class counts, got {type(value).__name__}")
+        raise TypeError(
+            f"metric {key!r} must be a list of per-class counts, got {type(value).__name__}"
+        )
     return [int(count) for count in value]
 
 
@@ -216,4 +259,8 @@ def hospital_of(message: Message, unnamed: str) -> tuple[str, str, str]:
     info = message.content.config_records.get(HOSPITAL)
     if info is None:
         return unnamed, FAILED, "reply carries no hospital record"
-    return str(info.get("name", unnamed)), str(info.get("status", FAILED)), str(info.get("reason", ""))
+    return (
+        str(info.get("name", unnamed)),
+        str(info.get("status", FAILED)),
+        str(info.get("reason", "")),
+    )

@@ -1,4 +1,5 @@
 """Device driver: MedTune's CLI with Flower and Ray made unimportable, as on the GPU machine."""
+
 import importlib.abc
 import sys
 

@@ -37,10 +37,22 @@ from medtune.label_prior import initial_model
 from medtune.metrics import pool, score_logits
 from medtune.run_config import resolve_run_config, settings_from_run_config
 
-seed, epsilon, lr, local_epochs, sigma = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+seed, epsilon, lr, local_epochs, sigma = (
+    int(sys.argv[1]),
+    float(sys.argv[2]),
+    float(sys.argv[3]),
+    int(sys.argv[4]),
+    float(sys.argv[5]),
+)
 references = "--references" in sys.argv
 sweep = read_sweep("medical_abstracts")
-overrides = {**sweep.run_config, "seed": seed, "epsilon": epsilon, "learning-rate": lr, "local-epochs": local_epochs}
+overrides = {
+    **sweep.run_config,
+    "seed": seed,
+    "epsilon": epsilon,
+    "learning-rate": lr,
+    "local-epochs": local_epochs,
+}
 settings = settings_from_run_config(resolve_run_config(sweep.scenario, overrides))
 backbone = load_backbone(settings.model.backbone, settings.model.num_layers, "cpu")
 pad = backbone.tokenizer.pad_token_id
@@ -51,12 +63,17 @@ hospitals = []
 for split in splits(settings):
     fit, validation = train_test_split(split.train, 0.2, settings.seed + 1)
     counts = np.bincount([r.label for r in fit], minlength=labels) + rng.normal(0.0, sigma, labels)
-    hospitals.append({
-        "fit": record_inputs(backbone, settings.model, fit, cache),
-        "validation": record_inputs(backbone, settings.model, validation, cache),
-        "mix": label_mix([r.label for r in fit], labels),  # applied at home, as medtune predict --label-mix does
-        "training_mix": np.clip(counts + 1.0, 1.0, None) / np.clip(counts + 1.0, 1.0, None).sum(),
-    })
+    hospitals.append(
+        {
+            "fit": record_inputs(backbone, settings.model, fit, cache),
+            "validation": record_inputs(backbone, settings.model, validation, cache),
+            "mix": label_mix(
+                [r.label for r in fit], labels
+            ),  # applied at home, as medtune predict --label-mix does
+            "training_mix": np.clip(counts + 1.0, 1.0, None)
+            / np.clip(counts + 1.0, 1.0, None).sum(),
+        }
+    )
 
 logit_bias: dict[str, torch.Tensor | None] = {"value": None}
 
@@ -77,7 +94,9 @@ def own_validation(model, mix=None):
     scored = []
     for hospital in hospitals:
         logits = predict_logits(model, hospital["validation"], pad, torch.device("cpu"))
-        logits = logits if mix is None else apply_label_mix(logits, np.log(hospital[mix]))  # + log pi_h
+        logits = (
+            logits if mix is None else apply_label_mix(logits, np.log(hospital[mix]))
+        )  # + log pi_h
         scored.append(score_logits(logits, hospital["validation"].labels, settings.data.labels))
     return pool(scored)
 
@@ -86,21 +105,38 @@ def federated(adjusted: bool):
     model = initial_model(backbone, settings.model, settings.data, seed=settings.seed)
     state = model.exchanged_state()
     rounds = settings.federation.rounds
-    ledgers = [train_module.new_ledger(settings.privacy, len(h["fit"]), settings.train, rounds=rounds) for h in hospitals]
+    ledgers = [
+        train_module.new_ledger(settings.privacy, len(h["fit"]), settings.train, rounds=rounds)
+        for h in hospitals
+    ]
     adam = [None] * len(hospitals)
     for server_round in range(rounds):
         updates, weights = [], []
         for index, hospital in enumerate(hospitals):
             local = initial_model(backbone, settings.model, settings.data, seed=settings.seed)
             local.load_exchanged_state(state)
-            logit_bias["value"] = torch.log(torch.tensor(hospital["training_mix"], dtype=torch.float32)) if adjusted else None
-            result = train_module.train_local(local, hospital["fit"], ledgers[index], settings.train, pad,
-                                              seed=seed * 1000 + 100 * server_round + index, progress=False,
-                                              optimizer_state=adam[index])
+            logit_bias["value"] = (
+                torch.log(torch.tensor(hospital["training_mix"], dtype=torch.float32))
+                if adjusted
+                else None
+            )
+            result = train_module.train_local(
+                local,
+                hospital["fit"],
+                ledgers[index],
+                settings.train,
+                pad,
+                seed=seed * 1000 + 100 * server_round + index,
+                progress=False,
+                optimizer_state=adam[index],
+            )
             adam[index] = result.optimizer_state
             updates.append(local.exchanged_state())
             weights.append(result.examples)
-        state = {name: sum(w * u[name] for w, u in zip(weights, updates)) / sum(weights) for name in updates[0]}
+        state = {
+            name: sum(w * u[name] for w, u in zip(weights, updates)) / sum(weights)
+            for name in updates[0]
+        }
     model.load_exchanged_state(state)
     logit_bias["value"] = None
     return model
@@ -113,7 +149,9 @@ if references:
         model = initial_model(backbone, settings.model, settings.data, seed=settings.seed)
         passes = replace(settings.train, epochs=settings.train.epochs * settings.federation.rounds)
         ledger = train_module.new_ledger(settings.privacy, len(hospital["fit"]), passes, rounds=1)
-        train_module.train_local(model, hospital["fit"], ledger, passes, pad, seed=seed * 1000 + index, progress=False)
+        train_module.train_local(
+            model, hospital["fit"], ledger, passes, pad, seed=seed * 1000 + index, progress=False
+        )
         logits = predict_logits(model, hospital["validation"], pad, torch.device("cpu"))
         alone.append(score_logits(logits, hospital["validation"].labels, settings.data.labels))
     out["local"] = pool(alone)
@@ -121,5 +159,14 @@ if references:
 adjusted_model = federated(adjusted=True)
 out["fed_adjusted_asis_own"] = own_validation(adjusted_model)
 out["fed_adjusted_mix_own"] = own_validation(adjusted_model, mix="mix")
-settings_line = {"lr": lr, "local_epochs": local_epochs, "sigma": sigma, "seed": seed, "epsilon": epsilon}
-print(json.dumps(settings_line), json.dumps({k: [round(v.accuracy, 4), round(v.macro_f1, 4)] for k, v in out.items()}))
+settings_line = {
+    "lr": lr,
+    "local_epochs": local_epochs,
+    "sigma": sigma,
+    "seed": seed,
+    "epsilon": epsilon,
+}
+print(
+    json.dumps(settings_line),
+    json.dumps({k: [round(v.accuracy, 4), round(v.macro_f1, 4)] for k, v in out.items()}),
+)

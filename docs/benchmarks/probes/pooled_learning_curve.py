@@ -36,7 +36,9 @@ from medtune.run_config import resolve_run_config, settings_from_run_config
 
 seed, epsilon, fractions = int(sys.argv[1]), float(sys.argv[2]), [float(f) for f in sys.argv[3:]]
 sweep = read_sweep("medical_abstracts")
-settings = settings_from_run_config(resolve_run_config(sweep.scenario, {**sweep.run_config, "seed": seed, "epsilon": epsilon}))
+settings = settings_from_run_config(
+    resolve_run_config(sweep.scenario, {**sweep.run_config, "seed": seed, "epsilon": epsilon})
+)
 backbone = load_backbone(settings.model.backbone, settings.model.num_layers, "cpu")
 pad = backbone.tokenizer.pad_token_id
 cache = Path("runs/probes/feature-cache")
@@ -53,7 +55,17 @@ for fraction in fractions:
     model = initial_model(backbone, settings.model, settings.data, seed=settings.seed)
     passes = replace(settings.train, epochs=settings.train.epochs * settings.federation.rounds)
     ledger = train_module.new_ledger(settings.privacy, len(inputs), passes, rounds=1)
-    train_module.train_local(model, inputs, ledger, passes, pad, seed=seed * 1000 + 7, progress=False)
-    result = score_logits(predict_logits(model, scored_on, pad, torch.device("cpu")), scored_on.labels, settings.data.labels)
+    train_module.train_local(
+        model, inputs, ledger, passes, pad, seed=seed * 1000 + 7, progress=False
+    )
+    result = score_logits(
+        predict_logits(model, scored_on, pad, torch.device("cpu")),
+        scored_on.labels,
+        settings.data.labels,
+    )
     line = {"seed": seed, "epsilon": epsilon, "fraction": fraction, "records": len(chosen)}
-    print(json.dumps(line), json.dumps([round(result.accuracy, 4), round(result.macro_f1, 4)]), flush=True)
+    print(
+        json.dumps(line),
+        json.dumps([round(result.accuracy, 4), round(result.macro_f1, 4)]),
+        flush=True,
+    )

@@ -54,12 +54,14 @@ cpu = torch.device("cpu")
 hospitals = []
 for split in splits(settings):
     fit, validation = train_test_split(split.train, 0.2, settings.seed + 1)
-    hospitals.append({
-        "records": fit,
-        "fit": record_inputs(backbone, settings.model, fit, cache),
-        "validation": record_inputs(backbone, settings.model, validation, cache),
-        "mix": label_mix([r.label for r in fit], labels),
-    })
+    hospitals.append(
+        {
+            "records": fit,
+            "fit": record_inputs(backbone, settings.model, fit, cache),
+            "validation": record_inputs(backbone, settings.model, validation, cache),
+            "mix": label_mix([r.label for r in fit], labels),
+        }
+    )
 
 
 def own_validation(model) -> dict[str, list[float]]:
@@ -69,17 +71,25 @@ def own_validation(model) -> dict[str, list[float]]:
         fit_logits = predict_logits(model, hospital["fit"], pad, cpu)
         truth = hospital["validation"].labels
         scored["asis"].append(score_logits(logits, truth, settings.data.labels))
-        scored["uniform"].append(score_logits(apply_label_mix(logits, np.log(hospital["mix"])), truth, settings.data.labels))
+        scored["uniform"].append(
+            score_logits(
+                apply_label_mix(logits, np.log(hospital["mix"])), truth, settings.data.labels
+            )
+        )
         matched = apply_label_mix(logits, mix_bias(fit_logits, hospital["mix"]))
         scored["matched"].append(score_logits(matched, truth, settings.data.labels))
-    return {name: [round(pool(s).accuracy, 4), round(pool(s).macro_f1, 4)] for name, s in scored.items()}
+    return {
+        name: [round(pool(s).accuracy, 4), round(pool(s).macro_f1, 4)] for name, s in scored.items()
+    }
 
 
 def trained_alone(inputs, index: int):
     model = initial_model(backbone, settings.model, settings.data, seed=settings.seed)
     passes = replace(settings.train, epochs=settings.train.epochs * settings.federation.rounds)
     ledger = train_module.new_ledger(settings.privacy, len(inputs), passes, rounds=1)
-    train_module.train_local(model, inputs, ledger, passes, pad, seed=seed * 1000 + index, progress=False)
+    train_module.train_local(
+        model, inputs, ledger, passes, pad, seed=seed * 1000 + index, progress=False
+    )
     return model
 
 
@@ -87,20 +97,33 @@ def federated():
     model = initial_model(backbone, settings.model, settings.data, seed=settings.seed)
     state = model.exchanged_state()
     rounds = settings.federation.rounds
-    ledgers = [train_module.new_ledger(settings.privacy, len(h["fit"]), settings.train, rounds=rounds) for h in hospitals]
+    ledgers = [
+        train_module.new_ledger(settings.privacy, len(h["fit"]), settings.train, rounds=rounds)
+        for h in hospitals
+    ]
     adam = [None] * len(hospitals)
     for server_round in range(rounds):
         updates, weights = [], []
         for index, hospital in enumerate(hospitals):
             local = initial_model(backbone, settings.model, settings.data, seed=settings.seed)
             local.load_exchanged_state(state)
-            result = train_module.train_local(local, hospital["fit"], ledgers[index], settings.train, pad,
-                                              seed=seed * 1000 + 100 * server_round + index, progress=False,
-                                              optimizer_state=adam[index])
+            result = train_module.train_local(
+                local,
+                hospital["fit"],
+                ledgers[index],
+                settings.train,
+                pad,
+                seed=seed * 1000 + 100 * server_round + index,
+                progress=False,
+                optimizer_state=adam[index],
+            )
             adam[index] = result.optimizer_state
             updates.append(local.exchanged_state())
             weights.append(result.examples)
-        state = {name: sum(w * u[name] for w, u in zip(weights, updates)) / sum(weights) for name in updates[0]}
+        state = {
+            name: sum(w * u[name] for w, u in zip(weights, updates)) / sum(weights)
+            for name in updates[0]
+        }
     model.load_exchanged_state(state)
     return model
 
@@ -115,4 +138,8 @@ out |= {f"federated_{k}": v for k, v in own_validation(federated()).items()}
 every_record = [record for hospital in hospitals for record in hospital["records"]]
 pooled = trained_alone(record_inputs(backbone, settings.model, every_record, cache), 99)
 out |= {f"pooled_{k}": v for k, v in own_validation(pooled).items()}
-print(json.dumps({"seed": seed, "epsilon": epsilon, "lr": settings.train.learning_rate}), json.dumps(out), flush=True)
+print(
+    json.dumps({"seed": seed, "epsilon": epsilon, "lr": settings.train.learning_rate}),
+    json.dumps(out),
+    flush=True,
+)

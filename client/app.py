@@ -61,7 +61,8 @@ log = logging.getLogger("medtune.site")
 
 
 def refusal(error: Exception) -> str:
-    """The category a site's secure-aggregation error leaves as (the full error stays in its log)."""
+    """The category a site's secure-aggregation error leaves as (the full error stays in its
+    log)."""
     return failure_reason(error if isinstance(error, MedTuneError) else MedTuneError(str(error)))
 
 
@@ -69,7 +70,8 @@ app = ClientApp(mods=[site_mod(refusal)])
 
 
 def failed(message: Message, context: Context, error: Exception) -> Message:
-    """The full error stays in this site's log; the reply carries only its category (medtune.federation.wire).
+    """The full error stays in this site's log; the reply carries only its category
+    (medtune.federation.wire).
 
     An error MedTune did not foresee (an OSError from the site's disk, a bug) is logged with its
     traceback and leaves the site as the category "site error": its text may name site paths.
@@ -96,7 +98,8 @@ def hospital_label(context: Context) -> str:
 
 
 def report_of(outcome: RoundOutcome) -> TrainReport:
-    """The round as plain numbers for the wire: the ledger's totals, and the arrays if it trained."""
+    """The round as plain numbers for the wire: the ledger's totals, and the arrays if it
+    trained."""
     return TrainReport(
         arrays=outcome.arrays,
         examples=outcome.examples,
@@ -109,7 +112,8 @@ def report_of(outcome: RoundOutcome) -> TrainReport:
 def instruction_of(
     arrays: dict[str, np.ndarray], config: ConfigRecord, context: Context
 ) -> Instruction:
-    """A query or train message's content as the site reads it: the global state, the round, the ledger record."""
+    """A query or train message's content as the site reads it: the global state, the round, the
+    ledger record."""
     return Instruction(
         arrays=arrays,
         server_round=int(scalar(config["server-round"])),
@@ -128,7 +132,8 @@ def plain_instruction(message: Message, context: Context) -> Instruction:
 
 @app.query()
 def query(message: Message, context: Context) -> Message:
-    """ "Can you take part in this round?", answered before anyone spends: nothing is trained or written."""
+    """ "Can you take part in this round?", answered before anyone spends: nothing is trained or
+    written."""
     try:
         site = site_for(context)
         if (
@@ -143,8 +148,8 @@ def query(message: Message, context: Context) -> Message:
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    """A plain round sends the update in clear; a secure round (SecAgg+'s collect stage) hands it to the
-    site's mod to be masked, after the site checked it as the coordinator no longer can."""
+    """A plain round sends the update in clear; a secure round (SecAgg+'s collect stage) hands it
+    to the site's mod to be masked, after the site checked it as the coordinator no longer can."""
     if is_secure(message):
         return secure_answer(message, context)
     try:
@@ -159,7 +164,8 @@ def train(message: Message, context: Context) -> Message:
 
 
 def secure_answer(message: Message, context: Context) -> Message:
-    """SecAgg+'s collect stage: this site's update, or its test counts, checked and handed to the mod to mask."""
+    """SecAgg+'s collect stage: this site's update, or its test counts, checked and handed to the
+    mod to mask."""
     try:
         site = site_for(context)
         arrays, config = secure_instruction(message)
@@ -168,8 +174,8 @@ def secure_answer(message: Message, context: Context) -> Message:
             check_evaluation_shared(context)
             evaluation = site.evaluate(arrays, int(scalar(config["server-round"])))
             log.info(
-                "%s: round %s, own test split: accuracy %.3f, macro-F1 %.3f (%d records; only the federation's "
-                "totals leave the site)",
+                "%s: round %s, own test split: accuracy %.3f, macro-F1 %.3f (%d records; only the "
+                "federation's totals leave the site)",
                 site.name,
                 config.get("server-round"),
                 evaluation.accuracy,
@@ -207,21 +213,23 @@ def log_outcome(site: Site, instruction: Instruction, outcome: RoundOutcome) -> 
         log.info("%s stops: %s", site.name, outcome.stop_reason)
     elif outcome.resent:
         log.info(
-            "%s: round %s was trained from this global state before; its update is sent again, no new step",
+            "%s: round %s was trained from this global state before; its update is sent again, no "
+            "new step",
             site.name,
             instruction.server_round,
         )
 
 
 def check_own_update(site: Site, instruction: Instruction, arrays: dict[str, np.ndarray]) -> None:
-    """The checks the coordinator makes on a plain update (`arrays`), made by the site itself before masking."""
+    """The checks the coordinator makes on a plain update (`arrays`), made by the site itself
+    before masking."""
     federation = site.settings.federation
     site.spec.check(arrays, source=f"{site.name}'s own update")
     norm = update_norm(arrays, instruction.arrays)
     if not norm <= federation.max_update_norm:
         raise StateError(
-            f"{site.name}'s own update moved the global state by L2 norm {norm:.4g}, more than max-update-norm="
-            f"{federation.max_update_norm:g}: it is not sent"
+            f"{site.name}'s own update moved the global state by L2 norm {norm:.4g}, more than "
+            f"max-update-norm={federation.max_update_norm:g}: it is not sent"
         )
 
 

@@ -4,13 +4,13 @@ Simulation: Flower gives each node `partition-id`; the hospital is that partitio
 scenario's data source and its ledger lives at `<out>/sites/<hospital>/ledger.json`.
 Deployment: the SuperNode's node config (written by `medtune site` from the site file) names the
 hospital, its files, the columns it lets MedTune read and its privacy terms: `hospital`,
-`data-path`, `ledger-path`, `text-column`, `label-column`, optionally `cache-dir`, and the terms `max-epsilon`, `max-delta`,
-`share-evaluation-counts`, `secure-aggregation` (medtune/site_terms.py). Any other key is refused, so a misspelt ceiling
-is never silently ignored. The terms are checked against the run config before any record is
-read. The paths must be absolute: a relative ledger path would follow the working directory of
-whichever process runs the ClientApp, so a SuperNode restarted from elsewhere would start a
-fresh ledger and reset the hospital's epsilon. A deployed site draws secret noise
-(medtune/noise.py); a simulated one draws noise seeded by the run seed.
+`data-path`, `ledger-path`, `text-column`, `label-column`, optionally `cache-dir`, and the terms
+`max-epsilon`, `max-delta`, `share-evaluation-counts`, `secure-aggregation` (medtune/site_terms.py).
+Any other key is refused, so a misspelt ceiling is never silently ignored. The terms are checked
+against the run config before any record is read. The paths must be absolute: a relative ledger path
+would follow the working directory of whichever process runs the ClientApp, so a SuperNode restarted
+from elsewhere would start a fresh ledger and reset the hospital's epsilon. A deployed site draws
+secret noise (medtune/noise.py); a simulated one draws noise seeded by the run seed.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def site_terms(node_config: dict[str, Any]) -> SiteTerms:
     unknown = sorted(set(node_config) - {*DEPLOYMENT_KEYS, *OPTIONAL_KEYS})
     if unknown:
         raise ConfigError(
-            f"node config key(s) {unknown} are not MedTune's; known keys: {[*DEPLOYMENT_KEYS, *OPTIONAL_KEYS]}"
+            f"node config key(s) {unknown} are not MedTune's; known keys: "
+            f"{[*DEPLOYMENT_KEYS, *OPTIONAL_KEYS]}"
         )
     return SiteTerms.from_values(node_config, "node config")
 
@@ -54,7 +55,8 @@ def _deployed_site(settings: RunSettings, node_config: dict[str, Any]) -> Site:
     missing = [key for key in DEPLOYMENT_KEYS if not node_config.get(key)]
     if missing:
         raise ConfigError(
-            f"this SuperNode's node config lacks {missing}; start the site with `medtune site run <site file>`"
+            f"this SuperNode's node config lacks {missing}; start the site with `medtune site run "
+            "<site file>`"
         )
     terms = site_terms(node_config)
     hospital = check_hospital_name(str(node_config["hospital"]), source="node config hospital")
@@ -62,17 +64,20 @@ def _deployed_site(settings: RunSettings, node_config: dict[str, Any]) -> Site:
     relative = [f"{key}={str(path)!r}" for key, path in paths.items() if not path.is_absolute()]
     if relative:
         raise ConfigError(
-            f"hospital {hospital}: node config {', '.join(relative)} must be absolute, so that a SuperNode "
-            "restarted from another directory still finds the same records and privacy ledger"
+            f"hospital {hospital}: node config {', '.join(relative)} must be absolute, so that a "
+            "SuperNode restarted from another directory still finds the same records and privacy "
+            "ledger"
         )
-    # The site's terms are checked before any record is read: a refused run leaves no trace at the site.
+    # The site's terms are checked before any record is read: a refused run leaves no trace at the
+    # site.
     terms.check(settings.privacy)
     if (
         settings.audit.canaries
     ):  # canaries would bend this site's training to the coordinator's design
         raise ConfigError(
-            f"hospital {hospital}: the run config asks for audit canaries (audit-canaries = {settings.audit.canaries}); "
-            "only a simulated hospital plants them (`medtune audit`), a deployed site never does"
+            f"hospital {hospital}: the run config asks for audit canaries (audit-canaries = "
+            f"{settings.audit.canaries}); only a simulated hospital plants them (`medtune audit`), "
+            "a deployed site never does"
         )
     data = replace(
         settings.data,
@@ -104,14 +109,16 @@ def deployed_terms(context: Context) -> SiteTerms | None:
 
 
 def check_evaluation_shared(context: Context) -> None:
-    """A deployed site whose terms withhold per-class test counts refuses to evaluate (simulated sites share them)."""
+    """A deployed site whose terms withhold per-class test counts refuses to evaluate (simulated
+    sites share them)."""
     terms = deployed_terms(context)
     if terms is not None:
         terms.check_evaluation_shared()
 
 
 def check_sent_in_clear(context: Context) -> None:
-    """A deployed site whose terms require secure aggregation refuses a plain round (simulated sites accept it)."""
+    """A deployed site whose terms require secure aggregation refuses a plain round (simulated sites
+    accept it)."""
     terms = deployed_terms(context)
     if terms is not None:
         terms.check_sent_in_clear()

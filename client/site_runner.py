@@ -2,14 +2,15 @@
 
 It starts `flower-supernode` with the flags a site needs (TLS to the SuperLink, node
 authentication, `--isolation process`, no runtime installs, the node config from the site file)
-and, in place of Flower's `flwr-clientapp`, claims each task itself (medtune/federation/site_runtime.py):
+and, in place of Flower's `flwr-clientapp`, claims each task itself
+(medtune/federation/site_runtime.py):
 
 - the FAB's Python code equals the installed MedTune's: the installed ClientApp (client/app.py)
   answers, in this process (the backbone and feature cache stay loaded between messages);
 - the FAB's hash is in the site's `approved-fabs`: Flower's own runner runs it;
 - anything else is refused before any of its code is imported: one line in the site's log, the
-  FAB kept under `refused-fabs/` beside the ledger for review, and a `failed` reply with the category
-  "code not approved by the site", which the coordinator records like any other failure.
+  FAB kept under `refused-fabs/` beside the ledger for review, and a `failed` reply with the
+  category "code not approved by the site", which the coordinator records like any other failure.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ KEPT_REFUSED_FABS = (
 
 
 class SiteAnswer:
-    """The site's answer to one message: its installed ClientApp's reply (client.app), or a refusal."""
+    """The site's answer to one message: its installed ClientApp's reply (client.app), or a
+    refusal."""
 
     def __init__(self, site: SiteFile, installed: InstalledCode) -> None:
         self.site, self.installed = site, installed
@@ -71,7 +73,8 @@ class SiteAnswer:
 
 
 def supernode_command(site: SiteFile, secret_file: Path) -> list[str]:
-    """`flower-supernode` as a site runs it: TLS, node authentication, process isolation, no runtime installs."""
+    """`flower-supernode` as a site runs it: TLS, node authentication, process isolation, no runtime
+    installs."""
     return [
         "flower-supernode",
         "--superlink",
@@ -94,7 +97,8 @@ def supernode_command(site: SiteFile, secret_file: Path) -> list[str]:
 
 
 def _end_with_this_process() -> None:
-    """In the SuperNode's process, before exec: SIGTERM it if the site runner dies (even by SIGKILL or OOM)."""
+    """In the SuperNode's process, before exec: SIGTERM it if the site runner dies (even by SIGKILL
+    or OOM)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -121,7 +125,8 @@ def _port_free(port: int) -> bool:
 
 
 def run_site(site: SiteFile) -> int:
-    """Run the site until SIGINT or SIGTERM, or until its SuperNode exits; returns the exit status."""
+    """Run the site until SIGINT or SIGTERM, or until its SuperNode exits; returns the exit
+    status."""
     from medtune.federation.site_runtime import missing_private_names, serve
 
     logging.basicConfig(
@@ -134,7 +139,8 @@ def run_site(site: SiteFile) -> int:
         )
     if not _port_free(site.runtime_port):
         raise ConfigError(
-            f"{site.path} runtime-port: 127.0.0.1:{site.runtime_port} is in use; choose another port"
+            f"{site.path} runtime-port: 127.0.0.1:{site.runtime_port} is in use; "
+            "choose another port"
         )
     installed = InstalledCode.read()
     site.refused_fabs_dir.mkdir(parents=True, exist_ok=True)
@@ -151,7 +157,8 @@ def run_site(site: SiteFile) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    # Its own session: a Ctrl-C reaches this runner, which ends the SuperNode after the current task.
+    # Its own session: a Ctrl-C reaches this runner, which ends the SuperNode after the current
+    # task.
     supernode = subprocess.Popen(
         supernode_command(site, secret_file),
         start_new_session=True,
@@ -165,9 +172,10 @@ def run_site(site: SiteFile) -> int:
     threading.Thread(target=stop_when_supernode_ends, daemon=True).start()
     try:
         _wait_for_port(site.runtime_port, supernode, timeout=120)
+        approved = f" and {len(site.approved_fabs)} approved FAB(s)" if site.approved_fabs else ""
         print(
-            f"site {site.hospital}: SuperNode started (pid {supernode.pid}); running only the installed MedTune"
-            f"{' and ' + str(len(site.approved_fabs)) + ' approved FAB(s)' if site.approved_fabs else ''}",
+            f"site {site.hospital}: SuperNode started (pid {supernode.pid}); running only the "
+            f"installed MedTune{approved}",
             file=sys.stderr,
             flush=True,
         )
@@ -191,7 +199,8 @@ def run_site(site: SiteFile) -> int:
     if supernode.returncode in (0, -signal.SIGTERM):
         return 0
     print(
-        f"site {site.hospital}: its SuperNode exited with status {supernode.returncode} (its log is above)",
+        f"site {site.hospital}: its SuperNode exited with status {supernode.returncode} (its log "
+        "is above)",
         file=sys.stderr,
         flush=True,
     )

@@ -1,4 +1,5 @@
-"""The frozen pretrained encoder: loaded offline from a local directory, optionally truncated, never trained."""
+"""The frozen pretrained encoder: loaded offline from a local directory, optionally truncated, never
+trained."""
 
 from __future__ import annotations
 
@@ -50,8 +51,8 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(
-            f"device {name!r}: this torch ({torch.__version__}) sees no CUDA GPU; use 'auto' or 'cpu', or install "
-            "a CUDA build of torch (README, GPU)"
+            f"device {name!r}: this torch ({torch.__version__}) sees no CUDA GPU; use 'auto' or "
+            "'cpu', or install a CUDA build of torch (README, GPU)"
         )
     return torch.device(name)
 
@@ -72,7 +73,8 @@ def _layer_list(encoder: nn.Module) -> nn.ModuleList:
             return layers
     raise ConfigError(
         f"cannot truncate a {type(encoder).__name__}: no encoder.layer or transformer.layer list "
-        "(supported: BERT, RoBERTa, DistilBERT-style encoders); unset model.num_layers to keep all layers"
+        "(supported: BERT, RoBERTa, DistilBERT-style encoders); unset model.num_layers to keep "
+        "all layers"
     )
 
 
@@ -82,12 +84,14 @@ def depth(encoder: nn.Module) -> int:
 
 
 def check_prompt_layer(backbone: "Backbone", prompt_layer: int) -> None:
-    """A prompt layer must name a block of this backbone (0 = input, depth = after the last block)."""
+    """A prompt layer must name a block of this backbone (0 = input, depth = after the last
+    block)."""
     layers = depth(backbone.encoder)
     if not 0 <= prompt_layer <= layers:
         raise ConfigError(
-            f"model.prompt_layer (prompt-layer) = {prompt_layer} is outside 0..{layers}: the backbone "
-            f"{backbone.name} has {layers} layers (0 = input prompt, {layers} = after the last layer)"
+            f"model.prompt_layer (prompt-layer) = {prompt_layer} is outside 0..{layers}: the "
+            f"backbone {backbone.name} has {layers} layers (0 = input prompt, {layers} = after the "
+            "last layer)"
         )
 
 
@@ -107,7 +111,8 @@ def configured_depth(path: str | None, num_layers: int | None) -> int:
 
 
 def attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A (batch, 1, 1, length) additive mask: 0 where a position is attended, the dtype's minimum where not.
+    """A (batch, 1, 1, length) additive mask: 0 where a position is attended, the dtype's minimum
+    where not.
 
     Every attention implementation of the supported encoders (eager and SDPA) accepts this form.
     """
@@ -138,7 +143,8 @@ def run_layers(
 def hidden_states_at(
     encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int
 ) -> torch.Tensor:
-    """The input of transformer block `layer` (1..depth) for each token: embeddings, then blocks 0..layer-1."""
+    """The input of transformer block `layer` (1..depth) for each token: embeddings, then blocks
+    0..layer-1."""
     embedded = encoder.get_submodule("embeddings")(input_ids=input_ids)
     return run_layers(encoder, embedded, attention_mask, 0, layer)
 
@@ -147,7 +153,8 @@ def hidden_states_at(
 def sentence_embeddings(
     encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
-    """Mean over non-padding tokens of the full encoder's last hidden states (sentence-transformers style)."""
+    """Mean over non-padding tokens of the full encoder's last hidden states (sentence-transformers
+    style)."""
     hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
@@ -176,7 +183,8 @@ def freeze(encoder: nn.Module) -> None:
 def load_backbone(
     path: str | None = None, num_layers: int | None = None, device: str = "cpu"
 ) -> Backbone:
-    """Load a local Hugging Face encoder checkpoint offline, truncate it, freeze it and place it on `device`.
+    """Load a local Hugging Face encoder checkpoint offline, truncate it, freeze it and place it on
+    `device`.
 
     Nothing is downloaded: a missing or incomplete directory is an error, not a hub request.
     `device` ("auto" = a GPU when present) is where the frozen blocks run, feature caches included.
@@ -187,7 +195,8 @@ def load_backbone(
         raise ConfigError(f"backbone directory {directory} does not exist (model.backbone)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-        # float32 whatever the checkpoint stores: DP gradients and the CPU kernels need full precision.
+        # float32 whatever the checkpoint stores: DP gradients and the CPU kernels need full
+        # precision.
         encoder = AutoModel.from_pretrained(
             str(directory), local_files_only=True, dtype=torch.float32
         )
@@ -206,7 +215,8 @@ def load_backbone(
 
 
 def weights_hash(encoder: nn.Module) -> str:
-    """SHA-256 over the backbone's tensors (names, shapes, bytes): ties a checkpoint to its backbone."""
+    """SHA-256 over the backbone's tensors (names, shapes, bytes): ties a checkpoint to its
+    backbone."""
     digest = hashlib.sha256()
     for name, tensor in sorted(encoder.state_dict().items()):
         digest.update(name.encode())

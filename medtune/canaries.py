@@ -1,17 +1,18 @@
-"""Audit canaries (`medtune audit --canaries M`): known signals planted at one simulated hospital, so
-that an auditor can test whether its DP training hides a record as well as its ledger's epsilon says.
+"""Audit canaries (`medtune audit --canaries M`): known signals planted at one simulated hospital,
+so that an auditor can test whether its DP training hides a record as well as its ledger's epsilon
+says.
 
 Each of the M canaries of a kind is included with probability 1/2, independently, drawn from the
 run seed: the auditor, who ran the simulation, knows which were in (Steinke, Nasr and Jagielski,
 "Privacy Auditing with One (1) Training Run", 2023). A canary that is in is a record of the
 hospital's training set in every way DP-SGD can tell:
 
-- **gradient canaries** (white box): canary i is one coordinate direction d_i of the flattened prompt
-  and head, of norm equal to the clipping bound C. Each step, an included canary is Poisson-sampled
-  at the hospital's sampling rate, and when sampled its per-sample gradient C·d_i joins the batch's
-  per-sample gradients before Opacus clips and noises them (medtune/train.py's ordinary step).
-  Each step is read as DP's own adversary would (`PlantedCanaries`), and the readings are kept
-  beside the site's ledger (`ledger.canary-steps.npy`).
+- **gradient canaries** (white box): canary i is one coordinate direction d_i of the flattened
+  prompt and head, of norm equal to the clipping bound C. Each step, an included canary is
+  Poisson-sampled at the hospital's sampling rate, and when sampled its per-sample gradient C·d_i
+  joins the batch's per-sample gradients before Opacus clips and noises them (medtune/train.py's
+  ordinary step). Each step is read as DP's own adversary would (`PlantedCanaries`), and the
+  readings are kept beside the site's ledger (`ledger.canary-steps.npy`).
 - **input canaries** (black box): records of random vocabulary words with a random label; the
   included ones join the hospital's training split.
 
@@ -45,8 +46,8 @@ INPUT_WORDS = 40  # words of an input canary: enough to fill a typical note's fi
 
 
 def _generator(seed: int, hospital: str, purpose: str) -> np.random.Generator:
-    """The auditor's own stream for one purpose at one hospital, independent of training's streams and of
-    each other (which canaries are in must not depend on what they are)."""
+    """The auditor's own stream for one purpose at one hospital, independent of training's streams
+    and of each other (which canaries are in must not depend on what they are)."""
     tag = int.from_bytes(hashlib.sha256(f"{hospital}/{purpose}".encode()).digest()[:8], "little")
     return np.random.default_rng([seed, tag])
 
@@ -58,7 +59,8 @@ def included_bits(count: int, seed: int, hospital: str, kind: str) -> np.ndarray
 
 @dataclass(frozen=True)
 class GradientCanaries:
-    """M coordinate directions of the flattened (prompt, head.weight, head.bias), and which are in."""
+    """M coordinate directions of the flattened (prompt, head.weight, head.bias), and which are
+    in."""
 
     directions: (
         np.ndarray
@@ -82,8 +84,8 @@ class GradientCanaries:
         size = sum(int(np.prod(shape)) for shape in spec.shapes.values())
         if count > size:
             raise ConfigError(
-                f"audit-canaries = {count} is more than the {size} coordinates of the prompt and head; each gradient "
-                "canary needs a coordinate of its own: give at most that many"
+                f"audit-canaries = {count} is more than the {size} coordinates of the prompt and "
+                "head; each gradient canary needs a coordinate of its own: give at most that many"
             )
         directions = _generator(seed, hospital, "gradient directions").choice(
             size, size=count, replace=False
@@ -95,7 +97,8 @@ class GradientCanaries:
     def sampled_gradients(
         self, model: PromptClassifier, generator: torch.Generator
     ) -> dict[str, torch.Tensor]:
-        """This step's sampled canaries as per-sample gradient rows, one tensor (rows, *shape) per parameter."""
+        """This step's sampled canaries as per-sample gradient rows, one tensor (rows, *shape) per
+        parameter."""
         chosen = torch.rand(len(self.directions), generator=generator).numpy() < self.sample_rate
         hits = self.directions[chosen & self.included]
         rows, offset = {}, 0
@@ -110,8 +113,9 @@ class GradientCanaries:
         return rows
 
     def scores(self, updates: list[dict[str, np.ndarray]]) -> np.ndarray:
-        """Each canary's score from the updates the coordinator received (sent state minus reply, per round):
-        a sampled canary's gradient pushes its coordinate down, so the sum of the descents along it."""
+        """Each canary's score from the updates the coordinator received (sent state minus reply,
+        per round): a sampled canary's gradient pushes its coordinate down, so the sum of the
+        descents along it."""
         total = np.zeros(len(self.directions))
         for (
             descent
@@ -124,13 +128,13 @@ class GradientCanaries:
 
 
 class PlantedCanaries:
-    """One training call's gradient canaries: planted into each step, and each step read as a white-box auditor
-    reads it.
+    """One training call's gradient canaries: planted into each step, and each step read as a
+    white-box auditor reads it.
 
-    The auditor is DP's own adversary: it sees every step's released (noised) gradient and knows every
-    other record's clipped gradient, so it subtracts the records' part at each canary's coordinate and
-    is left with the canaries' part plus the noise. DP must hide a canary even from it; the sum of
-    these observations over the steps is the canary's white-box score.
+    The auditor is DP's own adversary: it sees every step's released (noised) gradient and knows
+    every other record's clipped gradient, so it subtracts the records' part at each canary's
+    coordinate and is left with the canaries' part plus the noise. DP must hide a canary even from
+    it; the sum of these observations over the steps is the canary's white-box score.
     """
 
     def __init__(self, canaries: GradientCanaries, seed: int, private: bool) -> None:
@@ -141,14 +145,16 @@ class PlantedCanaries:
         self._records_part = np.zeros(len(canaries.directions))
 
     def _at_directions(self, rows: list[torch.Tensor]) -> torch.Tensor:
-        """(rows, M): each row's values at the canary coordinates, from per-tensor (rows, *shape) blocks."""
+        """(rows, M): each row's values at the canary coordinates, from per-tensor (rows, *shape)
+        blocks."""
         flat = torch.cat([block.reshape(len(block), -1) for block in rows], dim=1)
         return flat[:, torch.from_numpy(self.canaries.directions)].double()
 
     def plant(self, model: PromptClassifier, size: int) -> None:
-        """After backward, before the optimizer's step: note the records' part, then add this step's sampled
-        canaries as records join a batch. Under DP as per-sample gradients, which Opacus then clips and noises
-        with the records' own; without DP into the batch's summed gradient (the loss is a mean over `size`)."""
+        """After backward, before the optimizer's step: note the records' part, then add this step's
+        sampled canaries as records join a batch. Under DP as per-sample gradients, which Opacus
+        then clips and noises with the records' own; without DP into the batch's summed gradient
+        (the loss is a mean over `size`)."""
         tensors = model.exchanged_tensors()
         if self.private:
             samples = [per_sample_gradients(t) for t in tensors.values()]
@@ -179,8 +185,8 @@ class PlantedCanaries:
                 parameter.grad = grad + extra.sum(0) / max(1, size)
 
     def observe(self, model: PromptClassifier, scale: float) -> None:
-        """After the step: the released gradient at each canary's coordinate, as a sum (times `scale`, the
-        step's divisor), less the records' part."""
+        """After the step: the released gradient at each canary's coordinate, as a sum (times
+        `scale`, the step's divisor), less the records' part."""
         grads = [
             t.grad if t.grad is not None else torch.zeros_like(t)
             for t in model.exchanged_tensors().values()
@@ -190,7 +196,8 @@ class PlantedCanaries:
 
 
 def canary_steps_path(ledger_path: Path) -> Path:
-    """Where an audited simulated site keeps its white-box observations, one row per step, beside its ledger."""
+    """Where an audited simulated site keeps its white-box observations, one row per step, beside
+    its ledger."""
     return ledger_path.with_name(f"{ledger_path.stem}.canary-steps.npy")
 
 
@@ -231,13 +238,14 @@ def input_canaries(
 def planted_input_canaries(
     settings: RunSettings, hospital: str, train_records: list[Record], backbone: Backbone
 ) -> list[Record]:
-    """The input canaries that are in, for the audited hospital's training split; M is refused when the
-    split cannot carry it (canaries would outnumber the hospital's own records)."""
+    """The input canaries that are in, for the audited hospital's training split; M is refused when
+    the split cannot carry it (canaries would outnumber the hospital's own records)."""
     count = settings.audit.canaries
     if count > len(train_records):
         raise ConfigError(
-            f"audit-canaries = {count} is more than {hospital}'s {len(train_records)} training records: the canaries "
-            "would outnumber them; give at most that many, or audit a larger hospital"
+            f"audit-canaries = {count} is more than {hospital}'s {len(train_records)} training "
+            "records: the canaries would outnumber them; give at most that many, or audit a "
+            "larger hospital"
         )
     records = input_canaries(
         count,
@@ -256,7 +264,8 @@ def planted_input_canaries(
 
 
 def word_vocabulary(tokenizer) -> list[str]:  # noqa: ANN001 - any Hugging Face tokenizer
-    """The tokenizer's whole-word alphabetic entries, in a fixed order: the words input canaries are made of."""
+    """The tokenizer's whole-word alphabetic entries, in a fixed order: the words input canaries are
+    made of."""
     return sorted(
         token
         for token in tokenizer.get_vocab()

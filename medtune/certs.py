@@ -46,7 +46,8 @@ class ServerCertificates:
 
 @dataclass(frozen=True)
 class NodeKeys:
-    """A hospital's SuperNode key pair: the private key stays at the site, the public key is registered."""
+    """A hospital's SuperNode key pair: the private key stays at the site, the public key is
+    registered."""
 
     private_key: Path
     public_key: Path
@@ -66,7 +67,8 @@ def _subject_names(hosts: list[str]) -> list[x509.GeneralName]:
     """Each host as an IP-address SAN if it parses as one, else as a DNS-name SAN."""
     if not hosts:
         raise ConfigError(
-            "a server certificate needs at least one --host (the SuperLink's DNS name or IP address)"
+            "a server certificate needs at least one --host (the SuperLink's DNS name or IP "
+            "address)"
         )
     names: list[x509.GeneralName] = []
     for host in hosts:
@@ -80,7 +82,8 @@ def _subject_names(hosts: list[str]) -> list[x509.GeneralName]:
 def _load_or_make_ca(
     out: Path, now: datetime.datetime
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """The CA under `out`, made if absent: re-issuing a server certificate keeps every site's trust."""
+    """The CA under `out`, made if absent: re-issuing a server certificate keeps every site's
+    trust."""
     cert_path, key_path = out / CA_CERT, out / CA_KEY
     if cert_path.exists() != key_path.exists():
         present, absent = (cert_path, key_path) if cert_path.exists() else (key_path, cert_path)
@@ -141,7 +144,8 @@ def make_server_certificates(
     existing = [str(out / name) for name in (SERVER_KEY, SERVER_CERT) if (out / name).exists()]
     if existing and not rotate:
         raise ConfigError(
-            f"{existing} already exist; pass --rotate to replace the SuperLink's key and certificate"
+            f"{existing} already exist; pass --rotate to replace the SuperLink's key and "
+            "certificate"
         )
     names = _subject_names(hosts)
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -167,14 +171,16 @@ def make_server_certificates(
 
 
 def make_node_keys(out: Path, hospital: str) -> NodeKeys:
-    """`<out>/<hospital>` (OpenSSH private key) and `<hospital>.pub`; an existing pair is never replaced."""
+    """`<out>/<hospital>` (OpenSSH private key) and `<hospital>.pub`; an existing pair is never
+    replaced."""
     check_hospital_name(hospital, source="--hospital")
     files = NodeKeys(out / hospital, out / f"{hospital}.pub")
     existing = [str(path) for path in (files.private_key, files.public_key) if path.exists()]
     if existing:
         raise ConfigError(
-            f"{existing} already exist; a registered key is the hospital's identity, so it is not replaced "
-            "(remove the files and unregister the old key with `flwr supernode unregister` first)"
+            f"{existing} already exist; a registered key is the hospital's identity, so it is not "
+            "replaced (remove the files and unregister the old key with `flwr supernode "
+            "unregister` first)"
         )
     key = ec.generate_private_key(CURVE())
     private = key.private_bytes(

@@ -1,11 +1,13 @@
-"""Checkpoints: the exchanged state as safetensors plus JSON metadata, loadable without training code.
+"""Checkpoints: the exchanged state as safetensors plus JSON metadata, loadable without training
+code.
 
 A checkpoint directory holds `state.safetensors` (prompt, head.weight, head.bias) and
 `meta.json` (labels, model config, backbone name and weights hash, and whatever the writer adds,
 such as the round). The head's rows follow the label order, so the labels are also written into
 the state file's own metadata and must agree on loading: an edited or swapped label list would
-otherwise name every prediction wrongly, without a word. Each file is written atomically, meta.json last: a directory without it is a
-checkpoint whose writer was interrupted, and is never picked to resume from.
+otherwise name every prediction wrongly, without a word. Each file is written atomically, meta.json
+last: a directory without it is a checkpoint whose writer was interrupted, and is never picked to
+resume from.
 
 `model_from_checkpoint` is the one way from a checkpoint to a model (predict, audit, baselines):
 it refuses a backbone whose weights hash is not the one the prompt and head were trained on.
@@ -102,8 +104,9 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
         raise CheckpointError(f"{state_path}: corrupted state file ({error})") from None
     if saved_labels is not None and saved_labels != labels:
         raise CheckpointError(
-            f"{meta_path}: labels {list(labels)} differ from {list(saved_labels)}, the order the head in {STATE_FILE} "
-            "was saved with; restore meta.json (every prediction would be named wrongly)"
+            f"{meta_path}: labels {list(labels)} differ from {list(saved_labels)}, the order the "
+            f"head in {STATE_FILE} was saved with; restore meta.json (every prediction would be "
+            "named wrongly)"
         )
     checkpoint = Checkpoint(arrays, labels, model, backbone_name, backbone_hash, meta)
     try:
@@ -114,7 +117,8 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory itself, a local run's `checkpoint/`, or the newest complete `checkpoints/round_NNN/`."""
+    """A checkpoint directory itself, a local run's `checkpoint/`, or the newest complete
+    `checkpoints/round_NNN/`."""
     path = Path(path)
     if (path / META_FILE).is_file():
         return path
@@ -127,7 +131,8 @@ def find_checkpoint(path: str | Path) -> Path:
     )
     if not rounds:
         raise CheckpointError(
-            f"{path}: no checkpoint here (expected meta.json, checkpoint/ or checkpoints/round_NNN/)"
+            f"{path}: no checkpoint here (expected meta.json, checkpoint/ or "
+            "checkpoints/round_NNN/)"
         )
     return rounds[-1]
 
@@ -139,26 +144,28 @@ def check_resume_location(out: Path, resume: Path) -> None:
     """
     if out.resolve() != resume.resolve() and out.resolve() not in resume.resolve().parents:
         raise ConfigError(
-            f"resume checkpoint {resume} is not under this run's out directory {out}; a resumed run "
-            "must write where the original did, so each hospital's privacy ledger continues"
+            f"resume checkpoint {resume} is not under this run's out directory {out}; a resumed "
+            "run must write where the original did, so each hospital's privacy ledger continues"
         )
 
 
 def model_from_checkpoint(
     path: Path, backbone: str | None = None, device: str = "auto"
 ) -> tuple[Checkpoint, PromptClassifier, Backbone]:
-    """A checkpoint's prompt and head on the backbone it names (or `backbone`), checked by weights hash.
+    """A checkpoint's prompt and head on the backbone it names (or `backbone`), checked by weights
+    hash.
 
-    `path` is a checkpoint directory or a run's out directory (its latest checkpoint). The prompt and
-    head are meaningless on any other encoder, so a backbone with another weights hash is refused.
+    `path` is a checkpoint directory or a run's out directory (its latest checkpoint). The prompt
+    and head are meaningless on any other encoder, so a backbone with another weights hash is
+    refused.
     """
     checkpoint = load_checkpoint(find_checkpoint(path))
     config = checkpoint.model
     loaded = load_backbone(backbone or config.backbone, config.num_layers, device)
     if weights_hash(loaded.encoder) != checkpoint.backbone_hash:
         raise CheckpointError(
-            f"{path}: trained on backbone {checkpoint.backbone_name} with a different weights hash; "
-            "give the backbone it was trained on (predict: --backbone)"
+            f"{path}: trained on backbone {checkpoint.backbone_name} with a different weights "
+            "hash; give the backbone it was trained on (predict: --backbone)"
         )
     model = PromptClassifier(
         loaded, config, len(checkpoint.labels), seed=0

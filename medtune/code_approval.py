@@ -56,7 +56,8 @@ def fab_code(fab: bytes, source: str) -> dict[str, bytes]:
 
 @dataclass(frozen=True)
 class InstalledCode:
-    """The Python files of the installed MedTune packages, by path relative to the site-packages root."""
+    """The Python files of the installed MedTune packages, by path relative to the site-packages
+    root."""
 
     files: dict[str, bytes]
 
@@ -101,7 +102,10 @@ class CodeReview:
             )
             if files
         ]
-        return f"FAB {self.fab_hash[:12]}: Python code differs from the installed MedTune: {'; '.join(parts)}"
+        return (
+            f"FAB {self.fab_hash[:12]}: Python code differs from the installed MedTune: "
+            f"{'; '.join(parts)}"
+        )
 
 
 def review(fab: bytes, installed: InstalledCode, source: str) -> CodeReview:
@@ -131,7 +135,8 @@ class CodePolicy:
     approved_fabs: frozenset[str] = frozenset()
 
     def approves_hash(self, fab_sha256: str) -> bool:
-        """A FAB the site's IT reviewed and listed: it runs as Flower would run it (its own code)."""
+        """A FAB the site's IT reviewed and listed: it runs as Flower would run it (its own
+        code)."""
         return fab_sha256.lower() in self.approved_fabs
 
     def check(self, fab: bytes, installed: InstalledCode, source: str) -> CodeReview:
@@ -140,6 +145,7 @@ class CodePolicy:
         if not result.same_as_installed:
             raise CodeNotApprovedError(
                 f"{result.summary()}; refused before any of it was imported. Review it with "
-                "`medtune site review <fab>` and install the new version, or list its hash in approved-fabs"
+                "`medtune site review <fab>` and install the new version, or list its hash in "
+                "approved-fabs"
             )
         return result

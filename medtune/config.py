@@ -55,7 +55,8 @@ class ModelConfig:
             object.__setattr__(self, "backbone", None)
         _require(
             self.num_layers is None or self.num_layers >= 1,
-            f"model.num_layers must be at least 1 (or unset to keep all layers), got {self.num_layers}",
+            "model.num_layers must be at least 1 (or unset to keep all layers), got "
+            f"{self.num_layers}",
         )
         _require(
             self.prompt_length >= 1,
@@ -71,11 +72,13 @@ class ModelConfig:
         )
         _require(
             self.prompt_layer >= 0,
-            f"model.prompt_layer (prompt-layer) must be 0 (input) or a layer number, got {self.prompt_layer}",
+            "model.prompt_layer (prompt-layer) must be 0 (input) or a layer number, got "
+            f"{self.prompt_layer}",
         )
         _require(
             self.head_init in HEAD_INITS,
-            f"model.head_init (head-init) must be one of {list(HEAD_INITS)}, got {self.head_init!r}",
+            f"model.head_init (head-init) must be one of {list(HEAD_INITS)}, got "
+            f"{self.head_init!r}",
         )
 
 
@@ -117,8 +120,9 @@ class DataConfig:
                 else f"description {self.label_descriptions[len(self.labels)]!r} has no label"
             )
             raise ConfigError(
-                f"data.label_descriptions (label-descriptions) gives {len(self.label_descriptions)} descriptions for "
-                f"{len(self.labels)} labels {list(self.labels)}: {problem}; give one per label, in the label list's order"
+                "data.label_descriptions (label-descriptions) gives "
+                f"{len(self.label_descriptions)} descriptions for {len(self.labels)} labels "
+                f"{list(self.labels)}: {problem}; give one per label, in the label list's order"
             )
         _require(bool(self.text_column), "data.text_column must be a column name")
         _require(bool(self.label_column), "data.label_column must be a column name")
@@ -143,7 +147,8 @@ class PrivacyConfig:
     accountant: str = from_pyproject("accountant")
 
     def __post_init__(self) -> None:
-        # A positive number, or inf for no DP (given as a number or as text); -inf, NaN and 0 are refused.
+        # A positive number, or inf for no DP (given as a number or as text); -inf, NaN and 0 are
+        # refused.
         object.__setattr__(self, "epsilon", read_epsilon(self.epsilon, "privacy.epsilon"))
         _require(
             0.0 < self.delta < 1.0,
@@ -202,8 +207,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class AuditConfig:
-    """An epsilon audit's canaries (`medtune audit --canaries M`, medtune/canaries.py): M of each kind at one
-    simulated hospital. 0 is every normal run; a deployed site refuses any other value."""
+    """An epsilon audit's canaries (`medtune audit --canaries M`, medtune/canaries.py): M of each
+    kind at one simulated hospital. 0 is every normal run; a deployed site refuses any other
+    value."""
 
     canaries: int = from_pyproject("audit-canaries")
     hospital: str = from_pyproject("audit-hospital")
@@ -223,14 +229,15 @@ class AuditConfig:
         )
         _require(
             self.canaries == 0 or self.canaries >= 2,
-            f"audit-canaries must be 0 (no audit) or at least 2 (an audit compares canaries in and out), got "
-            f"{self.canaries}",
+            "audit-canaries must be 0 (no audit) or at least 2 (an audit compares canaries in and "
+            f"out), got {self.canaries}",
         )
 
 
 def check_fits_backbone(model: ModelConfig) -> None:
-    """The bounds only the backbone can judge, read from its config file (no weights) where settings are
-    read: a recipe it cannot run is refused before any record is encoded or any feature cache is built.
+    """The bounds only the backbone can judge, read from its config file (no weights) where settings
+    are read: a recipe it cannot run is refused before any record is encoded or any feature cache is
+    built.
 
     Its depth bounds `num-layers` and `prompt-layer`; its position table bounds `max-length` +
     `prompt-length` (the same bounds the model checks when it is built, medtune/model.py).
@@ -255,25 +262,27 @@ def check_fits_backbone(model: ModelConfig) -> None:
     )  # as medtune/backbone.py reads it
     _require(
         model.num_layers is None or model.num_layers <= full,
-        f"model.num_layers (num-layers) = {model.num_layers}, but the backbone {name} has only {full} layers",
+        f"model.num_layers (num-layers) = {model.num_layers}, but the backbone {name} has only "
+        f"{full} layers",
     )
     layers = model.num_layers or full
     _require(
         model.prompt_layer <= layers,
-        f"model.prompt_layer (prompt-layer) = {model.prompt_layer} is outside 0..{layers}: the backbone "
-        f"{name} has {layers} layers (0 = input prompt, {layers} = after the last layer)",
+        f"model.prompt_layer (prompt-layer) = {model.prompt_layer} is outside 0..{layers}: the "
+        f"backbone {name} has {layers} layers (0 = input prompt, {layers} = after the last layer)",
     )
     _require(
         model.max_length + model.prompt_length <= positions,
         f"model.max_length (max-length) {model.max_length} + model.prompt_length (prompt-length) "
-        f"{model.prompt_length} = {model.max_length + model.prompt_length} tokens exceeds the {positions} positions "
-        f"of the backbone {name}; shorten one of them",
+        f"{model.prompt_length} = {model.max_length + model.prompt_length} tokens exceeds the "
+        f"{positions} positions of the backbone {name}; shorten one of them",
     )
 
 
 def field_kinds(config: type) -> dict[str, type | None]:
     """Each field of a config dataclass and the plain type of its value (`int | None` is int), as a
-    run-config key and a CLI flag carry it; None for the label lists (tuples, spelt by their readers)."""
+    run-config key and a CLI flag carry it; None for the label lists (tuples, spelt by their
+    readers)."""
     hints = typing.get_type_hints(config)
     plain = (bool, int, float, str)
     return {

@@ -1,4 +1,5 @@
-"""A hospital's records: read from CSV, JSONL or Parquet, checked row by row, split, tokenized, batched.
+"""A hospital's records: read from CSV, JSONL or Parquet, checked row by row, split, tokenized,
+batched.
 
 Rows are numbered from 1 for the first record (the CSV header is not a row). Every problem is
 raised as a DataError naming the file, the row and what is wrong; nothing is skipped silently.
@@ -47,7 +48,8 @@ Rows = tuple[
 
 
 def _not_utf8(path: Path) -> DataError:
-    """The first byte of `path` that is not UTF-8, by line and offset: the streaming decoder saw only a chunk."""
+    """The first byte of `path` that is not UTF-8, by line and offset: the streaming decoder saw
+    only a chunk."""
     offset = 0
     with path.open("rb") as handle:
         for number, line in enumerate(handle, start=1):
@@ -56,8 +58,8 @@ def _not_utf8(path: Path) -> DataError:
             except UnicodeDecodeError as error:
                 bad = line[error.start : error.start + 1].hex()
                 return DataError(
-                    f"{path} line {number}: not valid UTF-8 (byte 0x{bad} at offset {offset + error.start}); "
-                    "save the file as UTF-8"
+                    f"{path} line {number}: not valid UTF-8 (byte 0x{bad} at offset "
+                    f"{offset + error.start}); save the file as UTF-8"
                 )
             offset += len(line)
     return DataError(f"{path}: not valid UTF-8; save the file as UTF-8")
@@ -75,7 +77,8 @@ def _csv_rows(path: Path, handle: BinaryIO) -> Rows:
     repeated = sorted({column for column in columns if columns.count(column) > 1})
     if repeated:
         raise DataError(
-            f"{path} header: column(s) {repeated} appear more than once; rename or remove the copies"
+            f"{path} header: column(s) {repeated} appear more than once; rename or remove the "
+            "copies"
         )
 
     def rows() -> Iterator[tuple[int, dict]]:
@@ -95,7 +98,8 @@ def _csv_rows(path: Path, handle: BinaryIO) -> Rows:
 
 
 def _jsonl_rows(path: Path, handle: BinaryIO) -> Rows:
-    """Two passes over the file: the first checks every line and gathers the columns, the second yields the rows."""
+    """Two passes over the file: the first checks every line and gathers the columns, the second
+    yields the rows."""
     text = io.TextIOWrapper(handle, encoding="utf-8-sig")
 
     def objects() -> Iterator[tuple[int, dict]]:
@@ -154,7 +158,8 @@ def _is_blank(handle: BinaryIO) -> bool:
 
 @contextmanager
 def _read_rows(path: Path) -> Iterator[Rows]:
-    """A file's columns and rows, read as they are used: a large site's file is never in memory whole."""
+    """A file's columns and rows, read as they are used: a large site's file is never in memory
+    whole."""
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
         raise DataError(
@@ -162,7 +167,8 @@ def _read_rows(path: Path) -> Iterator[Rows]:
         )
     if path.is_dir():
         raise DataError(
-            f"{path}: is a directory; give the records file itself (one of {list(SUPPORTED_SUFFIXES)})"
+            f"{path}: is a directory; give the records file itself (one of "
+            f"{list(SUPPORTED_SUFFIXES)})"
         )
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -192,8 +198,8 @@ def _checked_records(path: Path, table: Rows, config: DataConfig) -> list[Record
     for role, column in (("text", config.text_column), ("label", config.label_column)):
         if column not in columns:
             raise DataError(
-                f"{path}: missing {role} column '{column}' (columns found: {columns}); "
-                f"name the right one with --{role}-column (or {role}-column in the run or node config)"
+                f"{path}: missing {role} column '{column}' (columns found: {columns}); name the "
+                f"right one with --{role}-column (or {role}-column in the run or node config)"
             )
     label_index = {label: i for i, label in enumerate(config.labels)}
     records: list[Record] = []
@@ -204,7 +210,8 @@ def _checked_records(path: Path, table: Rows, config: DataConfig) -> list[Record
             raise DataError(f"{path} row {number}: text in column '{config.text_column}' is empty")
         if not isinstance(text, str):
             raise DataError(
-                f"{path} row {number}: text in column '{config.text_column}' is a {type(text).__name__}, not a string"
+                f"{path} row {number}: text in column '{config.text_column}' is a "
+                f"{type(text).__name__}, not a string"
             )
         label_text = "" if label is None else _label_to_str(label)
         if label_text not in label_index:
@@ -276,9 +283,10 @@ class TokenizedRecords(Dataset):
     """Records tokenized once, truncated to max_length, kept unpadded until batching.
 
     All token ids sit in one flat array (uint16 when the vocabulary fits, else int32) with offsets:
-    record i is ids[offsets[i]:offsets[i + 1]]. A tensor per record, built from the tokenizer's output
-    for every record at once, left 46 KiB a record in the process at 128 tokens (docs/benchmarks.md,
-    "Memory at a large site"); the tokenizer now sees TOKENIZE_CHUNK records at a time.
+    record i is ids[offsets[i]:offsets[i + 1]]. A tensor per record, built from the tokenizer's
+    output for every record at once, left 46 KiB a record in the process at 128 tokens
+    (docs/benchmarks.md, "Memory at a large site"); the tokenizer now sees TOKENIZE_CHUNK records
+    at a time.
     """
 
     def __init__(
@@ -325,8 +333,8 @@ class TokenizedRecords(Dataset):
 class PadToLongest:
     """Collate: pad a batch to its own longest record, not to max_length.
 
-    Works for token ids (padded with the pad token) and for cached hidden states (padded with zeros);
-    the attention mask marks the real positions either way.
+    Works for token ids (padded with the pad token) and for cached hidden states (padded with
+    zeros); the attention mask marks the real positions either way.
     """
 
     def __init__(self, pad_token_id: int) -> None:
@@ -346,7 +354,8 @@ class PadToLongest:
 
 
 def warn_if_thin(who: str, train_labels: Sequence[int]) -> None:
-    """Warn about training data that trains but probably not as meant: one record, or one label only."""
+    """Warn about training data that trains but probably not as meant: one record, or one label
+    only."""
     if len(train_labels) == 1 or len(set(train_labels)) == 1:
         log.warning(
             "%s trains on %d record(s) of %d label(s): its model will learn little beyond that",

@@ -1,4 +1,5 @@
-"""MedTune's defaults, written once for Python: medtune/run_defaults.toml, shipped inside the package.
+"""MedTune's defaults, written once for Python: medtune/run_defaults.toml, shipped inside the
+package.
 
 An installed wheel has no pyproject.toml, so the run-config defaults travel with the package, read
 through importlib.resources (the same from a source checkout, an editable install or a wheel).
@@ -21,7 +22,8 @@ from typing import Any
 
 from medtune.errors import ConfigError
 
-DEFAULTS_FILE = "run_defaults.toml"  # package data of `medtune` (pyproject.toml, [tool.setuptools.package-data])
+# package data of `medtune` (pyproject.toml, [tool.setuptools.package-data])
+DEFAULTS_FILE = "run_defaults.toml"
 _COMMENTED_KEY = re.compile(r"^([A-Za-z0-9_-]+)\s*=\s*.*?#\s*(.+)$")
 
 
@@ -75,5 +77,6 @@ def key_comments(table: str) -> dict[str, str]:
 
 @functools.cache
 def key_help() -> dict[str, str]:
-    """Each run-config key's comment in run_defaults.toml: the help text of the flag derived from it."""
+    """Each run-config key's comment in run_defaults.toml: the help text of the flag derived from
+    it."""
     return key_comments(defaults_text())

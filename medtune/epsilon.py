@@ -27,7 +27,8 @@ class EpsilonError(ConfigError):
 
 
 def read_epsilon(value: Any, source: str, spent: bool = False) -> float:
-    """Epsilon from a number or text. A target must be positive; a spent epsilon may be 0 (nothing spent yet).
+    """Epsilon from a number or text. A target must be positive; a spent epsilon may be 0 (nothing
+    spent yet).
 
     `source` names where the value came from (a file and key, a flag); "" when the caller names it.
     """

@@ -62,9 +62,10 @@ def epsilon_lower_bound(m: int, r: int, v: int, delta: float, significance: floa
     canaries reject for an (epsilon, delta)-DP run at `significance`; 0 when none is rejected.
 
     p(eps) only grows with epsilon: each term of alpha's max is a positive mix of increasing tail
-    probabilities when 2 m delta <= 1 (proved); for larger delta we found no decrease below p = 1 in a
-    random search of 20,000 cases, and the paper's code bisects as well. So bisection finds the edge, searching
-    [0, max_certifiable_epsilon(m) + 1], past which nothing can be rejected: no arbitrary cap.
+    probabilities when 2 m delta <= 1 (proved); for larger delta we found no decrease below p = 1 in
+    a random search of 20,000 cases, and the paper's code bisects as well. So bisection finds the
+    edge, searching [0, max_certifiable_epsilon(m) + 1], past which nothing can be rejected: no
+    arbitrary cap.
     """
     _check_count("m", m, low=1)
     _check_count("r (guesses)", r, low=0)
@@ -152,7 +153,8 @@ def _p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
 
 
 def _checked_canaries(scores: np.ndarray, included: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Scores as floats and inclusion as bools, both of shape (m,), m >= 2, with both kinds present."""
+    """Scores as floats and inclusion as bools, both of shape (m,), m >= 2, with both kinds
+    present."""
     try:
         scores = np.asarray(scores, dtype=float)
     except (TypeError, ValueError) as error:
@@ -171,7 +173,8 @@ def _checked_canaries(scores: np.ndarray, included: np.ndarray) -> tuple[np.ndar
         raise ConfigError(f"{bad} of {len(scores)} canary scores are not finite (NaN or inf)")
     if included.all() or not included.any():
         raise ConfigError(
-            f"need both included and excluded canaries, got {int(included.sum())} of {len(scores)} in"
+            f"need both included and excluded canaries, got {int(included.sum())} "
+            f"of {len(scores)} in"
         )
     return scores, included
 

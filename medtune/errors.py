@@ -1,4 +1,5 @@
-"""Project exceptions: every failure a user can act on is one of these, with a message naming the place."""
+"""Project exceptions: every failure a user can act on is one of these, with a message naming the
+place."""
 
 
 class MedTuneError(Exception):
@@ -34,7 +35,8 @@ class FederationError(MedTuneError):
 
 
 class PrivacyTermsError(MedTuneError):
-    """A run asks a site for more privacy loss than the site's own terms allow (or the site set none)."""
+    """A run asks a site for more privacy loss than the site's own terms allow (or the site set
+    none)."""
 
 
 class EvaluationWithheldError(PrivacyTermsError):
@@ -46,8 +48,10 @@ class CodeNotApprovedError(MedTuneError):
 
 
 class HospitalNameError(MedTuneError):
-    """Two nodes claim one hospital name, or a node changed its name mid-run (medtune/ledger_record.py)."""
+    """Two nodes claim one hospital name, or a node changed its name mid-run
+    (medtune/ledger_record.py)."""
 
 
 class SecureAggregationError(MedTuneError):
-    """This site's update cannot be masked faithfully (its weight or a value is outside SecAgg+'s range)."""
+    """This site's update cannot be masked faithfully (its weight or a value is outside SecAgg+'s
+    range)."""

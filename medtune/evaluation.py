@@ -30,7 +30,8 @@ def predict_logits(
 
 
 def evaluate(
-    model: torch.nn.Module,  # a PromptClassifier, or any module from (inputs, attention mask) to logits with a head
+    # a PromptClassifier, or any module from (inputs, attention mask) to logits with a head
+    model: torch.nn.Module,
     dataset: RecordInputs,
     label_names: tuple[str, ...],
     pad_token_id: int,

@@ -91,7 +91,8 @@ class CacheKey:
 
 
 def tokens_digest(tokens: TokenizedRecords) -> str:
-    """Every record's token ids as int64 bytes, as before ids were stored compactly: older caches stay valid."""
+    """Every record's token ids as int64 bytes, as before ids were stored compactly: older caches
+    stay valid."""
     digest = hashlib.sha256()
     for index in range(len(tokens)):
         digest.update(tokens.ids_of(index).astype(np.int64).tobytes())
@@ -120,7 +121,8 @@ def _fill(
     )  # stable: equal lengths keep the records' order
     collate = PadToLongest(backbone.tokenizer.pad_token_id)
     device = next(backbone.encoder.parameters()).device
-    # A large site takes minutes here: records/s and the time left, on a terminal (disable=None: not in logs).
+    # A large site takes minutes here: records/s and the time left, on a terminal (disable=None: not
+    # in logs).
     with tqdm(
         total=len(order), desc="feature cache", unit="record", disable=None, leave=False
     ) as bar:
@@ -137,7 +139,8 @@ def _fill(
 
 
 def _load(directory: Path, key: CacheKey, labels: torch.Tensor) -> HiddenStates | None:
-    """The cache in `directory` if it is whole and made for `key`; None (with the reason logged) if not."""
+    """The cache in `directory` if it is whole and made for `key`; None (with the reason logged) if
+    not."""
     try:
         meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
         if meta.get("format") != CACHE_FORMAT or meta.get("key") != key.__dict__:
@@ -161,7 +164,8 @@ def _reserve(path: Path, directory: Path) -> None:
     """Claim the file's whole size on disk before it is filled.
 
     Writing into a memory map on a full disk kills the process (SIGBUS) half-way through the build,
-    with no message and the half-built folder left behind; claimed up front, a short disk is an error.
+    with no message and the half-built folder left behind; claimed up front, a short disk is an
+    error.
     """
     if not hasattr(os, "posix_fallocate"):  # macOS: written as it is filled, as before
         return
@@ -171,8 +175,9 @@ def _reserve(path: Path, directory: Path) -> None:
             os.posix_fallocate(handle.fileno(), 0, size)
         except OSError as error:
             raise DataError(
-                f"feature cache {directory}: needs {size / 2**30:.2f} GiB on its disk ({error.strerror}); free that "
-                "space, give the cache a bigger disk (cache-dir; --out for medtune train) or lower max-length"
+                f"feature cache {directory}: needs {size / 2**30:.2f} GiB on its disk "
+                f"({error.strerror}); free that space, give the cache a bigger disk (cache-dir; "
+                "--out for medtune train) or lower max-length"
             ) from None
 
 

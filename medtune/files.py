@@ -33,8 +33,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def json_ready(value: Any) -> Any:
     """JSON has no infinity: +inf (epsilon = inf: no DP; max-update-norm = inf: no bound) is written
-    as "inf", its one spelling in text (medtune/epsilon.py). NaN and -inf (a diverged loss a hospital
-    reported) carry no number and are written as null, never as JavaScript's NaN."""
+    as "inf", its one spelling in text (medtune/epsilon.py). NaN and -inf (a diverged loss a
+    hospital reported) carry no number and are written as null, never as JavaScript's NaN."""
     if isinstance(value, float) and value == math.inf:
         return NO_DP
     if isinstance(value, float) and not math.isfinite(value):
@@ -63,7 +63,8 @@ def read_json(path: str | Path) -> Any:
 
 
 def safetensors_metadata(raw: bytes) -> dict[str, str]:
-    """The string pairs in a safetensors file's header (`__metadata__`), read without loading its arrays.
+    """The string pairs in a safetensors file's header (`__metadata__`), read without loading its
+    arrays.
 
     safetensors files start with an 8-byte little-endian header length, then a JSON header.
     """
@@ -72,7 +73,8 @@ def safetensors_metadata(raw: bytes) -> dict[str, str]:
 
 
 def check_writable(path: str | Path, folder: bool, flag: str = "--out") -> None:
-    """Refuse an output path that cannot be written before any work starts, not when its results are due.
+    """Refuse an output path that cannot be written before any work starts, not when its results are
+    due.
 
     `path` is a folder (folder=True) or a file. Makes the missing folders and a probe file in the
     target folder, then removes all it made: a refused command, or one that fails later, leaves

@@ -14,6 +14,6 @@ def hospital_name(partition_id: int) -> str:
 
 
 def simulated_ledger_path(out: Path, hospital: str) -> Path:
-    """Where a simulated hospital keeps its ledger, under the run's out directory (its site folder holds
-    the ledger's companions too: optimizer state, own scores, feature cache)."""
+    """Where a simulated hospital keeps its ledger, under the run's out directory (its site folder
+    holds the ledger's companions too: optimizer state, own scores, feature cache)."""
     return out / "sites" / hospital / "ledger.json"

@@ -45,7 +45,8 @@ def mix_bias(
     tolerance: float = 1e-6,
     max_iterations: int = 10_000,
 ) -> np.ndarray:
-    """The per-label bias b with mean softmax(site_logits + b) = mix: the model re-weighted to the site's mix.
+    """The per-label bias b with mean softmax(site_logits + b) = mix: the model re-weighted to the
+    site's mix.
 
     `site_logits` are the shared model's logits on the site's own records (those `mix` was counted
     from). Each step moves b by the log ratio of the wanted to the predicted mix; the mean is over

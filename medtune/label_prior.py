@@ -1,4 +1,5 @@
-"""The label-name prior: a head that starts from what the frozen encoder already knows about each label.
+"""The label-name prior: a head that starts from what the frozen encoder already knows about each
+label.
 
 A label's name or short description ("digestive system diseases") is public knowledge, not a
 hospital's record, so embedding it costs no privacy. Each head row starts as the standardised,
@@ -23,7 +24,8 @@ from medtune.model import PromptClassifier
 
 
 def label_texts(data: DataConfig) -> tuple[str, ...]:
-    """Each label's description, or the label itself (underscores read as spaces) where none is given."""
+    """Each label's description, or the label itself (underscores read as spaces) where none is
+    given."""
     descriptions = data.label_descriptions or ("",) * len(data.labels)
     return tuple(
         d or label.replace("_", " ") for label, d in zip(data.labels, descriptions, strict=True)
@@ -60,7 +62,8 @@ def set_label_name_head(
 def initial_model(
     backbone: Backbone, model: ModelConfig, data: DataConfig, seed: int
 ) -> PromptClassifier:
-    """The federation's (or a lone hospital's) starting prompt and head, as `model.head_init` asks."""
+    """The federation's (or a lone hospital's) starting prompt and head, as `model.head_init`
+    asks."""
     classifier = PromptClassifier(backbone, model, len(data.labels), seed=seed)
     if model.head_init == "label-names":
         set_label_name_head(classifier.head, backbone, model, data)
@@ -68,7 +71,8 @@ def initial_model(
 
 
 class ZeroShotClassifier(nn.Module):
-    """The untouched encoder's record embedding against each label text's embedding: no prompt, no training."""
+    """The untouched encoder's record embedding against each label text's embedding: no prompt, no
+    training."""
 
     def __init__(self, backbone: Backbone, model: ModelConfig, data: DataConfig) -> None:
         super().__init__()

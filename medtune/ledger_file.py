@@ -1,8 +1,8 @@
-"""A hospital's privacy ledger on disk: continue the stored one (it must match this run, hospital and
-records, and the coordinator's record of it), or start a fresh one only where none exists.
+"""A hospital's privacy ledger on disk: continue the stored one (it must match this run, hospital
+and records, and the coordinator's record of it), or start a fresh one only where none exists.
 
-Used by a federated site (medtune/site.py) and by `medtune train` (medtune/standalone.py); the file is
-held with an OS lock by the caller from reading to writing back (medtune/locks.py).
+Used by a federated site (medtune/site.py) and by `medtune train` (medtune/standalone.py); the file
+is held with an OS lock by the caller from reading to writing back (medtune/locks.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from medtune.train import SamplingPlan, new_ledger
 
 
 def records_digest(records: Sequence[Record]) -> str:
-    """sha256 over the records a ledger counts (text and label, in order): which data it was made for."""
+    """sha256 over the records a ledger counts (text and label, in order): which data it was made
+    for."""
     digest = hashlib.sha256()
     for record in records:
         text = record.text.encode("utf-8")
@@ -55,9 +56,9 @@ def load_or_create_ledger(
     records: str,
     record: LedgerRecord | None = None,
 ) -> PrivacyLedger:
-    """The ledger stored at `path` if there is one, else a fresh one; either way it must be `hospital`'s,
-    made for the training records whose `records_digest` is `records`, and agree with the coordinator's
-    `record` of it."""
+    """The ledger stored at `path` if there is one, else a fresh one; either way it must be
+    `hospital`'s, made for the training records whose `records_digest` is `records`, and agree with
+    the coordinator's `record` of it."""
     ledger = read_ledger(path) if path is not None else None
     check_ledger(ledger, record, path or Path("(no ledger file)"))
     if ledger is None:

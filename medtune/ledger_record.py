@@ -1,4 +1,5 @@
-"""The coordinator's record of one hospital's ledger, and the site's check of its own ledger against it.
+"""The coordinator's record of one hospital's ledger, and the site's check of its own ledger against
+it.
 
 A site's ledger is a file on the site's disk: a wiped folder, a restored old backup or an edited
 history would each let the hospital spend privacy its ledger no longer shows. The coordinator
@@ -23,7 +24,8 @@ from medtune.errors import HospitalNameError, LedgerError
 if TYPE_CHECKING:  # the coordinator builds records without loading the accountant (Opacus)
     from medtune.privacy import PrivacyLedger
 
-# The site reports its epsilon as a float, exactly; this only absorbs a different accountant build's rounding.
+# The site reports its epsilon as a float, exactly; this only absorbs a different accountant build's
+# rounding.
 EPSILON_SLACK = 1e-9
 
 
@@ -38,7 +40,8 @@ class Spend:
 
 @dataclass(frozen=True)
 class LedgerRecord:
-    """What the coordinator recorded of `hospital`'s ledger, and the node that hospital answers from."""
+    """What the coordinator recorded of `hospital`'s ledger, and the node that hospital answers
+    from."""
 
     hospital: str
     node: int
@@ -51,42 +54,48 @@ class LedgerRecord:
 
 
 def check_identity(record: LedgerRecord | None, hospital: str, node: int) -> None:
-    """Refuse when the coordinator has `hospital` answering from another node: two sites share a name."""
+    """Refuse when the coordinator has `hospital` answering from another node: two sites share a
+    name."""
     if record is None:
         return
     if record.hospital != hospital:
         raise HospitalNameError(
-            f"the coordinator's record for this node (node {node}) is of hospital {record.hospital!r}, but this site "
-            f"is {hospital!r}: a node keeps one hospital name for the whole run"
+            f"the coordinator's record for this node (node {node}) is of hospital "
+            f"{record.hospital!r}, but this site is {hospital!r}: a node keeps one hospital name "
+            "for the whole run"
         )
     if record.node != node:
         raise HospitalNameError(
-            f"the coordinator has hospital {hospital!r} on node {record.node}; this is node {node}: another site "
-            "already calls itself by this name in this federation. Give each site its own `hospital` name"
+            f"the coordinator has hospital {hospital!r} on node {record.node}; this is node "
+            f"{node}: another site already calls itself by this name in this federation. Give each "
+            "site its own `hospital` name"
         )
 
 
 def check_ledger(ledger: PrivacyLedger | None, record: LedgerRecord | None, path: Path) -> None:
-    """Refuse a ledger (None: no file) that is missing, behind, or gives a lower epsilon than the record."""
+    """Refuse a ledger (None: no file) that is missing, behind, or gives a lower epsilon than the
+    record."""
     if record is None or not record.spends:
         return
     last = max(record.spends, key=lambda spend: spend.steps)
     if ledger is None:
         raise LedgerError(
-            f"{path}: privacy ledger missing, but the coordinator records {last.steps} steps (epsilon={last.epsilon:.3f}) "
-            f"for {record.hospital} after round {last.round}; restore the ledger (a fresh one would forget the epsilon "
-            "spent)"
+            f"{path}: privacy ledger missing, but the coordinator records {last.steps} steps "
+            f"(epsilon={last.epsilon:.3f}) for {record.hospital} after round {last.round}; restore "
+            "the ledger (a fresh one would forget the epsilon spent)"
         )
     if ledger.steps < last.steps:
         raise LedgerError(
-            f"{path}: privacy ledger is behind: it records {ledger.steps} steps, but the coordinator records "
-            f"{last.steps} after round {last.round}; it was replaced by an older copy. Restore the latest ledger"
+            f"{path}: privacy ledger is behind: it records {ledger.steps} steps, but the "
+            f"coordinator records {last.steps} after round {last.round}; it was replaced by an "
+            "older copy. Restore the latest ledger"
         )
     for spend in record.spends:
         own = ledger.epsilon_at(spend.steps)
         if own < spend.epsilon * (1.0 - EPSILON_SLACK):
             raise LedgerError(
-                f"{path}: privacy ledger's history gives epsilon={own:.3f} for its first {spend.steps} steps, but "
-                f"after round {spend.round} it reported epsilon={spend.epsilon:.3f} to the coordinator: the history "
-                "was edited. Restore the ledger from the site's backup"
+                f"{path}: privacy ledger's history gives epsilon={own:.3f} for its first "
+                f"{spend.steps} steps, but after round {spend.round} it reported "
+                f"epsilon={spend.epsilon:.3f} to the coordinator: the history was edited. Restore "
+                "the ledger from the site's backup"
             )

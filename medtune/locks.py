@@ -1,4 +1,5 @@
-"""Exclusive OS file locks: one process at a time writes a run's out directory or a hospital's ledger.
+"""Exclusive OS file locks: one process at a time writes a run's out directory or a hospital's
+ledger.
 
 Two runs writing one out directory, or two SuperNodes charging one ledger, each read the ledger,
 train, and write it back: the later write erases the earlier one's steps, and the ledger records
@@ -25,7 +26,8 @@ class LockedError(MedTuneError):
 
 
 def lock_file_for(path: Path) -> Path:
-    """The lock sits beside what it guards (`runs/.sim.lock`, `.ledger.json.lock`), whether that exists yet or not."""
+    """The lock sits beside what it guards (`runs/.sim.lock`, `.ledger.json.lock`), whether that
+    exists yet or not."""
     path = path.resolve()
     return path.with_name(f".{path.name}.lock")
 
@@ -52,7 +54,8 @@ def exclusive(path: Path, what: str) -> Iterator[None]:
         os.ftruncate(handle, 0)
         os.pwrite(
             handle,
-            f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}".encode(),
+            f"pid {os.getpid()} on {socket.gethostname()} since "
+            f"{time.strftime('%H:%M:%S')}".encode(),
             0,
         )
         yield

@@ -22,9 +22,10 @@ SILENCED_WARNINGS = (
 
 
 class OneLineErrors(logging.Filter):
-    """Flower logs an app's exception with its traceback ("ServerApp raised an exception", exit code 201).
-    A MedTuneError's message already says what to do: its record keeps Flower's words and gains that
-    message, without the traceback. Flower still ends the run as failed, with the message as its details."""
+    """Flower logs an app's exception with its traceback ("ServerApp raised an exception", exit code
+    201). A MedTuneError's message already says what to do: its record keeps Flower's words and
+    gains that message, without the traceback. Flower still ends the run as failed, with the message
+    as its details."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
@@ -52,8 +53,8 @@ class AboveProgressBars(logging.Handler):
 
 
 def quiet_libraries() -> None:
-    """Silence library chatter that says nothing to a MedTune user (documented in the README), Flower's
-    tracebacks under a MedTuneError included."""
+    """Silence library chatter that says nothing to a MedTune user (documented in the README),
+    Flower's tracebacks under a MedTuneError included."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -73,8 +74,9 @@ def quiet_libraries() -> None:
 
 
 def show_medtune_lines() -> None:
-    """MedTune's own progress lines (INFO: a feature cache built, with its size) and warnings on stderr,
-    as a command's output. The CLI calls it; a site's runner logs with timestamps of its own."""
+    """MedTune's own progress lines (INFO: a feature cache built, with its size) and warnings on
+    stderr, as a command's output. The CLI calls it; a site's runner logs with timestamps of its
+    own."""
     medtune = logging.getLogger("medtune")
     medtune.setLevel(logging.INFO)
     if not any(isinstance(h, AboveProgressBars) for h in medtune.handlers):

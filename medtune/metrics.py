@@ -1,4 +1,5 @@
-"""The numbers a model is judged by: loss, accuracy, macro-F1 and per-class counts, and their pooling.
+"""The numbers a model is judged by: loss, accuracy, macro-F1 and per-class counts, and their
+pooling.
 
 Plain counting over labels and logits, so the coordinator can pool hospitals' counts without
 importing any model or records code; running a model over records is medtune/evaluation.py.

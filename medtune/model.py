@@ -49,14 +49,16 @@ class SoftPrompt(nn.Module):
 
 
 class PromptClassifier(nn.Module):
-    """Frozen encoder + soft prompt + linear head. The encoder stays in eval mode even in train()."""
+    """Frozen encoder + soft prompt + linear head. The encoder stays in eval mode even in
+    train()."""
 
     def __init__(self, backbone: Backbone, config: ModelConfig, num_labels: int, seed: int) -> None:
         super().__init__()
         if config.max_length + config.prompt_length > backbone.max_positions:
             raise ConfigError(
-                f"model.max_length ({config.max_length}) + model.prompt_length ({config.prompt_length}) "
-                f"exceeds the backbone's {backbone.max_positions} positions"
+                f"model.max_length ({config.max_length}) + model.prompt_length "
+                f"({config.prompt_length}) exceeds the backbone's {backbone.max_positions} "
+                "positions"
             )
         check_prompt_layer(backbone, config.prompt_layer)
         self.config = config
@@ -82,9 +84,11 @@ class PromptClassifier(nn.Module):
 
     @torch.no_grad()
     def frozen_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """What `forward` takes for these tokens: the ids themselves (k = 0) or block k's input (k > 0).
+        """What `forward` takes for these tokens: the ids themselves (k = 0) or block k's input
+        (k > 0).
 
-        It depends only on the frozen encoder, never on the prompt or head, so a site computes it once.
+        It depends only on the frozen encoder, never on the prompt or head, so a site computes it
+        once.
         """
         if self.config.prompt_layer == 0:
             return input_ids
@@ -93,15 +97,16 @@ class PromptClassifier(nn.Module):
     def features(
         self, inputs: torch.Tensor, attention_mask: torch.Tensor, with_prompt: bool = True
     ) -> torch.Tensor:
-        """Standardised mean-pooled encoder output, with the prompt in place (or without, for zero-shot)."""
+        """Standardised mean-pooled encoder output, with the prompt in place (or without, for
+        zero-shot)."""
         layer = self.config.prompt_layer
         if layer == 0:
             hidden = self.encoder.get_input_embeddings()(inputs)
         else:
             if not inputs.is_floating_point():
                 raise TypeError(
-                    f"the prompt enters at layer {layer}: pass the cached hidden states of medtune.features."
-                    "record_inputs (or frozen_inputs(...)), not token ids"
+                    f"the prompt enters at layer {layer}: pass the cached hidden states of "
+                    "medtune.features.record_inputs (or frozen_inputs(...)), not token ids"
                 )
             hidden = inputs.to(self.head.weight.dtype)
         if with_prompt:
@@ -123,11 +128,13 @@ class PromptClassifier(nn.Module):
         return F.layer_norm(pooled, pooled.shape[-1:])
 
     def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Logits from `frozen_inputs(...)` of a batch: token ids (k = 0) or cached hidden states (k > 0)."""
+        """Logits from `frozen_inputs(...)` of a batch: token ids (k = 0) or cached hidden states
+        (k > 0)."""
         return self.head(self.features(inputs, attention_mask))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        # torch's stubs type Linear.weight as a Tensor; it is a Parameter (Linear.__init__ makes it one)
+        # torch's stubs type Linear.weight as a Tensor; it is a Parameter (Linear.__init__ makes it
+        # one)
         return [self.prompt.embedding, cast(nn.Parameter, self.head.weight), self.head.bias]
 
     def exchanged_tensors(self) -> "OrderedDict[str, torch.Tensor]":

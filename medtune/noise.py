@@ -32,7 +32,8 @@ class NoiseSource:
 
     @classmethod
     def seeded(cls, run_seed: int, hospital: str) -> "NoiseSource":
-        """Reproducible noise for simulation and tests: no privacy against whoever knows the seed."""
+        """Reproducible noise for simulation and tests: no privacy against whoever knows the
+        seed."""
         return cls(run_seed=int(run_seed), hospital=hospital)
 
     @classmethod

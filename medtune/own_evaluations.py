@@ -70,7 +70,8 @@ def own_scores_table(scores: dict[str, dict[int, OwnScore]]) -> Table:
     """Per round: each hospital's own accuracy and the worst of them, as the sites recorded them."""
     rounds = sorted({r for by_round in scores.values() for r in by_round})
     table = Table(
-        title="each hospital's own test split, from the sites' own records (the coordinator never saw these)",
+        title="each hospital's own test split, from the sites' own records (the coordinator never "
+        "saw these)",
         title_justify="left",
         show_edge=False,
         pad_edge=False,

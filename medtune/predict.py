@@ -2,8 +2,9 @@
 
 The checkpoint names its backbone and a hash of its weights; a different backbone is refused,
 since the prompt and head are meaningless on any other encoder. A hospital may pass its own
-labelled records (`--label-mix`) to re-weight the shared model to its label mix (medtune/label_mix.py):
-the model reads those records too, to find the bias that matches its predictions to their mix.
+labelled records (`--label-mix`) to re-weight the shared model to its label mix
+(medtune/label_mix.py): the model reads those records too, to find the bias that matches its
+predictions to their mix.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class Prediction:
 
 @dataclass(frozen=True)
 class SiteMix:
-    """A hospital's label mix and the bias that re-weights the shared model to it (medtune/label_mix.py)."""
+    """A hospital's label mix and the bias that re-weights the shared model to it
+    (medtune/label_mix.py)."""
 
     mix: dict[str, float]
     bias: np.ndarray
@@ -52,7 +54,8 @@ def site_label_mix(
     label_column: str,
     backbone: str | None = None,
 ) -> SiteMix:
-    """The label mix of a hospital's own labelled records, and the shared model's bias matched to it."""
+    """The label mix of a hospital's own labelled records, and the shared model's bias matched to
+    it."""
     checkpoint, model, loaded = model_from_checkpoint(checkpoint_path, backbone)
     labels = checkpoint.labels
     records = read_records(

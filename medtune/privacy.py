@@ -1,4 +1,5 @@
-"""A hospital's privacy ledger: its (epsilon, delta) target, the noise derived from it, and every step spent.
+"""A hospital's privacy ledger: its (epsilon, delta) target, the noise derived from it, and every
+step spent.
 
 The noise multiplier is derived once, from the target and the planned number of steps for the
 hospital's whole participation (rounds x local epochs x steps per epoch), with the same Opacus
@@ -179,8 +180,9 @@ class PrivacyLedger:
                 )
             except ValueError as error:
                 raise PrivacyBudgetError(
-                    f"epsilon={config.epsilon} is too small to train {planned_steps} steps at sampling rate "
-                    f"{sample_rate:.4f} ({error}); raise epsilon, or plan fewer rounds or epochs"
+                    f"epsilon={config.epsilon} is too small to train {planned_steps} steps at "
+                    f"sampling rate {sample_rate:.4f} ({error}); raise epsilon, or plan fewer "
+                    "rounds or epochs"
                 ) from None
         else:
             self.noise_multiplier = 0.0
@@ -198,7 +200,8 @@ class PrivacyLedger:
         return epsilon_of(self.config.accountant, self._history(), self.config.delta)
 
     def _history(self, extra_steps: int = 0) -> History:
-        """The step history, with `extra_steps` more merged in exactly as Opacus's `step` records them."""
+        """The step history, with `extra_steps` more merged in exactly as Opacus's `step` records
+        them."""
         history = [(float(s), float(q), int(n)) for s, q, n in self.accountant.history]
         if extra_steps:
             if history and history[-1][:2] == (self.noise_multiplier, self.sample_rate):
@@ -222,7 +225,8 @@ class PrivacyLedger:
         return epsilon_of(self.config.accountant, tuple(prefix), self.config.delta)
 
     def epsilon_after(self, extra_steps: int) -> float:
-        """Epsilon this hospital would have spent after `extra_steps` more steps at its noise level."""
+        """Epsilon this hospital would have spent after `extra_steps` more steps at its noise
+        level."""
         if not self.config.is_private:
             return math.inf
         return epsilon_of(self.config.accountant, self._history(extra_steps), self.config.delta)
@@ -243,9 +247,9 @@ class PrivacyLedger:
         after = self.epsilon_after(extra_steps)
         if after > self.config.epsilon:
             raise PrivacyBudgetError(
-                f"training {extra_steps} more steps would spend epsilon={after:.3f}, past this hospital's "
-                f"target epsilon={self.config.epsilon} (delta={self.config.delta}); spent so far "
-                f"epsilon={self.epsilon:.3f} over {self.steps} steps"
+                f"training {extra_steps} more steps would spend epsilon={after:.3f}, past this "
+                f"hospital's target epsilon={self.config.epsilon} (delta={self.config.delta}); "
+                f"spent so far epsilon={self.epsilon:.3f} over {self.steps} steps"
             )
 
     def record_non_private_steps(self, steps: int) -> None:
@@ -255,8 +259,9 @@ class PrivacyLedger:
         """Tie this ledger to the records it counts; a ledger made for other records is refused."""
         if self.records not in (None, digest):
             raise LedgerError(
-                f"{source} was made for other records (digest {self.records[:12]}, these are {digest[:12]}): "
-                "a ledger counts the privacy spent on one set of records; give these records a ledger of their own"
+                f"{source} was made for other records (digest {self.records[:12]}, these are "
+                f"{digest[:12]}): a ledger counts the privacy spent on one set of records; give "
+                "these records a ledger of their own"
             )
         self.records = digest
 
@@ -264,8 +269,9 @@ class PrivacyLedger:
         """Tie this ledger to `hospital`; a ledger already tied to another hospital is refused."""
         if self.hospital not in (None, hospital):
             raise LedgerError(
-                f"{source} is the privacy ledger of hospital {self.hospital!r}, not of {hospital!r}: give every "
-                "hospital its own ledger path (two hospitals charging one ledger under-count both)"
+                f"{source} is the privacy ledger of hospital {self.hospital!r}, not of "
+                f"{hospital!r}: give every hospital its own ledger path (two hospitals charging "
+                "one ledger under-count both)"
             )
         self.hospital = hospital
 
@@ -273,8 +279,9 @@ class PrivacyLedger:
         """Note a federated round about to train; a round trained before is recorded as an event."""
         if server_round in self.trained_rounds:
             self.events.append(
-                f"round {server_round} trained again from step {self.steps}: the coordinator sent it again after a "
-                "restart; the earlier attempt's steps stay counted, and the new steps draw fresh noise"
+                f"round {server_round} trained again from step {self.steps}: the coordinator sent "
+                "it again after a restart; the earlier attempt's steps stay counted, and the new "
+                "steps draw fresh noise"
             )
         self.trained_rounds.append(int(server_round))
 
@@ -313,8 +320,9 @@ class PrivacyLedger:
             )
         if state["format"] == LEDGER_FORMAT and state.get("checksum") != ledger_checksum(state):
             raise LedgerError(
-                f"{source}: damaged privacy ledger (its checksum does not match its contents): the file was "
-                "edited or corrupted; restore it from the site's backup (a fresh ledger would forget the epsilon spent)"
+                f"{source}: damaged privacy ledger (its checksum does not match its contents): the "
+                "file was edited or corrupted; restore it from the site's backup (a fresh ledger "
+                "would forget the epsilon spent)"
             )
         try:
             target = state["epsilon_target"]
@@ -358,18 +366,20 @@ class PrivacyLedger:
             or negative_steps
         ):
             raise LedgerError(
-                f"{source}: corrupted ledger (sample rate {ledger.sample_rate}, planned steps {ledger.planned_steps}, "
-                f"noise multiplier {ledger.noise_multiplier} or a step count is out of range)"
+                f"{source}: corrupted ledger (sample rate {ledger.sample_rate}, planned steps "
+                f"{ledger.planned_steps}, noise multiplier {ledger.noise_multiplier} or a step "
+                "count is out of range)"
             )
         if recorded_steps != ledger.steps:
             raise LedgerError(
-                f"{source}: corrupted ledger (its history adds up to {ledger.steps} steps but it records "
-                f"{recorded_steps}); refusing to count this hospital's spending from it"
+                f"{source}: corrupted ledger (its history adds up to {ledger.steps} steps but it "
+                f"records {recorded_steps}); refusing to count this hospital's spending from it"
             )
         return ledger
 
     def matches(self, config: PrivacyConfig, sample_rate: float) -> None:
-        """A stored ledger must belong to the same target and sampling; otherwise its promise changes."""
+        """A stored ledger must belong to the same target and sampling; otherwise its promise
+        changes."""
         if (
             self.config.epsilon != config.epsilon
             or self.config.delta != config.delta
@@ -377,8 +387,10 @@ class PrivacyLedger:
             or not math.isclose(self.sample_rate, sample_rate, rel_tol=1e-9)
         ):
             raise LedgerError(
-                f"stored ledger was made for epsilon={self.config.epsilon}, delta={self.config.delta}, "
-                f"accountant={self.config.accountant}, sample rate {self.sample_rate:.6f}; this run asks for "
-                f"epsilon={config.epsilon}, delta={config.delta}, accountant={config.accountant}, sample rate "
-                f"{sample_rate:.6f}. A hospital's budget cannot be restarted or changed mid-federation"
+                f"stored ledger was made for epsilon={self.config.epsilon}, "
+                f"delta={self.config.delta}, accountant={self.config.accountant}, sample rate "
+                f"{self.sample_rate:.6f}; this run asks for epsilon={config.epsilon}, "
+                f"delta={config.delta}, accountant={config.accountant}, sample rate "
+                f"{sample_rate:.6f}. A hospital's budget cannot be restarted or changed "
+                "mid-federation"
             )

@@ -1,5 +1,5 @@
-"""Opacus's per-sample gradient for the soft prompt, registered on import (medtune/train.py imports it),
-and typed access to the per-sample gradients Opacus keeps on each parameter (`grad_sample`).
+"""Opacus's per-sample gradient for the soft prompt, registered on import (medtune/train.py imports
+it), and typed access to the per-sample gradients Opacus keeps on each parameter (`grad_sample`).
 
 Opacus keeps grad samplers beside the layer they serve; this one lives apart from `SoftPrompt`
 (medtune/model.py) because the coordinator builds the initial model to send round 1 and must not
@@ -30,8 +30,8 @@ def soft_prompt_grad_sample(
 
 
 def per_sample_gradients(parameter: torch.Tensor) -> torch.Tensor:
-    """The (records, *shape) per-sample gradients Opacus's hooks left on `parameter`. Opacus hands an empty
-    Poisson batch over as a list of tensors, joined here."""
+    """The (records, *shape) per-sample gradients Opacus's hooks left on `parameter`. Opacus hands
+    an empty Poisson batch over as a list of tensors, joined here."""
     found = getattr(parameter, "grad_sample")
     return torch.cat(found) if isinstance(found, list) else found
 

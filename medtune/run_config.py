@@ -40,7 +40,8 @@ SYNTHETIC = "synthetic"
 
 
 def shipped_folder(name: str) -> Path:
-    """A folder of TOML files shipped in the `simulations` package, wherever that package is installed.
+    """A folder of TOML files shipped in the `simulations` package, wherever that package is
+    installed.
 
     A source checkout, an editable install and a wheel all install it as plain files, so the folder
     is a path: named_toml lists it, opens files in it and names it in errors.
@@ -92,13 +93,15 @@ class FederationConfig:
             raise ConfigError(f"secagg-max-weight must be at least 1, got {self.secagg_max_weight}")
         if self.secure_aggregation and self.strategy in ("fedmedian", "trimmed-mean"):
             raise ConfigError(
-                f"strategy={self.strategy} needs each hospital's own update, which secure aggregation hides from the "
-                "coordinator; use fedavg, fedprox or fedadam with secure-aggregation=true"
+                f"strategy={self.strategy} needs each hospital's own update, which secure "
+                "aggregation hides from the coordinator; use fedavg, fedprox or fedadam with "
+                "secure-aggregation=true"
             )
         if self.secure_aggregation and self.min_hospitals < 3:
             raise ConfigError(
-                f"secure-aggregation needs min-hospitals >= 3, got {self.min_hospitals}: a sum of two updates hides "
-                "neither from the other hospital, and SecAgg+ survives a dropout only with at least 3"
+                f"secure-aggregation needs min-hospitals >= 3, got {self.min_hospitals}: a sum of "
+                "two updates hides neither from the other hospital, and SecAgg+ survives a "
+                "dropout only with at least 3"
             )
 
 
@@ -170,7 +173,8 @@ def _take(config: dict[str, Any], key: str, kind: type) -> Any:
     ):  # +inf, also as MedTune writes it in JSON
         return math.inf
     if kind is float and isinstance(value, float) and not math.isfinite(value):
-        # NaN passes every `<= 0` check after this one: each number is refused here, where it is read.
+        # NaN passes every `<= 0` check after this one: each number is refused here, where it is
+        # read.
         raise ConfigError(f"run config '{key}' must be a finite number, got {value!r}")
     if kind is int and isinstance(value, float) and value.is_integer():
         return int(value)
@@ -182,7 +186,8 @@ def _take(config: dict[str, Any], key: str, kind: type) -> Any:
 def _config_from(
     config: dict[str, Any], cls: type, renamed: dict[str, str] | None = None, **given: Any
 ) -> Any:
-    """A config dataclass from the run-config keys named after its fields (`prompt_length` <- `prompt-length`).
+    """A config dataclass from the run-config keys named after its fields (`prompt_length`
+    <- `prompt-length`).
 
     `renamed` maps the few fields whose key differs; `given` are fields the caller has already read.
     """
@@ -202,7 +207,8 @@ def settings_from_run_config(config: dict[str, Any]) -> RunSettings:
     )
     if "" in labels:
         raise ConfigError(
-            f"run config 'labels' = {labels_text!r} has an empty label name; list names separated by commas"
+            f"run config 'labels' = {labels_text!r} has an empty label name; list names separated "
+            "by commas"
         )
     if "epsilon" not in config:
         raise ConfigError("run config has no 'epsilon'; it must be set in [tool.flwr.app.config]")
@@ -249,14 +255,15 @@ def settings_from_run_config(config: dict[str, Any]) -> RunSettings:
     )
     if settings.federation.min_hospitals > settings.source.hospitals:
         raise ConfigError(
-            f"min-hospitals = {settings.federation.min_hospitals} is more than hospitals = {settings.source.hospitals}: "
-            "no round could ever aggregate"
+            f"min-hospitals = {settings.federation.min_hospitals} is more than hospitals = "
+            f"{settings.source.hospitals}: no round could ever aggregate"
         )
     if settings.until_round < 0:
         raise ConfigError(
             f"until-round must be 0 (run every round) or a round number, got {settings.until_round}"
         )
-    # Bounds kept by other objects, checked here too, so that no run, sweep cell or site starts on them:
+    # Bounds kept by other objects, checked here too, so that no run, sweep cell or site starts on
+    # them:
     check_fits_backbone(settings.model)  # prompt-layer, num-layers, max-length + prompt-length
     if settings.source.is_synthetic:
         settings.source.synth_config(
@@ -319,7 +326,8 @@ def parse_overrides(text: str) -> dict[str, Any]:
         key, value, stray = match.groups()
         if stray is not None:
             raise ConfigError(
-                f"--run-config {text!r}: {stray!r} is not key=value (values go after '=', no spaces)"
+                f"--run-config {text!r}: {stray!r} is not key=value (values go after '=', no "
+                "spaces)"
             )
         if key in overrides:  # `epsilon=1.0 epsilon=50.0` must never quietly run at 50
             raise ConfigError(f"--run-config {text!r}: {key} is given twice; give each key once")
@@ -327,7 +335,8 @@ def parse_overrides(text: str) -> dict[str, Any]:
             overrides[key] = tomllib.loads(f"value = {value}")["value"]
         except tomllib.TOMLDecodeError:
             raise ConfigError(
-                f"--run-config {text!r}: {key}={value} is not a TOML value (numbers, true/false, or quoted "
+                f"--run-config {text!r}: {key}={value} is not a TOML value (numbers, true/false, "
+                "or quoted "
                 f'strings such as {key}="text")'
             ) from None
     return overrides

@@ -30,7 +30,8 @@ META_KEY = "medtune.sent-update"
 
 @dataclass(frozen=True)
 class SentUpdate:
-    """An update as it left the site: from which round and global state, after how many ledger steps."""
+    """An update as it left the site: from which round and global state, after how many ledger
+    steps."""
 
     round: int
     global_digest: str
@@ -39,7 +40,8 @@ class SentUpdate:
     arrays: dict[str, np.ndarray]
 
     def answers(self, server_round: int, global_digest: str, ledger_steps: int) -> bool:
-        """Whether this is the reply to the instruction (round, global state) at the ledger's current count."""
+        """Whether this is the reply to the instruction (round, global state) at the ledger's
+        current count."""
         return (self.round, self.global_digest, self.steps) == (
             server_round,
             global_digest,
@@ -48,7 +50,8 @@ class SentUpdate:
 
 
 class SentUpdateFile:
-    """The site's copy of its last sent update, beside its ledger; never leaves the site except as that update."""
+    """The site's copy of its last sent update, beside its ledger; never leaves the site except as
+    that update."""
 
     def __init__(self, ledger_path: Path) -> None:
         self.path = ledger_path.with_name(f"{ledger_path.stem}.sent-update.safetensors")

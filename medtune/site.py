@@ -50,13 +50,15 @@ def cached_backbone(path: str | None, num_layers: int | None, device: str) -> Ba
 
 @dataclass(frozen=True)
 class RoundOutcome:
-    """What a hospital did in a round: trained (or sent its stored update again), or stopped (budget spent)."""
+    """What a hospital did in a round: trained (or sent its stored update again), or stopped (budget
+    spent)."""
 
     arrays: dict[str, np.ndarray] | None
     examples: int
     ledger: PrivacyLedger
     stop_reason: str = ""
-    resent: bool = False  # the round's update was already trained from this global state: sent again, no new step
+    # the round's update was already trained from this global state: sent again, no new step
+    resent: bool = False
 
     @property
     def trained(self) -> bool:
@@ -65,7 +67,8 @@ class RoundOutcome:
 
 @dataclass(frozen=True)
 class Instruction:
-    """What the coordinator asks of this site for a round: the global state, and its record of the ledger."""
+    """What the coordinator asks of this site for a round: the global state, and its record of the
+    ledger."""
 
     arrays: dict[str, np.ndarray]
     server_round: int
@@ -75,10 +78,12 @@ class Instruction:
 
 
 class Site:
-    """A hospital's records, split, turned into model inputs (cached at the site) and tied to its ledger file.
+    """A hospital's records, split, turned into model inputs (cached at the site) and tied to its
+    ledger file.
 
-    The feature cache lives in `cache_dir` (default: `features/` beside the ledger) and never leaves the site.
-    `noise` is where its DP randomness comes from: secret at a deployed site, seeded in simulation.
+    The feature cache lives in `cache_dir` (default: `features/` beside the ledger) and never leaves
+    the site. `noise` is where its DP randomness comes from: secret at a deployed site, seeded in
+    simulation.
     """
 
     def __init__(
@@ -134,7 +139,8 @@ class Site:
 
     @property
     def spec(self) -> ExchangedStateSpec:
-        """The exchanged state's names and shapes for this federation: what this site's update must be."""
+        """The exchanged state's names and shapes for this federation: what this site's update must
+        be."""
         return ExchangedStateSpec(
             self.settings.model.prompt_length,
             self.backbone.hidden_size,
@@ -148,8 +154,8 @@ class Site:
             return load_tensors(self.optimizer_path.read_bytes())
         except (OSError, SafetensorError) as error:
             raise LedgerError(
-                f"{self.optimizer_path}: the local optimizer state is damaged ({error}); delete it to restart "
-                "Adam's moments (the privacy ledger is separate and unaffected)"
+                f"{self.optimizer_path}: the local optimizer state is damaged ({error}); delete it "
+                "to restart Adam's moments (the privacy ledger is separate and unaffected)"
             ) from None
 
     def _model(self, arrays: dict[str, np.ndarray]) -> PromptClassifier:
@@ -169,8 +175,9 @@ class Site:
         settings = self.settings
         if not self.ledger_path.exists() and self.optimizer_path.exists():
             raise LedgerError(
-                f"{self.ledger_path}: privacy ledger missing, but {self.optimizer_path.name} beside it shows this "
-                "hospital has trained before; restore the ledger (a fresh one would forget the epsilon spent)"
+                f"{self.ledger_path}: privacy ledger missing, but {self.optimizer_path.name} "
+                "beside it shows this hospital has trained before; restore the ledger (a fresh "
+                "one would forget the epsilon spent)"
             )
         return load_or_create_ledger(
             self.ledger_path,
@@ -191,10 +198,11 @@ class Site:
         )
 
     def can_take_part(self, instruction: Instruction) -> bool:
-        """Whether this site would send an update for `instruction`: its stored one, or one it can afford.
+        """Whether this site would send an update for `instruction`: its stored one, or one it can
+        afford.
 
-        Raises, as training would, when the site cannot take part at all (a name clash, a ledger that
-        disagrees with the coordinator's record). Nothing is spent or written.
+        Raises, as training would, when the site cannot take part at all (a name clash, a ledger
+        that disagrees with the coordinator's record). Nothing is spent or written.
         """
         check_identity(instruction.record, self.name, instruction.node)
         with exclusive(self.ledger_path, f"{self.name}'s privacy ledger"):
@@ -208,7 +216,8 @@ class Site:
             return True
 
     def _stored_answer(self, instruction: Instruction, ledger: PrivacyLedger) -> SentUpdate | None:
-        """The update this site already sent for `instruction`, if the ledger shows its steps and nothing since."""
+        """The update this site already sent for `instruction`, if the ledger shows its steps and
+        nothing since."""
         stored = self.sent_update.read()
         if stored is None or not stored.answers(
             instruction.server_round, state_digest(instruction.arrays), ledger.steps
@@ -231,7 +240,8 @@ class Site:
                 return RoundOutcome(
                     arrays=stored.arrays, examples=stored.examples, ledger=ledger, resent=True
                 )
-            self.sent_update.delete()  # another round has started: the last update is no longer an answer
+            # another round has started: the last update is no longer an answer
+            self.sent_update.delete()
             steps = self._steps_per_round()
             try:
                 ledger.check_can_spend(steps)
@@ -255,8 +265,8 @@ class Site:
                 secure_noise=self.noise.is_secret,
                 canaries=self.gradient_canaries,
             )
-            # The ledger reaches the site's disk before the update can leave the site, and before the
-            # copy kept for a repeated round (which is sent only if the ledger shows its steps).
+            # The ledger reaches the site's disk before the update can leave the site, and before
+            # the copy kept for a repeated round (which is sent only if the ledger shows its steps).
             atomic_write_json(self.ledger_path, ledger.state_dict())
             atomic_write_bytes(self.optimizer_path, save_tensors(result.optimizer_state))
             if result.canary_observations is not None:
@@ -269,7 +279,8 @@ class Site:
         return RoundOutcome(arrays=update, examples=result.examples, ledger=ledger)
 
     def evaluate(self, arrays: dict[str, np.ndarray], server_round: int) -> Evaluation:
-        """The global state on this hospital's held-out test split, kept in the site's own record of its scores."""
+        """The global state on this hospital's held-out test split, kept in the site's own record of
+        its scores."""
         model = self._model(arrays)
         evaluation = evaluate(
             model,

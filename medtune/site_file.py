@@ -4,18 +4,25 @@
 hospital = "h1"
 superlink = "superlink.consortium.example:9093"
 root-certificates = "/srv/medtune/ca.crt"      # the consortium CA certificate
-auth-key = "/srv/medtune/keys/h1"              # this SuperNode's private key (never leaves the site)
+auth-key = "/srv/medtune/keys/h1"              # this SuperNode's private key
+                                               # (never leaves the site)
 data-path = "/srv/medtune/data/notes.csv"
-text-column = "note"                           # the only columns MedTune reads (never the coordinator's choice)
+text-column = "note"                           # the only columns MedTune reads
+                                               # (never the coordinator's choice)
 label-column = "specialty"
 ledger-path = "/srv/medtune/ledger.json"
 cache-dir = "/srv/medtune/features"            # optional (default: features/ beside the ledger)
-max-epsilon = 8.0                              # required: this site's ceiling for every run ("inf": consents to no DP)
+max-epsilon = 8.0                              # required: this site's ceiling for every run
+                                               # ("inf": consents to no DP)
 max-delta = 1e-5                               # optional (default 1e-5)
-share-evaluation-counts = false                # optional: report per-class test counts (outside epsilon; default false)
-secure-aggregation = false                     # optional: send the prompt and head only masked by SecAgg+ (default false)
-approved-fabs = []                             # optional: SHA-256 of FABs the site's IT reviewed and approved
-runtime-port = 9094                            # optional: the SuperNode's local Runtime API port (loopback only)
+share-evaluation-counts = false                # optional: report per-class test counts
+                                               # (outside epsilon; default false)
+secure-aggregation = false                     # optional: send the prompt and head only masked
+                                               # by SecAgg+ (default false)
+approved-fabs = []                             # optional: SHA-256 of FABs the site's IT reviewed
+                                               # and approved
+runtime-port = 9094                            # optional: the SuperNode's local Runtime API port
+                                               # (loopback only)
 flower-home = "/srv/medtune/flwr"              # optional: the SuperNode's Flower folder (FLWR_HOME)
 ```
 
@@ -98,11 +105,13 @@ class SiteFile:
 
     @property
     def refused_fabs_dir(self) -> Path:
-        """Where refused FABs are kept for the site's IT to review (beside the ledger, never sent)."""
+        """Where refused FABs are kept for the site's IT to review (beside the ledger, never
+        sent)."""
         return self.ledger_path.parent / "refused-fabs"
 
     def node_config_text(self) -> str:
-        """The node config as `flower-supernode --node-config` takes it (TOML values, space-separated)."""
+        """The node config as `flower-supernode --node-config` takes it (TOML values,
+        space-separated)."""
         return " ".join(f"{key}={_toml_value(value)}" for key, value in self.node_config.items())
 
 
@@ -132,8 +141,8 @@ def read_site_file(path: Path) -> SiteFile:
     missing = [key for key in REQUIRED_KEYS if key not in values]
     if missing:
         raise ConfigError(
-            f"{path}: missing key(s) {missing} (max-epsilon is the site's own privacy ceiling; text-column and "
-            "label-column the only columns MedTune may read)"
+            f"{path}: missing key(s) {missing} (max-epsilon is the site's own privacy ceiling; "
+            "text-column and label-column the only columns MedTune may read)"
         )
 
     def where(key: str) -> str:

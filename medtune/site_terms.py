@@ -4,11 +4,12 @@ The coordinator's run config asks for an (epsilon, delta); the site's config (it
 SuperNode's node config) holds the ceiling, and whether the site reports per-class test counts
 after each round. Those counts are exact, outside epsilon, and computed under a model and a test
 split the coordinator chooses (a head aimed at one note's features tells whether that note is in
-the test split), so they are shared only with the site's consent (`share-evaluation-counts = true`). A request above the ceiling, or for no DP without the
-site's explicit consent (`max-epsilon = "inf"`), is refused before any record is read or any step
-taken; a stricter request is honoured and becomes the ledger's target. A site that set no
-`max-epsilon` trains nothing: its privacy terms are its own decision, never a default of the
-coordinator's choosing.
+the test split), so they are shared only with the site's consent
+(`share-evaluation-counts = true`). A request above the ceiling, or for no DP without the site's
+explicit consent (`max-epsilon = "inf"`), is refused before any record is read or any step taken; a
+stricter request is honoured and becomes the ledger's target. A site that set no `max-epsilon`
+trains nothing: its privacy terms are its own decision, never a default of the coordinator's
+choosing.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ DEFAULT_MAX_DELTA = (
 
 @dataclass(frozen=True)
 class SiteTerms:
-    """What a site accepts: an epsilon and delta ceiling, and whether it reports per-class test counts."""
+    """What a site accepts: an epsilon and delta ceiling, and whether it reports per-class test
+    counts."""
 
     max_epsilon: float | None  # None: not configured, so nothing is trained; inf: consent to no DP
     max_delta: float = DEFAULT_MAX_DELTA
@@ -43,7 +45,8 @@ class SiteTerms:
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any], source: str) -> "SiteTerms":
-        """The terms among `values` (a node config or site file), each checked once; `source` names where."""
+        """The terms among `values` (a node config or site file), each checked once; `source` names
+        where."""
         max_epsilon = None
         if values.get("max-epsilon") not in (None, ""):
             max_epsilon = read_epsilon(values["max-epsilon"], f"{source} max-epsilon")
@@ -73,36 +76,42 @@ class SiteTerms:
         """Refuse, naming the key, a run whose privacy request this site has not agreed to."""
         if self.max_epsilon is None:
             raise PrivacyTermsError(
-                "this site has set no max-epsilon, so it trains for no run; set max-epsilon (its ceiling for "
-                f'every run) in its site file or node config, or max-epsilon = "{NO_DP}" to consent to runs without DP'
+                "this site has set no max-epsilon, so it trains for no run; set max-epsilon (its "
+                "ceiling for every run) in its site file or node config, or max-epsilon = "
+                f'"{NO_DP}" to consent to runs without DP'
             )
         if not privacy.is_private and math.isfinite(self.max_epsilon):
             raise PrivacyTermsError(
                 f"the run config asks for epsilon={NO_DP} (no DP); this site's max-epsilon is "
-                f'{show_epsilon(self.max_epsilon)}, and training without DP needs max-epsilon = "{NO_DP}"'
+                f"{show_epsilon(self.max_epsilon)}, and training without DP needs max-epsilon = "
+                f'"{NO_DP}"'
             )
         if privacy.epsilon > self.max_epsilon:
             raise PrivacyTermsError(
-                f"the run config asks for epsilon={show_epsilon(privacy.epsilon)}, above this site's max-epsilon "
-                f"{show_epsilon(self.max_epsilon)}"
+                f"the run config asks for epsilon={show_epsilon(privacy.epsilon)}, above this "
+                f"site's max-epsilon {show_epsilon(self.max_epsilon)}"
             )
         if privacy.delta > self.max_delta:
             raise PrivacyTermsError(
-                f"the run config asks for delta={privacy.delta:g}, above this site's max-delta {self.max_delta:g}"
+                f"the run config asks for delta={privacy.delta:g}, above this site's max-delta "
+                f"{self.max_delta:g}"
             )
 
     def check_sent_in_clear(self) -> None:
-        """Refuse to send this site's prompt and head unmasked if its terms require secure aggregation."""
+        """Refuse to send this site's prompt and head unmasked if its terms require secure
+        aggregation."""
         if self.secure_aggregation:
             raise PrivacyTermsError(
-                "this site's secure-aggregation is true: it sends its prompt and head only through secure "
-                "aggregation, and this round asked for them in clear (run the federation with secure-aggregation=true)"
+                "this site's secure-aggregation is true: it sends its prompt and head only through "
+                "secure aggregation, and this round asked for them in clear (run the federation "
+                "with secure-aggregation=true)"
             )
 
     def check_evaluation_shared(self) -> None:
-        """Refuse to report per-class test counts (outside epsilon) if the site's terms withhold them."""
+        """Refuse to report per-class test counts (outside epsilon) if the site's terms withhold
+        them."""
         if not self.share_evaluation_counts:
             raise EvaluationWithheldError(
-                "this site's share-evaluation-counts is false (the default): its per-class test counts, which are "
-                "outside epsilon, stay at the site"
+                "this site's share-evaluation-counts is false (the default): its per-class test "
+                "counts, which are outside epsilon, stay at the site"
             )

@@ -1,4 +1,5 @@
-"""One hospital on its own: read its file, split, train with DP, evaluate, save checkpoint and ledger.
+"""One hospital on its own: read its file, split, train with DP, evaluate, save checkpoint and
+ledger.
 
 This is the path a record takes inside one site, with nothing federated: CSV row -> Record ->
 tokens -> frozen blocks below the prompt layer (cached under OUT/features) -> prompt + upper
@@ -28,7 +29,8 @@ from medtune.noise import NoiseSource
 from medtune.privacy import PrivacyLedger
 from medtune.train import TrainResult, train_local
 
-# The hospital a `medtune train` ledger belongs to: a federated site's ledger (hospital_1, ...) is refused.
+# The hospital a `medtune train` ledger belongs to: a federated site's ledger (hospital_1, ...) is
+# refused.
 LOCAL_HOSPITAL = "local"
 
 
@@ -78,7 +80,8 @@ def run_local(
             hospital=LOCAL_HOSPITAL,
             records=records_digest(train_records),
         )
-        # seeded noise, reproducible by seed; a second run on one ledger draws fresh noise (medtune/noise.py)
+        # seeded noise, reproducible by seed; a second run on one ledger draws fresh noise
+        # (medtune/noise.py)
         seed = NoiseSource.seeded(train.seed, LOCAL_HOSPITAL).seed_for(ledger.steps)
         result = train_local(model, train_set, ledger, train, pad, seed=seed, progress=progress)
         if ledger_path is not None:
@@ -88,7 +91,8 @@ def run_local(
 
 
 def save_local_run(run: LocalRun, out: Path, backbone: Backbone, configs: dict[str, Any]) -> None:
-    """checkpoint/ and metrics.json under `out`; the ledger was written where `run_local` continued it."""
+    """checkpoint/ and metrics.json under `out`; the ledger was written where `run_local` continued
+    it."""
     save_checkpoint(
         out / "checkpoint",
         Checkpoint(

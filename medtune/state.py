@@ -33,10 +33,12 @@ HOSPITAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def check_hospital_name(hospital: str, source: str) -> str:
-    """A hospital name that is safe as a file name on every side, or an error naming where it came from."""
+    """A hospital name that is safe as a file name on every side, or an error naming where it came
+    from."""
     if not HOSPITAL_NAME.fullmatch(hospital):
         raise ConfigError(
-            f"{source} {hospital!r}: use 1-64 letters, digits, '.', '-' or '_', starting with a letter or digit"
+            f"{source} {hospital!r}: use 1-64 letters, digits, '.', '-' or '_', starting with a "
+            "letter or digit"
         )
     return hospital
 
@@ -77,7 +79,8 @@ class ExchangedStateSpec:
         extra = sorted(names - set(self.names))
         if missing or extra:
             raise StateError(
-                f"{source}: arrays must be exactly {list(self.names)}; missing {missing}, unexpected {extra}"
+                f"{source}: arrays must be exactly {list(self.names)}; missing {missing}, "
+                f"unexpected {extra}"
             )
         checked: OrderedDict[str, np.ndarray] = OrderedDict()
         for name, shape in self.shapes.items():
@@ -95,7 +98,8 @@ class ExchangedStateSpec:
 
 
 def state_digest(arrays: dict[str, np.ndarray]) -> str:
-    """sha256 over a state's arrays (names, dtypes, shapes and bytes): which global state a round started from."""
+    """sha256 over a state's arrays (names, dtypes, shapes and bytes): which global state a round
+    started from."""
     digest = hashlib.sha256()
     for name in sorted(arrays):
         array = np.ascontiguousarray(arrays[name])
@@ -114,12 +118,13 @@ def update_norm(update: dict[str, np.ndarray], reference: dict[str, np.ndarray])
     the learning rate per step (at most ~3x), so a round moves the state by at most about
     3 x lr x steps x sqrt(parameters), and under DP noise by far less.
     Measured on the default run (full MiniLM-L6, prompt at layer 5, P=16, 8,069 parameters, lr 0.01,
-    1 local epoch = 5 to 8 steps a round, epsilon 8, 5 rounds, seed 0): 1.1 to 3.1 for every hospital
-    and round, against a worst case of about 40; the tiny test federation moves 1.6 to 1.8 (earlier
-    2-layer recipe: 3.4 to 4.3). The default `max-update-norm` = 100 is 30x the measured distance and above
-    that worst case, so no honest default update is refused, while a scaled, garbled or runaway
-    update (1e3 and up) is. Raise it for larger learning rates, more local epochs or much larger
-    hospitals (`update_norm` in results.json shows each accepted update's distance).
+    1 local epoch = 5 to 8 steps a round, epsilon 8, 5 rounds, seed 0): 1.1 to 3.1 for every
+    hospital and round, against a worst case of about 40; the tiny test federation moves 1.6 to 1.8
+    (earlier 2-layer recipe: 3.4 to 4.3). The default `max-update-norm` = 100 is 30x the measured
+    distance and above that worst case, so no honest default update is refused, while a scaled,
+    garbled or runaway update (1e3 and up) is. Raise it for larger learning rates, more local
+    epochs or much larger hospitals (`update_norm` in results.json shows each accepted update's
+    distance).
     """
     squares = sum(
         np.sum(np.square(update[name].astype(np.float64) - reference[name])) for name in reference

@@ -1,4 +1,5 @@
-"""Stopping a run on Ctrl-C or SIGTERM: within seconds, and never half-way through recording a round.
+"""Stopping a run on Ctrl-C or SIGTERM: within seconds, and never half-way through recording a
+round.
 
 A signal sets `STOP`. The round loop records a round (results, checkpoint) only inside
 `recording()`, which refuses to start once `STOP` is set, so an interrupted round leaves no trace
@@ -50,7 +51,8 @@ def recording() -> Iterator[None]:
 
 @contextmanager
 def stop_on_signals(afterwards: str) -> Iterator[None]:
-    """On SIGINT or SIGTERM: let a recording finish, print `interrupted: stopped by SIG...; afterwards`, exit 130."""
+    """On SIGINT or SIGTERM: let a recording finish, print `interrupted: stopped by SIG...;
+    afterwards`, exit 130."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -91,7 +93,8 @@ def stop_now(signum: int) -> None:
 
 
 def reclaim_signals() -> None:
-    """Put the stop handler back after a library replaced it (`ray.init` sets SIGTERM to `sys.exit`)."""
+    """Put the stop handler back after a library replaced it (`ray.init` sets SIGTERM to
+    `sys.exit`)."""
     if _active_handler is not None and threading.current_thread() is threading.main_thread():
         for sig in STOP_SIGNALS:
             signal.signal(sig, _active_handler)

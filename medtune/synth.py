@@ -157,9 +157,12 @@ NEGATION_STYLES = (
 )
 TEMPLATES = (
     "{age}{sex} presents with {symptoms}. {history} {findings} {negatives} Plan: {plan}",
-    "CC: {symptoms}. HPI: {age} yo {sexword} with {history_short}, {onset}. Exam/data: {findings} ROS: {negatives} A/P: {plan}",
-    "S: pt reports {symptoms} x {days} days. {history} O: {findings} {negatives} A: see plan. P: {plan}",
-    "Patient is a {age} year old {sexword} seen for {symptoms}, {onset}. {findings} {negatives} {history} Will {plan}",
+    "CC: {symptoms}. HPI: {age} yo {sexword} with {history_short}, {onset}. Exam/data: {findings} "
+    "ROS: {negatives} A/P: {plan}",
+    "S: pt reports {symptoms} x {days} days. {history} "
+    "O: {findings} {negatives} A: see plan. P: {plan}",
+    "Patient is a {age} year old {sexword} seen for {symptoms}, {onset}. "
+    "{findings} {negatives} {history} Will {plan}",
     "{age}{sex}, {history_short}. c/o {symptoms}. {negatives} {findings} -> {plan}",
 )
 PLANS = (
@@ -220,7 +223,8 @@ def _note(label: str, style: HospitalStyle, rng: np.random.Generator) -> str:
         negatives.append(
             str(rng.choice(style.negations)).format(negated) if rng.random() < 0.5 else negated
         )
-    # A misleading positive: a distractor service's finding as past history or an incidental finding.
+    # A misleading positive: a distractor service's finding as past history or an incidental
+    # finding.
     history_service = str(rng.choice(LABELS)) if rng.random() < 0.6 else label
     history_item = str(rng.choice(HISTORY[history_service]))
     age = int(rng.integers(19, 92))

@@ -1,4 +1,5 @@
-"""The synthetic source's settings and label names, apart from the note generator (medtune/synth.py).
+"""The synthetic source's settings and label names, apart from the note generator
+(medtune/synth.py).
 
 Reading a run config needs these (the default labels, and the checks on `records-per-hospital`);
 the generator is loaded only where notes are written, never by a coordinator.
@@ -43,8 +44,8 @@ class SynthConfig:
             0 <= self.size_skew < math.inf and 0 < self.dirichlet_alpha < math.inf
         ):  # NaN fails both
             raise ConfigError(
-                f"synth.size_skew must be a finite number >= 0 and synth.dirichlet_alpha a finite number > 0, got "
-                f"{self.size_skew} and {self.dirichlet_alpha}"
+                "synth.size_skew must be a finite number >= 0 and synth.dirichlet_alpha a finite "
+                f"number > 0, got {self.size_skew} and {self.dirichlet_alpha}"
             )
         if not 0 <= self.seed < 2**32:
             raise ConfigError(

@@ -68,7 +68,8 @@ class TrainResult:
 
 
 def flat_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """Adam's per-parameter state as flat named tensors ("<param index>.<name>"), for safetensors."""
+    """Adam's per-parameter state as flat named tensors ("<param index>.<name>"), for
+    safetensors."""
     return {
         f"{index}.{name}": value.detach().cpu().clone()
         for index, state in optimizer.state_dict()["state"].items()
@@ -125,7 +126,8 @@ class RandomStreams:
 
     sampling: int
     noise: int
-    other: int  # Python, NumPy and torch's global generators (dropout is off; nothing private uses them)
+    # Python, NumPy and torch's global generators (dropout is off; nothing private uses them)
+    other: int
     canaries: int  # an audit's canaries joining steps (medtune/canaries.py), sampled as records are
 
     @classmethod
@@ -151,18 +153,20 @@ def _batch_loss(
 ) -> torch.Tensor:
     labels = batch["labels"].to(device)
     logits = model(batch["inputs"].to(device), batch["attention_mask"].to(device))
-    # Mean over the records actually sampled; an empty Poisson batch gives a zero loss (still a DP step).
+    # Mean over the records actually sampled; an empty Poisson batch gives a zero loss (still a DP
+    # step).
     return F.cross_entropy(logits, labels, reduction="sum") / max(1, labels.shape[0])
 
 
 def _records_in(batch: dict[str, torch.Tensor] | list[torch.Tensor]) -> int:
-    """Records in a batch. Opacus hands an empty Poisson batch over as a list of empty tensors, whatever
-    the dataset's items are, so a list is an empty batch."""
+    """Records in a batch. Opacus hands an empty Poisson batch over as a list of empty tensors,
+    whatever the dataset's items are, so a list is an empty batch."""
     return 0 if isinstance(batch, list) else int(batch["labels"].shape[0])
 
 
 def _noise_only_step(model: PromptClassifier, device: torch.device) -> torch.Tensor:
-    """An empty Poisson batch is still a DP step: zero per-sample gradients, then clip (nothing) and noise.
+    """An empty Poisson batch is still a DP step: zero per-sample gradients, then clip (nothing) and
+    noise.
 
     The encoder cannot run on zero records, so the empty per-sample gradients are set directly.
     """
@@ -176,14 +180,16 @@ def _noise_only_step(model: PromptClassifier, device: torch.device) -> torch.Ten
 def _check_plan(
     dataset: RecordInputs, ledger: PrivacyLedger, train: TrainConfig
 ) -> tuple[SamplingPlan, int]:
-    """The round's sampling plan and step count, refused before any step if it would break the ledger's promise."""
+    """The round's sampling plan and step count, refused before any step if it would break the
+    ledger's promise."""
     plan = SamplingPlan.for_records(len(dataset), train.batch_size)
     if ledger.config.is_private and not math.isclose(
         plan.sample_rate, ledger.sample_rate, rel_tol=1e-9
     ):
         raise PrivacyBudgetError(
-            f"this hospital's ledger was planned for sampling rate {ledger.sample_rate:.6f} but its training set "
-            f"now gives {plan.sample_rate:.6f}; its records or batch size changed mid-federation"
+            f"this hospital's ledger was planned for sampling rate {ledger.sample_rate:.6f} but "
+            f"its training set now gives {plan.sample_rate:.6f}; its records or batch size changed "
+            "mid-federation"
         )
     total_steps = train.epochs * plan.steps_per_epoch
     ledger.check_can_spend(total_steps)
@@ -199,11 +205,13 @@ def _make_private(
     noise_seed: int,
     secure_noise: bool,
 ) -> tuple[Any, torch.optim.Optimizer, DataLoader]:
-    """Opacus's DP-SGD around model, optimizer and loader: Poisson batches, per-sample clipping, noise.
+    """Opacus's DP-SGD around model, optimizer and loader: Poisson batches, per-sample clipping,
+    noise.
 
     Every step is recorded in the hospital's own ledger, whose noise multiplier was derived for its
     whole participation. The noise comes from a generator seeded by `noise_seed`, sampling from the
-    loader's own generator (RandomStreams); `secure_noise` draws the Gaussian noise with Opacus's sampler that resists floating-point attacks.
+    loader's own generator (RandomStreams); `secure_noise` draws the Gaussian noise with Opacus's
+    sampler that resists floating-point attacks.
     """
     engine = PrivacyEngine(accountant=ledger.config.accountant)
     engine.accountant = ledger.accountant  # every step lands in the hospital's own ledger
@@ -234,7 +242,8 @@ def _run_steps(
     progress: bool,
     canaries: PlantedCanaries | None = None,
 ) -> tuple[float, int]:
-    """The loop: `train.epochs` passes of (zero grads, loss, backward, [audit canaries], DP step, FedProx pull).
+    """The loop: `train.epochs` passes of (zero grads, loss, backward, [audit canaries], DP step,
+    FedProx pull).
 
     Returns the summed loss and the number of records sampled.
     """
@@ -280,14 +289,16 @@ def train_local(
     secure_noise: bool = False,
     canaries: GradientCanaries | None = None,
 ) -> TrainResult:
-    """Train prompt and head for `train.epochs` epochs; refuse if that would pass the privacy target.
+    """Train prompt and head for `train.epochs` epochs; refuse if that would pass the privacy
+    target.
 
     `optimizer_state` continues Adam's moments from the hospital's previous round. Under DP they
     are built only from clipped, noised gradients (post-processing: no privacy cost), and they
     never leave the site. Without them every round would restart Adam, whose first steps are
     sign-like (each moves every coordinate by the full learning rate, mostly along DP noise).
     `seed` seeds sampling and noise, as independent streams; a deployed site passes a secret one
-    (medtune/noise.py). `canaries` plants an audit's gradient canaries (medtune/canaries.py; simulation only).
+    (medtune/noise.py). `canaries` plants an audit's gradient canaries (medtune/canaries.py;
+    simulation only).
     """
     keep_heap_compact()  # else the heap's peak climbs with the steps (medtune/heap.py)
     device = resolve_device(train.device)

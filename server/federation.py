@@ -91,7 +91,8 @@ RESUMABLE_KEYS = {
 
 
 def changed_settings(original: dict, now: dict) -> dict[str, tuple]:
-    """Run-config keys whose value differs between the run's start and its resumption: {key: (then, now)}."""
+    """Run-config keys whose value differs between the run's start and its resumption: {key: (then,
+    now)}."""
     keys = (set(original) | set(now)) - RESUMABLE_KEYS
     # `original` was read back from JSON, where inf is "inf": compare both as they are written.
     return {
@@ -158,29 +159,31 @@ class Federation:
             ) from None
         if path.name != f"round_{done:03d}" or not 1 <= done <= settings.federation.rounds:
             raise CheckpointError(
-                f"{path / META_FILE}: says round {done}, but the checkpoint is {path.name} of a run of "
-                f"{settings.federation.rounds} rounds; the metadata was edited or copied from another run"
+                f"{path / META_FILE}: says round {done}, but the checkpoint is {path.name} of a "
+                f"run of {settings.federation.rounds} rounds; the metadata was edited or copied "
+                "from another run"
             )
         changed = changed_settings(dict(checkpoint.extra.get("config", {})), settings.run_config)
         if changed:
             raise CheckpointError(
-                f"{path}: this run was started with other settings ({changed}); resume with the run's original "
-                "--run-config (only rounds and until-round may change)"
+                f"{path}: this run was started with other settings ({changed}); resume with the "
+                "run's original --run-config (only rounds and until-round may change)"
             )
         if (
             checkpoint.backbone_hash != self.backbone_hash
             or checkpoint.labels != settings.data.labels
         ):
             raise CheckpointError(
-                f"{path}: made with backbone {checkpoint.backbone_name} (hash {checkpoint.backbone_hash[:12]}) and "
-                f"labels {list(checkpoint.labels)}; this run has hash {self.backbone_hash[:12]} and labels "
-                f"{list(settings.data.labels)}"
+                f"{path}: made with backbone {checkpoint.backbone_name} (hash "
+                f"{checkpoint.backbone_hash[:12]}) and labels {list(checkpoint.labels)}; this run "
+                f"has hash {self.backbone_hash[:12]} and labels {list(settings.data.labels)}"
             )
         restore_strategy_state(self.strategy, path)
         if not (settings.out / RESULTS_FILE).is_file():
             raise CheckpointError(
-                f"{settings.out / RESULTS_FILE}: missing, so rounds 1..{done} of this run have no record; restore it "
-                f"to resume (a resumed run must continue the whole history, never start it at round {done + 1})"
+                f"{settings.out / RESULTS_FILE}: missing, so rounds 1..{done} of this run have no "
+                "record; restore it to resume (a resumed run must continue the whole history, "
+                f"never start it at round {done + 1})"
             )
         self.results = RunResults.load(settings.out, up_to_round=done)
         self.results.config = settings.run_config
@@ -192,7 +195,8 @@ class Federation:
         self.console.print(f"[bold]{text}[/bold]")
 
     def _wait_for_hospitals(self) -> None:
-        """Wait (up to round-timeout) for every expected hospital to connect before round 1's sampling."""
+        """Wait (up to round-timeout) for every expected hospital to connect before round 1's
+        sampling."""
         expected = self.settings.source.hospitals
         deadline = time.monotonic() + self.settings.federation.round_timeout
         while len(list(self.grid.get_node_ids())) < expected and time.monotonic() < deadline:
@@ -240,20 +244,23 @@ class Federation:
         self.results.save(settings.out)
         if not self._trained_ever():
             raise FederationError(
-                f"no hospital trained in any round (see the reasons in {settings.out / RESULTS_FILE}); no checkpoint "
-                "was written, since it would be the untrained model"
+                "no hospital trained in any round (see the reasons in "
+                f"{settings.out / RESULTS_FILE}); no checkpoint was written, since it would be the "
+                "untrained model"
             )
         return self.results
 
     def _trained_ever(self) -> bool:
-        """Whether any round so far aggregated updates: before that, a checkpoint would be the untrained model."""
+        """Whether any round so far aggregated updates: before that, a checkpoint would be the
+        untrained model."""
         return any(r.aggregated for r in self.results.rounds)
 
     def _train_round(
         self, server_round: int
     ) -> tuple[list[HospitalRound], list[CheckedUpdate], bool] | None:
-        """One round's training exchange and aggregation: the hospitals' records, the valid updates, and
-        whether they were aggregated (at least min-hospitals). None: too few can pay for the round."""
+        """One round's training exchange and aggregation: the hospitals' records, the valid updates,
+        and whether they were aggregated (at least min-hospitals). None: too few can pay for the
+        round."""
         federation = self.settings.federation
         sent = to_record(self.arrays)
         planned = list(self.strategy.configure_train(server_round, sent, ConfigRecord(), self.grid))
@@ -270,7 +277,8 @@ class Federation:
             return None
         if federation.secure_aggregation:
             return self._secure_round(server_round, ready, hospitals, config)
-        # Nodes refused for their name get the instruction too: its record tells them why, in their own log.
+        # Nodes refused for their name get the instruction too: its record tells them why, in their
+        # own log.
         messages = [
             self._instruction(MessageType.TRAIN, node, sent, config)
             for node in ready + sorted(self.refused_nodes & set(nodes))
@@ -308,13 +316,15 @@ class Federation:
     def _instruction(
         self, kind: str, node: int, sent: ArrayRecord, config: ConfigRecord
     ) -> Message:
-        """One node's query or train message: the global state, the round's config, and the coordinator's
-        record of that node's hospital's ledger (none while the node has not yet said who it is)."""
+        """One node's query or train message: the global state, the round's config, and the
+        coordinator's record of that node's hospital's ledger (none while the node has not yet said
+        who it is)."""
         content = RecordDict({ARRAYS: sent, "config": self._node_config(node, config)})
         return Message(content, dst_node_id=node, message_type=kind)
 
     def _node_config(self, node: int, config: ConfigRecord) -> ConfigRecord:
-        """The round's config for one node, with the coordinator's record of its hospital's ledger."""
+        """The round's config for one node, with the coordinator's record of its hospital's
+        ledger."""
         record = self._ledger_record(node)
         return (
             config
@@ -329,8 +339,9 @@ class Federation:
         hospitals: list[HospitalRound],
         config: ConfigRecord,
     ) -> tuple[list[HospitalRound], list[CheckedUpdate], bool]:
-        """A round through SecAgg+: the coordinator gets the weighted mean of the ready hospitals' prompts and
-        heads, and each one's clear report (name, epsilon, delta, steps), never one hospital's arrays."""
+        """A round through SecAgg+: the coordinator gets the weighted mean of the ready hospitals'
+        prompts and heads, and each one's clear report (name, epsilon, delta, steps), never one
+        hospital's arrays."""
         federation = self.settings.federation
         instructions = {
             node: (self.arrays, dict(self._node_config(node, config))) for node in ready
@@ -355,7 +366,10 @@ class Federation:
                 bytes_up=result.bytes_up.get(node, 0),
             )
             if report is None:
-                record.reason = "dropped out of the secure aggregation round; the details are in the site's own log"
+                record.reason = (
+                    "dropped out of the secure aggregation round; the details are in the site's "
+                    "own log"
+                )
                 self._event(f"round {server_round}: {name} failed: {record.reason}")
             else:
                 record.status = TRAINED
@@ -384,14 +398,15 @@ class Federation:
             )
         else:
             self._event(
-                f"round {server_round}: the secure aggregation ended with {len(result.reports)} masked update(s), "
-                f"fewer than min-hospitals={federation.min_hospitals} or below its threshold; round skipped, the "
-                "global state is kept"
+                f"round {server_round}: the secure aggregation ended with {len(result.reports)} "
+                f"masked update(s), fewer than min-hospitals={federation.min_hospitals} or below "
+                "its threshold; round skipped, the global state is kept"
             )
         return sorted(hospitals, key=lambda h: h.name), accepted, aggregated
 
     def _ledger_record(self, node: int) -> LedgerRecord | None:
-        """What this run recorded of the ledger of the hospital `node` claims to be, and that hospital's node."""
+        """What this run recorded of the ledger of the hospital `node` claims to be, and that
+        hospital's node."""
         name = self.claims.get(node)
         if name is None:
             return None
@@ -412,9 +427,10 @@ class Federation:
     ) -> tuple[list[int], list[HospitalRound]]:
         """Ask every node whether it can take part in this round, before any of them spends.
 
-        Returns the nodes that are ready, and a record for each that is not (stopped, failed, silent,
-        or refused for its name). A node met for the first time answered without the coordinator's
-        record of its ledger: once it has said who it is, it is asked once more, with the record.
+        Returns the nodes that are ready, and a record for each that is not (stopped, failed,
+        silent, or refused for its name). A node met for the first time answered without the
+        coordinator's record of its ledger: once it has said who it is, it is asked once more, with
+        the record.
         """
         answers: dict[int, tuple[str, str, str]] = {}
         asking = list(nodes)
@@ -483,25 +499,28 @@ class Federation:
             self._event(
                 f"round {server_round}: every hospital's privacy budget is spent; stopping the run"
                 if not ready
-                else f"round {server_round}: the hospitals whose budget can pay for another round ({ready_names}) are fewer "
-                f"than min-hospitals={needed}; every other hospital's privacy budget is spent; stopping the run"
+                else f"round {server_round}: the hospitals whose budget can pay for another round "
+                f"({ready_names}) are fewer than min-hospitals={needed}; every other hospital's "
+                "privacy budget is spent; stopping the run"
             )
             return False
         why = "; ".join(
             f"{h.name}: {h.reason or h.status}" for h in sorted(absent, key=lambda h: h.name)
         )
         self._event(
-            f"round {server_round}: only {len(ready)} hospital(s) can take part ({ready_names}), fewer than "
-            f"min-hospitals={needed}; none was asked to train. Not taking part: {why}"
+            f"round {server_round}: only {len(ready)} hospital(s) can take part ({ready_names}), "
+            f"fewer than min-hospitals={needed}; none was asked to train. Not taking part: {why}"
         )
         self.results.save(self.settings.out)
         raise FederationError(
-            f"round {server_round}: only {len(ready)} hospital(s) can take part ({ready_names}), fewer than "
-            f"min-hospitals={needed}, so no hospital was asked to spend budget. Not taking part: {why}"
+            f"round {server_round}: only {len(ready)} hospital(s) can take part ({ready_names}), "
+            f"fewer than min-hospitals={needed}, so no hospital was asked to spend budget. Not "
+            f"taking part: {why}"
         )
 
     def _row_name(self, server_round: int, node: int, name: str) -> str:
-        """The name `node`'s row goes under: its hospital, or "name (node N)" if another node holds that name.
+        """The name `node`'s row goes under: its hospital, or "name (node N)" if another node holds
+        that name.
 
         A hospital is keyed by the authenticated node it answers from. A name is bound to the first
         node that answers with it; a second node claiming it while the first is still connected is
@@ -514,7 +533,8 @@ class Federation:
         if bound is None or bound == node or bound not in set(self.grid.get_node_ids()):
             if bound not in (None, node):
                 self._event(
-                    f"round {server_round}: {name} now answers from node {node} (node {bound} has left)"
+                    f"round {server_round}: {name} now answers from node {node} (node {bound} has "
+                    "left)"
                 )
             self.bindings[name] = node
             self.refused_nodes.discard(node)
@@ -522,8 +542,8 @@ class Federation:
         if node not in self.refused_nodes:
             self.refused_nodes.add(node)
             self._event(
-                f"round {server_round}: node {node} also calls itself {name}, which is node {bound} in this run; "
-                f"node {node} is refused and nothing it sends is used"
+                f"round {server_round}: node {node} also calls itself {name}, which is node "
+                f"{bound} in this run; node {node} is refused and nothing it sends is used"
             )
         return f"{name} (node {node})"
 
@@ -533,7 +553,8 @@ class Federation:
     def _exchange(
         self, server_round: int, purpose: str, messages: list[Message]
     ) -> list[tuple[Message, int, tuple[str, str, str]]]:
-        """Send, wait, and return each reply with the node it was sent to and its (name, status, reason).
+        """Send, wait, and return each reply with the node it was sent to and its (name, status,
+        reason).
 
         Replies are matched to the node they were sent to, never to their source: when a SuperNode
         dies mid-round the error reply comes from the SuperLink. Such a reply, and every node that
@@ -552,14 +573,16 @@ class Federation:
         silent = sorted(self._node_name(n) for m, n in sent_to.items() if m not in answered)
         if silent:
             self._event(
-                f"round {server_round}: no {purpose} reply within {timeout} s from {', '.join(silent)}"
+                f"round {server_round}: no {purpose} reply within {timeout} s from "
+                f"{', '.join(silent)}"
             )
         return named
 
     def _read_train_reply(
         self, server_round: int, reply: Message, record: HospitalRound, node: int
     ) -> CheckedUpdate | None:
-        """Fill in `record` from one training reply; return its update only if every check passes."""
+        """Fill in `record` from one training reply; return its update only if every check
+        passes."""
         name, status = record.name, record.status
         if status == FAILED:
             self._event(f"round {server_round}: {name} failed: {record.reason}")
@@ -575,15 +598,17 @@ class Federation:
         if status == TRAINED and record.steps <= recorded:
             record.status = REJECTED
             record.reason = (
-                f"its privacy ledger reports {record.steps} steps after training, but this run recorded {recorded} "
-                "before: the site's ledger was deleted or replaced; it takes no further part in this run"
+                f"its privacy ledger reports {record.steps} steps after training, but this run "
+                f"recorded {recorded} before: the site's ledger was deleted or replaced; it takes "
+                "no further part in this run"
             )
             self._event(f"round {server_round}: rejected the update from {name}: {record.reason}")
             self.excluded.add(name)
             return None
         if status == STOPPED:
             self._event(
-                f"round {server_round}: {name} stopped training: privacy budget spent ({record.reason})"
+                f"round {server_round}: {name} stopped training: privacy budget spent "
+                f"({record.reason})"
             )
             return None
         arrays = reply.content.array_records.get(ARRAYS)
@@ -595,7 +620,8 @@ class Federation:
         try:
             if status != TRAINED:
                 raise StateError(
-                    f"reply from {name} has status {status!r}, expected one of {[TRAINED, STOPPED, FAILED]}"
+                    f"reply from {name} has status {status!r}, expected one of "
+                    f"{[TRAINED, STOPPED, FAILED]}"
                 )
             update = check_train_reply(
                 reply, name, self.spec, self.arrays, self.settings.federation
@@ -608,7 +634,8 @@ class Federation:
         return update
 
     def _recorded_steps(self, hospital: str) -> int:
-        """The most DP steps this run has seen `hospital`'s ledger report: a ledger may never go below it."""
+        """The most DP steps this run has seen `hospital`'s ledger report: a ledger may never go
+        below it."""
         return max(
             (h.steps for r in self.results.rounds for h in r.hospitals if h.name == hospital),
             default=0,
@@ -616,7 +643,8 @@ class Federation:
 
     @staticmethod
     def _read_train_metrics(reply: Message, record: HospitalRound) -> None:
-        """What the hospital reports, for the record; only numbers are kept (the checks judge them)."""
+        """What the hospital reports, for the record; only numbers are kept (the checks judge
+        them)."""
         metrics = reply.content.metric_records.get(METRICS)
         if metrics is None:
             return
@@ -631,8 +659,8 @@ class Federation:
     def _keep_updates(
         self, server_round: int, sent: dict[str, np.ndarray], accepted: list[CheckedUpdate]
     ) -> None:
-        """Each accepted update as safetensors, for audit: exactly what left each hospital, and the global state
-        it was trained from (SENT_STATE: no hospital name starts with '_')."""
+        """Each accepted update as safetensors, for audit: exactly what left each hospital, and the
+        global state it was trained from (SENT_STATE: no hospital name starts with '_')."""
         folder = updates_folder(self.settings.out, server_round)
         atomic_write_bytes(folder / SENT_STATE, save_safetensors(sent))
         for update in accepted:
@@ -658,7 +686,8 @@ class Federation:
         ):
             name = self._row_name(server_round, node, name)
             if node in self.refused_nodes:
-                continue  # it claimed a name another node holds: its numbers are not that hospital's
+                # it claimed a name another node holds: its numbers are not that hospital's
+                continue
             record = by_name.setdefault(
                 name, HospitalRound(name=name, status="evaluated", node=str(node))
             )
@@ -681,13 +710,15 @@ class Federation:
         return pool(evaluations) if evaluations else None
 
     def _secure_evaluation(self, server_round: int) -> Evaluation | None:
-        """The federation's pooled test counts through SecAgg+: their sum, never one hospital's (whose own
-        figures stay in its log). None when fewer than 3 hospitals, or fewer than the threshold, answer."""
+        """The federation's pooled test counts through SecAgg+: their sum, never one hospital's
+        (whose own figures stay in its log). None when fewer than 3 hospitals, or fewer than the
+        threshold, answer."""
         federation = self.settings.federation
         nodes = [node for node in self.grid.get_node_ids() if node not in self.refused_nodes]
         if len(nodes) < 3:
             self._event(
-                f"round {server_round}: secure evaluation needs 3 hospitals, {len(nodes)} connected; skipped"
+                f"round {server_round}: secure evaluation needs 3 hospitals, {len(nodes)} "
+                "connected; skipped"
             )
             return None
         scale = float(federation.secagg_max_weight)
@@ -706,7 +737,8 @@ class Federation:
         )
         if result.mean is None:
             self._event(
-                f"round {server_round}: the secure evaluation did not complete (too few hospitals answered)"
+                f"round {server_round}: the secure evaluation did not complete (too few hospitals "
+                "answered)"
             )
             return None
         total = np.asarray(result.mean[COUNTS], dtype=np.float64) * len(result.reports) * scale

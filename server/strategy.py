@@ -1,11 +1,12 @@
-"""Which Flower strategy combines the hospitals' prompts and heads, what it sees, and its resumable state.
+"""Which Flower strategy combines the hospitals' prompts and heads, what it sees, and its resumable
+state.
 
 Flower's own strategies do the arithmetic. FedAvg, FedProx and FedAdam weight each update by its
 `num-examples`. FedMedian (coordinate-wise median) and FedTrimmedAvg (coordinate-wise mean after
 cutting `trim-fraction` of the replies from each tail) are robust to a few outlying hospitals
-and, in Flower 1.41 and 1.42, ignore `num-examples`: every accepted hospital counts once. Only checked
-updates reach them (server.validation), each as a fresh message holding the checked arrays and
-the example count and nothing else, so no reply's extra content can reach a strategy, and the
+and, in Flower 1.41 and 1.42, ignore `num-examples`: every accepted hospital counts once. Only
+checked updates reach them (server.validation), each as a fresh message holding the checked arrays
+and the example count and nothing else, so no reply's extra content can reach a strategy, and the
 median strategies, which empty the messages they aggregate, never touch what a hospital sent.
 FedProx sends `proximal-mu` to the hospitals, which apply it as a decoupled pull (see
 medtune.train.ProximalPull). FedAdam keeps server-side moments, saved with each checkpoint so a
@@ -71,13 +72,15 @@ def build_strategy(federation: FederationConfig) -> FedAvg:
 
 
 def trimming_note(federation: FederationConfig, hospitals: int) -> str | None:
-    """Flower cuts int(trim-fraction x replies) per tail: with few hospitals that may be none at all."""
+    """Flower cuts int(trim-fraction x replies) per tail: with few hospitals that may be none at
+    all."""
     if federation.strategy != "trimmed-mean" or int(federation.trim_fraction * hospitals) > 0:
         return None
     return (
-        f"trimmed-mean with trim-fraction {federation.trim_fraction} cuts nothing from {hospitals} hospitals' "
-        f"updates (int({federation.trim_fraction} x {hospitals}) = 0 per tail), so it is a plain unweighted "
-        f"mean; set trim-fraction to at least {1 / hospitals:.3f} to cut one per tail"
+        f"trimmed-mean with trim-fraction {federation.trim_fraction} cuts nothing from {hospitals} "
+        f"hospitals' updates (int({federation.trim_fraction} x {hospitals}) = 0 per tail), so it "
+        f"is a plain unweighted mean; set trim-fraction to at least {1 / hospitals:.3f} to cut one "
+        "per tail"
     )
 
 
@@ -110,7 +113,8 @@ def aggregate(
 
 
 def save_strategy_state(strategy: FedAvg, directory: Path) -> None:
-    """FedAdam's moments beside the checkpoint, as named arrays (nothing for stateless strategies)."""
+    """FedAdam's moments beside the checkpoint, as named arrays (nothing for stateless
+    strategies)."""
     state: dict[str, np.ndarray] = {}
     for prefix, attribute in zip(MOMENT_PREFIXES, ("m_t", "v_t"), strict=True):
         for name, array in (getattr(strategy, attribute, None) or {}).items():
@@ -120,7 +124,8 @@ def save_strategy_state(strategy: FedAvg, directory: Path) -> None:
 
 
 def restore_strategy_state(strategy: FedAvg, directory: Path) -> None:
-    """Continue the moments saved with a checkpoint; a corrupted file stops the resume, naming it."""
+    """Continue the moments saved with a checkpoint; a corrupted file stops the resume, naming
+    it."""
     path = directory / STRATEGY_FILE
     if not path.is_file():
         return

@@ -9,7 +9,8 @@ hospital; the strategy then sees only clean copies of the accepted updates (serv
 What a reply must be:
 - exactly the exchanged state (names, shapes, float32, finite values: `ExchangedStateSpec.check`)
   and exactly the metrics `medtune.federation.wire.train_reply` sends, nothing else;
-- within `max-update-norm` of the global state it was trained from (see `medtune.state.update_norm`);
+- within `max-update-norm` of the global state it was trained from (see
+  `medtune.state.update_norm`);
 - from a hospital whose name is a plain name (it names the file its update is kept in);
 - trained on a plausible number of records: a whole number from 1 to `max-examples`. The count is
   the hospital's train-split size (it weights the hospital in FedAvg), so the cap bounds how much
@@ -33,7 +34,8 @@ from medtune.state import HOSPITAL_NAME, ExchangedStateSpec, update_norm
 
 @dataclass(frozen=True)
 class CheckedUpdate:
-    """An accepted update: the checked arrays, the records they were trained on, their distance moved."""
+    """An accepted update: the checked arrays, the records they were trained on, their distance
+    moved."""
 
     hospital: str
     node_id: int
@@ -49,8 +51,8 @@ def _examples(value: object, hospital: str, maximum: int) -> int:
         )
     if not 1 <= value <= maximum:
         raise StateError(
-            f"update from {hospital}: claims {value} training examples; a hospital must train on between 1 and "
-            f"max-examples={maximum} records"
+            f"update from {hospital}: claims {value} training examples; a hospital must train on "
+            f"between 1 and max-examples={maximum} records"
         )
     return value
 
@@ -62,7 +64,8 @@ def check_train_reply(
     global_arrays: dict[str, np.ndarray],
     federation: FederationConfig,
 ) -> CheckedUpdate:
-    """The reply's update if it passes every check; otherwise a StateError naming hospital and reason."""
+    """The reply's update if it passes every check; otherwise a StateError naming hospital and
+    reason."""
     content = reply.content
     if not HOSPITAL_NAME.fullmatch(hospital):
         raise StateError(
@@ -70,13 +73,15 @@ def check_train_reply(
         )
     if set(content.array_records) != {ARRAYS} or set(content.metric_records) != {METRICS}:
         raise StateError(
-            f"update from {hospital}: must hold array record '{ARRAYS}' and metric record '{METRICS}' only; got "
-            f"arrays {sorted(content.array_records)}, metrics {sorted(content.metric_records)}"
+            f"update from {hospital}: must hold array record '{ARRAYS}' and metric record "
+            f"'{METRICS}' only; got arrays {sorted(content.array_records)}, metrics "
+            f"{sorted(content.metric_records)}"
         )
     metrics = content.metric_records[METRICS]
     if set(metrics) != set(TRAIN_METRICS):
         raise StateError(
-            f"update from {hospital}: metrics must be exactly {list(TRAIN_METRICS)}; got {sorted(metrics)}"
+            f"update from {hospital}: metrics must be exactly {list(TRAIN_METRICS)}; got "
+            f"{sorted(metrics)}"
         )
     examples = _examples(metrics["num-examples"], hospital, federation.max_examples)
     try:
@@ -95,7 +100,7 @@ def check_train_reply(
     norm = update_norm(arrays, global_arrays)
     if not norm <= federation.max_update_norm:
         raise StateError(
-            f"update from {hospital}: moved the global prompt and head by L2 norm {norm:.4g}, more than "
-            f"max-update-norm={federation.max_update_norm:g}"
+            f"update from {hospital}: moved the global prompt and head by L2 norm {norm:.4g}, more "
+            f"than max-update-norm={federation.max_update_norm:g}"
         )
     return CheckedUpdate(hospital, reply.metadata.src_node_id, arrays, examples, norm)

@@ -1,10 +1,11 @@
-"""The in-process federation the coordinator tests share: a fake Grid, hospitals that answer it, and the
-run config and results they use.
+"""The in-process federation the coordinator tests share: a fake Grid, hospitals that answer it,
+and the run config and results they use.
 
-server/federation.py is driven through a fake Grid whose nodes are functions from a Flower Message to a
-reply: either crafted replies (`CraftedHospital`: fast, exact) or the real ClientApp handlers on real
-per-hospital files and ledgers (`RealHospital`, `real_grid`). A test module that builds Messages imports
-the autouse fixture `task_identity`. The Flower internals this needs are in tests/flower_internals.py.
+server/federation.py is driven through a fake Grid whose nodes are functions from a Flower Message
+to a reply: either crafted replies (`CraftedHospital`: fast, exact) or the real ClientApp handlers
+on real per-hospital files and ledgers (`RealHospital`, `real_grid`). A test module that builds
+Messages imports the autouse fixture `task_identity`. The Flower internals this needs are in
+tests/flower_internals.py.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ Arrays = dict[str, np.ndarray]
 
 @pytest.fixture(autouse=True)
 def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Flower stamps every Message with the running task's identity; the runtimes set it, here we do."""
+    """Flower stamps every Message with the running task's identity; the runtimes set it, here we
+    do."""
     set_task_identity(monkeypatch, task_id=1, run_id=1, node_id=0)
 
 
@@ -177,7 +179,8 @@ def real_grid(files: list[Path], tmp_path: Path, config: dict[str, Any]) -> Fake
                     "max-epsilon": config[
                         "epsilon"
                     ],  # each site's ceiling: what these runs ask for
-                    "share-evaluation-counts": True,  # these sites consent to report their test counts
+                    # these sites consent to report their test counts
+                    "share-evaluation-counts": True,
                 },
                 config,
             )
@@ -193,7 +196,8 @@ def ledger_path(tmp_path: Path, number: int) -> Path:
 def first_round_of(
     backbone: Path, tmp_path: Path, rounds: int
 ) -> tuple[list[Path], dict[str, Any]]:
-    """Three real hospitals train round 1 of `rounds` and stop; returns their files and the config that resumes."""
+    """Three real hospitals train round 1 of `rounds` and stop; returns their files and the config
+    that resumes."""
     files = site_files(tmp_path)
     config = run_config(
         backbone, tmp_path / "run", hospitals=3, rounds=rounds, **{"until-round": 1}

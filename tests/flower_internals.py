@@ -41,7 +41,8 @@ SERVERAPP_EXCEPTION_LOG = 'log(ERROR, "%s raised an exception", exc_entity, exc_
 def set_task_identity(
     monkeypatch: pytest.MonkeyPatch, task_id: int, run_id: int, node_id: int
 ) -> None:
-    """The identity Flower's runtimes give the running task, set for this test and restored after it (1)."""
+    """The identity Flower's runtimes give the running task, set for this test and restored after it
+    (1)."""
     from flwr.supercore.task_identity import TaskIdentity
 
     monkeypatch.setattr(TaskIdentity, "_task_id", task_id)
@@ -60,14 +61,16 @@ def set_source_node(reply: Message, node_id: int) -> None:
 
 
 def serverapp_runtime_logs_exceptions_as_replayed() -> bool:
-    """Whether Flower's ServerApp runtime still logs a ServerApp's exception with the call the test replays (3)."""
+    """Whether Flower's ServerApp runtime still logs a ServerApp's exception with the call the test
+    replays (3)."""
     from flwr.superlink.runtime import run_serverapp
 
     return SERVERAPP_EXCEPTION_LOG in inspect.getsource(run_serverapp)
 
 
 def start_ray_as_flowers_backend(backend_config: dict[str, Any]) -> None:
-    """What Flower's Ray backend does to Ray before a simulation: `RayBackend.init_ray`, on its own (4)."""
+    """What Flower's Ray backend does to Ray before a simulation: `RayBackend.init_ray`, on its own
+    (4)."""
     from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 
     backend = RayBackend.__new__(RayBackend)  # no actor pool; `ray` is whatever the test made it

@@ -1,4 +1,5 @@
-"""Replay the hostile-user catalogue against the `medtune` command line, as a new user would meet it.
+"""Replay the hostile-user catalogue against the `medtune` command line, as a new user would meet
+it.
 
     python tests/hostile_catalogue.py            # all 54 cases (22 minutes on 2 cores, 2026-12-03)
     python tests/hostile_catalogue.py --quick    # the 42 that need no simulation (5 to 8 minutes)
@@ -8,7 +9,8 @@ on four counts: a raw traceback, a hang (the time limit passed), a silently wron
 should have been refused succeeded, or a value was accepted), and lost data (a file that had to
 survive changed or vanished, or a ledger that records fewer DP steps than were taken). The table
 ends with the four counts; the exit status is 1 if any is not zero. Not part of `pytest`: the unit
-tests cover each case in-process; this is the end-to-end replay of the catalogues of issues 14 and 22.
+tests cover each case in-process; this is the end-to-end replay of the catalogues of issues 14 and
+22.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ NOTES = (
     "text,label\n"
     + "chest pain radiating to the left arm,cardiology\nwheezing at night,pulmonology\n" * 6
 )
-# As many notes as NOTES (so the same sampling), other words: records a NOTES ledger was not made for.
+# As many notes as NOTES (so the same sampling), other words: records a NOTES ledger was not made
+# for.
 OTHER_NOTES = (
     "text,label\n"
     + "crushing pain behind the sternum,cardiology\ndry cough for two weeks,pulmonology\n" * 6
@@ -122,13 +125,17 @@ def worst(*verdicts: Verdict) -> Verdict:
 
 
 def refused(outcome: Outcome, message: str) -> Verdict:
-    """The expected answer to bad input: exit 2, one `error:` line containing `message`, no traceback."""
+    """The expected answer to bad input: exit 2, one `error:` line containing `message`, no
+    traceback."""
     verdict = Verdict(traceback="Traceback" in outcome.stderr, hang=outcome.status is None)
     lines = [
         line for line in outcome.stderr.splitlines() if "error:" in line
     ]  # argparse prefixes its own
     if not verdict.hang and (outcome.status != 2 or not any(message in line for line in lines)):
-        verdict.wrong = f"exit {outcome.status}, expected 2 with {message!r}; stderr ends {outcome.stderr[-200:]!r}"
+        verdict.wrong = (
+            f"exit {outcome.status}, expected 2 with {message!r}; stderr ends "
+            f"{outcome.stderr[-200:]!r}"
+        )
     return verdict
 
 
@@ -292,7 +299,10 @@ def quick_cases(work: Path) -> dict[str, Callable[[], Verdict]]:
         )
         verdict = Verdict(traceback="Traceback" in outcome.stderr, hang=outcome.status is None)
         if outcome.status != 0 or "of 1 label(s)" not in outcome.stderr:
-            verdict.wrong = f"exit {outcome.status} without the one-label warning; stderr ends {outcome.stderr[-200:]!r}"
+            verdict.wrong = (
+                f"exit {outcome.status} without the one-label warning; stderr ends "
+                f"{outcome.stderr[-200:]!r}"
+            )
         return verdict
 
     def audit_a_train_directory() -> Verdict:
@@ -314,7 +324,8 @@ def quick_cases(work: Path) -> dict[str, Callable[[], Verdict]]:
     first_run = work / "l1"
 
     def trained_once() -> Verdict:
-        """`medtune train --out l1`, run once: the base of the cases that need a finished local run."""
+        """`medtune train --out l1`, run once: the base of the cases that need a finished local
+        run."""
         if (first_run / "ledger.json").exists() and (
             first_run / "checkpoint" / "meta.json"
         ).exists():
@@ -396,7 +407,8 @@ def quick_cases(work: Path) -> dict[str, Callable[[], Verdict]]:
         return case
 
     def remembered_noise(value: object) -> Callable[[], Verdict]:
-        """A memo of noise searches whose every value was replaced by `value`: searched again, same sigma."""
+        """A memo of noise searches whose every value was replaced by `value`: searched again, same
+        sigma."""
 
         def case() -> Verdict:
             tag = hashlib.sha256(repr(value).encode()).hexdigest()[:8]
@@ -417,7 +429,10 @@ def quick_cases(work: Path) -> dict[str, Callable[[], Verdict]]:
                 return verdict
             again = json.loads((second / "ledger.json").read_text())["noise_multiplier"]
             if again != sigma:
-                verdict.wrong = f"with every remembered value {value!r}: noise multiplier {again}, the first run's {sigma}"
+                verdict.wrong = (
+                    f"with every remembered value {value!r}: noise multiplier "
+                    f"{again}, the first run's {sigma}"
+                )
             elif json.loads(memo.read_text()) != truth:
                 verdict.wrong = (
                     f"the memo was not searched again: it holds {memo.read_text()[:200]!r}"
@@ -472,8 +487,10 @@ def quick_cases(work: Path) -> dict[str, Callable[[], Verdict]]:
     def sweep_axis_out_of_range() -> Verdict:
         path = work / "hostile-sweep.toml"
         path.write_text(
-            'name = "hostile"\nscenario = "default"\nepsilons = [8.0]\nseeds = [0]\n\n[run-config]\n'
-            "num-layers = 2\nprompt-layer = 1\nmax-length = 32\nrecords-per-hospital = 40\nhospitals = 2\nrounds = 1\n\n"
+            'name = "hostile"\nscenario = "default"\nepsilons = [8.0]\nseeds = [0]\n\n'
+            "[run-config]\n"
+            "num-layers = 2\nprompt-layer = 1\nmax-length = 32\nrecords-per-hospital = 40\n"
+            "hospitals = 2\nrounds = 1\n\n"
             "[axes]\nprompt-layer = [1, 9]\n",
             encoding="utf-8",
         )
@@ -583,7 +600,9 @@ def quick_cases(work: Path) -> dict[str, Callable[[], Verdict]]:
             medtune("audit", "--run", str(work), cwd=work), "--hospital"
         ),
         # issue 22
-        "train --ledger other.json after train --out l1: l1's ledger kept": other_ledger_keeps_out_ledger,
+        "train --ledger other.json after train --out l1: l1's ledger kept": (
+            other_ledger_keeps_out_ledger
+        ),
         "train: a ledger made for other records": ledger_of_other_records,
         "train: --seed -1": number_case("--seed", "-1", "train.seed must be a whole number"),
         "train: --seed 99999999999999999999999": number_case(
@@ -619,7 +638,7 @@ def quick_cases(work: Path) -> dict[str, Callable[[], Verdict]]:
     }
 
 
-# --- cases on a real simulation --------------------------------------------------------------------
+# --- cases on a real simulation -------------------------------------------------------------------
 
 
 def run_cases(work: Path) -> dict[str, Callable[[], Verdict]]:
@@ -641,7 +660,8 @@ def run_cases(work: Path) -> dict[str, Callable[[], Verdict]]:
     straight: dict[str, int] = {}
 
     def straight_steps() -> dict[str, int]:
-        """Each site's ledger steps after a straight run of SMALL_RUN (the finished run, made once)."""
+        """Each site's ledger steps after a straight run of SMALL_RUN (the finished run, made
+        once)."""
         if not straight:
             if not (finished / "results.json").exists():
                 simulate(finished)
@@ -682,9 +702,9 @@ def run_cases(work: Path) -> dict[str, Callable[[], Verdict]]:
     def stopped_in_round_2_then_resumed(
         name: str, interrupt: signal.Signals
     ) -> Callable[[], Verdict]:
-        """A stop during round 2: within seconds, nothing of round 2 recorded, no Ray process left, and
-        --resume finishes every round, each ledger counting exactly a straight run's steps (a stop costs
-        nothing: the round it cut short is not charged twice)."""
+        """A stop during round 2: within seconds, nothing of round 2 recorded, no Ray process left,
+        and --resume finishes every round, each ledger counting exactly a straight run's steps (a
+        stop costs nothing: the round it cut short is not charged twice)."""
 
         def case() -> Verdict:
             out = work / name
@@ -702,7 +722,10 @@ def run_cases(work: Path) -> dict[str, Callable[[], Verdict]]:
             else:
                 expected_status, expected_line = 130, f"interrupted: stopped by {interrupt.name}"
             if stopped.status != expected_status or expected_line not in stopped.stderr:
-                verdict.wrong = f"{interrupt.name}: exit {stopped.status}, stderr ends {stopped.stderr[-200:]!r}"
+                verdict.wrong = (
+                    f"{interrupt.name}: exit {stopped.status}, stderr ends "
+                    f"{stopped.stderr[-200:]!r}"
+                )
             rounds = [r["round"] for r in json.loads((out / "results.json").read_text())["rounds"]]
             if rounds != list(range(1, len(rounds) + 1)) or any(
                 not (out / "checkpoints" / f"round_{r:03d}" / "meta.json").exists() for r in rounds
@@ -723,13 +746,16 @@ def run_cases(work: Path) -> dict[str, Callable[[], Verdict]]:
             verdict.hang |= resumed.status is None
             final = [r["round"] for r in json.loads((out / "results.json").read_text())["rounds"]]
             if resumed.status != 0 or final != [1, 2, 3]:
-                verdict.lost = f"after --resume: exit {resumed.status}, rounds {final}; stderr ends {resumed.stderr[-300:]!r}"
+                verdict.lost = (
+                    f"after --resume: exit {resumed.status}, rounds {final}; stderr "
+                    f"ends {resumed.stderr[-300:]!r}"
+                )
             elif any(ledger_steps(out)[h] < s for h, s in recorded_steps(out).items()):
                 verdict.lost = f"ledgers {ledger_steps(out)} below recorded {recorded_steps(out)}"
             elif ledger_steps(out) != straight_steps():
                 verdict.wrong = verdict.wrong or (
-                    f"after the stop and --resume the ledgers count {ledger_steps(out)} steps; a straight run's "
-                    f"count {straight_steps()}"
+                    f"after the stop and --resume the ledgers count {ledger_steps(out)} steps; a "
+                    f"straight run's count {straight_steps()}"
                 )
             return verdict
 
@@ -751,8 +777,9 @@ def run_cases(work: Path) -> dict[str, Callable[[], Verdict]]:
         hospital: str,
         message: str,
     ) -> Callable[[], Verdict]:
-        """After round 1, `edit` a site's files; the resume refuses `hospital` every later round (its log
-        saying `message`), leaves its ledger as it is, and the other hospitals train every round."""
+        """After round 1, `edit` a site's files; the resume refuses `hospital` every later round
+        (its log saying `message`), leaves its ledger as it is, and the other hospitals train every
+        round."""
 
         def case() -> Verdict:
             out = work / name
@@ -919,11 +946,13 @@ def run_cases(work: Path) -> dict[str, Callable[[], Verdict]]:
         "resume after a ledger history claimed noise 1000 (checksum left)": refused_site_on_resume(
             "little-noise", claim_little_noise(False), "hospital_1", "damaged privacy ledger"
         ),
-        "resume after a ledger history claimed noise 1000 (checksum recomputed)": refused_site_on_resume(
-            "little-noise-resealed",
-            claim_little_noise(True),
-            "hospital_1",
-            "privacy ledger's history gives epsilon=",
+        "resume after a ledger history claimed noise 1000 (checksum recomputed)": (
+            refused_site_on_resume(
+                "little-noise-resealed",
+                claim_little_noise(True),
+                "hospital_1",
+                "privacy ledger's history gives epsilon=",
+            )
         ),
         "train --ledger <a simulated site's ledger>": sites_ledger_to_train,
         "min-hospitals=3, one ledger unreadable: stop, no ledger charged": too_few_ready_hospitals,

@@ -1,4 +1,5 @@
-"""Membership inference on a tiny model: an overfit non-private model leaks, DP at epsilon 1 does not."""
+"""Membership inference on a tiny model: an overfit non-private model leaks, DP at epsilon 1 does
+not."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from medtune.features import record_inputs
 from medtune.model import PromptClassifier
 from medtune.train import new_ledger, train_local
 
-WORDS = "fever cough rash pain nausea chest abdomen headache swelling fracture wound murmur glucose".split()
+WORDS = (
+    "fever cough rash pain nausea chest abdomen headache swelling fracture wound murmur glucose"
+).split()
 
 
 def _notes(count: int, seed: int) -> list[Record]:
@@ -36,8 +39,8 @@ def test_attack_scores_behave_at_the_extremes() -> None:
 
 @pytest.fixture(scope="module")
 def audited(tiny_backbone):
-    """The attack on one model trained without DP, and on three trained at epsilon = 1 (seeds 0, 1, 2):
-    one run's AUC on 64 + 64 notes varies by about 0.06 from seed to seed."""
+    """The attack on one model trained without DP, and on three trained at epsilon = 1 (seeds 0, 1,
+    2): one run's AUC on 64 + 64 notes varies by about 0.06 from seed to seed."""
     torch.manual_seed(0)
     members, non_members = _notes(64, seed=1), _notes(64, seed=2)
     config = ModelConfig(num_layers=None, prompt_length=4, max_length=24)
@@ -66,7 +69,8 @@ def test_an_overfit_model_without_dp_leaks_membership(audited) -> None:
 
 def test_dp_at_epsilon_one_brings_the_attack_near_chance(audited) -> None:
     auc = float(np.mean([result.auc for result in audited[1.0]]))
-    # No attack on an epsilon-DP mechanism beats AUC e^eps / (1 + e^eps) (0.73 at eps = 1) on average.
+    # No attack on an epsilon-DP mechanism beats AUC e^eps / (1 + e^eps) (0.73 at eps = 1) on
+    # average.
     assert auc < math.exp(1.0) / (1 + math.exp(1.0))
     assert abs(auc - 0.5) < 0.1
     assert auc < audited[math.inf][0].auc - 0.15

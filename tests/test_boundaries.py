@@ -1,6 +1,7 @@
-"""The house's floors, checked from the source: the core (one site's learning, every module of medtune/ outside
-federation/, experiments/ and cli/) imports none of the floors above it, nor Flower, flwr-datasets or Ray, even
-lazily inside a function; the coordinator's import loads no note generator."""
+"""The house's floors, checked from the source: the core (one site's learning, every module of
+medtune/ outside federation/, experiments/ and cli/) imports none of the floors above it, nor
+Flower, flwr-datasets or Ray, even lazily inside a function; the coordinator's import loads no note
+generator."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
-"""The one-run epsilon audit (`medtune audit --canaries`): it catches a broken mechanism, it has power without
-DP, and under correct DP its bound stays below the ledger's epsilon.
+"""The one-run epsilon audit (`medtune audit --canaries`): it catches a broken mechanism, it has
+power without DP, and under correct DP its bound stays below the ledger's epsilon.
 
-Each test runs a real federation in-process (tiny backbone, one audited hospital answering through its real
-ClientApp), then scores it from what the coordinator kept, as `medtune audit --score` does.
+Each test runs a real federation in-process (tiny backbone, one audited hospital answering through
+its real ClientApp), then scores it from what the coordinator kept, as `medtune audit --score` does.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ def test_the_audit_catches_noise_cut_to_a_tenth_of_what_the_ledger_claims(
     assert report["ledger_epsilon"] == pytest.approx(1.0, abs=0.01)
     assert bound > report["ledger_epsilon"], report
     assert (
-        f"audited lower bound {bound:.3f} exceeds the ledger's epsilon {report['ledger_epsilon']:.3g}: the "
-        "mechanism or the accounting is wrong"
+        f"audited lower bound {bound:.3f} exceeds the ledger's epsilon "
+        f"{report['ledger_epsilon']:.3g}: the mechanism or the accounting is wrong"
     ) in audit_lines(report)
 
 
@@ -84,7 +84,8 @@ def test_a_run_without_canaries_is_refused_with_what_an_audit_needs(
 def test_a_deployed_site_refuses_a_run_config_that_asks_for_canaries(
     tiny_backbone_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Canaries bend a site's training to the coordinator's design: only a simulated hospital plants them."""
+    """Canaries bend a site's training to the coordinator's design: only a simulated hospital
+    plants them."""
     config = run_config(tiny_backbone_dir, tmp_path / "run", hospitals=3, **{"audit-canaries": 10})
     with pytest.raises(FederationError, match="site configuration refused"):
         federate(real_grid(site_files(tmp_path), tmp_path, config), config)
@@ -120,7 +121,8 @@ def test_bad_audit_requests_are_refused_in_one_line_before_anything_runs(
     )  # gradient canaries need coordinates, not records
     with pytest.raises(ConfigError, match="'hospital_9' is not in this federation"):
         check_audit_settings(settings(10, "white-box", hospital="hospital_9"))
-    # The site's own steps are audited under secure aggregation too; only the coordinator's view is not.
+    # The site's own steps are audited under secure aggregation too; only the coordinator's view is
+    # not.
     check_audit_settings(
         settings(10, "white-box", **{"secure-aggregation": True, "min-hospitals": 3})
     )
@@ -130,9 +132,9 @@ def test_bad_audit_requests_are_refused_in_one_line_before_anything_runs(
 def test_the_white_box_reading_of_a_step_is_the_canaries_part_plus_the_noise(
     tiny_backbone, epsilon: float, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With the noise switched off, what the auditor reads at a canary's coordinate, the records' part taken
-    away, is C times the number of times the canary was sampled that step: nothing of the records is left, and
-    a canary that is out reads 0 at every step."""
+    """With the noise switched off, what the auditor reads at a canary's coordinate, the records'
+    part taken away, is C times the number of times the canary was sampled that step: nothing of
+    the records is left, and a canary that is out reads 0 at every step."""
     import torch
     from test_train import MODEL, _records
 

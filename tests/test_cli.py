@@ -153,9 +153,14 @@ def test_simulate_refuses_settings_that_would_hang_or_mislead_before_flower_star
     sim = tmp_path / "sim"
     base = ["simulate", "--out", str(sim), "--run-config"]
     cases = {
-        "epsilon 1.0 hospitals=2": "'epsilon' is not key=value",  # never a silent run at the default budget
-        "epsilon=-inf": "run config 'epsilon': epsilon -inf must be positive; only inf (+infinity) means no DP",
-        "min-hospitals=4 hospitals=3": "min-hospitals = 4 is more than hospitals = 3: no round could ever aggregate",
+        # never a silent run at the default budget
+        "epsilon 1.0 hospitals=2": "'epsilon' is not key=value",
+        "epsilon=-inf": (
+            "run config 'epsilon': epsilon -inf must be positive; only inf (+infinity) means no DP"
+        ),
+        "min-hospitals=4 hospitals=3": (
+            "min-hospitals = 4 is more than hospitals = 3: no round could ever aggregate"
+        ),
         'labels="a,,b"': "has an empty label name",
         'labels="a,b"': "the synthetic notes use labels",
         "records-per-hospital=0": "synth.mean_records must be at least 20, got 0",
@@ -168,7 +173,9 @@ def test_simulate_refuses_settings_that_would_hang_or_mislead_before_flower_star
         "round-timeout=nan": "run config 'round-timeout' must be a finite number, got nan",
         "max-update-norm=nan": "run config 'max-update-norm' must be a finite number, got nan",
         "seed=-1": "train.seed must be a whole number from 0 to 2**32 - 1, got -1",
-        "seed=99999999999999999999": "train.seed must be a whole number from 0 to 2**32 - 1, got 99999999999999999999",
+        "seed=99999999999999999999": (
+            "train.seed must be a whole number from 0 to 2**32 - 1, got 99999999999999999999"
+        ),
     }
     import torch
 
@@ -366,7 +373,8 @@ def test_certs_server_never_replaces_a_key_unless_asked(tmp_path, capsys):
 
 
 def test_train_and_simulate_share_the_defaults_of_pyproject_and_every_config_field_has_a_flag():
-    """No default is written twice: the dataclasses and `medtune train`'s flags take theirs from pyproject.toml."""
+    """No default is written twice: the dataclasses and `medtune train`'s flags take theirs from
+    pyproject.toml."""
     import dataclasses
 
     from medtune.cli import build_parser
@@ -439,7 +447,8 @@ def test_simulate_reads_its_epsilon_flag_as_every_entry_point_does(tmp_path, cap
 def test_training_data_of_one_label_or_one_record_trains_with_a_warning(
     tmp_path, caplog, tiny_backbone_dir
 ):
-    """It trains (a site may really see one condition), but a model of one label is rarely what was meant."""
+    """It trains (a site may really see one condition), but a model of one label is rarely what was
+    meant."""
     notes = tmp_path / "notes.csv"
     notes.write_text(
         "text,label\n" + "".join(f"chest pain {i},cardiology\n" for i in range(12)),
@@ -520,7 +529,8 @@ def test_train_says_when_it_builds_a_feature_cache(tmp_path, capsys, tiny_backbo
         str(tmp_path / "run"),
     ]
     built = re.compile(
-        r"^feature cache .*/run/features/\w+: \d+ records, [\d.]+ KiB per record \(blocks below layer 3\)$"
+        r"^feature cache .*/run/features/\w+: \d+ records, [\d.]+ KiB per record \(blocks below "
+        r"layer 3\)$"
     )
     assert main(argv) == 0
     lines = [

@@ -1,4 +1,5 @@
-"""A site runs the MedTune it installed: a FAB with other Python code is refused, and shown for review."""
+"""A site runs the MedTune it installed: a FAB with other Python code is refused, and shown for
+review."""
 
 from __future__ import annotations
 

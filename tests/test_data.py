@@ -1,4 +1,5 @@
-"""Reading a hospital's records: every bad input gets its own message naming file, row and problem."""
+"""Reading a hospital's records: every bad input gets its own message naming file, row and
+problem."""
 
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def test_reads_csv_jsonl_and_parquet_with_configured_columns(tmp_path):
     [
         (
             "text,label\nchest pain,cardiology\nheadache,cardio\n",
-            "notes.csv row 2: label 'cardio' is not in the federation's label list ['cardiology', 'neurology']",
+            "notes.csv row 2: label 'cardio' is not in the federation's label list ['cardiology', "
+            "'neurology']",
         ),
         (
             "note,label\nchest pain,cardiology\n",
@@ -81,7 +83,8 @@ def test_non_utf8_bytes_name_the_line(tmp_path):
 
 
 def test_files_are_read_as_a_stream_yet_name_the_row_or_line_far_into_them(tmp_path, monkeypatch):
-    """Decoding and Parquet batches see a part of the file at a time; errors still count from its start."""
+    """Decoding and Parquet batches see a part of the file at a time; errors still count from its
+    start."""
     lines = [b"\xef\xbb\xbftext,label\r\n"] + [b"chest pain,cardiology\r\n"] * 20_000
     lines[15_000] = b"caf\xe9 au lait spots,neurology\r\n"
     path = tmp_path / "notes.csv"
@@ -148,7 +151,8 @@ def test_batches_pad_to_the_longest_text_and_truncate_to_max_length(tiny_backbon
 
 
 def test_token_ids_are_held_in_one_flat_array_of_two_byte_ids(tiny_backbone, monkeypatch):
-    """A site of a million records keeps its token ids in memory: 2 bytes a token, not an object per record or id."""
+    """A site of a million records keeps its token ids in memory: 2 bytes a token, not an object
+    per record or id."""
     monkeypatch.setattr(
         data_module, "TOKENIZE_CHUNK", 7
     )  # several tokenizer calls, records crossing their edges
@@ -183,7 +187,8 @@ def test_ids_past_two_bytes_are_kept_whole():
 
 
 def test_a_note_longer_than_pythons_csv_field_limit_is_read(tmp_path):
-    """Python's csv refuses fields over 128 KiB by default; a long discharge summary is a record, not an error."""
+    """Python's csv refuses fields over 128 KiB by default; a long discharge summary is a record,
+    not an error."""
     long_note = "patient stable on ward. " * 8000  # about 190 KiB
     path = tmp_path / "notes.csv"
     path.write_text(

@@ -48,7 +48,10 @@ APPROVING = "h4"  # registered, started only at the end, with the modified FAB i
 KILLED = "h3"
 SITE_MAX_EPSILON = 8.0  # every site's own ceiling (its site file)
 STRICTER_EPSILON = 4.0  # what the honest runs ask for: below the ceiling, so it is honoured
-FLOWER_PROCESSES = "flower-superlink|flower-supernode|flower-superexec|flwr-serverapp|flwr-clientapp|medtune site run"
+FLOWER_PROCESSES = (
+    "flower-superlink|flower-supernode|flower-superexec|flwr-serverapp|flwr-clientapp|"
+    "medtune site run"
+)
 SPEC = ExchangedStateSpec(prompt_length=4, hidden_size=32, num_labels=5)
 
 
@@ -59,7 +62,8 @@ def free_port() -> int:
 
 
 def children_by_parent() -> dict[int, list[int]]:
-    """The live process tree from /proc (Flower's SuperExec and apps run in sessions of their own)."""
+    """The live process tree from /proc (Flower's SuperExec and apps run in sessions of their
+    own)."""
     tree: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -89,7 +93,8 @@ def alive(pid: int) -> bool:
 
 
 class Processes:
-    """Every process the test starts, by name; `stop` ends a process and all its descendants by PID."""
+    """Every process the test starts, by name; `stop` ends a process and all its descendants by
+    PID."""
 
     def __init__(self, env: dict[str, str], logs: Path) -> None:
         self.env, self.logs = env, logs
@@ -123,7 +128,8 @@ class Processes:
             time.sleep(0.2)
 
     def stop(self, name: str) -> None:
-        """SIGTERM to every process group in the tree (a SuperNode then signs off), SIGKILL after 10 s."""
+        """SIGTERM to every process group in the tree (a SuperNode then signs off), SIGKILL after
+        10 s."""
         process = self.running.pop(name)
         tree = process_tree(process.pid)
         for pid in tree:
@@ -185,8 +191,9 @@ def read_json(path: Path) -> dict:
 
 
 def run_config(backbone: Path, out: Path, **extra: object) -> str:
-    """Tiny settings. The round timeout is only a ceiling: a stopped SuperNode is reported unavailable
-    at once, so no round waits for it, and a loaded 2-core machine can take a minute per round."""
+    """Tiny settings. The round timeout is only a ceiling: a stopped SuperNode is reported
+    unavailable at once, so no round waits for it, and a loaded 2-core machine can take a minute
+    per round."""
     values = {
         **tiny_recipe(backbone),
         "hospitals": 3,
@@ -235,8 +242,8 @@ MARKER = "coordinator-code-ran-here"
 
 
 def modified_app(root: Path) -> Path:
-    """The coordinator's copy of MedTune whose client/app.py has one extra line: it writes MARKER at the site
-    that imports it (in the site's folder, the parent of its Flower home)."""
+    """The coordinator's copy of MedTune whose client/app.py has one extra line: it writes MARKER
+    at the site that imports it (in the site's folder, the parent of its Flower home)."""
     copy = root / "coordinator-modified-app"
     copy.mkdir()
     shutil.copy(PROJECT_DIR / "pyproject.toml", copy / "pyproject.toml")
@@ -246,8 +253,8 @@ def modified_app(root: Path) -> Path:
         )
     app = copy / "client" / "app.py"
     app.write_text(
-        app.read_text()
-        + f"\nimport os as _os, pathlib as _p\n_p.Path(_os.environ['FLWR_HOME']).parent.joinpath({MARKER!r}).write_text('ran')\n"
+        app.read_text() + "\nimport os as _os, pathlib as _p\n"
+        f"_p.Path(_os.environ['FLWR_HOME']).parent.joinpath({MARKER!r}).write_text('ran')\n"
     )
     return copy
 
@@ -260,7 +267,8 @@ def site_file(
     approved_fabs: tuple[str, ...] = (),
     **terms: object,
 ) -> Path:
-    """A hospital's site file, as docs/deployment.md writes it (`terms`: more of the site's own keys)."""
+    """A hospital's site file, as docs/deployment.md writes it (`terms`: more of the site's own
+    keys)."""
     values = {
         "hospital": name,
         "superlink": f"127.0.0.1:{link_port}",
@@ -282,8 +290,8 @@ def site_file(
 
 
 def site_files_now(sites: dict[str, Path]) -> list[str]:
-    """Every file at the sites beyond their keys, records, site file and Flower home (the runner's claim
-    secret and kept FABs included)."""
+    """Every file at the sites beyond their keys, records, site file and Flower home (the runner's
+    claim secret and kept FABs included)."""
     kept = {"keys", "data", "site.toml", "flwr"}
     return sorted(
         str(path.relative_to(site.parent))
@@ -294,7 +302,8 @@ def site_files_now(sites: dict[str, Path]) -> list[str]:
 
 
 def coordinator_processes(root: Path) -> Processes:
-    """The scenario's process table: logs under root/logs, the coordinator's Flower home under root/coordinator."""
+    """The scenario's process table: logs under root/logs, the coordinator's Flower home under
+    root/coordinator."""
     (root / "logs").mkdir()
     env = {
         **os.environ,
@@ -308,7 +317,8 @@ def coordinator_processes(root: Path) -> Processes:
 
 
 def start_superlink(processes: Processes, coordinator: Path, link_port: int) -> ServerCertificates:
-    """The coordinator: certificates, a SuperLink with TLS and node authentication, the `flwr` connection."""
+    """The coordinator: certificates, a SuperLink with TLS and node authentication, the `flwr`
+    connection."""
     certs = make_server_certificates(coordinator / "certificates", ["127.0.0.1"])
     processes.start(
         "superlink",
@@ -334,7 +344,8 @@ def start_superlink(processes: Processes, coordinator: Path, link_port: int) -> 
     )
     (coordinator / "flwr").mkdir(parents=True)
     (coordinator / "flwr" / "config.toml").write_text(
-        f'[superlink.consortium]\naddress = "127.0.0.1:{link_port}"\nroot-certificates = "{certs.ca_cert}"\n'
+        f'[superlink.consortium]\naddress = "127.0.0.1:{link_port}"\nroot-certificates = '
+        f'"{certs.ca_cert}"\n'
     )
     return certs
 
@@ -375,7 +386,8 @@ def deployment(
             finish(processes, f"register-{name}", timeout=60)
 
         def start_site(name: str, log_name: str, approved_fabs: tuple[str, ...] = ()) -> None:
-            """`medtune site run site.toml`, the one command docs/deployment.md gives a site (its port picked now)."""
+            """`medtune site run site.toml`, the one command docs/deployment.md gives a site (its
+            port picked now)."""
             path = site_file(sites[name], name, link_port, certs.ca_cert, approved_fabs)
             markers.append(str(path))
             processes.start(log_name, [str(BIN / "medtune"), "site", "run", str(path)])
@@ -389,8 +401,9 @@ def deployment(
         processes.running.pop("rogue")
         node_ids = {name: node_id(processes.log(name)) for name in HOSPITALS}
 
-        # Runs the sites refuse, before any honest run: the coordinator's modified code, then privacy
-        # requests above the sites' terms. Each is one round; no site may read a record or take a step.
+        # Runs the sites refuse, before any honest run: the coordinator's modified code, then
+        # privacy requests above the sites' terms. Each is one round; no site may read a record or
+        # take a step.
         modified = modified_app(root)
         refused = {
             case: coordinator / f"refused-{case}"
@@ -435,8 +448,9 @@ def deployment(
         finish(processes, "run-b", timeout=240)
         ledgers_after_run_b = {name: read_json(sites[name] / "ledger.json") for name in HOSPITALS}
 
-        # h4's IT reviewed the modified FAB (kept by h1 under refused-fabs/) and listed its hash: the same
-        # FAB sent again runs as its own code at h4 only, under Flower's runner; h1-h3 still refuse it.
+        # h4's IT reviewed the modified FAB (kept by h1 under refused-fabs/) and listed its hash:
+        # the same FAB sent again runs as its own code at h4 only, under Flower's runner; h1-h3
+        # still refuse it.
         start_site(APPROVING, APPROVING, approved_fabs=(modified_fab_hash,))
         processes.wait_for_log(APPROVING, "SuperNode ID: ", timeout=90)
         approved = coordinator / "approved-at-h4"
@@ -477,7 +491,8 @@ def hospital(round_record: dict, name: str) -> dict:
 @pytest.mark.slow
 def test_an_unregistered_supernode_is_refused(deployment: Deployment) -> None:
     assert "Uvicorn running on https://" in deployment.superlink_log  # TLS on every SuperLink API
-    # Flower logs its exit code 305, but the SuperNode runs inside uvicorn, whose process exits with 1.
+    # Flower logs its exit code 305, but the SuperNode runs inside uvicorn, whose process exits
+    # with 1.
     assert deployment.rogue_exit != 0
     assert f"Exit Code: {int(ExitCode.SUPERNODE_CONNECTION_ERROR)}" in deployment.rogue_log
     assert "Failed to activate SuperNode" in deployment.rogue_log
@@ -485,8 +500,9 @@ def test_an_unregistered_supernode_is_refused(deployment: Deployment) -> None:
 
 
 def refused_reasons(out: Path) -> dict[str, str]:
-    """Each hospital's status and reason in a one-round run, as the coordinator recorded them: in its round,
-    or, when too few were ready and no one was asked to train, in the readiness query's events."""
+    """Each hospital's status and reason in a one-round run, as the coordinator recorded them: in
+    its round, or, when too few were ready and no one was asked to train, in the readiness query's
+    events."""
     results = read_json(out / "results.json")
     if results["rounds"]:
         (only_round,) = results["rounds"]
@@ -555,7 +571,8 @@ def test_privacy_requests_above_a_sites_terms_are_refused_and_a_stricter_one_is_
         }
         for log in deployment.site_logs.values():
             assert any(key in line and "max-epsilon" in line for line in log.splitlines()), case
-    # No refused run left a ledger, a feature cache or anything else at a site: no record was read, no step taken.
+    # No refused run left a ledger, a feature cache or anything else at a site: no record was read,
+    # no step taken.
     left = [
         f
         for f in deployment.left_by_refused_runs
@@ -584,11 +601,13 @@ def test_two_rounds_send_only_the_prompt_and_head(deployment: Deployment) -> Non
         assert round_record["aggregated"]
         for trained in (h for h in round_record["hospitals"] if h["status"] == "trained"):
             assert trained["received"] == expected
-            # No site consented to share its test counts (the default): none reached the coordinator.
+            # No site consented to share its test counts (the default): none reached the
+            # coordinator.
             assert trained["accuracy"] is None and trained["test_examples"] == 0
             assert (
                 trained["reason"]
-                == "evaluation counts withheld by the site's terms; the details are in the site's own log"
+                == "evaluation counts withheld by the site's terms; the details are in the site's "
+                "own log"
             )
             assert "train_loss" not in trained  # computed without noise: it stays at the site
             assert SPEC.num_bytes() <= trained["bytes_up"] < SPEC.num_bytes() + 3 * 200
@@ -712,8 +731,8 @@ def test_a_site_with_an_unusable_node_config_is_refused_by_name(
         (
             8.0,
             "inf",
-            "the run config asks for epsilon=inf \\(no DP\\); this site's max-epsilon is 8, and training "
-            'without DP needs max-epsilon = "inf"',
+            "the run config asks for epsilon=inf \\(no DP\\); this site's max-epsilon is 8, and "
+            'training without DP needs max-epsilon = "inf"',
         ),
         (8.0, 8.5, "the run config asks for epsilon=8.5, above this site's max-epsilon 8"),
     ],

@@ -1,4 +1,5 @@
-"""Secure aggregation on Flower's Deployment Engine, on loopback: TLS, node authentication, `medtune site`.
+"""Secure aggregation on Flower's Deployment Engine, on loopback: TLS, node authentication, `medtune
+site`.
 
 A SuperLink and three registered sites whose site files require secure aggregation. A plain run is
 refused by every site before any record is read; a secure run of 2 rounds completes, and the

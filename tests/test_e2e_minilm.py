@@ -1,4 +1,5 @@
-"""End to end with the real embedded MiniLM: offline load, brief DP training, above chance, files written."""
+"""End to end with the real embedded MiniLM: offline load, brief DP training, above chance, files
+written."""
 
 from __future__ import annotations
 
@@ -52,7 +53,10 @@ def test_medtune_train_on_embedded_minilm_with_dp(tmp_path, monkeypatch, capsys)
     ledger = json.loads((out / "ledger.json").read_text())
     test = metrics["test"]
     majority = max(c["support"] for c in test["per_class"]) / test["examples"]
-    scored = f"MiniLM-L6, prompt at layer 5, DP eps=8: accuracy {test['accuracy']:.3f} (majority {majority:.3f}), macro-F1 {test['macro_f1']:.3f}"
+    scored = (
+        f"MiniLM-L6, prompt at layer 5, DP eps=8: accuracy {test['accuracy']:.3f} (majority "
+        f"{majority:.3f}), macro-F1 {test['macro_f1']:.3f}"
+    )
     assert test["accuracy"] > majority + 0.05, scored
     assert test["macro_f1"] > 0.3, scored
     assert 0 < ledger["epsilon_spent"] <= 8.0
@@ -65,7 +69,8 @@ def test_medtune_train_on_embedded_minilm_with_dp(tmp_path, monkeypatch, capsys)
 
 
 def test_the_label_name_prior_alone_beats_chance_on_real_text(tmp_path):
-    """Zero-shot with the embedded MiniLM: notes matched to their service's name, no training at all."""
+    """Zero-shot with the embedded MiniLM: notes matched to their service's name, no training at
+    all."""
     import torch
 
     from medtune.backbone import load_backbone
@@ -89,5 +94,8 @@ def test_the_label_name_prior_alone_beats_chance_on_real_text(tmp_path):
         backbone.tokenizer.pad_token_id,
         torch.device("cpu"),
     )
-    shown = f"zero-shot on {len(records)} synthetic notes: accuracy {scored.accuracy:.3f}, macro-F1 {scored.macro_f1:.3f}"
+    shown = (
+        f"zero-shot on {len(records)} synthetic notes: accuracy {scored.accuracy:.3f}, macro-F1 "
+        f"{scored.macro_f1:.3f}"
+    )
     assert scored.accuracy > 1 / len(LABELS) + 0.1, shown  # measured 0.377 against chance 0.2

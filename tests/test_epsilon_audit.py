@@ -1,5 +1,6 @@
-"""The one-run audit's statistics: exact at the extremes, monotone, and sound on randomized response,
-whose true epsilon is known and whose guesses are the hardest for the audit to over-read."""
+"""The one-run audit's statistics: exact at the extremes, monotone, and sound on randomized
+response, whose true epsilon is known and whose guesses are the hardest for the audit to
+over-read."""
 
 from __future__ import annotations
 
@@ -109,7 +110,8 @@ def test_the_reported_k_is_the_best_and_recomputes() -> None:
 
 
 def test_tied_scores_do_not_help_the_auditor() -> None:
-    """Included canaries first and every score equal: breaking ties by position would guess all right."""
+    """Included canaries first and every score equal: breaking ties by position would guess all
+    right."""
     included = np.arange(1000) < 500
     for seed in range(5):
         result = audit_scores(np.zeros(1000), included, delta=0.0, ks=(500,), seed=seed)
@@ -121,9 +123,10 @@ def test_tied_scores_do_not_help_the_auditor() -> None:
 
 @pytest.mark.parametrize("epsilon", [1.0, 2.0])
 def test_sound_and_powerful_on_randomized_response(epsilon: float) -> None:
-    """Measured (seeds 0..999, m = 1000, default k): the bound passed the true epsilon in 2.0% of runs
-    at eps = 1 and 1.8% at eps = 2 (the guarantee allows 5%), and averaged 0.81 and 1.72, close to
-    the 0.82 and 1.76 that the expected v = q r of r = 1000 guesses certifies at 0.05 / 7."""
+    """Measured (seeds 0..999, m = 1000, default k): the bound passed the true epsilon in 2.0% of
+    runs at eps = 1 and 1.8% at eps = 2 (the guarantee allows 5%), and averaged 0.81 and 1.72,
+    close to the 0.82 and 1.76 that the expected v = q r of r = 1000 guesses certifies at 0.05 /
+    7."""
     bounds = np.array(
         [
             audit_scores(*_randomized_response(epsilon, 1000, seed), 0.0, seed=seed).epsilon

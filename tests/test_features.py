@@ -1,4 +1,5 @@
-"""The feature cache: built once per site, never reused for other settings, rebuilt when damaged, memory-mapped."""
+"""The feature cache: built once per site, never reused for other settings, rebuilt when damaged,
+memory-mapped."""
 
 from __future__ import annotations
 
@@ -130,7 +131,8 @@ def test_prompt_layer_zero_reads_token_ids_and_caches_nothing(tiny_backbone, tmp
 
 
 def test_a_cache_build_stopped_half_way_leaves_nothing_behind(tiny_backbone, tmp_path, monkeypatch):
-    """Ctrl-C while the cache is built: the half-built folder is removed, and the next run builds it whole."""
+    """Ctrl-C while the cache is built: the half-built folder is removed, and the next run builds it
+    whole."""
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -150,7 +152,8 @@ def test_a_cache_build_stopped_half_way_leaves_nothing_behind(tiny_backbone, tmp
 def test_a_disk_too_small_for_the_cache_is_an_error_before_any_record_is_encoded(
     tiny_backbone, tmp_path, builds, monkeypatch
 ):
-    """Filling a memory map on a full disk would kill the process (SIGBUS) mid-build; claimed first, it is one message."""
+    """Filling a memory map on a full disk would kill the process (SIGBUS) mid-build; claimed first,
+    it is one message."""
 
     def full_disk(fd, offset, length):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -165,7 +168,8 @@ def test_a_disk_too_small_for_the_cache_is_an_error_before_any_record_is_encoded
 
 
 def test_compact_token_ids_hash_as_before_so_existing_caches_are_found(tiny_backbone):
-    """The cache folder's name covers each record's ids as int64 bytes, as when ids were kept one tensor a record."""
+    """The cache folder's name covers each record's ids as int64 bytes, as when ids were kept one
+    tensor a record."""
     expected = hashlib.sha256()
     for record in RECORDS:
         ids = tiny_backbone.tokenizer(record.text, truncation=True, max_length=16)["input_ids"]

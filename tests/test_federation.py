@@ -78,7 +78,8 @@ def test_only_exchanged_state_crosses_the_wire(two_rounds: Path) -> None:
 
 @pytest.mark.slow
 def test_local_adam_moments_stay_at_the_site_and_carry_across_rounds(two_rounds: Path) -> None:
-    """Adam's moments (post-processing of DP gradients) persist beside the ledger; they never travel."""
+    """Adam's moments (post-processing of DP gradients) persist beside the ledger; they never
+    travel."""
     spec = ExchangedStateSpec(prompt_length=4, hidden_size=32, num_labels=5)
     for name in HOSPITALS:
         moments = load_file(str(two_rounds / "sites" / name / "ledger.optimizer.safetensors"))
@@ -139,7 +140,8 @@ def test_epsilon_grows_and_equals_one_accountant_over_all_steps(two_rounds: Path
 def test_resume_matches_an_uninterrupted_run_and_a_spent_budget_stops(
     tiny_backbone_dir: Path, tmp_path: Path
 ) -> None:
-    """Real sites (their ClientApp, ledgers and optimizer state), in-process: Ray adds nothing to resume."""
+    """Real sites (their ClientApp, ledgers and optimizer state), in-process: Ray adds nothing to
+    resume."""
 
     def run(out: Path, **extra: object) -> None:
         config = resolve_run_config("default", tiny_run(tiny_backbone_dir, out, **extra))
@@ -158,7 +160,8 @@ def test_resume_matches_an_uninterrupted_run_and_a_spent_budget_stops(
     for name in HOSPITALS:
         assert ledger(interrupted, name)["history"] == ledger(straight, name)["history"]
 
-    # The ledgers were planned for 3 rounds: a 4th round would pass epsilon=8, so every hospital stops.
+    # The ledgers were planned for 3 rounds: a 4th round would pass epsilon=8, so every hospital
+    # stops.
     before = {name: ledger(straight, name) for name in HOSPITALS}
     run(straight, rounds=4, resume=str(straight))
     record = results(straight)
@@ -247,10 +250,10 @@ def test_a_hospital_can_reweight_predictions_to_its_own_label_mix(
 
 @pytest.mark.slow
 def test_the_run_scored_offline_matches_what_the_hospitals_reported(two_rounds: Path) -> None:
-    """`medtune benchmark baselines --run` rebuilds each hospital's test split and scores the final global
-    model itself; that must agree with the counts the hospitals sent in the last round, and the
-    own-label-mix score must be the global model's logits plus the bias matched to the hospital's
-    training label mix."""
+    """`medtune benchmark baselines --run` rebuilds each hospital's test split and scores the final
+    global model itself; that must agree with the counts the hospitals sent in the last round, and
+    the own-label-mix score must be the global model's logits plus the bias matched to the
+    hospital's training label mix."""
     import torch
 
     from medtune.checkpoint import model_from_checkpoint
@@ -340,16 +343,19 @@ def test_the_coordinator_imports_no_records_training_or_opacus_code() -> None:
 
 
 def test_the_learning_core_imports_no_flower() -> None:
-    """Flower lives in medtune/federation/, client/ and server/: a site's core and the experiments run without it."""
+    """Flower lives in medtune/federation/, client/ and server/: a site's core and the experiments
+    run without it."""
     import subprocess
     import sys
 
     probe = (
         "import importlib, pkgutil, sys, medtune\n"
         "names = [m.name for m in pkgutil.walk_packages(medtune.__path__, 'medtune.') "
-        "if not m.name.startswith('medtune.federation') and not m.name.endswith('.__main__')]\n"  # runs a command
+        "if not m.name.startswith('medtune.federation') "
+        "and not m.name.endswith('.__main__')]\n"  # runs a command
         "for name in names: importlib.import_module(name)\n"
-        "print(len(names), ' '.join(sorted(n for n in sys.modules if n.split('.')[0] in ('flwr', 'ray'))))"
+        "print(len(names), ' '.join(sorted(n for n in sys.modules "
+        "if n.split('.')[0] in ('flwr', 'ray'))))"
     )
     out = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=300
@@ -361,7 +367,8 @@ def test_the_learning_core_imports_no_flower() -> None:
 def test_every_private_flower_name_medtune_simulate_calls_exists_in_the_installed_flower(
     monkeypatch,
 ) -> None:
-    """`medtune simulate` uses Flower's private in-process runtime; a Flower release that moves it fails here."""
+    """`medtune simulate` uses Flower's private in-process runtime; a Flower release that moves it
+    fails here."""
     from medtune.federation import flower_engine
 
     assert flower_engine.missing_private_names() == []
@@ -383,9 +390,10 @@ def test_every_private_flower_name_medtune_simulate_calls_exists_in_the_installe
 
 
 def test_flower_leaves_a_running_ray_alone_so_medtune_keeps_its_stop_handler(monkeypatch) -> None:
-    """`start_ray` starts Ray before Flower and puts the SIGTERM handler back that `ray.init` replaces;
-    that works only while Flower's Ray backend starts Ray just when it is not running, with the
-    arguments MedTune mirrors (its backend config's init_args and the PYTHONPATH runtime env).
+    """`start_ray` starts Ray before Flower and puts the SIGTERM handler back that `ray.init`
+    replaces; that works only while Flower's Ray backend starts Ray just when it is not running,
+    with the arguments MedTune mirrors (its backend config's init_args and the PYTHONPATH runtime
+    env).
 
     Both are run against a stand-in `ray` that records what they ask of it (no Ray is started)."""
     import os

@@ -1,7 +1,9 @@
-"""A training process gives freed large buffers back (medtune/heap.py), so its peak does not climb with steps.
+"""A training process gives freed large buffers back (medtune/heap.py), so its peak does not climb
+with steps.
 
 Each case runs in a fresh process: freed buffers of falling sizes, each pinned below a small live
-allocation, as DP steps free activations and per-sample gradients of a slightly different size each step.
+allocation, as DP steps free activations and per-sample gradients of a slightly different size each
+step.
 """
 
 from __future__ import annotations

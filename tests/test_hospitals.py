@@ -42,8 +42,8 @@ def test_unknown_run_config_key_is_named() -> None:
 def test_set_up_reads_the_source_once_however_many_hospitals(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """Checking every hospital and handing each its share generates (or reads and splits) the source once:
-    set-up grows linearly with the number of hospitals, not with its square."""
+    """Checking every hospital and handing each its share generates (or reads and splits) the source
+    once: set-up grows linearly with the number of hospitals, not with its square."""
     import medtune.federation.partitions as hospitals
 
     calls = {"generate": 0, "read": 0}

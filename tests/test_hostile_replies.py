@@ -137,7 +137,8 @@ def test_a_reply_with_a_path_for_a_name_is_rejected(
 
 
 class DiesAfterRound1(CraftedHospital):
-    """Answers round 1, then dies: its node either yields the SuperLink's error reply or falls silent."""
+    """Answers round 1, then dies: its node either yields the SuperLink's error reply or falls
+    silent."""
 
     def __init__(self, name: str, examples: int, silent: bool) -> None:
         super().__init__(name, examples)
@@ -202,8 +203,8 @@ def test_too_few_valid_updates_skip_the_round_and_keep_the_global_state(
         False,
     ]  # min-hospitals = 2, one valid update in round 2
     assert (
-        "round 2: 1 valid update(s), fewer than min-hospitals=2; round skipped, the global state is kept"
-        in results["events"]
+        "round 2: 1 valid update(s), fewer than min-hospitals=2; round skipped, "
+        "the global state is kept" in results["events"]
     )
     after_round_1 = load_checkpoint(checkpoint_dir(tmp_path, 1)).arrays
     kept = load_checkpoint(
@@ -240,7 +241,8 @@ def test_a_federation_error_ends_the_server_app_as_failed_with_one_line_and_no_t
 
     import server.app
 
-    # The call in Flower's ServerApp runtime this test replays (a release that logs otherwise fails here).
+    # The call in Flower's ServerApp runtime this test replays (a release that logs otherwise fails
+    # here).
     assert serverapp_runtime_logs_exceptions_as_replayed()
     grid = FakeGrid({i: CraftedHospital(f"hospital_{i}", 100, _nan) for i in (1, 2)})
     context = Context(

@@ -1,5 +1,5 @@
-"""A hospital's own label mix applied to the shared model: Bayes' rule for a shift in label mix, with
-the shared model's own mix found from the site's records (medtune/label_mix.py)."""
+"""A hospital's own label mix applied to the shared model: Bayes' rule for a shift in label mix,
+with the shared model's own mix found from the site's records (medtune/label_mix.py)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ def _calibrated_logits(x: np.ndarray, trained_mix: np.ndarray) -> torch.Tensor:
 
 
 def test_label_mix_is_smoothed_label_frequencies() -> None:
-    """Add-one smoothing, by hand: (count of the label + 1) / (number of records + number of labels)."""
+    """Add-one smoothing, by hand: (count of the label + 1) / (number of records + number of
+    labels)."""
     # 7 records over 3 labels: counts 1, 4, 2; smoothed 2/10, 5/10, 3/10.
     assert label_mix([1, 0, 1, 2, 1, 2, 1], num_labels=3).tolist() == pytest.approx(
         [0.2, 0.5, 0.3], abs=1e-15
@@ -58,9 +59,9 @@ def test_a_model_that_already_predicts_the_sites_mix_is_left_unchanged() -> None
 
 def test_the_bias_recovers_bayes_rule_when_the_shared_models_own_mix_is_not_uniform() -> None:
     """The federation's model was trained on mix pi = (0.1, 0.2, 0.7); a site's patients follow
-    pi_h = (0.8, 0.15, 0.05). Bayes' rule needs log pi_h - log pi. The matched bias finds it from the
-    site's records without being told pi, and scores as the Bayes classifier does; adding log pi_h
-    alone (pi taken as uniform) counts the federation's mix twice and scores lower."""
+    pi_h = (0.8, 0.15, 0.05). Bayes' rule needs log pi_h - log pi. The matched bias finds it from
+    the site's records without being told pi, and scores as the Bayes classifier does; adding log
+    pi_h alone (pi taken as uniform) counts the federation's mix twice and scores lower."""
     federation, site = np.array([0.1, 0.2, 0.7]), np.array([0.8, 0.15, 0.05])
     x, labels = _patients(site, 20_000, seed=0)
     logits = _calibrated_logits(x, federation)

@@ -1,4 +1,5 @@
-"""The label-name prior: a useful model before any record is used, and one description per label or a named error."""
+"""The label-name prior: a useful model before any record is used, and one description per label or
+a named error."""
 
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def test_the_head_starts_as_unit_label_text_embeddings(tiny_backbone):
 
 
 def test_zero_shot_puts_a_record_that_reads_like_a_label_under_that_label(tiny_backbone):
-    """Even a random encoder embeds a text closest to itself: the prior needs no training to be right here."""
+    """Even a random encoder embeds a text closest to itself: the prior needs no training to be
+    right here."""
     records = [Record(text, label) for label, text in enumerate(DATA.label_descriptions)]
     dataset = record_inputs(tiny_backbone, MODEL, records)
     zero_shot = ZeroShotClassifier(tiny_backbone, MODEL, DATA)

@@ -1,7 +1,9 @@
-"""Privacy never under-counted: a damaged, deleted, rolled-back, edited or shared ledger fails its hospital,
-never starts afresh; a round sent again costs nothing; no hospital spends on a round that cannot run.
+"""Privacy never under-counted: a damaged, deleted, rolled-back, edited or shared ledger fails its
+hospital, never starts afresh; a round sent again costs nothing; no hospital spends on a round that
+cannot run.
 
-Real ClientApp handlers on per-hospital files and ledgers, through the fake grid of tests/federation_harness.py.
+Real ClientApp handlers on per-hospital files and ledgers, through the fake grid of
+tests/federation_harness.py.
 """
 
 from __future__ import annotations
@@ -105,13 +107,15 @@ def test_a_deleted_ledger_makes_its_hospital_fail_never_start_afresh(
 
 
 def _wipe(path: Path) -> None:
-    """The site's folder wiped to free disk: the ledger and the optimizer state beside it are gone."""
+    """The site's folder wiped to free disk: the ledger and the optimizer state beside it are
+    gone."""
     path.unlink()
     path.with_name("ledger.optimizer.safetensors").unlink()
 
 
 def _restore_fresh(path: Path) -> None:
-    """The ledger replaced by a backup taken before round 1: well-formed, with a valid checksum, and behind."""
+    """The ledger replaced by a backup taken before round 1: well-formed, with a valid checksum, and
+    behind."""
     from medtune.privacy import ledger_checksum
 
     state = json.loads(path.read_text())
@@ -120,7 +124,8 @@ def _restore_fresh(path: Path) -> None:
 
 
 def _claim_more_noise(path: Path) -> None:
-    """The past steps edited to claim noise multiplier 1000 (lower epsilon), checksum recomputed by the editor."""
+    """The past steps edited to claim noise multiplier 1000 (lower epsilon), checksum recomputed by
+    the editor."""
     from medtune.privacy import ledger_checksum
 
     state = json.loads(path.read_text())
@@ -146,7 +151,8 @@ def test_a_ledger_that_disagrees_with_the_coordinators_record_is_refused_before_
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Wiped, rolled back or edited: the site refuses before training, naming the path; no step is taken."""
+    """Wiped, rolled back or edited: the site refuses before training, naming the path; no step is
+    taken."""
     files, resume = first_round_of(tiny_backbone_dir, tmp_path, rounds=3)
     tampered = ledger_path(tmp_path, 1)
     reported = hospitals_of(json.loads((tmp_path / "run" / "results.json").read_text()), 1)[
@@ -174,8 +180,9 @@ def test_a_ledger_that_disagrees_with_the_coordinators_record_is_refused_before_
 def test_a_round_sent_again_gets_the_update_already_sent_at_no_cost(
     tiny_backbone_dir: Path, tmp_path: Path
 ) -> None:
-    """A coordinator that stopped after its sites replied sends the same round again: the site resends, spending
-    nothing; the same round from another global state trains afresh, counted, with fresh noise."""
+    """A coordinator that stopped after its sites replied sends the same round again: the site
+    resends, spending nothing; the same round from another global state trains afresh, counted, with
+    fresh noise."""
     from client.node_config import _deployed_site
     from medtune.label_prior import initial_model
 
@@ -293,8 +300,9 @@ def test_no_hospital_spends_on_a_round_that_cannot_reach_min_hospitals(
     )
     with pytest.raises(
         FederationError,
-        match=r"round 1: only 2 hospital\(s\) can take part \(hospital_1, hospital_3\), fewer than min-hospitals=3, "
-        r"so no hospital was asked to spend budget. Not taking part: hospital_2: records file refused",
+        match=r"round 1: only 2 hospital\(s\) can take part \(hospital_1, hospital_3\), fewer than "
+        r"min-hospitals=3, so no hospital was asked to spend budget. Not taking part: "
+        r"hospital_2: records file refused",
     ):
         federate(real_grid(files, tmp_path, config), config)
     assert (

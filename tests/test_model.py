@@ -1,4 +1,5 @@
-"""The model: DP per-sample gradients are right, the backbone never changes, only prompt+head are exchanged."""
+"""The model: DP per-sample gradients are right, the backbone never changes, only prompt+head are
+exchanged."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ TEXTS = [
     "SOB and wheezing, SpO2 86 percent on room air",
     "melena for two days with epigastric tenderness",
     "left facial droop and arm drift",
-    "fever with blood cultures growing gram-positive cocci and a much longer note than the others here",
+    "fever with blood cultures growing gram-positive cocci and a much longer note than the others "
+    "here",
     "CP",
 ]
 
@@ -80,7 +82,10 @@ def test_opacus_per_sample_gradients_match_brute_force_and_are_clipped(tiny_back
     for index, parameter in enumerate(model.trainable_parameters()):
         expected = torch.stack([per_record[index] for per_record in brute])
         max_diff = max(max_diff, float((parameter.grad_sample - expected).abs().max()))
-    shown = f"prompt layer {prompt_layer}: max abs diff Opacus vs brute-force per-sample gradients: {max_diff:.2e}"
+    shown = (
+        f"prompt layer {prompt_layer}: max abs diff Opacus vs brute-force per-sample gradients: "
+        f"{max_diff:.2e}"
+    )
     assert max_diff < 1e-5, shown
 
     dp_optimizer.clip_and_accumulate()
@@ -222,7 +227,8 @@ def test_a_prompt_layer_beyond_the_backbone_names_the_key_and_the_depth(tiny_bac
 def test_a_checkpoint_becomes_a_model_only_on_the_backbone_it_was_trained_on(
     tmp_path, tiny_backbone, tiny_backbone_dir
 ):
-    """predict, audit and baselines all load through model_from_checkpoint: same arrays, hash checked."""
+    """predict, audit and baselines all load through model_from_checkpoint: same arrays, hash
+    checked."""
     from medtune.backbone import weights_hash
     from medtune.checkpoint import Checkpoint, model_from_checkpoint, save_checkpoint
     from medtune.errors import CheckpointError
@@ -248,7 +254,8 @@ def test_a_checkpoint_becomes_a_model_only_on_the_backbone_it_was_trained_on(
 
 
 def test_a_checkpoint_whose_label_list_was_edited_is_refused(tmp_path, tiny_backbone):
-    """The head's rows follow the label order: reversed labels in meta.json would name every prediction wrongly."""
+    """The head's rows follow the label order: reversed labels in meta.json would name every
+    prediction wrongly."""
     import json
 
     from medtune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint

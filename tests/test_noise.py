@@ -1,4 +1,5 @@
-"""A deployed site's DP noise is its own secret; seeded noise is reproducible and documented as such."""
+"""A deployed site's DP noise is its own secret; seeded noise is reproducible and documented as
+such."""
 
 from __future__ import annotations
 
@@ -69,8 +70,8 @@ def test_deployed_sites_with_the_same_seed_and_ledger_position_draw_noise_no_one
     assert first.noise.is_secret and second.noise.is_secret
     released = _trained_prompt(first)
     assert not np.allclose(released, _trained_prompt(second))
-    # Whoever knows the run seed, the hospital and the position (the coordinator) computes the seeded draw:
-    # it is not what the deployed site released.
+    # Whoever knows the run seed, the hospital and the position (the coordinator) computes the
+    # seeded draw: it is not what the deployed site released.
     guess = Site(
         "h1",
         read_records(records, settings.data),

@@ -1,4 +1,5 @@
-"""MedTune installed as a wheel reads nothing from the source tree, and ships the same app as its FAB.
+"""MedTune installed as a wheel reads nothing from the source tree, and ships the same app as its
+FAB.
 
 The run-config defaults are written twice, by necessity: pyproject.toml's [tool.flwr.app.config] for
 `flwr run .`, and medtune/run_defaults.toml for an installed MedTune. These tests keep the two equal
@@ -18,7 +19,8 @@ from medtune.defaults import key_comments, key_help, run_defaults
 from medtune.federation.simulation import COMPONENTS, flower_app_dir
 from medtune.run_config import resolve_run_config
 
-# Flower's config and FAB modules import deprecated names of click (through typer) and pathspec: their chatter.
+# Flower's config and FAB modules import deprecated names of click (through typer) and pathspec:
+# their chatter.
 pytestmark = pytest.mark.filterwarnings(
     "ignore::DeprecationWarning:typer", "ignore::DeprecationWarning:pathspec"
 )
@@ -37,7 +39,8 @@ def table_text(text: str, header: str) -> str:
 
 
 def drift(declared: str, shipped: str) -> list[str]:
-    """Each key whose value (with its type: 5 is not 5.0) or comment differs between two tables' texts."""
+    """Each key whose value (with its type: 5 is not 5.0) or comment differs between two tables'
+    texts."""
     values = tomllib.loads(declared), tomllib.loads(shipped)
     comments = key_comments(declared), key_comments(shipped)
     differing = []
@@ -71,13 +74,16 @@ def test_a_drifted_default_or_comment_is_named_by_its_key():
     shipped = "rounds = 5.0      # federation rounds\nseed = 0  # seeds all\n"
     assert drift(declared, shipped) == [
         "epsilon: pyproject.toml 8.0 (float) # None | medtune/run_defaults.toml missing",
-        "rounds: pyproject.toml 5 (int) # federation rounds | medtune/run_defaults.toml 5.0 (float) # federation rounds",
-        "seed: pyproject.toml 0 (int) # seeds everything | medtune/run_defaults.toml 0 (int) # seeds all",
+        "rounds: pyproject.toml 5 (int) # federation rounds | "
+        "medtune/run_defaults.toml 5.0 (float) # federation rounds",
+        "seed: pyproject.toml 0 (int) # seeds everything | "
+        "medtune/run_defaults.toml 0 (int) # seeds all",
     ]
 
 
 def test_the_app_directory_simulate_writes_is_what_flower_reads_and_fuses():
-    """Flower gives each simulated hospital the run config fused onto this directory's defaults: it must be the run's."""
+    """Flower gives each simulated hospital the run config fused onto this directory's defaults: it
+    must be the run's."""
     from flwr.common.config import get_fused_config_from_dir, get_project_config
 
     config = resolve_run_config("ten_hospitals", {"epsilon": 1.0, "out": "/tmp/elsewhere"})
@@ -92,7 +98,8 @@ def test_the_app_directory_simulate_writes_is_what_flower_reads_and_fuses():
 
 
 def package_files() -> set[str]:
-    """What the wheel installs, as pyproject.toml declares it: each package's modules and package-data."""
+    """What the wheel installs, as pyproject.toml declares it: each package's modules and
+    package-data."""
     setuptools = pyproject()["tool"]["setuptools"]
     tops = [pattern.rstrip("*") for pattern in setuptools["packages"]["find"]["include"]]
     packages = sorted(
@@ -108,7 +115,8 @@ def package_files() -> set[str]:
 
 
 def test_the_fab_holds_exactly_the_wheels_packages_and_data_files():
-    """What `flwr build` and `flwr run .` would pack from this checkout, by Flower's own rules (nothing is written)."""
+    """What `flwr build` and `flwr run .` would pack from this checkout, by Flower's own rules
+    (nothing is written)."""
     from flwr.cli.build import get_filtered_fab_paths
     from flwr.cli.utils import collect_files, filter_paths_for_publish
 

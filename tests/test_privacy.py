@@ -1,4 +1,5 @@
-"""Privacy accounting: the ledger agrees with Opacus, derived noise never overspends, state survives restarts."""
+"""Privacy accounting: the ledger agrees with Opacus, derived noise never overspends, state
+survives restarts."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from medtune.privacy import PrivacyLedger, epsilon_of, ledger_checksum
 
 @pytest.mark.parametrize("accountant", ["prv", "rdp"])
 def test_epsilon_equals_opacus_own_accountant_stepped_through_the_same_history(accountant):
-    """Opacus's accountant, fed one `step()` per DP step, against the ledger: after the steps taken, the
-    steps still to come (`epsilon_after`), and a known history whose noise and sample rate change."""
+    """Opacus's accountant, fed one `step()` per DP step, against the ledger: after the steps
+    taken, the steps still to come (`epsilon_after`), and a known history whose noise and sample
+    rate change."""
     reference = {"prv": PRVAccountant, "rdp": RDPAccountant}[accountant]()
     ledger = PrivacyLedger(
         PrivacyConfig(epsilon=3.0, delta=1e-5, accountant=accountant), 0.05, planned_steps=200
@@ -57,10 +59,11 @@ def test_rdp_epsilon_matches_published_and_closed_form_values():
 
     TensorFlow Privacy's MNIST DP-SGD tutorial (tutorials/README.md) reports epsilon = 2.92 at
     delta = 1e-5 for noise multiplier 1.12, batch 256 of 60,000 (q = 256/60000) and 60 epochs
-    (14,062 steps), and 1.20 for noise multiplier 1.2 over 10 epochs (2,343 steps). Those figures use the
-    classic RDP conversion eps = min over orders a of RDP(a) - log(delta) / (a - 1) (Mironov 2017), with
-    the same orders as Opacus. Opacus's accountant applies a tighter conversion (Balle et al. 2020),
-    so MedTune's epsilon for those histories is pinned here, and must stay below the published figure.
+    (14,062 steps), and 1.20 for noise multiplier 1.2 over 10 epochs (2,343 steps). Those figures
+    use the classic RDP conversion eps = min over orders a of RDP(a) - log(delta) / (a - 1)
+    (Mironov 2017), with the same orders as Opacus. Opacus's accountant applies a tighter
+    conversion (Balle et al. 2020), so MedTune's epsilon for those histories is pinned here, and
+    must stay below the published figure.
 
     Without subsampling (q = 1), one step of the Gaussian mechanism has RDP a / (2 sigma^2) at order
     a (Mironov 2017, Prop. 7), so the whole epsilon is a closed form, computed here by hand.
@@ -133,7 +136,8 @@ def test_ledger_state_is_plain_json_and_restores_exactly():
 
 
 def resealed(state: dict) -> dict:
-    """An edited ledger with its checksum made to match, as a deliberate editor would: the structure checks judge it."""
+    """An edited ledger with its checksum made to match, as a deliberate editor would: the
+    structure checks judge it."""
     return {**state, "checksum": ledger_checksum(state)}
 
 
@@ -264,8 +268,8 @@ def test_remembered_noise_equals_a_fresh_opacus_search_and_a_tampered_memo_is_no
 
     memo_path = privacy.noise_memo_path()
     memo = json.loads(memo_path.read_text())
-    # Too little noise (would pass the target), far too much (1e6: accuracy lost for nothing), and values
-    # the accountant cannot evaluate: each is searched again, never used, never a raw error.
+    # Too little noise (would pass the target), far too much (1e6: accuracy lost for nothing), and
+    # values the accountant cannot evaluate: each is searched again, never used, never a raw error.
     for tampered in (0.3, 1e6, 1e300, "Infinity", -1.0):
         memo_path.write_text(
             json.dumps({key: tampered for key in memo}).replace('"Infinity"', "Infinity")

@@ -1,5 +1,6 @@
-"""Resume: it matches an uninterrupted run, and a corrupted checkpoint, missing or corrupted results, other
-settings or an edited round stop it, naming the file; a failed write leaves the previous checkpoint whole.
+"""Resume: it matches an uninterrupted run, and a corrupted checkpoint, missing or corrupted
+results, other settings or an edited round stop it, naming the file; a failed write leaves the
+previous checkpoint whole.
 
 server/federation.py driven in-process through the fake grid of tests/federation_harness.py.
 """

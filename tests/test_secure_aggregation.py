@@ -1,4 +1,5 @@
-"""Secure aggregation (SecAgg+): the coordinator gets the weighted mean, never one hospital's arrays or count.
+"""Secure aggregation (SecAgg+): the coordinator gets the weighted mean, never one hospital's arrays
+or count.
 
 Real ClientApps (tiny backbone, seeded simulated sites) answer the real SecAgg+ workflow through an
 in-process grid that records every reply the server-side code receives.
@@ -112,7 +113,8 @@ def test_the_secure_mean_is_plain_fedavg_and_the_server_sees_no_single_update(
     grid = sites(secure, 3)
     results = federate(grid, secure)
 
-    # The same seeded sites trained the same updates; the secure mean is their FedAvg up to quantisation.
+    # The same seeded sites trained the same updates; the secure mean is their FedAvg up to
+    # quantisation.
     expected = load_checkpoint(checkpoint_dir(tmp_path / "plain", 1)).arrays
     got = load_checkpoint(checkpoint_dir(tmp_path / "secure", 1)).arrays
     step = 2 * CLIPPING_RANGE / QUANTIZATION_RANGE
@@ -123,8 +125,8 @@ def test_the_secure_mean_is_plain_fedavg_and_the_server_sees_no_single_update(
     assert {h["name"]: h["status"] for h in results["rounds"][0]["hospitals"]} == {
         f"hospital_{i}": "trained" for i in (1, 2, 3)
     }
-    # Evaluation counts are summed the same way: the pooled figures equal the plain run's, exactly (whole
-    # counts), while no hospital's own accuracy reaches the coordinator.
+    # Evaluation counts are summed the same way: the pooled figures equal the plain run's, exactly
+    # (whole counts), while no hospital's own accuracy reaches the coordinator.
     plain_round = json.loads((tmp_path / "plain" / "results.json").read_text())["rounds"][0]
     secure_round = results["rounds"][0]
     assert (secure_round["accuracy"], secure_round["macro_f1"]) == (
@@ -133,12 +135,13 @@ def test_the_secure_mean_is_plain_fedavg_and_the_server_sees_no_single_update(
     )
     assert abs(secure_round["loss"] - plain_round["loss"]) < 1e-3
     assert all(h["accuracy"] is None and h["test_examples"] == 0 for h in secure_round["hospitals"])
-    # Each hospital's bytes over every SecAgg+ stage: more than the plain exchange, as the masked vector is
-    # 64-bit integers and each hospital also receives its neighbours' keys and shares.
+    # Each hospital's bytes over every SecAgg+ stage: more than the plain exchange, as the masked
+    # vector is 64-bit integers and each hospital also receives its neighbours' keys and shares.
     plain_rows = {h["name"]: h for h in plain_round["hospitals"]}
     for h in secure_round["hospitals"]:
         assert h["bytes_up"] > plain_rows[h["name"]]["bytes_up"] > 0 and h["bytes_down"] > 0
-    # Each site kept its own score, the one a plain run's coordinator sees; the coordinator's table says "hidden".
+    # Each site kept its own score, the one a plain run's coordinator sees; the coordinator's table
+    # says "hidden".
     own = simulated_scores(tmp_path / "secure", 3)
     assert {name: scores[1].accuracy for name, scores in own.items()} == {
         h["name"]: h["accuracy"] for h in plain_round["hospitals"]
@@ -149,7 +152,8 @@ def test_the_secure_mean_is_plain_fedavg_and_the_server_sees_no_single_update(
     console.print(round_table(RunResults.load(tmp_path / "secure", 1).rounds[0], 1))
     assert "worst hospital hidden" in console.export_text()
 
-    # What the server-side code received: no arrays in clear, no example count, only the allowed clear report.
+    # What the server-side code received: no arrays in clear, no example count, only the allowed
+    # clear report.
     plain_updates = [
         np.concatenate([a.ravel() for a in load_arrays(path).values()])
         for path in sorted(
@@ -186,7 +190,8 @@ def load_arrays(path: Path) -> dict[str, np.ndarray]:
 def test_a_hospital_that_dies_mid_round_does_not_stall_it(
     tiny_backbone_dir: Path, tmp_path: Path
 ) -> None:
-    """4 hospitals, threshold 3: one dies after sharing its keys; the round completes with the other three."""
+    """4 hospitals, threshold 3: one dies after sharing its keys; the round completes with the other
+    three."""
     config = run_config(
         tiny_backbone_dir,
         tmp_path / "run",

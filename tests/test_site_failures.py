@@ -1,5 +1,6 @@
-"""Bad data at a site: the real ClientApp on per-hospital files fails that hospital each round with a
-fixed category, keeps the details in the site's own log, and the others finish (tests/federation_harness.py)."""
+"""Bad data at a site: the real ClientApp on per-hospital files fails that hospital each round with
+a fixed category, keeps the details in the site's own log, and the others finish
+(tests/federation_harness.py)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def test_a_hospital_with_a_bad_data_file_fails_each_round_while_the_others_finis
     for server_round in (1, 2):
         seen = hospitals_of(results, server_round)
         assert seen["hospital_3"]["status"] == FAILED
-        # Not even the row leaves: with the label list its choice, the coordinator could read each record's value.
+        # Not even the row leaves: with the label list its choice, the coordinator could read each
+        # record's value.
         assert (
             seen["hospital_3"]["reason"]
             == "records file refused; the details are in the site's own log"
@@ -48,7 +50,8 @@ def test_a_hospital_with_a_bad_data_file_fails_each_round_while_the_others_finis
         assert f"round {server_round}: hospital_3 failed: records file refused;" in " ".join(
             results["events"]
         )
-    # The full message stays at the site: its log names file, row and value; the coordinator saw none of it.
+    # The full message stays at the site: its log names file, row and value; the coordinator saw
+    # none of it.
     assert f"{files[2]} row 5: label 'cardio' is not in the federation's label list" in caplog.text
     assert "cardio" not in json.dumps(results) and str(files[2]) not in json.dumps(results)
     assert not ledger_path(
@@ -63,7 +66,8 @@ def test_a_hospital_with_a_bad_data_file_fails_each_round_while_the_others_finis
 def test_an_unforeseen_error_at_a_site_leaves_it_as_a_category_only(
     tiny_backbone_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A ledger folder the site cannot create (its parent is a file) raises an OSError MedTune does not name."""
+    """A ledger folder the site cannot create (its parent is a file) raises an OSError MedTune does
+    not name."""
     files = site_files(tmp_path)
     config = run_config(tiny_backbone_dir, tmp_path / "run", hospitals=3, rounds=1)
     grid = real_grid(files, tmp_path, config)

@@ -1,4 +1,5 @@
-"""`medtune site`: one site file, checked up front, gives the SuperNode the flags a hospital needs."""
+"""`medtune site`: one site file, checked up front, gives the SuperNode the flags a hospital
+needs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The large-site memory benchmark: what it reports must be what the process held and the disk took."""
+"""The large-site memory benchmark: what it reports must be what the process held and the disk
+took."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ from medtune.synth import LABELS
 
 
 def test_the_peak_catches_memory_held_briefly_and_leaves_out_a_mapped_file(tmp_path):
-    """300 MiB held for a fifth of a second is seen; 300 MiB of a memory-mapped file read in full is not."""
+    """300 MiB held for a fifth of a second is seen; 300 MiB of a memory-mapped file read in full
+    is not."""
     mapped = tmp_path / "cache.bin"
     mapped.write_bytes(b"\1" * (300 << 20))
     script = (
         "import mmap, time\n"
         f"with open({str(mapped)!r}, 'rb') as f:\n"
-        "    m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ); sum(m[i] for i in range(0, len(m), 4096))\n"
+        "    m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ); "
+        "sum(m[i] for i in range(0, len(m), 4096))\n"
         "time.sleep(0.3)\n"
         "held = b'\\1' * (300 << 20); time.sleep(0.2); del held; time.sleep(0.3)\n"
     )

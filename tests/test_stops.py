@@ -1,5 +1,6 @@
-"""A stop signal (Ctrl-C, SIGTERM): nothing of the interrupted round is recorded, and a stop after the
-sites trained costs them no budget on resume (tests/federation_harness.py drives the federation)."""
+"""A stop signal (Ctrl-C, SIGTERM): nothing of the interrupted round is recorded, and a stop after
+the sites trained costs them no budget on resume (tests/federation_harness.py drives the
+federation)."""
 
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def test_a_stop_signal_records_nothing_of_the_interrupted_round(
 
 
 class StopsAfterTraining(RealHospital):
-    """Ctrl-C lands after this site trained round 2 and sent its update, before the coordinator recorded it."""
+    """Ctrl-C lands after this site trained round 2 and sent its update, before the coordinator
+    recorded it."""
 
     def __call__(self, message: Message) -> Message:
         from medtune.stopping import STOP
@@ -69,7 +71,8 @@ class StopsAfterTraining(RealHospital):
 def test_a_stop_after_the_sites_trained_costs_no_budget(
     tiny_backbone_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """SIGINT in round 2 of 3 and --resume: all 3 rounds complete, and every ledger equals a straight run's."""
+    """SIGINT in round 2 of 3 and --resume: all 3 rounds complete, and every ledger equals a
+    straight run's."""
     from medtune.stopping import STOP, Interrupted
 
     caplog.set_level("INFO", logger="medtune.site")

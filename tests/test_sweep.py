@@ -39,9 +39,9 @@ def tiny_sweep(backbone: Path) -> SweepConfig:
 
 
 def test_grid_has_every_baseline_on_the_same_seeds(tiny_backbone_dir: Path) -> None:
-    """The cells medtune/experiments/sweep.py documents, for every seed and every value of an axis: pooled,
-    majority and zero-shot without DP, and local and federated at each epsilon (ascending) and without DP;
-    seed 0's cells all come before seed 1's."""
+    """The cells medtune/experiments/sweep.py documents, for every seed and every value of an axis:
+    pooled, majority and zero-shot without DP, and local and federated at each epsilon (ascending)
+    and without DP; seed 0's cells all come before seed 1's."""
     grid = {"epsilons": (8.0, 1.0), "seeds": (0, 1), "axes": {"hospitals": (2, 3)}}
     sweep = SweepConfig(**{**tiny_sweep(tiny_backbone_dir).__dict__, **grid})
     every_setting = [
@@ -88,7 +88,8 @@ def test_sweep_writes_results_report_and_plot_and_resumes(
     tiny_backbone_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sweep = tiny_sweep(tiny_backbone_dir)
-    # An audited sweep (medtune benchmark sweep --audit-canaries): each federated cell is an epsilon audit.
+    # An audited sweep (medtune benchmark sweep --audit-canaries): each federated cell is an epsilon
+    # audit.
     sweep = SweepConfig(
         **{
             **sweep.__dict__,
@@ -167,7 +168,8 @@ def test_sweep_writes_results_report_and_plot_and_resumes(
     def must_not_run(*args: object, **kwargs: object) -> None:
         raise AssertionError("a finished run ran again")
 
-    # A federated run that finished before its cell file was written is scored again, not re-simulated.
+    # A federated run that finished before its cell file was written is scored again, not
+    # re-simulated.
     cell = tmp_path / "cells" / "federated_eps-8_seed-0.json"
     scored = json.loads(cell.read_text())
     cell.unlink()
@@ -179,7 +181,8 @@ def test_sweep_writes_results_report_and_plot_and_resumes(
         k: v for k, v in scored.items() if k != "wall_seconds"
     }
 
-    # ... but a run made with other settings (here: its checkpoint says another learning rate) is not.
+    # ... but a run made with other settings (here: its checkpoint says another learning rate) is
+    # not.
     meta = tmp_path / "runs" / "federated_eps-8_seed-0" / "checkpoints" / "round_002" / "meta.json"
     record = json.loads(meta.read_text())
     record["config"]["learning-rate"] = 0.5

@@ -1,4 +1,5 @@
-"""Local training learns: clearly above chance with and without DP, reproducibly, on the synthetic notes."""
+"""Local training learns: clearly above chance with and without DP, reproducibly, on the synthetic
+notes."""
 
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ FILLER = [
 
 
 def _records(seed: int = 0, count: int = 2000) -> list[Record]:
-    """Easy notes (one service keyword among filler words): tests the training loop, not the task."""
+    """Easy notes (one service keyword among filler words): tests the training loop, not the
+    task."""
     rng = np.random.default_rng(seed)
     records = []
     for i in range(count):
@@ -67,8 +69,9 @@ def test_tiny_bert_learns_clearly_above_chance(tiny_backbone, epsilon):
         progress=False,
     )
     scored = (
-        f"epsilon={epsilon}: accuracy {run.evaluation.accuracy:.3f}, macro-F1 {run.evaluation.macro_f1:.3f}, "
-        f"majority {_majority_rate(run):.3f}, spent {run.ledger.epsilon}"
+        f"epsilon={epsilon}: accuracy {run.evaluation.accuracy:.3f}, macro-F1 "
+        f"{run.evaluation.macro_f1:.3f}, majority {_majority_rate(run):.3f}, spent "
+        f"{run.ledger.epsilon}"
     )
     assert run.evaluation.accuracy > _majority_rate(run) + 0.3, scored
     assert run.evaluation.macro_f1 > 0.5, scored  # chance on 5 balanced labels is about 0.2
@@ -100,8 +103,9 @@ def test_same_seed_same_result(tiny_backbone):
     "prompt_layer", [0, 5]
 )  # token ids, and hidden states below the prompt (another item shape)
 def test_empty_poisson_batches_are_still_counted_noisy_steps(tiny_backbone, prompt_layer, tmp_path):
-    """With an expected batch of 1 among 20 records, about a third of Poisson batches are empty, the first
-    one of a round included (Opacus then hands it over as a bare list): seeds 0 to 5 meet both cases."""
+    """With an expected batch of 1 among 20 records, about a third of Poisson batches are empty, the
+    first one of a round included (Opacus then hands it over as a bare list): seeds 0 to 5 meet both
+    cases."""
     from medtune.features import record_inputs
     from medtune.model import PromptClassifier
     from medtune.train import new_ledger, train_local
@@ -163,8 +167,8 @@ def test_poisson_sampling_and_dp_noise_draw_from_independent_streams(tiny_backbo
 
 
 def test_medtune_train_continues_only_its_own_ledger_for_its_own_records(tiny_backbone, tmp_path):
-    """`--ledger other.json` never touches OUT/ledger.json; a ledger of other records or of a federated hospital
-    is refused before any step (issue 22, items 3 and 4)."""
+    """`--ledger other.json` never touches OUT/ledger.json; a ledger of other records or of a
+    federated hospital is refused before any step (issue 22, items 3 and 4)."""
     import json
 
     from medtune.errors import LedgerError

@@ -1,4 +1,5 @@
-"""Benchmark, not product: what secure aggregation costs per round, against a plain round, at 3, 10 and 30 hospitals.
+"""Benchmark, not product: what secure aggregation costs per round, against a plain round, at 3, 10
+and 30 hospitals.
 
 Each hospital is a simulated site running MedTune's real ClientApp (mods included) in this one
 process; MedTune's real round loop (server.federation) drives them through an in-process grid that
@@ -40,7 +41,8 @@ SMALL = {
 
 
 def round_of(message: Message) -> int:
-    """The round a message belongs to: its config's server-round, or the SecAgg+ stage's group id."""
+    """The round a message belongs to: its config's server-round, or the SecAgg+ stage's group
+    id."""
     for name in ("config", "fitins.config"):
         record = message.content.config_records.get(name)
         if record is not None and "server-round" in record:
@@ -49,7 +51,8 @@ def round_of(message: Message) -> int:
 
 
 class CountingGrid:
-    """Delivers each message to its node's ClientApp in-process and counts every message's bytes, per round."""
+    """Delivers each message to its node's ClientApp in-process and counts every message's bytes,
+    per round."""
 
     def __init__(self, contexts: dict[int, Context]) -> None:
         self.contexts = contexts

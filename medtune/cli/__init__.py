@@ -1,6 +1,7 @@
 """`medtune` command line: one module per group of commands, each adding its parsers and handlers
-(`set_defaults(handler=..., command_name=...)`). Flags of `train` and `difficulty` are derived from the config
-dataclasses (medtune/cli/flags.py); flags left unset keep their defaults from pyproject.toml.
+(`set_defaults(handler=..., command_name=...)`). Flags of `train` and `difficulty` are derived from
+the config dataclasses (medtune/cli/flags.py); flags left unset keep their defaults from
+pyproject.toml.
 
 This is the top floor: it may import the federation and the experiments; the core never imports it.
 Every MedTuneError is printed as one line, `error: ...`, with exit status 2: no tracebacks.
@@ -59,15 +60,17 @@ def main(argv: list[str] | None = None) -> int:
         KeyboardInterrupt
     ):  # Ctrl-C in any other command (a simulation stops itself: medtune/stopping.py)
         print(
-            f"interrupted: stopped by SIGINT before `medtune {args.command_name}` finished; checkpoints, ledgers and results "
-            "are written whole (atomic rename), but a data file or plot it was writing may be cut short",
+            f"interrupted: stopped by SIGINT before `medtune {args.command_name}` finished; "
+            "checkpoints, ledgers and results are written whole (atomic rename), but a data file "
+            "or plot it was writing may be cut short",
             file=sys.stderr,
         )
         return EXIT_STATUS
     except MedTuneError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except OSError as error:  # a folder it cannot write (read-only --out), a full disk: one line, never a traceback
+    # a folder it cannot write (read-only --out), a full disk: one line, never a traceback
+    except OSError as error:
         where = f"{error.filename}: " if error.filename else ""
         print(f"error: {where}{error.strerror or error}", file=sys.stderr)
         return 2

@@ -1,4 +1,5 @@
-"""`medtune audit`: the one-run epsilon audit (--canaries, --score) and the membership attack (--run)."""
+"""`medtune audit`: the one-run epsilon audit (--canaries, --score) and the membership attack
+(--run)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ from medtune.files import atomic_write_json, check_writable
 def add_audit_command(commands: Any) -> None:
     audit = commands.add_parser(
         "audit",
-        help="privacy audits: an epsilon lower bound from canaries (--canaries), or a membership-inference attack (--run)",
-        description="--canaries M: simulate the federation (its --scenario and --run-config) with M canaries of each "
-        "kind at one hospital and certify, at 95%% confidence, an epsilon the mechanism cannot be below, beside the "
-        "ledger's epsilon (white box: gradient canaries scored by the updates the coordinator received; black box: "
-        "input canaries scored by the final model's loss). --score OUT scores such a run again. --run RUN --hospital "
-        "H: the loss-threshold membership attack (AUC, TPR at 1%% FPR) on a finished simulated run.",
+        help="privacy audits: an epsilon lower bound from canaries (--canaries), or a "
+        "membership-inference attack (--run)",
+        description="--canaries M: simulate the federation (its --scenario and --run-config) with "
+        "M canaries of each kind at one hospital and certify, at 95%% confidence, an epsilon the "
+        "mechanism cannot be below, beside the ledger's epsilon (white box: gradient canaries "
+        "scored by the updates the coordinator received; black box: input canaries scored by the "
+        "final model's loss). --score OUT scores such a run again. --run RUN --hospital H: the "
+        "loss-threshold membership attack (AUC, TPR at 1%% FPR) on a finished simulated run.",
     )
     audit.add_argument(
         "--canaries", type=int, help="M canaries of each kind: run an epsilon audit into --out"
@@ -47,8 +50,8 @@ def add_audit_command(commands: Any) -> None:
         "--mode",
         choices=AUDIT_MODES,
         default="both",
-        help="with --canaries: white-box (gradient canaries), black-box (input canaries: M at most the "
-        "hospital's training records) or both in one run",
+        help="with --canaries: white-box (gradient canaries), black-box (input canaries: M at most "
+        "the hospital's training records) or both in one run",
     )
     audit.add_argument(
         "--out", type=Path, help="--canaries: the run's out directory; --run: also write JSON here"
@@ -69,7 +72,8 @@ def _cmd_audit(args: argparse.Namespace) -> None:
     ]
     if len(chosen) != 1:
         raise ConfigError(
-            f"medtune audit takes one of --canaries M, --score OUT or --run RUN; got {chosen or 'none'}"
+            "medtune audit takes one of --canaries M, --score OUT or --run RUN; got "
+            f"{chosen or 'none'}"
         )
     if args.run is not None:
         _membership_attack(args)
@@ -83,7 +87,8 @@ def _cmd_audit(args: argparse.Namespace) -> None:
 
         if args.out is None:
             raise ConfigError(
-                "medtune audit --canaries needs --out: the audit's run is kept there to be scored again"
+                "medtune audit --canaries needs --out: the audit's run is kept there to be scored "
+                "again"
             )
         check_writable(args.out, folder=True)
         overrides = {**parse_overrides(args.run_config), "out": str(args.out)}
@@ -106,7 +111,8 @@ def _membership_attack(args: argparse.Namespace) -> None:
     print(
         f"{args.hospital}: {result.members} members, {result.non_members} non-members; mean loss "
         f"{result.member_loss:.3f} vs {result.non_member_loss:.3f}\n"
-        f"loss-threshold attack AUC {result.auc:.3f} (0.5 = chance), TPR at 1% FPR {result.tpr_at_1pct_fpr:.3f}"
+        f"loss-threshold attack AUC {result.auc:.3f} (0.5 = chance), TPR at 1% FPR "
+        f"{result.tpr_at_1pct_fpr:.3f}"
     )
     if args.out:
         atomic_write_json(args.out, result.to_dict())

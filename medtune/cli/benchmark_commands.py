@@ -42,8 +42,9 @@ def add_benchmark_commands(commands: Any) -> None:
     )
     perf.add_argument(
         "--records",
-        help="instead of throughput: run `medtune train --epochs 1` on a synthetic site of this many records (comma-"
-        "separated: one run each) and print its peak anonymous memory, wall time and feature-cache size on disk",
+        help="instead of throughput: run `medtune train --epochs 1` on a synthetic site of this "
+        "many records (comma-separated: one run each) and print its peak anonymous memory, wall "
+        "time and feature-cache size on disk",
     )
     perf.add_argument(
         "--work",
@@ -58,7 +59,8 @@ def add_benchmark_commands(commands: Any) -> None:
     )
     baselines = bench.add_parser(
         "baselines",
-        help="local-only, pooled and majority-label references for a scenario, or for a run (--run)",
+        help="local-only, pooled and majority-label references for a scenario, or for a run "
+        "(--run)",
     )
     baselines.add_argument(
         "--scenario", help="name in simulations/scenarios/ or a TOML path (default: default)"
@@ -70,15 +72,15 @@ def add_benchmark_commands(commands: Any) -> None:
     baselines.add_argument(
         "--run",
         type=Path,
-        help="a `medtune simulate` out directory: take its settings, and add its final global model as it is "
-        "and with each hospital's own label mix",
+        help="a `medtune simulate` out directory: take its settings, and add its final global "
+        "model as it is and with each hospital's own label mix",
     )
     sweep = bench.add_parser(
         "sweep",
         help="privacy/accuracy grid: federated and local at each epsilon, without DP, and pooled",
-        description="Runs every cell of a sweep file (simulations/benchmarks/<name>.toml) over its seeds and "
-        "writes results.csv, results.json, report.md and accuracy_vs_epsilon.png. Finished runs are kept in "
-        "OUT/cells/, so an interrupted sweep resumes where it stopped.",
+        description="Runs every cell of a sweep file (simulations/benchmarks/<name>.toml) over its "
+        "seeds and writes results.csv, results.json, report.md and accuracy_vs_epsilon.png. "
+        "Finished runs are kept in OUT/cells/, so an interrupted sweep resumes where it stopped.",
     )
     sweep.add_argument(
         "--sweep", default="synthetic", help="name in simulations/benchmarks/ or a TOML path"
@@ -96,16 +98,17 @@ def add_benchmark_commands(commands: Any) -> None:
     sweep.add_argument(
         "--audit-canaries",
         type=int,
-        help="make each federated cell a white-box epsilon audit with this many canaries at hospital_1 "
-        "(medtune audit) and add the column 'epsilon audited (lower bound)'; the canaries move that "
-        "hospital's updates, so these cells' accuracy is an audited run's",
+        help="make each federated cell a white-box epsilon audit with this many canaries at "
+        "hospital_1 (medtune audit) and add the column 'epsilon audited (lower bound)'; the "
+        "canaries move that hospital's updates, so these cells' accuracy is an audited run's",
     )
     tune = bench.add_parser(
         "tune",
-        help="score recipes (prompt layer, learning rate, ...) on validation parts of the hospitals' training splits",
-        description="Cuts every hospital's training split into fit and validation parts (the test splits are never "
-        "read), trains each combination of --grid with DP on the fit parts and prints validation accuracy, "
-        "macro-F1 and DP training records/s. Writes OUT/tuning.json.",
+        help="score recipes (prompt layer, learning rate, ...) on validation parts of the "
+        "hospitals' training splits",
+        description="Cuts every hospital's training split into fit and validation parts (the test "
+        "splits are never read), trains each combination of --grid with DP on the fit parts and "
+        "prints validation accuracy, macro-F1 and DP training records/s. Writes OUT/tuning.json.",
     )
     tune.add_argument(
         "--sweep", default="synthetic", help="the hospitals and settings of this sweep file"
@@ -114,7 +117,8 @@ def add_benchmark_commands(commands: Any) -> None:
         "--grid",
         action="append",
         required=True,
-        help="run-config key and TOML list of values, e.g. 'prompt-layer=[0,3,5]' (repeatable: the grid is the product)",
+        help="run-config key and TOML list of values, e.g. 'prompt-layer=[0,3,5]' (repeatable: the "
+        "grid is the product)",
     )
     tune.add_argument(
         "--epsilon",
@@ -155,7 +159,8 @@ def _cmd_perf(args: argparse.Namespace) -> None:
         return
     if args.train_args:
         raise ConfigError(
-            f"benchmark perf: flags after -- ({' '.join(args.train_args)}) are for medtune train; add --records N"
+            f"benchmark perf: flags after -- ({' '.join(args.train_args)}) are for medtune train; "
+            "add --records N"
         )
     run_perf(
         layers=[int(x) for x in args.layers.split(",")],
@@ -197,7 +202,8 @@ def _cmd_baselines(args: argparse.Namespace) -> None:
     figures: list[BaselineResult] = []
     if args.run is not None and (args.scenario or args.run_config):
         raise ConfigError(
-            "--run takes the run's own settings (from its results.json); drop --scenario and --run-config"
+            "--run takes the run's own settings (from its results.json); drop --scenario and "
+            "--run-config"
         )
     if args.out:
         check_writable(args.out, folder=False)
@@ -218,8 +224,9 @@ def _cmd_baselines(args: argparse.Namespace) -> None:
     for result in figures:
         print(
             f"{result.name:34s} own test splits: accuracy {result.pooled.accuracy:.3f}  macro-F1 "
-            f"{result.pooled.macro_f1:.3f}  mean hospital {result.mean_hospital_accuracy:.3f} | every hospital's "
-            f"test split: accuracy {result.everyone.accuracy:.3f}  macro-F1 {result.everyone.macro_f1:.3f}"
+            f"{result.pooled.macro_f1:.3f}  mean hospital {result.mean_hospital_accuracy:.3f} | "
+            f"every hospital's test split: accuracy {result.everyone.accuracy:.3f}  macro-F1 "
+            f"{result.everyone.macro_f1:.3f}"
         )
     if args.out:
         atomic_write_json(

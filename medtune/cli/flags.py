@@ -1,5 +1,6 @@
-"""Flags derived from the config dataclasses: `prompt_length` becomes --prompt-length, with the default
-and help of run-config key `prompt-length` in pyproject.toml; flags left unset keep those defaults."""
+"""Flags derived from the config dataclasses: `prompt_length` becomes --prompt-length, with the
+default and help of run-config key `prompt-length` in pyproject.toml; flags left unset keep those
+defaults."""
 
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ FLAG_ALIASES = {
 }  # shorter spellings kept for users
 FLAG_CHOICES = {"prompt_init": PROMPT_INITS, "head_init": HEAD_INITS, "accountant": ACCOUNTANTS}
 FLAG_HELP = {
-    "epochs": "passes over the records (default: rounds x local-epochs of the run config, as in the default federation)",
-    "epsilon": "target epsilon for the whole participation (inf: no DP; default: the run config's epsilon)",
+    "epochs": "passes over the records (default: rounds x local-epochs of the run config, as in "
+    "the default federation)",
+    "epsilon": "target epsilon for the whole participation (inf: no DP; default: the run config's "
+    "epsilon)",
 }
 NOT_FLAGS = {
     "labels",
@@ -34,7 +37,8 @@ NOT_FLAGS = {
 
 
 def add_config_flags(group: Any, config: type) -> None:
-    """One flag per field of a config dataclass; unset flags keep the field's default (pyproject.toml)."""
+    """One flag per field of a config dataclass; unset flags keep the field's default
+    (pyproject.toml)."""
     helps, defaults = key_help(), run_defaults()
     for name, kind in field_kinds(config).items():
         if name in NOT_FLAGS:
@@ -65,7 +69,8 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--data",
         type=Path,
-        help="records file (.csv, .jsonl, .parquet); default: one synthetic hospital of 1,500 notes",
+        help="records file (.csv, .jsonl, .parquet); default: one synthetic hospital of 1,500 "
+        "notes",
     )
     group.add_argument(
         "--labels", help="comma-separated federation label list (default: the synthetic labels)"

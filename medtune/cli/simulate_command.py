@@ -14,8 +14,8 @@ def add_simulate_command(commands: Any) -> None:
     simulate = commands.add_parser(
         "simulate",
         help="run a federation of simulated hospitals (Flower Simulation Engine)",
-        description="Same run as `flwr run .`: defaults from pyproject.toml's [tool.flwr.app.config], "
-        "then the scenario file, then these flags and --run-config.",
+        description="Same run as `flwr run .`: defaults from pyproject.toml's "
+        "[tool.flwr.app.config], then the scenario file, then these flags and --run-config.",
     )
     simulate.add_argument(
         "--scenario", default="default", help="name in simulations/scenarios/ or a TOML path"

@@ -93,8 +93,9 @@ def _cmd_site_check(args: argparse.Namespace) -> None:
 
     site = read_site_file(args.site_file)
     print(
-        f"{args.site_file}: hospital {site.hospital}, max-epsilon {site.node_config['max-epsilon']}, "
-        f"max-delta {site.terms.max_delta:g}, share-evaluation-counts {str(site.terms.share_evaluation_counts).lower()}, "
+        f"{args.site_file}: hospital {site.hospital}, max-epsilon "
+        f"{site.node_config['max-epsilon']}, max-delta {site.terms.max_delta:g}, "
+        f"share-evaluation-counts {str(site.terms.share_evaluation_counts).lower()}, "
         f"{len(site.approved_fabs)} approved FAB(s)"
     )
     print(
@@ -118,6 +119,7 @@ def _cmd_site_review(args: argparse.Namespace) -> int:
     if result.same_as_installed:
         return 0
     print(
-        "to approve it, add its sha256 to the site file's approved-fabs (it then runs as its own code)"
+        "to approve it, add its sha256 to the site file's approved-fabs (it then runs as its own "
+        "code)"
     )
     return 1  # like diff(1): the code differs

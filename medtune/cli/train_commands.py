@@ -46,7 +46,8 @@ def add_train_commands(commands: Any) -> None:
     predict.add_argument(
         "--label-mix",
         type=Path,
-        help="this hospital's labelled records (.csv, .jsonl, .parquet): re-weight predictions to its label mix",
+        help="this hospital's labelled records (.csv, .jsonl, .parquet): re-weight predictions to "
+        "its label mix",
     )
     predict.add_argument(
         "--label-column", help="label column of the --label-mix file (default: label)"
@@ -85,7 +86,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     records = read_records(path, data)
     backbone = load_backbone(model.backbone, model.num_layers, train.device)
     print(
-        f"{path}: {len(records)} records; backbone {backbone.name}; target epsilon={privacy.epsilon}"
+        f"{path}: {len(records)} records; backbone {backbone.name}; target "
+        f"epsilon={privacy.epsilon}"
     )
     run = run_local(
         records,
@@ -100,9 +102,11 @@ def _cmd_train(args: argparse.Namespace) -> None:
     save_local_run(run, args.out, backbone, all_configs(data, model, privacy, train))
     ev = run.evaluation
     print(
-        f"test accuracy {ev.accuracy:.3f}  macro-F1 {ev.macro_f1:.3f}  loss {ev.loss:.3f}  ({ev.examples} records)\n"
-        f"privacy: epsilon spent {run.ledger.epsilon:.3f} of {privacy.epsilon} (delta={privacy.delta}), "
-        f"noise multiplier {run.ledger.noise_multiplier:.3f}, {run.ledger.steps} steps\n"
+        f"test accuracy {ev.accuracy:.3f}  macro-F1 {ev.macro_f1:.3f}  loss {ev.loss:.3f}  "
+        f"({ev.examples} records)\n"
+        f"privacy: epsilon spent {run.ledger.epsilon:.3f} of {privacy.epsilon} "
+        f"(delta={privacy.delta}), noise multiplier {run.ledger.noise_multiplier:.3f}, "
+        f"{run.ledger.steps} steps\n"
         f"wrote {args.out}/checkpoint, {ledger_path}, {args.out}/metrics.json"
     )
 

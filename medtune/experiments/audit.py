@@ -61,7 +61,8 @@ def tpr_at_fpr(
     """Members flagged when the threshold lets at most `fpr` of non-members through."""
     ordered = np.sort(non_member_scores)[::-1]
     allowed = int(np.floor(fpr * len(ordered)))
-    # Flag only scores above the (allowed+1)-th highest non-member score: at most `allowed` false positives.
+    # Flag only scores above the (allowed+1)-th highest non-member score: at most `allowed` false
+    # positives.
     threshold = ordered[allowed] if allowed < len(ordered) else -np.inf
     return float((member_scores > threshold).mean())
 
@@ -103,8 +104,8 @@ def audit_run(out: Path, hospital: str) -> AuditResult:
     checkpoint = load_checkpoint(find_checkpoint(out))
     if "round" not in checkpoint.extra:  # only a federation's checkpoints are numbered by round
         raise ConfigError(
-            f"{out}: a `medtune train` run (one site, no federation); audit attacks a simulated federation's "
-            "global model, so give it a `medtune simulate` out directory"
+            f"{out}: a `medtune train` run (one site, no federation); audit attacks a simulated "
+            "federation's global model, so give it a `medtune simulate` out directory"
         )
     settings = settings_from_run_config(checkpoint.extra["config"])
     names = [hospital_name(i) for i in range(settings.source.hospitals)]

@@ -58,7 +58,8 @@ class BaselineResult:
     per_hospital: dict[str, Evaluation]
     epsilon_spent: dict[str, float]  # per trained model (inf without DP)
     # Each trained model on every hospital's test split, pooled: how well a hospital's model serves
-    # the federation's whole patient mix, not only its own (skewed) one. Equals `pooled` for one model.
+    # the federation's whole patient mix, not only its own (skewed) one. Equals `pooled` for one
+    # model.
     everyone: Evaluation
 
     @property
@@ -132,10 +133,12 @@ def each_hospital_scored(
     scorer_of: Callable[[Split], Scorer],
     spent: dict[str, float],
 ) -> BaselineResult:
-    """The one scoring loop for methods with a model per hospital (local, majority, global + own mix).
+    """The one scoring loop for methods with a model per hospital (local, majority, global + own
+    mix).
 
-    `scorer_of(split)` gives the model of `split`'s hospital. Its own test split makes `per_hospital`
-    and `pooled`; every hospital's test split, pooled over all models, makes `everyone`.
+    `scorer_of(split)` gives the model of `split`'s hospital. Its own test split makes
+    `per_hospital` and `pooled`; every hospital's test split, pooled over all models, makes
+    `everyone`.
     """
     per_hospital: dict[str, Evaluation] = {}
     everyone: list[Evaluation] = []
@@ -180,7 +183,8 @@ def pooled(settings: RunSettings) -> BaselineResult:
 
 
 def zero_shot(settings: RunSettings) -> BaselineResult:
-    """No training: each record goes to the label whose text embeds closest (the label-name prior alone)."""
+    """No training: each record goes to the label whose text embeds closest (the label-name prior
+    alone)."""
     backbone = load_backbone(
         settings.model.backbone, settings.model.num_layers, settings.train.device
     )
@@ -232,18 +236,21 @@ def load_run(run: Path) -> tuple[RunSettings, RunResults]:
     config = load_checkpoint(path).extra.get("config")
     if not isinstance(config, dict):
         raise ConfigError(
-            f"{path}: its meta.json carries no run config; give the out directory of a `medtune simulate` run"
+            f"{path}: its meta.json carries no run config; give the out directory of a `medtune "
+            "simulate` run"
         )
     return settings_from_run_config(config), RunResults.load(run, up_to_round=sys.maxsize)
 
 
 def score_global_model(run: Path) -> tuple[BaselineResult, BaselineResult]:
-    """A simulated run's final global prompt and head: as it is, and with each hospital's own label mix.
+    """A simulated run's final global prompt and head: as it is, and with each hospital's own label
+    mix.
 
-    The global model's logits on each test split are computed once. Re-weighted, each hospital applies
-    the bias matched to its training split's label mix (medtune/label_mix.py) to its own split
-    ("own test") and, for `everyone`, to every hospital's split.
-    The splits are rebuilt from the run's settings, so the run must be a simulation of these hospitals.
+    The global model's logits on each test split are computed once. Re-weighted, each hospital
+    applies the bias matched to its training split's label mix (medtune/label_mix.py) to its own
+    split ("own test") and, for `everyone`, to every hospital's split.
+    The splits are rebuilt from the run's settings, so the run must be a simulation of these
+    hospitals.
     """
     settings, results = load_run(run)
     spent = results.epsilon_per_hospital()
@@ -251,8 +258,9 @@ def score_global_model(run: Path) -> tuple[BaselineResult, BaselineResult]:
     strangers = sorted(set(spent) - {split.name for split in all_splits})
     if strangers:
         raise ConfigError(
-            f"the run has hospitals {strangers} that its settings do not simulate: only a `medtune simulate` "
-            "run can be scored again here (a deployed hospital's records stay at its site)"
+            f"the run has hospitals {strangers} that its settings do not simulate: only a `medtune "
+            "simulate` run can be scored again here (a deployed hospital's records stay at its "
+            "site)"
         )
     _, model, backbone = model_from_checkpoint(run, device=settings.train.device)
     device = resolve_device(settings.train.device)

@@ -1,4 +1,5 @@
-"""`medtune audit --canaries M`: an empirical lower bound on one hospital's epsilon, from one simulated run.
+"""`medtune audit --canaries M`: an empirical lower bound on one hospital's epsilon, from one
+simulated run.
 
 The run is the federation being audited (its scenario and run config), with M canaries of each kind
 planted at the audited hospital (medtune/canaries.py) and every received update kept
@@ -21,8 +22,8 @@ the accounting is broken. The run stays in its out directory, so `medtune audit 
 it again from what it kept.
 
 Under secure aggregation the coordinator never sees one hospital's update, so its view is not
-audited; white box and black box still are. A deployed run cannot be audited: the auditor must plant the canaries and
-read the updates, which only a simulation of the same federation allows.
+audited; white box and black box still are. A deployed run cannot be audited: the auditor must
+plant the canaries and read the updates, which only a simulation of the same federation allows.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ from medtune.run_config import RunSettings, settings_from_run_config
 from medtune.state import ExchangedStateSpec
 
 AUDIT_FILE = "audit.json"
-# The report's audits, as a reader names them: every step seen (DP's adversary), the coordinator's rounds, the final model.
+# The report's audits, as a reader names them: every step seen (DP's adversary), the coordinator's
+# rounds, the final model.
 MODES = {
     "white_box": "white box",
     "coordinator_view": "coordinator's view",
@@ -81,12 +83,13 @@ def audit_overrides(canaries: int, hospital: str, mode: str) -> dict[str, Any]:
 
 
 def check_audit_settings(settings: RunSettings) -> None:
-    """Refused before the run starts: a hospital that is not in the federation, or more black-box canaries than
-    its training records."""
+    """Refused before the run starts: a hospital that is not in the federation, or more black-box
+    canaries than its training records."""
     names = [hospital_name(i) for i in range(settings.source.hospitals)]
     if settings.audit.hospital not in names:
         raise ConfigError(
-            f"--hospital {settings.audit.hospital!r} is not in this federation; its hospitals are {names}"
+            f"--hospital {settings.audit.hospital!r} is not in this federation; its hospitals are "
+            f"{names}"
         )
     if settings.audit.black_box:
         from medtune.data import train_test_split
@@ -96,8 +99,9 @@ def check_audit_settings(settings: RunSettings) -> None:
         train, _ = train_test_split(records, settings.data.test_fraction, settings.seed)
         if settings.audit.canaries > len(train):
             raise ConfigError(
-                f"--canaries {settings.audit.canaries} is more than {settings.audit.hospital}'s {len(train)} training "
-                "records: black-box canaries would outnumber them; give at most that many, or --mode white-box"
+                f"--canaries {settings.audit.canaries} is more than {settings.audit.hospital}'s "
+                f"{len(train)} training records: black-box canaries would outnumber them; give at "
+                "most that many, or --mode white-box"
             )
 
 
@@ -118,15 +122,18 @@ def _settings(out: Path) -> RunSettings:
     results = out / RESULTS_FILE
     if not results.is_file():
         raise ConfigError(
-            f"{out}: no {RESULTS_FILE}; give the out directory of a finished `medtune audit --canaries` run"
+            f"{out}: no {RESULTS_FILE}; give the out directory of a finished `medtune audit "
+            "--canaries` run"
         )
-    # A run from before the audit keys existed reads as having none (the shipped defaults fill them).
+    # A run from before the audit keys existed reads as having none (the shipped defaults fill
+    # them).
     settings = settings_from_run_config({**run_defaults(), **read_json(results)["config"]})
     if settings.audit.canaries == 0:
         raise ConfigError(
-            f"{out}: a run without canaries cannot be audited; an epsilon audit needs a simulation of the federation "
-            "with canaries planted and every update kept: run `medtune audit --canaries M` with its run config (a "
-            "deployed run's hospitals plant no canaries, and its auditor sees no single update)"
+            f"{out}: a run without canaries cannot be audited; an epsilon audit needs a simulation "
+            "of the federation with canaries planted and every update kept: run `medtune audit "
+            "--canaries M` with its run config (a deployed run's hospitals plant no canaries, and "
+            "its auditor sees no single update)"
         )
     return settings
 
@@ -142,22 +149,26 @@ def _ledger_epsilon(settings: RunSettings, out: Path) -> float:
 
 
 def white_box_scores(settings: RunSettings, out: Path) -> np.ndarray:
-    """Each gradient canary's summed observation over every step the audited hospital took (medtune/canaries.py)."""
+    """Each gradient canary's summed observation over every step the audited hospital took
+    (medtune/canaries.py)."""
     path = canary_steps_path(simulated_ledger_path(out, settings.audit.hospital))
     if not path.is_file():
         raise ConfigError(
-            f"{out}: no step observations of {settings.audit.hospital} ({path}); it never trained in this run"
+            f"{out}: no step observations of {settings.audit.hospital} ({path}); it never trained "
+            "in this run"
         )
     steps = read_canary_steps(path)
     if steps.ndim != 2 or steps.shape[1] != settings.audit.canaries:
         raise ConfigError(
-            f"{path}: expected (steps, {settings.audit.canaries}) observations, found shape {steps.shape}"
+            f"{path}: expected (steps, {settings.audit.canaries}) observations, found shape "
+            f"{steps.shape}"
         )
     return steps.sum(axis=0)
 
 
 def coordinator_scores(settings: RunSettings, out: Path, canaries: GradientCanaries) -> np.ndarray:
-    """Each gradient canary's summed descent over the rounds in which the coordinator got the hospital's update."""
+    """Each gradient canary's summed descent over the rounds in which the coordinator got the
+    hospital's update."""
     descents = []
     for server_round in range(1, settings.federation.rounds + 1):
         folder = updates_folder(out, server_round)
@@ -238,8 +249,8 @@ def score_audit(out: Path) -> dict[str, Any]:
 
 
 def audited_epsilon(report: dict[str, Any]) -> float:
-    """A sweep's "epsilon audited" column: the white-box bound when it ran, else the black-box one. One mode
-    chosen in advance, not the larger of several, keeps the column's 95% confidence."""
+    """A sweep's "epsilon audited" column: the white-box bound when it ran, else the black-box one.
+    One mode chosen in advance, not the larger of several, keeps the column's 95% confidence."""
     return next(
         report[mode]["epsilon"]
         for mode in ("white_box", "black_box")
@@ -248,12 +259,13 @@ def audited_epsilon(report: dict[str, Any]) -> float:
 
 
 def audit_lines(report: dict[str, Any]) -> list[str]:
-    """The audit as a reader wants it: each mode's bound beside the ledger's epsilon, and a verdict."""
+    """The audit as a reader wants it: each mode's bound beside the ledger's epsilon, and a
+    verdict."""
     ledger = report["ledger_epsilon"]
     kinds = " and ".join(MODES[mode] for mode in MODES if mode in report)
     lines = [
-        f"{report['hospital']}: ledger epsilon {ledger:.3g} (delta {report['delta']:g}), {report['canaries']} "
-        f"canaries per audit ({kinds})"
+        f"{report['hospital']}: ledger epsilon {ledger:.3g} (delta {report['delta']:g}), "
+        f"{report['canaries']} canaries per audit ({kinds})"
     ]
     for mode, name in MODES.items():
         if mode not in report:
@@ -269,7 +281,7 @@ def audit_lines(report: dict[str, Any]) -> list[str]:
         )
         if result.epsilon > ledger and not math.isinf(ledger):
             lines.append(
-                f"audited lower bound {result.epsilon:.3f} exceeds the ledger's epsilon {ledger:.3g}: the "
-                "mechanism or the accounting is wrong"
+                f"audited lower bound {result.epsilon:.3f} exceeds the ledger's epsilon "
+                f"{ledger:.3g}: the mechanism or the accounting is wrong"
             )
     return lines

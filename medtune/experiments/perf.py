@@ -198,7 +198,8 @@ def run_perf(
             }
         )
     table = Table(
-        title=f"MedTune throughput ({_device_name(device)}, {torch.get_num_threads()} threads, batch {batch_size})"
+        title=f"MedTune throughput ({_device_name(device)}, {torch.get_num_threads()} threads, "
+        f"batch {batch_size})"
     )
     columns = (
         "layers",

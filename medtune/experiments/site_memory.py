@@ -1,5 +1,5 @@
-"""Memory at a large site: peak anonymous memory, wall time and feature-cache size of `medtune train`
-on N synthetic records, so the claim "memory does not grow with the records" can be checked.
+"""Memory at a large site: peak anonymous memory, wall time and feature-cache size of `medtune
+train` on N synthetic records, so the claim "memory does not grow with the records" can be checked.
 
 The site runs as its own process, exactly as a hospital runs it (`medtune train --epochs 1`, every
 other setting at its default unless given). Its peak is RssAnon (heap and other private memory),
@@ -32,7 +32,8 @@ GOAL_BYTES_PER_RECORD = 2048
 
 
 def write_site(records: int, path: Path) -> Path:
-    """A CSV of `records` synthetic long notes (columns text, label), the same for the same count."""
+    """A CSV of `records` synthetic long notes (columns text, label), the same for the same
+    count."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(
         path.name + ".partial"
@@ -57,7 +58,8 @@ def _rss_anon(pid: int) -> int | None:
 
 
 def peak_rss_anon(command: list[str], log: Path) -> tuple[int, float, int]:
-    """Run `command`, its output into `log`: its peak RssAnon in bytes, wall time in seconds and exit status."""
+    """Run `command`, its output into `log`: its peak RssAnon in bytes, wall time in seconds and
+    exit status."""
     with log.open("w", encoding="utf-8") as output:
         started = time.perf_counter()
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
@@ -74,10 +76,11 @@ def disk_bytes(root: Path) -> int:
 
 
 def measure_site(records: int, work: Path, train_args: list[str]) -> dict:
-    """Run `medtune train --epochs 1` on `records` records under `work`; its peak RssAnon, wall time, cache size.
+    """Run `medtune train --epochs 1` on `records` records under `work`; its peak RssAnon, wall
+    time, cache size.
 
-    The run starts from an empty out directory, so its cache is built, not reused; the cache is deleted
-    after it is measured (at 128 tokens it takes 96 KiB a record).
+    The run starts from an empty out directory, so its cache is built, not reused; the cache is
+    deleted after it is measured (at 128 tokens it takes 96 KiB a record).
     """
     if records < 40:
         raise ConfigError(
@@ -121,16 +124,17 @@ def measure_site(records: int, work: Path, train_args: list[str]) -> dict:
 def run_site_memory(
     counts: list[int], work: Path, train_args: list[str], out: Path | None
 ) -> list[dict]:
-    """One run per record count, each printed as it ends; with two or more counts, the memory per extra record."""
+    """One run per record count, each printed as it ends; with two or more counts, the memory per
+    extra record."""
     rows = []
     for records in counts:
         row = measure_site(records, work, train_args)
         rows.append(row)
         print(
             f"{records:,} records ({' '.join(['medtune train --epochs 1', *train_args])}): "
-            f"peak RssAnon {row['peak_rss_anon_bytes'] / 2**20:,.0f} MiB, wall {row['wall_s']:,.0f} s, "
-            f"feature cache {row['cache_disk_bytes'] / 2**20:,.0f} MiB on disk "
-            f"({row['cache_disk_bytes'] / 1024 / records:,.1f} KiB a record); "
+            f"peak RssAnon {row['peak_rss_anon_bytes'] / 2**20:,.0f} MiB, wall "
+            f"{row['wall_s']:,.0f} s, feature cache {row['cache_disk_bytes'] / 2**20:,.0f} MiB on "
+            f"disk ({row['cache_disk_bytes'] / 1024 / records:,.1f} KiB a record); "
             f"{row['bytes_per_record_over_base'] / 1024:,.2f} KiB a record over 1 GiB "
             f"(goal: at most 2 KiB: {'met' if row['within_goal'] else 'NOT met'})",
             flush=True,
@@ -141,7 +145,8 @@ def run_site_memory(
             high["records"] - low["records"]
         )
         print(
-            f"from {low['records']:,} to {high['records']:,} records: {slope / 1024:,.2f} KiB of peak RssAnon a record"
+            f"from {low['records']:,} to {high['records']:,} records: {slope / 1024:,.2f} KiB of "
+            "peak RssAnon a record"
         )
     if out is not None:
         atomic_write_json(out, rows)

@@ -1,4 +1,5 @@
-"""`medtune benchmark sweep`: what privacy costs, as a grid of runs on the same hospitals and splits.
+"""`medtune benchmark sweep`: what privacy costs, as a grid of runs on the same hospitals and
+splits.
 
 A sweep file (`simulations/benchmarks/<name>.toml`) names a scenario, the privacy axis, the seeds,
 run-config overrides for every cell, and optional axes (any run-config key with a list of values,
@@ -61,7 +62,8 @@ GRID_FILE = "grid.json"  # what every cell in an output directory was run with
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """One benchmark grid. `run_config` applies to every cell; `axes` and `recipes` multiply the grid."""
+    """One benchmark grid. `run_config` applies to every cell; `axes` and `recipes` multiply the
+    grid."""
 
     name: str
     scenario: str
@@ -76,7 +78,8 @@ class SweepConfig:
         finite = [e for e in self.epsilons if math.isfinite(e)]
         if not finite or any(e <= 0 for e in finite):
             raise ConfigError(
-                f"sweep '{self.name}': epsilons must hold at least one positive finite value, got {self.epsilons}"
+                f"sweep '{self.name}': epsilons must hold at least one positive finite value, got "
+                f"{self.epsilons}"
             )
         if not self.seeds:
             raise ConfigError(f"sweep '{self.name}': seeds must not be empty")
@@ -142,7 +145,8 @@ def read_sweep(name_or_path: str) -> SweepConfig:
     recipes = raw.get("recipes", {})
     if not all(isinstance(v, dict) for v in recipes.values()):
         raise ConfigError(
-            f"{path}: every entry of [recipes] must be a table of run-config keys ([recipes.<name>])"
+            f"{path}: every entry of [recipes] must be a table of run-config keys "
+            "([recipes.<name>])"
         )
     return SweepConfig(
         name=str(raw.get("name", path.stem)),
@@ -206,12 +210,14 @@ def plan_cells(sweep: SweepConfig) -> list[Cell]:
 
 
 def cell_settings(cell: Cell, sweep: SweepConfig) -> RunSettings:
-    """The settings a cell runs with, as its runner reads them (a federated run adds its own `out`)."""
+    """The settings a cell runs with, as its runner reads them (a federated run adds its own
+    `out`)."""
     return settings_from_run_config(resolve_run_config(sweep.scenario, cell.overrides(sweep)))
 
 
 def check_cells(sweep: SweepConfig, cells: list[Cell]) -> None:
-    """Every cell's settings, built and checked as its runner would before starting, before the first cell runs.
+    """Every cell's settings, built and checked as its runner would before starting, before the
+    first cell runs.
 
     An axis value out of range (a prompt layer past the backbone, a prompt too long for its
     positions, too few records per hospital) is refused at once, naming its cell, never after the
@@ -273,7 +279,8 @@ def _federated(cell: Cell, sweep: SweepConfig, runs: Path) -> dict[str, Any]:
         )  # a cell interrupted mid-run starts over, ledgers included
         simulate(sweep.scenario, overrides)
     results = RunResults.load(out, up_to_round=sys.maxsize)
-    # A re-scored run did not run now: its cost is the time its rounds took (without the engine's start).
+    # A re-scored run did not run now: its cost is the time its rounds took (without the engine's
+    # start).
     wall = sum(r.wall_seconds for r in results.rounds) if reused else time.monotonic() - started
     rounds = [r for r in results.rounds if r.accuracy is not None]
     if not rounds:
@@ -298,7 +305,8 @@ def _federated(cell: Cell, sweep: SweepConfig, runs: Path) -> dict[str, Any]:
         "macro_f1": last.macro_f1,
         "worst_hospital_accuracy": min(accuracies),
         "mean_hospital_accuracy": sum(accuracies) / len(accuracies),
-        "accuracy_on_all_hospitals": last.accuracy,  # one global model: its own-test score is everyone's
+        # one global model: its own-test score is everyone's
+        "accuracy_on_all_hospitals": last.accuracy,
         "own_mix_accuracy": own_mix.pooled.accuracy,
         "own_mix_macro_f1": own_mix.pooled.macro_f1,
         "own_mix_mean_hospital_accuracy": own_mix.mean_hospital_accuracy,
@@ -388,8 +396,8 @@ def check_same_grid(sweep: SweepConfig, out: Path) -> None:
         identity
     ):  # compared as written: an inf in the sweep file is "inf" there
         raise ConfigError(
-            f"{out} holds cells of another sweep grid ({path}: {recorded}); this sweep is {identity}. "
-            "Give another --out, or delete that directory to start over"
+            f"{out} holds cells of another sweep grid ({path}: {recorded}); this sweep is "
+            f"{identity}. Give another --out, or delete that directory to start over"
         )
 
 

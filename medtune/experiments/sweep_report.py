@@ -2,8 +2,9 @@
 
 The plot puts accuracy (top) and macro-F1 (bottom) against epsilon on a log axis for the DP runs
 (federated as it is and with each hospital's own label mix applied, and local on its own hospital's
-test split and, for accuracy, on every hospital's; error bars of one std over seeds); the non-private runs (pooled, federated and local without DP, and the
-majority label) have no epsilon, so they are drawn as horizontal reference lines with their std as a band.
+test split and, for accuracy, on every hospital's; error bars of one std over seeds); the
+non-private runs (pooled, federated and local without DP, and the majority label) have no epsilon,
+so they are drawn as horizontal reference lines with their std as a band.
 """
 
 from __future__ import annotations
@@ -50,10 +51,11 @@ NO_EPSILON = (
 PLOT_FILE = "accuracy_vs_epsilon.png"
 METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1"}
 # One plot row per metric; in each, the DP series as (method, metric column, colour, marker, legend
-# suffix). Accuracy alone flatters a model that predicts a hospital's majority class, so macro-F1 gets
-# its own row. A local model's accuracy is drawn twice: on its own hospital's test split, and on every
-# hospital's test split (what a shared model is for). The federated model is drawn twice as well: as
-# it is, and with each hospital's own label mix applied on its own test split (how a site uses it).
+# suffix). Accuracy alone flatters a model that predicts a hospital's majority class, so macro-F1
+# gets its own row. A local model's accuracy is drawn twice: on its own hospital's test split, and
+# on every hospital's test split (what a shared model is for). The federated model is drawn twice as
+# well: as it is, and with each hospital's own label mix applied on its own test split (how a site
+# uses it).
 OWN_MIX = ("tab:green", "^", " + own label mix, own test")
 PLOT_ROWS = {
     "accuracy": (
@@ -247,22 +249,24 @@ def write_report(sweep: Any, rows: list[dict[str, Any]], out: Path) -> pd.DataFr
     report = "\n\n".join(
         [
             f"# Benchmark sweep `{sweep.name}`",
-            f"Scenario `{sweep.scenario}`, overrides `{sweep.run_config}`, axes `{dict(sweep.axes)}`, recipes `{sweep.recipes}`, "
-            f"without DP also `{sweep.no_dp}`, "
+            f"Scenario `{sweep.scenario}`, overrides `{sweep.run_config}`, axes "
+            f"`{dict(sweep.axes)}`, recipes `{sweep.recipes}`, without DP also `{sweep.no_dp}`, "
             f"seeds {list(sweep.seeds)}. Machine: {_machine()}. Date: {date.today().isoformat()}.",
-            "Accuracy and macro-F1 are over every hospital's test split together; federated runs are scored "
-            "with the final global prompt and head, local runs with each hospital's own model on its own test "
-            "split (which favours local models under label skew: each learns its own label mix). "
-            "\"Accuracy on every hospital's test\" scores each local model on all hospitals' test splits: how "
-            "well one hospital's model serves the whole federation's patients. \"majority\" has no model: each "
-            "hospital predicts its most frequent training label, the score its label mix alone earns. "
-            '"zero-shot" has no training: each record goes to the label whose name or description the '
-            "untouched encoder embeds closest (the label-name prior the head starts from). "
-            '"Federated + own label mix" is the final global model re-weighted to each hospital\'s own training '
-            "label mix (a bias per label, matched so that its predictions over the hospital's training records "
-            "follow their mix), on its own test split: how a hospital uses the shared model at home (the mix "
-            "comes from the records without noise, so that model is not covered by ε). ε spent "
-            "is the largest over hospitals. Mean ± std over seeds.",
+            "Accuracy and macro-F1 are over every hospital's test split together; federated runs "
+            "are scored with the final global prompt and head, local runs with each hospital's own "
+            "model on its own test split (which favours local models under label skew: each learns "
+            'its own label mix). "Accuracy on every hospital\'s test" scores each local model on '
+            "all hospitals' test splits: how well one hospital's model serves the whole "
+            'federation\'s patients. "majority" has no model: each hospital predicts its most '
+            "frequent training label, the score its label mix alone earns. "
+            '"zero-shot" has no training: each record goes to the label whose name or description '
+            "the untouched encoder embeds closest (the label-name prior the head starts from). "
+            '"Federated + own label mix" is the final global model re-weighted to each hospital\'s '
+            "own training label mix (a bias per label, matched so that its predictions over the "
+            "hospital's training records follow their mix), on its own test split: how a hospital "
+            "uses the shared model at home (the mix comes from the records without noise, so that "
+            "model is not covered by ε). ε spent is the largest over hospitals. Mean ± std over "
+            "seeds.",
             _markdown_table(summary, axes),
             f"![accuracy against epsilon]({PLOT_FILE})",
         ]

@@ -1,4 +1,5 @@
-"""`medtune benchmark tune`: choose a recipe on validation data, never on the test splits benchmarks report.
+"""`medtune benchmark tune`: choose a recipe on validation data, never on the test splits benchmarks
+report.
 
 Each simulated hospital's training split (exactly the one every run and sweep uses) is cut once
 more by seed: 80% to fit, 20% to validate. A candidate recipe (any run-config keys: prompt layer,
@@ -99,7 +100,8 @@ def score_candidate(settings: RunSettings, cache: Path) -> dict[str, Any]:
 def run_tuning(
     sweep: SweepConfig, grid: dict[str, tuple[Any, ...]], epsilon: float, out: Path
 ) -> list[dict[str, Any]]:
-    """Score every combination of the grid on the sweep's hospitals (its first seed) at `epsilon`."""
+    """Score every combination of the grid on the sweep's hospitals (its first seed) at
+    `epsilon`."""
     keys = sorted(grid)
     rows = []
     cache = (out / "feature-cache").resolve()
@@ -117,7 +119,8 @@ def run_tuning(
 
 def _print(sweep: SweepConfig, keys: list[str], rows: list[dict[str, Any]], epsilon: float) -> None:
     table = Table(
-        title=f"{sweep.name}: validation scores at epsilon={show_epsilon(epsilon)} (test splits untouched)"
+        title=f"{sweep.name}: validation scores at epsilon={show_epsilon(epsilon)} "
+        "(test splits untouched)"
     )
     columns = [*keys, "val. accuracy", "val. macro-F1", "train records/s", "inputs s", "train s"]
     for column in columns:

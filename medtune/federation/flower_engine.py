@@ -6,8 +6,8 @@ MedTune's). Flower has no public in-process entry point that takes a run config
 (`flwr.simulation.run_simulation` takes no run config and no app directory), so this calls
 `_run_simulation`, the function `flwr run`'s simulation process calls, with the run identity
 that process would build. Every private name it uses is listed in PRIVATE_NAMES and checked by
-tests/test_federation.py against the installed Flower (medtune/federation/private_api.py): a release that moves or renames one fails
-that test, not a user's run.
+tests/test_federation.py against the installed Flower (medtune/federation/private_api.py): a release
+that moves or renames one fails that test, not a user's run.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ RUN_SIMULATION_ARGUMENTS = (
 
 
 def missing_private_names() -> list[str]:
-    """Private Flower names this adapter needs that the installed Flower lacks (empty: compatible)."""
+    """Private Flower names this adapter needs that the installed Flower lacks (empty:
+    compatible)."""
     missing = missing_names(PRIVATE_NAMES)
     if not missing:
         from flwr.simulation.run_simulation import _run_simulation
@@ -72,7 +73,8 @@ def run_in_process(
     backend_config: dict[str, Any],
     app_dir: Path,
 ) -> None:
-    """One federation on the Ray backend, `hospitals` SuperNodes, in this process; returns when it ends."""
+    """One federation on the Ray backend, `hospitals` SuperNodes, in this process; returns when it
+    ends."""
     from flwr.app import Context, RecordDict
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
     from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
@@ -110,7 +112,8 @@ def run_in_process(
 
 
 def start_ray(backend_config: dict[str, Any]) -> None:
-    """Start Ray as Flower's RayBackend.init_ray would, before Flower does, and keep MedTune's stop handler.
+    """Start Ray as Flower's RayBackend.init_ray would, before Flower does, and keep MedTune's stop
+    handler.
 
     `ray.init` replaces the process's SIGTERM handler with `sys.exit`. Called by Flower, that would
     unwind a SIGTERM through Flower's clean-up, whose `ray.shutdown()` under threads still waiting

@@ -41,9 +41,9 @@ def ray_helpers_marked() -> Iterator[None]:
     global _watcher
     if _watcher is None or _watcher[0].poll() is not None:
         token = f"{os.getpid()}-{uuid.uuid4().hex}"
-        # Its own session: a Ctrl-C or a SIGTERM sent to this process group does not end the watcher.
-        # The pipe's write end is not inherited by other processes, so its end of file means this
-        # process is gone.
+        # Its own session: a Ctrl-C or a SIGTERM sent to this process group does not end the
+        # watcher. The pipe's write end is not inherited by other processes, so its end of file
+        # means this process is gone.
         process = subprocess.Popen(
             [sys.executable, "-m", "medtune.federation.helper_processes", token],
             stdin=subprocess.PIPE,
@@ -109,7 +109,8 @@ def watch(token: str, pipe: int) -> None:
 
 
 def end(processes: list[psutil.Process]) -> None:
-    """SIGKILL them: their owner is gone, nothing is left to shut down gently (as `ray stop --force`).
+    """SIGKILL them: their owner is gone, nothing is left to shut down gently (as
+    `ray stop --force`).
 
     Files stay whole: ledgers, checkpoints and results are written by atomic rename.
     """

@@ -98,8 +98,9 @@ def _file_shares(path: Path, settings: RunSettings) -> list[list[Record]]:
         ]
     except ValueError as error:
         raise DataError(
-            f"{path}: cannot split {len(records)} records into {count} hospitals with dirichlet-alpha="
-            f"{settings.source.dirichlet_alpha} ({error}); use fewer hospitals or a larger alpha"
+            f"{path}: cannot split {len(records)} records into {count} hospitals with "
+            f"dirichlet-alpha={settings.source.dirichlet_alpha} ({error}); use fewer hospitals or "
+            "a larger alpha"
         ) from None
 
 
@@ -108,7 +109,8 @@ def check_hospitals(settings: RunSettings) -> list[HospitalData]:
 
     A records file the run cannot use, or a hospital left with nothing to train on, stops the run
     here with the same one-line error `medtune train` gives, instead of a federation of hospitals
-    that all fail. Data that trains but probably not as meant (one label only, one record) is warned about.
+    that all fail. Data that trains but probably not as meant (one label only, one record) is
+    warned about.
     """
     hospitals = simulated_hospitals(settings)
     for hospital in hospitals:

@@ -21,7 +21,8 @@ from medtune.errors import CheckpointError
 from medtune.files import atomic_write_json
 
 RESULTS_FILE = "results.json"
-# A hospital's status in a round, as replies carry it (medtune/federation/wire.py) and the record keeps it.
+# A hospital's status in a round, as replies carry it (medtune/federation/wire.py) and the record
+# keeps it.
 TRAINED, STOPPED, FAILED, REJECTED = "trained", "stopped", "failed", "rejected"
 SENT_STATE = (
     "_sent.safetensors"  # with keep-updates: the global state a round's updates were trained from
@@ -29,7 +30,8 @@ SENT_STATE = (
 
 
 def updates_folder(out: Path, server_round: int) -> Path:
-    """Where `keep-updates` keeps one round's received updates (`<hospital>.safetensors`) and SENT_STATE."""
+    """Where `keep-updates` keeps one round's received updates (`<hospital>.safetensors`) and
+    SENT_STATE."""
     return out / "updates" / f"round_{server_round:03d}"
 
 
@@ -38,7 +40,9 @@ class HospitalRound:
     """One hospital in one round, as the server saw it."""
 
     name: str
-    status: str  # trained | stopped (budget spent) | failed (the hospital's reason) | rejected (the server's reason)
+    # trained | stopped (budget spent) | failed (the hospital's reason) | rejected (the server's
+    # reason)
+    status: str
     examples: int = 0
     epsilon: float | None = None
     delta: float | None = None
@@ -66,11 +70,14 @@ class RoundRecord:
     worst_accuracy: float | None
     wall_seconds: float
     hospitals: list[HospitalRound]
-    secure: bool = False  # through secure aggregation: each hospital's examples and scores are hidden from the coordinator
+    # through secure aggregation: each hospital's examples and scores are hidden from the
+    # coordinator
+    secure: bool = False
 
 
 def _hospital_round(stored: dict[str, Any], path: Path) -> HospitalRound:
-    """A hospital's line as results.json stores it, its epsilon read back from text ("inf": no DP)."""
+    """A hospital's line as results.json stores it, its epsilon read back from text ("inf": no
+    DP)."""
     epsilon = stored.get("epsilon")
     source = f"{path} {stored.get('name')}"
     stored = {
@@ -141,8 +148,8 @@ def round_table(record: RoundRecord, rounds: int) -> Table:
     """The compact per-round table: global metrics in the title, one row per hospital."""
     worst = HIDDEN if record.secure else _fmt(record.worst_accuracy)
     title = (
-        f"round {record.round}/{rounds}: accuracy {_fmt(record.accuracy)}  macro-F1 {_fmt(record.macro_f1)}  "
-        f"worst hospital {worst}  ({record.wall_seconds:.1f} s"
+        f"round {record.round}/{rounds}: accuracy {_fmt(record.accuracy)}  macro-F1 "
+        f"{_fmt(record.macro_f1)}  worst hospital {worst}  ({record.wall_seconds:.1f} s"
         f"{'' if record.aggregated else ', not aggregated: too few valid updates'})"
     )
     table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False, box=None)

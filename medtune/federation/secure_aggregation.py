@@ -1,4 +1,5 @@
-"""Secure aggregation with Flower's SecAgg+, whose only home in Flower 1.42 is the legacy layer: fenced here.
+"""Secure aggregation with Flower's SecAgg+, whose only home in Flower 1.42 is the legacy layer:
+fenced here.
 
 With `secure-aggregation = true` a round's training goes through Flower's `SecAggPlusWorkflow`
 (server) and `secaggplus_mod` (site) instead of plain messages. Each ready hospital quantises its
@@ -23,8 +24,9 @@ summed loss (medtune.federation.wire.counts_vector, scaled by 1 / `COUNTS_SCALE`
 and the coordinator learns only the federation's totals, all that accuracy and macro-F1 need.
 
 What still crosses in clear, per hospital, in a secure round: its name and status, and the
-ledger's epsilon, delta and steps (the coordinator's record of each ledger, medtune/ledger_record.py,
-needs them). Every private or legacy name used is listed in `LEGACY_NAMES` and checked by a test.
+ledger's epsilon, delta and steps (the coordinator's record of each ledger,
+medtune/ledger_record.py, needs them). Every private or legacy name used is listed in `LEGACY_NAMES`
+and checked by a test.
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("medtune.secure_aggregation")
 
-# Every legacy or private Flower name this module relies on (tests/test_secure_aggregation.py checks them).
+# Every legacy or private Flower name this module relies on (tests/test_secure_aggregation.py checks
+# them).
 LEGACY_NAMES = (
     ("flwr.server.workflow", "SecAggPlusWorkflow"),
     ("flwr.common.serde", "recorddict_to_proto"),
@@ -102,20 +105,22 @@ CLIPPING_RANGE = 8.0
 QUANTIZATION_RANGE = 2**24
 MODULUS_RANGE = 2**32
 MAX_HOSPITALS = MODULUS_RANGE // QUANTIZATION_RANGE
-PURPOSE = "secure-purpose"  # in a secure instruction's config: "train", or "evaluate" (sum the test counts)
+# in a secure instruction's config: "train", or "evaluate" (sum the test counts)
+PURPOSE = "secure-purpose"
 COUNTS = "counts"  # the one array of a secure evaluation: per-class counts and the summed loss
 COUNTS_SCALE = (
     "counts-scale"  # in an evaluation instruction's config: counts are divided by it before masking
 )
-SETTINGS_KEY = "medtune.secure-aggregation"  # the setup a site accepted, kept in its Context for the collect stage
+# the setup a site accepted, kept in its Context for the collect stage
+SETTINGS_KEY = "medtune.secure-aggregation"
 FITINS_ARRAYS = "fitins.parameters"
 FITRES_EXAMPLES = "fitres.num_examples"
 
 
 @dataclass(frozen=True)
 class SecureRound:
-    """What the coordinator learns from one secure round: the weighted mean (None if the round could not
-    complete), each contributing node's clear report, and how many nodes dropped out."""
+    """What the coordinator learns from one secure round: the weighted mean (None if the round could
+    not complete), each contributing node's clear report, and how many nodes dropped out."""
 
     mean: dict[str, np.ndarray] | None
     reports: dict[int, dict[str, ConfigScalar]]  # the FitRes metrics each node sent in clear
@@ -125,13 +130,14 @@ class SecureRound:
 
 
 def content_bytes(content: RecordDict) -> int:
-    """The bytes a message's records take on the wire, as Flower serialises them (SecAgg+'s configs hold
-    lists, which ConfigRecord.count_bytes refuses)."""
+    """The bytes a message's records take on the wire, as Flower serialises them (SecAgg+'s configs
+    hold lists, which ConfigRecord.count_bytes refuses)."""
     return recorddict_to_proto(content).ByteSize()
 
 
 class _CountingGrid:
-    """The grid the workflow talks through, counting each node's bytes both ways over every SecAgg+ stage."""
+    """The grid the workflow talks through, counting each node's bytes both ways over every SecAgg+
+    stage."""
 
     def __init__(self, grid: Grid) -> None:
         self.grid = grid
@@ -153,7 +159,8 @@ class _CountingGrid:
 
 
 class _Instructions(Strategy):
-    """The legacy Strategy the workflow drives: each node gets its own instruction, and the mean is kept."""
+    """The legacy Strategy the workflow drives: each node gets its own instruction, and the mean is
+    kept."""
 
     def __init__(
         self,
@@ -217,8 +224,8 @@ def secure_mean(
     timeout: float,
     names: tuple[str, ...] = EXCHANGED_NAMES,
 ) -> SecureRound:
-    """Run one SecAgg+ pass over `instructions` (node -> global arrays and config); the unmasked weighted
-    mean of the arrays `names` the sites send back.
+    """Run one SecAgg+ pass over `instructions` (node -> global arrays and config); the unmasked
+    weighted mean of the arrays `names` the sites send back.
 
     A hospital that drops out before sending its masked vector is left out of the mean; with fewer
     than the threshold left, the pass yields no mean and nothing half-aggregated is kept.
@@ -229,7 +236,8 @@ def secure_mean(
             f"secure aggregation needs 3 to {MAX_HOSPITALS} hospitals in a round, got {hospitals}"
         )
     counting = _CountingGrid(grid)
-    # Flower types the workflow's grid as the Grid ABC; the wrapper answers every Grid call by delegation.
+    # Flower types the workflow's grid as the Grid ABC; the wrapper answers every Grid call by
+    # delegation.
     counted = cast(Grid, counting)
     strategy = _Instructions(counted, instructions, names)
     state = RecordDict(
@@ -258,7 +266,8 @@ def secure_mean(
 
 
 def is_secure(message: Message) -> bool:
-    """Whether a train message is SecAgg+'s collect stage (legacy FitIns shape), not a plain round."""
+    """Whether a train message is SecAgg+'s collect stage (legacy FitIns shape), not a plain
+    round."""
     return FITINS_ARRAYS in message.content.array_records
 
 
@@ -268,14 +277,16 @@ def secure_instruction(message: Message) -> tuple[dict[str, np.ndarray], ConfigR
     arrays = parameters_to_ndarrays(fitins.parameters)
     if len(arrays) != len(EXCHANGED_NAMES):
         raise StateError(
-            f"secure round: {len(arrays)} arrays sent, expected {len(EXCHANGED_NAMES)} {EXCHANGED_NAMES}"
+            f"secure round: {len(arrays)} arrays sent, expected {len(EXCHANGED_NAMES)} "
+            f"{EXCHANGED_NAMES}"
         )
     return dict(zip(EXCHANGED_NAMES, arrays, strict=True)), ConfigRecord(dict(fitins.config))
 
 
 @dataclass(frozen=True)
 class SecureLimits:
-    """The setup a site accepted: the largest weight and value its masked vector may carry unclipped."""
+    """The setup a site accepted: the largest weight and value its masked vector may carry
+    unclipped."""
 
     max_weight: float
     clipping_range: float
@@ -293,17 +304,20 @@ class SecureLimits:
         )
 
     def check(self, arrays: dict[str, np.ndarray], examples: int) -> None:
-        """Refuse an update SecAgg+ would distort: a weight above max-weight overflows, a value past the range clips."""
+        """Refuse an update SecAgg+ would distort: a weight above max-weight overflows, a value past
+        the range clips."""
         if examples > self.max_weight:
             raise SecureAggregationError(
-                f"secure round: this site trains on {examples} records, more than secagg-max-weight="
-                f"{self.max_weight:g}; the coordinator must raise secagg-max-weight"
+                f"secure round: this site trains on {examples} records, more than "
+                f"secagg-max-weight={self.max_weight:g}; the coordinator must raise "
+                "secagg-max-weight"
             )
         largest = max(float(np.max(np.abs(array))) for array in arrays.values())
         if largest * examples / self.max_weight > self.clipping_range:
             raise SecureAggregationError(
                 f"secure round: a weighted value of this site's update ({largest:.3g} x {examples}/"
-                f"{self.max_weight:g}) is past SecAgg+'s clipping range {self.clipping_range:g}: it would be clipped"
+                f"{self.max_weight:g}) is past SecAgg+'s clipping range {self.clipping_range:g}: "
+                "it would be clipped"
             )
 
 
@@ -313,15 +327,16 @@ def secure_reply(
     examples: int,
     report: Mapping[str, ConfigScalar],
 ) -> RecordDict:
-    """A collect-stage reply in the FitRes shape `secaggplus_mod` masks (arrays in the order of `names`, as
-    the coordinator reads them back); `report` is what crosses in clear."""
+    """A collect-stage reply in the FitRes shape `secaggplus_mod` masks (arrays in the order of
+    `names`, as the coordinator reads them back); `report` is what crosses in clear."""
     parameters = ndarrays_to_parameters(_ordered(arrays, names))
     fitres = FitRes(Status(Code.OK, ""), parameters, int(examples), dict(report))
     return compat.fitres_to_recorddict(fitres, keep_input=False)
 
 
 def _check_setup(configs: ConfigRecord) -> None:
-    """Refuse SecAgg+ parameters under which the masking would not hide this site, or the sum could wrap."""
+    """Refuse SecAgg+ parameters under which the masking would not hide this site, or the sum could
+    wrap."""
     hospitals, shares, threshold = (
         int(scalar(configs[key])) for key in (Key.SAMPLE_NUMBER, Key.SHARE_NUMBER, Key.THRESHOLD)
     )
@@ -335,7 +350,8 @@ def _check_setup(configs: ConfigRecord) -> None:
         problems.append(f"threshold {threshold} of {shares} shares (more than half are needed)")
     if hospitals * target > modulus:
         problems.append(
-            f"{hospitals} x quantisation range {target} exceeds the modulus {modulus} (the sum could wrap)"
+            f"{hospitals} x quantisation range {target} exceeds the modulus {modulus} (the sum "
+            "could wrap)"
         )
     if problems:
         raise PrivacyTermsError("secure aggregation setup refused: " + "; ".join(problems))
@@ -344,7 +360,8 @@ def _check_setup(configs: ConfigRecord) -> None:
 def site_mod(
     refusal: Callable[[Exception], str],
 ) -> Callable[[Message, Context, Callable], Message]:
-    """The site's SecAgg+ mod; `refusal` turns any error into the fixed category that may leave the site."""
+    """The site's SecAgg+ mod; `refusal` turns any error into the fixed category that may leave the
+    site."""
 
     def mod(
         message: Message, context: Context, call_next: Callable[[Message, Context], Message]
@@ -369,7 +386,8 @@ def site_mod(
             return Message(
                 Error(code=0, reason=hospital_of(dropped.reply, "")[2]), reply_to=message
             )
-        except Exception as error:  # noqa: BLE001 - the site drops out with a category; the details stay in its log
+        # the site drops out with a category; the details stay in its log
+        except Exception as error:  # noqa: BLE001
             log.error("secure aggregation stage %s: %s: %s", stage, type(error).__name__, error)
             return Message(Error(code=0, reason=refusal(error)), reply_to=message)
         if (

@@ -1,4 +1,5 @@
-"""`medtune simulate`: the same federation `flwr run .` starts, on Flower's Simulation Engine, in-process.
+"""`medtune simulate`: the same federation `flwr run .` starts, on Flower's Simulation Engine,
+in-process.
 
 It fuses the run config exactly as Flower does (the defaults, then the scenario, then overrides)
 and hands an app directory to Flower's simulation runtime, which loads `server.app:app` and
@@ -35,11 +36,12 @@ from medtune.locks import exclusive
 from medtune.run_config import RunSettings, resolve_run_config, settings_from_run_config
 from medtune.stopping import stop_on_signals
 
-# The ServerApp and the ClientApp, as [tool.flwr.app.components] of pyproject.toml names them for `flwr run .`
-# (tests/test_packaging.py checks that the two agree).
+# The ServerApp and the ClientApp, as [tool.flwr.app.components] of pyproject.toml names them for
+# `flwr run .` (tests/test_packaging.py checks that the two agree).
 COMPONENTS = {"serverapp": "server.app:app", "clientapp": "client.app:app"}
-# Flower's runtime requires each of these fields, but in process it installs no FAB: it reads only the
-# components and the config table (each simulated hospital's run config is this run's, fused onto that table).
+# Flower's runtime requires each of these fields, but in process it installs no FAB: it reads only
+# the components and the config table (each simulated hospital's run config is this run's, fused
+# onto that table).
 _APP_MANIFEST = """\
 # Written by `medtune simulate` (medtune/federation/simulation.py) for Flower's in-process runtime.
 [project]
@@ -91,13 +93,14 @@ def simulate(
     check_hospitals(settings)
     if cpus_per_hospital <= 0:
         raise ConfigError(
-            f"cpus-per-hospital must be positive (Ray CPUs per simulated hospital), got {cpus_per_hospital}"
+            "cpus-per-hospital must be positive (Ray CPUs per simulated hospital), got "
+            f"{cpus_per_hospital}"
         )
     check_out_directory(settings)
     settings.out.mkdir(parents=True, exist_ok=True)
     afterwards = (
-        f"the rounds recorded before it are in {settings.out}; continue with `medtune simulate --resume "
-        f"{settings.out}` and the same --run-config"
+        f"the rounds recorded before it are in {settings.out}; continue with `medtune simulate "
+        f"--resume {settings.out}` and the same --run-config"
     )
     with exclusive(settings.out, "this run's out directory"), stop_on_signals(afterwards):
         _simulate(settings, config, cpus_per_hospital)
@@ -112,10 +115,10 @@ def _simulate(settings: RunSettings, config: dict[str, Any], cpus_per_hospital: 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ["OMP_NUM_THREADS"] = str(max(1, int(cpus_per_hospital)))
-    # Flower loads the ServerApp and the ClientApp in two threads at once. Importing both here first,
-    # in one thread, keeps the libraries they pull in (Opacus imports torch.distributed lazily) from
-    # being half-imported by two threads at once, which failed a resume as "cannot import name
-    # '_CUSTOM_SHARDED_OPS'" (tests/hostile_catalogue.py, 2026-11-27).
+    # Flower loads the ServerApp and the ClientApp in two threads at once. Importing both here
+    # first, in one thread, keeps the libraries they pull in (Opacus imports torch.distributed
+    # lazily) from being half-imported by two threads at once, which failed a resume as "cannot
+    # import name '_CUSTOM_SHARDED_OPS'" (tests/hostile_catalogue.py, 2026-11-27).
     for reference in COMPONENTS.values():
         importlib.import_module(reference.split(":")[0])
     try:
@@ -138,7 +141,8 @@ def _simulate(settings: RunSettings, config: dict[str, Any], cpus_per_hospital: 
 
 
 def check_out_directory(settings: RunSettings) -> None:
-    """A run never overwrites another's history: an existing run is continued with --resume, or moved aside."""
+    """A run never overwrites another's history: an existing run is continued with --resume, or
+    moved aside."""
     out = settings.out
     if settings.resume is not None:
         check_resume_location(out, settings.resume)
@@ -148,18 +152,19 @@ def check_out_directory(settings: RunSettings) -> None:
     ]
     if earlier:
         raise ConfigError(
-            f"{out} already holds a run ({earlier[0].name}); continue it with --resume {out}, or give another --out "
-            "(or move that directory aside) to start a new one"
+            f"{out} already holds a run ({earlier[0].name}); continue it with --resume {out}, or "
+            "give another --out (or move that directory aside) to start a new one"
         )
 
 
 def check_before_start(settings: RunSettings) -> None:
-    """Settings that only the backbone or the machine can judge, checked before Flower starts a worker."""
+    """Settings that only the backbone or the machine can judge, checked before Flower starts a
+    worker."""
     layers = configured_depth(settings.model.backbone, settings.model.num_layers)
     if not 0 <= settings.model.prompt_layer <= layers:
         raise ConfigError(
-            f"prompt-layer = {settings.model.prompt_layer} is outside 0..{layers}: the backbone has {layers} layers "
-            f"(0 = input prompt, {layers} = after the last layer)"
+            f"prompt-layer = {settings.model.prompt_layer} is outside 0..{layers}: the backbone "
+            f"has {layers} layers (0 = input prompt, {layers} = after the last layer)"
         )
     if settings.gpus_per_hospital > 0:
         import torch
@@ -168,7 +173,8 @@ def check_before_start(settings: RunSettings) -> None:
             not torch.cuda.is_available()
         ):  # Ray would wait for ever for a GPU it cannot place a hospital on
             raise ConfigError(
-                f"gpus-per-hospital = {settings.gpus_per_hospital:g}, but this machine has no CUDA GPU; use 0"
+                f"gpus-per-hospital = {settings.gpus_per_hospital:g}, but this machine has no CUDA "
+                "GPU; use 0"
             )
 
 

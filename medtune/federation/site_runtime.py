@@ -1,4 +1,5 @@
-"""The one place a site calls Flower's private task runtime (flwr 1.42): MedTune in place of `flwr-clientapp`.
+"""The one place a site calls Flower's private task runtime (flwr 1.42): MedTune in place of
+`flwr-clientapp`.
 
 A SuperNode started with `--isolation process` runs no app itself: it queues one task per message
 it receives and waits for an executor to claim it on its local Runtime API. Flower's own executor
@@ -6,7 +7,8 @@ it receives and waits for an executor to claim it on its local Runtime API. Flow
 imports it. `serve` claims the tasks instead and gives each one, with the FAB's bytes, to
 `answer`: MedTune's site decides there (client/site_runner.py) whether to run its installed
 ClientApp or refuse, before any of the FAB's code is imported. Only a FAB the site approved by hash
-is handed to Flower's `flwr-clientapp` (`hand_off`), decided from the task before anything is pulled.
+is handed to Flower's `flwr-clientapp` (`hand_off`), decided from the task before anything is
+pulled.
 
 Every private name used below is in PRIVATE_NAMES and checked by tests/test_site_runtime.py
 against the installed Flower (medtune/federation/private_api.py).
@@ -63,7 +65,8 @@ Answer = Callable[[Message, Context, bytes], Message]
 
 
 def missing_private_names() -> list[str]:
-    """Private Flower names this runner needs that the installed Flower lacks (empty: compatible)."""
+    """Private Flower names this runner needs that the installed Flower lacks (empty:
+    compatible)."""
     missing = missing_names(PRIVATE_NAMES)
     if not missing:
         from flwr.supercore.retry import RetryInvoker
@@ -83,7 +86,8 @@ def missing_private_names() -> list[str]:
 def _client(
     runtime_address: str, interceptors: list, give_up_after: float | None = None
 ) -> RuntimeHttpClient:
-    """A Runtime API client on loopback; `give_up_after` bounds its retries (seconds), None retries for ever."""
+    """A Runtime API client on loopback; `give_up_after` bounds its retries (seconds), None retries
+    for ever."""
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
 
@@ -99,7 +103,8 @@ def _client(
 
 
 def run_task(runtime_address: str, token: str, answer: Answer) -> None:
-    """One claimed task: pull its message, context and FAB, push `answer`'s reply and the task's end.
+    """One claimed task: pull its message, context and FAB, push `answer`'s reply and the task's
+    end.
 
     The task's end (and the context, which carries the app's state between messages) is pushed
     whatever happens, so the SuperNode never waits on a task this runner dropped.
@@ -137,7 +142,8 @@ def run_task(runtime_address: str, token: str, answer: Answer) -> None:
 
 
 def hand_off(runtime_address: str, token: str) -> None:
-    """An approved FAB runs as Flower runs any app: `flwr-clientapp`, with runtime installs disabled."""
+    """An approved FAB runs as Flower runs any app: `flwr-clientapp`, with runtime installs
+    disabled."""
     subprocess.run(
         [
             "flwr-clientapp",

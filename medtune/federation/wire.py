@@ -3,10 +3,11 @@
 Server -> hospital (query, train and evaluate): `arrays` (the global exchanged state) and `config`;
 with query and train the config also holds `ledger-record`, the coordinator's record of that
 hospital's ledger (medtune/ledger_record.py, as JSON text), for every node whose hospital it knows.
-A query asks "can you take part in this round?" before anyone spends: the reply is `ready`, `stopped` or `failed`.
+A query asks "can you take part in this round?" before anyone spends: the reply is `ready`,
+`stopped` or `failed`.
 Hospital -> server after training: `arrays` (its new prompt and head, nothing else), `metrics`
-(num-examples, epsilon, delta, steps) and `hospital` (its name and status). The training loss stays at
-the site: computed on its records without clipping or noise, it is outside epsilon.
+(num-examples, epsilon, delta, steps) and `hospital` (its name and status). The training loss stays
+at the site: computed on its records without clipping or noise, it is outside epsilon.
 Hospital -> server after evaluation: `metrics` (test counts per class, loss) and `hospital`.
 A hospital whose budget is spent replies `status = "stopped"` and no arrays; one that cannot take
 part (unreadable data file, corrupted ledger, bad node config) replies `status = "failed"`, the
@@ -36,7 +37,9 @@ from medtune.errors import (
     SecureAggregationError,
     StateError,
 )
-from medtune.federation.results import FAILED, REJECTED, STOPPED, TRAINED  # noqa: F401 - the statuses replies carry
+
+# the statuses replies carry
+from medtune.federation.results import FAILED, REJECTED, STOPPED, TRAINED  # noqa: F401
 from medtune.files import json_ready
 from medtune.ledger_record import LedgerRecord, Spend
 from medtune.metrics import Evaluation, from_counts
@@ -49,7 +52,8 @@ METRICS = "metrics"
 HOSPITAL = "hospital"
 READY = "ready"
 LEDGER_RECORD = "ledger-record"
-BUDGET_SPENT = "its next round would pass its epsilon target"  # a stopped site's reason: fixed text, as failures'
+# a stopped site's reason: fixed text, as failures'
+BUDGET_SPENT = "its next round would pass its epsilon target"
 TRAIN_METRICS = ("num-examples", "epsilon", "delta", "steps")  # exactly what train_reply sends
 
 
@@ -62,7 +66,8 @@ def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def scalar(value: ConfigRecordValues) -> ConfigScalar:
-    """A config or metric record value that is one number, text or bytes, as int() and float() read it.
+    """A config or metric record value that is one number, text or bytes, as int() and float() read
+    it.
 
     A list is refused with a TypeError, as int() and float() refuse it.
     """
@@ -73,7 +78,8 @@ def scalar(value: ConfigRecordValues) -> ConfigScalar:
 
 @dataclass(frozen=True)
 class TrainReport:
-    """What a hospital reports after a round: plain numbers, and its new arrays unless it stopped."""
+    """What a hospital reports after a round: plain numbers, and its new arrays unless it
+    stopped."""
 
     arrays: dict[str, np.ndarray] | None  # None: the budget is spent, nothing was trained
     examples: int
@@ -101,8 +107,9 @@ def train_reply(report: TrainReport, hospital: str) -> RecordDict:
 
 
 def clear_report(report: TrainReport, hospital: str) -> dict[str, ConfigScalar]:
-    """What a hospital tells the coordinator in clear in a secure round: who it is and its ledger's totals
-    (the coordinator's record of each ledger needs them). Its arrays and example count travel masked."""
+    """What a hospital tells the coordinator in clear in a secure round: who it is and its ledger's
+    totals (the coordinator's record of each ledger needs them). Its arrays and example count travel
+    masked."""
     return {
         "hospital": hospital,
         "status": TRAINED,
@@ -128,7 +135,8 @@ FAILURE_CATEGORIES = (
 
 
 def record_to_wire(record: LedgerRecord) -> str:
-    """The coordinator's record of a ledger as one config value (JSON text): the same in plain and secure rounds."""
+    """The coordinator's record of a ledger as one config value (JSON text): the same in plain and
+    secure rounds."""
     spends = [
         [spend.round, spend.steps, json_ready(float(spend.epsilon))] for spend in record.spends
     ]
@@ -136,7 +144,8 @@ def record_to_wire(record: LedgerRecord) -> str:
 
 
 def record_from_wire(config: ConfigRecord | dict) -> LedgerRecord | None:
-    """The ledger record an instruction's config carries (None: the coordinator does not know this node yet)."""
+    """The ledger record an instruction's config carries (None: the coordinator does not know this
+    node yet)."""
     wired = config.get(LEDGER_RECORD)
     if wired is None:
         return None
@@ -156,7 +165,8 @@ def record_from_wire(config: ConfigRecord | dict) -> LedgerRecord | None:
 
 
 def ready_reply(hospital: str, ready: bool) -> RecordDict:
-    """A site's answer to "can you take part?": ready, or stopped (its budget cannot pay the round)."""
+    """A site's answer to "can you take part?": ready, or stopped (its budget cannot pay the
+    round)."""
     status, reason = (READY, "") if ready else (STOPPED, BUDGET_SPENT)
     return RecordDict(
         {HOSPITAL: ConfigRecord({"name": hospital, "status": status, "reason": reason})}
@@ -177,7 +187,8 @@ def failure_reason(error: MedTuneError) -> str:
 
 
 def failed_reply(hospital: str, error: MedTuneError) -> RecordDict:
-    """A hospital that cannot take part this round says which kind of failure, and sends nothing else."""
+    """A hospital that cannot take part this round says which kind of failure, and sends nothing
+    else."""
     return RecordDict(
         {
             HOSPITAL: ConfigRecord(
@@ -205,8 +216,9 @@ def evaluate_reply(evaluation: Evaluation, hospital: str) -> RecordDict:
 
 
 def counts_vector(evaluation: Evaluation) -> np.ndarray:
-    """A hospital's evaluation as one vector, for secure summation: per-class support, predictions and
-    correct ones, then the summed loss. Sums of these vectors pool hospitals exactly (`from_counts_vector`)."""
+    """A hospital's evaluation as one vector, for secure summation: per-class support, predictions
+    and correct ones, then the summed loss. Sums of these vectors pool hospitals exactly
+    (`from_counts_vector`)."""
     per_class = evaluation.per_class
     counts = (
         [c.support for c in per_class]
@@ -217,7 +229,8 @@ def counts_vector(evaluation: Evaluation) -> np.ndarray:
 
 
 def from_counts_vector(total: np.ndarray, labels: tuple[str, ...]) -> Evaluation:
-    """The pooled evaluation from the sum of the hospitals' `counts_vector`s (counts rounded to whole records)."""
+    """The pooled evaluation from the sum of the hospitals' `counts_vector`s (counts rounded to
+    whole records)."""
     k = len(labels)
     counts = [max(0, int(round(float(value)))) for value in total[: 3 * k]]
     support, predicted, correct = counts[:k], counts[k : 2 * k], counts[2 * k :]
@@ -232,7 +245,8 @@ def from_counts_vector(total: np.ndarray, labels: tuple[str, ...]) -> Evaluation
 
 
 def _counts(metrics: MetricRecord, key: str) -> list[int]:
-    """A per-class count list of an evaluation reply; one number instead of a list is a TypeError."""
+    """A per-class count list of an evaluation reply; one number instead of a list is a
+    TypeError."""
     value = metrics[key]
     if not isinstance(value, list):
         raise TypeError(
@@ -253,7 +267,8 @@ def evaluation_from_reply(message: Message, labels: tuple[str, ...]) -> Evaluati
 
 
 def hospital_of(message: Message, unnamed: str) -> tuple[str, str, str]:
-    """(name, status, reason) of a reply; a reply that names no hospital (an error) is called `unnamed`."""
+    """(name, status, reason) of a reply; a reply that names no hospital (an error) is called
+    `unnamed`."""
     if message.has_error():
         return unnamed, FAILED, message.error.reason or ""  # Flower's Error may carry no reason
     info = message.content.config_records.get(HOSPITAL)

@@ -1,11 +1,12 @@
-"""Probe, not product (docs/benchmarks.md, section 1): can the global model with a hospital's own label
-mix beat the hospital alone on Medical Abstracts, if every hospital trains its update with its log
-label mix added to the logits (logit adjustment, as in FedLC, Zhang et al., ICML 2022)?
+r"""Probe, not product (docs/benchmarks.md, section 1): can the global model with a hospital's own
+label mix beat the hospital alone on Medical Abstracts, if every hospital trains its update with its
+log label mix added to the logits (logit adjustment, as in FedLC, Zhang et al., ICML 2022)?
 
 Validation only: each hospital's training split is cut 80/20 as `medtune benchmark tune` does; no
 test split is read. FedAvg is written out (no Flower) over MedTune's own train_local.
 
-    python docs/benchmarks/probes/logit_adjusted_own_mix.py SEED EPSILON LR LOCAL_EPOCHS SIGMA [--references]
+    python docs/benchmarks/probes/logit_adjusted_own_mix.py \
+        SEED EPSILON LR LOCAL_EPOCHS SIGMA [--references]
 
 SIGMA is the Gaussian noise on each label count used in training (0: exact counts; the counts
 would need their own DP release). --references also trains each hospital alone and the plain

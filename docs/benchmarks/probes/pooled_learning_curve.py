@@ -1,6 +1,7 @@
-"""Probe, not product (docs/benchmarks.md, section 1): does a shared model on Medical Abstracts gain from
-more records than one hospital holds? If one hospital's worth of records already scores what all three
-hospitals' records score, federation has no data advantage to offer a hospital on its own label mix.
+"""Probe, not product (docs/benchmarks.md, section 1): does a shared model on Medical Abstracts gain
+from more records than one hospital holds? If one hospital's worth of records already scores what
+all three hospitals' records score, federation has no data advantage to offer a hospital on its own
+label mix.
 
 Validation only: each hospital's training split is cut 80/20 as `medtune benchmark tune` does; no
 test split is read. One model is trained on a random FRACTION of all hospitals' fit parts together
@@ -10,7 +11,8 @@ every hospital's validation part together.
     python docs/benchmarks/probes/pooled_learning_curve.py SEED EPSILON FRACTION [FRACTION ...]
 
 Prints one JSON line per fraction: records trained on, [accuracy, macro-F1].
-Output of 2026-11-27: pooled_learning_curve.jsonl (seeds 0 to 2, epsilon 8, fractions 0.333, 0.667, 1).
+Output of 2026-11-27: pooled_learning_curve.jsonl (seeds 0 to 2, epsilon 8, fractions
+0.333, 0.667, 1).
 """
 
 from __future__ import annotations

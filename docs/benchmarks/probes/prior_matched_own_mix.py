@@ -1,5 +1,5 @@
-"""Probe, not product (docs/benchmarks.md, section 1): which way of applying a hospital's own label mix
-to the shared model beats the hospital alone on Medical Abstracts, and what is the ceiling?
+"""Probe, not product (docs/benchmarks.md, section 1): which way of applying a hospital's own label
+mix to the shared model beats the hospital alone on Medical Abstracts, and what is the ceiling?
 
 Validation only: each hospital's training split is cut 80/20 as `medtune benchmark tune` does; no
 test split is read. FedAvg is written out (no Flower) over MedTune's own train_local, as in

@@ -11,9 +11,8 @@ the rule implies from its own records: the b for which the model's mean predicte
 records equals pi_h (a correctly re-weighted model predicts the site's mix on the site's patients).
 This is the fixed point of Saerens' EM with the new mix known, solved by its iteration.
 
-Chosen on Medical Abstracts at epsilon = 8 (validation parts of the training splits, 3 seeds:
-docs/benchmarks/probes/prior_matched_own_mix.py): the matched bias scored 0.671 own-split accuracy,
-adding log pi_h alone (pi taken as uniform) 0.652, and the hospital alone 0.670.
+Chosen on validation parts of Medical Abstracts' training splits against adding log pi_h alone
+(docs/benchmarks.md, "How the defaults were chosen").
 
 Privacy: pi_h and b come from the site's own records without noise. Nothing of them is sent, so the
 prompt and head that leave the site keep their epsilon, but the re-weighted model itself is not

@@ -117,14 +117,11 @@ def update_norm(update: dict[str, np.ndarray], reference: dict[str, np.ndarray])
     An honest hospital's distance is bounded by its optimiser: Adam moves each coordinate by about
     the learning rate per step (at most ~3x), so a round moves the state by at most about
     3 x lr x steps x sqrt(parameters), and under DP noise by far less.
-    Measured on the default run (full MiniLM-L6, prompt at layer 5, P=16, 8,069 parameters, lr 0.01,
-    1 local epoch = 5 to 8 steps a round, epsilon 8, 5 rounds, seed 0): 1.1 to 3.1 for every
-    hospital and round, against a worst case of about 40; the tiny test federation moves 1.6 to 1.8
-    (earlier 2-layer recipe: 3.4 to 4.3). The default `max-update-norm` = 100 is 30x the measured
-    distance and above that worst case, so no honest default update is refused, while a scaled,
-    garbled or runaway update (1e3 and up) is. Raise it for larger learning rates, more local
-    epochs or much larger hospitals (`update_norm` in results.json shows each accepted update's
-    distance).
+    The default `max-update-norm` = 100 is above that worst case for the default recipe and far
+    above what honest default updates move (docs/benchmarks.md, "How the defaults were chosen"), so
+    no honest default update is refused, while a scaled, garbled or runaway update (1e3 and up) is.
+    Raise it for larger learning rates, more local epochs or much larger hospitals (`update_norm` in
+    results.json shows each accepted update's distance).
     """
     squares = sum(
         np.sum(np.square(update[name].astype(np.float64) - reference[name])) for name in reference

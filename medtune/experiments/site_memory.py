@@ -80,7 +80,7 @@ def measure_site(records: int, work: Path, train_args: list[str]) -> dict:
     time, cache size.
 
     The run starts from an empty out directory, so its cache is built, not reused; the cache is
-    deleted after it is measured (at 128 tokens it takes 96 KiB a record).
+    deleted after it is measured (its size is in docs/benchmarks.md, section 6).
     """
     if records < 40:
         raise ConfigError(

@@ -4,8 +4,8 @@ Ray runs its GCS, raylet, dashboard and runtime-env agents and its workers as de
 process that calls `ray.init` (here: `medtune simulate` or `medtune benchmark sweep`). Two ways of
 ending that process left them behind:
 
-- after a SIGKILL the dashboard and runtime-env agents lingered for 60-70 s (measured on 2 cores,
-  flwr 1.41, before this module), holding memory and the session's ports;
+- after a SIGKILL the dashboard and runtime-env agents lingered for about a minute, holding memory
+  and the session's ports;
 - a stop that called `ray.shutdown()` while Flower's simulation threads still waited in `ray.get`
   could make Ray's core worker end the whole process with status 1 instead of 130.
 

@@ -118,7 +118,7 @@ def _simulate(settings: RunSettings, config: dict[str, Any], cpus_per_hospital: 
     # Flower loads the ServerApp and the ClientApp in two threads at once. Importing both here
     # first, in one thread, keeps the libraries they pull in (Opacus imports torch.distributed
     # lazily) from being half-imported by two threads at once, which failed a resume as "cannot
-    # import name '_CUSTOM_SHARDED_OPS'" (tests/hostile_catalogue.py, 2026-11-27).
+    # import name '_CUSTOM_SHARDED_OPS'" (found by tests/hostile_catalogue.py).
     for reference in COMPONENTS.values():
         importlib.import_module(reference.split(":")[0])
     try:

@@ -38,7 +38,7 @@ class Backbone:
     @functools.cached_property
     def fingerprint(self) -> str:
         """The weights hash, computed once per loaded backbone (it reads every weight)."""
-        return weights_hash(self.encoder)
+        return _weights_hash(self.encoder)
 
     @property
     def max_positions(self) -> int:
@@ -214,7 +214,7 @@ def load_backbone(
     return Backbone(encoder=encoder, tokenizer=tokenizer, name=name, path=str(directory))
 
 
-def weights_hash(encoder: nn.Module) -> str:
+def _weights_hash(encoder: nn.Module) -> str:
     """SHA-256 over the backbone's tensors (names, shapes, bytes): ties a checkpoint to its
     backbone."""
     digest = hashlib.sha256()

@@ -24,7 +24,7 @@ import numpy as np
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
-from medtune.backbone import Backbone, load_backbone, weights_hash
+from medtune.backbone import Backbone, load_backbone
 from medtune.config import ModelConfig, config_from_dict, config_to_dict
 from medtune.errors import CheckpointError, ConfigError, StateError
 from medtune.files import atomic_write_bytes, atomic_write_json, safetensors_metadata
@@ -150,19 +150,19 @@ def check_resume_location(out: Path, resume: Path) -> None:
 
 
 def model_from_checkpoint(
-    path: Path, backbone: str | None = None, device: str = "auto"
+    path: Path, backbone: str | None = None, device: str = "auto", read: Checkpoint | None = None
 ) -> tuple[Checkpoint, PromptClassifier, Backbone]:
     """A checkpoint's prompt and head on the backbone it names (or `backbone`), checked by weights
     hash.
 
     `path` is a checkpoint directory or a run's out directory (its latest checkpoint). The prompt
     and head are meaningless on any other encoder, so a backbone with another weights hash is
-    refused.
+    refused. `read` is the checkpoint already read from `path`, when the caller has it.
     """
-    checkpoint = load_checkpoint(find_checkpoint(path))
+    checkpoint = read if read is not None else load_checkpoint(find_checkpoint(path))
     config = checkpoint.model
     loaded = load_backbone(backbone or config.backbone, config.num_layers, device)
-    if weights_hash(loaded.encoder) != checkpoint.backbone_hash:
+    if loaded.fingerprint != checkpoint.backbone_hash:
         raise CheckpointError(
             f"{path}: trained on backbone {checkpoint.backbone_name} with a different weights "
             "hash; give the backbone it was trained on (predict: --backbone)"

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from medtune.backbone import Backbone, resolve_device
-from medtune.checkpoint import model_from_checkpoint
-from medtune.config import DataConfig, ModelConfig
+from medtune.checkpoint import Checkpoint, model_from_checkpoint
+from medtune.config import DataConfig
 from medtune.data import Record, read_records
 from medtune.evaluation import predict_logits
 from medtune.features import record_inputs
@@ -47,38 +47,48 @@ class SiteMix:
     bias: np.ndarray
 
 
+@dataclass(frozen=True)
+class Classifier:
+    """A checkpoint's prompt and head on its backbone (weights hash checked), loaded once per
+    command and used for the site's mix and the predictions alike."""
+
+    checkpoint: Checkpoint
+    model: PromptClassifier
+    backbone: Backbone
+
+    @classmethod
+    def load(cls, path: Path, backbone: str | None = None) -> "Classifier":
+        return cls(*model_from_checkpoint(path, backbone))
+
+    def logits(self, records: list[Record]) -> torch.Tensor:
+        dataset = record_inputs(self.backbone, self.checkpoint.model, records)
+        pad = self.backbone.tokenizer.pad_token_id
+        return predict_logits(self.model, dataset, pad, resolve_device("auto"))
+
+
 def site_label_mix(
-    checkpoint_path: Path,
-    records_path: Path,
-    text_column: str,
-    label_column: str,
-    backbone: str | None = None,
+    classifier: Classifier, records_path: Path, text_column: str, label_column: str
 ) -> SiteMix:
     """The label mix of a hospital's own labelled records, and the shared model's bias matched to
     it."""
-    checkpoint, model, loaded = model_from_checkpoint(checkpoint_path, backbone)
-    labels = checkpoint.labels
+    labels = classifier.checkpoint.labels
     records = read_records(
         records_path, DataConfig(labels=labels, text_column=text_column, label_column=label_column)
     )
     mix = label_mix([r.label for r in records], len(labels))
-    bias = mix_bias(_logits(model, loaded, checkpoint.model, records), mix)
+    bias = mix_bias(classifier.logits(records), mix)
     return SiteMix(dict(zip(labels, mix.tolist(), strict=True)), bias)
 
 
 def predict_texts(
-    checkpoint_path: Path,
-    texts: list[str],
-    backbone: str | None = None,
-    site: SiteMix | None = None,
+    classifier: Classifier, texts: list[str], site: SiteMix | None = None
 ) -> list[Prediction]:
     """Label and probabilities per text; `site` re-weights them to a hospital's own label mix."""
-    checkpoint, model, loaded = model_from_checkpoint(checkpoint_path, backbone)
-    logits = _logits(model, loaded, checkpoint.model, [Record(text=t, label=0) for t in texts])
+    logits = classifier.logits([Record(text=t, label=0) for t in texts])
     if site is not None:
         logits = apply_label_mix(logits, site.bias)
     probabilities = torch.softmax(logits, dim=1).numpy()
-    labels = checkpoint.labels
+    labels = classifier.checkpoint.labels
     return [
         Prediction(
             text,
@@ -87,10 +97,3 @@ def predict_texts(
         )
         for text, row in zip(texts, probabilities, strict=True)
     ]
-
-
-def _logits(
-    model: PromptClassifier, backbone: Backbone, config: ModelConfig, records: list[Record]
-) -> torch.Tensor:
-    dataset = record_inputs(backbone, config, records)
-    return predict_logits(model, dataset, backbone.tokenizer.pad_token_id, resolve_device("auto"))

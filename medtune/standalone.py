@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medtune.backbone import Backbone, load_backbone, resolve_device, weights_hash
+from medtune.backbone import Backbone, load_backbone, resolve_device
 from medtune.checkpoint import Checkpoint, save_checkpoint
 from medtune.config import DataConfig, ModelConfig, PrivacyConfig, TrainConfig, config_to_dict
 from medtune.data import Record, train_test_split, warn_if_thin
@@ -100,7 +100,7 @@ def save_local_run(run: LocalRun, out: Path, backbone: Backbone, configs: dict[s
             labels=tuple(configs["data"]["labels"]),
             model=run.model.config,
             backbone_name=backbone.name,
-            backbone_hash=weights_hash(backbone.encoder),
+            backbone_hash=backbone.fingerprint,
             extra={"config": configs},
         ),
     )

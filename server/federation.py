@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from rich.console import Console
 from safetensors.numpy import save as save_safetensors
 
-from medtune.backbone import Backbone, load_backbone, weights_hash
+from medtune.backbone import Backbone, load_backbone
 from medtune.checkpoint import (
     META_FILE,
     Checkpoint,
@@ -114,7 +114,7 @@ class Federation:
         self.settings = settings
         self.console = console or Console()
         self.backbone: Backbone = load_backbone(settings.model.backbone, settings.model.num_layers)
-        self.backbone_hash = weights_hash(self.backbone.encoder)
+        self.backbone_hash = self.backbone.fingerprint
         self.strategy = build_strategy(settings.federation)
         labels = settings.data.labels
         self.spec = ExchangedStateSpec(

@@ -179,19 +179,18 @@ def test_predict_uses_only_the_checkpoint_and_backbone(
 ) -> None:
     from medtune.backbone import embedded_backbone_path
     from medtune.errors import CheckpointError
-    from medtune.predict import predict_texts
+    from medtune.predict import Classifier, predict_texts
 
     predictions = predict_texts(
-        two_rounds, ["fever and productive cough", "sudden weakness of the left arm"]
+        Classifier.load(two_rounds),
+        ["fever and productive cough", "sudden weakness of the left arm"],
     )
     assert len(predictions) == 2
     for prediction in predictions:
         assert math.isclose(sum(prediction.probabilities.values()), 1.0, rel_tol=1e-5)
         assert prediction.label == max(prediction.probabilities, key=prediction.probabilities.get)
     with pytest.raises(CheckpointError, match="different weights hash"):
-        predict_texts(
-            two_rounds, ["chest pain"], backbone=embedded_backbone_path()
-        )  # not the training backbone
+        Classifier.load(two_rounds, backbone=embedded_backbone_path())  # not the training backbone
 
 
 @pytest.mark.slow
@@ -199,7 +198,7 @@ def test_a_hospital_can_reweight_predictions_to_its_own_label_mix(
     two_rounds: Path, tmp_path: Path, capsys
 ) -> None:
     from medtune.cli import main
-    from medtune.predict import predict_texts, site_label_mix
+    from medtune.predict import Classifier, predict_texts, site_label_mix
 
     labels = load_checkpoint(two_rounds / "checkpoints" / "round_002").labels
     site = tmp_path / "site.csv"
@@ -209,19 +208,20 @@ def test_a_hospital_can_reweight_predictions_to_its_own_label_mix(
         + "".join(f"{n},{labels[0]}\n" for n in notes[:30])
         + f"{notes[30]},{labels[1]}\n"
     )
-    mixed = site_label_mix(two_rounds, site, "text", "label")
+    classifier = Classifier.load(two_rounds)
+    mixed = site_label_mix(classifier, site, "text", "label")
     assert mixed.mix[labels[0]] == pytest.approx(31 / 36) and mixed.mix[labels[1]] == pytest.approx(
         2 / 36
     )
     # Re-weighted, the model predicts the site's own mix on the site's own notes.
-    on_site = predict_texts(two_rounds, notes, site=mixed)
+    on_site = predict_texts(classifier, notes, site=mixed)
     predicted_mix = {label: np.mean([p.probabilities[label] for p in on_site]) for label in labels}
     assert predicted_mix == pytest.approx(mixed.mix, abs=1e-4)
 
     texts = ["fever and productive cough", "sudden weakness of the left arm"]
     shift = mixed.bias[0] - mixed.bias[1]
     for plain, reweighted in zip(
-        predict_texts(two_rounds, texts), predict_texts(two_rounds, texts, site=mixed), strict=True
+        predict_texts(classifier, texts), predict_texts(classifier, texts, site=mixed), strict=True
     ):
         odds = lambda p: p.probabilities[labels[0]] / p.probabilities[labels[1]]  # noqa: E731
         assert odds(reweighted) / odds(plain) == pytest.approx(np.exp(shift), rel=1e-4)

@@ -229,7 +229,6 @@ def test_a_checkpoint_becomes_a_model_only_on_the_backbone_it_was_trained_on(
 ):
     """predict, audit and baselines all load through model_from_checkpoint: same arrays, hash
     checked."""
-    from medtune.backbone import weights_hash
     from medtune.checkpoint import Checkpoint, model_from_checkpoint, save_checkpoint
     from medtune.errors import CheckpointError
 
@@ -240,7 +239,7 @@ def test_a_checkpoint_becomes_a_model_only_on_the_backbone_it_was_trained_on(
         ("a", "b", "c", "d", "e"),
         config,
         "tiny",
-        weights_hash(tiny_backbone.encoder),
+        tiny_backbone.fingerprint,
         {},
     )
     save_checkpoint(tmp_path / "good", saved)

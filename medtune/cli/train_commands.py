@@ -113,7 +113,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 def _cmd_predict(args: argparse.Namespace) -> None:
     from medtune.data import read_texts
-    from medtune.predict import predict_texts, site_label_mix
+    from medtune.predict import Classifier, predict_texts, site_label_mix
 
     if args.label_column is not None and args.label_mix is None:
         raise ConfigError(
@@ -123,16 +123,13 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     if blank:
         raise ConfigError(f"--text number {blank[0]} is empty; give the note's text")
     texts = args.text or read_texts(args.input, args.text_column)
+    classifier = Classifier.load(args.checkpoint, args.backbone)
     site = None
     if args.label_mix is not None:
         site = site_label_mix(
-            args.checkpoint,
-            args.label_mix,
-            args.text_column,
-            args.label_column or "label",
-            args.backbone,
+            classifier, args.label_mix, args.text_column, args.label_column or "label"
         )
         shown = "  ".join(f"{label}={share:.3f}" for label, share in site.mix.items())
         print(f"re-weighted to the label mix of {args.label_mix}: {shown}", file=sys.stderr)
-    for prediction in predict_texts(args.checkpoint, texts, backbone=args.backbone, site=site):
+    for prediction in predict_texts(classifier, texts, site=site):
         print(prediction.format())

@@ -113,9 +113,8 @@ def audit_run(out: Path, hospital: str) -> AuditResult:
         raise ConfigError(f"{out}: no hospital '{hospital}' in this run; its hospitals are {names}")
     records = simulated_hospital(settings, names.index(hospital)).records
     train, test = train_test_split(records, settings.data.test_fraction, settings.seed)
-    checkpoint, model, backbone = model_from_checkpoint(
-        out, device=settings.train.device
-    )  # backbone hash checked
+    # The backbone is loaded once, and its weights hash checked against the checkpoint's.
+    _, model, backbone = model_from_checkpoint(out, device=settings.train.device, read=checkpoint)
     return audit_model(
         model,
         record_inputs(backbone, checkpoint.model, train),

@@ -62,7 +62,7 @@ def epsilon_of(accountant: str, history: History, delta: float) -> float:
     if not history:
         return 0.0
     trial = create_accountant(mechanism=accountant)
-    trial.history = list(history)
+    trial.load_state_dict({"history": list(history), "mechanism": accountant})
     return float(trial.get_epsilon(delta=delta))
 
 
@@ -151,7 +151,15 @@ def noise_multiplier_for(
 class PrivacyLedger:
     """Tracks one hospital's spending against its target. Never lets training overspend it."""
 
-    def __init__(self, config: PrivacyConfig, sample_rate: float, planned_steps: int) -> None:
+    def __init__(
+        self,
+        config: PrivacyConfig,
+        sample_rate: float,
+        planned_steps: int,
+        noise_multiplier: float | None = None,
+    ) -> None:
+        """A ledger with no steps yet. `noise_multiplier` None derives the noise for the whole
+        participation; a stored ledger passes the one it was derived with (never derived again)."""
         if not 0.0 < sample_rate <= 1.0:
             raise LedgerError(f"sample rate must be in (0, 1], got {sample_rate}")
         if planned_steps < 1:
@@ -169,7 +177,9 @@ class PrivacyLedger:
         )
         self.trained_rounds: list[int] = []  # federated rounds this hospital trained, in order
         self.events: list[str] = []  # what the step history alone does not explain
-        if config.is_private:
+        if noise_multiplier is not None:
+            self.noise_multiplier = float(noise_multiplier)
+        elif config.is_private:
             try:
                 self.noise_multiplier = noise_multiplier_for(
                     config.accountant,
@@ -335,41 +345,39 @@ class PrivacyLedger:
                 max_grad_norm=float(state["max_grad_norm"]),
                 accountant=str(state["accountant"]),
             )
-            ledger = cls.__new__(cls)
-            ledger.config = config
-            ledger.sample_rate = float(state["sample_rate"])
-            ledger.planned_steps = int(state["planned_steps"])
-            ledger.noise_multiplier = float(state["noise_multiplier"])
-            ledger.non_private_steps = int(state["non_private_steps"])
-            ledger.accountant = create_accountant(mechanism=config.accountant)
-            ledger.accountant.history = [
-                (float(s), float(q), int(n)) for s, q, n in state["history"]
-            ]
+            sample_rate = float(state["sample_rate"])
+            planned_steps = int(state["planned_steps"])
+            noise_multiplier = float(state["noise_multiplier"])
+            non_private_steps = int(state["non_private_steps"])
+            history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
             recorded_steps = int(state["steps"])
             hospital = state.get("hospital")
-            ledger.hospital = None if hospital is None else str(hospital)
             records = state.get("records")
-            ledger.records = None if records is None else str(records)
-            ledger.trained_rounds = [int(r) for r in state.get("trained_rounds", [])]
-            ledger.events = [str(e) for e in state.get("events", [])]
+            trained_rounds = [int(r) for r in state.get("trained_rounds", [])]
+            events = [str(e) for e in state.get("events", [])]
         except (KeyError, TypeError, ValueError, ConfigError) as error:
             raise LedgerError(
                 f"{source}: corrupted ledger ({type(error).__name__}: {error})"
             ) from None
-        negative_steps = ledger.non_private_steps < 0 or any(
-            steps < 0 for _, _, steps in ledger.accountant.history
-        )
+        negative_steps = non_private_steps < 0 or any(steps < 0 for _, _, steps in history)
         if (
-            not 0.0 < ledger.sample_rate <= 1.0
-            or ledger.planned_steps < 1
-            or ledger.noise_multiplier < 0
+            not 0.0 < sample_rate <= 1.0
+            or planned_steps < 1
+            or not noise_multiplier >= 0  # NaN too
             or negative_steps
         ):
             raise LedgerError(
-                f"{source}: corrupted ledger (sample rate {ledger.sample_rate}, planned steps "
-                f"{ledger.planned_steps}, noise multiplier {ledger.noise_multiplier} or a step "
+                f"{source}: corrupted ledger (sample rate {sample_rate}, planned steps "
+                f"{planned_steps}, noise multiplier {noise_multiplier} or a step "
                 "count is out of range)"
             )
+        ledger = cls(config, sample_rate, planned_steps, noise_multiplier=noise_multiplier)
+        ledger.accountant.load_state_dict({"history": history, "mechanism": config.accountant})
+        ledger.non_private_steps = non_private_steps
+        ledger.hospital = None if hospital is None else str(hospital)
+        ledger.records = None if records is None else str(records)
+        ledger.trained_rounds = trained_rounds
+        ledger.events = events
         if recorded_steps != ledger.steps:
             raise LedgerError(
                 f"{source}: corrupted ledger (its history adds up to {ledger.steps} steps but it "

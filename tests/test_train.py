@@ -114,7 +114,7 @@ def test_empty_poisson_batches_are_still_counted_noisy_steps(tiny_backbone, prom
     dataset = record_inputs(
         tiny_backbone, model_config, _records(count=20), tmp_path
     )  # as a site: from its cache
-    train = TrainConfig(epochs=3, batch_size=1)
+    train = TrainConfig(epochs=1, batch_size=1)
     for seed in range(6):
         model = PromptClassifier(tiny_backbone, model_config, len(LABELS), seed=0)
         ledger = new_ledger(PrivacyConfig(epsilon=20.0), len(dataset), train, rounds=1)
@@ -128,7 +128,7 @@ def test_empty_poisson_batches_are_still_counted_noisy_steps(tiny_backbone, prom
             seed=seed,
             progress=False,
         )
-        assert result.steps == ledger.steps == 60
+        assert result.steps == ledger.steps == 20
         assert ledger.exhausted and 0 < ledger.epsilon <= 20.0
         assert all(np.all(np.isfinite(a)) for a in model.exchanged_state().values())
         assert not np.array_equal(before["prompt"], model.exchanged_state()["prompt"])

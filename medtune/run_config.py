@@ -67,6 +67,7 @@ class FederationConfig:
     max_examples: int
     secure_aggregation: bool
     secagg_max_weight: int
+    keep_updates: bool  # every received update kept under out/updates/ (what left each site)
 
     def __post_init__(self) -> None:
         if self.rounds < 1:

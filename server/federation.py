@@ -235,7 +235,7 @@ class Federation:
             with recording():  # a stopped run records nothing of the interrupted round
                 self.results.rounds.append(record)
                 print_round(record, rounds, self.console)
-                if self.settings.run_config.get("keep-updates"):
+                if self.settings.federation.keep_updates:
                     self._keep_updates(server_round, sent, accepted)
                 if self._trained_ever():
                     self._save(server_round)

@@ -115,7 +115,7 @@ class Federation:
         self.console = console or Console()
         self.backbone: Backbone = load_backbone(settings.model.backbone, settings.model.num_layers)
         self.backbone_hash = self.backbone.fingerprint
-        self.strategy = build_strategy(settings.federation)
+        self.strategy = build_strategy(settings.federation, settings.train.learning_rate)
         labels = settings.data.labels
         self.spec = ExchangedStateSpec(
             settings.model.prompt_length, self.backbone.hidden_size, len(labels)

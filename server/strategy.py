@@ -47,7 +47,9 @@ class _CommonArguments(TypedDict):
     weighted_by_key: str
 
 
-def build_strategy(federation: FederationConfig) -> FedAvg:
+def build_strategy(federation: FederationConfig, local_learning_rate: float) -> FedAvg:
+    """The server's strategy. `local_learning_rate` is the hospitals' own (Flower's `eta_l`, which
+    FedAdam only reports: the server step is `eta`, `server-learning-rate`)."""
     common = _CommonArguments(
         fraction_train=1.0,
         fraction_evaluate=1.0,
@@ -61,9 +63,7 @@ def build_strategy(federation: FederationConfig) -> FedAvg:
     if federation.strategy == "fedadam":
         # Hospitals' local steps are already Adam steps; a small server step with tau ~ 1e-3 is the
         # setting Reddi et al. recommend for prompt-sized models.
-        return FedAdam(
-            eta=federation.server_learning_rate, eta_l=federation.server_learning_rate, **common
-        )
+        return FedAdam(eta=federation.server_learning_rate, eta_l=local_learning_rate, **common)
     if federation.strategy == "fedmedian":
         return FedMedian(**common)
     if federation.strategy == "trimmed-mean":

@@ -235,6 +235,17 @@ def input_canaries(
     ]
 
 
+def audited_input_canaries(settings: RunSettings, backbone: Backbone) -> list[Record]:
+    """All M input canaries of the run's audited hospital, in and out: what the auditor scores."""
+    return input_canaries(
+        settings.audit.canaries,
+        word_vocabulary(backbone.tokenizer),
+        len(settings.data.labels),
+        settings.seed,
+        settings.audit.hospital,
+    )
+
+
 def planted_input_canaries(
     settings: RunSettings, hospital: str, train_records: list[Record], backbone: Backbone
 ) -> list[Record]:
@@ -247,13 +258,7 @@ def planted_input_canaries(
             "records: the canaries would outnumber them; give at most that many, or audit a "
             "larger hospital"
         )
-    records = input_canaries(
-        count,
-        word_vocabulary(backbone.tokenizer),
-        len(settings.data.labels),
-        settings.seed,
-        hospital,
-    )
+    records = audited_input_canaries(settings, backbone)
     return [
         record
         for record, inside in zip(

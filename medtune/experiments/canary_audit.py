@@ -38,11 +38,10 @@ from safetensors.numpy import load_file
 
 from medtune.canaries import (
     GradientCanaries,
+    audited_input_canaries,
     canary_steps_path,
     included_bits,
-    input_canaries,
     read_canary_steps,
-    word_vocabulary,
 )
 from medtune.defaults import run_defaults
 from medtune.epsilon import read_epsilon
@@ -192,13 +191,7 @@ def black_box_scores(settings: RunSettings, out: Path) -> tuple[np.ndarray, np.n
 
     checkpoint, model, backbone = model_from_checkpoint(out, device=settings.train.device)
     count, hospital = settings.audit.canaries, settings.audit.hospital
-    records = input_canaries(
-        count,
-        word_vocabulary(backbone.tokenizer),
-        len(settings.data.labels),
-        settings.seed,
-        hospital,
-    )
+    records = audited_input_canaries(settings, backbone)
     dataset = record_inputs(backbone, checkpoint.model, records)
     losses = per_record_losses(
         model, dataset, backbone.tokenizer.pad_token_id, resolve_device(settings.train.device)

@@ -16,7 +16,7 @@ secret noise (medtune/noise.py); a simulated one draws noise seeded by the run s
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,6 @@ PARTITION_ID = "partition-id"
 DEPLOYMENT_KEYS = ("hospital", "data-path", "ledger-path", "text-column", "label-column")
 OPTIONAL_KEYS = ("cache-dir", *TERMS_KEYS)
 
-_sites: dict[str, Site] = {}
-
 
 def site_terms(node_config: dict[str, Any]) -> SiteTerms:
     """A deployed node's privacy terms, after refusing any key this reader does not know."""
@@ -51,14 +49,23 @@ def site_terms(node_config: dict[str, Any]) -> SiteTerms:
     return SiteTerms.from_values(node_config, "node config")
 
 
-def _deployed_site(settings: RunSettings, node_config: dict[str, Any]) -> Site:
+def deployed_terms(node_config: dict[str, Any]) -> SiteTerms:
+    """A deployed node's privacy terms, once its node config names everything a site needs."""
     missing = [key for key in DEPLOYMENT_KEYS if not node_config.get(key)]
     if missing:
         raise ConfigError(
             f"this SuperNode's node config lacks {missing}; start the site with `medtune site run "
             "<site file>`"
         )
-    terms = site_terms(node_config)
+    return site_terms(node_config)
+
+
+def _deployed_site(
+    settings: RunSettings, node_config: dict[str, Any], terms: SiteTerms | None = None
+) -> Site:
+    """A deployed hospital's site; `terms` are its privacy terms when already read (else read
+    here)."""
+    terms = terms or deployed_terms(node_config)
     hospital = check_hospital_name(str(node_config["hospital"]), source="node config hospital")
     paths = {key: Path(str(node_config[key])).expanduser() for key in ("data-path", "ledger-path")}
     relative = [f"{key}={str(path)!r}" for key, path in paths.items() if not path.is_absolute()]
@@ -102,16 +109,62 @@ def _deployed_site(settings: RunSettings, node_config: dict[str, Any]) -> Site:
     return site
 
 
-def deployed_terms(context: Context) -> SiteTerms | None:
-    """A deployed site's privacy terms (None for a simulated site, which has none of its own)."""
-    node_config = dict(context.node_config)
-    return None if PARTITION_ID in node_config else site_terms(node_config)
+@dataclass(frozen=True)
+class NodeSetup:
+    """What this node takes part under: the run's settings, and a deployed site's own privacy terms
+    (None for a simulated site, which has none of its own)."""
+
+    settings: RunSettings
+    terms: SiteTerms | None
+
+
+@dataclass
+class _LatestRun:
+    """What one process has read and built for the run it serves now: the run config, read once,
+    and each of its nodes' setup and site (a simulation's worker serves many hospitals of one run).
+
+    A long-lived site runner (`medtune site run`) serves run after run: a new run config (a new
+    seed, say) replaces all of it.
+    """
+
+    key: str
+    settings: RunSettings
+    setups: dict[str, NodeSetup] = field(default_factory=dict)
+    sites: dict[str, Site] = field(default_factory=dict)
+
+
+_latest: _LatestRun | None = None
+
+
+def _run_of(context: Context) -> _LatestRun:
+    """This process's reading of `context`'s run, read anew only when the run config changes."""
+    global _latest
+    run_config = dict(context.run_config)
+    key = json.dumps(run_config, sort_keys=True, default=str)
+    if _latest is None or key != _latest.key:
+        _latest = _LatestRun(key, settings_from_run_config(run_config))
+    return _latest
+
+
+def _node_key(context: Context) -> str:
+    return json.dumps(dict(context.node_config), sort_keys=True, default=str)
+
+
+def node_setup(context: Context) -> NodeSetup:
+    """This node's settings and terms: the run config read once per process and run, a deployed
+    site's node config once per run."""
+    run, node = _run_of(context), _node_key(context)
+    if node not in run.setups:
+        node_config = dict(context.node_config)
+        terms = None if PARTITION_ID in node_config else deployed_terms(node_config)
+        run.setups[node] = NodeSetup(run.settings, terms)
+    return run.setups[node]
 
 
 def check_evaluation_shared(context: Context) -> None:
     """A deployed site whose terms withhold per-class test counts refuses to evaluate (simulated
     sites share them)."""
-    terms = deployed_terms(context)
+    terms = node_setup(context).terms
     if terms is not None:
         terms.check_evaluation_shared()
 
@@ -119,28 +172,25 @@ def check_evaluation_shared(context: Context) -> None:
 def check_sent_in_clear(context: Context) -> None:
     """A deployed site whose terms require secure aggregation refuses a plain round (simulated sites
     accept it)."""
-    terms = deployed_terms(context)
+    terms = node_setup(context).terms
     if terms is not None:
         terms.check_sent_in_clear()
 
 
 def site_for(context: Context) -> Site:
-    """This node's hospital, built once per process and reused across the rounds of one run.
-
-    Only the latest run's site is kept: a long-lived site runner (`medtune site run`) serves run
-    after run, and each run config (a new seed, say) builds a site of its own.
-    """
-    run_config, node_config = dict(context.run_config), dict(context.node_config)
-    key = json.dumps([run_config, node_config], sort_keys=True, default=str)
-    if key not in _sites:
-        _sites.clear()
-        settings = settings_from_run_config(run_config)
-        if PARTITION_ID in node_config:
+    """This node's hospital, built once per process and reused across the rounds of one run (a
+    site that could not be built is tried again on the next message)."""
+    setup, sites, key = node_setup(context), _run_of(context).sites, _node_key(context)
+    if key not in sites:
+        settings, node_config = setup.settings, dict(context.node_config)
+        if setup.terms is not None:
+            sites[key] = _deployed_site(settings, node_config, setup.terms)
+        else:
             hospital = simulated_hospital(settings, int(node_config[PARTITION_ID]))
             ledger = simulated_ledger_path(settings.out, hospital.name)
             noise = NoiseSource.seeded(settings.seed, hospital.name)
             audited = settings.audit.canaries > 0 and hospital.name == settings.audit.hospital
-            _sites[key] = Site(
+            sites[key] = Site(
                 hospital.name,
                 hospital.records,
                 settings,
@@ -149,6 +199,4 @@ def site_for(context: Context) -> Site:
                 cache_dir=settings.cache_dir,
                 audited=audited,
             )
-        else:
-            _sites[key] = _deployed_site(settings, node_config)
-    return _sites[key]
+    return sites[key]

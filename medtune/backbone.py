@@ -19,6 +19,8 @@ from medtune.errors import ConfigError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from medtune.config import ModelConfig
+
 DEFAULT_BACKBONE_NAME = "all-MiniLM-L6-v2 (embedded)"
 
 
@@ -83,31 +85,28 @@ def depth(encoder: nn.Module) -> int:
     return len(_layer_list(encoder))
 
 
-def check_prompt_layer(backbone: "Backbone", prompt_layer: int) -> None:
-    """A prompt layer must name a block of this backbone (0 = input, depth = after the last
-    block)."""
-    layers = depth(backbone.encoder)
-    if not 0 <= prompt_layer <= layers:
+def check_fits(model: ModelConfig, layers: int, positions: int, backbone_name: str) -> None:
+    """The bounds a backbone of `layers` blocks and `positions` positions sets on a recipe, in one
+    place: checked from its config file where settings are read (medtune.config.check_fits_backbone)
+    and again, as a guard, where a model or its inputs are built on a loaded encoder."""
+    if not 0 <= model.prompt_layer <= layers:
         raise ConfigError(
-            f"model.prompt_layer (prompt-layer) = {prompt_layer} is outside 0..{layers}: the "
-            f"backbone {backbone.name} has {layers} layers (0 = input prompt, {layers} = after the "
+            f"model.prompt_layer (prompt-layer) = {model.prompt_layer} is outside 0..{layers}: the "
+            f"backbone {backbone_name} has {layers} layers (0 = input prompt, {layers} = after the "
             "last layer)"
+        )
+    if model.max_length + model.prompt_length > positions:
+        raise ConfigError(
+            f"model.max_length (max-length) {model.max_length} + model.prompt_length "
+            f"(prompt-length) {model.prompt_length} = {model.max_length + model.prompt_length} "
+            f"tokens exceeds the {positions} positions of the backbone {backbone_name}; shorten "
+            "one of them"
         )
 
 
-def configured_depth(path: str | None, num_layers: int | None) -> int:
-    """The depth a backbone will have once loaded, read from its config alone (no weights)."""
-    from transformers import AutoConfig
-
-    directory = Path(path) if path else Path(embedded_backbone_path())
-    try:
-        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
-    except (OSError, ValueError, KeyError) as error:
-        raise ConfigError(
-            f"cannot read a Hugging Face encoder config from {directory}: {error}"
-        ) from error
-    full = int(getattr(config, "num_hidden_layers", getattr(config, "n_layers", 0)))
-    return min(full, num_layers) if num_layers else full
+def check_fits_loaded(backbone: Backbone, model: ModelConfig) -> None:
+    """`check_fits` on a loaded (perhaps truncated) encoder."""
+    check_fits(model, depth(backbone.encoder), backbone.max_positions, backbone.name)
 
 
 def attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

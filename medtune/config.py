@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from medtune.defaults import default, from_pyproject
-from medtune.epsilon import read_epsilon
+from medtune.defaults import from_pyproject
+from medtune.epsilon import check_epsilon
 from medtune.errors import ConfigError
 
 PROMPT_INITS = ("vocab", "random")
@@ -139,17 +139,13 @@ class PrivacyConfig:
     epsilon = inf turns DP off (no clipping, no noise): the non-private baseline.
     """
 
-    epsilon: float = from_pyproject(
-        "epsilon"
-    )  # a flag's text ("8", "inf") is read by medtune/epsilon.py
+    epsilon: float = from_pyproject("epsilon")  # text ("8", "inf") is read where it enters
     delta: float = from_pyproject("delta")
     max_grad_norm: float = from_pyproject("max-grad-norm")
     accountant: str = from_pyproject("accountant")
 
     def __post_init__(self) -> None:
-        # A positive number, or inf for no DP (given as a number or as text); -inf, NaN and 0 are
-        # refused.
-        object.__setattr__(self, "epsilon", read_epsilon(self.epsilon, "privacy.epsilon"))
+        check_epsilon(self.epsilon, "privacy.epsilon")  # positive, or inf for no DP
         _require(
             0.0 < self.delta < 1.0,
             f"privacy.delta must be strictly between 0 and 1, got {self.delta}",
@@ -176,18 +172,19 @@ class TrainConfig:
     update shrinks as the batch grows.
     """
 
-    # Alone (`medtune train`), a hospital makes the passes it makes in the default federation; in a
-    # federation, `local-epochs` per round (medtune/run_config.py).
-    epochs: int = from_pyproject(
-        "local-epochs", lambda local_epochs: default("rounds") * local_epochs
-    )
+    # Passes over the records per federation round. A hospital alone has no rounds: its total
+    # passes are an argument of train_local (`medtune train --epochs`), never this field.
+    local_epochs: int = from_pyproject("local-epochs")
     batch_size: int = from_pyproject("batch-size")
     learning_rate: float = from_pyproject("learning-rate")
     seed: int = from_pyproject("seed")
     device: str = from_pyproject("device")
 
     def __post_init__(self) -> None:
-        _require(self.epochs >= 1, f"train.epochs must be at least 1, got {self.epochs}")
+        _require(
+            self.local_epochs >= 1,
+            f"train.local_epochs (local-epochs) must be at least 1, got {self.local_epochs}",
+        )
         _require(
             self.batch_size >= 1, f"train.batch_size must be at least 1, got {self.batch_size}"
         )
@@ -203,6 +200,12 @@ class TrainConfig:
             self.device in ("auto", "cpu") or self.device.startswith("cuda"),
             f"train.device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}",
         )
+
+
+def federation_passes(rounds: int, local_epochs: int) -> int:
+    """Passes over a hospital's records in a whole federation: what its ledger's noise is planned
+    for, and what a hospital alone or a pooled baseline makes to compare like with like."""
+    return rounds * local_epochs
 
 
 @dataclass(frozen=True)
@@ -244,7 +247,7 @@ def check_fits_backbone(model: ModelConfig) -> None:
     """
     from transformers import AutoConfig
 
-    from medtune.backbone import DEFAULT_BACKBONE_NAME, embedded_backbone_path
+    from medtune.backbone import DEFAULT_BACKBONE_NAME, check_fits, embedded_backbone_path
 
     directory = Path(model.backbone) if model.backbone else Path(embedded_backbone_path())
     name = directory.name if model.backbone else DEFAULT_BACKBONE_NAME
@@ -257,26 +260,13 @@ def check_fits_backbone(model: ModelConfig) -> None:
             f"cannot read a Hugging Face encoder config from {directory}: {error}"
         ) from None
     full = int(getattr(config, "num_hidden_layers", getattr(config, "n_layers", 0)))
-    positions = int(
-        getattr(config, "max_position_embeddings", 512)
-    )  # as medtune/backbone.py reads it
     _require(
         model.num_layers is None or model.num_layers <= full,
         f"model.num_layers (num-layers) = {model.num_layers}, but the backbone {name} has only "
         f"{full} layers",
     )
-    layers = model.num_layers or full
-    _require(
-        model.prompt_layer <= layers,
-        f"model.prompt_layer (prompt-layer) = {model.prompt_layer} is outside 0..{layers}: the "
-        f"backbone {name} has {layers} layers (0 = input prompt, {layers} = after the last layer)",
-    )
-    _require(
-        model.max_length + model.prompt_length <= positions,
-        f"model.max_length (max-length) {model.max_length} + model.prompt_length (prompt-length) "
-        f"{model.prompt_length} = {model.max_length + model.prompt_length} tokens exceeds the "
-        f"{positions} positions of the backbone {name}; shorten one of them",
-    )
+    positions = int(getattr(config, "max_position_embeddings", 512))  # as Backbone reads it
+    check_fits(model, model.num_layers or full, positions, name)
 
 
 def field_kinds(config: type) -> dict[str, type | None]:
@@ -320,6 +310,7 @@ __all__ = [
     "DataConfig",
     "PrivacyConfig",
     "TrainConfig",
+    "federation_passes",
     "check_fits_backbone",
     "config_from_dict",
     "config_to_dict",

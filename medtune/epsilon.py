@@ -27,7 +27,8 @@ class EpsilonError(ConfigError):
 
 
 def read_epsilon(value: Any, source: str, spent: bool = False) -> float:
-    """Epsilon from a number or text. A target must be positive; a spent epsilon may be 0 (nothing
+    """Epsilon from a number or text: the one reader, called once where a value enters (a run
+    config, a flag, a file, a reply). A target must be positive; a spent epsilon may be 0 (nothing
     spent yet).
 
     `source` names where the value came from (a file and key, a flag); "" when the caller names it.
@@ -35,23 +36,34 @@ def read_epsilon(value: Any, source: str, spent: bool = False) -> float:
     where = f"{source}: " if source else ""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise EpsilonError(f"{where}epsilon {value!r} is not a number (write {NO_DP} for no DP)")
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            epsilon = math.inf if text == NO_DP else float(text)
-        except ValueError:
-            raise EpsilonError(
-                f"{where}epsilon {value!r} is not a number (write {NO_DP} for no DP)"
-            ) from None
-        if epsilon == math.inf and text != NO_DP:
-            raise EpsilonError(f"{where}epsilon {value!r}: no DP is written {NO_DP}, and only so")
-    else:
-        epsilon = float(value)
+    if not isinstance(value, str):
+        return check_epsilon(float(value), source, spent)
+    text = value.strip()
+    try:
+        epsilon = math.inf if text == NO_DP else float(text)
+    except ValueError:
+        raise EpsilonError(
+            f"{where}epsilon {value!r} is not a number (write {NO_DP} for no DP)"
+        ) from None
+    if epsilon == math.inf and text != NO_DP:
+        raise EpsilonError(f"{where}epsilon {value!r}: no DP is written {NO_DP}, and only so")
+    return check_epsilon(epsilon, source, spent)
+
+
+def check_epsilon(epsilon: float, source: str, spent: bool = False) -> float:
+    """The bounds of an epsilon already read as a float: NaN, -inf, negatives and (for a target)
+    zero are refused. A config object holding an epsilon checks it here, without reading it again.
+    """
+    where = f"{source}: " if source else ""
+    if isinstance(epsilon, bool) or not isinstance(epsilon, float):
+        raise EpsilonError(
+            f"{where}epsilon {epsilon!r} is not a float; read text and numbers with read_epsilon"
+        )
     if math.isnan(epsilon):
         raise EpsilonError(f"{where}epsilon is NaN; give a positive number, or {NO_DP} for no DP")
     if epsilon == -math.inf or epsilon < 0 or (epsilon == 0 and not spent):
         raise EpsilonError(
-            f"{where}epsilon {value!r} must be positive; only {NO_DP} (+infinity) means no DP"
+            f"{where}epsilon {epsilon:g} must be positive; only {NO_DP} (+infinity) means no DP"
         )
     return epsilon
 

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from medtune.backbone import Backbone, check_prompt_layer, hidden_states_at
+from medtune.backbone import Backbone, check_fits_loaded, hidden_states_at
 from medtune.config import ModelConfig
 from medtune.data import PadToLongest, Record, TokenizedRecords
 from medtune.errors import DataError
@@ -231,7 +231,7 @@ def record_inputs(
     Prompt layer 0: token ids. Prompt layer k > 0: blocks 0..k-1's output per record, from the
     cache under `cache_root` (built on first use), or computed in memory when `cache_root` is None.
     """
-    check_prompt_layer(backbone, config.prompt_layer)
+    check_fits_loaded(backbone, config)
     tokens = TokenizedRecords(records, backbone.tokenizer, config.max_length)
     layer = config.prompt_layer
     if layer == 0:

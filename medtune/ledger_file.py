@@ -12,7 +12,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from medtune.config import PrivacyConfig, TrainConfig
+from medtune.config import PrivacyConfig
 from medtune.data import Record
 from medtune.errors import LedgerError
 from medtune.ledger_record import LedgerRecord, check_ledger
@@ -49,8 +49,8 @@ def load_or_create_ledger(
     path: Path | None,
     privacy: PrivacyConfig,
     num_records: int,
-    train: TrainConfig,
-    rounds: int,
+    batch_size: int,
+    planned_passes: int,
     *,
     hospital: str,
     records: str,
@@ -58,13 +58,14 @@ def load_or_create_ledger(
 ) -> PrivacyLedger:
     """The ledger stored at `path` if there is one, else a fresh one; either way it must be
     `hospital`'s, made for the training records whose `records_digest` is `records`, and agree with
-    the coordinator's `record` of it."""
+    the coordinator's `record` of it. A fresh one is planned for `planned_passes` over the records
+    (medtune/train.py, new_ledger)."""
     ledger = read_ledger(path) if path is not None else None
     check_ledger(ledger, record, path or Path("(no ledger file)"))
     if ledger is None:
-        ledger = new_ledger(privacy, num_records, train, rounds)
+        ledger = new_ledger(privacy, num_records, batch_size, planned_passes)
     else:
-        ledger.matches(privacy, SamplingPlan.for_records(num_records, train.batch_size).sample_rate)
+        ledger.matches(privacy, SamplingPlan.for_records(num_records, batch_size).sample_rate)
     source = str(path) if path is not None else "this ledger"
     ledger.claim(hospital, source)
     ledger.claim_records(records, source)

@@ -21,13 +21,12 @@ from torch import nn
 
 from medtune.backbone import (
     Backbone,
-    check_prompt_layer,
+    check_fits_loaded,
     hidden_states_at,
     run_layers,
     vocabulary_embeddings,
 )
 from medtune.config import ModelConfig
-from medtune.errors import ConfigError
 from medtune.state import HEAD_BIAS, HEAD_WEIGHT, PROMPT, ExchangedStateSpec
 
 
@@ -54,13 +53,7 @@ class PromptClassifier(nn.Module):
 
     def __init__(self, backbone: Backbone, config: ModelConfig, num_labels: int, seed: int) -> None:
         super().__init__()
-        if config.max_length + config.prompt_length > backbone.max_positions:
-            raise ConfigError(
-                f"model.max_length ({config.max_length}) + model.prompt_length "
-                f"({config.prompt_length}) exceeds the backbone's {backbone.max_positions} "
-                "positions"
-            )
-        check_prompt_layer(backbone, config.prompt_layer)
+        check_fits_loaded(backbone, config)
         self.config = config
         self.encoder = backbone.encoder
         self.spec = ExchangedStateSpec(config.prompt_length, backbone.hidden_size, num_labels)

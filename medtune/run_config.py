@@ -2,15 +2,15 @@
 
 The defaults live in medtune/run_defaults.toml (medtune/defaults.py), the table `flwr run .` reads
 from pyproject.toml. A scenario file (simulations/scenarios/*.toml) overrides some of them, and
-`--run-config` or `medtune simulate` flags override again. This module turns the resulting flat
-key/value dict into the validated config objects the core uses, naming any key or value it cannot
-use.
+`--run-config` or `medtune simulate` flags override again (fused by
+medtune/federation/overrides.py, with Flower's own reader and merge). This module turns the
+resulting flat key/value dict into the validated config objects the core uses, once per entry
+point, naming any key or value it cannot use.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -153,6 +153,12 @@ class RunSettings:
     run_config: dict[str, Any]
 
     @property
+    def keeps_updates(self) -> bool:
+        """Whether the coordinator keeps every received update: `keep-updates`, or an audit run,
+        whose coordinator's view is scored from them (medtune/experiments/canary_audit.py)."""
+        return self.federation.keep_updates or self.audit.canaries > 0
+
+    @property
     def last_round(self) -> int:
         """The last round this invocation runs: `until-round` when set, else all rounds."""
         return (
@@ -240,7 +246,7 @@ def settings_from_run_config(config: dict[str, Any]) -> RunSettings:
         ),
         model=_config_from(config, ModelConfig),
         privacy=_config_from(config, PrivacyConfig, epsilon=epsilon),
-        train=_config_from(config, TrainConfig, renamed={"epochs": "local-epochs"}),
+        train=_config_from(config, TrainConfig),
         cache_dir=Path(cache_dir) if cache_dir else None,
         gpus_per_hospital=gpus,
         audit=_config_from(
@@ -252,7 +258,7 @@ def settings_from_run_config(config: dict[str, Any]) -> RunSettings:
                 "mode": "audit-mode",
             },
         ),
-        run_config=dict(config),
+        run_config={**config, "epsilon": epsilon},  # what Flower passes on: epsilon read, a float
     )
     if settings.federation.min_hospitals > settings.source.hospitals:
         raise ConfigError(
@@ -311,43 +317,3 @@ def check_keys(overrides: dict[str, Any], source: str) -> None:
         raise ConfigError(
             f"{source}: unknown run-config key(s) {unknown}; known keys: {sorted(defaults)}"
         )
-
-
-_OVERRIDE_TOKEN = re.compile(r"""(\S+?)=('[^']*'|"[^"]*"|\S+)|(\S+)""")
-
-
-def parse_overrides(text: str) -> dict[str, Any]:
-    """`key=value key2=value2`, values in TOML, as `flwr run --run-config` reads them.
-
-    Unlike Flower's reader, a token without `=` is an error rather than silently dropped: a mistyped
-    `epsilon 1.0` must never leave a run at the default budget.
-    """
-    overrides: dict[str, Any] = {}
-    for match in _OVERRIDE_TOKEN.finditer(text):
-        key, value, stray = match.groups()
-        if stray is not None:
-            raise ConfigError(
-                f"--run-config {text!r}: {stray!r} is not key=value (values go after '=', no "
-                "spaces)"
-            )
-        if key in overrides:  # `epsilon=1.0 epsilon=50.0` must never quietly run at 50
-            raise ConfigError(f"--run-config {text!r}: {key} is given twice; give each key once")
-        try:
-            overrides[key] = tomllib.loads(f"value = {value}")["value"]
-        except tomllib.TOMLDecodeError:
-            raise ConfigError(
-                f"--run-config {text!r}: {key}={value} is not a TOML value (numbers, true/false, "
-                "or quoted "
-                f'strings such as {key}="text")'
-            ) from None
-    return overrides
-
-
-def resolve_run_config(scenario: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Defaults, then the scenario file, then explicit overrides: what `flwr run` would fuse."""
-    check_keys(overrides, source="overrides")
-    config = run_defaults()
-    if scenario:
-        config.update(read_scenario(scenario))
-    config.update(overrides)
-    return config

@@ -23,6 +23,7 @@ from safetensors.torch import save as save_tensors
 
 from medtune.backbone import Backbone, load_backbone, resolve_device
 from medtune.canaries import GradientCanaries, append_canary_steps, planted_input_canaries
+from medtune.config import federation_passes
 from medtune.data import Record, train_test_split
 from medtune.errors import LedgerError, PrivacyBudgetError
 from medtune.evaluation import evaluate
@@ -183,8 +184,8 @@ class Site:
             self.ledger_path,
             settings.privacy,
             len(self.train_set),
-            settings.train,
-            settings.federation.rounds,
+            settings.train.batch_size,
+            federation_passes(settings.federation.rounds, settings.train.local_epochs),
             hospital=self.name,
             records=self.records,
             record=record,
@@ -193,7 +194,7 @@ class Site:
     def _steps_per_round(self) -> int:
         train = self.settings.train
         return (
-            train.epochs
+            train.local_epochs
             * SamplingPlan.for_records(len(self.train_set), train.batch_size).steps_per_epoch
         )
 
@@ -259,6 +260,7 @@ class Site:
                 self.settings.train,
                 self.pad,
                 seed=self.noise.seed_for(ledger.steps),
+                passes=self.settings.train.local_epochs,
                 progress=False,
                 proximal=proximal,
                 optimizer_state=self._optimizer_state(),

@@ -48,12 +48,17 @@ def run_local(
     model_config: ModelConfig,
     privacy: PrivacyConfig,
     train: TrainConfig,
+    *,
+    passes: int,
     backbone: Backbone | None = None,
     ledger_path: Path | None = None,
     progress: bool = True,
     cache_dir: Path | None = None,
 ) -> LocalRun:
-    """Split by seed, train on the train part, evaluate on the test part.
+    """Split by seed, train `passes` passes on the train part, evaluate on the test part.
+
+    Alone, a hospital has no rounds: `passes` is its total (`medtune train --epochs`), and a fresh
+    ledger is planned for exactly that; `train.local_epochs` (per federation round) is not used.
 
     `cache_dir` keeps the frozen blocks' output per record on disk (see medtune/features.py).
     """
@@ -75,15 +80,17 @@ def run_local(
             ledger_path,
             privacy,
             len(train_set),
-            train,
-            rounds=1,
+            train.batch_size,
+            planned_passes=passes,
             hospital=LOCAL_HOSPITAL,
             records=records_digest(train_records),
         )
         # seeded noise, reproducible by seed; a second run on one ledger draws fresh noise
         # (medtune/noise.py)
         seed = NoiseSource.seeded(train.seed, LOCAL_HOSPITAL).seed_for(ledger.steps)
-        result = train_local(model, train_set, ledger, train, pad, seed=seed, progress=progress)
+        result = train_local(
+            model, train_set, ledger, train, pad, seed=seed, passes=passes, progress=progress
+        )
         if ledger_path is not None:
             atomic_write_json(ledger_path, ledger.state_dict())
     evaluation = evaluate(model, test_set, data.labels, pad, resolve_device(train.device))
@@ -111,11 +118,18 @@ def save_local_run(run: LocalRun, out: Path, backbone: Backbone, configs: dict[s
 
 
 def all_configs(
-    data: DataConfig, model: ModelConfig, privacy: PrivacyConfig, train: TrainConfig
+    data: DataConfig, model: ModelConfig, privacy: PrivacyConfig, train: TrainConfig, passes: int
 ) -> dict[str, Any]:
+    """What a `medtune train` run was given, as its checkpoint and metrics.json keep it.
+
+    Its "train" section's "epochs" is the run's total passes (`--epochs`), as earlier versions
+    wrote it, so old and new files read alike; the per-round `local_epochs` means nothing alone
+    and is left out.
+    """
+    alone = {key: value for key, value in config_to_dict(train).items() if key != "local_epochs"}
     return {
         "data": config_to_dict(data),
         "model": config_to_dict(model),
         "privacy": config_to_dict(privacy),
-        "train": config_to_dict(train),
+        "train": {"epochs": passes, **alone},
     }

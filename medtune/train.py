@@ -139,12 +139,13 @@ class RandomStreams:
 
 
 def new_ledger(
-    privacy: PrivacyConfig, num_records: int, train: TrainConfig, rounds: int
+    privacy: PrivacyConfig, num_records: int, batch_size: int, planned_passes: int
 ) -> PrivacyLedger:
-    """A fresh ledger whose noise is derived for the hospital's whole participation."""
-    plan = SamplingPlan.for_records(num_records, train.batch_size)
+    """A fresh ledger whose noise is derived for the hospital's whole participation:
+    `planned_passes` over its records in all (in a federation, medtune.config.federation_passes)."""
+    plan = SamplingPlan.for_records(num_records, batch_size)
     return PrivacyLedger(
-        privacy, plan.sample_rate, planned_steps=rounds * train.epochs * plan.steps_per_epoch
+        privacy, plan.sample_rate, planned_steps=planned_passes * plan.steps_per_epoch
     )
 
 
@@ -178,11 +179,11 @@ def _noise_only_step(model: PromptClassifier, device: torch.device) -> torch.Ten
 
 
 def _check_plan(
-    dataset: RecordInputs, ledger: PrivacyLedger, train: TrainConfig
+    dataset: RecordInputs, ledger: PrivacyLedger, batch_size: int, passes: int
 ) -> tuple[SamplingPlan, int]:
-    """The round's sampling plan and step count, refused before any step if it would break the
+    """The call's sampling plan and step count, refused before any step if it would break the
     ledger's promise."""
-    plan = SamplingPlan.for_records(len(dataset), train.batch_size)
+    plan = SamplingPlan.for_records(len(dataset), batch_size)
     if ledger.config.is_private and not math.isclose(
         plan.sample_rate, ledger.sample_rate, rel_tol=1e-9
     ):
@@ -191,7 +192,7 @@ def _check_plan(
             f"its training set now gives {plan.sample_rate:.6f}; its records or batch size changed "
             "mid-federation"
         )
-    total_steps = train.epochs * plan.steps_per_epoch
+    total_steps = passes * plan.steps_per_epoch
     ledger.check_can_spend(total_steps)
     return plan, total_steps
 
@@ -236,13 +237,14 @@ def _run_steps(
     optimizer: torch.optim.Optimizer,
     loader: DataLoader,
     train: TrainConfig,
+    passes: int,
     total_steps: int,
     device: torch.device,
     proximal: ProximalPull | None,
     progress: bool,
     canaries: PlantedCanaries | None = None,
 ) -> tuple[float, int]:
-    """The loop: `train.epochs` passes of (zero grads, loss, backward, [audit canaries], DP step,
+    """The loop: `passes` passes of (zero grads, loss, backward, [audit canaries], DP step,
     FedProx pull).
 
     Returns the summed loss and the number of records sampled.
@@ -251,7 +253,7 @@ def _run_steps(
     with tqdm(
         total=total_steps, desc="local training", unit="step", disable=not progress, leave=False
     ) as bar:
-        for _ in range(train.epochs):
+        for _ in range(passes):
             for batch in loader:
                 optimizer.zero_grad(set_to_none=True)
                 size = _records_in(batch)
@@ -283,14 +285,18 @@ def train_local(
     train: TrainConfig,
     pad_token_id: int,
     seed: int,
+    *,
+    passes: int,
     progress: bool = True,
     proximal: ProximalPull | None = None,
     optimizer_state: dict[str, torch.Tensor] | None = None,
     secure_noise: bool = False,
     canaries: GradientCanaries | None = None,
 ) -> TrainResult:
-    """Train prompt and head for `train.epochs` epochs; refuse if that would pass the privacy
-    target.
+    """Train prompt and head for `passes` passes over `dataset`; refuse if that would pass the
+    privacy target.
+
+    A federated site passes its `local_epochs` each round; a hospital alone, its total passes.
 
     `optimizer_state` continues Adam's moments from the hospital's previous round. Under DP they
     are built only from clipped, noised gradients (post-processing: no privacy cost), and they
@@ -304,7 +310,7 @@ def train_local(
     device = resolve_device(train.device)
     streams = RandomStreams.from_seed(seed)
     seed_everything(streams.other)
-    _, total_steps = _check_plan(dataset, ledger, train)
+    _, total_steps = _check_plan(dataset, ledger, train.batch_size, passes)
     model.to(device).train()
     loader = DataLoader(
         dataset,
@@ -331,7 +337,16 @@ def train_local(
             else PlantedCanaries(canaries, streams.canaries, ledger.config.is_private)
         )
         total_loss, examples = _run_steps(
-            model, optimizer, loader, train, total_steps, device, proximal, progress, planted
+            model,
+            optimizer,
+            loader,
+            train,
+            passes,
+            total_steps,
+            device,
+            proximal,
+            progress,
+            planted,
         )
     finally:
         if hooks is not None:

@@ -8,12 +8,18 @@ answer from, so two sites with one name never both count; reject replies that fa
 checks (server.validation) and record why; record hospitals that failed (bad data file, corrupted
 ledger) and go on with the others; drop hospitals whose budget is spent; record what crossed the
 wire; checkpoint; and stop once no hospital can train any more.
+
+A resumed run starts where server.resume says; each exchange waits and reads its replies as
+server.replies does. Each round's steps take the round's values and return its rows: only what the
+run keeps across rounds (the global state, the results, who is which node, who stopped) lives on
+the `Federation`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,16 +30,9 @@ from rich.console import Console
 from safetensors.numpy import save as save_safetensors
 
 from medtune.backbone import Backbone, load_backbone
-from medtune.checkpoint import (
-    META_FILE,
-    Checkpoint,
-    check_resume_location,
-    find_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
-from medtune.epsilon import EpsilonError, read_epsilon
-from medtune.errors import CheckpointError, FederationError, StateError
+from medtune.checkpoint import Checkpoint, save_checkpoint
+from medtune.epsilon import read_epsilon
+from medtune.errors import FederationError, StateError
 from medtune.federation.results import (
     RESULTS_FILE,
     SENT_STATE,
@@ -48,32 +47,25 @@ from medtune.federation.wire import (
     ARRAYS,
     FAILED,
     LEDGER_RECORD,
-    METRICS,
     READY,
     REJECTED,
     STOPPED,
     TRAINED,
     evaluation_from_reply,
     from_counts_vector,
-    hospital_of,
     record_to_wire,
-    scalar,
     to_record,
 )
-from medtune.files import atomic_write_bytes, json_ready
+from medtune.files import atomic_write_bytes
 from medtune.label_prior import initial_model
 from medtune.ledger_record import LedgerRecord, Spend
 from medtune.metrics import Evaluation, pool
 from medtune.run_config import RunSettings
 from medtune.state import STATE_DTYPE, ExchangedStateSpec, update_norm
 from medtune.stopping import recording
-from server.strategy import (
-    aggregate,
-    build_strategy,
-    restore_strategy_state,
-    save_strategy_state,
-    trimming_note,
-)
+from server.replies import Reply, collect_replies, read_train_metrics
+from server.resume import resume_run
+from server.strategy import aggregate, build_strategy, save_strategy_state, trimming_note
 from server.validation import CheckedUpdate, check_train_reply
 
 if TYPE_CHECKING:
@@ -81,25 +73,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("medtune.server")
 
-
-RESUMABLE_KEYS = {
-    "resume",
-    "until-round",
-    "rounds",
-    "out",
-}  # what a resumed run may set differently
-
-
-def changed_settings(original: dict, now: dict) -> dict[str, tuple]:
-    """Run-config keys whose value differs between the run's start and its resumption: {key: (then,
-    now)}."""
-    keys = (set(original) | set(now)) - RESUMABLE_KEYS
-    # `original` was read back from JSON, where inf is "inf": compare both as they are written.
-    return {
-        key: (original.get(key), now.get(key))
-        for key in sorted(keys)
-        if json_ready(original.get(key)) != json_ready(now.get(key))
-    }
+CONNECT_POLL_SECONDS = 0.5  # how often the number of connected hospitals is checked
 
 
 def checkpoint_dir(out: Path, server_round: int) -> Path:
@@ -114,28 +88,31 @@ class Federation:
         self.settings = settings
         self.console = console or Console()
         self.backbone: Backbone = load_backbone(settings.model.backbone, settings.model.num_layers)
-        self.backbone_hash = self.backbone.fingerprint
-        self.strategy = build_strategy(settings.federation, settings.train.learning_rate)
         labels = settings.data.labels
         self.spec = ExchangedStateSpec(
             settings.model.prompt_length, self.backbone.hidden_size, len(labels)
         )
         self.stopped: set[int] = set()  # nodes no longer sent training rounds
-        self.excluded: set[str] = (
-            set()
-        )  # hospitals whose ledger went back: they spend without a true record
+        # hospitals whose ledger went back: they spend without a true record
+        self.excluded: set[str] = set()
         self.claims: dict[int, str] = {}  # node id -> the hospital name it last answered with
-        self.bindings: dict[
-            str, int
-        ] = {}  # hospital name -> the one node that is that hospital in this run
-        self.refused_nodes: set[int] = (
-            set()
-        )  # nodes claiming a name bound to another connected node
-        self.results = RunResults(config=settings.run_config)
-        self.arrays, self.first_round = self._initial_state()
-        for record in (
-            self.results.rounds
-        ):  # a resumed run keeps each hospital on the node it last trained from
+        # hospital name -> the one node that is that hospital in this run
+        self.bindings: dict[str, int] = {}
+        # nodes claiming a name bound to another connected node
+        self.refused_nodes: set[int] = set()
+        self.arrays: dict[str, np.ndarray]
+        if settings.resume is None:
+            self.strategy = build_strategy(settings.federation, settings.train.learning_rate)
+            self.results = RunResults(config=settings.run_config)
+            model = initial_model(self.backbone, settings.model, settings.data, seed=settings.seed)
+            self.arrays, self.first_round = dict(model.exchanged_state()), 1
+        else:
+            resumed = resume_run(settings.resume, settings, self.backbone.fingerprint)
+            self.strategy, self.results = resumed.strategy, resumed.results
+            self.arrays, self.first_round = resumed.arrays, resumed.first_round
+            self._event(resumed.event)
+        # a resumed run keeps each hospital on the node it last trained from
+        for record in self.results.rounds:
             for row in record.hospitals:
                 if row.node and row.status in (TRAINED, STOPPED):
                     self.bindings[row.name] = int(row.node)
@@ -143,65 +120,24 @@ class Federation:
         if note:
             self._event(note)
 
-    def _initial_state(self) -> tuple[dict[str, np.ndarray], int]:
-        settings = self.settings
-        if settings.resume is None:
-            model = initial_model(self.backbone, settings.model, settings.data, seed=settings.seed)
-            return dict(model.exchanged_state()), 1
-        path = find_checkpoint(settings.resume)
-        check_resume_location(settings.out, path)
-        checkpoint = load_checkpoint(path)
-        try:
-            done = int(checkpoint.extra["round"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(
-                f"{path / META_FILE}: corrupted metadata (no round number)"
-            ) from None
-        if path.name != f"round_{done:03d}" or not 1 <= done <= settings.federation.rounds:
-            raise CheckpointError(
-                f"{path / META_FILE}: says round {done}, but the checkpoint is {path.name} of a "
-                f"run of {settings.federation.rounds} rounds; the metadata was edited or copied "
-                "from another run"
-            )
-        changed = changed_settings(dict(checkpoint.extra.get("config", {})), settings.run_config)
-        if changed:
-            raise CheckpointError(
-                f"{path}: this run was started with other settings ({changed}); resume with the "
-                "run's original --run-config (only rounds and until-round may change)"
-            )
-        if (
-            checkpoint.backbone_hash != self.backbone_hash
-            or checkpoint.labels != settings.data.labels
-        ):
-            raise CheckpointError(
-                f"{path}: made with backbone {checkpoint.backbone_name} (hash "
-                f"{checkpoint.backbone_hash[:12]}) and labels {list(checkpoint.labels)}; this run "
-                f"has hash {self.backbone_hash[:12]} and labels {list(settings.data.labels)}"
-            )
-        restore_strategy_state(self.strategy, path)
-        if not (settings.out / RESULTS_FILE).is_file():
-            raise CheckpointError(
-                f"{settings.out / RESULTS_FILE}: missing, so rounds 1..{done} of this run have no "
-                "record; restore it to resume (a resumed run must continue the whole history, "
-                f"never start it at round {done + 1})"
-            )
-        self.results = RunResults.load(settings.out, up_to_round=done)
-        self.results.config = settings.run_config
-        self._event(f"resumed from {path} after round {done}")
-        return dict(checkpoint.arrays), done + 1
-
     def _event(self, text: str) -> None:
         self.results.events.append(text)
         self.console.print(f"[bold]{text}[/bold]")
 
     def _wait_for_hospitals(self) -> None:
-        """Wait (up to round-timeout) for every expected hospital to connect before round 1's
-        sampling."""
+        """Wait for every expected hospital to connect before round 1's sampling, for as long as
+        they keep connecting: round-timeout with no new connection ends the wait, as with replies
+        (server.replies.collect_replies), so a slow start of many sites is not cut short."""
         expected = self.settings.source.hospitals
-        deadline = time.monotonic() + self.settings.federation.round_timeout
-        while len(list(self.grid.get_node_ids())) < expected and time.monotonic() < deadline:
-            time.sleep(0.5)
+        timeout = self.settings.federation.round_timeout
         connected = len(list(self.grid.get_node_ids()))
+        deadline = time.monotonic() + timeout
+        while connected < expected and time.monotonic() < deadline:
+            time.sleep(CONNECT_POLL_SECONDS)
+            now_connected = len(list(self.grid.get_node_ids()))
+            if now_connected > connected:
+                deadline = time.monotonic() + timeout
+            connected = now_connected
         if connected < expected:
             self._event(f"only {connected} of {expected} hospitals connected; going on with them")
 
@@ -213,12 +149,10 @@ class Federation:
             started = time.monotonic()
             sent = dict(self.arrays)
             trained = self._train_round(server_round)
-            if (
-                trained is None
-            ):  # the hospitals that can still pay for a round are too few: the run is over
-                break
-            hospitals, accepted, aggregated = trained
-            global_eval = self._evaluate_round(server_round, hospitals)
+            if trained is None:
+                break  # the hospitals that can still pay for a round are too few: the run is over
+            trained_rows, accepted, aggregated = trained
+            hospitals, global_eval = self._evaluate_round(server_round, trained_rows)
             record = RoundRecord(
                 round=server_round,
                 aggregated=aggregated,
@@ -235,7 +169,7 @@ class Federation:
             with recording():  # a stopped run records nothing of the interrupted round
                 self.results.rounds.append(record)
                 print_round(record, rounds, self.console)
-                if self.settings.federation.keep_updates:
+                if self.settings.keeps_updates:
                     self._keep_updates(server_round, sent, accepted)
                 if self._trained_ever():
                     self._save(server_round)
@@ -272,34 +206,33 @@ class Federation:
         nodes = [
             m.metadata.dst_node_id for m in planned if m.metadata.dst_node_id not in self.stopped
         ]
-        ready, hospitals = self._ask_ready(server_round, nodes, sent, config)
-        if not self._enough_to_train(server_round, ready, hospitals):
+        ready, absent = self._ask_ready(server_round, nodes, sent, config)
+        if not self._enough_to_train(server_round, ready, absent):
             return None
         if federation.secure_aggregation:
-            return self._secure_round(server_round, ready, hospitals, config)
+            return self._secure_round(server_round, ready, absent, config)
         # Nodes refused for their name get the instruction too: its record tells them why, in their
         # own log.
         messages = [
             self._instruction(MessageType.TRAIN, node, sent, config)
             for node in ready + sorted(self.refused_nodes & set(nodes))
         ]
+        hospitals = list(absent)
         accepted: list[CheckedUpdate] = []
-        for reply, node, (name, status, reason) in self._exchange(
-            server_round, "training", messages
-        ):
-            record = HospitalRound(
-                name=self._row_name(server_round, node, name),
-                status=status,
-                reason=reason,
+        for reply in self._exchange(server_round, "training", messages):
+            row = HospitalRound(
+                name=self._row_name(server_round, reply.node, reply.name),
+                status=reply.status,
+                reason=reply.reason,
                 bytes_down=sent.count_bytes(),
-                node=str(node),
+                node=str(reply.node),
             )
-            update = self._read_train_reply(server_round, reply, record, node)
+            row, update = self._read_train_reply(server_round, reply, row)
             if update is not None:
                 accepted.append(update)
-            if record.status == STOPPED or name in self.excluded:
-                self.stopped.add(node)
-            hospitals.append(record)
+            if row.status == STOPPED or reply.name in self.excluded:
+                self.stopped.add(reply.node)
+            hospitals.append(row)
         aggregated = len(accepted) >= federation.min_hospitals
         if aggregated:
             new_arrays = aggregate(self.strategy, server_round, accepted)
@@ -336,7 +269,7 @@ class Federation:
         self,
         server_round: int,
         ready: list[int],
-        hospitals: list[HospitalRound],
+        absent: list[HospitalRound],
         config: ConfigRecord,
     ) -> tuple[list[HospitalRound], list[CheckedUpdate], bool]:
         """A round through SecAgg+: the coordinator gets the weighted mean of the ready hospitals'
@@ -353,12 +286,13 @@ class Federation:
             federation.secagg_max_weight,
             federation.round_timeout,
         )
+        hospitals = list(absent)
         for node in ready:
             report = result.reports.get(node)
             name = self._row_name(
                 server_round, node, str(report["hospital"]) if report else self._node_name(node)
             )
-            record = HospitalRound(
+            row = HospitalRound(
                 name=name,
                 status=FAILED,
                 node=str(node),
@@ -366,21 +300,23 @@ class Federation:
                 bytes_up=result.bytes_up.get(node, 0),
             )
             if report is None:
-                record.reason = (
-                    "dropped out of the secure aggregation round; the details are in the site's "
-                    "own log"
+                row = replace(
+                    row,
+                    reason="dropped out of the secure aggregation round; the details are in the "
+                    "site's own log",
                 )
-                self._event(f"round {server_round}: {name} failed: {record.reason}")
+                self._event(f"round {server_round}: {name} failed: {row.reason}")
             else:
-                record.status = TRAINED
-                record.epsilon = read_epsilon(
-                    report.get("epsilon", 0.0), f"secure report of {name}", spent=True
+                row = replace(
+                    row,
+                    status=TRAINED,
+                    epsilon=read_epsilon(
+                        report.get("epsilon", 0.0), f"secure report of {name}", spent=True
+                    ),
+                    delta=float(report.get("delta", 0.0)),
+                    steps=int(report.get("steps", 0)),
                 )
-                record.delta, record.steps = (
-                    float(report.get("delta", 0.0)),
-                    int(report.get("steps", 0)),
-                )
-            hospitals.append(record)
+            hospitals.append(row)
         aggregated = result.mean is not None and len(result.reports) >= federation.min_hospitals
         accepted: list[CheckedUpdate] = []
         if aggregated and result.mean is not None:
@@ -432,7 +368,7 @@ class Federation:
         coordinator's record of its ledger: once it has said who it is, it is asked once more, with
         the record.
         """
-        answers: dict[int, tuple[str, str, str]] = {}
+        answers: dict[int, Reply] = {}  # node -> its last answer, under the name its row goes by
         asking = list(nodes)
         for _ in range(2):
             unknown = {node for node in asking if node not in self.claims}
@@ -441,43 +377,42 @@ class Federation:
                 "readiness",
                 [self._instruction(MessageType.QUERY, node, sent, config) for node in asking],
             )
-            for reply, node, (name, status, reason) in sorted(
-                replies, key=lambda answer: answer[1]
-            ):
-                answers[node] = (
-                    self._row_name(server_round, node, name),
-                    status,
-                    reason,
-                )  # ties: lowest node id
+            for reply in sorted(replies, key=lambda reply: reply.node):  # ties: lowest node id
+                name = self._row_name(server_round, reply.node, reply.name)
+                answers[reply.node] = replace(reply, name=name)
             asking = [
                 node
                 for node in unknown
-                if node in self.claims and answers.get(node, ("", ""))[1] == READY
+                if node in self.claims and node in answers and answers[node].status == READY
             ]
             if not asking:
                 break
         ready, absent = [], []
         for node in nodes:
-            name, status, reason = answers.get(
-                node, (self._node_name(node), FAILED, "no reply to the readiness query")
-            )
-            if status == READY and node not in self.refused_nodes:
-                ready.append(node)
-                continue
+            answer = answers.get(node)
             if node in self.refused_nodes:
                 continue  # recorded with its training reply
-            absent.append(HospitalRound(name=name, status=status, reason=reason, node=str(node)))
-            if status == STOPPED:
-                self.stopped.add(node)
-                self._event(f"round {server_round}: {name} stopped training: privacy budget spent")
-                continue
-            if status != FAILED:
-                absent[-1].status, absent[-1].reason = (
-                    FAILED,
-                    f"answered {status!r} to the readiness query",
-                )
-            self._event(f"round {server_round}: {name} failed: {absent[-1].reason}")
+            if answer is not None and answer.status == READY:
+                ready.append(node)
+            else:
+                absent.append(self._not_ready(server_round, node, answer))
         return ready, absent
+
+    def _not_ready(self, server_round: int, node: int, answer: Reply | None) -> HospitalRound:
+        """The record of a node that will not train this round (its budget is spent, it failed, or
+        it did not answer), and the event that says so."""
+        if answer is None:
+            name, status, reason = self._node_name(node), FAILED, "no reply to the readiness query"
+        else:
+            name, status, reason = answer.name, answer.status, answer.reason
+        if status == STOPPED:
+            self.stopped.add(node)
+            self._event(f"round {server_round}: {name} stopped training: privacy budget spent")
+            return HospitalRound(name=name, status=STOPPED, reason=reason, node=str(node))
+        if status != FAILED:
+            reason = f"answered {status!r} to the readiness query"
+        self._event(f"round {server_round}: {name} failed: {reason}")
+        return HospitalRound(name=name, status=FAILED, reason=reason, node=str(node))
 
     def _enough_to_train(
         self, server_round: int, ready: list[int], absent: list[HospitalRound]
@@ -550,73 +485,75 @@ class Federation:
     def _node_name(self, node: int) -> str:
         return self.claims.get(node, f"node {node}")
 
-    def _exchange(
-        self, server_round: int, purpose: str, messages: list[Message]
-    ) -> list[tuple[Message, int, tuple[str, str, str]]]:
-        """Send, wait, and return each reply with the node it was sent to and its (name, status,
-        reason).
+    def _exchange(self, server_round: int, purpose: str, messages: list[Message]) -> list[Reply]:
+        """Send, wait while replies keep coming (server.replies.collect_replies), and read each
+        reply with the node it was sent to.
 
         Replies are matched to the node they were sent to, never to their source: when a SuperNode
         dies mid-round the error reply comes from the SuperLink. Such a reply, and every node that
         did not answer in time, is named after the hospital last seen on that node.
         """
         timeout = self.settings.federation.round_timeout
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        replies = collect_replies(self.grid, messages, timeout)
         sent_to = {
             m.metadata.message_id: m.metadata.dst_node_id for m in messages
         }  # ids are set on sending
-        named = []
-        for reply in replies:
-            node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-            named.append((reply, node, hospital_of(reply, self._node_name(node))))
-        answered = {reply.metadata.reply_to_message_id for reply in replies}
+        read = []
+        for message in replies:
+            node = sent_to.get(message.metadata.reply_to_message_id, message.metadata.src_node_id)
+            read.append(Reply.read(message, node, self._node_name(node)))
+        answered = {message.metadata.reply_to_message_id for message in replies}
         silent = sorted(self._node_name(n) for m, n in sent_to.items() if m not in answered)
         if silent:
             self._event(
                 f"round {server_round}: no {purpose} reply within {timeout} s from "
                 f"{', '.join(silent)}"
             )
-        return named
+        return read
 
     def _read_train_reply(
-        self, server_round: int, reply: Message, record: HospitalRound, node: int
-    ) -> CheckedUpdate | None:
-        """Fill in `record` from one training reply; return its update only if every check
+        self, server_round: int, reply: Reply, row: HospitalRound
+    ) -> tuple[HospitalRound, CheckedUpdate | None]:
+        """`row` completed from one training reply, and the reply's update only if every check
         passes."""
-        name, status = record.name, record.status
+        name, status, node = row.name, row.status, reply.node
         if status == FAILED:
-            self._event(f"round {server_round}: {name} failed: {record.reason}")
-            return None
+            self._event(f"round {server_round}: {name} failed: {row.reason}")
+            return row, None
         if node in self.refused_nodes:
-            record.status, record.reason = (
-                REJECTED,
-                f"another node holds the name {self.claims[node]}",
-            )
-            return None
-        self._read_train_metrics(reply, record)
+            reason = f"another node holds the name {self.claims[node]}"
+            return replace(row, status=REJECTED, reason=reason), None
+        # What the hospital reports, for the record; only numbers are kept (the checks judge them).
+        metrics = read_train_metrics(reply.message)
+        row = replace(
+            row,
+            examples=metrics.examples,
+            epsilon=metrics.epsilon,
+            delta=metrics.delta,
+            steps=metrics.steps,
+        )
         recorded = self._recorded_steps(name)
-        if status == TRAINED and record.steps <= recorded:
-            record.status = REJECTED
-            record.reason = (
-                f"its privacy ledger reports {record.steps} steps after training, but this run "
+        if status == TRAINED and row.steps <= recorded:
+            reason = (
+                f"its privacy ledger reports {row.steps} steps after training, but this run "
                 f"recorded {recorded} before: the site's ledger was deleted or replaced; it takes "
                 "no further part in this run"
             )
-            self._event(f"round {server_round}: rejected the update from {name}: {record.reason}")
+            self._event(f"round {server_round}: rejected the update from {name}: {reason}")
             self.excluded.add(name)
-            return None
+            return replace(row, status=REJECTED, reason=reason), None
         if status == STOPPED:
             self._event(
                 f"round {server_round}: {name} stopped training: privacy budget spent "
-                f"({record.reason})"
+                f"({row.reason})"
             )
-            return None
-        arrays = reply.content.array_records.get(ARRAYS)
+            return row, None
+        arrays = reply.message.content.array_records.get(ARRAYS)
         if arrays is not None:
-            record.received = {
+            received = {
                 key: {"shape": list(a.shape), "dtype": str(a.dtype)} for key, a in arrays.items()
             }
-            record.bytes_up = arrays.count_bytes()
+            row = replace(row, received=received, bytes_up=arrays.count_bytes())
         try:
             if status != TRAINED:
                 raise StateError(
@@ -624,14 +561,12 @@ class Federation:
                     f"{[TRAINED, STOPPED, FAILED]}"
                 )
             update = check_train_reply(
-                reply, name, self.spec, self.arrays, self.settings.federation
+                reply.message, name, metrics, self.spec, self.arrays, self.settings.federation
             )
         except StateError as error:
-            record.status, record.reason = REJECTED, str(error)
             self._event(f"round {server_round}: rejected the update from {name}: {error}")
-            return None
-        record.update_norm = update.norm
-        return update
+            return replace(row, status=REJECTED, reason=str(error)), None
+        return replace(row, update_norm=update.norm), update
 
     def _recorded_steps(self, hospital: str) -> int:
         """The most DP steps this run has seen `hospital`'s ledger report: a ledger may never go
@@ -640,21 +575,6 @@ class Federation:
             (h.steps for r in self.results.rounds for h in r.hospitals if h.name == hospital),
             default=0,
         )
-
-    @staticmethod
-    def _read_train_metrics(reply: Message, record: HospitalRound) -> None:
-        """What the hospital reports, for the record; only numbers are kept (the checks judge
-        them)."""
-        metrics = reply.content.metric_records.get(METRICS)
-        if metrics is None:
-            return
-        try:
-            record.examples = int(scalar(metrics.get("num-examples", 0)))
-            record.epsilon = read_epsilon(metrics.get("epsilon", 0.0), "", spent=True)
-            record.delta = float(scalar(metrics.get("delta", 0.0)))
-            record.steps = int(scalar(metrics.get("steps", 0)))
-        except (TypeError, ValueError, OverflowError, EpsilonError):
-            pass  # a malformed value: the update checks reject a trained reply and say why
 
     def _keep_updates(
         self, server_round: int, sent: dict[str, np.ndarray], accepted: list[CheckedUpdate]
@@ -670,44 +590,44 @@ class Federation:
 
     def _evaluate_round(
         self, server_round: int, hospitals: list[HospitalRound]
-    ) -> Evaluation | None:
+    ) -> tuple[list[HospitalRound], Evaluation | None]:
+        """The round's rows with each hospital's test scores added (a row for each hospital that
+        only evaluated), and the pooled evaluation (None: no hospital's could be read)."""
         if self.settings.federation.secure_aggregation:
-            return self._secure_evaluation(server_round)
+            return hospitals, self._secure_evaluation(server_round)
         sent = to_record(self.arrays)
         messages = [
             m
             for m in self.strategy.configure_evaluate(server_round, sent, ConfigRecord(), self.grid)
             if m.metadata.dst_node_id not in self.refused_nodes
         ]
-        by_name = {h.name: h for h in hospitals}
+        rows = {h.name: h for h in hospitals}
         evaluations = []
-        for reply, node, (name, status, reason) in self._exchange(
-            server_round, "evaluation", messages
-        ):
-            name = self._row_name(server_round, node, name)
-            if node in self.refused_nodes:
+        for reply in self._exchange(server_round, "evaluation", messages):
+            name = self._row_name(server_round, reply.node, reply.name)
+            if reply.node in self.refused_nodes:
                 # it claimed a name another node holds: its numbers are not that hospital's
                 continue
-            record = by_name.setdefault(
-                name, HospitalRound(name=name, status="evaluated", node=str(node))
-            )
-            record.bytes_down += sent.count_bytes()
-            if status == FAILED:
-                record.reason = record.reason or reason
+            row = rows.get(name, HospitalRound(name=name, status="evaluated", node=str(reply.node)))
+            row = replace(row, bytes_down=row.bytes_down + sent.count_bytes())
+            if reply.status == FAILED:
+                rows[name] = replace(row, reason=row.reason or reply.reason)
                 continue
             try:
-                evaluation = evaluation_from_reply(reply, self.settings.data.labels)
+                evaluation = evaluation_from_reply(reply.message, self.settings.data.labels)
             except (KeyError, TypeError, ValueError) as error:
-                record.reason = (
-                    record.reason
-                    or f"unreadable evaluation reply ({type(error).__name__}: {error})"
-                )
+                unreadable = f"unreadable evaluation reply ({type(error).__name__}: {error})"
+                rows[name] = replace(row, reason=row.reason or unreadable)
                 continue
-            record.test_examples = evaluation.examples
-            record.accuracy, record.macro_f1 = evaluation.accuracy, evaluation.macro_f1
+            rows[name] = replace(
+                row,
+                test_examples=evaluation.examples,
+                accuracy=evaluation.accuracy,
+                macro_f1=evaluation.macro_f1,
+            )
             evaluations.append(evaluation)
-        hospitals[:] = sorted(by_name.values(), key=lambda h: h.name)
-        return pool(evaluations) if evaluations else None
+        rows_by_name = sorted(rows.values(), key=lambda h: h.name)
+        return rows_by_name, (pool(evaluations) if evaluations else None)
 
     def _secure_evaluation(self, server_round: int) -> Evaluation | None:
         """The federation's pooled test counts through SecAgg+: their sum, never one hospital's
@@ -757,7 +677,7 @@ class Federation:
                 labels=settings.data.labels,
                 model=settings.model,
                 backbone_name=self.backbone.name,
-                backbone_hash=self.backbone_hash,
+                backbone_hash=self.backbone.fingerprint,
                 extra={
                     "round": server_round,
                     "rounds": settings.federation.rounds,

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Message
 
-from medtune.epsilon import EpsilonError, read_epsilon
 from medtune.errors import StateError
 from medtune.federation.wire import ARRAYS, METRICS, TRAIN_METRICS, from_record
 from medtune.run_config import FederationConfig
 from medtune.state import HOSPITAL_NAME, ExchangedStateSpec, update_norm
+from server.replies import TrainMetrics
 
 
 @dataclass(frozen=True)
@@ -44,28 +44,27 @@ class CheckedUpdate:
     norm: float
 
 
-def _examples(value: object, hospital: str, maximum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+def _examples(metrics: TrainMetrics, hospital: str, maximum: int) -> int:
+    if metrics.examples_problem:
+        raise StateError(f"update from {hospital}: {metrics.examples_problem}")
+    if not 1 <= metrics.examples <= maximum:
         raise StateError(
-            f"update from {hospital}: num-examples must be a whole number, got {value!r}"
+            f"update from {hospital}: claims {metrics.examples} training examples; a hospital "
+            f"must train on between 1 and max-examples={maximum} records"
         )
-    if not 1 <= value <= maximum:
-        raise StateError(
-            f"update from {hospital}: claims {value} training examples; a hospital must train on "
-            f"between 1 and max-examples={maximum} records"
-        )
-    return value
+    return metrics.examples
 
 
 def check_train_reply(
     reply: Message,
     hospital: str,
+    metrics: TrainMetrics,
     spec: ExchangedStateSpec,
     global_arrays: dict[str, np.ndarray],
     federation: FederationConfig,
 ) -> CheckedUpdate:
     """The reply's update if it passes every check; otherwise a StateError naming hospital and
-    reason."""
+    reason. `metrics` is the reply's metrics as read once for its record (server.replies)."""
     content = reply.content
     if not HOSPITAL_NAME.fullmatch(hospital):
         raise StateError(
@@ -77,17 +76,15 @@ def check_train_reply(
             f"'{METRICS}' only; got arrays {sorted(content.array_records)}, metrics "
             f"{sorted(content.metric_records)}"
         )
-    metrics = content.metric_records[METRICS]
-    if set(metrics) != set(TRAIN_METRICS):
+    sent_metrics = content.metric_records[METRICS]
+    if set(sent_metrics) != set(TRAIN_METRICS):
         raise StateError(
             f"update from {hospital}: metrics must be exactly {list(TRAIN_METRICS)}; got "
-            f"{sorted(metrics)}"
+            f"{sorted(sent_metrics)}"
         )
-    examples = _examples(metrics["num-examples"], hospital, federation.max_examples)
-    try:
-        read_epsilon(metrics["epsilon"], f"update from {hospital}", spent=True)
-    except EpsilonError as error:
-        raise StateError(str(error)) from None
+    examples = _examples(metrics, hospital, federation.max_examples)
+    if metrics.epsilon_problem:
+        raise StateError(f"update from {hospital}: {metrics.epsilon_problem}")
     try:
         received = from_record(content.array_records[ARRAYS])
     except (

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -24,6 +25,7 @@ from flower_internals import set_task_identity, stamp_message_id
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 import client.app as client_app
+from medtune.federation.overrides import resolve_run_config
 from medtune.federation.wire import (
     ARRAYS,
     HOSPITAL,
@@ -34,7 +36,7 @@ from medtune.federation.wire import (
     to_record,
 )
 from medtune.metrics import from_counts
-from medtune.run_config import resolve_run_config, settings_from_run_config
+from medtune.run_config import settings_from_run_config
 from medtune.synth import LABELS, SynthConfig, write_hospitals
 from server.federation import Federation
 
@@ -50,27 +52,45 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class FakeGrid:
-    """The two Grid calls the round loop makes, answered in-process by one function per node."""
+    """The Grid calls the round loop makes, answered in-process by one function per node.
 
-    def __init__(self, nodes: dict[int, Node]) -> None:
+    A node answers when its message is pushed; its reply can be pulled at once, or after
+    `delays[node]` seconds (a site that waits its turn). A node that returns None never answers.
+    """
+
+    def __init__(self, nodes: dict[int, Node], delays: dict[int, float] | None = None) -> None:
         self.nodes = nodes
+        self.delays = delays or {}
+        self.pending: dict[str, tuple[float, Message]] = {}  # message id -> (when pullable, reply)
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.nodes)
 
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        message_ids = []
+        for message in messages:
+            message_id = uuid.uuid4().hex
+            stamp_message_id(message, message_id)  # Flower's grids stamp ids on sending
+            node = message.metadata.dst_node_id
+            # each node gets its own copy, as after serialisation
+            reply = self.nodes[node](copy.deepcopy(message))
+            if reply is not None:
+                self.pending[message_id] = (time.monotonic() + self.delays.get(node, 0.0), reply)
+            message_ids.append(message_id)
+        return message_ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        """The replies due by now, in the order their messages were pushed."""
+        wanted, now = set(message_ids), time.monotonic()
+        due = [m for m, (when, _) in self.pending.items() if m in wanted and when <= now]
+        return [self.pending.pop(message_id)[1] for message_id in due]
+
     def send_and_receive(
         self, messages: Iterable[Message], timeout: float | None = None
     ) -> list[Message]:
-        replies = []
-        for message in messages:
-            stamp_message_id(message, uuid.uuid4().hex)  # Flower's grids stamp ids on sending
-            delivered = copy.deepcopy(
-                message
-            )  # each node gets its own copy, as after serialisation
-            reply = self.nodes[message.metadata.dst_node_id](delivered)
-            if reply is not None:  # None: the node never answers
-                replies.append(reply)
-        return replies
+        """As the SecAgg+ workflow calls it: the replies there are now (none waits on a silent
+        node)."""
+        return self.pull_messages(self.push_messages(messages))
 
 
 def run_config(backbone: Path, out: Path, hospitals: int, **extra: Any) -> dict[str, Any]:

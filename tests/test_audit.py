@@ -47,14 +47,18 @@ def audited(tiny_backbone):
     pad = tiny_backbone.tokenizer.pad_token_id
     member_set = record_inputs(tiny_backbone, config, members)
     non_member_set = record_inputs(tiny_backbone, config, non_members)
-    train = TrainConfig(epochs=60, batch_size=16, learning_rate=0.05, device="cpu")
+    train, passes = TrainConfig(batch_size=16, learning_rate=0.05, device="cpu"), 60
     results = {}
     for epsilon, seeds in ((math.inf, (0,)), (1.0, (0, 1, 2))):
         results[epsilon] = []
         for seed in seeds:
             model = PromptClassifier(tiny_backbone, config, num_labels=5, seed=0)
-            ledger = new_ledger(PrivacyConfig(epsilon=epsilon), len(member_set), train, rounds=1)
-            train_local(model, member_set, ledger, train, pad, seed=seed, progress=False)
+            ledger = new_ledger(
+                PrivacyConfig(epsilon=epsilon), len(member_set), train.batch_size, passes
+            )
+            train_local(
+                model, member_set, ledger, train, pad, seed=seed, passes=passes, progress=False
+            )
             results[epsilon].append(
                 audit_model(model, member_set, non_member_set, pad, torch.device("cpu"))
             )

@@ -149,7 +149,7 @@ def test_the_white_box_reading_of_a_step_is_the_canaries_part_plus_the_noise(
         opacus_optimizer, "_generate_noise", lambda std, reference, **_: torch.zeros_like(reference)
     )
     dataset = record_inputs(tiny_backbone, MODEL, _records(count=96), tmp_path)
-    train = TrainConfig(epochs=2, batch_size=16)
+    train, passes = TrainConfig(batch_size=16), 2
     model = PromptClassifier(tiny_backbone, MODEL, len(LABELS), seed=0)
     clip = 0.5
     canaries = GradientCanaries.draw(
@@ -161,7 +161,7 @@ def test_the_white_box_reading_of_a_step_is_the_canaries_part_plus_the_noise(
         sample_rate=SamplingPlan.for_records(len(dataset), 16).sample_rate,
     )
     ledger = new_ledger(
-        PrivacyConfig(epsilon=epsilon, max_grad_norm=clip), len(dataset), train, rounds=1
+        PrivacyConfig(epsilon=epsilon, max_grad_norm=clip), len(dataset), train.batch_size, passes
     )
     result = train_local(
         model,
@@ -170,6 +170,7 @@ def test_the_white_box_reading_of_a_step_is_the_canaries_part_plus_the_noise(
         train,
         tiny_backbone.tokenizer.pad_token_id,
         seed=1,
+        passes=passes,
         progress=False,
         canaries=canaries,
     )

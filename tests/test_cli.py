@@ -6,7 +6,10 @@ import csv
 import json
 import math
 
+import pytest
+
 from medtune.cli import main
+from medtune.cli.flags import given_flags
 from medtune.synth import LABELS
 
 
@@ -52,7 +55,7 @@ def test_train_on_a_bad_file_prints_one_clear_error(tmp_path, capsys, tiny_backb
 def test_bad_config_value_is_named(tmp_path, capsys):
     assert main(["train", "--epsilon", "-1", "--out", str(tmp_path)]) == 2
     assert (
-        "privacy.epsilon: epsilon '-1' must be positive; only inf (+infinity) means no DP"
+        "--epsilon: epsilon -1 must be positive; only inf (+infinity) means no DP"
         in capsys.readouterr().err
     )
 
@@ -380,16 +383,16 @@ def test_train_and_simulate_share_the_defaults_of_pyproject_and_every_config_fie
     from medtune.cli import build_parser
     from medtune.cli.flags import NOT_FLAGS
     from medtune.config import DataConfig, ModelConfig, PrivacyConfig, TrainConfig
-    from medtune.run_config import resolve_run_config, settings_from_run_config
+    from medtune.federation.overrides import resolve_run_config
+    from medtune.run_config import settings_from_run_config
 
     simulated = settings_from_run_config(resolve_run_config(None, {}))
     assert ModelConfig() == simulated.model and PrivacyConfig() == simulated.privacy
     assert DataConfig(labels=simulated.data.labels) == simulated.data
-    # Alone, a hospital makes the passes it makes over the default federation's rounds.
-    assert TrainConfig() == dataclasses.replace(
-        simulated.train, epochs=simulated.train.epochs * simulated.federation.rounds
-    )
+    assert TrainConfig() == simulated.train
     args = build_parser().parse_args(["train"])
+    # Alone, a hospital makes the passes it makes over the default federation's rounds.
+    assert args.passes == simulated.federation.rounds * simulated.train.local_epochs
     for config in (DataConfig, ModelConfig, PrivacyConfig, TrainConfig):
         for field in dataclasses.fields(config):
             if field.name not in NOT_FLAGS:
@@ -402,7 +405,7 @@ def test_train_and_simulate_share_the_defaults_of_pyproject_and_every_config_fie
     assert (
         given.prompt_length,
         given.learning_rate,
-        PrivacyConfig(epsilon=given.epsilon).epsilon,
+        PrivacyConfig(**given_flags(given, PrivacyConfig)).epsilon,
     ) == (4, 0.5, math.inf)
 
 
@@ -437,10 +440,10 @@ def test_train_takes_the_label_list_and_descriptions_from_their_flags(tmp_path, 
     ]
 
 
-def test_simulate_reads_its_epsilon_flag_as_every_entry_point_does(tmp_path, capsys):
+def test_simulate_reads_its_epsilon_flag_once_as_the_run_config_key_it_sets(tmp_path, capsys):
     assert main(["simulate", "--epsilon", "nan", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --epsilon: epsilon is NaN") and "Traceback" not in err
+    assert err.startswith("error: run config 'epsilon': epsilon is NaN") and "Traceback" not in err
     assert not (tmp_path / "run").exists()
 
 
@@ -471,8 +474,9 @@ def test_training_data_of_one_label_or_one_record_trains_with_a_warning(
         assert main(argv) == 0
     assert "this site trains on 10 record(s) of 1 label(s)" in caplog.text
 
+    from medtune.federation.overrides import resolve_run_config
     from medtune.federation.partitions import check_hospitals
-    from medtune.run_config import resolve_run_config, settings_from_run_config
+    from medtune.run_config import settings_from_run_config
 
     caplog.clear()
     settings = settings_from_run_config(
@@ -565,3 +569,22 @@ def test_an_interrupted_sweep_says_so_once(tmp_path, capsys, monkeypatch, tiny_b
         err
     )
     assert "Traceback" not in err
+
+
+def test_train_epochs_is_the_lone_hospitals_total_and_local_epochs_no_flag_of_it(capsys):
+    """Alone a hospital has no rounds: --epochs counts all its passes; the per-round local-epochs
+    belongs to a federation's run config, not to `medtune train`."""
+    from medtune.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["train", "--epochs", "3"]).passes == 3
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--help"])
+    shown = capsys.readouterr().out
+    assert "--epochs N" in shown and "in total" in shown and "--local-epochs" not in shown
+    for argv in (["train", "--local-epochs", "2"], ["train", "--epochs", "0"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+    assert "argument --epochs: must be a whole number of passes, at least 1; got '0'" in (
+        capsys.readouterr().err
+    )

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from call_counts import Calls, counting_calls, epsilon_sources
 from conftest import tiny_recipe
 from federation_harness import federate, task_identity  # noqa: F401 - the fixture is used
 from opacus.accountants import create_accountant
@@ -16,8 +17,10 @@ from safetensors.numpy import load_file
 from test_secure_aggregation import sites
 
 from medtune.checkpoint import load_checkpoint
-from medtune.federation.simulation import simulate
-from medtune.run_config import resolve_run_config
+from medtune.cli import main
+from medtune.epsilon import read_epsilon
+from medtune.federation.overrides import resolve_run_config
+from medtune.run_config import settings_from_run_config
 from medtune.state import ExchangedStateSpec
 
 HOSPITALS = ("hospital_1", "hospital_2", "hospital_3")
@@ -46,10 +49,41 @@ def ledger(out: Path, hospital: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def two_rounds(tiny_backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def two_rounds_counted(
+    tiny_backbone_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Calls]:
+    """One `medtune simulate` run, as a user starts it, with its reads of the run config and of
+    epsilon counted in this process (the command and the ServerApp; the ClientApps run in Ray's
+    workers, tests/test_read_once.py counts theirs)."""
     out = tmp_path_factory.mktemp("federation")
-    simulate("default", tiny_run(tiny_backbone_dir, out))
-    return out
+    settings = " ".join(
+        f"{key}={json.dumps(value)}" for key, value in tiny_run(tiny_backbone_dir, out).items()
+    )
+    with counting_calls(settings_from_run_config, read_epsilon) as calls:
+        assert main(["simulate", "--run-config", settings]) == 0
+    return out, calls
+
+
+@pytest.fixture(scope="module")
+def two_rounds(two_rounds_counted: tuple[Path, Calls]) -> Path:
+    return two_rounds_counted[0]
+
+
+@pytest.mark.slow
+def test_one_simulate_run_reads_its_run_config_and_epsilon_once_per_entry_point(
+    two_rounds_counted: tuple[Path, Calls],
+) -> None:
+    out, calls = two_rounds_counted
+    # The simulate command reads its flags and --run-config once; the ServerApp its run config once.
+    assert len(calls["settings_from_run_config"]) == 2
+    sources = epsilon_sources(calls)
+    assert sources.count("run config 'epsilon'") == 2
+    # Beyond those, only each training reply's epsilon, each once (its reply names it: source "").
+    trained = [
+        h for r in results(out)["rounds"] for h in r["hospitals"] if h["status"] == "trained"
+    ]
+    assert len(trained) == 6
+    assert sorted(sources) == sorted(["run config 'epsilon'"] * 2 + [""] * len(trained))
 
 
 @pytest.mark.slow

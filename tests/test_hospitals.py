@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from medtune.errors import ConfigError
+from medtune.federation.overrides import resolve_run_config
 from medtune.federation.partitions import simulated_hospital
-from medtune.run_config import resolve_run_config, settings_from_run_config
+from medtune.run_config import settings_from_run_config
 from medtune.synth import LABELS
 
 

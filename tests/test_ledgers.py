@@ -61,7 +61,7 @@ def test_a_corrupted_ledger_makes_its_hospital_fail_never_restart_at_zero(
 
 
 def test_a_ledger_whose_history_was_cut_is_refused(tmp_path: Path) -> None:
-    from medtune.config import PrivacyConfig, TrainConfig
+    from medtune.config import PrivacyConfig
     from medtune.ledger_file import load_or_create_ledger
     from medtune.privacy import PrivacyLedger, ledger_checksum
 
@@ -75,7 +75,7 @@ def test_a_ledger_whose_history_was_cut_is_refused(tmp_path: Path) -> None:
     path.write_text(json.dumps(state))
     with pytest.raises(LedgerError, match=f"{re.escape(str(path))}: damaged privacy ledger"):
         load_or_create_ledger(
-            path, privacy, 40, TrainConfig(batch_size=10), rounds=2, hospital="h", records="r"
+            path, privacy, 40, batch_size=10, planned_passes=10, hospital="h", records="r"
         )
     path.write_text(
         json.dumps({**state, "checksum": ledger_checksum(state)})
@@ -85,7 +85,7 @@ def test_a_ledger_whose_history_was_cut_is_refused(tmp_path: Path) -> None:
         match=f"{re.escape(str(path))}: corrupted ledger .* adds up to 0 steps but it records 4",
     ):
         load_or_create_ledger(
-            path, privacy, 40, TrainConfig(batch_size=10), rounds=2, hospital="h", records="r"
+            path, privacy, 40, batch_size=10, planned_passes=10, hospital="h", records="r"
         )
 
 

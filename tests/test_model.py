@@ -106,10 +106,17 @@ def test_training_leaves_every_backbone_tensor_bitwise_unchanged(tiny_backbone):
     prompt_before = model.exchanged_state()
     records = [Record(t, i % 5) for i, t in enumerate(TEXTS * 4)]
     dataset = record_inputs(tiny_backbone, model.config, records)
-    train = TrainConfig(epochs=2, batch_size=4, learning_rate=0.05)
-    ledger = new_ledger(PrivacyConfig(epsilon=8.0), len(dataset), train, rounds=1)
+    train, passes = TrainConfig(batch_size=4, learning_rate=0.05), 2
+    ledger = new_ledger(PrivacyConfig(epsilon=8.0), len(dataset), train.batch_size, passes)
     train_local(
-        model, dataset, ledger, train, tiny_backbone.tokenizer.pad_token_id, seed=0, progress=False
+        model,
+        dataset,
+        ledger,
+        train,
+        tiny_backbone.tokenizer.pad_token_id,
+        seed=0,
+        passes=passes,
+        progress=False,
     )
     after = tiny_backbone.encoder.state_dict()
     assert before.keys() == after.keys()
@@ -181,7 +188,7 @@ def test_truncation_keeps_first_layers_and_rejects_too_many(tiny_backbone_dir):
 
 
 def test_prompt_plus_text_must_fit_the_position_table(tiny_backbone):
-    with pytest.raises(ConfigError, match="exceeds the backbone's 160 positions"):
+    with pytest.raises(ConfigError, match="= 168 tokens exceeds the 160 positions of the backbone"):
         PromptClassifier(tiny_backbone, ModelConfig(prompt_length=40, max_length=128), 5, seed=0)
 
 

@@ -10,9 +10,10 @@ from conftest import tiny_recipe
 
 from client.node_config import _deployed_site
 from medtune.data import read_records
+from medtune.federation.overrides import resolve_run_config
 from medtune.label_prior import initial_model
 from medtune.noise import NoiseSource
-from medtune.run_config import resolve_run_config, settings_from_run_config
+from medtune.run_config import settings_from_run_config
 from medtune.site import Instruction, Site
 from medtune.synth import SynthConfig, write_hospitals
 

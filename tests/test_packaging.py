@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from medtune.defaults import key_comments, key_help, run_defaults
+from medtune.federation.overrides import resolve_run_config
 from medtune.federation.simulation import COMPONENTS, flower_app_dir
-from medtune.run_config import resolve_run_config
 
 # Flower's config and FAB modules import deprecated names of click (through typer) and pathspec:
 # their chatter.

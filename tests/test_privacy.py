@@ -228,7 +228,8 @@ def test_a_format_1_ledger_with_null_for_no_dp_is_still_read():
 )
 def test_every_entry_point_refuses_an_epsilon_that_is_not_positive_or_inf(text, number):
     from medtune.epsilon import EpsilonError, read_epsilon
-    from medtune.run_config import resolve_run_config, settings_from_run_config
+    from medtune.federation.overrides import resolve_run_config
+    from medtune.run_config import settings_from_run_config
 
     with pytest.raises(EpsilonError):
         read_epsilon(text, "test")

@@ -61,8 +61,8 @@ class RecordingGrid(FakeGrid):
         super().__init__(nodes)
         self.received: list[Message] = []
 
-    def send_and_receive(self, messages, timeout=None):  # noqa: ANN001, ANN201
-        replies = super().send_and_receive(messages, timeout)
+    def pull_messages(self, message_ids):  # noqa: ANN001, ANN201
+        replies = super().pull_messages(message_ids)
         self.received.extend(replies)
         return replies
 

@@ -19,7 +19,8 @@ from medtune.experiments.baselines import majority_label, splits
 from medtune.experiments.canary_audit import audit_overrides
 from medtune.experiments.sweep import SweepConfig, plan_cells, run_sweep
 from medtune.federation import simulation as simulate_module
-from medtune.run_config import resolve_run_config, settings_from_run_config
+from medtune.federation.overrides import resolve_run_config
+from medtune.run_config import settings_from_run_config
 
 
 def tiny_sweep(backbone: Path) -> SweepConfig:

@@ -58,13 +58,14 @@ def _majority_rate(run) -> float:
 
 @pytest.mark.parametrize("epsilon", [math.inf, 8.0])
 def test_tiny_bert_learns_clearly_above_chance(tiny_backbone, epsilon):
-    train = TrainConfig(epochs=4, batch_size=64, learning_rate=5e-2)
+    train = TrainConfig(batch_size=64, learning_rate=5e-2)
     run = run_local(
         _records(),
         DATA,
         MODEL,
         PrivacyConfig(epsilon=epsilon),
         train,
+        passes=4,
         backbone=tiny_backbone,
         progress=False,
     )
@@ -81,7 +82,7 @@ def test_tiny_bert_learns_clearly_above_chance(tiny_backbone, epsilon):
 
 
 def test_same_seed_same_result(tiny_backbone):
-    train = TrainConfig(epochs=1, batch_size=32, seed=5)
+    train = TrainConfig(batch_size=32, seed=5)
     runs = [
         run_local(
             _records()[:200],
@@ -89,6 +90,7 @@ def test_same_seed_same_result(tiny_backbone):
             MODEL,
             PrivacyConfig(epsilon=3.0),
             train,
+            passes=1,
             backbone=tiny_backbone,
             progress=False,
         )
@@ -114,10 +116,10 @@ def test_empty_poisson_batches_are_still_counted_noisy_steps(tiny_backbone, prom
     dataset = record_inputs(
         tiny_backbone, model_config, _records(count=20), tmp_path
     )  # as a site: from its cache
-    train = TrainConfig(epochs=1, batch_size=1)
+    train = TrainConfig(batch_size=1)
     for seed in range(6):
         model = PromptClassifier(tiny_backbone, model_config, len(LABELS), seed=0)
-        ledger = new_ledger(PrivacyConfig(epsilon=20.0), len(dataset), train, rounds=1)
+        ledger = new_ledger(PrivacyConfig(epsilon=20.0), len(dataset), train.batch_size, 1)
         before = model.exchanged_state()
         result = train_local(
             model,
@@ -126,6 +128,7 @@ def test_empty_poisson_batches_are_still_counted_noisy_steps(tiny_backbone, prom
             train,
             tiny_backbone.tokenizer.pad_token_id,
             seed=seed,
+            passes=1,
             progress=False,
         )
         assert result.steps == ledger.steps == 20
@@ -150,13 +153,14 @@ def test_poisson_sampling_and_dp_noise_draw_from_independent_streams(tiny_backbo
         return original(self, **kwargs)
 
     monkeypatch.setattr(opacus.PrivacyEngine, "make_private", recording)
-    train = TrainConfig(epochs=1, batch_size=32, seed=5)
+    train = TrainConfig(batch_size=32, seed=5)
     run_local(
         _records(count=64),
         DATA,
         MODEL,
         PrivacyConfig(epsilon=8.0),
         train,
+        passes=1,
         backbone=tiny_backbone,
         progress=False,
     )
@@ -175,7 +179,7 @@ def test_medtune_train_continues_only_its_own_ledger_for_its_own_records(tiny_ba
     from medtune.privacy import PrivacyLedger
     from medtune.standalone import save_local_run
 
-    train, privacy = TrainConfig(epochs=1, batch_size=32), PrivacyConfig(epsilon=8.0)
+    train, privacy = TrainConfig(batch_size=32), PrivacyConfig(epsilon=8.0)
     out, other = tmp_path / "l1", tmp_path / "other.json"
     out.mkdir()
     (out / "ledger.json").write_text("kept as it was")
@@ -185,6 +189,7 @@ def test_medtune_train_continues_only_its_own_ledger_for_its_own_records(tiny_ba
         MODEL,
         privacy,
         train,
+        passes=1,
         backbone=tiny_backbone,
         ledger_path=other,
         progress=False,
@@ -201,6 +206,7 @@ def test_medtune_train_continues_only_its_own_ledger_for_its_own_records(tiny_ba
             MODEL,
             privacy,
             train,
+            passes=1,
             backbone=tiny_backbone,
             ledger_path=other,
             progress=False,
@@ -221,7 +227,18 @@ def test_medtune_train_continues_only_its_own_ledger_for_its_own_records(tiny_ba
             MODEL,
             privacy,
             train,
+            passes=1,
             backbone=tiny_backbone,
             ledger_path=federated,
             progress=False,
         )
+
+
+def test_medtune_train_saves_its_total_passes_as_epochs_as_earlier_versions_did():
+    """Alone, "epochs" in a run's saved config is its total passes (`--epochs`), as files of
+    earlier versions hold it; the per-round local_epochs means nothing alone and is left out."""
+    from medtune.standalone import all_configs
+
+    saved = all_configs(DATA, MODEL, PrivacyConfig(), TrainConfig(batch_size=8), passes=7)
+    assert saved["train"]["epochs"] == 7 and saved["train"]["batch_size"] == 8
+    assert "local_epochs" not in saved["train"]

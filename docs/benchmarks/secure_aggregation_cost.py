@@ -28,7 +28,8 @@ from flwr.common.serde import message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 
 import client.app as client_app
-from medtune.run_config import resolve_run_config, settings_from_run_config
+from medtune.federation.overrides import resolve_run_config
+from medtune.run_config import settings_from_run_config
 from server.federation import Federation
 
 SMALL = {
@@ -57,6 +58,7 @@ class CountingGrid:
     def __init__(self, contexts: dict[int, Context]) -> None:
         self.contexts = contexts
         self.bytes: dict[tuple[int, str], int] = {}  # (round, "down" | "up") -> bytes
+        self.replies: dict[str, Message] = {}  # message id -> its reply, until pulled
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
@@ -65,18 +67,26 @@ class CountingGrid:
         key = (server_round, direction)
         self.bytes[key] = self.bytes.get(key, 0) + message_to_proto(message).ByteSize()
 
-    def send_and_receive(self, messages, timeout=None):  # noqa: ANN001, ANN201 - Grid's signature
-        replies = []
+    def push_messages(self, messages):  # noqa: ANN001, ANN201 - Grid's signature
+        message_ids = []
         for message in messages:
-            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            message_id = uuid.uuid4().hex
+            message.metadata.__dict__["_message_id"] = message_id
             server_round = round_of(message)
             self.count(server_round, "down", message)
             reply = client_app.app(
                 copy.deepcopy(message), self.contexts[message.metadata.dst_node_id]
             )
             self.count(server_round, "up", reply)
-            replies.append(reply)
-        return replies
+            self.replies[message_id] = reply
+            message_ids.append(message_id)
+        return message_ids
+
+    def pull_messages(self, message_ids):  # noqa: ANN001, ANN201 - Grid's signature
+        return [self.replies.pop(m) for m in message_ids if m in self.replies]
+
+    def send_and_receive(self, messages, timeout=None):  # noqa: ANN001, ANN201 - Grid's signature
+        return self.pull_messages(self.push_messages(messages))
 
 
 def measure(hospitals: int, secure: bool, out: Path) -> dict[str, object]:

@@ -83,7 +83,7 @@ def _cmd_audit(args: argparse.Namespace) -> None:
     if args.score is not None:
         report = score_audit(args.score)
     else:
-        from medtune.run_config import parse_overrides
+        from medtune.federation.overrides import parse_overrides
 
         if args.out is None:
             raise ConfigError(

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from medtune.cli.flags import add_config_flags, given_flags
+from medtune.cli.flags import add_config_flags, add_training_flags, epsilon_flag, given_flags
 from medtune.config import (
     ModelConfig,
     TrainConfig,
@@ -141,7 +141,7 @@ def add_benchmark_commands(commands: Any) -> None:
         "--hospitals", type=int, help=f"synthetic hospitals (default: {synth_defaults.hospitals})"
     )
     add_config_flags(difficulty.add_argument_group("model"), ModelConfig)
-    add_config_flags(difficulty.add_argument_group("training"), TrainConfig)
+    add_training_flags(difficulty)  # each model trains alone: --epochs passes in total
     perf.set_defaults(handler=_cmd_perf, command_name="benchmark perf")
     baselines.set_defaults(handler=_cmd_baselines, command_name="benchmark baselines")
     sweep.set_defaults(handler=_cmd_sweep, command_name="benchmark sweep")
@@ -193,11 +193,7 @@ def _cmd_baselines(args: argparse.Namespace) -> None:
         score_global_model,
         zero_shot,
     )
-    from medtune.run_config import (
-        parse_overrides,
-        resolve_run_config,
-        settings_from_run_config,
-    )
+    from medtune.federation.overrides import parse_overrides, run_settings
 
     figures: list[BaselineResult] = []
     if args.run is not None and (args.scenario or args.run_config):
@@ -211,10 +207,7 @@ def _cmd_baselines(args: argparse.Namespace) -> None:
         settings, _ = load_run(args.run)
         figures += score_global_model(args.run)
     else:
-        overrides = parse_overrides(args.run_config)
-        settings = settings_from_run_config(
-            resolve_run_config(args.scenario or "default", overrides)
-        )
+        settings = run_settings(args.scenario or "default", parse_overrides(args.run_config))
     figures += [
         local_only(settings),
         pooled(settings),
@@ -239,7 +232,7 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
 
     from medtune.experiments.canary_audit import audit_overrides
     from medtune.experiments.sweep import parse_seed, read_sweep, run_sweep
-    from medtune.run_config import parse_overrides
+    from medtune.federation.overrides import parse_overrides
 
     sweep = read_sweep(args.sweep)
     changes: dict[str, Any] = {
@@ -265,13 +258,13 @@ def _cmd_tune(args: argparse.Namespace) -> None:
 
     from medtune.experiments.sweep import read_sweep
     from medtune.experiments.tuning import parse_grid, run_tuning
-    from medtune.run_config import parse_overrides
+    from medtune.federation.overrides import parse_overrides
 
     sweep = read_sweep(args.sweep)
     sweep = replace(sweep, run_config={**sweep.run_config, **parse_overrides(args.run_config)})
     out = args.out or Path("runs/tuning") / sweep.name
     check_writable(out, folder=True)
-    run_tuning(sweep, parse_grid(args.grid), read_epsilon(args.epsilon, "--epsilon"), out)
+    run_tuning(sweep, parse_grid(args.grid), epsilon_flag(args.epsilon), out)
     print(f"wrote {out}/tuning.json")
 
 
@@ -282,4 +275,4 @@ def _cmd_difficulty(args: argparse.Namespace) -> None:
     model = config_from_dict(ModelConfig, given_flags(args, ModelConfig))
     check_fits_backbone(model)
     hospitals = {} if args.hospitals is None else {"hospitals": args.hospitals}
-    run_difficulty(SynthConfig(**hospitals, seed=train.seed), model, train)
+    run_difficulty(SynthConfig(**hospitals, seed=train.seed), model, train, args.passes)

@@ -14,10 +14,13 @@ from medtune.config import (
     HEAD_INITS,
     PROMPT_INITS,
     DataConfig,
+    TrainConfig,
+    federation_passes,
     field_kinds,
     run_config_key,
 )
 from medtune.defaults import key_help, run_defaults
+from medtune.epsilon import read_epsilon
 
 FLAG_ALIASES = {
     "num_layers": ("--layers",),
@@ -25,15 +28,14 @@ FLAG_ALIASES = {
 }  # shorter spellings kept for users
 FLAG_CHOICES = {"prompt_init": PROMPT_INITS, "head_init": HEAD_INITS, "accountant": ACCOUNTANTS}
 FLAG_HELP = {
-    "epochs": "passes over the records (default: rounds x local-epochs of the run config, as in "
-    "the default federation)",
     "epsilon": "target epsilon for the whole participation (inf: no DP; default: the run config's "
     "epsilon)",
 }
 NOT_FLAGS = {
-    "labels",
+    "labels",  # lists, given as --labels a,b and --label-descriptions 'x|y'
     "label_descriptions",
-}  # lists, given as --labels a,b and --label-descriptions 'x|y'
+    "local_epochs",  # per federation round; alone, a hospital's total passes are --epochs
+}
 
 
 def add_config_flags(group: Any, config: type) -> None:
@@ -48,20 +50,63 @@ def add_config_flags(group: Any, config: type) -> None:
             f"--{key}",
             *FLAG_ALIASES.get(name, ()),
             dest=name,
-            # numbers are parsed here; epsilon's text ("inf") is read by PrivacyConfig
+            # numbers are parsed here; epsilon's text ("inf") by given_flags, with its own errors
             type=kind if kind in (int, float) and name != "epsilon" else None,
             choices=FLAG_CHOICES.get(name),
             help=FLAG_HELP.get(name) or f"{helps.get(key, key)} (default: {defaults[key]!r})",
         )
 
 
+def epsilon_flag(text: str) -> float:
+    """An `--epsilon` flag's value, read once by the one epsilon reader."""
+    return read_epsilon(text, "--epsilon")
+
+
+def _passes(text: str) -> int:
+    """--epochs' value, checked where it is read: a lone run's total passes is no config field."""
+    try:
+        passes = int(text)
+    except ValueError:
+        passes = 0
+    if passes < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number of passes, at least 1; got {text!r}"
+        )
+    return passes
+
+
+def add_training_flags(parser: argparse.ArgumentParser) -> None:
+    """The training flags of a command where a hospital trains alone: TrainConfig's, and --epochs.
+
+    Alone a hospital has no rounds, so its passes over the records are a total (args.passes), not
+    the per-round `local_epochs`. The default is what it makes in the default federation (rounds x
+    local-epochs), to compare like with like.
+    """
+    group = parser.add_argument_group("training")
+    defaults = run_defaults()
+    passes = federation_passes(defaults["rounds"], defaults["local-epochs"])
+    group.add_argument(
+        "--epochs",
+        dest="passes",
+        metavar="N",
+        type=_passes,
+        default=passes,
+        help=f"passes over the records, in total (default: {passes}, rounds x local-epochs of the "
+        "run config, as a hospital makes them in the default federation)",
+    )
+    add_config_flags(group, TrainConfig)
+
+
 def given_flags(args: argparse.Namespace, config: type) -> dict[str, Any]:
-    """The config fields whose flags the user actually gave."""
-    return {
+    """The config fields whose flags the user actually gave, as typed values."""
+    given = {
         field.name: getattr(args, field.name)
         for field in dataclasses.fields(config)
         if field.name not in NOT_FLAGS and getattr(args, field.name, None) is not None
     }
+    if "epsilon" in given:
+        given["epsilon"] = epsilon_flag(given["epsilon"])
+    return given
 
 
 def add_data_flags(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from medtune.epsilon import read_epsilon
 from medtune.files import check_writable
 
 
@@ -41,16 +40,15 @@ def add_simulate_command(commands: Any) -> None:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> None:
+    from medtune.federation.overrides import parse_overrides, run_settings
     from medtune.federation.simulation import simulate
-    from medtune.files import read_json
     from medtune.own_evaluations import print_own_scores
-    from medtune.run_config import parse_overrides
 
     overrides = parse_overrides(args.run_config)
-    epsilon = None if args.epsilon is None else read_epsilon(args.epsilon, "--epsilon")
+    # The flags are run-config keys: their values are read with the rest (epsilon's text too).
     flags = {
         "rounds": args.rounds,
-        "epsilon": epsilon,
+        "epsilon": args.epsilon,
         "seed": args.seed,
         "until-round": args.until_round,
     }
@@ -64,6 +62,7 @@ def _cmd_simulate(args: argparse.Namespace) -> None:
             "out",
             str(args.resume if (args.resume / "checkpoints").is_dir() else args.resume.parents[1]),
         )
-    results = simulate(args.scenario, overrides, cpus_per_hospital=args.cpus_per_hospital)
-    print_own_scores(results.parent, int(read_json(results)["config"]["hospitals"]))
+    settings = run_settings(args.scenario, overrides)
+    results = simulate(settings, cpus_per_hospital=args.cpus_per_hospital)
+    print_own_scores(results.parent, settings.source.hospitals)
     print(f"wrote {results} and {results.parent / 'checkpoints'}")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from medtune.cli.flags import add_config_flags, add_data_flags, given_flags
+from medtune.cli.flags import add_config_flags, add_data_flags, add_training_flags, given_flags
 from medtune.config import (
     DataConfig,
     ModelConfig,
@@ -27,7 +27,7 @@ def add_train_commands(commands: Any) -> None:
     add_data_flags(train)
     add_config_flags(train.add_argument_group("model"), ModelConfig)
     add_config_flags(train.add_argument_group("privacy"), PrivacyConfig)
-    add_config_flags(train.add_argument_group("training"), TrainConfig)
+    add_training_flags(train)
     train.add_argument(
         "--ledger", type=Path, help="privacy ledger file to continue (default: OUT/ledger.json)"
     )
@@ -95,11 +95,12 @@ def _cmd_train(args: argparse.Namespace) -> None:
         model,
         privacy,
         train,
+        passes=args.passes,
         backbone=backbone,
         ledger_path=ledger_path,
         cache_dir=args.out / "features",
     )
-    save_local_run(run, args.out, backbone, all_configs(data, model, privacy, train))
+    save_local_run(run, args.out, backbone, all_configs(data, model, privacy, train, args.passes))
     ev = run.evaluation
     print(
         f"test accuracy {ev.accuracy:.3f}  macro-F1 {ev.macro_f1:.3f}  loss {ev.loss:.3f}  "

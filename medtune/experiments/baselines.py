@@ -29,6 +29,7 @@ import torch
 
 from medtune.backbone import Backbone, load_backbone, resolve_device
 from medtune.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
+from medtune.config import PrivacyConfig, federation_passes
 from medtune.data import Record, train_test_split
 from medtune.errors import ConfigError
 from medtune.evaluation import evaluate, predict_logits
@@ -41,7 +42,7 @@ from medtune.metrics import Evaluation, from_counts, pool, score_logits
 from medtune.model import PromptClassifier
 from medtune.noise import NoiseSource
 from medtune.run_config import RunSettings, settings_from_run_config
-from medtune.train import new_ledger, train_local
+from medtune.train import TrainResult, new_ledger, train_local
 
 
 @dataclass(frozen=True)
@@ -100,15 +101,44 @@ def _fit(
     Returns the model and the epsilon its ledger actually spent.
     """
     model = initial_model(backbone, settings.model, settings.data, seed=settings.seed)
-    dataset = _inputs(settings, backbone, train)
-    privacy = replace(settings.privacy, epsilon=epsilon)
-    config = replace(settings.train, epochs=settings.train.epochs * settings.federation.rounds)
-    ledger = new_ledger(privacy, len(dataset), config, rounds=1)
-    seed = NoiseSource.seeded(settings.seed, name).seed_for(0)
-    result = train_local(
-        model, dataset, ledger, config, backbone.tokenizer.pad_token_id, seed=seed, progress=False
+    result = train_alone(
+        settings,
+        model,
+        _inputs(settings, backbone, train),
+        backbone.tokenizer.pad_token_id,
+        seed=NoiseSource.seeded(settings.seed, name).seed_for(0),
+        privacy=replace(settings.privacy, epsilon=epsilon),
     )
     return model, result.epsilon
+
+
+def train_alone(
+    settings: RunSettings,
+    model: PromptClassifier,
+    dataset: RecordInputs,
+    pad_token_id: int,
+    seed: int,
+    privacy: PrivacyConfig | None = None,
+) -> TrainResult:
+    """Train `model` on `dataset` with no rounds, for the passes a hospital makes in the run's
+    federation and a ledger planned for exactly those, at `privacy` (default: the run's target).
+
+    So a reference trained alone (local only, pooled, a tuning candidate) is compared with the
+    federation like with like.
+    """
+    passes = federation_passes(settings.federation.rounds, settings.train.local_epochs)
+    privacy = privacy or settings.privacy
+    ledger = new_ledger(privacy, len(dataset), settings.train.batch_size, passes)
+    return train_local(
+        model,
+        dataset,
+        ledger,
+        settings.train,
+        pad_token_id,
+        seed=seed,
+        passes=passes,
+        progress=False,
+    )
 
 
 def _inputs(settings: RunSettings, backbone: Backbone, records: list[Record]) -> RecordInputs:

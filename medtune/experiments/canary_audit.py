@@ -108,12 +108,12 @@ def run_audit(
     scenario: str | None, overrides: dict[str, Any], canaries: int, hospital: str, mode: str
 ) -> dict[str, Any]:
     """Simulate the federation with canaries at `hospital`, then score it."""
+    from medtune.federation.overrides import run_settings
     from medtune.federation.simulation import simulate
-    from medtune.run_config import resolve_run_config
 
-    config = {**overrides, **audit_overrides(canaries, hospital, mode)}
-    check_audit_settings(settings_from_run_config(resolve_run_config(scenario, config)))
-    results = simulate(scenario, config)
+    settings = run_settings(scenario, {**overrides, **audit_overrides(canaries, hospital, mode)})
+    check_audit_settings(settings)
+    results = simulate(settings)
     return score_audit(results.parent)
 
 

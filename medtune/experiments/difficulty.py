@@ -23,8 +23,9 @@ from medtune.train import new_ledger, train_local
 
 
 def run_difficulty(
-    synth: SynthConfig, model_config: ModelConfig, train: TrainConfig
+    synth: SynthConfig, model_config: ModelConfig, train: TrainConfig, passes: int
 ) -> dict[str, Evaluation]:
+    """Each model trains alone (no rounds) for `passes` passes over its records, without DP."""
     backbone = load_backbone(model_config.backbone, model_config.num_layers)
     pad = backbone.tokenizer.pad_token_id
     splits = [
@@ -41,8 +42,8 @@ def run_difficulty(
     for name, records in training_sets.items():
         dataset = record_inputs(backbone, model_config, records)
         model = PromptClassifier(backbone, model_config, len(LABELS), seed=train.seed)
-        ledger = new_ledger(PrivacyConfig(epsilon=math.inf), len(dataset), train, rounds=1)
-        train_local(model, dataset, ledger, train, pad, seed=train.seed)
+        ledger = new_ledger(PrivacyConfig(epsilon=math.inf), len(dataset), train.batch_size, passes)
+        train_local(model, dataset, ledger, train, pad, seed=train.seed, passes=passes)
         results[f"{name}, {len(records)} train records"] = evaluate(
             model, pooled_test, LABELS, pad, resolve_device(train.device)
         )

@@ -61,18 +61,19 @@ def _train_rate(
     noise: NoiseSource = SEEDED,
 ) -> float:
     """Training samples/s; `noise` is seeded (simulation) or secret, as a deployed site draws it."""
-    train = TrainConfig(epochs=1, batch_size=batch_size, learning_rate=1e-3)
+    train = TrainConfig(batch_size=batch_size, learning_rate=1e-3)
     privacy = PrivacyConfig(epsilon=epsilon)
     train_local(
         model,
         warmup,
-        new_ledger(privacy, len(warmup), train, 1),
+        new_ledger(privacy, len(warmup), batch_size, planned_passes=1),
         train,
         pad,
         seed=0,
+        passes=1,
         progress=False,
     )
-    ledger = new_ledger(privacy, len(dataset), train, 1)
+    ledger = new_ledger(privacy, len(dataset), batch_size, planned_passes=1)
     start = time.perf_counter()
     result = train_local(
         model,
@@ -81,6 +82,7 @@ def _train_rate(
         train,
         pad,
         seed=noise.seed_for(0),
+        passes=1,
         progress=False,
         secure_noise=noise.is_secret,
     )

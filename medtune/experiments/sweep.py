@@ -43,15 +43,9 @@ from typing import Any
 
 from medtune.epsilon import NO_DP, read_epsilon, show_epsilon
 from medtune.errors import ConfigError, MedTuneError
+from medtune.federation.overrides import run_settings
 from medtune.files import atomic_write_json, json_ready, read_json
-from medtune.run_config import (
-    RunSettings,
-    check_keys,
-    named_toml,
-    resolve_run_config,
-    settings_from_run_config,
-    shipped_folder,
-)
+from medtune.run_config import RunSettings, check_keys, named_toml, shipped_folder
 
 SWEEP_DIR = shipped_folder("benchmarks")
 SWEEP_KEYS = {"name", "scenario", "epsilons", "seeds", "run-config", "axes", "recipes", "no-dp"}
@@ -209,29 +203,34 @@ def plan_cells(sweep: SweepConfig) -> list[Cell]:
     return cells
 
 
-def cell_settings(cell: Cell, sweep: SweepConfig) -> RunSettings:
-    """The settings a cell runs with, as its runner reads them (a federated run adds its own
-    `out`)."""
-    return settings_from_run_config(resolve_run_config(sweep.scenario, cell.overrides(sweep)))
+def cell_settings(cell: Cell, sweep: SweepConfig, runs: Path) -> RunSettings:
+    """The settings a cell runs with, read once; a federated cell's run goes to `runs/<cell id>`."""
+    overrides = cell.overrides(sweep)
+    if cell.method == "federated":
+        overrides["out"] = str(runs / cell.id)
+    return run_settings(sweep.scenario, overrides)
 
 
-def check_cells(sweep: SweepConfig, cells: list[Cell]) -> None:
-    """Every cell's settings, built and checked as its runner would before starting, before the
-    first cell runs.
+def read_cells(sweep: SweepConfig, cells: list[Cell], runs: Path) -> dict[str, RunSettings]:
+    """Every cell's settings, read and checked as its runner would before starting, before the
+    first cell runs: {cell id: settings}.
 
     An axis value out of range (a prompt layer past the backbone, a prompt too long for its
     positions, too few records per hospital) is refused at once, naming its cell, never after the
     cells before it have run.
     """
-    from medtune.federation.simulation import check_before_start
+    from medtune.federation.simulation import check_machine
 
+    read = {}
     for cell in cells:
         try:
-            check_before_start(cell_settings(cell, sweep))
+            read[cell.id] = cell_settings(cell, sweep, runs)
+            check_machine(read[cell.id])
         except MedTuneError as error:
             raise ConfigError(
                 f"sweep '{sweep.name}', cell {cell.id}: {error} (checked before running any cell)"
             ) from None
+    return read
 
 
 def _finished_run(out: Path, settings: RunSettings) -> bool:
@@ -254,30 +253,21 @@ def _finished_run(out: Path, settings: RunSettings) -> bool:
     return same and bool(done) and done[-1] == rounds and last_checkpoint == f"round_{rounds:03d}"
 
 
-def _federated(cell: Cell, sweep: SweepConfig, runs: Path) -> dict[str, Any]:
+def _federated(settings: RunSettings) -> dict[str, Any]:
     from medtune.experiments.baselines import score_global_model
     from medtune.experiments.canary_audit import audited_epsilon, check_audit_settings, score_audit
     from medtune.federation.results import RunResults
     from medtune.federation.simulation import simulate
     from medtune.own_evaluations import simulated_scores
 
-    out = (
-        runs / cell.id
-    ).resolve()  # as simulate() records it: a relative --out must still find its runs
-    overrides = {**cell.overrides(sweep), "out": str(out)}
-    settings = settings_from_run_config(resolve_run_config(sweep.scenario, overrides))
-    if (
-        settings.audit.canaries
-    ):  # an audited sweep: each federated cell is an audit run (medtune audit)
-        overrides["keep-updates"] = True
+    out = settings.out
+    if settings.audit.canaries:  # an audited sweep: each federated cell is an audit run
         check_audit_settings(settings)
     started = time.monotonic()
     reused = _finished_run(out, settings)
     if not reused:
-        shutil.rmtree(
-            out, ignore_errors=True
-        )  # a cell interrupted mid-run starts over, ledgers included
-        simulate(sweep.scenario, overrides)
+        shutil.rmtree(out, ignore_errors=True)  # an interrupted cell starts over, ledgers included
+        simulate(settings)
     results = RunResults.load(out, up_to_round=sys.maxsize)
     # A re-scored run did not run now: its cost is the time its rounds took (without the engine's
     # start).
@@ -285,7 +275,7 @@ def _federated(cell: Cell, sweep: SweepConfig, runs: Path) -> dict[str, Any]:
     rounds = [r for r in results.rounds if r.accuracy is not None]
     if not rounds:
         raise ConfigError(
-            f"federated run {cell.id} finished no evaluated round; see {out}/results.json"
+            f"federated run {out.name} finished no evaluated round; see {out}/results.json"
         )
     last = rounds[-1]
     hospital_rounds = [h for r in results.rounds for h in r.hospitals]
@@ -324,11 +314,10 @@ def _federated(cell: Cell, sweep: SweepConfig, runs: Path) -> dict[str, Any]:
     }
 
 
-def _baseline(cell: Cell, sweep: SweepConfig) -> dict[str, Any]:
+def _baseline(cell: Cell, settings: RunSettings) -> dict[str, Any]:
     from medtune.experiments.baselines import local_only, majority_label, pooled, zero_shot
 
     started = time.monotonic()
-    settings = cell_settings(cell, sweep)
     if cell.method == "local":
         result = local_only(settings, cell.epsilon)
     elif cell.method == "pooled":
@@ -353,13 +342,9 @@ def _baseline(cell: Cell, sweep: SweepConfig) -> dict[str, Any]:
     }
 
 
-def run_cell(cell: Cell, sweep: SweepConfig, out: Path) -> dict[str, Any]:
+def run_cell(cell: Cell, settings: RunSettings, out: Path) -> dict[str, Any]:
     """Run one cell and write `cells/<id>.json` atomically: a finished cell is never run twice."""
-    metrics = (
-        _federated(cell, sweep, out / "runs")
-        if cell.method == "federated"
-        else _baseline(cell, sweep)
-    )
+    metrics = _federated(settings) if cell.method == "federated" else _baseline(cell, settings)
     row = {
         "cell": cell.id,
         "method": cell.method,
@@ -413,7 +398,7 @@ def run_sweep(sweep: SweepConfig, out: Path, progress: bool = True) -> list[dict
         sweep, run_config={"cache-dir": str((out / "feature-cache").resolve()), **sweep.run_config}
     )
     cells = plan_cells(shared)
-    check_cells(shared, cells)
+    settings = read_cells(shared, cells, (out / "runs").resolve())
     check_same_grid(
         sweep, out
     )  # the grid as its file gives it: the cache folder is this directory's own
@@ -424,7 +409,9 @@ def run_sweep(sweep: SweepConfig, out: Path, progress: bool = True) -> list[dict
         for cell in cells:
             done = out / "cells" / f"{cell.id}.json"
             bar.set_postfix_str(cell.id)
-            rows.append(read_json(done) if done.is_file() else run_cell(cell, shared, out))
+            rows.append(
+                read_json(done) if done.is_file() else run_cell(cell, settings[cell.id], out)
+            )
             bar.update(1)
     write_report(shared, rows, out)
     return rows

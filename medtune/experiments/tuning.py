@@ -3,11 +3,11 @@ report.
 
 Each simulated hospital's training split (exactly the one every run and sweep uses) is cut once
 more by seed: 80% to fit, 20% to validate. A candidate recipe (any run-config keys: prompt layer,
-learning rate, epochs, prompt length, head init, ...) is trained with DP at the sweep's target on
-every hospital's fit part together, for the run's rounds x local epochs passes, and scored on
-every hospital's validation part. Training throughput (records per second of DP training) and the
-one-off cost of the feature cache are measured in the same run, so the table shows what each
-choice costs as well as what it earns. The test splits are never read.
+learning rate, local epochs, prompt length, head init, ...) is trained with DP at the sweep's
+target on every hospital's fit part together, for the run's rounds x local epochs passes, and
+scored on every hospital's validation part. Training throughput (records per second of DP
+training) and the one-off cost of the feature cache are measured in the same run, so the table
+shows what each choice costs as well as what it earns. The test splits are never read.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import time
 import tomllib
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +22,16 @@ from rich.console import Console
 from rich.table import Table
 
 from medtune.backbone import load_backbone, resolve_device
+from medtune.config import federation_passes
 from medtune.data import Record, train_test_split
 from medtune.epsilon import show_epsilon
 from medtune.errors import ConfigError
 from medtune.evaluation import evaluate
 from medtune.experiments.sweep import SweepConfig
 from medtune.features import record_inputs
+from medtune.federation.overrides import resolve_run_config
 from medtune.files import atomic_write_json
-from medtune.run_config import RunSettings, check_keys, resolve_run_config, settings_from_run_config
-from medtune.train import new_ledger, train_local
+from medtune.run_config import RunSettings, check_keys, settings_from_run_config
 
 VALIDATION_FRACTION = 0.2
 
@@ -64,6 +64,7 @@ def validation_split(settings: RunSettings) -> tuple[list[Record], list[Record]]
 
 def score_candidate(settings: RunSettings, cache: Path) -> dict[str, Any]:
     """Train one recipe on the fit parts and score it on the validation parts."""
+    from medtune.experiments.baselines import train_alone
     from medtune.label_prior import initial_model
 
     backbone = load_backbone(
@@ -74,21 +75,19 @@ def score_candidate(settings: RunSettings, cache: Path) -> dict[str, Any]:
     fit_set = record_inputs(backbone, settings.model, fit, cache)
     validation_set = record_inputs(backbone, settings.model, validation, cache)
     inputs_seconds = time.perf_counter() - started
-    passes = settings.federation.rounds * settings.train.epochs
-    train = replace(settings.train, epochs=passes)
     model = initial_model(backbone, settings.model, settings.data, seed=settings.seed)
-    ledger = new_ledger(settings.privacy, len(fit_set), train, rounds=1)
     pad = backbone.tokenizer.pad_token_id
     started = time.perf_counter()
-    train_local(model, fit_set, ledger, train, pad, seed=settings.seed, progress=False)
+    result = train_alone(settings, model, fit_set, pad, seed=settings.seed)
     train_seconds = time.perf_counter() - started
+    passes = federation_passes(settings.federation.rounds, settings.train.local_epochs)
     scored = evaluate(
         model, validation_set, settings.data.labels, pad, resolve_device(settings.train.device)
     )
     return {
         "validation_accuracy": scored.accuracy,
         "validation_macro_f1": scored.macro_f1,
-        "epsilon_spent": ledger.epsilon,
+        "epsilon_spent": result.epsilon,
         "train_records_per_s": len(fit_set) * passes / train_seconds,
         "train_seconds": train_seconds,
         "inputs_seconds": inputs_seconds,

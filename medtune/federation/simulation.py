@@ -1,11 +1,12 @@
 """`medtune simulate`: the same federation `flwr run .` starts, on Flower's Simulation Engine,
 in-process.
 
-It fuses the run config exactly as Flower does (the defaults, then the scenario, then overrides)
-and hands an app directory to Flower's simulation runtime, which loads `server.app:app` and
-`client.app:app` named in its pyproject.toml and gives every simulated SuperNode its
-`partition-id`. That pyproject.toml is written from the installed package (flower_app_dir), so a
-wheel without the source tree simulates as a checkout does. Nothing is installed, nothing is
+It takes the settings its command read once (medtune.run_config.run_settings: the defaults, then
+the scenario, then overrides, fused as Flower fuses them) and hands an app directory to Flower's
+simulation runtime, which loads `server.app:app` and `client.app:app` named in its pyproject.toml
+and gives every simulated SuperNode its `partition-id`. That pyproject.toml is written from the
+installed package (flower_app_dir), so a wheel without the source tree simulates as a checkout
+does. Nothing is installed, nothing is
 downloaded, and no SuperLink is left running afterwards: the whole federation lives and ends
 inside this process (Ray workers included).
 
@@ -25,7 +26,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from medtune.backbone import configured_depth
 from medtune.checkpoint import check_resume_location
 from medtune.defaults import defaults_text
 from medtune.errors import ConfigError, MedTuneError
@@ -33,7 +33,7 @@ from medtune.federation.flower_engine import run_in_process
 from medtune.federation.partitions import check_hospitals
 from medtune.federation.results import RESULTS_FILE
 from medtune.locks import exclusive
-from medtune.run_config import RunSettings, resolve_run_config, settings_from_run_config
+from medtune.run_config import RunSettings
 from medtune.stopping import stop_on_signals
 
 # The ServerApp and the ClientApp, as [tool.flwr.app.components] of pyproject.toml names them for
@@ -78,24 +78,16 @@ def simulation_backend(
     }
 
 
-def simulate(
-    scenario: str | None, overrides: dict[str, Any], cpus_per_hospital: float = 1.0
-) -> Path:
-    """Run a scenario to completion; returns the path of results.json."""
-    config = resolve_run_config(scenario, overrides)
-    # Server and simulated hospitals must agree on one absolute out directory (Ray workers have
-    # their own working directory); the resume path is made absolute for the same reason.
-    config["out"] = str(Path(str(config["out"])).resolve())
-    if config.get("resume"):
-        config["resume"] = str(Path(str(config["resume"])).resolve())
-    settings = settings_from_run_config(config)
-    check_before_start(settings)
-    check_hospitals(settings)
+def simulate(settings: RunSettings, cpus_per_hospital: float = 1.0) -> Path:
+    """Run a federation to completion from settings read once (`run_settings`); returns the path
+    of results.json."""
     if cpus_per_hospital <= 0:
         raise ConfigError(
             "cpus-per-hospital must be positive (Ray CPUs per simulated hospital), got "
             f"{cpus_per_hospital}"
         )
+    check_machine(settings)
+    check_hospitals(settings)
     check_out_directory(settings)
     settings.out.mkdir(parents=True, exist_ok=True)
     afterwards = (
@@ -103,14 +95,14 @@ def simulate(
         f"--resume {settings.out}` and the same --run-config"
     )
     with exclusive(settings.out, "this run's out directory"), stop_on_signals(afterwards):
-        _simulate(settings, config, cpus_per_hospital)
+        _simulate(settings, cpus_per_hospital)
     results = settings.out / RESULTS_FILE
     if not results.is_file():
         raise MedTuneError(f"the simulation ended without writing {results}; see the log above")
     return results
 
 
-def _simulate(settings: RunSettings, config: dict[str, Any], cpus_per_hospital: float) -> None:
+def _simulate(settings: RunSettings, cpus_per_hospital: float) -> None:
     """Flower's simulation runtime over this run's settings, its errors surfaced as MedTune's."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -124,7 +116,7 @@ def _simulate(settings: RunSettings, config: dict[str, Any], cpus_per_hospital: 
     try:
         with flower_app_dir() as app_dir:
             run_in_process(
-                config,
+                settings.run_config,
                 hospitals=settings.source.hospitals,
                 server_app=COMPONENTS["serverapp"],
                 client_app=COMPONENTS["clientapp"],
@@ -157,21 +149,13 @@ def check_out_directory(settings: RunSettings) -> None:
         )
 
 
-def check_before_start(settings: RunSettings) -> None:
-    """Settings that only the backbone or the machine can judge, checked before Flower starts a
-    worker."""
-    layers = configured_depth(settings.model.backbone, settings.model.num_layers)
-    if not 0 <= settings.model.prompt_layer <= layers:
-        raise ConfigError(
-            f"prompt-layer = {settings.model.prompt_layer} is outside 0..{layers}: the backbone "
-            f"has {layers} layers (0 = input prompt, {layers} = after the last layer)"
-        )
+def check_machine(settings: RunSettings) -> None:
+    """A GPU share needs a GPU: checked before Flower starts a worker, since Ray would wait for
+    ever for a GPU it cannot place a hospital on."""
     if settings.gpus_per_hospital > 0:
         import torch
 
-        if (
-            not torch.cuda.is_available()
-        ):  # Ray would wait for ever for a GPU it cannot place a hospital on
+        if not torch.cuda.is_available():
             raise ConfigError(
                 f"gpus-per-hospital = {settings.gpus_per_hospital:g}, but this machine has no CUDA "
                 "GPU; use 0"

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,15 +27,17 @@ import torch.nn.functional as F
 
 import medtune.train as train_module
 from medtune.backbone import load_backbone
+from medtune.config import federation_passes
 from medtune.data import train_test_split
 from medtune.evaluation import predict_logits
-from medtune.experiments.baselines import splits
+from medtune.experiments.baselines import splits, train_alone
 from medtune.experiments.sweep import read_sweep
 from medtune.features import record_inputs
+from medtune.federation.overrides import resolve_run_config
 from medtune.label_mix import apply_label_mix, label_mix
 from medtune.label_prior import initial_model
 from medtune.metrics import pool, score_logits
-from medtune.run_config import resolve_run_config, settings_from_run_config
+from medtune.run_config import settings_from_run_config
 
 seed, epsilon, lr, local_epochs, sigma = (
     int(sys.argv[1]),
@@ -107,7 +108,12 @@ def federated(adjusted: bool):
     state = model.exchanged_state()
     rounds = settings.federation.rounds
     ledgers = [
-        train_module.new_ledger(settings.privacy, len(h["fit"]), settings.train, rounds=rounds)
+        train_module.new_ledger(
+            settings.privacy,
+            len(h["fit"]),
+            settings.train.batch_size,
+            federation_passes(rounds, settings.train.local_epochs),
+        )
         for h in hospitals
     ]
     adam = [None] * len(hospitals)
@@ -128,6 +134,7 @@ def federated(adjusted: bool):
                 settings.train,
                 pad,
                 seed=seed * 1000 + 100 * server_round + index,
+                passes=settings.train.local_epochs,
                 progress=False,
                 optimizer_state=adam[index],
             )
@@ -148,11 +155,7 @@ if references:
     alone = []
     for index, hospital in enumerate(hospitals):
         model = initial_model(backbone, settings.model, settings.data, seed=settings.seed)
-        passes = replace(settings.train, epochs=settings.train.epochs * settings.federation.rounds)
-        ledger = train_module.new_ledger(settings.privacy, len(hospital["fit"]), passes, rounds=1)
-        train_module.train_local(
-            model, hospital["fit"], ledger, passes, pad, seed=seed * 1000 + index, progress=False
-        )
+        train_alone(settings, model, hospital["fit"], pad, seed=seed * 1000 + index)
         logits = predict_logits(model, hospital["validation"], pad, torch.device("cpu"))
         alone.append(score_logits(logits, hospital["validation"].labels, settings.data.labels))
     out["local"] = pool(alone)

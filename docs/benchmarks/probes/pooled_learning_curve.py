@@ -19,22 +19,21 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import medtune.train as train_module
 from medtune.backbone import load_backbone
 from medtune.data import train_test_split
 from medtune.evaluation import predict_logits
-from medtune.experiments.baselines import splits
+from medtune.experiments.baselines import splits, train_alone
 from medtune.experiments.sweep import read_sweep
 from medtune.features import record_inputs
+from medtune.federation.overrides import resolve_run_config
 from medtune.label_prior import initial_model
 from medtune.metrics import score_logits
-from medtune.run_config import resolve_run_config, settings_from_run_config
+from medtune.run_config import settings_from_run_config
 
 seed, epsilon, fractions = int(sys.argv[1]), float(sys.argv[2]), [float(f) for f in sys.argv[3:]]
 sweep = read_sweep("medical_abstracts")
@@ -55,11 +54,7 @@ for fraction in fractions:
     chosen = [fit[i] for i in order[: round(fraction * len(fit))]]
     inputs = record_inputs(backbone, settings.model, chosen, cache)
     model = initial_model(backbone, settings.model, settings.data, seed=settings.seed)
-    passes = replace(settings.train, epochs=settings.train.epochs * settings.federation.rounds)
-    ledger = train_module.new_ledger(settings.privacy, len(inputs), passes, rounds=1)
-    train_module.train_local(
-        model, inputs, ledger, passes, pad, seed=seed * 1000 + 7, progress=False
-    )
+    train_alone(settings, model, inputs, pad, seed=seed * 1000 + 7)
     result = score_logits(
         predict_logits(model, scored_on, pad, torch.device("cpu")),
         scored_on.labels,

@@ -19,7 +19,9 @@ from flwr.serverapp import Grid
 from medtune.epsilon import EpsilonError, read_epsilon
 from medtune.federation.wire import METRICS, hospital_of, scalar
 
-POLL_SECONDS = 0.1  # how often the SuperLink is asked for replies (Flower's in-memory grid's pace)
+# How often the SuperLink is asked for replies: at the pace of Flower's in-memory grid right after
+# a send or a reply, slowing to that of its gRPC grid while none comes.
+FIRST_POLL_SECONDS, LAST_POLL_SECONDS = 0.1, 3.0
 
 
 def collect_replies(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
@@ -34,18 +36,19 @@ def collect_replies(grid: Grid, messages: list[Message], timeout: float) -> list
     """
     waiting = [message_id for message_id in grid.push_messages(messages) if message_id]
     replies: list[Message] = []
-    deadline = time.monotonic() + timeout
+    deadline, pause = time.monotonic() + timeout, FIRST_POLL_SECONDS
     while waiting:
         new = list(grid.pull_messages(waiting))
         if new:
             replies.extend(new)
             answered = {reply.metadata.reply_to_message_id for reply in new}
             waiting = [message_id for message_id in waiting if message_id not in answered]
-            deadline = time.monotonic() + timeout
+            deadline, pause = time.monotonic() + timeout, FIRST_POLL_SECONDS
         remaining = deadline - time.monotonic()
         if not waiting or remaining <= 0:
             break
-        time.sleep(min(POLL_SECONDS, remaining))
+        time.sleep(min(pause, remaining))
+        pause = min(2 * pause, LAST_POLL_SECONDS)
     return replies
 
 

@@ -21,12 +21,9 @@ from medtune.files import json_ready
 from medtune.run_config import RunSettings
 from server.strategy import build_strategy, restore_strategy_state
 
-RESUMABLE_KEYS = {
-    "resume",
-    "until-round",
-    "rounds",
-    "out",
-}  # what a resumed run may set differently
+# What a resumed run may set differently: where it is and how far it goes, and how long the
+# coordinator waits for replies; nothing that changes what a hospital trains or spends.
+RESUMABLE_KEYS = {"resume", "until-round", "rounds", "out", "round-timeout"}
 
 
 def changed_settings(original: dict, now: dict) -> dict[str, tuple]:
@@ -78,7 +75,7 @@ def resume_run(resume: Path, settings: RunSettings, backbone_hash: str) -> Resum
     if changed:
         raise CheckpointError(
             f"{path}: this run was started with other settings ({changed}); resume with the "
-            "run's original --run-config (only rounds and until-round may change)"
+            "run's original --run-config (only rounds, until-round and round-timeout may change)"
         )
     if checkpoint.backbone_hash != backbone_hash or checkpoint.labels != settings.data.labels:
         raise CheckpointError(

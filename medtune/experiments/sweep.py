@@ -43,7 +43,6 @@ from typing import Any
 
 from medtune.epsilon import NO_DP, read_epsilon, show_epsilon
 from medtune.errors import ConfigError, MedTuneError
-from medtune.federation.overrides import run_settings
 from medtune.files import atomic_write_json, json_ready, read_json
 from medtune.run_config import RunSettings, check_keys, named_toml, shipped_folder
 
@@ -208,6 +207,8 @@ def cell_settings(cell: Cell, sweep: SweepConfig, runs: Path) -> RunSettings:
     overrides = cell.overrides(sweep)
     if cell.method == "federated":
         overrides["out"] = str(runs / cell.id)
+    from medtune.federation.overrides import run_settings  # Flower's merge, loaded when used
+
     return run_settings(sweep.scenario, overrides)
 
 

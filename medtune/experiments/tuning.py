@@ -29,9 +29,8 @@ from medtune.errors import ConfigError
 from medtune.evaluation import evaluate
 from medtune.experiments.sweep import SweepConfig
 from medtune.features import record_inputs
-from medtune.federation.overrides import resolve_run_config
 from medtune.files import atomic_write_json
-from medtune.run_config import RunSettings, check_keys, settings_from_run_config
+from medtune.run_config import RunSettings, check_keys
 
 VALIDATION_FRACTION = 0.2
 
@@ -101,13 +100,15 @@ def run_tuning(
 ) -> list[dict[str, Any]]:
     """Score every combination of the grid on the sweep's hospitals (its first seed) at
     `epsilon`."""
+    from medtune.federation.overrides import run_settings  # Flower's merge, loaded when used
+
     keys = sorted(grid)
     rows = []
     cache = (out / "feature-cache").resolve()
     for values in itertools.product(*(grid[k] for k in keys)):
         candidate = dict(zip(keys, values, strict=True))
         overrides = {**sweep.run_config, **candidate, "seed": sweep.seeds[0], "epsilon": epsilon}
-        settings = settings_from_run_config(resolve_run_config(sweep.scenario, overrides))
+        settings = run_settings(sweep.scenario, overrides)
         rows.append({**candidate, **score_candidate(settings, cache)})
         atomic_write_json(
             out / "tuning.json", {"sweep": sweep.name, "epsilon": epsilon, "rows": rows}

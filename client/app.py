@@ -136,9 +136,8 @@ def query(message: Message, context: Context) -> Message:
     written."""
     try:
         site = site_for(context)
-        if (
-            not site.settings.federation.secure_aggregation
-        ):  # a plain run: would this site send in clear?
+        # a plain run: would this site send in clear?
+        if not site.settings.federation.secure_aggregation:
             check_sent_in_clear(context)
         ready = site.can_take_part(plain_instruction(message, context))
     except Exception as error:  # noqa: BLE001 - every failure leaves the site as a category only
@@ -197,9 +196,8 @@ def secure_answer(message: Message, context: Context) -> Message:
         return failed(message, context, error)
     log_outcome(site, instruction, outcome)
     if outcome.arrays is None:  # it did not train
-        return Message(
-            train_reply(report_of(outcome), site.name), reply_to=message
-        )  # the mod drops the site
+        # the mod drops the site
+        return Message(train_reply(report_of(outcome), site.name), reply_to=message)
     report = clear_report(report_of(outcome), site.name)
     return Message(
         secure_reply(outcome.arrays, EXCHANGED_NAMES, outcome.examples, report), reply_to=message
@@ -207,9 +205,8 @@ def secure_answer(message: Message, context: Context) -> Message:
 
 
 def log_outcome(site: Site, instruction: Instruction, outcome: RoundOutcome) -> None:
-    if (
-        not outcome.trained
-    ):  # the ledger's numbers stay in the site's log; the reply says only "stopped"
+    # the ledger's numbers stay in the site's log; the reply says only "stopped"
+    if not outcome.trained:
         log.info("%s stops: %s", site.name, outcome.stop_reason)
     elif outcome.resent:
         log.info(

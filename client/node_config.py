@@ -78,9 +78,8 @@ def _deployed_site(
     # The site's terms are checked before any record is read: a refused run leaves no trace at the
     # site.
     terms.check(settings.privacy)
-    if (
-        settings.audit.canaries
-    ):  # canaries would bend this site's training to the coordinator's design
+    # canaries would bend this site's training to the coordinator's design
+    if settings.audit.canaries:
         raise ConfigError(
             f"hospital {hospital}: the run config asks for audit canaries (audit-canaries = "
             f"{settings.audit.canaries}); only a simulated hospital plants them (`medtune audit`), "

@@ -38,9 +38,8 @@ from medtune.site_file import SiteFile
 log = logging.getLogger("medtune.site")
 QUIET_FLOWER = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 PR_SET_PDEATHSIG = 1  # prctl(2), Linux
-KEPT_REFUSED_FABS = (
-    20  # the newest refused FABs kept for review; a coordinator cannot fill the site's disk
-)
+# the newest refused FABs kept for review; a coordinator cannot fill the site's disk
+KEPT_REFUSED_FABS = 20
 
 
 class SiteAnswer:
@@ -67,9 +66,8 @@ class SiteAnswer:
                 message, context, CodeNotApprovedError(f"{error}; the FAB is kept at {kept}")
             )
         log.debug(review.summary())
-        return app(
-            message=message, context=context
-        )  # its handlers turn every failure into a category
+        # its handlers turn every failure into a category
+        return app(message=message, context=context)
 
 
 def supernode_command(site: SiteFile, secret_file: Path) -> list[str]:
@@ -145,14 +143,12 @@ def run_site(site: SiteFile) -> int:
     installed = InstalledCode.read()
     site.refused_fabs_dir.mkdir(parents=True, exist_ok=True)
     secret_file = site.ledger_path.parent / f".{site.hospital}.superexec-secret"
-    atomic_write_bytes(
-        secret_file, secrets.token_bytes(32)
-    )  # signs task claims: no other local process may take them
+    # signs task claims: no other local process may take them
+    atomic_write_bytes(secret_file, secrets.token_bytes(32))
     os.chmod(secret_file, 0o600)
     os.environ.update(QUIET_FLOWER)
-    if (
-        site.flower_home is not None
-    ):  # shared by the SuperNode and Flower's runner of an approved FAB
+    # shared by the SuperNode and Flower's runner of an approved FAB
+    if site.flower_home is not None:
         os.environ["FLWR_HOME"] = str(site.flower_home)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -62,14 +62,12 @@ class GradientCanaries:
     """M coordinate directions of the flattened (prompt, head.weight, head.bias), and which are
     in."""
 
-    directions: (
-        np.ndarray
-    )  # (M,) distinct flat indices into the exchanged state, in EXCHANGED_NAMES order
+    # (M,) distinct flat indices into the exchanged state, in EXCHANGED_NAMES order
+    directions: np.ndarray
     included: np.ndarray  # (M,) bool
     clip: float  # C: each canary's gradient norm, the records' clipping bound
-    sample_rate: (
-        float  # the Poisson rate at which an included canary joins a step, as a record does
-    )
+    # the Poisson rate at which an included canary joins a step, as a record does
+    sample_rate: float
 
     @classmethod
     def draw(
@@ -117,9 +115,8 @@ class GradientCanaries:
         per round): a sampled canary's gradient pushes its coordinate down, so the sum of the
         descents along it."""
         total = np.zeros(len(self.directions))
-        for (
-            descent
-        ) in updates:  # flattened in EXCHANGED_NAMES order, whatever order the file kept them in
+        # flattened in EXCHANGED_NAMES order, whatever order the file kept them in
+        for descent in updates:
             flat = np.concatenate(
                 [np.asarray(descent[name], dtype=np.float64).ravel() for name in EXCHANGED_NAMES]
             )
@@ -159,9 +156,8 @@ class PlantedCanaries:
         if self.private:
             samples = [per_sample_gradients(t) for t in tensors.values()]
             clipped = torch.zeros(len(self.canaries.directions), dtype=torch.float64)
-            if len(
-                samples[0]
-            ):  # Opacus's own clipping factor of each record: the auditor knows the records
+            # Opacus's own clipping factor of each record: the auditor knows the records
+            if len(samples[0]):
                 norms = torch.stack(
                     [s.reshape(len(s), -1).norm(2, dim=-1) for s in samples], dim=1
                 ).norm(2, dim=1)

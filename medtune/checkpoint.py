@@ -98,9 +98,8 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
         raw = state_path.read_bytes()
         arrays = load_safetensors(raw)
         saved_labels = _state_labels(raw)
-    except (
-        Exception
-    ) as error:  # safetensors raises its own error types for truncated or garbled files
+    # safetensors raises its own error types for truncated or garbled files
+    except Exception as error:
         raise CheckpointError(f"{state_path}: corrupted state file ({error})") from None
     if saved_labels is not None and saved_labels != labels:
         raise CheckpointError(
@@ -167,8 +166,7 @@ def model_from_checkpoint(
             f"{path}: trained on backbone {checkpoint.backbone_name} with a different weights "
             "hash; give the backbone it was trained on (predict: --backbone)"
         )
-    model = PromptClassifier(
-        loaded, config, len(checkpoint.labels), seed=0
-    )  # the seed is overwritten just below
+    # the seed is overwritten just below
+    model = PromptClassifier(loaded, config, len(checkpoint.labels), seed=0)
     model.load_exchanged_state(checkpoint.arrays, source=str(path))
     return checkpoint, model, loaded

@@ -21,9 +21,8 @@ from pathlib import Path
 from medtune.errors import CodeNotApprovedError
 
 APP_PACKAGES = ("medtune", "client", "server", "simulations")
-MAX_CODE_BYTES = (
-    64 * 2**20
-)  # uncompressed Python in a FAB: MedTune's is about 0.4 MB; more is refused unread
+# uncompressed Python in a FAB: MedTune's is about 0.4 MB; more is refused unread
+MAX_CODE_BYTES = 64 * 2**20
 
 
 def fab_hash(fab: bytes) -> str:

@@ -42,9 +42,8 @@ class Record:
     label: int
 
 
-Rows = tuple[
-    list[str], Iterator[tuple[int, dict]]
-]  # a file's columns, and its rows numbered from 1
+# a file's columns, and its rows numbered from 1
+Rows = tuple[list[str], Iterator[tuple[int, dict]]]
 
 
 def _not_utf8(path: Path) -> DataError:
@@ -109,9 +108,8 @@ def _jsonl_rows(path: Path, handle: BinaryIO) -> Rows:
                 if not line.strip():
                     continue
                 try:
-                    obj = json.loads(
-                        line.rstrip("\n")
-                    )  # without its newline: the error's column counts along the line
+                    # without its newline: the error's column counts along the line
+                    obj = json.loads(line.rstrip("\n"))
                 except json.JSONDecodeError as error:
                     raise DataError(
                         f"{path} row {number}: not valid JSON ({error.msg} at column {error.colno})"
@@ -310,9 +308,8 @@ class TokenizedRecords(Dataset):
                 self.ids[filled : filled + len(ids)] = ids
                 filled += len(ids)
                 self.offsets[row + 1] = filled
-        self.ids = self.ids[
-            :filled
-        ].copy()  # the unused tail of the max-length sized buffer is given back
+        # the unused tail of the max-length sized buffer is given back
+        self.ids = self.ids[:filled].copy()
         self.labels = torch.tensor([r.label for r in records], dtype=torch.long)
 
     def __len__(self) -> int:

@@ -37,9 +37,8 @@ from medtune.files import atomic_write_json
 
 log = logging.getLogger("medtune.features")
 
-CACHE_FORMAT = (
-    "medtune-feature-cache/2"  # 2: a checksum for every file (1: hidden.npy only; rebuilt)
-)
+# 2: a checksum for every file (1: hidden.npy only; rebuilt)
+CACHE_FORMAT = "medtune-feature-cache/2"
 STORAGE_DTYPE = np.float16  # halves the cache; the prompt and head still train in float32
 HIDDEN_FILE, OFFSETS_FILE, META_FILE = "hidden.npy", "offsets.npy", "meta.json"
 CHECKED_FILES = (HIDDEN_FILE, OFFSETS_FILE)
@@ -50,9 +49,8 @@ class HiddenStates(Dataset):
     """Each record's cached hidden states (tokens x hidden, float32 on read) and its label."""
 
     def __init__(self, hidden: np.ndarray, offsets: np.ndarray, labels: torch.Tensor) -> None:
-        self.hidden = (
-            hidden  # (all tokens, hidden size): a read-only memory map or an in-memory array
-        )
+        # (all tokens, hidden size): a read-only memory map or an in-memory array
+        self.hidden = hidden
         self.offsets = offsets  # record i is hidden[offsets[i]:offsets[i + 1]]
         self.labels = labels
 
@@ -70,9 +68,8 @@ class HiddenStates(Dataset):
         return self.hidden.nbytes / max(1, len(self))
 
 
-RecordInputs = (
-    TokenizedRecords | HiddenStates
-)  # what a PromptClassifier reads, per its prompt layer
+# what a PromptClassifier reads, per its prompt layer
+RecordInputs = TokenizedRecords | HiddenStates
 
 
 @dataclass(frozen=True)
@@ -116,9 +113,8 @@ def _fill(
     layer: int,
 ) -> None:
     """Run blocks 0..layer-1 over every record, longest first in batches, into `hidden`."""
-    order = np.argsort(
-        -tokens.lengths, kind="stable"
-    )  # stable: equal lengths keep the records' order
+    # stable: equal lengths keep the records' order
+    order = np.argsort(-tokens.lengths, kind="stable")
     collate = PadToLongest(backbone.tokenizer.pad_token_id)
     device = next(backbone.encoder.parameters()).device
     # A large site takes minutes here: records/s and the time left, on a terminal (disable=None: not
@@ -145,9 +141,8 @@ def _load(directory: Path, key: CacheKey, labels: torch.Tensor) -> HiddenStates 
         meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
         if meta.get("format") != CACHE_FORMAT or meta.get("key") != key.__dict__:
             raise ValueError("it was made for another backbone, layer or set of records")
-        for (
-            name
-        ) in CHECKED_FILES:  # every file the cache is read from: offsets move record boundaries
+        # every file the cache is read from: offsets move record boundaries
+        for name in CHECKED_FILES:
             if file_sha256(directory / name) != meta["sha256"][name]:
                 raise ValueError(f"{name} does not match its recorded checksum")
         hidden = np.load(directory / HIDDEN_FILE, mmap_mode="r")

@@ -99,7 +99,6 @@ def check_writable(path: str | Path, folder: bool, flag: str = "--out") -> None:
         ) from None
     finally:
         for directory in reversed(made):
-            with contextlib.suppress(
-                OSError
-            ):  # another process put something there meanwhile: keep it
+            # another process put something there meanwhile: keep it
+            with contextlib.suppress(OSError):
                 directory.rmdir()

@@ -28,8 +28,6 @@ def keep_heap_compact() -> bool:
     try:
         libc = ctypes.CDLL(name)
         return bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
-    except (
-        OSError,
-        AttributeError,
-    ):  # no C library by that name, or one without mallopt (musl, macOS)
+    # no C library by that name, or one without mallopt (musl, macOS)
+    except (OSError, AttributeError):
         return False

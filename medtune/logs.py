@@ -44,11 +44,8 @@ class AboveProgressBars(logging.Handler):
 
         try:
             tqdm.write(self.format(record), file=sys.stderr)
-        except (
-            OSError,
-            ValueError,
-            TypeError,
-        ):  # a closed stream, a bad format: reported by logging, never raised
+        # a closed stream, a bad format: reported by logging, never raised
+        except (OSError, ValueError, TypeError):
             self.handleError(record)
 
 

@@ -85,9 +85,8 @@ def _read_memo(path: Path) -> dict[str, float]:
         return {}
 
 
-SEARCH_TOLERANCE = (
-    0.01  # the noise search stops within this much below the target; a remembered sigma must too
-)
+# the noise search stops within this much below the target; a remembered sigma must too
+SEARCH_TOLERANCE = 0.01
 
 
 def _gives_target(
@@ -98,11 +97,8 @@ def _gives_target(
         return False
     try:
         spent = epsilon_of(accountant, ((sigma, sample_rate, steps),), delta)
-    except (
-        RuntimeError,
-        ValueError,
-        OverflowError,
-    ):  # the accountant cannot evaluate it (e.g. a huge sigma)
+    # the accountant cannot evaluate it (e.g. a huge sigma)
+    except (RuntimeError, ValueError, OverflowError):
         return False
     return epsilon - SEARCH_TOLERANCE <= spent <= epsilon
 
@@ -169,12 +165,10 @@ class PrivacyLedger:
         self.planned_steps = int(planned_steps)
         self.accountant: IAccountant = create_accountant(mechanism=config.accountant)
         self.non_private_steps = 0
-        self.hospital: str | None = (
-            None  # whose spending this is: a ledger serves one hospital only
-        )
-        self.records: str | None = (
-            None  # digest of the records it was made for (medtune/ledger_file.py)
-        )
+        # whose spending this is: a ledger serves one hospital only
+        self.hospital: str | None = None
+        # digest of the records it was made for (medtune/ledger_file.py)
+        self.records: str | None = None
         self.trained_rounds: list[int] = []  # federated rounds this hospital trained, in order
         self.events: list[str] = []  # what the step history alone does not explain
         if noise_multiplier is not None:

@@ -32,9 +32,8 @@ from medtune.epsilon import NO_DP, read_epsilon
 from medtune.errors import ConfigError
 from medtune.synth_config import LABELS, SynthConfig
 
-UNBOUNDED_KEYS = {
-    "max-update-norm"
-}  # float keys where inf means "no bound" (epsilon: medtune/epsilon.py)
+# float keys where inf means "no bound" (epsilon: medtune/epsilon.py)
+UNBOUNDED_KEYS = {"max-update-norm"}
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmed-mean")
 SYNTHETIC = "synthetic"
 
@@ -174,10 +173,8 @@ def _take(config: dict[str, Any], key: str, kind: type) -> Any:
     value = config[key]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if key in UNBOUNDED_KEYS and value in (
-        NO_DP,
-        math.inf,
-    ):  # +inf, also as MedTune writes it in JSON
+    # +inf, also as MedTune writes it in JSON
+    if key in UNBOUNDED_KEYS and value in (NO_DP, math.inf):
         return math.inf
     if kind is float and isinstance(value, float) and not math.isfinite(value):
         # NaN passes every `<= 0` check after this one: each number is refused here, where it is
@@ -273,9 +270,8 @@ def settings_from_run_config(config: dict[str, Any]) -> RunSettings:
     # them:
     check_fits_backbone(settings.model)  # prompt-layer, num-layers, max-length + prompt-length
     if settings.source.is_synthetic:
-        settings.source.synth_config(
-            settings.seed
-        )  # records-per-hospital (medtune/synth_config.py)
+        # records-per-hospital (medtune/synth_config.py)
+        settings.source.synth_config(settings.seed)
     return settings
 
 

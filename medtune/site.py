@@ -108,9 +108,8 @@ class Site:
         train_records, test_records = train_test_split(
             records, settings.data.test_fraction, settings.seed
         )
-        if (
-            audited and settings.audit.black_box
-        ):  # an audit's input canaries join the training split (medtune/canaries.py)
+        # an audit's input canaries join the training split (medtune/canaries.py)
+        if audited and settings.audit.black_box:
             train_records = train_records + planted_input_canaries(
                 settings, name, train_records, self.backbone
             )

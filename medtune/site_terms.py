@@ -24,9 +24,8 @@ from medtune.epsilon import NO_DP, read_epsilon, show_epsilon
 from medtune.errors import ConfigError, EvaluationWithheldError, PrivacyTermsError
 
 TERMS_KEYS = ("max-epsilon", "max-delta", "share-evaluation-counts", "secure-aggregation")
-DEFAULT_MAX_DELTA = (
-    1e-5  # the usual ceiling; a site with over 100,000 records should set a smaller one
-)
+# the usual ceiling; a site with over 100,000 records should set a smaller one
+DEFAULT_MAX_DELTA = 1e-5
 
 
 @dataclass(frozen=True)
@@ -36,12 +35,10 @@ class SiteTerms:
 
     max_epsilon: float | None  # None: not configured, so nothing is trained; inf: consent to no DP
     max_delta: float = DEFAULT_MAX_DELTA
-    share_evaluation_counts: bool = (
-        False  # they are outside epsilon: shared only with the site's consent
-    )
-    secure_aggregation: bool = (
-        False  # true: the site sends its prompt and head only masked (SecAgg+), never in clear
-    )
+    # they are outside epsilon: shared only with the site's consent
+    share_evaluation_counts: bool = False
+    # true: the site sends its prompt and head only masked (SecAgg+), never in clear
+    secure_aggregation: bool = False
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any], source: str) -> "SiteTerms":

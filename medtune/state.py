@@ -19,11 +19,8 @@ from medtune.errors import ConfigError, StateError
 PROMPT = "prompt"
 HEAD_WEIGHT = "head.weight"
 HEAD_BIAS = "head.bias"
-EXCHANGED_NAMES = (
-    PROMPT,
-    HEAD_WEIGHT,
-    HEAD_BIAS,
-)  # their order wherever the state travels as a list
+# their order wherever the state travels as a list
+EXCHANGED_NAMES = (PROMPT, HEAD_WEIGHT, HEAD_BIAS)
 STATE_DTYPE = np.dtype(np.float32)
 
 # A hospital's name is the one identity that crosses the wire with its state. The coordinator names

@@ -31,9 +31,8 @@ _RECORDING = threading.Lock()
 EXIT_STATUS = 130  # the shell's status for a run ended by SIGINT
 RECORDING_GRACE_SECONDS = 30.0  # the longest a stop waits for a round's files to be written
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_active_handler: Callable[[int, object], None] | None = (
-    None  # the innermost stop_on_signals' handler
-)
+# the innermost stop_on_signals' handler
+_active_handler: Callable[[int, object], None] | None = None
 
 
 class Interrupted(MedTuneError):
@@ -64,9 +63,8 @@ def stop_on_signals(afterwards: str) -> Iterator[None]:
         # Flower's simulation threads log every actor that dies as the process ends, each with a
         # traceback; after a stop those deaths are the stop itself, not an error worth a traceback.
         logging.getLogger("flwr").setLevel(logging.CRITICAL)
-        if _RECORDING.acquire(
-            timeout=RECORDING_GRACE_SECONDS
-        ):  # a round being recorded finishes its files
+        # a round being recorded finishes its files
+        if _RECORDING.acquire(timeout=RECORDING_GRACE_SECONDS):
             _RECORDING.release()
         # os.write, not print: the main thread may have been inside a write to the same stream.
         os.write(

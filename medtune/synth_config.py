@@ -27,9 +27,8 @@ class SynthConfig:
     """How many hospitals, how big, how skewed, how noisy."""
 
     hospitals: int = from_pyproject("hospitals")
-    mean_records: int = from_pyproject(
-        "records-per-hospital"
-    )  # the mean; sizes spread log-normally (size_skew)
+    # the mean; sizes spread log-normally (size_skew)
+    mean_records: int = from_pyproject("records-per-hospital")
     size_skew: float = 0.6
     dirichlet_alpha: float = from_pyproject("dirichlet-alpha")
     label_noise: float = 0.05
@@ -40,9 +39,8 @@ class SynthConfig:
             raise ConfigError(f"synth.hospitals must be at least 1, got {self.hospitals}")
         if self.mean_records < 20:
             raise ConfigError(f"synth.mean_records must be at least 20, got {self.mean_records}")
-        if not (
-            0 <= self.size_skew < math.inf and 0 < self.dirichlet_alpha < math.inf
-        ):  # NaN fails both
+        # NaN fails both
+        if not (0 <= self.size_skew < math.inf and 0 < self.dirichlet_alpha < math.inf):
             raise ConfigError(
                 "synth.size_skew must be a finite number >= 0 and synth.dirichlet_alpha a finite "
                 f"number > 0, got {self.size_skew} and {self.dirichlet_alpha}"

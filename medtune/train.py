@@ -52,9 +52,8 @@ class TrainResult:
     epsilon: float
     delta: float
     optimizer_state: dict[str, torch.Tensor]  # Adam's moments after the last step (see train_local)
-    canary_observations: np.ndarray | None = (
-        None  # (steps, M): an audit's white-box reading (medtune/canaries.py)
-    )
+    # (steps, M): an audit's white-box reading (medtune/canaries.py)
+    canary_observations: np.ndarray | None = None
 
     def metrics(self) -> dict[str, float]:
         """The figures worth reporting (the optimizer state stays at the site, unreported)."""
@@ -317,9 +316,8 @@ def train_local(
         batch_size=train.batch_size,
         shuffle=True,
         collate_fn=PadToLongest(pad_token_id),
-        generator=torch.Generator().manual_seed(
-            streams.sampling
-        ),  # Opacus's Poisson sampler draws from it
+        # Opacus's Poisson sampler draws from it
+        generator=torch.Generator().manual_seed(streams.sampling),
     )
     adam = torch.optim.Adam(model.trainable_parameters(), lr=train.learning_rate)
     if optimizer_state:

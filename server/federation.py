@@ -495,9 +495,8 @@ class Federation:
         """
         timeout = self.settings.federation.round_timeout
         replies = collect_replies(self.grid, messages, timeout)
-        sent_to = {
-            m.metadata.message_id: m.metadata.dst_node_id for m in messages
-        }  # ids are set on sending
+        # ids are set on sending
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         read = []
         for message in replies:
             node = sent_to.get(message.metadata.reply_to_message_id, message.metadata.src_node_id)
@@ -667,9 +666,8 @@ class Federation:
     def _save(self, server_round: int) -> None:
         settings = self.settings
         directory = checkpoint_dir(settings.out, server_round)
-        save_strategy_state(
-            self.strategy, directory
-        )  # before the checkpoint's meta.json marks it complete
+        # before the checkpoint's meta.json marks it complete
+        save_strategy_state(self.strategy, directory)
         save_checkpoint(
             directory,
             Checkpoint(

@@ -131,9 +131,8 @@ def restore_strategy_state(strategy: FedAvg, directory: Path) -> None:
         return
     try:
         state = load_safetensors(path.read_bytes())
-    except (
-        Exception
-    ) as error:  # safetensors raises its own error types for truncated or garbled files
+    # safetensors raises its own error types for truncated or garbled files
+    except Exception as error:
         raise CheckpointError(f"{path}: corrupted strategy state ({error})") from None
     for prefix, attribute in zip(MOMENT_PREFIXES, ("m_t", "v_t"), strict=True):
         moments = {

@@ -87,9 +87,8 @@ def check_train_reply(
         raise StateError(f"update from {hospital}: {metrics.epsilon_problem}")
     try:
         received = from_record(content.array_records[ARRAYS])
-    except (
-        Exception
-    ) as error:  # a crafted Array's bytes may not deserialise; numpy raises several types
+    # a crafted Array's bytes may not deserialise; numpy raises several types
+    except Exception as error:
         raise StateError(
             f"update from {hospital}: arrays cannot be read ({type(error).__name__}: {error})"
         ) from None

@@ -176,9 +176,8 @@ class RealHospital:
         )
 
     def __call__(self, message: Message) -> Message:
-        return client_app.app(
-            message, self.context
-        )  # the ClientApp with its mods, as a SuperNode calls it
+        # the ClientApp with its mods, as a SuperNode calls it
+        return client_app.app(message, self.context)
 
 
 def site_files(tmp_path: Path) -> list[Path]:
@@ -196,9 +195,8 @@ def real_grid(files: list[Path], tmp_path: Path, config: dict[str, Any]) -> Fake
                     "ledger-path": str(ledger_path(tmp_path, i)),
                     "text-column": "text",
                     "label-column": "label",
-                    "max-epsilon": config[
-                        "epsilon"
-                    ],  # each site's ceiling: what these runs ask for
+                    # each site's ceiling: what these runs ask for
+                    "max-epsilon": config["epsilon"],
                     # these sites consent to report their test counts
                     "share-evaluation-counts": True,
                 },

@@ -53,9 +53,8 @@ class Outcome:
     status: int | None  # None: killed at the time limit
     stderr: str
     seconds: float
-    helpers: list[psutil.Process] = field(
-        default_factory=list
-    )  # its descendants when it was interrupted
+    # its descendants when it was interrupted
+    helpers: list[psutil.Process] = field(default_factory=list)
 
 
 @dataclass
@@ -128,9 +127,8 @@ def refused(outcome: Outcome, message: str) -> Verdict:
     """The expected answer to bad input: exit 2, one `error:` line containing `message`, no
     traceback."""
     verdict = Verdict(traceback="Traceback" in outcome.stderr, hang=outcome.status is None)
-    lines = [
-        line for line in outcome.stderr.splitlines() if "error:" in line
-    ]  # argparse prefixes its own
+    # argparse prefixes its own
+    lines = [line for line in outcome.stderr.splitlines() if "error:" in line]
     if not verdict.hang and (outcome.status != 2 or not any(message in line for line in lines)):
         verdict.wrong = (
             f"exit {outcome.status}, expected 2 with {message!r}; stderr ends "
@@ -532,9 +530,8 @@ def quick_cases(work: Path) -> dict[str, Callable[[], Verdict]]:
 
     def long_note() -> Verdict:
         path = work / "long-note.csv"
-        path.write_text(
-            NOTES + '"' + "chest pain " * 20_000 + '",cardiology\n', encoding="utf-8"
-        )  # 215 KiB
+        # 215 KiB
+        path.write_text(NOTES + '"' + "chest pain " * 20_000 + '",cardiology\n', encoding="utf-8")
         out = work / "long-note"
         verdict = succeeded(train(out, data=path), "a note over 128 KiB")
         if not verdict.wrong and not verdict.hang:
@@ -837,9 +834,8 @@ def run_cases(work: Path) -> dict[str, Callable[[], Verdict]]:
         def edit(site: Path) -> None:
             state = json.loads((site / "ledger.json").read_text())
             for entry in state["history"]:
-                entry[0] = (
-                    1000.0  # noise multiplier 1000: the history now claims almost no epsilon spent
-                )
+                # noise multiplier 1000: the history now claims almost no epsilon spent
+                entry[0] = 1000.0
             if recompute_checksum:
                 from medtune.privacy import ledger_checksum
 

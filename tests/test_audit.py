@@ -32,9 +32,8 @@ def test_attack_scores_behave_at_the_extremes() -> None:
     assert attack_auc(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 1.0
     assert attack_auc(np.array([1.0, 2.0]), np.array([1.0, 2.0])) == 0.5
     non_members = np.linspace(0, 1, 200)
-    assert (
-        tpr_at_fpr(np.array([2.0, 0.5]), non_members) == 0.5
-    )  # only the score above every non-member's top 1%
+    # only the score above every non-member's top 1%
+    assert tpr_at_fpr(np.array([2.0, 0.5]), non_members) == 0.5
 
 
 @pytest.fixture(scope="module")

@@ -67,9 +67,8 @@ def test_under_correct_dp_the_bound_stays_below_the_ledger_and_without_dp_it_is_
     assert 0 <= private["black_box"]["epsilon"] <= private["ledger_epsilon"]
     assert not any("exceeds" in line for line in audit_lines(private))
     open_run = audited_run(tiny_backbone_dir, tmp_path / "no-dp", epsilon=float("inf"))
-    assert open_run["white_box"]["epsilon"] >= 2.5, (
-        open_run
-    )  # near the most 200 canaries can certify
+    # near the most 200 canaries can certify
+    assert open_run["white_box"]["epsilon"] >= 2.5, open_run
 
 
 def test_a_run_without_canaries_is_refused_with_what_an_audit_needs(
@@ -90,9 +89,8 @@ def test_a_deployed_site_refuses_a_run_config_that_asks_for_canaries(
     with pytest.raises(FederationError, match="site configuration refused"):
         federate(real_grid(site_files(tmp_path), tmp_path, config), config)
     assert "only a simulated hospital plants them" in caplog.text
-    assert not list(
-        (tmp_path / "sites").glob("*/ledger.json")
-    )  # refused before any ledger was made
+    # refused before any ledger was made
+    assert not list((tmp_path / "sites").glob("*/ledger.json"))
 
 
 def test_bad_audit_requests_are_refused_in_one_line_before_anything_runs(
@@ -116,9 +114,8 @@ def test_bad_audit_requests_are_refused_in_one_line_before_anything_runs(
         audit_overrides(1, "hospital_1", "both")
     with pytest.raises(ConfigError, match="is more than hospital_1's .* training records"):
         check_audit_settings(settings(5000, "black-box"))
-    check_audit_settings(
-        settings(250, "white-box")
-    )  # gradient canaries need coordinates, not records
+    # gradient canaries need coordinates, not records
+    check_audit_settings(settings(250, "white-box"))
     with pytest.raises(ConfigError, match="'hospital_9' is not in this federation"):
         check_audit_settings(settings(10, "white-box", hospital="hospital_9"))
     # The site's own steps are audited under secure aggregation too; only the coordinator's view is

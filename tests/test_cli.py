@@ -104,14 +104,8 @@ def test_a_prompt_too_long_for_the_backbone_is_refused_before_any_feature_cache(
     notes.write_text(
         "text,label\n" + "chest pain,cardiology\nwheezing,pulmonology\n" * 5, encoding="utf-8"
     )
-    too_long = [
-        "--prompt-length",
-        "150",
-        "--max-length",
-        "32",
-        "--prompt-layer",
-        "3",
-    ]  # 182 > 160 positions
+    # 182 > 160 positions
+    too_long = ["--prompt-length", "150", "--max-length", "32", "--prompt-layer", "3"]
     run = tmp_path / "run"
     assert (
         main(
@@ -232,9 +226,8 @@ def test_simulate_never_overwrites_or_shares_a_run(tmp_path, capsys, tiny_backbo
     assert (sim / "results.json").read_text(encoding="utf-8") == '{"rounds": [1]}'  # untouched
 
     other = tmp_path / "busy"
-    with exclusive(
-        other, "another run's out directory"
-    ):  # as a second `medtune simulate` would hold it
+    # as a second `medtune simulate` would hold it
+    with exclusive(other, "another run's out directory"):
         assert (
             main(
                 [
@@ -396,9 +389,8 @@ def test_train_and_simulate_share_the_defaults_of_pyproject_and_every_config_fie
     for config in (DataConfig, ModelConfig, PrivacyConfig, TrainConfig):
         for field in dataclasses.fields(config):
             if field.name not in NOT_FLAGS:
-                assert getattr(args, field.name) is None, (
-                    field.name
-                )  # unset: the dataclass default applies
+                # unset: the dataclass default applies
+                assert getattr(args, field.name) is None, field.name
     given = build_parser().parse_args(
         ["train", "--prompt-length", "4", "--lr", "0.5", "--epsilon", "inf"]
     )
@@ -540,12 +532,10 @@ def test_train_says_when_it_builds_a_feature_cache(tmp_path, capsys, tiny_backbo
     lines = [
         line for line in capsys.readouterr().err.splitlines() if line.startswith("feature cache")
     ]
-    assert len(lines) == 2 and all(built.match(line) for line in lines), (
-        lines
-    )  # the training and the test split
-    assert main([*argv, "--ledger", str(tmp_path / "second.json")]) == 0, (
-        capsys.readouterr().err
-    )  # same records: caches found
+    # the training and the test split
+    assert len(lines) == 2 and all(built.match(line) for line in lines), lines
+    # same records: caches found
+    assert main([*argv, "--ledger", str(tmp_path / "second.json")]) == 0, capsys.readouterr().err
     assert "feature cache" not in capsys.readouterr().err
 
 

@@ -87,12 +87,10 @@ def test_only_a_listed_hash_is_approved_and_garbage_is_not_a_fab(installed: Inst
     damaged = bytearray(
         fab_of({"client/app.py": bytes(range(256)) * 64}, compression=zipfile.ZIP_DEFLATED)
     )
-    middle = (
-        damaged.index(b"client/app.py") + len("client/app.py") + 20
-    )  # inside the deflate stream
-    damaged[middle : middle + 16] = (
-        b"\xff" * 16
-    )  # zlib.error, not BadZipFile: still a refusal, never a crash
+    # inside the deflate stream
+    middle = damaged.index(b"client/app.py") + len("client/app.py") + 20
+    # zlib.error, not BadZipFile: still a refusal, never a crash
+    damaged[middle : middle + 16] = b"\xff" * 16
     with pytest.raises(CodeNotApprovedError, match="damaged.fab: not a readable FAB"):
         review(bytes(damaged), installed, "damaged.fab")
 

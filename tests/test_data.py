@@ -153,16 +153,14 @@ def test_batches_pad_to_the_longest_text_and_truncate_to_max_length(tiny_backbon
 def test_token_ids_are_held_in_one_flat_array_of_two_byte_ids(tiny_backbone, monkeypatch):
     """A site of a million records keeps its token ids in memory: 2 bytes a token, not an object
     per record or id."""
-    monkeypatch.setattr(
-        data_module, "TOKENIZE_CHUNK", 7
-    )  # several tokenizer calls, records crossing their edges
+    # several tokenizer calls, records crossing their edges
+    monkeypatch.setattr(data_module, "TOKENIZE_CHUNK", 7)
     tokenizer = tiny_backbone.tokenizer
     records = [Record("chest pain " * n, n % 2) for n in range(1, 30)]
     dataset = TokenizedRecords(records, tokenizer, max_length=16)
     one_by_one = [tokenizer(r.text, truncation=True, max_length=16)["input_ids"] for r in records]
-    assert (
-        dataset.ids.dtype == np.uint16 and dataset.ids.base is None
-    )  # owns just its tokens, no max-length buffer
+    # owns just its tokens, no max-length buffer
+    assert dataset.ids.dtype == np.uint16 and dataset.ids.base is None
     assert dataset.ids.nbytes == 2 * sum(len(ids) for ids in one_by_one)
     assert [dataset[i][0].tolist() for i in range(len(records))] == one_by_one
     assert dataset[0][0].dtype == torch.long and [int(dataset[i][1]) for i in range(29)] == [

@@ -172,18 +172,15 @@ class Deployment:
     rejoined_node_id: str
     ledger_after_run_a: dict[str, dict]
     refused: dict[str, Path]  # out directory of each refused run, by case
-    markers_after_refusals: list[
-        str
-    ]  # sites where the coordinator's modified code ran before any approval
+    # sites where the coordinator's modified code ran before any approval
+    markers_after_refusals: list[str]
     approved: Path  # out directory of the modified FAB's run once h4 approved it
     approving_site: Path
-    left_by_refused_runs: list[
-        str
-    ]  # files any site had after the refused runs (none expected but its keys)
+    # files any site had after the refused runs (none expected but its keys)
+    left_by_refused_runs: list[str]
     modified_fab_hash: str
-    ledgers_after_run_b: dict[
-        str, dict
-    ]  # before the approved run (h1-h3 refuse it, so nothing changes)
+    # before the approved run (h1-h3 refuse it, so nothing changes)
+    ledgers_after_run_b: dict[str, dict]
 
 
 def read_json(path: Path) -> dict:
@@ -521,9 +518,8 @@ def refused_reasons(out: Path) -> dict[str, str]:
 def test_the_coordinators_modified_code_is_refused_before_it_is_imported(
     deployment: Deployment,
 ) -> None:
-    assert (
-        deployment.markers_after_refusals == []
-    )  # the extra line in the coordinator's client/app.py never ran
+    # the extra line in the coordinator's client/app.py never ran
+    assert deployment.markers_after_refusals == []
     reasons = refused_reasons(deployment.refused["modified-code"])
     assert sorted(reasons) == list(HOSPITALS)
     for reason in reasons.values():
@@ -534,9 +530,8 @@ def test_the_coordinators_modified_code_is_refused_before_it_is_imported(
         lines = [
             line for line in log.splitlines() if "code differs from the installed MedTune" in line
         ]
-        assert (
-            lines
-        )  # one per message: the readiness query (h3's log is its first process's, killed in run A)
+        # one per message: the readiness query (h3's log is its first process's, killed in run A)
+        assert lines
         assert all(
             "1 changed (client/app.py)" in line and "refused before any of it was imported" in line
             for line in lines
@@ -551,9 +546,8 @@ def test_a_fab_the_site_approved_by_hash_runs_as_its_own_code_there_only(
     deployment: Deployment,
 ) -> None:
     reasons = refused_reasons(deployment.approved)
-    assert reasons[APPROVING].startswith(
-        "trained"
-    )  # h4 listed the FAB's hash: Flower's runner ran it
+    # h4 listed the FAB's hash: Flower's runner ran it
+    assert reasons[APPROVING].startswith("trained")
     assert {reasons[name] for name in HOSPITALS} == {
         "failed: code not approved by the site; the details are in the site's own log"
     }
@@ -587,9 +581,8 @@ def test_privacy_requests_above_a_sites_terms_are_refused_and_a_stricter_one_is_
     assert left == []
     for name, site in deployment.sites.items():
         ledger = read_json(site / "ledger.json")
-        assert (
-            ledger["epsilon_target"] == STRICTER_EPSILON
-        )  # the run's stricter request, under the ceiling of 8
+        # the run's stricter request, under the ceiling of 8
+        assert ledger["epsilon_target"] == STRICTER_EPSILON
         assert 0 < ledger["epsilon_spent"] <= STRICTER_EPSILON
 
 
@@ -617,9 +610,8 @@ def test_two_rounds_send_only_the_prompt_and_head(deployment: Deployment) -> Non
             )
             assert "train_loss" not in trained  # computed without noise: it stays at the site
             assert SPEC.num_bytes() <= trained["bytes_up"] < SPEC.num_bytes() + 3 * 200
-            assert (
-                trained["bytes_down"] >= 2 * SPEC.num_bytes()
-            )  # the global state for training and evaluation
+            # the global state for training and evaluation
+            assert trained["bytes_down"] >= 2 * SPEC.num_bytes()
             folder = deployment.out / "updates" / f"round_{round_record['round']:03d}"
             update = load_file(str(folder / f"{trained['name']}.safetensors"))
             assert {name: list(a.shape) for name, a in update.items()} == {
@@ -653,16 +645,14 @@ def test_a_killed_site_rejoins_with_its_epsilon_where_it_was(deployment: Deploym
         "h2",
     ]
     assert second["aggregated"]  # min-hospitals = 2: the run went on without h3
-    assert (
-        deployment.rejoined_node_id == deployment.node_ids[KILLED]
-    )  # the same registered key, the same node
+    # the same registered key, the same node
+    assert deployment.rejoined_node_id == deployment.node_ids[KILLED]
     per_round = {name: hospital(first, name)["steps"] for name in HOSPITALS}
     before = deployment.ledger_after_run_a[KILLED]
     assert before["steps"] == per_round[KILLED]  # killed before it trained round 2
     rejoined = hospital(third, KILLED)
-    assert (
-        rejoined["steps"] == before["steps"] + per_round[KILLED]
-    )  # continued from its ledger, not reset
+    # continued from its ledger, not reset
+    assert rejoined["steps"] == before["steps"] + per_round[KILLED]
     assert rejoined["epsilon"] > before["epsilon_spent"] > 0
     for name in ("h1", "h2"):
         steps = [hospital(r, name)["steps"] for r in (first, second, third)]
@@ -672,13 +662,11 @@ def test_a_killed_site_rejoins_with_its_epsilon_where_it_was(deployment: Deploym
 def test_certificates_name_the_superlink_and_keys_are_never_replaced(tmp_path: Path) -> None:
     first = make_server_certificates(tmp_path / "certs", ["127.0.0.1", "superlink.example"])
     ca = first.ca_cert.read_bytes()
-    with pytest.raises(
-        ConfigError, match="pass --rotate"
-    ):  # a key SuperNodes may have pinned is never replaced silently
+    # a key SuperNodes may have pinned is never replaced silently
+    with pytest.raises(ConfigError, match="pass --rotate"):
         make_server_certificates(tmp_path / "certs", ["10.0.0.5"])
-    again = make_server_certificates(
-        tmp_path / "certs", ["10.0.0.5"], rotate=True
-    )  # a new host keeps the consortium CA
+    # a new host keeps the consortium CA
+    again = make_server_certificates(tmp_path / "certs", ["10.0.0.5"], rotate=True)
     assert again.ca_cert.read_bytes() == ca
     names = x509.load_pem_x509_certificate(
         again.server_cert.read_bytes()
@@ -709,10 +697,8 @@ SITE = {
             {"hospital": "h1", "data-path": "/srv/notes.csv"},
             r"lacks \['ledger-path', 'text-column', 'label-column'\]",
         ),
-        (
-            {**SITE, "maxepsilon": 8.0},
-            r"node config key\(s\) \['maxepsilon'\] are not MedTune's",
-        ),  # never ignored
+        # never ignored
+        ({**SITE, "maxepsilon": 8.0}, r"node config key\(s\) \['maxepsilon'\] are not MedTune's"),
         ({**SITE, "max-epsilon": 0}, "node config max-epsilon: epsilon 0 must be positive"),
         (
             {**SITE, "max-epsilon": 8.0, "max-delta": 1.5},
@@ -746,10 +732,8 @@ def test_a_site_with_an_unusable_node_config_is_refused_by_name(
 def test_a_run_above_the_sites_privacy_terms_is_refused_before_its_records_are_read(
     max_epsilon: float | None, asked: object, refusal: str, tmp_path: Path
 ) -> None:
-    node_config = {
-        **SITE,
-        "data-path": str(tmp_path / "never-read.csv"),
-    }  # absent: reading it would be a DataError
+    # absent: reading it would be a DataError
+    node_config = {**SITE, "data-path": str(tmp_path / "never-read.csv")}
     if max_epsilon is not None:
         node_config["max-epsilon"] = max_epsilon
     context = Context(
@@ -767,9 +751,8 @@ def test_a_run_above_the_sites_privacy_terms_is_refused_before_its_records_are_r
     )
 
 
-@pytest.mark.parametrize(
-    "share", [None, False]
-)  # None: the key left out, whose default keeps them at the site
+# None: the key left out, whose default keeps them at the site
+@pytest.mark.parametrize("share", [None, False])
 def test_a_site_that_withholds_its_evaluation_counts_sends_a_category_only(
     share: bool | None,
 ) -> None:
@@ -789,6 +772,7 @@ def test_a_site_that_withholds_its_evaluation_counts_sends_a_category_only(
         failure_reason(refused.value)
         == "evaluation counts withheld by the site's terms; the details are in the site's own log"
     )
+    # consent: no refusal
     check_evaluation_shared(
         Context(
             run_id=1,
@@ -797,4 +781,4 @@ def test_a_site_that_withholds_its_evaluation_counts_sends_a_category_only(
             state=RecordDict(),
             run_config=run_defaults(),
         )
-    )  # consent: no refusal
+    )

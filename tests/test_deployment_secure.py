@@ -114,9 +114,8 @@ def test_a_site_that_requires_secure_aggregation_refuses_a_plain_round(
     secure_deployment: SecureDeployment,
 ) -> None:
     results = read_json(secure_deployment.plain / "results.json")
-    assert not results[
-        "rounds"
-    ]  # no one was asked to train: all three refused at the readiness query
+    # no one was asked to train: all three refused at the readiness query
+    assert not results["rounds"]
     assert any("privacy terms refused" in event for event in results["events"])
     for name in HOSPITALS:
         assert "only through secure aggregation" in secure_deployment.site_logs[name]
@@ -132,17 +131,14 @@ def test_a_secure_run_with_tls_and_authentication_completes_two_rounds(
         rows = {h["name"]: h for h in record["hospitals"]}
         assert [rows[name]["status"] for name in HOSPITALS] == ["trained"] * 3
         assert all(rows[name]["examples"] == 0 and not rows[name]["received"] for name in HOSPITALS)
-        assert all(
-            rows[name]["steps"] > 0 for name in HOSPITALS
-        )  # the clear report the ledger record needs
+        # the clear report the ledger record needs
+        assert all(rows[name]["steps"] > 0 for name in HOSPITALS)
     for server_round in (1, 2):
         kept = sorted(
             p.name
             for p in (secure_deployment.secure / "updates" / f"round_{server_round:03d}").iterdir()
         )
-        assert kept == [
-            "_sent.safetensors",
-            "secure-aggregate.safetensors",
-        ]  # the state it sent, and only the sum
+        # the state it sent, and only the sum
+        assert kept == ["_sent.safetensors", "secure-aggregate.safetensors"]
     for name, site in secure_deployment.sites.items():
         assert read_json(site / "ledger.json")["trained_rounds"] == [1, 2], name

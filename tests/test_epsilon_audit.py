@@ -35,9 +35,8 @@ def test_all_correct_guesses_reach_the_analytic_ceiling() -> None:
     bound = epsilon_lower_bound(1000, 1000, 1000, delta=0.0)
     assert bound == pytest.approx(math.log(q / (1 - q)), abs=2 * TOLERANCE)
     assert bound == pytest.approx(max_certifiable_epsilon(1000), abs=2 * TOLERANCE)
-    assert bound == pytest.approx(
-        math.log(1000 / math.log(20)), abs=0.02
-    )  # the rule of thumb: about 5.81
+    # the rule of thumb: about 5.81
+    assert bound == pytest.approx(math.log(1000 / math.log(20)), abs=0.02)
     assert bound < math.log(1000 / math.log(20))
 
 

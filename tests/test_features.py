@@ -57,9 +57,8 @@ def test_cache_is_built_once_and_read_back_memory_mapped(tiny_backbone, tmp_path
         torch.testing.assert_close(first[i][0], second[i][0], rtol=0, atol=0)
         assert first[i][1] == RECORDS[i].label
     in_memory = record_inputs(tiny_backbone, CONFIG, RECORDS)
-    torch.testing.assert_close(
-        in_memory[2][0], second[2][0], rtol=0, atol=0
-    )  # same float16 numbers
+    # same float16 numbers
+    torch.testing.assert_close(in_memory[2][0], second[2][0], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(

@@ -98,9 +98,8 @@ def test_only_exchanged_state_crosses_the_wire(two_rounds: Path) -> None:
         assert sorted(h["name"] for h in round_record["hospitals"]) == list(HOSPITALS)
         for hospital in round_record["hospitals"]:
             assert hospital["status"] == "trained"
-            assert (
-                hospital["received"] == expected
-            )  # no backbone tensor, no text, no per-record gradient
+            # no backbone tensor, no text, no per-record gradient
+            assert hospital["received"] == expected
             # The arrays' bytes plus Flower's per-array header, nothing more.
             assert spec.num_bytes() <= hospital["bytes_up"] < spec.num_bytes() + 3 * 200
     for update in (two_rounds / "updates" / "round_001").glob("*.safetensors"):
@@ -118,9 +117,8 @@ def test_local_adam_moments_stay_at_the_site_and_carry_across_rounds(two_rounds:
     for name in HOSPITALS:
         moments = load_file(str(two_rounds / "sites" / name / "ledger.optimizer.safetensors"))
         shapes = list(spec.shapes.values())
-        for index, shape in enumerate(
-            shapes
-        ):  # one entry per trainable tensor, in exchanged-state order
+        # one entry per trainable tensor, in exchanged-state order
+        for index, shape in enumerate(shapes):
             assert (
                 moments[f"{index}.exp_avg"].shape == shape
                 and moments[f"{index}.exp_avg_sq"].shape == shape
@@ -159,9 +157,8 @@ def test_epsilon_grows_and_equals_one_accountant_over_all_steps(two_rounds: Path
         assert seen[1]["steps"] == 2 * seen[0]["steps"]
         state = ledger(two_rounds, name)
         assert state["steps"] == seen[1]["steps"]
-        for (
-            round_seen
-        ) in seen:  # one fresh accountant fed every step so far gives the reported epsilon
+        # one fresh accountant fed every step so far gives the reported epsilon
+        for round_seen in seen:
             accountant = create_accountant("prv")
             accountant.history = [
                 (state["noise_multiplier"], state["sample_rate"], round_seen["steps"])
@@ -341,9 +338,8 @@ def test_only_a_simulated_run_on_its_own_backbone_is_scored_again(
     from medtune.errors import ConfigError
     from medtune.experiments.baselines import score_global_model
 
-    deployed = (
-        tmp_path / "deployed"
-    )  # a run whose record names a hospital these settings do not simulate
+    # a run whose record names a hospital these settings do not simulate
+    deployed = tmp_path / "deployed"
     shutil.copytree(two_rounds, deployed)
     record = results(deployed)
     record["rounds"][-1]["hospitals"][0]["name"] = "st_marys"
@@ -416,9 +412,8 @@ def test_every_private_flower_name_medtune_simulate_calls_exists_in_the_installe
         "RUN_SIMULATION_ARGUMENTS",
         (*flower_engine.RUN_SIMULATION_ARGUMENTS, "renamed"),
     )
-    assert flower_engine.missing_private_names() == [
-        "flwr.supercore.run.Run.gone"
-    ]  # names first, then arguments
+    # names first, then arguments
+    assert flower_engine.missing_private_names() == ["flwr.supercore.run.Run.gone"]
     monkeypatch.setattr(flower_engine, "PRIVATE_NAMES", flower_engine.PRIVATE_NAMES[:-1])
     assert flower_engine.missing_private_names() == ["_run_simulation(renamed=...)"]
 
@@ -441,9 +436,8 @@ def test_flower_leaves_a_running_ray_alone_so_medtune_keeps_its_stop_handler(mon
 
     started: list[dict] = []
     monkeypatch.setattr(ray, "init", lambda **arguments: started.append(arguments))
-    monkeypatch.setattr(
-        helper_processes, "ray_helpers_marked", nullcontext
-    )  # no watcher process for no Ray
+    # no watcher process for no Ray
+    monkeypatch.setattr(helper_processes, "ray_helpers_marked", nullcontext)
     backend_config = {
         "init_args": {"num_cpus": 2, "object_store_memory": 10**8},
         "client_resources": {"num_cpus": 1},

@@ -93,15 +93,13 @@ def _ends(how: str) -> None:
     try:
         watchers = _watchers(driver)
         assert len(watchers) == 1
-        assert os.getsid(watchers[0].pid) != os.getsid(
-            driver.pid
-        )  # a group's Ctrl-C or SIGTERM misses it
+        # a group's Ctrl-C or SIGTERM misses it
+        assert os.getsid(watchers[0].pid) != os.getsid(driver.pid)
         if how == "sigkill":
             driver.send_signal(signal.SIGKILL)
         else:
-            driver.stdin.write(
-                "\n"
-            )  # a normal exit (not communicate(): the bystander holds the driver's stdout)
+            # a normal exit (not communicate(): the bystander holds the driver's stdout)
+            driver.stdin.write("\n")
             driver.stdin.close()
         try:
             driver.wait(timeout=WAIT)

@@ -77,6 +77,5 @@ def test_set_up_reads_the_source_once_however_many_hospitals(
     path.write_text(
         "text,label\n" + "".join(f"edited {i},{LABELS[i % len(LABELS)]}\n" for i in range(300))
     )
-    assert (
-        hospitals.simulated_hospital(from_file, 0).records[0].text.startswith("edited")
-    )  # a changed file is read again
+    # a changed file is read again
+    assert hospitals.simulated_hospital(from_file, 0).records[0].text.startswith("edited")

@@ -111,10 +111,8 @@ def test_a_hostile_reply_is_rejected_and_the_others_are_aggregated(
     assert [seen[f"hospital_{i}"]["status"] for i in (1, 2)] == ["trained", "trained"]
     assert results["rounds"][0]["aggregated"] is True
     aggregate = load_checkpoint(checkpoint_dir(tmp_path, 1)).arrays
-    for (
-        name,
-        array,
-    ) in aggregate.items():  # the example-weighted mean of the two honest updates alone
+    # the example-weighted mean of the two honest updates alone
+    for name, array in aggregate.items():
         expected = 0.25 * good[1].sent[1][name] + 0.75 * good[2].sent[1][name]
         np.testing.assert_allclose(array, expected, rtol=1e-6, atol=1e-7)
 
@@ -123,9 +121,8 @@ def test_a_reply_with_a_path_for_a_name_is_rejected(
     tiny_backbone_dir: Path, tmp_path: Path
 ) -> None:
     nodes = {1: CraftedHospital("hospital_1", 100), 2: CraftedHospital("hospital_2", 100)}
-    nodes[3] = CraftedHospital(
-        "../../hospital_3", 100
-    )  # would be kept as out/updates/round_001/../../hospital_3
+    # would be kept as out/updates/round_001/../../hospital_3
+    nodes[3] = CraftedHospital("../../hospital_3", 100)
     config = run_config(tiny_backbone_dir, tmp_path / "run", hospitals=3, **{"keep-updates": True})
     results = federate(FakeGrid(nodes), config)
     assert "not a valid hospital name" in hospitals_of(results, 1)["../../hospital_3"]["reason"]
@@ -206,18 +203,15 @@ def test_too_few_valid_updates_skip_the_round_and_keep_the_global_state(
     config = run_config(tiny_backbone_dir, tmp_path, hospitals=3, rounds=2)
     results = federate(grid, config)
 
-    assert [r["aggregated"] for r in results["rounds"]] == [
-        True,
-        False,
-    ]  # min-hospitals = 2, one valid update in round 2
+    # min-hospitals = 2, one valid update in round 2
+    assert [r["aggregated"] for r in results["rounds"]] == [True, False]
     assert (
         "round 2: 1 valid update(s), fewer than min-hospitals=2; round skipped, "
         "the global state is kept" in results["events"]
     )
     after_round_1 = load_checkpoint(checkpoint_dir(tmp_path, 1)).arrays
-    kept = load_checkpoint(
-        checkpoint_dir(tmp_path, 2)
-    ).arrays  # the run went on, and the global state stayed
+    # the run went on, and the global state stayed
+    kept = load_checkpoint(checkpoint_dir(tmp_path, 2)).arrays
     for name, array in after_round_1.items():
         np.testing.assert_array_equal(kept[name], array)
     assert hospitals_of(results, 2)["hospital_1"]["status"] == "trained"
@@ -261,9 +255,8 @@ def test_a_federation_error_ends_the_server_app_as_failed_with_one_line_and_no_t
         run_config=run_config(tiny_backbone_dir, tmp_path, hospitals=2),
     )
     shown = io.StringIO()
-    handler = logging.StreamHandler(
-        shown
-    )  # formats as Flower's console does: a traceback, if any, follows
+    # formats as Flower's console does: a traceback, if any, follows
+    handler = logging.StreamHandler(shown)
     logging.getLogger("flwr").addHandler(handler)
     try:
         with pytest.raises(FederationError) as raised:  # raised, so Flower marks the run as failed
@@ -306,9 +299,8 @@ def test_robust_strategies_aggregate_only_the_checked_updates_unweighted(
     results = federate(FakeGrid(nodes), config)
 
     assert hospitals_of(results, 1)["hospital_5"]["status"] == "rejected"
-    assert (
-        hospitals_of(results, 1)["hospital_4"]["update_norm"] > 30
-    )  # accepted: robustness is the strategy's job
+    # accepted: robustness is the strategy's job
+    assert hospitals_of(results, 1)["hospital_4"]["update_norm"] > 30
     sent = [nodes[i].sent[1] for i in (1, 2, 3, 4)]
     aggregate = load_checkpoint(checkpoint_dir(tmp_path, 1)).arrays
     for name, array in aggregate.items():
@@ -318,15 +310,10 @@ def test_robust_strategies_aggregate_only_the_checked_updates_unweighted(
         else:
             expected = combine(stacked, axis=0)
         np.testing.assert_allclose(array, expected, rtol=1e-6, atol=1e-7)
-        assert np.all(
-            np.abs(array - np.stack([s[name] for s in sent[:3]]).mean(axis=0)) < 0.05
-        )  # outlier ignored
-    for i in (
-        1,
-        2,
-        3,
-        4,
-    ):  # the strategy consumed its own copies: what each hospital sent is kept intact
+        # outlier ignored
+        assert np.all(np.abs(array - np.stack([s[name] for s in sent[:3]]).mean(axis=0)) < 0.05)
+    # the strategy consumed its own copies: what each hospital sent is kept intact
+    for i in (1, 2, 3, 4):
         kept = load_file(str(tmp_path / "updates" / "round_001" / f"hospital_{i}.safetensors"))
         for name, array in nodes[i].sent[1].items():
             np.testing.assert_array_equal(kept[name], array)

@@ -79,9 +79,8 @@ def test_the_bias_recovers_bayes_rule_when_the_shared_models_own_mix_is_not_unif
     assert accuracy(apply_label_mix(logits, bias)) == pytest.approx(bayes_accuracy, abs=0.005)
     assert accuracy(apply_label_mix(logits, np.log(counted))) < bayes_accuracy - 0.03
     assert bayes_accuracy > accuracy(logits) + 0.1
-    assert (
-        bayes_accuracy > (labels == 0).mean()
-    )  # better than always predicting the site's majority label
+    # better than always predicting the site's majority label
+    assert bayes_accuracy > (labels == 0).mean()
 
 
 def test_logits_that_do_not_fit_the_mix_are_refused() -> None:

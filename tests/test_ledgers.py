@@ -39,9 +39,8 @@ def test_a_corrupted_ledger_makes_its_hospital_fail_never_restart_at_zero(
 ) -> None:
     files, resume = first_round_of(tiny_backbone_dir, tmp_path, rounds=2)
     damaged = ledger_path(tmp_path, 2)
-    garbled = damaged.read_bytes()[
-        : len(damaged.read_bytes()) // 2
-    ]  # a torn write from an older tool
+    # a torn write from an older tool
+    garbled = damaged.read_bytes()[: len(damaged.read_bytes()) // 2]
     damaged.write_bytes(garbled)
 
     results = federate(real_grid(files, tmp_path, resume), resume)
@@ -77,9 +76,8 @@ def test_a_ledger_whose_history_was_cut_is_refused(tmp_path: Path) -> None:
         load_or_create_ledger(
             path, privacy, 40, batch_size=10, planned_passes=10, hospital="h", records="r"
         )
-    path.write_text(
-        json.dumps({**state, "checksum": ledger_checksum(state)})
-    )  # an editor who fixed the checksum
+    # an editor who fixed the checksum
+    path.write_text(json.dumps({**state, "checksum": ledger_checksum(state)}))
     with pytest.raises(
         LedgerError,
         match=f"{re.escape(str(path))}: corrupted ledger .* adds up to 0 steps but it records 4",
@@ -171,9 +169,8 @@ def test_a_ledger_that_disagrees_with_the_coordinators_record_is_refused_before_
         assert [seen[f"hospital_{i}"]["status"] for i in (2, 3)] == ["trained", "trained"]
     assert f"{tampered}: {logged}" in caplog.text
     after = tampered.read_bytes() if tampered.exists() else None
-    assert (
-        after == before
-    )  # no DP step was taken on it, and no fresh ledger was started in its place
+    # no DP step was taken on it, and no fresh ledger was started in its place
+    assert after == before
     assert str(tmp_path) not in json.dumps(results["rounds"])  # the path stays in the site's log
 
 
@@ -213,17 +210,14 @@ def test_a_round_sent_again_gets_the_update_already_sent_at_no_cost(
     again = site.train_round(Instruction(arrays, server_round=1))  # same round, same global state
     assert again.resent and not first.resent
     for name, array in first.arrays.items():
-        np.testing.assert_array_equal(
-            again.arrays[name], array
-        )  # the same output: no new noise drawn
-    assert (
-        json.loads(ledger_path(tmp_path, 1).read_text())["steps"] == steps == again.ledger.steps
-    )  # nothing spent
+        # the same output: no new noise drawn
+        np.testing.assert_array_equal(again.arrays[name], array)
+    # nothing spent
+    assert json.loads(ledger_path(tmp_path, 1).read_text())["steps"] == steps == again.ledger.steps
 
     moved = {name: array + np.float32(0.01) for name, array in arrays.items()}
-    other = site.train_round(
-        Instruction(moved, server_round=1)
-    )  # same round, another global state: trained
+    # same round, another global state: trained
+    other = site.train_round(Instruction(moved, server_round=1))
     assert other.trained and not other.resent
     assert not np.allclose(first.arrays["prompt"], other.arrays["prompt"])
     ledger = json.loads(ledger_path(tmp_path, 1).read_text())
@@ -235,9 +229,8 @@ def test_a_round_sent_again_gets_the_update_already_sent_at_no_cost(
 
     site.train_round(Instruction(other.arrays, server_round=2))
     assert site.sent_update.read().round == 2  # the next round's start replaced the kept update
-    assert not site.train_round(
-        Instruction(other.arrays, server_round=1)
-    ).resent  # round 1's answer is gone
+    # round 1's answer is gone
+    assert not site.train_round(Instruction(other.arrays, server_round=1)).resent
 
 
 def test_a_ledger_serves_one_hospital_and_one_process(
@@ -275,26 +268,23 @@ def test_a_ledger_serves_one_hospital_and_one_process(
         match=f"{re.escape(str(shared))} is the privacy ledger of hospital 'hospital_1'",
     ):
         other.train_round(Instruction(arrays, server_round=1))
-    with exclusive(
-        shared, "a ledger held by another SuperNode"
-    ):  # flock: another open file, as another process
+    # flock: another open file, as another process
+    with exclusive(shared, "a ledger held by another SuperNode"):
         with pytest.raises(
             LockedError,
             match=f"{re.escape(str(shared))}: hospital_1's privacy ledger is in use by pid",
         ):
             first.train_round(Instruction(arrays, server_round=2))
-    assert (
-        json.loads(shared.read_text())["steps"] == steps
-    )  # neither refused attempt charged or lost a step
+    # neither refused attempt charged or lost a step
+    assert json.loads(shared.read_text())["steps"] == steps
 
 
 def test_no_hospital_spends_on_a_round_that_cannot_reach_min_hospitals(
     tiny_backbone_dir: Path, tmp_path: Path
 ) -> None:
     files = site_files(tmp_path)
-    files[1].write_text(
-        "text,label\nchest pain,cardio\n", encoding="utf-8"
-    )  # hospital_2's file is refused
+    # hospital_2's file is refused
+    files[1].write_text("text,label\nchest pain,cardio\n", encoding="utf-8")
     config = run_config(
         tiny_backbone_dir, tmp_path / "run", hospitals=3, rounds=3, **{"min-hospitals": 3}
     )
@@ -305,9 +295,8 @@ def test_no_hospital_spends_on_a_round_that_cannot_reach_min_hospitals(
         r"hospital_2: records file refused",
     ):
         federate(real_grid(files, tmp_path, config), config)
-    assert (
-        not ledger_path(tmp_path, 1).exists() and not ledger_path(tmp_path, 3).exists()
-    )  # no step taken anywhere
+    # no step taken anywhere
+    assert not ledger_path(tmp_path, 1).exists() and not ledger_path(tmp_path, 3).exists()
 
 
 def test_a_second_node_with_a_hospitals_name_is_refused_and_spends_nothing(
@@ -318,10 +307,8 @@ def test_a_second_node_with_a_hospitals_name_is_refused_and_spends_nothing(
         tiny_backbone_dir, tmp_path / "run", hospitals=3, rounds=2, **{"keep-updates": True}
     )
     grid = real_grid(files, tmp_path, config)
-    impostor = {
-        **grid.nodes[2].context.node_config,
-        "hospital": "hospital_1",
-    }  # its own file, key and ledger
+    # its own file, key and ledger
+    impostor = {**grid.nodes[2].context.node_config, "hospital": "hospital_1"}
     grid.nodes[2] = RealHospital(2, impostor, config)
     results = federate(grid, config)
 
@@ -338,8 +325,5 @@ def test_a_second_node_with_a_hospitals_name_is_refused_and_spends_nothing(
     assert "another site already calls itself by this name" in caplog.text
     assert not ledger_path(tmp_path, 2).exists()  # the second node never took a step
     sent = load_file(tmp_path / "run" / "updates" / "round_001" / "hospital_1.safetensors")
-    assert sent.keys() == {
-        "prompt",
-        "head.weight",
-        "head.bias",
-    }  # one hospital_1 update, from node 1
+    # one hospital_1 update, from node 1
+    assert sent.keys() == {"prompt", "head.weight", "head.bias"}

@@ -64,10 +64,8 @@ def test_deployed_sites_with_the_same_seed_and_ledger_position_draw_noise_no_one
         }
         return _deployed_site(settings, node)
 
-    first, second = (
-        deployed("a"),
-        deployed("b"),
-    )  # same run seed, hospital, records and ledger position (0)
+    # same run seed, hospital, records and ledger position (0)
+    first, second = deployed("a"), deployed("b")
     assert first.noise.is_secret and second.noise.is_secret
     released = _trained_prompt(first)
     assert not np.allclose(released, _trained_prompt(second))
@@ -89,16 +87,14 @@ def test_deployed_sites_with_the_same_seed_and_ledger_position_draw_noise_no_one
         tmp_path / "again" / "ledger.json",
         noise=NoiseSource.seeded(settings.seed, "h1"),
     )
-    assert np.array_equal(
-        guessed, _trained_prompt(again)
-    )  # seeded noise: anyone with the seed reproduces it
+    # seeded noise: anyone with the seed reproduces it
+    assert np.array_equal(guessed, _trained_prompt(again))
 
 
 def test_seeded_noise_repeats_for_the_same_seed_and_moves_with_the_ledger() -> None:
     source = NoiseSource.seeded(7, "h1")
-    assert source.seed_for(0) == NoiseSource.seeded(7, "h1").seed_for(
-        0
-    )  # reproducible: no privacy against the seed
+    # reproducible: no privacy against the seed
+    assert source.seed_for(0) == NoiseSource.seeded(7, "h1").seed_for(0)
     assert (
         len({source.seed_for(0), source.seed_for(16), NoiseSource.seeded(7, "h2").seed_for(0)}) == 3
     )

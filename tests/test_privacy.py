@@ -37,18 +37,14 @@ def test_epsilon_equals_opacus_own_accountant_stepped_through_the_same_history(a
     assert ahead == predicted == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-9)
     assert 0 < ledger.epsilon < ahead <= 3.0
 
-    known = (
-        (1.1, 0.01, 300),
-        (0.8, 0.04, 25),
-        (1.1, 0.01, 50),
-    )  # (noise multiplier, sample rate, steps)
+    # (noise multiplier, sample rate, steps)
+    known = ((1.1, 0.01, 300), (0.8, 0.04, 25), (1.1, 0.01, 50))
     stepped = {"prv": PRVAccountant, "rdp": RDPAccountant}[accountant]()
     for sigma, rate, steps in known:
         for _ in range(steps):
             stepped.step(noise_multiplier=sigma, sample_rate=rate)
-    assert stepped.history == list(
-        known
-    )  # Opacus records runs of equal steps as these three entries
+    # Opacus records runs of equal steps as these three entries
+    assert stepped.history == list(known)
     assert epsilon_of(accountant, known, 1e-5) == pytest.approx(
         stepped.get_epsilon(delta=1e-5), rel=1e-9
     )
@@ -74,9 +70,8 @@ def test_rdp_epsilon_matches_published_and_closed_form_values():
     q = 256 / 60000
     for sigma, steps, published, pinned in ((1.12, 14062, 2.92, 2.5186), (1.2, 2343, 1.20, 0.9316)):
         rdp = compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=list(orders))
-        assert (
-            round(float(np.min(rdp - np.log(1e-5) / (orders - 1))), 2) == published
-        )  # the published figure
+        # the published figure
+        assert round(float(np.min(rdp - np.log(1e-5) / (orders - 1))), 2) == published
         epsilon = epsilon_of("rdp", ((sigma, q, steps),), 1e-5)
         assert epsilon == pytest.approx(pinned, abs=5e-5) and epsilon < published
 
@@ -210,9 +205,8 @@ def test_a_format_1_ledger_with_null_for_no_dp_is_still_read():
     again = PrivacyLedger.from_state_dict(old)
     assert again.config.epsilon == math.inf and again.steps == 3
     with pytest.raises(LedgerError, match="epsilon"):
-        PrivacyLedger.from_state_dict(
-            resealed({**ledger.state_dict(), "epsilon_target": None})
-        )  # one spelling
+        # one spelling
+        PrivacyLedger.from_state_dict(resealed({**ledger.state_dict(), "epsilon_target": None}))
 
 
 @pytest.mark.parametrize(

@@ -146,9 +146,8 @@ def test_the_secure_mean_is_plain_fedavg_and_the_server_sees_no_single_update(
     assert {name: scores[1].accuracy for name, scores in own.items()} == {
         h["name"]: h["accuracy"] for h in plain_round["hospitals"]
     }
-    console = Console(
-        record=True, width=200, file=io.StringIO()
-    )  # the table as shown, kept off the test's output
+    # the table as shown, kept off the test's output
+    console = Console(record=True, width=200, file=io.StringIO())
     console.print(round_table(RunResults.load(tmp_path / "secure", 1).rounds[0], 1))
     assert "worst hospital hidden" in console.export_text()
 
@@ -171,14 +170,11 @@ def test_the_secure_mean_is_plain_fedavg_and_the_server_sees_no_single_update(
                 assert record["num_examples"] == 0
         if "fitres.metrics" in reply.content.config_records:
             assert set(reply.content.config_records["fitres.metrics"]) <= ALLOWED_CLEAR
-        assert (
-            "metrics" not in reply.content.metric_records
-        )  # no plain evaluation reply: no per-class counts
+        # no plain evaluation reply: no per-class counts
+        assert "metrics" not in reply.content.metric_records
     kept = sorted(p.name for p in (tmp_path / "secure" / "updates" / "round_001").iterdir())
-    assert kept == [
-        "_sent.safetensors",
-        "secure-aggregate.safetensors",
-    ]  # the state it sent, and only the sum
+    # the state it sent, and only the sum
+    assert kept == ["_sent.safetensors", "secure-aggregate.safetensors"]
 
 
 def load_arrays(path: Path) -> dict[str, np.ndarray]:

@@ -54,9 +54,8 @@ def test_a_hospital_with_a_bad_data_file_fails_each_round_while_the_others_finis
     # none of it.
     assert f"{files[2]} row 5: label 'cardio' is not in the federation's label list" in caplog.text
     assert "cardio" not in json.dumps(results) and str(files[2]) not in json.dumps(results)
-    assert not ledger_path(
-        tmp_path, 3
-    ).exists()  # nothing was trained on the bad file, nothing spent
+    # nothing was trained on the bad file, nothing spent
+    assert not ledger_path(tmp_path, 3).exists()
     assert (
         json.loads(ledger_path(tmp_path, 1).read_text())["steps"]
         == hospitals_of(results, 2)["hospital_1"]["steps"]
@@ -81,12 +80,10 @@ def test_an_unforeseen_error_at_a_site_leaves_it_as_a_category_only(
         "site error; the details are in the site's own log",
     )
     stored = json.dumps(results)
-    assert (
-        str(blocker) not in stored and "Error" not in stored
-    )  # no site path, no exception text at the coordinator
-    assert (
-        "hospital_3 cannot take part: unexpected" in caplog.text and str(blocker) in caplog.text
-    )  # the site's log
+    # no site path, no exception text at the coordinator
+    assert str(blocker) not in stored and "Error" not in stored
+    # the site's log
+    assert "hospital_3 cannot take part: unexpected" in caplog.text and str(blocker) in caplog.text
 
 
 def _missing_column(path: Path) -> None:

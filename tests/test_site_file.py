@@ -73,10 +73,8 @@ def test_the_site_file_becomes_the_node_config_and_a_supernode_that_trusts_only_
     ("change", "message"),
     [
         ({"max-epsilon": None}, r"missing key\(s\) \['max-epsilon'\]"),
-        (
-            {"label-column": None},
-            r"missing key\(s\) \['label-column'\]",
-        ),  # the site, not the run, names its columns
+        # the site, not the run, names its columns
+        ({"label-column": None}, r"missing key\(s\) \['label-column'\]"),
         ({"max_epsilon": 8.0}, r"unknown key\(s\) \['max_epsilon'\]"),
         ({"max-epsilon": -1}, "site.toml max-epsilon: epsilon -1 must be positive"),
         ({"data-path": "notes.csv"}, "site.toml data-path: 'notes.csv' must be an absolute path"),
@@ -100,9 +98,8 @@ def test_every_key_is_checked_before_anything_starts(
         key: site["root-certificates"] if value == "ROOT_CA" else value
         for key, value in {**site, **change}.items()
     }
-    values = {
-        key: value for key, value in values.items() if value is not None
-    }  # None: the key is left out
+    # None: the key is left out
+    values = {key: value for key, value in values.items() if value is not None}
     with pytest.raises(ConfigError, match=message):
         read_site_file(write(tmp_path, values))
 

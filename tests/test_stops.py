@@ -46,9 +46,8 @@ def test_a_stop_signal_records_nothing_of_the_interrupted_round(
     finally:
         STOP.clear()
     recorded = json.loads((tmp_path / "results.json").read_text())
-    assert [r["round"] for r in recorded["rounds"]] == [
-        1
-    ]  # round 2 left no trace: --resume repeats it
+    # round 2 left no trace: --resume repeats it
+    assert [r["round"] for r in recorded["rounds"]] == [1]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["round_001"]
 
 

@@ -63,9 +63,8 @@ def test_grid_has_every_baseline_on_the_same_seeds(tiny_backbone_dir: Path) -> N
         for method, epsilon in every_setting
     ]
     cells = plan_cells(sweep)
-    assert [
-        (c.method, c.epsilon, c.seed, c.axes) for c in cells
-    ] == expected  # none missing, none extra, in order
+    # none missing, none extra, in order
+    assert [(c.method, c.epsilon, c.seed, c.axes) for c in cells] == expected
     assert [c.id for c in cells[:9]] == [
         "pooled_eps-inf_hospitals-2_seed-0",
         "majority_eps-inf_hospitals-2_seed-0",
@@ -134,15 +133,13 @@ def test_sweep_writes_results_report_and_plot_and_resumes(
         <= by_cell[("federated", 8.0)].epsilon_audited_mean
         <= by_cell[("federated", 8.0)].epsilon_spent_mean
     )
-    assert math.isnan(
-        by_cell[("local", 8.0)].epsilon_audited_mean
-    )  # only federated cells are audit runs
+    # only federated cells are audit runs
+    assert math.isnan(by_cell[("local", 8.0)].epsilon_audited_mean)
     assert 0 < by_cell[("local", 8.0)].epsilon_spent_mean <= 8.0
     assert by_cell[("federated", 8.0)].rounds_mean == 2
     assert by_cell[("federated", 8.0)].bytes_per_hospital_round_mean > 0
-    assert (
-        by_cell[("local", 8.0)].bytes_total_mean == 0
-    )  # nothing leaves a hospital that trains alone
+    # nothing leaves a hospital that trains alone
+    assert by_cell[("local", 8.0)].bytes_total_mean == 0
 
     record = json.loads((tmp_path / "results.json").read_text())
     assert len(record["runs"]) == 7 and len(record["summary"]) == 7
@@ -161,9 +158,8 @@ def test_sweep_writes_results_report_and_plot_and_resumes(
         0.0 <= federated.own_mix_accuracy_mean <= 1.0
         and 0.0 <= federated.own_mix_macro_f1_mean <= 1.0
     )
-    assert math.isnan(
-        by_cell[("local", 8.0)].own_mix_accuracy_mean
-    )  # only the shared model gets a site's mix
+    # only the shared model gets a site's mix
+    assert math.isnan(by_cell[("local", 8.0)].own_mix_accuracy_mean)
     assert "federated + own label mix" in report and "ε audited (lower bound)" in report
 
     def must_not_run(*args: object, **kwargs: object) -> None:
@@ -293,7 +289,6 @@ def test_an_axis_value_out_of_range_is_refused_before_any_cell_runs(
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match=re.escape(message)) as refused:
         run_sweep(sweep, out, progress=False)
-    assert f"cell pooled_eps-inf_{axis}-{values[1]}_seed-0" in str(
-        refused.value
-    )  # the first cell of that value
+    # the first cell of that value
+    assert f"cell pooled_eps-inf_{axis}-{values[1]}_seed-0" in str(refused.value)
     assert not out.exists()  # no grid file, no feature cache, no cell

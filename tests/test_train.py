@@ -101,9 +101,8 @@ def test_same_seed_same_result(tiny_backbone):
     assert runs[0].evaluation == runs[1].evaluation
 
 
-@pytest.mark.parametrize(
-    "prompt_layer", [0, 5]
-)  # token ids, and hidden states below the prompt (another item shape)
+# token ids, and hidden states below the prompt (another item shape)
+@pytest.mark.parametrize("prompt_layer", [0, 5])
 def test_empty_poisson_batches_are_still_counted_noisy_steps(tiny_backbone, prompt_layer, tmp_path):
     """With an expected batch of 1 among 20 records, about a third of Poisson batches are empty, the
     first one of a round included (Opacus then hands it over as a bare list): seeds 0 to 5 meet both
@@ -113,9 +112,8 @@ def test_empty_poisson_batches_are_still_counted_noisy_steps(tiny_backbone, prom
     from medtune.train import new_ledger, train_local
 
     model_config = replace(MODEL, prompt_layer=prompt_layer)
-    dataset = record_inputs(
-        tiny_backbone, model_config, _records(count=20), tmp_path
-    )  # as a site: from its cache
+    # as a site: from its cache
+    dataset = record_inputs(tiny_backbone, model_config, _records(count=20), tmp_path)
     train = TrainConfig(batch_size=1)
     for seed in range(6):
         model = PromptClassifier(tiny_backbone, model_config, len(LABELS), seed=0)

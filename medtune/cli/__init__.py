@@ -48,17 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv)
     quiet_libraries()
-    if (
-        args.command_name != "site run"
-    ):  # a site's runner logs with timestamps of its own (client/site_runner.py)
+    # a site's runner logs with timestamps of its own (client/site_runner.py)
+    if args.command_name != "site run":
         show_medtune_lines()
     try:
-        status = args.handler(
-            args
-        )  # None, or an exit status of its own (`site run`, `site review`)
-    except (
-        KeyboardInterrupt
-    ):  # Ctrl-C in any other command (a simulation stops itself: medtune/stopping.py)
+        # None, or an exit status of its own (`site run`, `site review`)
+        status = args.handler(args)
+    # Ctrl-C in any other command (a simulation stops itself: medtune/stopping.py)
+    except KeyboardInterrupt:
         print(
             f"interrupted: stopped by SIGINT before `medtune {args.command_name}` finished; "
             "checkpoints, ledgers and results are written whole (atomic rename), but a data file "

@@ -22,10 +22,8 @@ from medtune.config import (
 from medtune.defaults import key_help, run_defaults
 from medtune.epsilon import read_epsilon
 
-FLAG_ALIASES = {
-    "num_layers": ("--layers",),
-    "learning_rate": ("--lr",),
-}  # shorter spellings kept for users
+# shorter spellings kept for users
+FLAG_ALIASES = {"num_layers": ("--layers",), "learning_rate": ("--lr",)}
 FLAG_CHOICES = {"prompt_init": PROMPT_INITS, "head_init": HEAD_INITS, "accountant": ACCOUNTANTS}
 FLAG_HELP = {
     "epsilon": "target epsilon for the whole participation (inf: no DP; default: the run config's "

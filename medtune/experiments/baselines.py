@@ -246,9 +246,8 @@ def majority_label(settings: RunSettings) -> BaselineResult:
 
     def most_frequent(split: Split) -> Scorer:
         prior = label_mix([r.label for r in split.train], len(settings.data.labels))
-        label = int(
-            np.argmax(prior)
-        )  # smoothing keeps the order of the counts; ties go to the first label
+        # smoothing keeps the order of the counts; ties go to the first label
+        label = int(np.argmax(prior))
         return lambda other: _constant(settings, label, prior, other.test)
 
     all_splits = splits(settings)

@@ -148,9 +148,8 @@ def run_perf(
 ) -> list[dict]:
     device = resolve_device("auto")
     peak = matmul_flops_per_s(device)
-    rows: list[
-        dict[str, Any]
-    ] = []  # one JSON row per configuration: numbers, the device's name, None
+    # one JSON row per configuration: numbers, the device's name, None
+    rows: list[dict[str, Any]] = []
     records = long_records(batch_size * steps)
     for depth, max_length, prompt_layer in itertools.product(layers, max_lengths, prompt_layers):
         if prompt_layer > depth:
@@ -179,9 +178,8 @@ def run_perf(
                 "layers": depth,
                 "max_length": max_length,
                 "prompt_layer": prompt_layer,
-                "inputs_samples_per_s": inputs_rate
-                if prompt_layer
-                else None,  # layer 0 has nothing to cache
+                # layer 0 has nothing to cache
+                "inputs_samples_per_s": inputs_rate if prompt_layer else None,
                 "batch_size": batch_size,
                 "device": _device_name(device),
                 "threads": torch.get_num_threads(),

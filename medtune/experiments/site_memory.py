@@ -35,9 +35,8 @@ def write_site(records: int, path: Path) -> Path:
     """A CSV of `records` synthetic long notes (columns text, label), the same for the same
     count."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(
-        path.name + ".partial"
-    )  # an interrupted write is never taken for the site
+    # an interrupted write is never taken for the site
+    partial = path.with_name(path.name + ".partial")
     with partial.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["text", "label"])

@@ -281,9 +281,8 @@ def _federated(settings: RunSettings) -> dict[str, Any]:
     last = rounds[-1]
     hospital_rounds = [h for r in results.rounds for h in r.hospitals]
     accuracies = [h.accuracy for h in last.hospitals if h.accuracy is not None]
-    if (
-        last.secure
-    ):  # the coordinator never saw a hospital's own score: the simulated sites' own records
+    # the coordinator never saw a hospital's own score: the simulated sites' own records
+    if last.secure:
         own = simulated_scores(out, settings.source.hospitals)
         accuracies = [
             scores[last.round].accuracy for scores in own.values() if last.round in scores
@@ -378,9 +377,8 @@ def check_same_grid(sweep: SweepConfig, out: Path) -> None:
         atomic_write_json(path, identity)
         return
     recorded = read_json(path)
-    if recorded != json_ready(
-        identity
-    ):  # compared as written: an inf in the sweep file is "inf" there
+    # compared as written: an inf in the sweep file is "inf" there
+    if recorded != json_ready(identity):
         raise ConfigError(
             f"{out} holds cells of another sweep grid ({path}: {recorded}); this sweep is "
             f"{identity}. Give another --out, or delete that directory to start over"
@@ -400,9 +398,8 @@ def run_sweep(sweep: SweepConfig, out: Path, progress: bool = True) -> list[dict
     )
     cells = plan_cells(shared)
     settings = read_cells(shared, cells, (out / "runs").resolve())
-    check_same_grid(
-        sweep, out
-    )  # the grid as its file gives it: the cache folder is this directory's own
+    # the grid as its file gives it: the cache folder is this directory's own
+    check_same_grid(sweep, out)
     rows = []
     with tqdm(
         total=len(cells), desc=f"sweep {sweep.name}", unit="run", disable=not progress

@@ -44,10 +44,8 @@ REFERENCE_STYLE = {
     "majority": ("grey", "-."),
     "zero-shot": ("tab:purple", "-."),
 }
-NO_EPSILON = (
-    "majority",
-    "zero-shot",
-)  # references without a trained model: no privacy target to show
+# references without a trained model: no privacy target to show
+NO_EPSILON = ("majority", "zero-shot")
 PLOT_FILE = "accuracy_vs_epsilon.png"
 METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1"}
 # One plot row per metric; in each, the DP series as (method, metric column, colour, marker, legend
@@ -75,9 +73,8 @@ PLOT_ROWS = {
 def summarise(rows: list[dict[str, Any]], axes: list[str]) -> pd.DataFrame:
     """One row per (axes, method, epsilon): mean and std of every metric over seeds."""
     frame = pd.DataFrame(rows)
-    for (
-        metric
-    ) in METRICS:  # cells written before a metric existed (or by a method without it) show NaN
+    # cells written before a metric existed (or by a method without it) show NaN
+    for metric in METRICS:
         if metric not in frame:
             frame[metric] = math.nan
     frame["epsilon"] = frame["epsilon"].map(lambda value: read_epsilon(value, "sweep cell"))
@@ -154,9 +151,8 @@ def _plot(summary: pd.DataFrame, axes: list[str], path: Path) -> None:
             subplot.set_title(title or f"{METRIC_NAMES[row_metric]} vs privacy")
             subplot.grid(True, which="both", alpha=0.3)
         subplots[0].set_ylabel(f"test {METRIC_NAMES[row_metric]} (mean ± std over seeds)")
-        subplots[-1].legend(
-            loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small"
-        )  # beside, not over, the data
+        # beside, not over, the data
+        subplots[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120, bbox_inches="tight")

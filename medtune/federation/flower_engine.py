@@ -137,9 +137,8 @@ def start_ray(backend_config: dict[str, Any]) -> None:
             with ray_helpers_marked():  # Ray's processes end with this one (helper_processes.py)
                 ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
         except SystemExit as ended:
-            if (
-                ended.code == signal.SIGTERM
-            ):  # Ray's own handler took a SIGTERM while Ray was starting
+            # Ray's own handler took a SIGTERM while Ray was starting
+            if ended.code == signal.SIGTERM:
                 stop_now(signal.SIGTERM)
             raise
     reclaim_signals()

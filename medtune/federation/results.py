@@ -24,9 +24,8 @@ RESULTS_FILE = "results.json"
 # A hospital's status in a round, as replies carry it (medtune/federation/wire.py) and the record
 # keeps it.
 TRAINED, STOPPED, FAILED, REJECTED = "trained", "stopped", "failed", "rejected"
-SENT_STATE = (
-    "_sent.safetensors"  # with keep-updates: the global state a round's updates were trained from
-)
+# with keep-updates: the global state a round's updates were trained from
+SENT_STATE = "_sent.safetensors"
 
 
 def updates_folder(out: Path, server_round: int) -> Path:
@@ -54,9 +53,8 @@ class HospitalRound:
     bytes_up: int = 0
     received: dict[str, Any] = field(default_factory=dict)  # array names -> shape and dtype
     reason: str = ""
-    update_norm: float | None = (
-        None  # L2 distance of an accepted update from the global state it was trained on
-    )
+    # L2 distance of an accepted update from the global state it was trained on
+    update_norm: float | None = None
     node: str = ""  # the Flower node it answered from (text: node ids are unsigned 64-bit)
 
 
@@ -80,9 +78,8 @@ def _hospital_round(stored: dict[str, Any], path: Path) -> HospitalRound:
     DP)."""
     epsilon = stored.get("epsilon")
     source = f"{path} {stored.get('name')}"
-    stored = {
-        key: value for key, value in stored.items() if key != "train_loss"
-    }  # written before it left the wire
+    # written before it left the wire
+    stored = {key: value for key, value in stored.items() if key != "train_loss"}
     return HospitalRound(
         **{
             **stored,

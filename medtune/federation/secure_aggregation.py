@@ -108,9 +108,8 @@ MAX_HOSPITALS = MODULUS_RANGE // QUANTIZATION_RANGE
 # in a secure instruction's config: "train", or "evaluate" (sum the test counts)
 PURPOSE = "secure-purpose"
 COUNTS = "counts"  # the one array of a secure evaluation: per-class counts and the summed loss
-COUNTS_SCALE = (
-    "counts-scale"  # in an evaluation instruction's config: counts are divided by it before masking
-)
+# in an evaluation instruction's config: counts are divided by it before masking
+COUNTS_SCALE = "counts-scale"
 # the setup a site accepted, kept in its Context for the collect stage
 SETTINGS_KEY = "medtune.secure-aggregation"
 FITINS_ARRAYS = "fitins.parameters"
@@ -380,9 +379,8 @@ def site_mod(
                     }
                 )
             reply = secaggplus_mod(message, context, _masked_only(call_next))
-        except (
-            _NotMasked
-        ) as dropped:  # the handler refused: its category is the reason the site drops out
+        # the handler refused: its category is the reason the site drops out
+        except _NotMasked as dropped:
             return Message(
                 Error(code=0, reason=hospital_of(dropped.reply, "")[2]), reply_to=message
             )
@@ -390,9 +388,8 @@ def site_mod(
         except Exception as error:  # noqa: BLE001
             log.error("secure aggregation stage %s: %s: %s", stage, type(error).__name__, error)
             return Message(Error(code=0, reason=refusal(error)), reply_to=message)
-        if (
-            stage == Stage.COLLECT_MASKED_VECTORS
-        ):  # the count already travels inside the masked vector
+        # the count already travels inside the masked vector
+        if stage == Stage.COLLECT_MASKED_VECTORS:
             reply.content.metric_records[FITRES_EXAMPLES] = MetricRecord({"num_examples": 0})
         return reply
 

@@ -49,9 +49,8 @@ PRIVATE_NAMES = (
     ("flwr.supernode.runtime.run_clientapp", "push_task_output"),
 )
 ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"  # the call SuperExec auth signs
-ACQUIRE_RETRY_SECONDS = (
-    10.0  # a claim that fails this long ends the loop once the SuperNode has exited
-)
+# a claim that fails this long ends the loop once the SuperNode has exited
+ACQUIRE_RETRY_SECONDS = 10.0
 CLIENT_ARGUMENTS = (
     "server_address",
     "insecure",
@@ -77,9 +76,8 @@ def missing_private_names() -> list[str]:
             "RuntimeHttpClient.from_server_address",
             CLIENT_ARGUMENTS,
         )
-        missing += missing_arguments(
-            RetryInvoker, "RetryInvoker", ("max_time",)
-        )  # set on its instance below
+        # set on its instance below
+        missing += missing_arguments(RetryInvoker, "RetryInvoker", ("max_time",))
     return missing
 
 

@@ -92,9 +92,8 @@ def train_reply(report: TrainReport, hospital: str) -> RecordDict:
     content = RecordDict()
     metrics: dict[str, MetricRecordValues] = {
         "num-examples": int(report.examples),
-        "epsilon": float(
-            report.epsilon
-        ),  # inf (no DP) travels as itself: records carry IEEE floats
+        # inf (no DP) travels as itself: records carry IEEE floats
+        "epsilon": float(report.epsilon),
         "delta": float(report.delta),
         "steps": int(report.steps),
     }

@@ -152,7 +152,10 @@ def _node_key(context: Context) -> str:
 def node_setup(context: Context) -> NodeSetup:
     """This node's settings and terms: the run config read once per process and run, a deployed
     site's node config once per run."""
-    run, node = _run_of(context), _node_key(context)
+    return _setup_in(_run_of(context), _node_key(context), context)
+
+
+def _setup_in(run: _LatestRun, node: str, context: Context) -> NodeSetup:
     if node not in run.setups:
         node_config = dict(context.node_config)
         terms = None if PARTITION_ID in node_config else deployed_terms(node_config)
@@ -179,7 +182,8 @@ def check_sent_in_clear(context: Context) -> None:
 def site_for(context: Context) -> Site:
     """This node's hospital, built once per process and reused across the rounds of one run (a
     site that could not be built is tried again on the next message)."""
-    setup, sites, key = node_setup(context), _run_of(context).sites, _node_key(context)
+    run, key = _run_of(context), _node_key(context)
+    setup, sites = _setup_in(run, key, context), run.sites
     if key not in sites:
         settings, node_config = setup.settings, dict(context.node_config)
         if setup.terms is not None:

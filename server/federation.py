@@ -63,7 +63,7 @@ from medtune.metrics import Evaluation, pool
 from medtune.run_config import RunSettings
 from medtune.state import STATE_DTYPE, ExchangedStateSpec, update_norm
 from medtune.stopping import recording
-from server.replies import Reply, collect_replies, read_train_metrics
+from server.replies import IdleDeadline, Reply, collect_replies, read_train_metrics
 from server.resume import resume_run
 from server.strategy import aggregate, build_strategy, save_strategy_state, trimming_note
 from server.validation import CheckedUpdate, check_train_reply
@@ -127,16 +127,15 @@ class Federation:
     def _wait_for_hospitals(self) -> None:
         """Wait for every expected hospital to connect before round 1's sampling, for as long as
         they keep connecting: round-timeout with no new connection ends the wait, as with replies
-        (server.replies.collect_replies), so a slow start of many sites is not cut short."""
+        (server.replies.IdleDeadline), so a slow start of many sites is not cut short."""
         expected = self.settings.source.hospitals
-        timeout = self.settings.federation.round_timeout
+        deadline = IdleDeadline(self.settings.federation.round_timeout)
         connected = len(list(self.grid.get_node_ids()))
-        deadline = time.monotonic() + timeout
-        while connected < expected and time.monotonic() < deadline:
+        while connected < expected and deadline.remaining() > 0:
             time.sleep(CONNECT_POLL_SECONDS)
             now_connected = len(list(self.grid.get_node_ids()))
             if now_connected > connected:
-                deadline = time.monotonic() + timeout
+                deadline.progressed()
             connected = now_connected
         if connected < expected:
             self._event(f"only {connected} of {expected} hospitals connected; going on with them")

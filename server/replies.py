@@ -24,6 +24,22 @@ from medtune.federation.wire import METRICS, hospital_of, scalar
 FIRST_POLL_SECONDS, LAST_POLL_SECONDS = 0.1, 3.0
 
 
+class IdleDeadline:
+    """A wait's end, `timeout` seconds after its last progress (a reply, a new connection) rather
+    than at a fixed time: many sites answering in turn, a few at a time, are all waited for, while
+    `timeout` seconds of silence still end the wait."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.progressed()
+
+    def progressed(self) -> None:
+        self._end = time.monotonic() + self.timeout
+
+    def remaining(self) -> float:
+        return self._end - time.monotonic()
+
+
 def collect_replies(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
     """Send `messages`; collect their replies until all have come or `timeout` seconds pass with no
     new one.
@@ -36,15 +52,16 @@ def collect_replies(grid: Grid, messages: list[Message], timeout: float) -> list
     """
     waiting = [message_id for message_id in grid.push_messages(messages) if message_id]
     replies: list[Message] = []
-    deadline, pause = time.monotonic() + timeout, FIRST_POLL_SECONDS
+    deadline, pause = IdleDeadline(timeout), FIRST_POLL_SECONDS
     while waiting:
         new = list(grid.pull_messages(waiting))
         if new:
             replies.extend(new)
             answered = {reply.metadata.reply_to_message_id for reply in new}
             waiting = [message_id for message_id in waiting if message_id not in answered]
-            deadline, pause = time.monotonic() + timeout, FIRST_POLL_SECONDS
-        remaining = deadline - time.monotonic()
+            deadline.progressed()
+            pause = FIRST_POLL_SECONDS
+        remaining = deadline.remaining()
         if not waiting or remaining <= 0:
             break
         time.sleep(min(pause, remaining))
